@@ -1,0 +1,193 @@
+//! MP-Conv on the CPU: weight normalization to an effective weight, and 'same'
+//! convolutions (1x1 / 3x3, stride 1) and fully connected layers in NHWC as GEMMs.
+//!
+//! * Effective weight (paper Eq. 47): `w = normalize_rows(W) · gain / sqrt(fan_in)`,
+//!   stored `[O, kh, kw, I]` ("OHWI") so that a row matches an im2col patch of an NHWC
+//!   image. The parameter itself keeps the official `[O, I, kh, kw]` layout.
+//! * 3x3: im2col into `[pixels, 9·I]` then one GEMM with the effective weight seen as
+//!   `[9·I, O]`. 1x1 and linear: one GEMM directly on the input.
+//! * Backward: `dX = dY · W` (col2im as a gather, no atomics), `dW = dYᵀ · patches`.
+
+use super::gemm::{sgemm, MatRef};
+use super::ops::{norm_denom, normalize_row_backward};
+use rayon::prelude::*;
+
+/// The normalized, gain-scaled weight in OHWI layout plus what the backward needs.
+pub struct EffWeight {
+    pub out_ch: usize,
+    pub in_ch: usize,
+    /// 0 (linear), 1 or 3.
+    pub k: usize,
+    /// `[O, k, k, I]` (or `[O, I]`).
+    pub w: Vec<f32>,
+    /// Per output row `eps + rms(W_row)`.
+    pub denom: Vec<f32>,
+    pub gain: f32,
+}
+
+impl EffWeight {
+    pub fn fan_in(&self) -> usize {
+        self.in_ch * self.k.max(1) * self.k.max(1)
+    }
+}
+
+/// OIHW index → OHWI index within one output row.
+#[inline]
+fn oihw_to_ohwi(j: usize, in_ch: usize, kk: usize) -> usize {
+    // j = ci * kk + tap  →  tap * in_ch + ci
+    let (ci, tap) = (j / kk, j % kk);
+    tap * in_ch + ci
+}
+
+/// Effective weight from the stored parameter `w` (`[O, I, k, k]` or `[O, I]`).
+pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: f32) -> EffWeight {
+    let kk = k.max(1) * k.max(1);
+    let fan = in_ch * kk;
+    assert_eq!(w.len(), out_ch * fan);
+    let scale_g = gain / (fan as f32).sqrt();
+    let mut eff = vec![0.0f32; w.len()];
+    let mut denom = vec![0.0f32; out_ch];
+    eff.par_chunks_mut(fan).zip(denom.par_iter_mut()).enumerate().for_each(|(o, (row, d))| {
+        let src = &w[o * fan..(o + 1) * fan];
+        *d = norm_denom(src);
+        for (j, &v) in src.iter().enumerate() {
+            // Same operation order as the official code: normalize, then scale.
+            row[oihw_to_ohwi(j, in_ch, kk)] = (v / *d) * scale_g;
+        }
+    });
+    EffWeight { out_ch, in_ch, k, w: eff, denom, gain }
+}
+
+/// Backward of [`effective_weight`]: from `d_eff` (OHWI) to the gradient of the stored
+/// parameter (OIHW, written into `dw`) and of the gain (returned).
+pub fn effective_weight_backward(w: &[f32], eff: &EffWeight, d_eff: &[f32], dw: &mut [f32]) -> f32 {
+    let kk = eff.k.max(1) * eff.k.max(1);
+    let fan = eff.fan_in();
+    let inv_sqrt_fan = 1.0 / (fan as f32).sqrt();
+    let scale_g = eff.gain * inv_sqrt_fan;
+    // dgain = Σ d_eff · normalize(W) / sqrt(fan), reduced per row then rows in order.
+    let mut row_dgain = vec![0.0f64; eff.out_ch];
+    dw.par_chunks_mut(fan).zip(row_dgain.par_iter_mut()).enumerate().for_each(|(o, (dwr, dg))| {
+        let src = &w[o * fan..(o + 1) * fan];
+        let d = eff.denom[o];
+        let mut dn = vec![0.0f32; fan];
+        let mut acc = 0.0f64;
+        for j in 0..fan {
+            let g = d_eff[o * fan + oihw_to_ohwi(j, eff.in_ch, kk)];
+            dn[j] = g * scale_g;
+            acc += (g as f64) * ((src[j] / d) as f64);
+        }
+        *dg = acc * inv_sqrt_fan as f64;
+        normalize_row_backward(src, d, &dn, dwr);
+    });
+    row_dgain.iter().sum::<f64>() as f32
+}
+
+/// im2col for a 3x3 'same' convolution: `patches[p, tap·C + c]`.
+pub fn im2col3(x: &[f32], n: usize, h: usize, w: usize, c: usize, patches: &mut [f32]) {
+    let kdim = 9 * c;
+    patches.par_chunks_mut(w * kdim).enumerate().for_each(|(row, pr)| {
+        let (b, y) = (row / h, row % h);
+        let _ = n;
+        for xx in 0..w {
+            let dst = &mut pr[xx * kdim..(xx + 1) * kdim];
+            for ky in 0..3 {
+                let sy = y as isize + ky as isize - 1;
+                for kx in 0..3 {
+                    let sx = xx as isize + kx as isize - 1;
+                    let tap = ky * 3 + kx;
+                    let d = &mut dst[tap * c..(tap + 1) * c];
+                    if sy < 0 || sy >= h as isize || sx < 0 || sx >= w as isize {
+                        d.fill(0.0);
+                    } else {
+                        let s = ((b * h + sy as usize) * w + sx as usize) * c;
+                        d.copy_from_slice(&x[s..s + c]);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// col2im as a gather: `dx[b, y, x, c] = Σ_taps dpatches[(b, y−ky+1, x−kx+1), tap·C + c]`.
+pub fn col2im3(dpatches: &[f32], n: usize, h: usize, w: usize, c: usize, dx: &mut [f32]) {
+    let kdim = 9 * c;
+    dx.par_chunks_mut(w * c).enumerate().for_each(|(row, dr)| {
+        let (b, y) = (row / h, row % h);
+        let _ = n;
+        dr.fill(0.0);
+        for xx in 0..w {
+            let d = &mut dr[xx * c..(xx + 1) * c];
+            for ky in 0..3 {
+                let py = y as isize - ky as isize + 1;
+                if py < 0 || py >= h as isize {
+                    continue;
+                }
+                for kx in 0..3 {
+                    let px = xx as isize - kx as isize + 1;
+                    if px < 0 || px >= w as isize {
+                        continue;
+                    }
+                    let tap = ky * 3 + kx;
+                    let s = ((b * h + py as usize) * w + px as usize) * kdim + tap * c;
+                    for (o, &v) in d.iter_mut().zip(&dpatches[s..s + c]) {
+                        *o += v;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Forward of an MP-Conv / MP-Linear on NHWC input `x` with `pixels` = N·H·W rows
+/// (or N for linear). For k = 3 the spatial shape `(n, h, w)` is needed.
+pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y: &mut [f32]) {
+    let pixels = n * h * w;
+    let (o, i) = (eff.out_ch, eff.in_ch);
+    match eff.k {
+        0 | 1 => sgemm(pixels, o, i, MatRef::rm(x, i), MatRef::rm_t(&eff.w, i), y, false, true),
+        3 => {
+            let kdim = 9 * i;
+            let mut patches = vec![0.0f32; pixels * kdim];
+            im2col3(x, n, h, w, i, &mut patches);
+            sgemm(pixels, o, kdim, MatRef::rm(&patches, kdim), MatRef::rm_t(&eff.w, kdim), y, false, true);
+        }
+        k => panic!("unsupported kernel size {k}"),
+    }
+}
+
+/// Backward of [`conv_forward`]: `dx` (if requested) and `d_eff` (OHWI, overwritten).
+pub fn conv_backward(
+    eff: &EffWeight,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    d_eff: &mut [f32],
+) {
+    let pixels = n * h * w;
+    let (o, i) = (eff.out_ch, eff.in_ch);
+    match eff.k {
+        0 | 1 => {
+            // dW[o, i] = Σ_p dY[p, o] X[p, i]
+            sgemm(o, i, pixels, MatRef::rm_t(dy, o), MatRef::rm(x, i), d_eff, false, true);
+            if let Some(dx) = dx {
+                sgemm(pixels, i, o, MatRef::rm(dy, o), MatRef::rm(&eff.w, i), dx, false, true);
+            }
+        }
+        3 => {
+            let kdim = 9 * i;
+            let mut patches = vec![0.0f32; pixels * kdim];
+            im2col3(x, n, h, w, i, &mut patches);
+            sgemm(o, kdim, pixels, MatRef::rm_t(dy, o), MatRef::rm(&patches, kdim), d_eff, false, true);
+            if let Some(dx) = dx {
+                // Reuse the patch buffer for the patch gradient.
+                sgemm(pixels, kdim, o, MatRef::rm(dy, o), MatRef::rm(&eff.w, kdim), &mut patches, false, true);
+                col2im3(&patches, n, h, w, i, dx);
+            }
+        }
+        k => panic!("unsupported kernel size {k}"),
+    }
+}

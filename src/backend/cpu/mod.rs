@@ -1,0 +1,8 @@
+//! The CPU backend: fp32, NHWC, rayon threads, GEMMs on the `gemm` crate. It is the
+//! reference every other backend is checked against, so every op here is exact fp32
+//! arithmetic with deterministic reduction order.
+
+pub mod attention;
+pub mod conv;
+pub mod gemm;
+pub mod ops;

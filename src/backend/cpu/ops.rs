@@ -1,0 +1,295 @@
+//! Elementwise and small reduction ops of the magnitude-preserving network, forward and
+//! backward, on NHWC buffers. Each reduction runs over a fixed slice in a fixed order, so
+//! results do not depend on how rayon schedules the work.
+
+use rayon::prelude::*;
+
+/// Elements per parallel task for purely elementwise loops.
+const CHUNK: usize = 1 << 14;
+
+/// `normalize` eps (DESIGN.md §1): added to the RMS, not to the norm.
+pub const NORM_EPS: f32 = 1e-4;
+
+/// MP-SiLU divisor (paper Eq. 81): silu(x) has RMS ≈ 0.596 for x ~ N(0, 1).
+pub const MP_SILU_SCALE: f32 = 0.596;
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The denominator of `normalize` for one row: `eps + ||x|| / sqrt(len)`, accumulated in
+/// f64 (the official code accumulates in f32; f64 is closer to the exact value).
+#[inline]
+pub fn norm_denom(x: &[f32]) -> f32 {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let rms = (ss.sqrt() * (1.0 / x.len() as f64).sqrt()) as f32;
+    NORM_EPS + rms
+}
+
+/// Backward of `y = x / (eps + ||x||/sqrt(K))` for one row, given `d` = the denominator:
+/// `dx = dy/d − x · (Σ dy·x) / (d² · sqrt(K) · ||x||)`; at `x = 0` the norm's subgradient
+/// is zero (as in torch), leaving `dy/d`.
+#[inline]
+pub fn normalize_row_backward(x: &[f32], d: f32, dy: &[f32], dx: &mut [f32]) {
+    let k = x.len() as f64;
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let dot: f64 = x.iter().zip(dy).map(|(&a, &b)| a as f64 * b as f64).sum();
+    let norm = ss.sqrt();
+    let coef = if norm > 0.0 { (dot / ((d as f64) * (d as f64) * k.sqrt() * norm)) as f32 } else { 0.0 };
+    let inv = 1.0 / d;
+    for i in 0..x.len() {
+        dx[i] = dy[i] * inv - x[i] * coef;
+    }
+}
+
+/// Normalize each contiguous row of length `k` (pixel norm over C in NHWC; MPConv rows).
+pub fn normalize_rows(x: &[f32], k: usize, y: &mut [f32]) {
+    y.par_chunks_mut(k * 256).zip(x.par_chunks(k * 256)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_mut(k).zip(xc.chunks(k)) {
+            let inv = 1.0 / norm_denom(xr);
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = v * inv;
+            }
+        }
+    });
+}
+
+pub fn normalize_rows_backward(x: &[f32], k: usize, dy: &[f32], dx: &mut [f32]) {
+    dx.par_chunks_mut(k * 256).zip(x.par_chunks(k * 256)).zip(dy.par_chunks(k * 256)).for_each(
+        |((dxc, xc), dyc)| {
+            for ((dxr, xr), dyr) in dxc.chunks_mut(k).zip(xc.chunks(k)).zip(dyc.chunks(k)) {
+                normalize_row_backward(xr, norm_denom(xr), dyr, dxr);
+            }
+        },
+    );
+}
+
+#[inline]
+pub fn mp_silu_scalar(x: f32) -> f32 {
+    x * sigmoid(x) / MP_SILU_SCALE
+}
+
+#[inline]
+pub fn mp_silu_grad_scalar(x: f32) -> f32 {
+    let s = sigmoid(x);
+    s * (1.0 + x * (1.0 - s)) / MP_SILU_SCALE
+}
+
+pub fn mp_silu(x: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
+        for (o, &v) in yc.iter_mut().zip(xc) {
+            *o = mp_silu_scalar(v);
+        }
+    });
+}
+
+/// `dx = dy · mp_silu'(x)`.
+pub fn mp_silu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((dc, xc), gc)| {
+        for ((o, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+            *o = g * mp_silu_grad_scalar(v);
+        }
+    });
+}
+
+/// Coefficients of MP-sum (paper Eq. 88): `y = wa·a + wb·b`.
+pub fn mp_sum_coefs(t: f32) -> (f32, f32) {
+    let s = ((1.0 - t) * (1.0 - t) + t * t).sqrt();
+    ((1.0 - t) / s, t / s)
+}
+
+/// `a ← mp_sum(a, b, t)` in place.
+pub fn mp_sum_inplace(a: &mut [f32], b: &[f32], t: f32) {
+    let (wa, wb) = mp_sum_coefs(t);
+    a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(ac, bc)| {
+        for (x, &y) in ac.iter_mut().zip(bc) {
+            *x = wa * *x + wb * y;
+        }
+    });
+}
+
+/// Coefficients of MP-cat (paper Eq. 103): `[ka·a, kb·b]`.
+pub fn mp_cat_coefs(na: usize, nb: usize, t: f32) -> (f32, f32) {
+    let c = (((na + nb) as f64) / (((1.0 - t) * (1.0 - t) + t * t) as f64)).sqrt();
+    ((c / (na as f64).sqrt() * (1.0 - t) as f64) as f32, (c / (nb as f64).sqrt() * t as f64) as f32)
+}
+
+/// MP-cat along channels of NHWC tensors with `pixels` pixels.
+pub fn mp_cat(a: &[f32], na: usize, b: &[f32], nb: usize, t: f32, out: &mut [f32]) {
+    let (ka, kb) = mp_cat_coefs(na, nb, t);
+    let nc = na + nb;
+    out.par_chunks_mut(nc * 64).enumerate().for_each(|(ci, oc)| {
+        let p0 = ci * 64;
+        for (i, row) in oc.chunks_mut(nc).enumerate() {
+            let p = p0 + i;
+            for c in 0..na {
+                row[c] = ka * a[p * na + c];
+            }
+            for c in 0..nb {
+                row[na + c] = kb * b[p * nb + c];
+            }
+        }
+    });
+}
+
+pub fn mp_cat_backward(dout: &[f32], na: usize, nb: usize, t: f32, da: &mut [f32], db: &mut [f32]) {
+    let (ka, kb) = mp_cat_coefs(na, nb, t);
+    let nc = na + nb;
+    for (p, row) in dout.chunks(nc).enumerate() {
+        for c in 0..na {
+            da[p * na + c] = ka * row[c];
+        }
+        for c in 0..nb {
+            db[p * nb + c] = kb * row[na + c];
+        }
+    }
+}
+
+/// 2x2 average pooling, stride 2, NHWC `[n, h, w, c]` → `[n, h/2, w/2, c]`.
+pub fn downsample2(x: &[f32], n: usize, h: usize, w: usize, c: usize, y: &mut [f32]) {
+    let (ho, wo) = (h / 2, w / 2);
+    y.par_chunks_mut(wo * c).enumerate().for_each(|(row, yr)| {
+        let (b, oy) = (row / ho, row % ho);
+        for ox in 0..wo {
+            for ch in 0..c {
+                let at = |dy: usize, dx: usize| x[((b * h + 2 * oy + dy) * w + 2 * ox + dx) * c + ch];
+                yr[ox * c + ch] = (at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1)) * 0.25;
+            }
+        }
+    });
+    let _ = n;
+}
+
+pub fn downsample2_backward(dy: &[f32], n: usize, h: usize, w: usize, c: usize, dx: &mut [f32]) {
+    let (ho, wo) = (h / 2, w / 2);
+    dx.par_chunks_mut(w * c).enumerate().for_each(|(row, dr)| {
+        let (b, iy) = (row / h, row % h);
+        for ix in 0..w {
+            for ch in 0..c {
+                dr[ix * c + ch] = 0.25 * dy[((b * ho + iy / 2) * wo + ix / 2) * c + ch];
+            }
+        }
+    });
+    let _ = n;
+}
+
+/// 2x nearest-neighbour upsampling, NHWC `[n, h, w, c]` → `[n, 2h, 2w, c]`.
+pub fn upsample2(x: &[f32], n: usize, h: usize, w: usize, c: usize, y: &mut [f32]) {
+    let (ho, wo) = (2 * h, 2 * w);
+    y.par_chunks_mut(wo * c).enumerate().for_each(|(row, yr)| {
+        let (b, oy) = (row / ho, row % ho);
+        for ox in 0..wo {
+            let src = ((b * h + oy / 2) * w + ox / 2) * c;
+            yr[ox * c..(ox + 1) * c].copy_from_slice(&x[src..src + c]);
+        }
+    });
+    let _ = n;
+}
+
+pub fn upsample2_backward(dy: &[f32], n: usize, h: usize, w: usize, c: usize, dx: &mut [f32]) {
+    let wo = 2 * w;
+    dx.par_chunks_mut(w * c).enumerate().for_each(|(row, dr)| {
+        let (b, iy) = (row / h, row % h);
+        for ix in 0..w {
+            for ch in 0..c {
+                let at = |dy_: usize, dx_: usize| dy[((b * 2 * h + 2 * iy + dy_) * wo + 2 * ix + dx_) * c + ch];
+                dr[ix * c + ch] = at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1);
+            }
+        }
+    });
+    let _ = n;
+}
+
+/// MP-Fourier features: `y[i, j] = sqrt(2) cos(freqs[j] · x[i] + phases[j])`.
+pub fn mp_fourier(x: &[f32], freqs: &[f32], phases: &[f32]) -> Vec<f32> {
+    let mut y = Vec::with_capacity(x.len() * freqs.len());
+    for &v in x {
+        for (f, p) in freqs.iter().zip(phases) {
+            // The official code computes in float32: outer product, add, cos.
+            y.push((v * f + p).cos() * std::f32::consts::SQRT_2);
+        }
+    }
+    y
+}
+
+/// In-place clip to ±`limit`; returns nothing — the backward uses the clipped output
+/// (`|y| < limit` or equal and unclipped) to decide where the gradient passes.
+pub fn clip_inplace(x: &mut [f32], limit: f32) {
+    x.par_chunks_mut(CHUNK).for_each(|c| {
+        for v in c {
+            *v = v.clamp(-limit, limit);
+        }
+    });
+}
+
+/// Per-channel modulation `y[n, p, c] = h[n, p, c] · s[n, c]` followed by MP-SiLU.
+/// Returns the product `h·s` in `pre` (the SiLU input, needed by the backward).
+pub fn modulate_silu(h: &[f32], s: &[f32], c: usize, pixels: usize, pre: &mut [f32], y: &mut [f32]) {
+    let per = pixels * c;
+    pre.par_chunks_mut(per).zip(y.par_chunks_mut(per)).zip(h.par_chunks(per)).enumerate().for_each(
+        |(b, ((pc, yc), hc))| {
+            let sb = &s[b * c..(b + 1) * c];
+            for ((pr, yr), hr) in pc.chunks_mut(c).zip(yc.chunks_mut(c)).zip(hc.chunks(c)) {
+                for i in 0..c {
+                    let v = hr[i] * sb[i];
+                    pr[i] = v;
+                    yr[i] = mp_silu_scalar(v);
+                }
+            }
+        },
+    );
+}
+
+/// Backward of [`modulate_silu`]: `dh = dy·silu'(pre)·s`, `ds[n, c] = Σ_p dy·silu'(pre)·h`.
+pub fn modulate_silu_backward(
+    h: &[f32],
+    s: &[f32],
+    pre: &[f32],
+    dy: &[f32],
+    c: usize,
+    pixels: usize,
+    dh: &mut [f32],
+    ds: &mut [f32],
+) {
+    let per = pixels * c;
+    dh.par_chunks_mut(per).zip(ds.par_chunks_mut(c)).enumerate().for_each(|(b, (dhc, dsb))| {
+        let sb = &s[b * c..(b + 1) * c];
+        let mut acc = vec![0.0f64; c];
+        for p in 0..pixels {
+            let o = b * per + p * c;
+            for i in 0..c {
+                let g = dy[o + i] * mp_silu_grad_scalar(pre[o + i]);
+                dhc[p * c + i] = g * sb[i];
+                acc[i] += (g * h[o + i]) as f64;
+            }
+        }
+        for i in 0..c {
+            dsb[i] = acc[i] as f32;
+        }
+    });
+}
+
+/// Deterministic counter-based uniform in [0, 1) (SplitMix64 finalizer of seed ⊕ index):
+/// the same mask for the same seed whatever the thread count.
+#[inline]
+pub fn hash_uniform(seed: u64, index: u64) -> f32 {
+    let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// Inverted dropout in place: keep with probability 1−p and scale kept values by 1/(1−p).
+/// Deterministic in (seed, element index). Returns nothing; the backward re-derives the
+/// mask from the same seed.
+pub fn dropout_inplace(x: &mut [f32], p: f32, seed: u64) {
+    let scale = 1.0 / (1.0 - p);
+    x.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, c)| {
+        for (i, v) in c.iter_mut().enumerate() {
+            let keep = hash_uniform(seed, (ci * CHUNK + i) as u64) >= p;
+            *v = if keep { *v * scale } else { 0.0 };
+        }
+    });
+}

@@ -1,0 +1,120 @@
+//! `edm2 bench`: median training-step and forward times on random data.
+
+use anyhow::Result;
+use edm2::backend::{ensure_available, Device};
+use edm2::{Mode, NetConfig, Precond, Tensor};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Preset or JSON config.
+    #[arg(long, default_value = "cpu-s32")]
+    pub config: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Timed iterations of each measurement (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Print a JSON summary as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    ensure_available(a.device)?;
+    anyhow::ensure!(a.batch > 0 && a.iters > 0, "--batch and --iters must be positive");
+    let cfg = NetConfig::resolve(&a.config)?;
+    let net = Precond::new(&cfg)?;
+    let mut params = net.init_params(0);
+    // Non-zero gains so the whole network is exercised.
+    for (s, v) in net.specs.iter().zip(params.values.iter_mut()) {
+        if s.shape.is_empty() {
+            v[0] = 0.5;
+        }
+    }
+    let ex = edm2::tensor::Tensor::zeros(&[0]);
+    let _ = ex;
+    let (n, r, c) = (a.batch, cfg.img_resolution, cfg.img_channels);
+    let mut rng = edm2::rng::Rng::new(1);
+    let images = Tensor::from_vec(&[n, r, r, c], rng.normal_vec(n * r * r * c));
+    let labels = (cfg.label_dim > 0).then(|| {
+        let mut l = Tensor::zeros(&[n, cfg.label_dim]);
+        for b in 0..n {
+            l.data[b * cfg.label_dim + b % cfg.label_dim] = 1.0;
+        }
+        l
+    });
+    let sigma: Vec<f32> = (0..n).map(|_| ((rng.normal() * 1.2 - 0.4).exp()) as f32).collect();
+    let mut noisy = images.clone();
+    let per = r * r * c;
+    for b in 0..n {
+        for i in 0..per {
+            noisy.data[b * per + i] += sigma[b] * rng.normal() as f32;
+        }
+    }
+    let mut adam = edm2::train::adam::Adam::new(&net.specs);
+    let mut train_step = |params: &mut edm2::Params| {
+        net.force_normalize(params);
+        let mode = Mode::train(7);
+        let out = net.forward(params, &noisy, &sigma, labels.as_ref(), &mode, false);
+        let loss = edm2::train::loss::edm2_loss(&out.d, &out.logvar, &images, &sigma, cfg.sigma_data);
+        let mut g = net.backward(params, out.cache.unwrap(), &loss.dd, &loss.dlogvar, &mode);
+        edm2::train::adam::Adam::sanitize(&mut g);
+        adam.step(&net.specs, params, &g, 1e-4);
+        loss.total
+    };
+    eprintln!("bench {} batch {n} on {} threads", a.config, rayon::current_num_threads());
+    let mut train_ms = Vec::new();
+    for i in 0..=a.iters {
+        let t = Instant::now();
+        let l = train_step(&mut params);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        eprintln!("  train step {i}: {ms:.1} ms (loss {l:.4}){}", if i == 0 { " [warm-up]" } else { "" });
+        if i > 0 {
+            train_ms.push(ms);
+        }
+    }
+    let mut fwd_ms = Vec::new();
+    for i in 0..=a.iters {
+        let t = Instant::now();
+        let out = net.forward(&params, &noisy, &sigma, labels.as_ref(), &Mode::eval(), false);
+        std::hint::black_box(&out.d);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        eprintln!("  forward {i}: {ms:.1} ms{}", if i == 0 { " [warm-up]" } else { "" });
+        if i > 0 {
+            fwd_ms.push(ms);
+        }
+    }
+    let (tmin, tmax) = (train_ms.iter().cloned().fold(f64::MAX, f64::min), train_ms.iter().cloned().fold(0.0, f64::max));
+    let (fmin, fmax) = (fwd_ms.iter().cloned().fold(f64::MAX, f64::min), fwd_ms.iter().cloned().fold(0.0, f64::max));
+    let t = median(&mut train_ms);
+    let f = median(&mut fwd_ms);
+    let macs = net.macs_per_image() as f64;
+    let ips_t = n as f64 / (t / 1e3);
+    let ips_f = n as f64 / (f / 1e3);
+    // Convention of achieved_gflops_train in golden/torch_cpu_baseline.json: 3 × 2·MAC.
+    let gflops_train = 3.0 * 2.0 * macs * ips_t / 1e9;
+    println!("train step: median {t:.1} ms (min {tmin:.1}, max {tmax:.1}) = {ips_t:.2} img/s, {gflops_train:.1} GFLOP/s");
+    println!("forward:    median {f:.1} ms (min {fmin:.1}, max {fmax:.1}) = {ips_f:.2} img/s, {:.1} GFLOP/s", 2.0 * macs * ips_f / 1e9);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"train_step_ms": t, "forward_ms": f, "images_per_s_train": ips_t,
+                "images_per_s_forward": ips_f, "gflops_per_s_train": gflops_train})
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! Command-line interface. Flags use the official EDM2 spellings where one exists.
+
+pub mod bench;
+pub mod denoise;
+pub mod info;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "edm2", version, about = "EDM2 diffusion: magnitude-preserving U-Net, training, post-hoc EMA, sampling", long_about = None)]
+pub struct Cli {
+    /// Worker threads (default: all cores). Results are bit-identical at a fixed count.
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Print a network's module tree, parameter count and forward GMACs per image.
+    Info(info::Args),
+    /// Run the denoiser D(x; sigma) on a batch stored in a safetensors file.
+    Denoise(denoise::Args),
+    /// Time a training step and a forward pass (median after warm-up).
+    Bench(bench::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(t) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
+    }
+    match cli.cmd {
+        Command::Info(a) => info::run(a),
+        Command::Denoise(a) => denoise::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

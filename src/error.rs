@@ -1,0 +1,27 @@
+//! Typed errors of the library. The program edge wraps them in `anyhow`.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+    #[error("{path}: tensor '{name}' is missing")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: unexpected tensor '{name}' (not a parameter or buffer of this network; wrong --config?)")]
+    ExtraTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor '{name}' has shape {found:?}, expected {expected:?}")]
+    Shape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("{path}: tensor '{name}' has dtype {dtype}; supported: F32, F16, BF16")]
+    Dtype { path: PathBuf, name: String, dtype: String },
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("{0}")]
+    DeviceUnavailable(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,3 @@
+//! File formats: safetensors (weights, inputs and outputs of `denoise`, snapshots).
+
+pub mod safetensors;

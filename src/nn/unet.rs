@@ -1,0 +1,568 @@
+//! The EDM2 U-Net and the EDM preconditioning wrapper (`Precond`), built from one
+//! [`NetConfig`] with the official module names, run forward and backward.
+
+use super::layers::{spatial, Block, BlockCache, BlockOpts, Flavor, Mode, MpConv, Resample};
+use super::params::{ParamId, ParamKind, ParamSpec, Params, Registry};
+use crate::backend::cpu::{conv, ops};
+use crate::config::NetConfig;
+use crate::tensor::Tensor;
+
+/// An encoder entry: the first 3x3 conv or a block. Every entry's output is a skip.
+#[derive(Clone, Debug)]
+pub enum EncLayer {
+    Conv(MpConv),
+    Block(Block),
+}
+
+/// MP-Fourier features with fixed `freqs`/`phases` buffers.
+#[derive(Clone, Debug)]
+pub struct MpFourier {
+    pub freqs: ParamId,
+    pub phases: ParamId,
+    pub channels: usize,
+}
+
+impl MpFourier {
+    fn new(reg: &mut Registry, name: &str, channels: usize) -> Self {
+        let freqs = reg.add(format!("{name}.freqs"), vec![channels], ParamKind::Buffer, false);
+        let phases = reg.add(format!("{name}.phases"), vec![channels], ParamKind::Buffer, false);
+        MpFourier { freqs, phases, channels }
+    }
+    pub fn forward(&self, p: &Params, x: &[f32]) -> Tensor {
+        Tensor::from_vec(&[x.len(), self.channels], ops::mp_fourier(x, &p.values[self.freqs], &p.values[self.phases]))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct UNet {
+    pub out_gain: ParamId,
+    pub emb_fourier: MpFourier,
+    pub emb_noise: MpConv,
+    pub emb_label: Option<MpConv>,
+    /// (official name without the `unet.enc.` prefix, layer)
+    pub enc: Vec<(String, EncLayer)>,
+    /// (official name without the `unet.dec.` prefix, block, takes a skip)
+    pub dec: Vec<(String, Block, bool)>,
+    pub out_conv: MpConv,
+    pub label_balance: f32,
+    pub concat_balance: f32,
+}
+
+/// The whole network: `Precond` (EDM preconditioning + uncertainty head) around `UNet`.
+#[derive(Clone, Debug)]
+pub struct Precond {
+    pub config: NetConfig,
+    pub specs: Vec<ParamSpec>,
+    pub unet: UNet,
+    pub logvar_fourier: MpFourier,
+    pub logvar_linear: MpConv,
+}
+
+/// Activations kept by a recording forward pass.
+pub struct PrecondCache {
+    c_skip: Vec<f32>,
+    c_out: Vec<f32>,
+    emb_fourier: Tensor,
+    labels_scaled: Option<Tensor>,
+    emb_noise: Tensor,
+    emb_pre: Tensor,
+    emb: Tensor,
+    x_cat: Tensor,
+    enc: Vec<EncCache>,
+    dec: Vec<(BlockCache, Option<(usize, usize)>)>,
+    out_in: Tensor,
+    effs: TopEffs,
+    logvar_fourier: Tensor,
+}
+
+enum EncCache {
+    Conv(conv::EffWeight),
+    Block(BlockCache),
+}
+
+struct TopEffs {
+    emb_noise: conv::EffWeight,
+    emb_label: Option<conv::EffWeight>,
+    enc_conv_in: Tensor,
+    out: conv::EffWeight,
+    logvar: conv::EffWeight,
+}
+
+/// Output of [`Precond::forward`]: `D` NHWC, `logvar` per image, optional cache.
+pub struct ForwardOut {
+    pub d: Tensor,
+    pub logvar: Vec<f32>,
+    /// The raw U-Net output `F_x` (NHWC).
+    pub f_x: Tensor,
+    /// Intermediate activations by official name (`act.enc.<name>`, `emb`, ...), filled
+    /// only when `collect_intermediates` is set.
+    pub intermediates: Vec<(String, Tensor)>,
+    pub cache: Option<PrecondCache>,
+}
+
+/// Preconditioning coefficients (EDM, DESIGN.md §1), computed in f32 as the official code.
+pub fn precond_coefs(sigma: f32, sigma_data: f32) -> (f32, f32, f32, f32) {
+    let sd2 = sigma_data * sigma_data;
+    let s2 = sigma * sigma;
+    let c_skip = sd2 / (s2 + sd2);
+    let c_out = sigma * sigma_data / (s2 + sd2).sqrt();
+    let c_in = 1.0 / (sd2 + s2).sqrt();
+    let c_noise = sigma.ln() / 4.0;
+    (c_skip, c_out, c_in, c_noise)
+}
+
+impl Precond {
+    /// Builds the module tree for `config` (validated) with the official names.
+    pub fn new(config: &NetConfig) -> crate::error::Result<Self> {
+        config.validate()?;
+        let cfg = config;
+        let mut reg = Registry::default();
+        let cblock = cfg.cblock();
+        let (cnoise, cemb) = (cfg.cnoise(), cfg.cemb());
+        let opts = BlockOpts {
+            channels_per_head: cfg.channels_per_head,
+            dropout: cfg.dropout,
+            res_balance: cfg.res_balance,
+            attn_balance: cfg.attn_balance,
+            clip_act: cfg.clip_act,
+        };
+        let out_gain = reg.add("unet.out_gain".into(), vec![], ParamKind::Param, false);
+        let emb_fourier = MpFourier::new(&mut reg, "unet.emb_fourier", cnoise);
+        let emb_noise = MpConv::new(&mut reg, "unet.emb_noise", cnoise, cemb, 0);
+        let emb_label = (cfg.label_dim != 0).then(|| MpConv::new(&mut reg, "unet.emb_label", cfg.label_dim, cemb, 0));
+        let mut index = 0;
+        let mut enc = Vec::new();
+        let mut cout = cfg.img_channels + 1;
+        for (level, &channels) in cblock.iter().enumerate() {
+            let res = cfg.img_resolution >> level;
+            if level == 0 {
+                let cin = cout;
+                cout = channels;
+                let name = format!("{res}x{res}_conv");
+                enc.push((name.clone(), EncLayer::Conv(MpConv::new(&mut reg, &format!("unet.enc.{name}"), cin, cout, 3))));
+            } else {
+                let name = format!("{res}x{res}_down");
+                let b = Block::new(&mut reg, &format!("unet.enc.{name}"), cout, cout, cemb, Flavor::Enc, Resample::Down, false, opts, index);
+                index += 1;
+                enc.push((name, EncLayer::Block(b)));
+            }
+            for idx in 0..cfg.num_blocks {
+                let cin = cout;
+                cout = channels;
+                let name = format!("{res}x{res}_block{idx}");
+                let attn = cfg.attn_resolutions.contains(&res);
+                let b = Block::new(&mut reg, &format!("unet.enc.{name}"), cin, cout, cemb, Flavor::Enc, Resample::Keep, attn, opts, index);
+                index += 1;
+                enc.push((name, EncLayer::Block(b)));
+            }
+        }
+        let mut skips: Vec<usize> = enc
+            .iter()
+            .map(|(_, l)| match l {
+                EncLayer::Conv(m) => m.out_ch,
+                EncLayer::Block(b) => b.out_ch,
+            })
+            .collect();
+        let mut dec = Vec::new();
+        for (level, &channels) in cblock.iter().enumerate().rev() {
+            let res = cfg.img_resolution >> level;
+            let mut mk = |reg: &mut Registry, name: String, cin: usize, cout: usize, rs: Resample, attn: bool, skip: bool| {
+                let b = Block::new(reg, &format!("unet.dec.{name}"), cin, cout, cemb, Flavor::Dec, rs, attn, opts, index);
+                index += 1;
+                dec.push((name, b, skip));
+            };
+            if level == cblock.len() - 1 {
+                mk(&mut reg, format!("{res}x{res}_in0"), cout, cout, Resample::Keep, true, false);
+                mk(&mut reg, format!("{res}x{res}_in1"), cout, cout, Resample::Keep, false, false);
+            } else {
+                mk(&mut reg, format!("{res}x{res}_up"), cout, cout, Resample::Up, false, false);
+            }
+            for idx in 0..=cfg.num_blocks {
+                let cin = cout + skips.pop().unwrap();
+                cout = channels;
+                let attn = cfg.attn_resolutions.contains(&res);
+                mk(&mut reg, format!("{res}x{res}_block{idx}"), cin, cout, Resample::Keep, attn, true);
+            }
+        }
+        let out_conv = MpConv::new(&mut reg, "unet.out_conv", cout, cfg.img_channels, 3);
+        let logvar_fourier = MpFourier::new(&mut reg, "logvar_fourier", cfg.logvar_channels);
+        let logvar_linear = MpConv::new(&mut reg, "logvar_linear", cfg.logvar_channels, 1, 0);
+        Ok(Precond {
+            config: cfg.clone(),
+            specs: reg.specs,
+            unet: UNet {
+                out_gain,
+                emb_fourier,
+                emb_noise,
+                emb_label,
+                enc,
+                dec,
+                out_conv,
+                label_balance: cfg.label_balance,
+                concat_balance: cfg.concat_balance,
+            },
+            logvar_fourier,
+            logvar_linear,
+        })
+    }
+
+    /// Number of trainable parameters (buffers excluded).
+    pub fn num_params(&self) -> usize {
+        self.specs.iter().filter(|s| s.kind == ParamKind::Param).map(|s| s.numel()).sum()
+    }
+
+    /// Fresh weights as the official init: weights and gains... weights `randn`, Fourier
+    /// freqs `2π·randn`, phases `2π·rand`, gains 0 (so a fresh net outputs `c_skip·x`).
+    pub fn init_params(&self, seed: u64) -> Params {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut p = Params::zeros(&self.specs);
+        for (s, v) in self.specs.iter().zip(p.values.iter_mut()) {
+            if s.is_mp_weight {
+                *v = rng.normal_vec(s.numel());
+            } else if s.name.ends_with(".freqs") {
+                v.iter_mut().for_each(|x| *x = (2.0 * std::f64::consts::PI * rng.normal()) as f32);
+            } else if s.name.ends_with(".phases") {
+                v.iter_mut().for_each(|x| *x = (2.0 * std::f64::consts::PI * rng.uniform()) as f32);
+            }
+        }
+        p
+    }
+
+    /// Forced weight normalization (paper Eq. 47, DESIGN.md §1): overwrite every MP weight
+    /// of the *training* copy with `normalize(W)`. Call once before each training forward;
+    /// never on EMA copies.
+    pub fn force_normalize(&self, p: &mut Params) {
+        for (s, v) in self.specs.iter().zip(p.values.iter_mut()) {
+            if s.is_mp_weight {
+                let k = s.shape[1..].iter().product::<usize>();
+                let src = v.clone();
+                ops::normalize_rows(&src, k, v);
+            }
+        }
+    }
+
+    /// Checks an NHWC input batch against the config.
+    pub fn check_input(&self, x: &Tensor, sigma: &[f32], labels: Option<&Tensor>) -> crate::error::Result<()> {
+        let c = &self.config;
+        let want = [x.shape.first().copied().unwrap_or(0), c.img_resolution, c.img_resolution, c.img_channels];
+        if x.shape.len() != 4 || x.shape[1..] != want[1..] {
+            return Err(crate::Error::Input(format!(
+                "x has (NHWC) shape {:?}; this network takes [N, {}, {}, {}] (NCHW [N, {}, {}, {}])",
+                x.shape, want[1], want[2], want[3], want[3], want[1], want[2]
+            )));
+        }
+        if sigma.len() != x.shape[0] {
+            return Err(crate::Error::Input(format!("sigma has {} entries for a batch of {}", sigma.len(), x.shape[0])));
+        }
+        if let Some(i) = sigma.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(crate::Error::Input(format!("sigma[{i}] = {} is not a positive finite number", sigma[i])));
+        }
+        if let Some(l) = labels {
+            if c.label_dim == 0 {
+                return Err(crate::Error::Input("class_labels given but the network is unconditional (label_dim 0)".into()));
+            }
+            if l.shape != [x.shape[0], c.label_dim] {
+                return Err(crate::Error::Input(format!(
+                    "class_labels has shape {:?}, expected [{}, {}]",
+                    l.shape, x.shape[0], c.label_dim
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `D(x; σ, labels)` and `logvar`. `x`: NHWC `[N, R, R, C]`. A conditional net without
+    /// labels uses all-zero labels, as the official code does.
+    pub fn forward(
+        &self,
+        p: &Params,
+        x: &Tensor,
+        sigma: &[f32],
+        labels: Option<&Tensor>,
+        mode: &Mode,
+        collect_intermediates: bool,
+    ) -> ForwardOut {
+        let cfg = &self.config;
+        let n = x.shape[0];
+        let u = &self.unet;
+        let mut inter: Vec<(String, Tensor)> = Vec::new();
+        let coefs: Vec<_> = sigma.iter().map(|&s| precond_coefs(s, cfg.sigma_data)).collect();
+        let c_noise: Vec<f32> = coefs.iter().map(|c| c.3).collect();
+        // Embedding.
+        let emb_fourier = u.emb_fourier.forward(p, &c_noise);
+        let eff_noise = u.emb_noise.effective(p, 1.0);
+        let emb_noise = u.emb_noise.forward(&eff_noise, &emb_fourier);
+        let mut emb_pre = emb_noise.clone();
+        let mut labels_scaled = None;
+        let mut eff_label = None;
+        if let Some(m) = &u.emb_label {
+            let mut l = match labels {
+                Some(l) => l.clone(),
+                None => Tensor::zeros(&[n, cfg.label_dim]),
+            };
+            let k = (cfg.label_dim as f32).sqrt();
+            l.data.iter_mut().for_each(|v| *v *= k);
+            let e = m.effective(p, 1.0);
+            let el = m.forward(&e, &l);
+            if collect_intermediates {
+                inter.push(("emb_label".into(), el.clone()));
+            }
+            ops::mp_sum_inplace(&mut emb_pre.data, &el.data, u.label_balance);
+            labels_scaled = Some(l);
+            eff_label = Some(e);
+        }
+        let mut emb = Tensor::zeros(&emb_pre.shape);
+        ops::mp_silu(&emb_pre.data, &mut emb.data);
+        if collect_intermediates {
+            inter.push(("c_noise".into(), Tensor::from_vec(&[n], c_noise.clone())));
+            inter.push(("emb_fourier".into(), emb_fourier.clone()));
+            inter.push(("emb_noise".into(), emb_noise.clone()));
+            inter.push(("emb".into(), emb.clone()));
+        }
+        // Input: [c_in·x, 1] along channels (the constant channel last).
+        let (r, ci) = (cfg.img_resolution, cfg.img_channels);
+        let mut x_in = Tensor::zeros(&x.shape);
+        let mut x_cat = Tensor::zeros(&[n, r, r, ci + 1]);
+        for b in 0..n {
+            let c_in = coefs[b].2;
+            for px in 0..r * r {
+                for ch in 0..ci {
+                    let v = c_in * x.data[(b * r * r + px) * ci + ch];
+                    x_in.data[(b * r * r + px) * ci + ch] = v;
+                    x_cat.data[(b * r * r + px) * (ci + 1) + ch] = v;
+                }
+                x_cat.data[(b * r * r + px) * (ci + 1) + ci] = 1.0;
+            }
+        }
+        if collect_intermediates {
+            inter.push(("x_in".into(), x_in));
+        }
+        // Encoder.
+        let mut skips: Vec<Tensor> = Vec::new();
+        let mut enc_caches = Vec::new();
+        let mut h = x_cat.clone();
+        let mut enc_conv_in = None;
+        for (name, layer) in &u.enc {
+            h = match layer {
+                EncLayer::Conv(m) => {
+                    let e = m.effective(p, 1.0);
+                    let y = m.forward(&e, &h);
+                    if mode.record {
+                        enc_conv_in = Some(h.clone());
+                        enc_caches.push(EncCache::Conv(e));
+                    }
+                    y
+                }
+                EncLayer::Block(b) => {
+                    let (y, c) = b.forward(p, h, &emb, mode);
+                    if let Some(c) = c {
+                        enc_caches.push(EncCache::Block(c));
+                    }
+                    y
+                }
+            };
+            if collect_intermediates {
+                inter.push((format!("act.enc.{name}"), h.clone()));
+            }
+            skips.push(h.clone());
+        }
+        // Decoder.
+        let mut dec_caches = Vec::new();
+        for (name, b, takes_skip) in &u.dec {
+            let mut split = None;
+            if *takes_skip {
+                let s = skips.pop().expect("skip stack matches the decoder");
+                let (na, nb) = (h.c(), s.c());
+                let (nn, hh, ww) = spatial(&h);
+                let mut cat = Tensor::zeros(&[nn, hh, ww, na + nb]);
+                ops::mp_cat(&h.data, na, &s.data, nb, u.concat_balance, &mut cat.data);
+                h = cat;
+                split = Some((na, nb));
+            }
+            let (y, c) = b.forward(p, h, &emb, mode);
+            h = y;
+            if let Some(c) = c {
+                dec_caches.push((c, split));
+            }
+            if collect_intermediates {
+                inter.push((format!("act.dec.{name}"), h.clone()));
+            }
+        }
+        let eff_out = u.out_conv.effective(p, p.scalar(u.out_gain));
+        let f_x = u.out_conv.forward(&eff_out, &h);
+        // D = c_skip·x + c_out·F
+        let mut d = Tensor::zeros(&x.shape);
+        let per = r * r * ci;
+        for b in 0..n {
+            let (c_skip, c_out) = (coefs[b].0, coefs[b].1);
+            for i in b * per..(b + 1) * per {
+                d.data[i] = c_skip * x.data[i] + c_out * f_x.data[i];
+            }
+        }
+        // Uncertainty head.
+        let lf = self.logvar_fourier.forward(p, &c_noise);
+        let eff_lv = self.logvar_linear.effective(p, 1.0);
+        let logvar = self.logvar_linear.forward(&eff_lv, &lf).data;
+        if collect_intermediates {
+            inter.push(("logvar_fourier".into(), lf.clone()));
+        }
+        let cache = mode.record.then(|| PrecondCache {
+            c_skip: coefs.iter().map(|c| c.0).collect(),
+            c_out: coefs.iter().map(|c| c.1).collect(),
+            emb_fourier,
+            labels_scaled,
+            emb_noise,
+            emb_pre,
+            emb,
+            x_cat,
+            enc: enc_caches,
+            dec: dec_caches,
+            out_in: h,
+            effs: TopEffs {
+                emb_noise: eff_noise,
+                emb_label: eff_label,
+                enc_conv_in: enc_conv_in.unwrap_or_else(|| Tensor::zeros(&[0])),
+                out: eff_out,
+                logvar: eff_lv,
+            },
+            logvar_fourier: lf,
+        });
+        ForwardOut { d, logvar, f_x, intermediates: inter, cache }
+    }
+
+    /// Explicit backward of a recorded forward: `dd` = dL/dD (NHWC), `dlogvar` = dL/dlogvar.
+    /// Returns the gradient of every parameter (buffers stay zero). Gradients are taken at
+    /// the values in `p` — after `force_normalize` in training, as the official code does.
+    pub fn backward(&self, p: &Params, cache: PrecondCache, dd: &Tensor, dlogvar: &[f32], mode: &Mode) -> Params {
+        let mut g = Params::zeros(&self.specs);
+        let u = &self.unet;
+        let c = cache;
+        let n = dd.shape[0];
+        // Uncertainty head.
+        let dlv = Tensor::from_vec(&[n, 1], dlogvar.to_vec());
+        self.logvar_linear.backward(p, &c.effs.logvar, &c.logvar_fourier, &dlv, false, &mut g);
+        // dF = c_out·dD
+        let per = dd.numel() / n;
+        let mut df = dd.clone();
+        for b in 0..n {
+            df.data[b * per..(b + 1) * per].iter_mut().for_each(|v| *v *= c.c_out[b]);
+        }
+        let (dh, dgain) = u.out_conv.backward(p, &c.effs.out, &c.out_in, &df, true, &mut g);
+        g.values[u.out_gain][0] += dgain;
+        let mut dh = dh.unwrap();
+        let mut demb = Tensor::zeros(&c.emb.shape);
+        // Decoder in reverse; skip gradients collected per encoder output.
+        let mut dskips: Vec<Option<Tensor>> = (0..u.enc.len()).map(|_| None).collect();
+        let mut skip_idx = u.enc.len();
+        let mut dec_caches = c.dec;
+        let mut pops = Vec::new();
+        for (_, _, takes) in &u.dec {
+            if *takes {
+                skip_idx -= 1;
+                pops.push(Some(skip_idx));
+            } else {
+                pops.push(None);
+            }
+        }
+        for (i, (_, b, _)) in u.dec.iter().enumerate().rev() {
+            let (bc, split) = dec_caches.pop().unwrap();
+            let (dx, de) = b.backward(p, &c.emb, bc, dh, mode, &mut g);
+            add_into(&mut demb, &de);
+            dh = match split {
+                Some((na, nb)) => {
+                    let (nn, hh, ww) = spatial(&dx);
+                    let mut da = Tensor::zeros(&[nn, hh, ww, na]);
+                    let mut ds = Tensor::zeros(&[nn, hh, ww, nb]);
+                    ops::mp_cat_backward(&dx.data, na, nb, u.concat_balance, &mut da.data, &mut ds.data);
+                    dskips[pops[i].unwrap()] = Some(ds);
+                    da
+                }
+                None => dx,
+            };
+        }
+        // Encoder in reverse: each output's gradient = its skip's + the next layer's input's.
+        let mut enc_caches = c.enc;
+        for (i, (_, layer)) in u.enc.iter().enumerate().rev() {
+            if let Some(ds) = dskips[i].take() {
+                add_into(&mut dh, &ds);
+            }
+            let lc = enc_caches.pop().unwrap();
+            match (layer, lc) {
+                (EncLayer::Conv(m), EncCache::Conv(e)) => {
+                    m.backward(p, &e, &c.effs.enc_conv_in, &dh, false, &mut g);
+                }
+                (EncLayer::Block(b), EncCache::Block(bc)) => {
+                    let (dx, de) = b.backward(p, &c.emb, bc, dh, mode, &mut g);
+                    add_into(&mut demb, &de);
+                    dh = dx;
+                }
+                _ => unreachable!("encoder cache order"),
+            }
+        }
+        let _ = &c.x_cat;
+        // Embedding: emb = mp_silu(mp_sum(emb_noise, emb_label, t)).
+        let mut de_pre = Tensor::zeros(&c.emb_pre.shape);
+        ops::mp_silu_backward(&c.emb_pre.data, &demb.data, &mut de_pre.data);
+        let mut d_noise = de_pre.clone();
+        if let (Some(m), Some(e), Some(l)) = (&u.emb_label, &c.effs.emb_label, &c.labels_scaled) {
+            let (wa, wb) = ops::mp_sum_coefs(u.label_balance);
+            d_noise.data.iter_mut().for_each(|v| *v *= wa);
+            let mut d_label = de_pre;
+            d_label.data.iter_mut().for_each(|v| *v *= wb);
+            m.backward(p, e, l, &d_label, false, &mut g);
+        }
+        let _ = &c.emb_noise;
+        u.emb_noise.backward(p, &c.effs.emb_noise, &c.emb_fourier, &d_noise, false, &mut g);
+        g
+    }
+
+    /// Forward multiply-accumulates per image: every MP-Conv/Linear and the two attention
+    /// products (the terms that dominate the official `count_flops`).
+    pub fn macs_per_image(&self) -> u64 {
+        let cfg = &self.config;
+        let u = &self.unet;
+        let mut total = u.emb_noise.macs(1) + self.logvar_linear.macs(1);
+        if let Some(m) = &u.emb_label {
+            total += m.macs(1);
+        }
+        let block_macs = |b: &Block, res_in: usize| -> (u64, usize) {
+            let res = match b.resample {
+                Resample::Keep => res_in,
+                Resample::Down => res_in / 2,
+                Resample::Up => res_in * 2,
+            };
+            let px = res * res;
+            let mut t = b.conv_res0.macs(px) + b.conv_res1.macs(px) + b.emb_linear.macs(1);
+            if let Some(m) = &b.conv_skip {
+                t += m.macs(px);
+            }
+            if let (Some(q), Some(pj)) = (&b.attn_qkv, &b.attn_proj) {
+                t += q.macs(px) + pj.macs(px) + 2 * (px * px * b.out_ch) as u64;
+            }
+            (t, res)
+        };
+        let mut res = cfg.img_resolution;
+        for (_, l) in &u.enc {
+            match l {
+                EncLayer::Conv(m) => total += m.macs(res * res),
+                EncLayer::Block(b) => {
+                    let (t, r) = block_macs(b, res);
+                    total += t;
+                    res = r;
+                }
+            }
+        }
+        for (_, b, _) in &u.dec {
+            let (t, r) = block_macs(b, res);
+            total += t;
+            res = r;
+        }
+        total + u.out_conv.macs(res * res)
+    }
+}
+
+fn add_into(a: &mut Tensor, b: &Tensor) {
+    for (x, y) in a.data.iter_mut().zip(&b.data) {
+        *x += y;
+    }
+}

@@ -1,0 +1,60 @@
+//! Shared helpers for the integration tests: golden fixtures (outputs of the official
+//! PyTorch implementation, copied from ../shared/golden into tests/data/golden) and
+//! comparison metrics.
+#![allow(dead_code)]
+
+use edm2::io::safetensors::{self, StFile};
+use edm2::{NetConfig, Params, Precond, Tensor};
+use std::path::PathBuf;
+
+pub fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden").join(name)
+}
+
+pub fn golden(name: &str) -> StFile {
+    safetensors::read(golden_path(name)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn tensor(f: &StFile, name: &str) -> Tensor {
+    let t = f.require(name).unwrap_or_else(|e| panic!("{e}"));
+    Tensor::from_vec(&t.shape, t.data.clone())
+}
+
+/// The cond16 network and its golden weights.
+pub fn cond16() -> (Precond, Params) {
+    let cfg = NetConfig::from_json_str(&std::fs::read_to_string(golden_path("cond16.config.json")).unwrap()).unwrap();
+    let net = Precond::new(&cfg).unwrap();
+    let p = Params::from_file(&net.specs, &golden("cond16.weights.safetensors")).unwrap();
+    (net, p)
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max)
+}
+
+pub fn rms(a: &[f32]) -> f64 {
+    (a.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64).sqrt()
+}
+
+/// ‖a − b‖₂ / ‖b‖₂
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Max abs error relative to the reference RMS (the forward tolerance metric).
+pub fn err_vs_rms(a: &[f32], b: &[f32]) -> f64 {
+    max_abs_diff(a, b) / rms(b).max(1e-30)
+}
+
+/// NCHW golden → NHWC (4-D), others unchanged.
+pub fn to_nhwc(t: &Tensor) -> Tensor {
+    if t.shape.len() == 4 {
+        t.nchw_to_nhwc()
+    } else {
+        t.clone()
+    }
+}
