@@ -42,9 +42,14 @@ pub fn run(a: Args) -> Result<()> {
     println!("  logvar_fourier        MPFourier({})", net.logvar_fourier.channels);
     println!("  logvar_linear         MPLinear({} -> 1)", net.logvar_linear.in_ch);
     let params = net.num_params();
-    let macs = net.macs_per_image();
+    let fc = net.flop_count();
     println!("parameters: {} ({:.2} M)", group(params as u64), params as f64 / 1e6);
-    println!("forward GMAC per image: {:.2} (MAC convention of the paper and the official count_flops)", macs as f64 / 1e9);
+    println!(
+        "forward GMAC per image: {:.2} (the paper's and the official count_flops convention: MACs plus elementwise ops; \
+         convolutions, linear layers and attention products alone: {:.2})",
+        fc.total() as f64 / 1e9,
+        fc.gemm_macs as f64 / 1e9
+    );
     Ok(())
 }
 

@@ -1,0 +1,128 @@
+//! Unit ops against the official implementation (`golden/ops.safetensors`) and the
+//! paper's central claim — magnitude preservation — as a statistical test.
+
+mod common;
+use common::*;
+use edm2::backend::cpu::{conv, ops};
+use edm2::rng::Rng;
+
+#[test]
+fn normalize_matches_official() {
+    let f = golden("ops.safetensors");
+    let x = tensor(&f, "normalize.x"); // [3, 4, 2, 2], one all-zero sample
+    // Default dims (all but batch): rows of 16 in NCHW = rows of 16 in any layout.
+    let mut y = vec![0.0; x.numel()];
+    ops::normalize_rows(&x.data, 16, &mut y);
+    assert!(max_abs_diff(&y, &tensor(&f, "normalize.all").data) <= 1e-6);
+    assert!(x.data[..16].iter().all(|v| *v == 0.0) || x.data[16..32].iter().all(|v| *v == 0.0) || x.data[32..].iter().all(|v| *v == 0.0));
+    // dim=1 (channels) = pixel norm: rows of 4 in NHWC.
+    let xh = x.nchw_to_nhwc();
+    let mut yh = edm2::Tensor::zeros(&xh.shape);
+    ops::normalize_rows(&xh.data, 4, &mut yh.data);
+    assert!(max_abs_diff(&yh.nhwc_to_nchw().data, &tensor(&f, "normalize.dim1").data) <= 1e-6);
+}
+
+#[test]
+fn elementwise_ops_match_official() {
+    let f = golden("ops.safetensors");
+    let x = tensor(&f, "mp_silu.x");
+    let mut y = vec![0.0; x.numel()];
+    ops::mp_silu(&x.data, &mut y);
+    assert!(max_abs_diff(&y, &tensor(&f, "mp_silu.y").data) <= 1e-6);
+
+    let (a, b, c) = (tensor(&f, "mp.a"), tensor(&f, "mp.b"), tensor(&f, "mp.c"));
+    for t in ["0.3", "0.5"] {
+        let mut s = a.data.clone();
+        ops::mp_sum_inplace(&mut s, &b.data, t.parse().unwrap());
+        assert!(max_abs_diff(&s, &tensor(&f, &format!("mp_sum.t{t}")).data) <= 1e-6, "mp_sum t={t}");
+        let (ah, ch) = (a.nchw_to_nhwc(), c.nchw_to_nhwc());
+        let mut out = edm2::Tensor::zeros(&[2, 4, 4, 8]);
+        ops::mp_cat(&ah.data, 3, &ch.data, 5, t.parse().unwrap(), &mut out.data);
+        assert!(max_abs_diff(&out.nhwc_to_nchw().data, &tensor(&f, &format!("mp_cat.a_c.t{t}")).data) <= 1e-6, "mp_cat t={t}");
+    }
+
+    let x = tensor(&f, "resample.x").nchw_to_nhwc(); // [2, 6, 6, 3]
+    let mut down = edm2::Tensor::zeros(&[2, 3, 3, 3]);
+    ops::downsample2(&x.data, 2, 6, 6, 3, &mut down.data);
+    assert!(max_abs_diff(&down.nhwc_to_nchw().data, &tensor(&f, "resample.down").data) <= 1e-6);
+    let mut up = edm2::Tensor::zeros(&[2, 12, 12, 3]);
+    ops::upsample2(&x.data, 2, 6, 6, 3, &mut up.data);
+    assert!(max_abs_diff(&up.nhwc_to_nchw().data, &tensor(&f, "resample.up").data) <= 1e-6);
+
+    let y = ops::mp_fourier(&tensor(&f, "fourier.x").data, &tensor(&f, "fourier.freqs").data, &tensor(&f, "fourier.phases").data);
+    assert!(max_abs_diff(&y, &tensor(&f, "fourier.y").data) <= 1e-5);
+}
+
+#[test]
+fn mp_conv_matches_official() {
+    let f = golden("ops.safetensors");
+    let w = tensor(&f, "mpconv_fc.w");
+    let x = tensor(&f, "mpconv_fc.x");
+    let eff = conv::effective_weight(&w.data, 5, 6, 0, 0.7);
+    let mut y = vec![0.0; 15];
+    conv::conv_forward(&eff, &x.data, 3, 1, 1, &mut y);
+    assert!(err_vs_rms(&y, &tensor(&f, "mpconv_fc.y_gain0.7").data) <= 1e-6);
+
+    let w = tensor(&f, "mpconv_3x3.w");
+    let x = tensor(&f, "mpconv_3x3.x").nchw_to_nhwc();
+    let eff = conv::effective_weight(&w.data, 3, 4, 3, 1.0);
+    let mut y = edm2::Tensor::zeros(&[2, 5, 5, 3]);
+    conv::conv_forward(&eff, &x.data, 2, 5, 5, &mut y.data);
+    assert!(err_vs_rms(&y.nhwc_to_nchw().data, &tensor(&f, "mpconv_3x3.y_gain1").data) <= 1e-6);
+}
+
+/// Unit-variance inputs keep unit RMS through mp_silu, mp_sum, mp_cat and MP-Conv with
+/// normalized weights (paper §2.4). With 2^16–2^18 samples the sampling error of the
+/// RMS is < 1%, so ±3% cannot fail by chance and catches any wrong constant.
+#[test]
+fn magnitude_preservation() {
+    let mut rng = Rng::new(123);
+    let n = 1 << 16;
+    let a = rng.normal_vec(n);
+    let b = rng.normal_vec(n);
+    let near1 = |what: &str, v: &[f32]| {
+        let r = rms(v);
+        assert!((r - 1.0).abs() < 0.03, "{what}: RMS {r}");
+    };
+    near1("input", &a);
+    let mut y = vec![0.0; n];
+    ops::mp_silu(&a, &mut y);
+    near1("mp_silu", &y);
+    for t in [0.1, 0.3, 0.5, 0.9] {
+        let mut s = a.clone();
+        ops::mp_sum_inplace(&mut s, &b, t);
+        near1(&format!("mp_sum t={t}"), &s);
+        let (na, nb) = (24, 40);
+        let px = 2048;
+        let aa = rng.normal_vec(px * na);
+        let bb = rng.normal_vec(px * nb);
+        let mut out = vec![0.0; px * (na + nb)];
+        ops::mp_cat(&aa, na, &bb, nb, t, &mut out);
+        near1(&format!("mp_cat t={t}"), &out);
+    }
+    // MP-Conv: random (unnormalized, large) weights, unit-variance input.
+    for (k, ci, co) in [(3usize, 32usize, 48usize), (1, 64, 32), (0, 256, 128)] {
+        let fan = ci * k.max(1) * k.max(1);
+        let w: Vec<f32> = rng.normal_vec(co * fan).iter().map(|v| 7.0 * v).collect();
+        let eff = conv::effective_weight(&w, co, ci, k, 1.0);
+        let (bn, h) = if k == 0 { (2048, 1) } else { (4, 16) };
+        let x = rng.normal_vec(bn * h * h * ci);
+        let mut y = vec![0.0; bn * h * h * co];
+        conv::conv_forward(&eff, &x, bn, h, h, &mut y);
+        // Zero padding at the border lowers the 3x3 RMS slightly: compare the interior.
+        if k == 3 {
+            let mut inner = Vec::new();
+            for b_ in 0..bn {
+                for yy in 1..h - 1 {
+                    for xx in 1..h - 1 {
+                        let o = ((b_ * h + yy) * h + xx) * co;
+                        inner.extend_from_slice(&y[o..o + co]);
+                    }
+                }
+            }
+            near1("mp_conv 3x3 (interior)", &inner);
+        } else {
+            near1(&format!("mp_conv k={k}"), &y);
+        }
+    }
+}
