@@ -60,7 +60,6 @@ pub struct Precond {
 
 /// Activations kept by a recording forward pass.
 pub struct PrecondCache {
-    c_skip: Vec<f32>,
     c_out: Vec<f32>,
     emb_fourier: Tensor,
     labels_scaled: Option<Tensor>,
@@ -407,7 +406,6 @@ impl Precond {
             inter.push(("logvar_fourier".into(), lf.clone()));
         }
         let cache = mode.record.then(|| PrecondCache {
-            c_skip: coefs.iter().map(|c| c.0).collect(),
             c_out: coefs.iter().map(|c| c.1).collect(),
             emb_fourier,
             labels_scaled,
