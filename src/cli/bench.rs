@@ -45,8 +45,6 @@ pub fn run(a: Args) -> Result<()> {
             v[0] = 0.5;
         }
     }
-    let ex = edm2::tensor::Tensor::zeros(&[0]);
-    let _ = ex;
     let (n, r, c) = (a.batch, cfg.img_resolution, cfg.img_channels);
     let mut rng = edm2::rng::Rng::new(1);
     let images = Tensor::from_vec(&[n, r, r, c], rng.normal_vec(n * r * r * c));
@@ -77,6 +75,7 @@ pub fn run(a: Args) -> Result<()> {
         loss.total
     };
     eprintln!("bench {} batch {n} on {} threads", a.config, rayon::current_num_threads());
+    edm2::profile::enable_from_env();
     let mut train_ms = Vec::new();
     for i in 0..=a.iters {
         let t = Instant::now();
@@ -85,7 +84,13 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("  train step {i}: {ms:.1} ms (loss {l:.4}){}", if i == 0 { " [warm-up]" } else { "" });
         if i > 0 {
             train_ms.push(ms);
+        } else {
+            edm2::profile::reset();
         }
+    }
+    if std::env::var("EDM2_PROFILE").is_ok() {
+        eprintln!("profile of {} training steps:\n{}", a.iters, edm2::profile::report());
+        edm2::profile::reset();
     }
     let mut fwd_ms = Vec::new();
     for i in 0..=a.iters {
@@ -96,7 +101,12 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("  forward {i}: {ms:.1} ms{}", if i == 0 { " [warm-up]" } else { "" });
         if i > 0 {
             fwd_ms.push(ms);
+        } else {
+            edm2::profile::reset();
         }
+    }
+    if std::env::var("EDM2_PROFILE").is_ok() {
+        eprintln!("profile of {} forward passes:\n{}", a.iters, edm2::profile::report());
     }
     let (tmin, tmax) = (train_ms.iter().cloned().fold(f64::MAX, f64::min), train_ms.iter().cloned().fold(0.0, f64::max));
     let (fmin, fmax) = (fwd_ms.iter().cloned().fold(f64::MAX, f64::min), fwd_ms.iter().cloned().fold(0.0, f64::max));

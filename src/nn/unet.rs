@@ -29,6 +29,7 @@ impl MpFourier {
         MpFourier { freqs, phases, channels }
     }
     pub fn forward(&self, p: &Params, x: &[f32]) -> Tensor {
+        let _prof = crate::profile::scope("total:forward");
         Tensor::from_vec(&[x.len(), self.channels], ops::mp_fourier(x, &p.values[self.freqs], &p.values[self.phases]))
     }
 }
@@ -231,6 +232,7 @@ impl Precond {
     /// of the *training* copy with `normalize(W)`. Call once before each training forward;
     /// never on EMA copies.
     pub fn force_normalize(&self, p: &mut Params) {
+        let _prof = crate::profile::scope("force_normalize");
         for (s, v) in self.specs.iter().zip(p.values.iter_mut()) {
             if s.is_mp_weight {
                 let k = s.shape[1..].iter().product::<usize>();
@@ -432,6 +434,7 @@ impl Precond {
     /// Returns the gradient of every parameter (buffers stay zero). Gradients are taken at
     /// the values in `p` — after `force_normalize` in training, as the official code does.
     pub fn backward(&self, p: &Params, cache: PrecondCache, dd: &Tensor, dlogvar: &[f32], mode: &Mode) -> Params {
+        let _prof = crate::profile::scope("total:backward");
         let mut g = Params::zeros(&self.specs);
         let u = &self.unet;
         let c = cache;

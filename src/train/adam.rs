@@ -36,6 +36,7 @@ impl Adam {
     /// One step on every parameter (buffers untouched):
     /// `m ← β1 m + (1−β1) g; v ← β2 v + (1−β2) g²; p ← p − lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + ε)`.
     pub fn step(&mut self, specs: &[ParamSpec], params: &mut Params, grads: &Params, lr: f64) {
+        let _prof = crate::profile::scope("adam");
         self.t += 1;
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);

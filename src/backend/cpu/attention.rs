@@ -35,6 +35,7 @@ fn gather_normalized(qkv: &[f32], n_: usize, p: usize, c: usize, ch: usize, head
 }
 
 pub fn attention_forward(qkv: &[f32], n: usize, p: usize, c: usize, heads: usize, y: &mut [f32]) -> AttnCache {
+    let _prof = crate::profile::scope("attention");
     let ch = c / heads;
     let nh = n * heads;
     let mut q = vec![0.0f32; nh * p * ch];
@@ -97,6 +98,7 @@ pub fn attention_backward(
     heads: usize,
     dqkv: &mut [f32],
 ) {
+    let _prof = crate::profile::scope("attention.bwd");
     let ch = c / heads;
     let scale = 1.0 / (ch as f32).sqrt();
     // Per (image, head): gradients of the normalized q, k, v, as [P, Ch] each.

@@ -41,6 +41,7 @@ fn oihw_to_ohwi(j: usize, in_ch: usize, kk: usize) -> usize {
 
 /// Effective weight from the stored parameter `w` (`[O, I, k, k]` or `[O, I]`).
 pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: f32) -> EffWeight {
+    let _prof = crate::profile::scope("weight_norm");
     let kk = k.max(1) * k.max(1);
     let fan = in_ch * kk;
     assert_eq!(w.len(), out_ch * fan);
@@ -61,6 +62,7 @@ pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: 
 /// Backward of [`effective_weight`]: from `d_eff` (OHWI) to the gradient of the stored
 /// parameter (OIHW, written into `dw`) and of the gain (returned).
 pub fn effective_weight_backward(w: &[f32], eff: &EffWeight, d_eff: &[f32], dw: &mut [f32]) -> f32 {
+    let _prof = crate::profile::scope("weight_norm.bwd");
     let kk = eff.k.max(1) * eff.k.max(1);
     let fan = eff.fan_in();
     let inv_sqrt_fan = 1.0 / (fan as f32).sqrt();
@@ -85,6 +87,7 @@ pub fn effective_weight_backward(w: &[f32], eff: &EffWeight, d_eff: &[f32], dw: 
 
 /// im2col for a 3x3 'same' convolution: `patches[p, tap·C + c]`.
 pub fn im2col3(x: &[f32], n: usize, h: usize, w: usize, c: usize, patches: &mut [f32]) {
+    let _prof = crate::profile::scope("im2col");
     let kdim = 9 * c;
     patches.par_chunks_mut(w * kdim).enumerate().for_each(|(row, pr)| {
         let (b, y) = (row / h, row % h);
@@ -111,6 +114,7 @@ pub fn im2col3(x: &[f32], n: usize, h: usize, w: usize, c: usize, patches: &mut 
 
 /// col2im as a gather: `dx[b, y, x, c] = Σ_taps dpatches[(b, y−ky+1, x−kx+1), tap·C + c]`.
 pub fn col2im3(dpatches: &[f32], n: usize, h: usize, w: usize, c: usize, dx: &mut [f32]) {
+    let _prof = crate::profile::scope("col2im");
     let kdim = 9 * c;
     dx.par_chunks_mut(w * c).enumerate().for_each(|(row, dr)| {
         let (b, y) = (row / h, row % h);
@@ -145,11 +149,15 @@ pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y:
     let pixels = n * h * w;
     let (o, i) = (eff.out_ch, eff.in_ch);
     match eff.k {
-        0 | 1 => sgemm(pixels, o, i, MatRef::rm(x, i), MatRef::rm_t(&eff.w, i), y, false, true),
+        0 | 1 => {
+            let _prof = crate::profile::scope(if eff.k == 0 { "linear.gemm" } else { "conv1x1.gemm" });
+            sgemm(pixels, o, i, MatRef::rm(x, i), MatRef::rm_t(&eff.w, i), y, false, true)
+        }
         3 => {
             let kdim = 9 * i;
             let mut patches = vec![0.0f32; pixels * kdim];
             im2col3(x, n, h, w, i, &mut patches);
+            let _prof = crate::profile::scope("conv3x3.gemm");
             sgemm(pixels, o, kdim, MatRef::rm(&patches, kdim), MatRef::rm_t(&eff.w, kdim), y, false, true);
         }
         k => panic!("unsupported kernel size {k}"),
@@ -171,6 +179,7 @@ pub fn conv_backward(
     let (o, i) = (eff.out_ch, eff.in_ch);
     match eff.k {
         0 | 1 => {
+            let _prof = crate::profile::scope(if eff.k == 0 { "linear.bwd.gemm" } else { "conv1x1.bwd.gemm" });
             // dW[o, i] = Σ_p dY[p, o] X[p, i]
             sgemm(o, i, pixels, MatRef::rm_t(dy, o), MatRef::rm(x, i), d_eff, false, true);
             if let Some(dx) = dx {
@@ -181,8 +190,12 @@ pub fn conv_backward(
             let kdim = 9 * i;
             let mut patches = vec![0.0f32; pixels * kdim];
             im2col3(x, n, h, w, i, &mut patches);
-            sgemm(o, kdim, pixels, MatRef::rm_t(dy, o), MatRef::rm(&patches, kdim), d_eff, false, true);
+            {
+                let _prof = crate::profile::scope("conv3x3.bwd_w.gemm");
+                sgemm(o, kdim, pixels, MatRef::rm_t(dy, o), MatRef::rm(&patches, kdim), d_eff, false, true);
+            }
             if let Some(dx) = dx {
+                let _prof = crate::profile::scope("conv3x3.bwd_x.gemm");
                 // Reuse the patch buffer for the patch gradient.
                 sgemm(pixels, kdim, o, MatRef::rm(dy, o), MatRef::rm(&eff.w, kdim), &mut patches, false, true);
                 col2im3(&patches, n, h, w, i, dx);

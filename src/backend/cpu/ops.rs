@@ -45,6 +45,7 @@ pub fn normalize_row_backward(x: &[f32], d: f32, dy: &[f32], dx: &mut [f32]) {
 
 /// Normalize each contiguous row of length `k` (pixel norm over C in NHWC; MPConv rows).
 pub fn normalize_rows(x: &[f32], k: usize, y: &mut [f32]) {
+    let _prof = crate::profile::scope("normalize_rows");
     y.par_chunks_mut(k * 256).zip(x.par_chunks(k * 256)).for_each(|(yc, xc)| {
         for (yr, xr) in yc.chunks_mut(k).zip(xc.chunks(k)) {
             let inv = 1.0 / norm_denom(xr);
@@ -56,6 +57,7 @@ pub fn normalize_rows(x: &[f32], k: usize, y: &mut [f32]) {
 }
 
 pub fn normalize_rows_backward(x: &[f32], k: usize, dy: &[f32], dx: &mut [f32]) {
+    let _prof = crate::profile::scope("normalize_rows.bwd");
     dx.par_chunks_mut(k * 256).zip(x.par_chunks(k * 256)).zip(dy.par_chunks(k * 256)).for_each(
         |((dxc, xc), dyc)| {
             for ((dxr, xr), dyr) in dxc.chunks_mut(k).zip(xc.chunks(k)).zip(dyc.chunks(k)) {
@@ -77,6 +79,7 @@ pub fn mp_silu_grad_scalar(x: f32) -> f32 {
 }
 
 pub fn mp_silu(x: &[f32], y: &mut [f32]) {
+    let _prof = crate::profile::scope("mp_silu");
     y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
         for (o, &v) in yc.iter_mut().zip(xc) {
             *o = mp_silu_scalar(v);
@@ -86,6 +89,7 @@ pub fn mp_silu(x: &[f32], y: &mut [f32]) {
 
 /// `dx = dy · mp_silu'(x)`.
 pub fn mp_silu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let _prof = crate::profile::scope("mp_silu.bwd");
     dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((dc, xc), gc)| {
         for ((o, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
             *o = g * mp_silu_grad_scalar(v);
@@ -101,6 +105,7 @@ pub fn mp_sum_coefs(t: f32) -> (f32, f32) {
 
 /// `a ← mp_sum(a, b, t)` in place.
 pub fn mp_sum_inplace(a: &mut [f32], b: &[f32], t: f32) {
+    let _prof = crate::profile::scope("mp_sum");
     let (wa, wb) = mp_sum_coefs(t);
     a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(ac, bc)| {
         for (x, &y) in ac.iter_mut().zip(bc) {
@@ -117,6 +122,7 @@ pub fn mp_cat_coefs(na: usize, nb: usize, t: f32) -> (f32, f32) {
 
 /// MP-cat along channels of NHWC tensors with `pixels` pixels.
 pub fn mp_cat(a: &[f32], na: usize, b: &[f32], nb: usize, t: f32, out: &mut [f32]) {
+    let _prof = crate::profile::scope("mp_cat");
     let (ka, kb) = mp_cat_coefs(na, nb, t);
     let nc = na + nb;
     out.par_chunks_mut(nc * 64).enumerate().for_each(|(ci, oc)| {
@@ -134,6 +140,7 @@ pub fn mp_cat(a: &[f32], na: usize, b: &[f32], nb: usize, t: f32, out: &mut [f32
 }
 
 pub fn mp_cat_backward(dout: &[f32], na: usize, nb: usize, t: f32, da: &mut [f32], db: &mut [f32]) {
+    let _prof = crate::profile::scope("mp_cat.bwd");
     let (ka, kb) = mp_cat_coefs(na, nb, t);
     let nc = na + nb;
     for (p, row) in dout.chunks(nc).enumerate() {
@@ -148,6 +155,7 @@ pub fn mp_cat_backward(dout: &[f32], na: usize, nb: usize, t: f32, da: &mut [f32
 
 /// 2x2 average pooling, stride 2, NHWC `[n, h, w, c]` → `[n, h/2, w/2, c]`.
 pub fn downsample2(x: &[f32], n: usize, h: usize, w: usize, c: usize, y: &mut [f32]) {
+    let _prof = crate::profile::scope("resample");
     let (ho, wo) = (h / 2, w / 2);
     y.par_chunks_mut(wo * c).enumerate().for_each(|(row, yr)| {
         let (b, oy) = (row / ho, row % ho);
@@ -162,6 +170,7 @@ pub fn downsample2(x: &[f32], n: usize, h: usize, w: usize, c: usize, y: &mut [f
 }
 
 pub fn downsample2_backward(dy: &[f32], n: usize, h: usize, w: usize, c: usize, dx: &mut [f32]) {
+    let _prof = crate::profile::scope("resample.bwd");
     let (ho, wo) = (h / 2, w / 2);
     dx.par_chunks_mut(w * c).enumerate().for_each(|(row, dr)| {
         let (b, iy) = (row / h, row % h);
@@ -176,6 +185,7 @@ pub fn downsample2_backward(dy: &[f32], n: usize, h: usize, w: usize, c: usize, 
 
 /// 2x nearest-neighbour upsampling, NHWC `[n, h, w, c]` → `[n, 2h, 2w, c]`.
 pub fn upsample2(x: &[f32], n: usize, h: usize, w: usize, c: usize, y: &mut [f32]) {
+    let _prof = crate::profile::scope("resample");
     let (ho, wo) = (2 * h, 2 * w);
     y.par_chunks_mut(wo * c).enumerate().for_each(|(row, yr)| {
         let (b, oy) = (row / ho, row % ho);
@@ -188,6 +198,7 @@ pub fn upsample2(x: &[f32], n: usize, h: usize, w: usize, c: usize, y: &mut [f32
 }
 
 pub fn upsample2_backward(dy: &[f32], n: usize, h: usize, w: usize, c: usize, dx: &mut [f32]) {
+    let _prof = crate::profile::scope("resample.bwd");
     let wo = 2 * w;
     dx.par_chunks_mut(w * c).enumerate().for_each(|(row, dr)| {
         let (b, iy) = (row / h, row % h);
@@ -216,6 +227,7 @@ pub fn mp_fourier(x: &[f32], freqs: &[f32], phases: &[f32]) -> Vec<f32> {
 /// In-place clip to ±`limit`; returns nothing — the backward uses the clipped output
 /// (`|y| < limit` or equal and unclipped) to decide where the gradient passes.
 pub fn clip_inplace(x: &mut [f32], limit: f32) {
+    let _prof = crate::profile::scope("clip");
     x.par_chunks_mut(CHUNK).for_each(|c| {
         for v in c {
             *v = v.clamp(-limit, limit);
@@ -226,6 +238,7 @@ pub fn clip_inplace(x: &mut [f32], limit: f32) {
 /// Per-channel modulation `y[n, p, c] = h[n, p, c] · s[n, c]` followed by MP-SiLU.
 /// Returns the product `h·s` in `pre` (the SiLU input, needed by the backward).
 pub fn modulate_silu(h: &[f32], s: &[f32], c: usize, pixels: usize, pre: &mut [f32], y: &mut [f32]) {
+    let _prof = crate::profile::scope("modulate_silu");
     let per = pixels * c;
     pre.par_chunks_mut(per).zip(y.par_chunks_mut(per)).zip(h.par_chunks(per)).enumerate().for_each(
         |(b, ((pc, yc), hc))| {
@@ -252,6 +265,7 @@ pub fn modulate_silu_backward(
     dh: &mut [f32],
     ds: &mut [f32],
 ) {
+    let _prof = crate::profile::scope("modulate_silu.bwd");
     let per = pixels * c;
     dh.par_chunks_mut(per).zip(ds.par_chunks_mut(c)).enumerate().for_each(|(b, (dhc, dsb))| {
         let sb = &s[b * c..(b + 1) * c];
@@ -285,6 +299,7 @@ pub fn hash_uniform(seed: u64, index: u64) -> f32 {
 /// Deterministic in (seed, element index). Returns nothing; the backward re-derives the
 /// mask from the same seed.
 pub fn dropout_inplace(x: &mut [f32], p: f32, seed: u64) {
+    let _prof = crate::profile::scope("dropout");
     let scale = 1.0 / (1.0 - p);
     x.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, c)| {
         for (i, v) in c.iter_mut().enumerate() {
