@@ -126,3 +126,22 @@ fn magnitude_preservation() {
         }
     }
 }
+
+/// The vectorizable exp used by SiLU and softmax: within 2 ulp of the f64 value over the
+/// whole finite range, exact limits outside.
+#[test]
+fn fast_exp_accuracy() {
+    let mut worst = 0.0f64;
+    let mut x = -87.0f32;
+    while x < 88.5 {
+        let got = ops::fast_exp(x) as f64;
+        let want = (x as f64).exp();
+        let ulp = (want as f32).abs() * f32::EPSILON;
+        worst = worst.max((got - want).abs() / ulp as f64);
+        x += 0.000_37;
+    }
+    assert!(worst <= 2.0, "fast_exp error {worst} ulp");
+    assert_eq!(ops::fast_exp(-200.0), 0.0);
+    assert_eq!(ops::fast_exp(200.0), f32::INFINITY);
+    assert_eq!(ops::fast_exp(0.0), 1.0);
+}

@@ -58,20 +58,7 @@ pub fn attention_forward(qkv: &[f32], n: usize, p: usize, c: usize, heads: usize
             // logits[i, j] = Σ_c q[i, c] k[j, c]
             sgemm(p, p, ch, MatRef::rm(qh, ch), MatRef::rm_t(kh, ch), wh, false, false);
             for row in wh.chunks_mut(p) {
-                let mut m = f32::NEG_INFINITY;
-                for l in row.iter_mut() {
-                    *l *= scale;
-                    m = m.max(*l);
-                }
-                let mut sum = 0.0f32;
-                for l in row.iter_mut() {
-                    *l = (*l - m).exp();
-                    sum += *l;
-                }
-                let inv = 1.0 / sum;
-                for l in row.iter_mut() {
-                    *l *= inv;
-                }
+                softmax_row(row, scale);
             }
             sgemm(p, ch, p, MatRef::rm(wh, p), MatRef::rm(vh, ch), yhh, false, false);
         });
@@ -153,4 +140,33 @@ pub fn attention_backward(
             }
         }
     });
+}
+
+crate::multiversion! {
+    /// In place: `row ← softmax(row · scale)`. The max and the sum run over 8 interleaved
+    /// partial lanes combined in a fixed order (vectorizable, deterministic).
+    fn softmax_row(row: &mut [f32], scale: f32) {
+        let mut mx = [f32::NEG_INFINITY; 8];
+        for (i, l) in row.iter_mut().enumerate() {
+            *l *= scale;
+            mx[i % 8] = mx[i % 8].max(*l);
+        }
+        let m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sums = [0.0f32; 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for ch in &mut chunks {
+            for j in 0..8 {
+                ch[j] = super::ops::fast_exp(ch[j] - m);
+                sums[j] += ch[j];
+            }
+        }
+        for (j, l) in chunks.into_remainder().iter_mut().enumerate() {
+            *l = super::ops::fast_exp(*l - m);
+            sums[j] += *l;
+        }
+        let inv = 1.0 / sums.iter().sum::<f32>();
+        for l in row.iter_mut() {
+            *l *= inv;
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //!   `[9·I, O]`. 1x1 and linear: one GEMM directly on the input.
 //! * Backward: `dX = dY · W` (col2im as a gather, no atomics), `dW = dYᵀ · patches`.
 
+use super::conv3x3;
 use super::gemm::{sgemm, MatRef};
 use super::ops::{norm_denom, normalize_row_backward};
 use rayon::prelude::*;
@@ -23,6 +24,8 @@ pub struct EffWeight {
     /// Per output row `eps + rms(W_row)`.
     pub denom: Vec<f32>,
     pub gain: f32,
+    /// 3x3 weights packed for the direct kernel (`conv3x3::pack_forward`), when it applies.
+    pub packed: Option<Vec<f32>>,
 }
 
 impl EffWeight {
@@ -56,7 +59,9 @@ pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: 
             row[oihw_to_ohwi(j, in_ch, kk)] = (v / *d) * scale_g;
         }
     });
-    EffWeight { out_ch, in_ch, k, w: eff, denom, gain }
+    let packed = (k == 3 && super::conv3x3::available() && out_ch % 16 == 0)
+        .then(|| super::conv3x3::pack_forward(&eff, out_ch, in_ch));
+    EffWeight { out_ch, in_ch, k, w: eff, denom, gain, packed }
 }
 
 /// Backward of [`effective_weight`]: from `d_eff` (OHWI) to the gradient of the stored
@@ -87,11 +92,17 @@ pub fn effective_weight_backward(w: &[f32], eff: &EffWeight, d_eff: &[f32], dw: 
 
 /// im2col for a 3x3 'same' convolution: `patches[p, tap·C + c]`.
 pub fn im2col3(x: &[f32], n: usize, h: usize, w: usize, c: usize, patches: &mut [f32]) {
+    im2col3_rows(x, h, w, c, 0, n * h, patches);
+}
+
+/// im2col of the image rows `r0..r1` (a row = one `y` of one image, `b·h + y`), into
+/// `patches[(row − r0)·w + x, tap·C + c]`.
+pub fn im2col3_rows(x: &[f32], h: usize, w: usize, c: usize, r0: usize, r1: usize, patches: &mut [f32]) {
     let _prof = crate::profile::scope("im2col");
     let kdim = 9 * c;
-    patches.par_chunks_mut(w * kdim).enumerate().for_each(|(row, pr)| {
+    patches[..(r1 - r0) * w * kdim].par_chunks_mut(w * kdim).enumerate().for_each(|(i, pr)| {
+        let row = r0 + i;
         let (b, y) = (row / h, row % h);
-        let _ = n;
         for xx in 0..w {
             let dst = &mut pr[xx * kdim..(xx + 1) * kdim];
             for ky in 0..3 {
@@ -153,6 +164,11 @@ pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y:
             let _prof = crate::profile::scope(if eff.k == 0 { "linear.gemm" } else { "conv1x1.gemm" });
             sgemm(pixels, o, i, MatRef::rm(x, i), MatRef::rm_t(&eff.w, i), y, false, true)
         }
+        3 if eff.packed.is_some() => {
+            let xpad = conv3x3::pad1(x, n, h, w, i);
+            let _prof = crate::profile::scope("conv3x3.direct");
+            conv3x3::conv3x3_direct(&xpad, n, h, w, i, eff.packed.as_ref().unwrap(), o, y);
+        }
         3 => {
             let kdim = 9 * i;
             let mut patches = vec![0.0f32; pixels * kdim];
@@ -186,6 +202,15 @@ pub fn conv_backward(
                 sgemm(pixels, i, o, MatRef::rm(dy, o), MatRef::rm(&eff.w, i), dx, false, true);
             }
         }
+        3 if conv3x3::available() && i % 16 == 0 => {
+            conv3x3_weight_grad(x, n, h, w, i, dy, o, d_eff);
+            if let Some(dx) = dx {
+                let dypad = conv3x3::pad1(dy, n, h, w, o);
+                let packed = conv3x3::pack_backward(&eff.w, o, i);
+                let _prof = crate::profile::scope("conv3x3.bwd_x.direct");
+                conv3x3::conv3x3_direct(&dypad, n, h, w, o, &packed, i, dx);
+            }
+        }
         3 => {
             let kdim = 9 * i;
             let mut patches = vec![0.0f32; pixels * kdim];
@@ -202,5 +227,23 @@ pub fn conv_backward(
             }
         }
         k => panic!("unsupported kernel size {k}"),
+    }
+}
+
+/// Weight gradient of a 3x3 conv, `d_eff[o, tap, ci] = Σ_p dy[p, o] · patch[p, tap·C + ci]`,
+/// as GEMMs over chunks of whole image rows (~2048 pixels) whose im2col stays in cache;
+/// chunks accumulate in a fixed order (deterministic).
+pub fn conv3x3_weight_grad(x: &[f32], n: usize, h: usize, w: usize, cin: usize, dy: &[f32], cout: usize, d_eff: &mut [f32]) {
+    let kdim = 9 * cin;
+    let rows_per_chunk = (2048 / w).max(1).min(n * h);
+    let mut patches = vec![0.0f32; rows_per_chunk * w * kdim];
+    let mut r0 = 0;
+    while r0 < n * h {
+        let r1 = (r0 + rows_per_chunk).min(n * h);
+        im2col3_rows(x, h, w, cin, r0, r1, &mut patches);
+        let pc = (r1 - r0) * w;
+        let _prof = crate::profile::scope("conv3x3.bwd_w.gemm");
+        sgemm(cout, kdim, pc, MatRef { data: &dy[r0 * w * cout..], rs: 1, cs: cout }, MatRef::rm(&patches, kdim), d_eff, r0 > 0, true);
+        r0 = r1;
     }
 }

@@ -4,5 +4,8 @@
 
 pub mod attention;
 pub mod conv;
+pub mod conv3x3;
 pub mod gemm;
+#[macro_use]
+pub mod simd;
 pub mod ops;
