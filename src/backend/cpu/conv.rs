@@ -165,9 +165,8 @@ pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y:
             sgemm(pixels, o, i, MatRef::rm(x, i), MatRef::rm_t(&eff.w, i), y, false, true)
         }
         3 if eff.packed.is_some() => {
-            let xpad = conv3x3::pad1(x, n, h, w, i);
             let _prof = crate::profile::scope("conv3x3.direct");
-            conv3x3::conv3x3_direct(&xpad, n, h, w, i, eff.packed.as_ref().unwrap(), o, y);
+            conv3x3::conv3x3_direct(x, n, h, w, i, eff.packed.as_ref().unwrap(), o, y);
         }
         3 => {
             let kdim = 9 * i;
@@ -205,10 +204,9 @@ pub fn conv_backward(
         3 if conv3x3::available() && i % 16 == 0 => {
             conv3x3_weight_grad(x, n, h, w, i, dy, o, d_eff);
             if let Some(dx) = dx {
-                let dypad = conv3x3::pad1(dy, n, h, w, o);
                 let packed = conv3x3::pack_backward(&eff.w, o, i);
                 let _prof = crate::profile::scope("conv3x3.bwd_x.direct");
-                conv3x3::conv3x3_direct(&dypad, n, h, w, o, &packed, i, dx);
+                conv3x3::conv3x3_direct(dy, n, h, w, o, &packed, i, dx);
             }
         }
         3 => {

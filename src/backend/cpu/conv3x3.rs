@@ -3,12 +3,15 @@
 //!
 //! Forward: `y[p, o] = Σ_{tap, ci} xpad[p + tap, ci] · w[tap, ci, o]` computed in register
 //! tiles of 6 output pixels × 16 output channels (12 ymm accumulators; per input channel
-//! 2 weight loads, 6 broadcasts, 12 FMAs — the BLIS Haswell 6x16 shape). The input is
-//! zero-padded once (`[N, H+2, W+2, C]`, 1/9 of an im2col buffer) so every tap of a
-//! 6-pixel run is a constant offset. Weights are packed per 16-channel block,
-//! `[O/16][9][Cin][16]`, so a tile streams them contiguously.
+//! 2 weight loads, 6 broadcasts, 12 FMAs — the BLIS Haswell 6x16 shape). Every tap of a
+//! 6-pixel run is a constant offset into the unpadded input; the zero padding is
+//! implicit (image-edge rows skip a row of taps; in the tiles that touch the left/right
+//! image edge, compile-time variants skip that pixel's outer column of taps), so no
+//! padded copy or im2col buffer is made. Weights are
+//! packed per 16-channel block, `[O/16][9][Cin][16]`, so a tile streams them
+//! contiguously.
 //!
-//! Data gradient: the same kernel on the padded output gradient with the weights
+//! Data gradient: the same kernel on the output gradient with the weights
 //! transposed and spatially flipped (`[Cin/16][9][O][16]`, tap' = 8 − tap).
 //!
 //! Variants measured on cpu-s32 (2-core Zen 2, batch 32, per training step): im2col +
@@ -25,22 +28,6 @@ const MR: usize = 6;
 /// True when the CPU has AVX2 and FMA (checked once).
 pub fn available() -> bool {
     super::simd::avx2_fma()
-}
-
-/// `[N, H, W, C]` → zero-padded `[N, H+2, W+2, C]`.
-pub fn pad1(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
-    let _prof = crate::profile::scope("pad");
-    let (hp, wp) = (h + 2, w + 2);
-    let mut out = vec![0.0f32; n * hp * wp * c];
-    out.par_chunks_mut(wp * c).enumerate().for_each(|(row, dst)| {
-        let (b, yp) = (row / hp, row % hp);
-        if yp == 0 || yp == hp - 1 {
-            return;
-        }
-        let src = ((b * h + yp - 1) * w) * c;
-        dst[c..c + w * c].copy_from_slice(&x[src..src + w * c]);
-    });
-    out
 }
 
 /// Forward packing: OHWI `[O][9][Cin]` → `[O/16][9][Cin][16]`.
@@ -73,35 +60,52 @@ pub fn pack_backward(w_ohwi: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     p
 }
 
-/// `y[N, H, W, cout] = conv3x3(xpad, packed)` where `xpad` is `[N, H+2, W+2, cin]` and
-/// `packed` comes from [`pack_forward`] (or [`pack_backward`] for a data gradient).
-pub fn conv3x3_direct(xpad: &[f32], n: usize, h: usize, w: usize, cin: usize, packed: &[f32], cout: usize, y: &mut [f32]) {
+/// `y[N, H, W, cout] = conv3x3(x, packed)` for an unpadded NHWC `x` `[N, H, W, cin]`
+/// ('same' zero padding is implicit: taps that fall outside the image are skipped) and
+/// `packed` from [`pack_forward`] (or [`pack_backward`] for a data gradient).
+pub fn conv3x3_direct(x: &[f32], n: usize, h: usize, w: usize, cin: usize, packed: &[f32], cout: usize, y: &mut [f32]) {
     assert!(available() && cout % NR == 0);
-    assert_eq!(xpad.len(), n * (h + 2) * (w + 2) * cin);
+    assert_eq!(x.len(), n * h * w * cin);
     assert_eq!(packed.len(), 9 * cin * cout);
     assert_eq!(y.len(), n * h * w * cout);
-    let row_stride = (w + 2) * cin;
+    let row_stride = w * cin;
     y.par_chunks_mut(w * cout).enumerate().for_each(|(row, yr)| {
         let (b, yy) = (row / h, row % h);
-        let a_row = ((b * (h + 2) + yy) * (w + 2)) * cin;
+        // Rows of taps inside the image.
+        let ky0 = if yy == 0 { 1 } else { 0 };
+        let ky1 = if yy + 1 == h { 2 } else { 3 };
+        let base = (b * h + yy) * w * cin;
         for ob in 0..cout / NR {
             let bp = &packed[ob * 9 * cin * NR..(ob + 1) * 9 * cin * NR];
             let mut x0 = 0;
             while x0 < w {
                 let m = (w - x0).min(MR);
-                let a = &xpad[a_row + x0 * cin..];
-                let c = &mut yr[x0 * cout + ob * NR..];
-                // SAFETY: AVX2/FMA checked by `available()`; every pointer offset stays
-                // within the slices (asserted sizes above: the tile reads rows yy..yy+2
-                // and columns x0..x0+m+1 of the padded input, and writes m pixels).
+                let (left, right) = (x0 == 0, x0 + m == w);
+                let c = yr[x0 * cout + ob * NR..].as_mut_ptr();
+                let a = x[base + x0 * cin..].as_ptr();
+                let k = Taps { ky0, ky1, row_stride, cin };
+                // SAFETY: AVX2/FMA checked by `available()`. The tile reads pixel
+                // (yy + ky − 1, x0 + i + kx − 1) only where it lies inside the image
+                // (rows ky0..ky1; the first/last column of taps is skipped for the
+                // pixel on the left/right image edge) and writes m pixels of this row.
                 unsafe {
+                    macro_rules! go {
+                        ($m:literal) => {
+                            match (left, right) {
+                                (false, false) => tile::<$m, false, false>(a, k, bp.as_ptr(), c, cout),
+                                (true, false) => tile::<$m, true, false>(a, k, bp.as_ptr(), c, cout),
+                                (false, true) => tile::<$m, false, true>(a, k, bp.as_ptr(), c, cout),
+                                (true, true) => tile::<$m, true, true>(a, k, bp.as_ptr(), c, cout),
+                            }
+                        };
+                    }
                     match m {
-                        6 => tile::<6>(a.as_ptr(), row_stride, cin, bp.as_ptr(), c.as_mut_ptr(), cout),
-                        5 => tile::<5>(a.as_ptr(), row_stride, cin, bp.as_ptr(), c.as_mut_ptr(), cout),
-                        4 => tile::<4>(a.as_ptr(), row_stride, cin, bp.as_ptr(), c.as_mut_ptr(), cout),
-                        3 => tile::<3>(a.as_ptr(), row_stride, cin, bp.as_ptr(), c.as_mut_ptr(), cout),
-                        2 => tile::<2>(a.as_ptr(), row_stride, cin, bp.as_ptr(), c.as_mut_ptr(), cout),
-                        _ => tile::<1>(a.as_ptr(), row_stride, cin, bp.as_ptr(), c.as_mut_ptr(), cout),
+                        6 => go!(6),
+                        5 => go!(5),
+                        4 => go!(4),
+                        3 => go!(3),
+                        2 => go!(2),
+                        _ => go!(1),
                     }
                 }
                 x0 += m;
@@ -110,26 +114,57 @@ pub fn conv3x3_direct(xpad: &[f32], n: usize, h: usize, w: usize, cin: usize, pa
     });
 }
 
+/// The tap rows of a tile and the input strides.
+#[derive(Clone, Copy)]
+struct Taps {
+    ky0: usize,
+    ky1: usize,
+    row_stride: usize,
+    cin: usize,
+}
+
+/// One register tile: M consecutive pixels × 16 output channels. `a` points at the
+/// input pixel under the first output pixel (the centre tap). LEFT / RIGHT: the first /
+/// last pixel is on the image edge, so its left / right column of taps is zero padding.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile<const M: usize>(a: *const f32, row_stride: usize, cin: usize, b: *const f32, c: *mut f32, cstride: usize) {
+unsafe fn tile<const M: usize, const LEFT: bool, const RIGHT: bool>(a: *const f32, k: Taps, b: *const f32, c: *mut f32, cstride: usize) {
     use std::arch::x86_64::*;
+    let cin = k.cin;
     let mut acc0 = [_mm256_setzero_ps(); M];
     let mut acc1 = [_mm256_setzero_ps(); M];
-    for ky in 0..3 {
-        for kx in 0..3 {
-            let ap = a.add(ky * row_stride + kx * cin);
-            let bp = b.add((ky * 3 + kx) * cin * NR);
-            for ci in 0..cin {
-                let b0 = _mm256_loadu_ps(bp.add(ci * NR));
-                let b1 = _mm256_loadu_ps(bp.add(ci * NR + 8));
-                for m in 0..M {
-                    let av = _mm256_broadcast_ss(&*ap.add(m * cin + ci));
-                    acc0[m] = _mm256_fmadd_ps(av, b0, acc0[m]);
-                    acc1[m] = _mm256_fmadd_ps(av, b1, acc1[m]);
+    // One tap over all input channels; `skip_first`/`skip_last` are constants at each
+    // call site, so the pixel loop unrolls without branches.
+    #[inline(always)]
+    unsafe fn tap<const M: usize>(
+        ap: *const f32,
+        bp: *const f32,
+        cin: usize,
+        skip_first: bool,
+        skip_last: bool,
+        acc0: &mut [__m256; M],
+        acc1: &mut [__m256; M],
+    ) {
+        for ci in 0..cin {
+            let b0 = _mm256_loadu_ps(bp.add(ci * NR));
+            let b1 = _mm256_loadu_ps(bp.add(ci * NR + 8));
+            for m in 0..M {
+                if (skip_first && m == 0) || (skip_last && m == M - 1) {
+                    continue;
                 }
+                let av = _mm256_broadcast_ss(&*ap.add(m * cin + ci));
+                acc0[m] = _mm256_fmadd_ps(av, b0, acc0[m]);
+                acc1[m] = _mm256_fmadd_ps(av, b1, acc1[m]);
             }
         }
+    }
+    for ky in k.ky0..k.ky1 {
+        let row = a.offset((ky as isize - 1) * k.row_stride as isize);
+        let bp = b.add(ky * 3 * cin * NR);
+        // kx = 0 reads column x − 1; pointer arithmetic only (the skipped pixel is never read).
+        tap::<M>(row.wrapping_sub(cin), bp, cin, LEFT, false, &mut acc0, &mut acc1);
+        tap::<M>(row, bp.add(cin * NR), cin, false, false, &mut acc0, &mut acc1);
+        tap::<M>(row.wrapping_add(cin), bp.add(2 * cin * NR), cin, false, RIGHT, &mut acc0, &mut acc1);
     }
     for m in 0..M {
         _mm256_storeu_ps(c.add(m * cstride), acc0[m]);
@@ -138,6 +173,6 @@ unsafe fn tile<const M: usize>(a: *const f32, row_stride: usize, cin: usize, b: 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile<const M: usize>(_: *const f32, _: usize, _: usize, _: *const f32, _: *mut f32, _: usize) {
+unsafe fn tile<const M: usize, const LEFT: bool, const RIGHT: bool>(_: *const f32, _: Taps, _: *const f32, _: *mut f32, _: usize) {
     unreachable!("conv3x3 direct kernel needs x86-64")
 }
