@@ -202,7 +202,12 @@ pub fn conv_backward(
             }
         }
         3 if conv3x3::available() && i % 16 == 0 => {
-            conv3x3_weight_grad(x, n, h, w, i, dy, o, d_eff);
+            if o % 16 == 0 {
+                let _prof = crate::profile::scope("conv3x3.bwd_w.direct");
+                conv3x3::conv3x3_weight_grad(x, n, h, w, i, dy, o, d_eff);
+            } else {
+                conv3x3_weight_grad(x, n, h, w, i, dy, o, d_eff);
+            }
             if let Some(dx) = dx {
                 let packed = conv3x3::pack_backward(&eff.w, o, i);
                 let _prof = crate::profile::scope("conv3x3.bwd_x.direct");

@@ -176,3 +176,132 @@ unsafe fn tile<const M: usize, const LEFT: bool, const RIGHT: bool>(a: *const f3
 unsafe fn tile<const M: usize, const LEFT: bool, const RIGHT: bool>(_: *const f32, _: Taps, _: *const f32, _: *mut f32, _: usize) {
     unreachable!("conv3x3 direct kernel needs x86-64")
 }
+
+/// Weight gradient without im2col: `d_eff[o, tap, ci] = Σ_p dy[p, o] · x[p + tap, ci]`
+/// (OHWI, overwritten). Register tiles of 6 input channels × 16 output channels with the
+/// pixels as the reduction; the pixels run in chunks of a few image rows that stay in
+/// L2 while every tile of a thread passes over them. Tiles are split between the threads
+/// in fixed contiguous groups and each tile reduces its chunks in order, so the result
+/// does not depend on scheduling (nor on the thread count). Requires `cout % 16 == 0`.
+pub fn conv3x3_weight_grad(x: &[f32], n: usize, h: usize, w: usize, cin: usize, dy: &[f32], cout: usize, d_eff: &mut [f32]) {
+    assert!(available() && cout % NR == 0);
+    assert_eq!(x.len(), n * h * w * cin);
+    assert_eq!(dy.len(), n * h * w * cout);
+    assert_eq!(d_eff.len(), 9 * cin * cout);
+    let cblocks = cin.div_ceil(MR);
+    // Tiles ordered (o-block, tap, ci-block); each has an MR x 16 accumulator.
+    let ntiles = (cout / NR) * 9 * cblocks;
+    let threads = rayon::current_num_threads().max(1).min(ntiles);
+    let mut acc = vec![0.0f32; ntiles * MR * NR];
+    let per = ntiles.div_ceil(threads);
+    // Rows per chunk: about 128 pixels.
+    let rows_per_chunk = (128 / w).max(1);
+    acc.par_chunks_mut(per * MR * NR).enumerate().for_each(|(g, accg)| {
+        let t0 = g * per;
+        let rows = n * h;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + rows_per_chunk).min(rows);
+            for (i, tacc) in accg.chunks_mut(MR * NR).enumerate() {
+                let t = t0 + i;
+                let (ob, rest) = (t / (9 * cblocks), t % (9 * cblocks));
+                let (tap, cb) = (rest / cblocks, rest % cblocks);
+                let (ky, kx) = (tap / 3, tap % 3);
+                let ci0 = cb * MR;
+                let m = (cin - ci0).min(MR);
+                let (xlo, xhi) = (if kx == 0 { 1 } else { 0 }, if kx == 2 { w - 1 } else { w });
+                if xlo >= xhi {
+                    continue;
+                }
+                let geo = DwRows { r0, r1, h, w, ky, kx, xlo, xhi, cin, cout, ci0, o0: ob * NR };
+                // SAFETY: AVX2/FMA checked by `available()`; `dw_run` reads, for each
+                // chunk row whose source row is inside the image, pixels xlo..xhi of dy
+                // (16 channels from o0) and the matching source pixels of x (channels
+                // ci0..ci0+m), all inside the slices.
+                unsafe {
+                    let (xp, dp, ap) = (x.as_ptr(), dy.as_ptr(), tacc.as_mut_ptr());
+                    match m {
+                        6 => dw_run::<6>(xp, dp, &geo, ap),
+                        5 => dw_run::<5>(xp, dp, &geo, ap),
+                        4 => dw_run::<4>(xp, dp, &geo, ap),
+                        3 => dw_run::<3>(xp, dp, &geo, ap),
+                        2 => dw_run::<2>(xp, dp, &geo, ap),
+                        _ => dw_run::<1>(xp, dp, &geo, ap),
+                    }
+                }
+            }
+            r0 = r1;
+        }
+    });
+    // Scatter the tiles into OHWI.
+    for t in 0..ntiles {
+        let (ob, rest) = (t / (9 * cblocks), t % (9 * cblocks));
+        let (tap, cb) = (rest / cblocks, rest % cblocks);
+        let ci0 = cb * MR;
+        for mi in 0..(cin - ci0).min(MR) {
+            for j in 0..NR {
+                d_eff[((ob * NR + j) * 9 + tap) * cin + ci0 + mi] = acc[(t * MR + mi) * NR + j];
+            }
+        }
+    }
+}
+
+/// Which pixels a weight-gradient tile reduces over in one chunk.
+struct DwRows {
+    r0: usize,
+    r1: usize,
+    h: usize,
+    w: usize,
+    ky: usize,
+    kx: usize,
+    xlo: usize,
+    xhi: usize,
+    cin: usize,
+    cout: usize,
+    ci0: usize,
+    o0: usize,
+}
+
+/// Accumulates the chunk's pixels into an M x 16 tile stored at `acc` (`[M][16]`),
+/// keeping the tile in registers over all rows of the chunk.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_run<const M: usize>(x: *const f32, dy: *const f32, g: &DwRows, acc: *mut f32) {
+    use std::arch::x86_64::*;
+    let (cin, cout) = (g.cin, g.cout);
+    let mut a0 = [_mm256_setzero_ps(); M];
+    let mut a1 = [_mm256_setzero_ps(); M];
+    for m in 0..M {
+        a0[m] = _mm256_loadu_ps(acc.add(m * NR));
+        a1[m] = _mm256_loadu_ps(acc.add(m * NR + 8));
+    }
+    let len = g.xhi - g.xlo;
+    for r in g.r0..g.r1 {
+        let (b, yy) = (r / g.h, r % g.h);
+        let sy = yy as isize + g.ky as isize - 1;
+        if sy < 0 || sy >= g.h as isize {
+            continue;
+        }
+        // Output pixel xx reads source pixel (sy, xx + kx − 1).
+        let xp = x.add(((b * g.h + sy as usize) * g.w + g.xlo + g.kx - 1) * cin + g.ci0);
+        let dp = dy.add((r * g.w + g.xlo) * cout + g.o0);
+        for p in 0..len {
+            let g0 = _mm256_loadu_ps(dp.add(p * cout));
+            let g1 = _mm256_loadu_ps(dp.add(p * cout + 8));
+            for m in 0..M {
+                let xv = _mm256_broadcast_ss(&*xp.add(p * cin + m));
+                a0[m] = _mm256_fmadd_ps(xv, g0, a0[m]);
+                a1[m] = _mm256_fmadd_ps(xv, g1, a1[m]);
+            }
+        }
+    }
+    for m in 0..M {
+        _mm256_storeu_ps(acc.add(m * NR), a0[m]);
+        _mm256_storeu_ps(acc.add(m * NR + 8), a1[m]);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dw_run<const M: usize>(_: *const f32, _: *const f32, _: &DwRows, _: *mut f32) {
+    unreachable!("conv3x3 direct kernel needs x86-64")
+}
