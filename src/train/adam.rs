@@ -2,6 +2,7 @@
 //! decay), with non-finite gradient entries zeroed first (DESIGN.md §2).
 
 use crate::nn::params::{ParamKind, ParamSpec, Params};
+use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
 pub struct Adam {
@@ -48,12 +49,24 @@ impl Adam {
                 continue;
             }
             let (p, g, m, v) = (&mut params.values[i], &grads.values[i], &mut self.m.values[i], &mut self.v.values[i]);
-            for j in 0..p.len() {
-                m[j] = b1 * m[j] + (1.0 - b1) * g[j];
-                v[j] = b2 * v[j] + (1.0 - b2) * g[j] * g[j];
-                let denom = v[j].sqrt() / bc2_sqrt + eps;
-                p[j] -= step_size * m[j] / denom;
-            }
+            p.par_chunks_mut(1 << 14)
+                .zip(g.par_chunks(1 << 14))
+                .zip(m.par_chunks_mut(1 << 14))
+                .zip(v.par_chunks_mut(1 << 14))
+                .for_each(|(((p, g), m), v)| adam_kernel(p, g, m, v, [b1, b2, bc2_sqrt, eps, step_size]));
+        }
+    }
+}
+
+crate::multiversion! {
+    /// The elementwise Adam update on one slice; `c` = [β1, β2, sqrt(1−β2ᵗ), ε, lr/(1−β1ᵗ)].
+    fn adam_kernel(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: [f32; 5]) {
+        let [b1, b2, bc2_sqrt, eps, step_size] = c;
+        for j in 0..p.len() {
+            m[j] = b1 * m[j] + (1.0 - b1) * g[j];
+            v[j] = b2 * v[j] + (1.0 - b2) * g[j] * g[j];
+            let denom = v[j].sqrt() / bc2_sqrt + eps;
+            p[j] -= step_size * m[j] / denom;
         }
     }
 }

@@ -34,14 +34,6 @@ impl EffWeight {
     }
 }
 
-/// OIHW index → OHWI index within one output row.
-#[inline]
-fn oihw_to_ohwi(j: usize, in_ch: usize, kk: usize) -> usize {
-    // j = ci * kk + tap  →  tap * in_ch + ci
-    let (ci, tap) = (j / kk, j % kk);
-    tap * in_ch + ci
-}
-
 /// Effective weight from the stored parameter `w` (`[O, I, k, k]` or `[O, I]`).
 pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: f32) -> EffWeight {
     let _prof = crate::profile::scope("weight_norm");
@@ -54,9 +46,11 @@ pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: 
     eff.par_chunks_mut(fan).zip(denom.par_iter_mut()).enumerate().for_each(|(o, (row, d))| {
         let src = &w[o * fan..(o + 1) * fan];
         *d = norm_denom(src);
-        for (j, &v) in src.iter().enumerate() {
-            // Same operation order as the official code: normalize, then scale.
-            row[oihw_to_ohwi(j, in_ch, kk)] = (v / *d) * scale_g;
+        for ci in 0..in_ch {
+            for tap in 0..kk {
+                // Same operation order as the official code: normalize, then scale.
+                row[tap * in_ch + ci] = (src[ci * kk + tap] / *d) * scale_g;
+            }
         }
     });
     let packed = (k == 3 && super::conv3x3::available() && out_ch % 16 == 0)
@@ -77,14 +71,16 @@ pub fn effective_weight_backward(w: &[f32], eff: &EffWeight, d_eff: &[f32], dw: 
     dw.par_chunks_mut(fan).zip(row_dgain.par_iter_mut()).enumerate().for_each(|(o, (dwr, dg))| {
         let src = &w[o * fan..(o + 1) * fan];
         let d = eff.denom[o];
-        let mut dn = vec![0.0f32; fan];
-        let mut acc = 0.0f64;
-        for j in 0..fan {
-            let g = d_eff[o * fan + oihw_to_ohwi(j, eff.in_ch, kk)];
-            dn[j] = g * scale_g;
-            acc += (g as f64) * ((src[j] / d) as f64);
+        // d_eff row back to OIHW order.
+        let mut g_oihw = vec![0.0f32; fan];
+        let drow = &d_eff[o * fan..(o + 1) * fan];
+        for ci in 0..eff.in_ch {
+            for tap in 0..kk {
+                g_oihw[ci * kk + tap] = drow[tap * eff.in_ch + ci];
+            }
         }
-        *dg = acc * inv_sqrt_fan as f64;
+        let dn: Vec<f32> = g_oihw.iter().map(|g| g * scale_g).collect();
+        *dg = super::ops::dot_f64(&g_oihw, src) / d as f64 * inv_sqrt_fan as f64;
         normalize_row_backward(src, d, &dn, dwr);
     });
     row_dgain.iter().sum::<f64>() as f32

@@ -55,9 +55,28 @@ fn sigmoid(x: f32) -> f32 {
 /// f64 (the official code accumulates in f32; f64 is closer to the exact value).
 #[inline]
 pub fn norm_denom(x: &[f32]) -> f32 {
-    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let ss = dot_f64(x, x);
     let rms = (ss.sqrt() * (1.0 / x.len() as f64).sqrt()) as f32;
     NORM_EPS + rms
+}
+
+crate::multiversion! {
+    /// `Σ a·b` accumulated in f64 over 4 interleaved lanes combined in a fixed order
+    /// (vectorizes; the same bits on every run).
+    pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+        let mut acc = [0.0f64; 4];
+        let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for j in 0..4 {
+                acc[j] += x[j] as f64 * y[j] as f64;
+            }
+        }
+        for (j, (x, y)) in ra.iter().zip(rb).enumerate() {
+            acc[j] += *x as f64 * *y as f64;
+        }
+        (acc[0] + acc[1]) + (acc[2] + acc[3])
+    }
 }
 
 /// Backward of `y = x / (eps + ||x||/sqrt(K))` for one row, given `d` = the denominator:
@@ -66,8 +85,8 @@ pub fn norm_denom(x: &[f32]) -> f32 {
 #[inline]
 pub fn normalize_row_backward(x: &[f32], d: f32, dy: &[f32], dx: &mut [f32]) {
     let k = x.len() as f64;
-    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-    let dot: f64 = x.iter().zip(dy).map(|(&a, &b)| a as f64 * b as f64).sum();
+    let ss = dot_f64(x, x);
+    let dot = dot_f64(x, dy);
     let norm = ss.sqrt();
     let coef = if norm > 0.0 { (dot / ((d as f64) * (d as f64) * k.sqrt() * norm)) as f32 } else { 0.0 };
     let inv = 1.0 / d;
