@@ -52,14 +52,21 @@ pub fn attention_forward(qkv: &[f32], n: usize, p: usize, c: usize, heads: usize
         .enumerate()
         .for_each(|(idx, ((((qh, kh), vh), wh), yhh))| {
             let (b, head) = (idx / heads, idx % heads);
+            let _g = crate::profile::scope("attention.gather");
             gather_normalized(qkv, b, p, c, ch, head, 0, qh);
             gather_normalized(qkv, b, p, c, ch, head, 1, kh);
             gather_normalized(qkv, b, p, c, ch, head, 2, vh);
+            drop(_g);
             // logits[i, j] = Σ_c q[i, c] k[j, c]
+            let _g = crate::profile::scope("attention.qk");
             sgemm(p, p, ch, MatRef::rm(qh, ch), MatRef::rm_t(kh, ch), wh, false, false);
+            drop(_g);
+            let _g = crate::profile::scope("attention.softmax");
             for row in wh.chunks_mut(p) {
                 softmax_row(row, scale);
             }
+            drop(_g);
+            let _g = crate::profile::scope("attention.pv");
             sgemm(p, ch, p, MatRef::rm(wh, p), MatRef::rm(vh, ch), yhh, false, false);
         });
     // Re-join heads: y[b, i, head·Ch + c].
@@ -145,11 +152,18 @@ pub fn attention_backward(
 crate::multiversion! {
     /// In place: `row ← softmax(row · scale)`. The max and the sum run over 8 interleaved
     /// partial lanes combined in a fixed order (vectorizable, deterministic).
-    fn softmax_row(row: &mut [f32], scale: f32) {
+    pub fn softmax_row(row: &mut [f32], scale: f32) {
         let mut mx = [f32::NEG_INFINITY; 8];
-        for (i, l) in row.iter_mut().enumerate() {
+        let mut chunks = row.chunks_exact_mut(8);
+        for ch in &mut chunks {
+            for j in 0..8 {
+                ch[j] *= scale;
+                mx[j] = mx[j].max(ch[j]);
+            }
+        }
+        for (j, l) in chunks.into_remainder().iter_mut().enumerate() {
             *l *= scale;
-            mx[i % 8] = mx[i % 8].max(*l);
+            mx[j] = mx[j].max(*l);
         }
         let m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sums = [0.0f32; 8];

@@ -26,14 +26,17 @@ pub fn fast_exp(x: f32) -> f32 {
     // Round-to-nearest via the 1.5·2^23 trick (vectorizes, unlike f32::round).
     const SHIFTER: f32 = 12_582_912.0;
     let xc = x.clamp(-87.336_54, 88.722_83);
-    let k = (xc * LOG2E + SHIFTER) - SHIFTER;
+    let t = xc * LOG2E + SHIFTER;
+    // k as an integer from the bits of t (t = 1.5·2^23 + k exactly), not `as i32`,
+    // whose saturating semantics compile to scalar code.
+    let ki = (t.to_bits() as i32) - 0x4B40_0000;
+    let k = t - SHIFTER;
     let r = xc - k * LN2_HI - k * LN2_LO;
     let r2 = r * r;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
         + 0.5;
     let er = p * r2 + r + 1.0;
     // 2^k as two factors so that k = 128 (and the smallest k) stay representable.
-    let ki = k as i32;
     let k1 = ki >> 1;
     let s1 = f32::from_bits(((k1 + 127) as u32) << 23);
     let s2 = f32::from_bits(((ki - k1 + 127) as u32) << 23);
