@@ -8,7 +8,7 @@
 //!   `[9·I, O]`. 1x1 and linear: one GEMM directly on the input.
 //! * Backward: `dX = dY · W` (col2im as a gather, no atomics), `dW = dYᵀ · patches`.
 
-use super::conv3x3;
+use super::{conv3x3, gemm16};
 use super::gemm::{sgemm, MatRef};
 use super::ops::{norm_denom, normalize_row_backward};
 use rayon::prelude::*;
@@ -156,6 +156,11 @@ pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y:
     let pixels = n * h * w;
     let (o, i) = (eff.out_ch, eff.in_ch);
     match eff.k {
+        1 if gemm16::usable(o) => {
+            let _prof = crate::profile::scope("conv1x1.gemm16");
+            let bp = gemm16::pack_b_t(&eff.w, i, o);
+            gemm16::gemm16(pixels, o, i, x, i, &bp, y, o, true);
+        }
         0 | 1 => {
             let _prof = crate::profile::scope(if eff.k == 0 { "linear.gemm" } else { "conv1x1.gemm" });
             sgemm(pixels, o, i, MatRef::rm(x, i), MatRef::rm_t(&eff.w, i), y, false, true)
@@ -189,6 +194,22 @@ pub fn conv_backward(
     let pixels = n * h * w;
     let (o, i) = (eff.out_ch, eff.in_ch);
     match eff.k {
+        1 if gemm16::usable(o) => {
+            {
+                let _prof = crate::profile::scope("conv1x1.bwd_w.direct");
+                conv3x3::conv_weight_grad(1, x, n, h, w, i, dy, o, d_eff);
+            }
+            if let Some(dx) = dx {
+                if gemm16::usable(i) {
+                    let _prof = crate::profile::scope("conv1x1.bwd_x.gemm16");
+                    let bp = gemm16::pack_b_rm(&eff.w, o, i);
+                    gemm16::gemm16(pixels, i, o, dy, o, &bp, dx, i, true);
+                } else {
+                    let _prof = crate::profile::scope("conv1x1.bwd_x.gemm");
+                    sgemm(pixels, i, o, MatRef::rm(dy, o), MatRef::rm(&eff.w, i), dx, false, true);
+                }
+            }
+        }
         0 | 1 => {
             let _prof = crate::profile::scope(if eff.k == 0 { "linear.bwd.gemm" } else { "conv1x1.bwd.gemm" });
             // dW[o, i] = Σ_p dY[p, o] X[p, i]
@@ -200,7 +221,7 @@ pub fn conv_backward(
         3 if conv3x3::available() && i % 16 == 0 => {
             if o % 16 == 0 {
                 let _prof = crate::profile::scope("conv3x3.bwd_w.direct");
-                conv3x3::conv3x3_weight_grad(x, n, h, w, i, dy, o, d_eff);
+                conv3x3::conv_weight_grad(3, x, n, h, w, i, dy, o, d_eff);
             } else {
                 conv3x3_weight_grad(x, n, h, w, i, dy, o, d_eff);
             }

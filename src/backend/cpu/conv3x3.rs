@@ -177,20 +177,23 @@ unsafe fn tile<const M: usize, const LEFT: bool, const RIGHT: bool>(_: *const f3
     unreachable!("conv3x3 direct kernel needs x86-64")
 }
 
-/// Weight gradient without im2col: `d_eff[o, tap, ci] = Σ_p dy[p, o] · x[p + tap, ci]`
-/// (OHWI, overwritten). Register tiles of 6 input channels × 16 output channels with the
+/// Weight gradient without im2col of a 'same' k×k convolution (k = 3, or 1 for 1x1
+/// convolutions and — with h = w = 1 — linear layers):
+/// `d_eff[o, tap, ci] = Σ_p dy[p, o] · x[p + tap, ci]` (OHWI, overwritten). Register tiles of 6 input channels × 16 output channels with the
 /// pixels as the reduction; the pixels run in chunks of a few image rows that stay in
 /// L2 while every tile of a thread passes over them. Tiles are split between the threads
 /// in fixed contiguous groups and each tile reduces its chunks in order, so the result
 /// does not depend on scheduling (nor on the thread count). Requires `cout % 16 == 0`.
-pub fn conv3x3_weight_grad(x: &[f32], n: usize, h: usize, w: usize, cin: usize, dy: &[f32], cout: usize, d_eff: &mut [f32]) {
-    assert!(available() && cout % NR == 0);
+#[allow(clippy::too_many_arguments)]
+pub fn conv_weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: usize, dy: &[f32], cout: usize, d_eff: &mut [f32]) {
+    assert!(available() && cout % NR == 0 && (k == 1 || k == 3));
+    let taps = k * k;
     assert_eq!(x.len(), n * h * w * cin);
     assert_eq!(dy.len(), n * h * w * cout);
-    assert_eq!(d_eff.len(), 9 * cin * cout);
+    assert_eq!(d_eff.len(), taps * cin * cout);
     let cblocks = cin.div_ceil(MR);
     // Tiles ordered (o-block, tap, ci-block); each has an MR x 16 accumulator.
-    let ntiles = (cout / NR) * 9 * cblocks;
+    let ntiles = (cout / NR) * taps * cblocks;
     let threads = rayon::current_num_threads().max(1).min(ntiles);
     let mut acc = vec![0.0f32; ntiles * MR * NR];
     let per = ntiles.div_ceil(threads);
@@ -204,9 +207,10 @@ pub fn conv3x3_weight_grad(x: &[f32], n: usize, h: usize, w: usize, cin: usize, 
             let r1 = (r0 + rows_per_chunk).min(rows);
             for (i, tacc) in accg.chunks_mut(MR * NR).enumerate() {
                 let t = t0 + i;
-                let (ob, rest) = (t / (9 * cblocks), t % (9 * cblocks));
+                let (ob, rest) = (t / (taps * cblocks), t % (taps * cblocks));
                 let (tap, cb) = (rest / cblocks, rest % cblocks);
-                let (ky, kx) = (tap / 3, tap % 3);
+                // A 1x1 convolution is the centre tap alone.
+                let (ky, kx) = if k == 3 { (tap / 3, tap % 3) } else { (1, 1) };
                 let ci0 = cb * MR;
                 let m = (cin - ci0).min(MR);
                 let (xlo, xhi) = (if kx == 0 { 1 } else { 0 }, if kx == 2 { w - 1 } else { w });
@@ -235,12 +239,12 @@ pub fn conv3x3_weight_grad(x: &[f32], n: usize, h: usize, w: usize, cin: usize, 
     });
     // Scatter the tiles into OHWI.
     for t in 0..ntiles {
-        let (ob, rest) = (t / (9 * cblocks), t % (9 * cblocks));
+        let (ob, rest) = (t / (taps * cblocks), t % (taps * cblocks));
         let (tap, cb) = (rest / cblocks, rest % cblocks);
         let ci0 = cb * MR;
         for mi in 0..(cin - ci0).min(MR) {
             for j in 0..NR {
-                d_eff[((ob * NR + j) * 9 + tap) * cin + ci0 + mi] = acc[(t * MR + mi) * NR + j];
+                d_eff[((ob * NR + j) * taps + tap) * cin + ci0 + mi] = acc[(t * MR + mi) * NR + j];
             }
         }
     }

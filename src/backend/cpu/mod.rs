@@ -6,6 +6,7 @@ pub mod attention;
 pub mod conv;
 pub mod conv3x3;
 pub mod gemm;
+pub mod gemm16;
 #[macro_use]
 pub mod simd;
 pub mod ops;

@@ -1,0 +1,119 @@
+//! A GEMM for the shapes this network has: `C[M×N] = A[M×K] · B[K×N]` with `N % 16 == 0`
+//! and small K/N (1x1 convolutions, attention), on the same 6x16 AVX2/FMA register tile
+//! as the direct 3x3 kernel. `A` is row-major with row stride `lda`; `B` is packed once
+//! per call into 16-column panels `[N/16][K][16]` (contiguous streaming, one 64-byte line
+//! per k). Rows run in blocks of 6 (remainder blocks 1–5 are compile-time variants).
+//!
+//! Why not the `gemm` crate here: on these shapes (N = 64–384, K = 64–256) it packs A
+//! on every call and reaches ~80 GFLOP/s on 2 Zen 2 cores; this tile needs no A packing
+//! (each broadcast A element is used 16 times from L1) — measured in docs/perf.md.
+//! Deterministic: one accumulation chain per output element, fixed order.
+
+use super::simd::avx2_fma;
+use rayon::prelude::*;
+
+const NR: usize = 16;
+const MR: usize = 6;
+
+/// Whether [`gemm16`] can run: AVX2+FMA present and `n % 16 == 0`.
+pub fn usable(n: usize) -> bool {
+    avx2_fma() && n % NR == 0 && n > 0
+}
+
+/// Packs `B[K×N]` given elementwise into `[N/16][K][16]`.
+pub fn pack_b(k: usize, n: usize, get: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    let mut p = vec![0.0f32; k * n];
+    for nb in 0..n / NR {
+        for kk in 0..k {
+            for j in 0..NR {
+                p[(nb * k + kk) * NR + j] = get(kk, nb * NR + j);
+            }
+        }
+    }
+    p
+}
+
+/// Packs a row-major `B[K×N]` (leading dimension `n`).
+pub fn pack_b_rm(b: &[f32], k: usize, n: usize) -> Vec<f32> {
+    pack_b(k, n, |kk, j| b[kk * n + j])
+}
+
+/// Packs `Bᵀ` of a row-major `[N×K]` buffer, i.e. `B[kk][j] = bt[j·K + kk]`.
+pub fn pack_b_t(bt: &[f32], k: usize, n: usize) -> Vec<f32> {
+    pack_b(k, n, |kk, j| bt[j * k + kk])
+}
+
+/// `C (row stride ldc) = A (row stride lda) · B` with `B` from [`pack_b`]. `parallel`:
+/// split rows across the rayon pool (false inside an already parallel loop).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c: &mut [f32], ldc: usize, parallel: bool) {
+    assert!(usable(n) && lda >= k && ldc >= n && bp.len() == k * n);
+    if m == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + k && c.len() >= (m - 1) * ldc + n);
+    // Row blocks of 96 (16 tiles of 6) per task.
+    let rows_per_task = 96;
+    let body = |(t, cc): (usize, &mut [f32])| {
+        let r0 = t * rows_per_task;
+        let r1 = (r0 + rows_per_task).min(m);
+        // Row tiles outer, column panels inner: the 6×K slice of A stays in L1 while
+        // the packed B panels stream from L2.
+        let mut r = r0;
+        while r < r1 {
+            let mm = (r1 - r).min(MR);
+            let ap = a[r * lda..].as_ptr();
+            for nb in 0..n / NR {
+                let b = &bp[nb * k * NR..(nb + 1) * k * NR];
+                let cp = cc[(r - r0) * ldc + nb * NR..].as_mut_ptr();
+                // SAFETY: AVX2/FMA present (`usable`); reads rows r..r+mm of A (k
+                // elements each, inside `a` by the assert above) and the k×16 panel,
+                // writes rows r..r+mm, columns nb·16..nb·16+16 of this task's C rows.
+                unsafe {
+                    match mm {
+                        6 => kern::<6>(ap, lda, k, b.as_ptr(), cp, ldc),
+                        5 => kern::<5>(ap, lda, k, b.as_ptr(), cp, ldc),
+                        4 => kern::<4>(ap, lda, k, b.as_ptr(), cp, ldc),
+                        3 => kern::<3>(ap, lda, k, b.as_ptr(), cp, ldc),
+                        2 => kern::<2>(ap, lda, k, b.as_ptr(), cp, ldc),
+                        _ => kern::<1>(ap, lda, k, b.as_ptr(), cp, ldc),
+                    }
+                }
+            }
+            r += mm;
+        }
+    };
+    // Each task owns `rows_per_task` rows of C (the last one possibly fewer).
+    let c = &mut c[..(m - 1) * ldc + n];
+    if parallel {
+        c.par_chunks_mut(rows_per_task * ldc).enumerate().for_each(body);
+    } else {
+        c.chunks_mut(rows_per_task * ldc).enumerate().for_each(body);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kern<const M: usize>(a: *const f32, lda: usize, k: usize, b: *const f32, c: *mut f32, ldc: usize) {
+    use std::arch::x86_64::*;
+    let mut acc0 = [_mm256_setzero_ps(); M];
+    let mut acc1 = [_mm256_setzero_ps(); M];
+    for kk in 0..k {
+        let b0 = _mm256_loadu_ps(b.add(kk * NR));
+        let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
+        for m in 0..M {
+            let av = _mm256_broadcast_ss(&*a.add(m * lda + kk));
+            acc0[m] = _mm256_fmadd_ps(av, b0, acc0[m]);
+            acc1[m] = _mm256_fmadd_ps(av, b1, acc1[m]);
+        }
+    }
+    for m in 0..M {
+        _mm256_storeu_ps(c.add(m * ldc), acc0[m]);
+        _mm256_storeu_ps(c.add(m * ldc + 8), acc1[m]);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kern<const M: usize>(_: *const f32, _: usize, _: usize, _: *const f32, _: *mut f32, _: usize) {
+    unreachable!("gemm16 needs x86-64")
+}
