@@ -144,8 +144,8 @@ pub struct BlockOpts {
 /// What [`Block::backward`] needs from the forward.
 pub struct BlockCache {
     x_in_shape: Vec<usize>,
-    /// Input of conv_skip (enc: after resampling; dec: the main input).
-    x_res: Tensor,
+    /// enc with conv_skip: its input (after resampling).
+    x_res: Option<Tensor>,
     /// enc: conv_skip output (pixel-norm input) if any; else the resampled input.
     pn_in: Option<Tensor>,
     /// Input of mp_silu before conv_res0 (= the main path x).
@@ -155,7 +155,8 @@ pub struct BlockCache {
     s: Vec<f32>,
     pre: Tensor,
     y1: Tensor,
-    x2: Tensor,
+    /// Input of the attention (kept only when the block has attention).
+    x2: Option<Tensor>,
     qkv: Option<Tensor>,
     attn: Option<attention::AttnCache>,
     ya: Option<Tensor>,
@@ -241,17 +242,18 @@ impl Block {
             }
         };
         let eff_skip = self.conv_skip.as_ref().map(|m| m.effective(p, 1.0));
-        // 2. encoder: conv_skip then pixel norm
-        let (x_main, pn_in) = if self.flavor == Flavor::Enc {
-            let pn_in = match (&self.conv_skip, &eff_skip) {
-                (Some(m), Some(e)) => m.forward(e, &xr),
-                _ => xr.clone(),
+        // 2. encoder: conv_skip then pixel norm. No activation is copied: each tensor is
+        // either consumed or kept for the backward.
+        let (x_main, pn_in, x_res) = if self.flavor == Flavor::Enc {
+            let (pn_in, x_res) = match (&self.conv_skip, &eff_skip) {
+                (Some(m), Some(e)) => (m.forward(e, &xr), Some(xr)),
+                _ => (xr, None),
             };
             let mut xm = Tensor::zeros(&pn_in.shape);
             ops::normalize_rows(&pn_in.data, self.out_ch, &mut xm.data);
-            (xm, Some(pn_in))
+            (xm, Some(pn_in), x_res)
         } else {
-            (xr.clone(), None)
+            (xr, None, None)
         };
         // 3. residual branch
         let mut a0 = Tensor::zeros(&x_main.shape);
@@ -261,29 +263,27 @@ impl Block {
         let eff_emb = self.emb_linear.effective(p, p.scalar(self.emb_gain));
         let mut s = self.emb_linear.forward(&eff_emb, emb).data;
         s.iter_mut().for_each(|v| *v += 1.0);
-        let (hn, hh, hw) = spatial(&h0);
+        let (_, hh, hw) = spatial(&h0);
         let mut pre = Tensor::zeros(&h0.shape);
         let mut y1 = Tensor::zeros(&h0.shape);
         ops::modulate_silu(&h0.data, &s, self.out_ch, hh * hw, &mut pre.data, &mut y1.data);
-        let _ = hn;
         if mode.train && self.dropout > 0.0 {
             ops::dropout_inplace(&mut y1.data, self.dropout, self.dropout_seed(mode));
         }
         let eff1 = self.conv_res1.effective(p, 1.0);
-        let h1 = self.conv_res1.forward(&eff1, &y1);
-        // 4. decoder: conv_skip on the main path
-        let mut x2 = if self.flavor == Flavor::Dec {
-            match (&self.conv_skip, &eff_skip) {
-                (Some(m), Some(e)) => m.forward(e, &x_main),
-                _ => x_main.clone(),
+        let mut x2 = self.conv_res1.forward(&eff1, &y1);
+        // 4–5. x = mp_sum(skip(x), y, res_balance), computed into y's buffer (y itself is
+        // not needed by the backward).
+        let (wa, wb) = ops::mp_sum_coefs(self.res_balance);
+        match (self.flavor, &self.conv_skip, &eff_skip) {
+            (Flavor::Dec, Some(m), Some(e)) => {
+                let xs = m.forward(e, &x_main);
+                ops::axpby(&mut x2.data, &xs.data, wb, wa);
             }
-        } else {
-            x_main.clone()
-        };
-        // 5. x = mp_sum(x, y, res_balance)
-        ops::mp_sum_inplace(&mut x2.data, &h1.data, self.res_balance);
-        // 6. attention
-        let (mut x3, qkv, attn, ya, eff_qkv, eff_proj) = if self.num_heads > 0 {
+            _ => ops::axpby(&mut x2.data, &x_main.data, wb, wa),
+        }
+        // 6. attention, its mp_sum computed into the projection's buffer.
+        let (mut x3, x2, qkv, attn, ya, eff_qkv, eff_proj) = if self.num_heads > 0 {
             let (mq, mp) = (self.attn_qkv.as_ref().unwrap(), self.attn_proj.as_ref().unwrap());
             let eq = mq.effective(p, 1.0);
             let qkv = mq.forward(&eq, &x2);
@@ -291,12 +291,12 @@ impl Block {
             let mut ya = Tensor::zeros(&x2.shape);
             let cache = attention::attention_forward(&qkv.data, an, ah * aw, self.out_ch, self.num_heads, &mut ya.data);
             let ep = mp.effective(p, 1.0);
-            let yp = mp.forward(&ep, &ya);
-            let mut x3 = x2.clone();
-            ops::mp_sum_inplace(&mut x3.data, &yp.data, self.attn_balance);
-            (x3, Some(qkv), Some(cache), Some(ya), Some(eq), Some(ep))
+            let mut x3 = mp.forward(&ep, &ya);
+            let (wa, wb) = ops::mp_sum_coefs(self.attn_balance);
+            ops::axpby(&mut x3.data, &x2.data, wb, wa);
+            (x3, Some(x2), Some(qkv), Some(cache), Some(ya), Some(eq), Some(ep))
         } else {
-            (x2.clone(), None, None, None, None, None)
+            (x2, None, None, None, None, None, None)
         };
         // 7. clip
         let clipped = match self.clip_act {
@@ -310,7 +310,7 @@ impl Block {
         };
         let cache = mode.record.then(|| BlockCache {
             x_in_shape,
-            x_res: xr,
+            x_res,
             pn_in,
             x_main,
             a0,
@@ -360,7 +360,8 @@ impl Block {
             let (dya, _) = mp.backward(p, c.effs.proj.as_ref().unwrap(), ya, &dyp, true, grads);
             let dya = dya.unwrap();
             let qkv = c.qkv.as_ref().unwrap();
-            let (an, ah, aw) = spatial(&c.x2);
+            let x2 = c.x2.as_ref().unwrap();
+            let (an, ah, aw) = spatial(x2);
             let mut dqkv = Tensor::zeros(&qkv.shape);
             attention::attention_backward(
                 &qkv.data,
@@ -372,7 +373,7 @@ impl Block {
                 self.num_heads,
                 &mut dqkv.data,
             );
-            let (dxq, _) = mq.backward(p, c.effs.qkv.as_ref().unwrap(), &c.x2, &dqkv, true, grads);
+            let (dxq, _) = mq.backward(p, c.effs.qkv.as_ref().unwrap(), x2, &dqkv, true, grads);
             for (a, b) in dx2.data.iter_mut().zip(&dxq.unwrap().data) {
                 *a += b;
             }
@@ -418,7 +419,7 @@ impl Block {
             let mut dpn = Tensor::zeros(&pn_in.shape);
             ops::normalize_rows_backward(&pn_in.data, self.out_ch, &dx_main.data, &mut dpn.data);
             match &self.conv_skip {
-                Some(m) => m.backward(p, c.effs.skip.as_ref().unwrap(), &c.x_res, &dpn, true, grads).0.unwrap(),
+                Some(m) => m.backward(p, c.effs.skip.as_ref().unwrap(), c.x_res.as_ref().unwrap(), &dpn, true, grads).0.unwrap(),
                 None => dpn,
             }
         } else {

@@ -390,6 +390,12 @@ pub fn dropout_inplace(x: &mut [f32], p: f32, seed: u64) {
     });
 }
 
+/// `a ← wa·a + wb·b`, in parallel chunks.
+pub fn axpby(a: &mut [f32], b: &[f32], wa: f32, wb: f32) {
+    let _prof = crate::profile::scope("mp_sum");
+    a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(ac, bc)| axpby_kernel(ac, bc, wa, wb));
+}
+
 crate::multiversion! {
     /// `a ← wa·a + wb·b`.
     pub fn axpby_kernel(a: &mut [f32], b: &[f32], wa: f32, wb: f32) {
