@@ -352,9 +352,8 @@ impl Block {
         let mut dx2 = dy;
         if self.num_heads > 0 {
             let (wa, wb) = ops::mp_sum_coefs(self.attn_balance);
-            let mut dyp = dx2.clone();
-            dyp.data.iter_mut().for_each(|v| *v *= wb);
-            dx2.data.iter_mut().for_each(|v| *v *= wa);
+            let dyp = Tensor::from_vec(&dx2.shape, ops::scaled(&dx2.data, wb));
+            ops::scale_inplace(&mut dx2.data, wa);
             let (mq, mp) = (self.attn_qkv.as_ref().unwrap(), self.attn_proj.as_ref().unwrap());
             let ya = c.ya.as_ref().unwrap();
             let (dya, _) = mp.backward(p, c.effs.proj.as_ref().unwrap(), ya, &dyp, true, grads);
@@ -374,16 +373,13 @@ impl Block {
                 &mut dqkv.data,
             );
             let (dxq, _) = mq.backward(p, c.effs.qkv.as_ref().unwrap(), x2, &dqkv, true, grads);
-            for (a, b) in dx2.data.iter_mut().zip(&dxq.unwrap().data) {
-                *a += b;
-            }
+            ops::add_inplace(&mut dx2.data, &dxq.unwrap().data);
         }
         // 5. x2 = wa·skip(x_main) + wb·h1
         let (wa, wb) = ops::mp_sum_coefs(self.res_balance);
-        let mut dh1 = dx2.clone();
-        dh1.data.iter_mut().for_each(|v| *v *= wb);
+        let dh1 = Tensor::from_vec(&dx2.shape, ops::scaled(&dx2.data, wb));
         let mut dxs = dx2;
-        dxs.data.iter_mut().for_each(|v| *v *= wa);
+        ops::scale_inplace(&mut dxs.data, wa);
         // 4. decoder conv_skip
         let mut dx_main = if self.flavor == Flavor::Dec {
             match &self.conv_skip {
@@ -408,11 +404,7 @@ impl Block {
         let (demb, dgain) = self.emb_linear.backward(p, &c.effs.emb, emb, &ds, true, grads);
         grads.values[self.emb_gain][0] += dgain;
         let (da0, _) = self.conv_res0.backward(p, &c.effs.res0, &c.a0, &dh0, true, grads);
-        let mut dxm2 = Tensor::zeros(&c.x_main.shape);
-        ops::mp_silu_backward(&c.x_main.data, &da0.unwrap().data, &mut dxm2.data);
-        for (a, b) in dx_main.data.iter_mut().zip(&dxm2.data) {
-            *a += b;
-        }
+        ops::mp_silu_backward_acc(&c.x_main.data, &da0.unwrap().data, &mut dx_main.data);
         // 2. encoder: pixel norm, conv_skip
         let dxr = if self.flavor == Flavor::Enc {
             let pn_in = c.pn_in.as_ref().unwrap();

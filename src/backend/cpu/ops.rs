@@ -404,3 +404,42 @@ crate::multiversion! {
         }
     }
 }
+
+/// `a ← k·a`, in parallel chunks.
+pub fn scale_inplace(a: &mut [f32], k: f32) {
+    a.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= k));
+}
+
+/// `k·a` as a new buffer (one pass, no copy-then-scale).
+pub fn scaled(a: &[f32], k: f32) -> Vec<f32> {
+    let mut out = vec![0.0f32; a.len()];
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, i)| {
+        for (x, y) in o.iter_mut().zip(i) {
+            *x = k * y;
+        }
+    });
+    out
+}
+
+/// `a ← a + b`, in parallel chunks.
+pub fn add_inplace(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(ac, bc)| {
+        for (x, y) in ac.iter_mut().zip(bc) {
+            *x += y;
+        }
+    });
+}
+
+/// `dx ← dx + dy · mp_silu'(x)` (the backward of a branch that reads `x` twice).
+pub fn mp_silu_backward_acc(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let _prof = crate::profile::scope("mp_silu.bwd");
+    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((dc, xc), gc)| mp_silu_bwd_acc_kernel(xc, gc, dc));
+}
+
+crate::multiversion! {
+    fn mp_silu_bwd_acc_kernel(xc: &[f32], gc: &[f32], dc: &mut [f32]) {
+        for ((o, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+            *o += g * mp_silu_grad_scalar(v);
+        }
+    }
+}
