@@ -77,9 +77,13 @@ pub fn conv3x3_direct(x: &[f32], n: usize, h: usize, w: usize, cin: usize, packe
         let base = (b * h + yy) * w * cin;
         for ob in 0..cout / NR {
             let bp = &packed[ob * 9 * cin * NR..(ob + 1) * 9 * cin * NR];
+            // Split the row into ceil(w/6) near-equal runs (32 → 6,6,5,5,5,5; 8 → 4,4):
+            // a short remainder tile has too few accumulators to hide the FMA latency.
+            let runs = w.div_ceil(MR);
+            let (run_len, extra) = (w / runs, w % runs);
             let mut x0 = 0;
-            while x0 < w {
-                let m = (w - x0).min(MR);
+            for run in 0..runs {
+                let m = run_len + (run < extra) as usize;
                 let (left, right) = (x0 == 0, x0 + m == w);
                 let c = yr[x0 * cout + ob * NR..].as_mut_ptr();
                 let a = x[base + x0 * cin..].as_ptr();
