@@ -21,6 +21,9 @@ pub struct Args {
     pub json: bool,
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Measure only the training step or only the forward pass (e.g. for peak memory).
+    #[arg(long, value_parser = ["train", "forward", "both"], default_value = "both")]
+    pub only: String,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -77,7 +80,11 @@ pub fn run(a: Args) -> Result<()> {
     eprintln!("bench {} batch {n} on {} threads", a.config, rayon::current_num_threads());
     edm2::profile::enable_from_env();
     let mut train_ms = Vec::new();
+    let (do_train, do_fwd) = (a.only != "forward", a.only != "train");
     for i in 0..=a.iters {
+        if !do_train {
+            break;
+        }
         let t = Instant::now();
         let l = train_step(&mut params);
         let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -94,6 +101,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let mut fwd_ms = Vec::new();
     for i in 0..=a.iters {
+        if !do_fwd {
+            break;
+        }
         let t = Instant::now();
         let out = net.forward(&params, &noisy, &sigma, labels.as_ref(), &Mode::eval(), false);
         std::hint::black_box(&out.d);
@@ -108,22 +118,34 @@ pub fn run(a: Args) -> Result<()> {
     if std::env::var("EDM2_PROFILE").is_ok() {
         eprintln!("profile of {} forward passes:\n{}", a.iters, edm2::profile::report());
     }
-    let (tmin, tmax) = (train_ms.iter().cloned().fold(f64::MAX, f64::min), train_ms.iter().cloned().fold(0.0, f64::max));
-    let (fmin, fmax) = (fwd_ms.iter().cloned().fold(f64::MAX, f64::min), fwd_ms.iter().cloned().fold(0.0, f64::max));
-    let t = median(&mut train_ms);
-    let f = median(&mut fwd_ms);
     let macs = net.macs_per_image() as f64;
-    let ips_t = n as f64 / (t / 1e3);
-    let ips_f = n as f64 / (f / 1e3);
+    // (median, min, max) of a series, None when it was not measured.
+    let stats = |v: &mut Vec<f64>| (!v.is_empty()).then(|| {
+        let (lo, hi) = (v.iter().cloned().fold(f64::MAX, f64::min), v.iter().cloned().fold(0.0, f64::max));
+        (median(v), lo, hi)
+    });
+    let (ts, fs) = (stats(&mut train_ms), stats(&mut fwd_ms));
     // Convention of achieved_gflops_train in golden/torch_cpu_baseline.json: 3 × 2·MAC.
-    let gflops_train = 3.0 * 2.0 * macs * ips_t / 1e9;
-    println!("train step: median {t:.1} ms (min {tmin:.1}, max {tmax:.1}) = {ips_t:.2} img/s, {gflops_train:.1} GFLOP/s");
-    println!("forward:    median {f:.1} ms (min {fmin:.1}, max {fmax:.1}) = {ips_f:.2} img/s, {:.1} GFLOP/s", 2.0 * macs * ips_f / 1e9);
+    let ips = |ms: f64| n as f64 / (ms / 1e3);
+    if let Some((t, lo, hi)) = ts {
+        let g = 3.0 * 2.0 * macs * ips(t) / 1e9;
+        println!("train step: median {t:.1} ms (min {lo:.1}, max {hi:.1}) = {:.2} img/s, {g:.1} GFLOP/s", ips(t));
+    }
+    if let Some((f, lo, hi)) = fs {
+        let g = 2.0 * macs * ips(f) / 1e9;
+        println!("forward:    median {f:.1} ms (min {lo:.1}, max {hi:.1}) = {:.2} img/s, {g:.1} GFLOP/s", ips(f));
+    }
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"train_step_ms": t, "forward_ms": f, "images_per_s_train": ips_t,
-                "images_per_s_forward": ips_f, "gflops_per_s_train": gflops_train})
+            serde_json::json!({
+                "train_step_ms": ts.map(|s| s.0), "forward_ms": fs.map(|s| s.0),
+                "images_per_s_train": ts.map(|s| ips(s.0)), "images_per_s_forward": fs.map(|s| ips(s.0)),
+                "gflops_per_s_train": ts.map(|s| 6.0 * macs * ips(s.0) / 1e9),
+                "train_step_ms_min": ts.map(|s| s.1), "train_step_ms_max": ts.map(|s| s.2),
+                "forward_ms_min": fs.map(|s| s.1), "forward_ms_max": fs.map(|s| s.2),
+                "threads": rayon::current_num_threads(),
+            })
         );
     }
     Ok(())
