@@ -201,8 +201,9 @@ pub fn conv_weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: 
     let threads = rayon::current_num_threads().max(1).min(ntiles);
     let mut acc = vec![0.0f32; ntiles * MR * NR];
     let per = ntiles.div_ceil(threads);
-    // Rows per chunk: about 128 pixels.
-    let rows_per_chunk = (128 / w).max(1);
+    // Rows per chunk: as many pixels as keep the chunk's x and dy (~256 KB) in L2.
+    let chunk_pixels = (65536 / (cin + cout)).clamp(16, 1024);
+    let rows_per_chunk = (chunk_pixels / w).max(1);
     acc.par_chunks_mut(per * MR * NR).enumerate().for_each(|(g, accg)| {
         let t0 = g * per;
         let rows = n * h;
