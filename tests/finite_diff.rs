@@ -320,11 +320,12 @@ fn conv3x3_paths_match_definition() {
         let x = rng.normal_vec(n * h * w * ci);
         let eff = conv::effective_weight(&wt, co, ci, 3, 1.0);
         // The definition uses the effective weight in OIHW.
+        let eff_ohwi = eff.ohwi();
         let mut w_oihw = vec![0.0f32; wt.len()];
         for o in 0..co {
             for c in 0..ci {
                 for tap in 0..9 {
-                    w_oihw[(o * ci + c) * 9 + tap] = eff.w[(o * 9 + tap) * ci + c];
+                    w_oihw[(o * ci + c) * 9 + tap] = eff_ohwi[(o * 9 + tap) * ci + c];
                 }
             }
         }

@@ -68,10 +68,11 @@ impl MpConv {
         grads: &mut Params,
     ) -> (Option<Tensor>, f32) {
         let (n, h, w) = spatial(x);
-        let mut d_eff = vec![0.0f32; eff.w.len()];
+        let numel = eff.out_ch * eff.fan_in();
+        let mut d_eff = vec![0.0f32; numel];
         let mut dx = if want_dx { Some(Tensor::zeros(&x.shape)) } else { None };
         conv::conv_backward(eff, &x.data, n, h, w, &dy.data, dx.as_mut().map(|t| t.data.as_mut_slice()), &mut d_eff);
-        let mut dw = vec![0.0f32; eff.w.len()];
+        let mut dw = vec![0.0f32; numel];
         let dgain = conv::effective_weight_backward(&p.values[self.weight], eff, &d_eff, &mut dw);
         for (g, d) in grads.values[self.weight].iter_mut().zip(&dw) {
             *g += d;

@@ -236,8 +236,7 @@ impl Precond {
         for (s, v) in self.specs.iter().zip(p.values.iter_mut()) {
             if s.is_mp_weight {
                 let k = s.shape[1..].iter().product::<usize>();
-                let src = v.clone();
-                ops::normalize_rows(&src, k, v);
+                ops::normalize_rows_inplace(v, k);
             }
         }
     }

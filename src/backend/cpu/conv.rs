@@ -13,24 +13,34 @@ use super::gemm::{sgemm, MatRef};
 use super::ops::{norm_denom, normalize_row_backward};
 use rayon::prelude::*;
 
-/// The normalized, gain-scaled weight in OHWI layout plus what the backward needs.
+/// The normalized, gain-scaled weight, in OHWI layout or — for 3x3 convolutions that run
+/// on the direct kernel — only in that kernel's packed layout (one pass over the stored
+/// weight instead of two; it matters for large nets, where these passes are memory-bound).
 pub struct EffWeight {
     pub out_ch: usize,
     pub in_ch: usize,
     /// 0 (linear), 1 or 3.
     pub k: usize,
-    /// `[O, k, k, I]` (or `[O, I]`).
+    /// `[O, k, k, I]` (or `[O, I]`); empty when `packed` holds the weight.
     pub w: Vec<f32>,
     /// Per output row `eps + rms(W_row)`.
     pub denom: Vec<f32>,
     pub gain: f32,
-    /// 3x3 weights packed for the direct kernel (`conv3x3::pack_forward`), when it applies.
+    /// 3x3 weights packed for the direct kernel (`conv3x3::pack_forward` layout).
     pub packed: Option<Vec<f32>>,
 }
 
 impl EffWeight {
     pub fn fan_in(&self) -> usize {
         self.in_ch * self.k.max(1) * self.k.max(1)
+    }
+
+    /// The OHWI weight, unpacked from the kernel layout when that is all there is.
+    pub fn ohwi(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.packed {
+            Some(p) if self.w.is_empty() => std::borrow::Cow::Owned(conv3x3::unpack_forward(p, self.out_ch, self.in_ch)),
+            _ => std::borrow::Cow::Borrowed(&self.w),
+        }
     }
 }
 
@@ -41,8 +51,27 @@ pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: 
     let fan = in_ch * kk;
     assert_eq!(w.len(), out_ch * fan);
     let scale_g = gain / (fan as f32).sqrt();
-    let mut eff = vec![0.0f32; w.len()];
     let mut denom = vec![0.0f32; out_ch];
+    if k == 3 && conv3x3::available() && out_ch % 16 == 0 {
+        // Straight into the packed layout [O/16][9][I][16].
+        let mut packed = vec![0.0f32; w.len()];
+        packed.par_chunks_mut(16 * fan).zip(denom.par_chunks_mut(16)).enumerate().for_each(|(ob, (dst, dens))| {
+            for j in 0..16 {
+                let o = ob * 16 + j;
+                let src = &w[o * fan..(o + 1) * fan];
+                let d = norm_denom(src);
+                dens[j] = d;
+                for ci in 0..in_ch {
+                    for tap in 0..9 {
+                        // Same operation order as the official code: normalize, then scale.
+                        dst[(tap * in_ch + ci) * 16 + j] = (src[ci * 9 + tap] / d) * scale_g;
+                    }
+                }
+            }
+        });
+        return EffWeight { out_ch, in_ch, k, w: Vec::new(), denom, gain, packed: Some(packed) };
+    }
+    let mut eff = vec![0.0f32; w.len()];
     eff.par_chunks_mut(fan).zip(denom.par_iter_mut()).enumerate().for_each(|(o, (row, d))| {
         let src = &w[o * fan..(o + 1) * fan];
         *d = norm_denom(src);
@@ -53,9 +82,7 @@ pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: 
             }
         }
     });
-    let packed = (k == 3 && super::conv3x3::available() && out_ch % 16 == 0)
-        .then(|| super::conv3x3::pack_forward(&eff, out_ch, in_ch));
-    EffWeight { out_ch, in_ch, k, w: eff, denom, gain, packed }
+    EffWeight { out_ch, in_ch, k, w: eff, denom, gain, packed: None }
 }
 
 /// Backward of [`effective_weight`]: from `d_eff` (OHWI) to the gradient of the stored
@@ -218,7 +245,7 @@ pub fn conv_backward(
                 sgemm(pixels, i, o, MatRef::rm(dy, o), MatRef::rm(&eff.w, i), dx, false, true);
             }
         }
-        3 if conv3x3::available() && i % 16 == 0 => {
+        3 if eff.packed.is_some() && i % 16 == 0 => {
             // The direct kernel wins when the pixel reduction is long relative to the
             // channel counts; with few pixels per weight (e.g. 8x8 at batch 4 with 512+
             // channels: 55–98 vs 169–173 GFLOP/s) and at 64→64 im2col + GEMM wins
@@ -231,7 +258,7 @@ pub fn conv_backward(
                 conv3x3_weight_grad(x, n, h, w, i, dy, o, d_eff);
             }
             if let Some(dx) = dx {
-                let packed = conv3x3::pack_backward(&eff.w, o, i);
+                let packed = conv3x3::pack_backward_from_forward(eff.packed.as_ref().unwrap(), o, i);
                 let _prof = crate::profile::scope("conv3x3.bwd_x.direct");
                 conv3x3::conv3x3_direct(dy, n, h, w, o, &packed, i, dx);
             }
@@ -247,7 +274,8 @@ pub fn conv_backward(
             if let Some(dx) = dx {
                 let _prof = crate::profile::scope("conv3x3.bwd_x.gemm");
                 // Reuse the patch buffer for the patch gradient.
-                sgemm(pixels, kdim, o, MatRef::rm(dy, o), MatRef::rm(&eff.w, kdim), &mut patches, false, true);
+                let w_ohwi = eff.ohwi();
+                sgemm(pixels, kdim, o, MatRef::rm(dy, o), MatRef::rm(&w_ohwi, kdim), &mut patches, false, true);
                 col2im3(&patches, n, h, w, i, dx);
             }
         }

@@ -30,33 +30,67 @@ pub fn available() -> bool {
     super::simd::avx2_fma()
 }
 
-/// Forward packing: OHWI `[O][9][Cin]` → `[O/16][9][Cin][16]`.
-pub fn pack_forward(w_ohwi: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+/// Forward packing: OHWI `[O][9][Cin]` → `[O/16][9][Cin][16]` (parallel over blocks;
+/// each block reads its 16 rows contiguously and writes one L2-resident panel).
+pub fn pack_forward(w_ohwi: &[f32], _cout: usize, cin: usize) -> Vec<f32> {
+    let _prof = crate::profile::scope("pack");
     let mut p = vec![0.0f32; w_ohwi.len()];
-    for ob in 0..cout / NR {
-        for tap in 0..9 {
-            for ci in 0..cin {
-                for j in 0..NR {
-                    p[((ob * 9 + tap) * cin + ci) * NR + j] = w_ohwi[((ob * NR + j) * 9 + tap) * cin + ci];
-                }
+    let blk = 9 * cin * NR;
+    p.par_chunks_mut(blk).enumerate().for_each(|(ob, dst)| {
+        for j in 0..NR {
+            let row = &w_ohwi[(ob * NR + j) * 9 * cin..(ob * NR + j + 1) * 9 * cin];
+            for (t, &v) in row.iter().enumerate() {
+                dst[t * NR + j] = v;
             }
         }
-    }
+    });
     p
 }
 
-/// Data-gradient packing: OHWI `[O][9][Cin]` → `[Cin/16][9][O][16]` with the taps flipped.
-pub fn pack_backward(w_ohwi: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut p = vec![0.0f32; w_ohwi.len()];
-    for cb in 0..cin / NR {
+/// Inverse of [`pack_forward`].
+pub fn unpack_forward(p: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let mut w = vec![0.0f32; p.len()];
+    for o in 0..cout {
+        let (ob, j) = (o / NR, o % NR);
+        for t in 0..9 * cin {
+            w[o * 9 * cin + t] = p[(ob * 9 * cin + t) * NR + j];
+        }
+    }
+    w
+}
+
+/// [`pack_backward`] from the forward packing `[O/16][9][Cin][16]` (no OHWI copy needed).
+pub fn pack_backward_from_forward(pf: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let _prof = crate::profile::scope("pack");
+    let mut p = vec![0.0f32; pf.len()];
+    p.par_chunks_mut(9 * cout * NR).enumerate().for_each(|(cb, dst)| {
         for tap in 0..9 {
             for o in 0..cout {
-                for j in 0..NR {
-                    p[((cb * 9 + tap) * cout + o) * NR + j] = w_ohwi[(o * 9 + (8 - tap)) * cin + cb * NR + j];
+                let (ob, j) = (o / NR, o % NR);
+                let src = &pf[(ob * 9 + (8 - tap)) * cin * NR..];
+                let d = &mut dst[(tap * cout + o) * NR..(tap * cout + o + 1) * NR];
+                for (jj, v) in d.iter_mut().enumerate() {
+                    *v = src[(cb * NR + jj) * NR + j];
                 }
             }
         }
-    }
+    });
+    p
+}
+
+/// Data-gradient packing: OHWI `[O][9][Cin]` → `[Cin/16][9][O][16]` with the taps flipped
+/// (16-float contiguous copies, parallel over input-channel blocks).
+pub fn pack_backward(w_ohwi: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let _prof = crate::profile::scope("pack");
+    let mut p = vec![0.0f32; w_ohwi.len()];
+    p.par_chunks_mut(9 * cout * NR).enumerate().for_each(|(cb, dst)| {
+        for tap in 0..9 {
+            for o in 0..cout {
+                let src = (o * 9 + (8 - tap)) * cin + cb * NR;
+                dst[(tap * cout + o) * NR..(tap * cout + o + 1) * NR].copy_from_slice(&w_ohwi[src..src + NR]);
+            }
+        }
+    });
     p
 }
 

@@ -111,6 +111,17 @@ pub fn normalize_rows(x: &[f32], k: usize, y: &mut [f32]) {
     });
 }
 
+/// [`normalize_rows`] in place (forced weight normalization of a stored weight).
+pub fn normalize_rows_inplace(x: &mut [f32], k: usize) {
+    let _prof = crate::profile::scope("normalize_rows");
+    x.par_chunks_mut(k * 16).for_each(|c| {
+        for r in c.chunks_mut(k) {
+            let inv = 1.0 / norm_denom(r);
+            r.iter_mut().for_each(|v| *v *= inv);
+        }
+    });
+}
+
 pub fn normalize_rows_backward(x: &[f32], k: usize, dy: &[f32], dx: &mut [f32]) {
     let _prof = crate::profile::scope("normalize_rows.bwd");
     dx.par_chunks_mut(k * 256).zip(x.par_chunks(k * 256)).zip(dy.par_chunks(k * 256)).for_each(
