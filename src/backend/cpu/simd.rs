@@ -3,12 +3,17 @@
 //! time with AVX2 + FMA enabled and picks that copy when the CPU has them, which lets
 //! LLVM vectorize it 8 lanes wide (e.g. SiLU with [`super::ops::fast_exp`]).
 
-/// True when the CPU has AVX2 and FMA (checked once).
+/// True when the CPU has AVX2 and FMA (checked once). Setting the environment variable
+/// `EDM2_DISABLE_AVX2=1` forces the portable paths (CI runs the parity tests both ways).
 pub fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVAIL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAIL.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *AVAIL.get_or_init(|| {
+            std::env::var("EDM2_DISABLE_AVX2").map(|v| v == "0").unwrap_or(true)
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
