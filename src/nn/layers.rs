@@ -154,7 +154,6 @@ pub struct BlockCache {
     a0: Tensor,
     h0: Tensor,
     s: Vec<f32>,
-    pre: Tensor,
     y1: Tensor,
     /// Input of the attention (kept only when the block has attention).
     x2: Option<Tensor>,
@@ -265,9 +264,8 @@ impl Block {
         let mut s = self.emb_linear.forward(&eff_emb, emb).data;
         s.iter_mut().for_each(|v| *v += 1.0);
         let (_, hh, hw) = spatial(&h0);
-        let mut pre = Tensor::zeros(&h0.shape);
         let mut y1 = Tensor::zeros(&h0.shape);
-        ops::modulate_silu(&h0.data, &s, self.out_ch, hh * hw, &mut pre.data, &mut y1.data);
+        ops::modulate_silu(&h0.data, &s, self.out_ch, hh * hw, &mut y1.data);
         if mode.train && self.dropout > 0.0 {
             ops::dropout_inplace(&mut y1.data, self.dropout, self.dropout_seed(mode));
         }
@@ -317,7 +315,6 @@ impl Block {
             a0,
             h0,
             s,
-            pre,
             y1,
             x2,
             qkv,
@@ -400,7 +397,7 @@ impl Block {
         let (_, hh, hw) = spatial(&c.h0);
         let mut dh0 = Tensor::zeros(&c.h0.shape);
         let mut ds = vec![0.0f32; c.s.len()];
-        ops::modulate_silu_backward(&c.h0.data, &c.s, &c.pre.data, &dy1.data, self.out_ch, hh * hw, &mut dh0.data, &mut ds);
+        ops::modulate_silu_backward(&c.h0.data, &c.s, &dy1.data, self.out_ch, hh * hw, &mut dh0.data, &mut ds);
         let ds = Tensor::from_vec(&[emb.shape[0], self.out_ch], ds);
         let (demb, dgain) = self.emb_linear.backward(p, &c.effs.emb, emb, &ds, true, grads);
         grads.values[self.emb_gain][0] += dgain;

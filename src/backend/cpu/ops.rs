@@ -305,61 +305,50 @@ pub fn clip_inplace(x: &mut [f32], limit: f32) {
     });
 }
 
-/// Per-channel modulation `y[n, p, c] = h[n, p, c] · s[n, c]` followed by MP-SiLU.
-/// Returns the product `h·s` in `pre` (the SiLU input, needed by the backward).
-pub fn modulate_silu(h: &[f32], s: &[f32], c: usize, pixels: usize, pre: &mut [f32], y: &mut [f32]) {
+/// Per-channel modulation `y[n, p, c] = mp_silu(h[n, p, c] · s[n, c])` (Block step 3).
+/// The product is not stored: the backward recomputes it from `h` and `s`.
+pub fn modulate_silu(h: &[f32], s: &[f32], c: usize, pixels: usize, y: &mut [f32]) {
     let _prof = crate::profile::scope("modulate_silu");
     let per = pixels * c;
-    pre.par_chunks_mut(per).zip(y.par_chunks_mut(per)).zip(h.par_chunks(per)).enumerate().for_each(
-        |(b, ((pc, yc), hc))| {
-            modulate_kernel(hc, &s[b * c..(b + 1) * c], pc, yc);
-        },
-    );
+    y.par_chunks_mut(per).zip(h.par_chunks(per)).enumerate().for_each(|(b, (yc, hc))| {
+        modulate_kernel(hc, &s[b * c..(b + 1) * c], yc);
+    });
 }
 
 crate::multiversion! {
-    fn modulate_kernel(hc: &[f32], sb: &[f32], pc: &mut [f32], yc: &mut [f32]) {
+    fn modulate_kernel(hc: &[f32], sb: &[f32], yc: &mut [f32]) {
         let c = sb.len();
-        for ((pr, yr), hr) in pc.chunks_mut(c).zip(yc.chunks_mut(c)).zip(hc.chunks(c)) {
+        for (yr, hr) in yc.chunks_mut(c).zip(hc.chunks(c)) {
             for i in 0..c {
-                let v = hr[i] * sb[i];
-                pr[i] = v;
-                yr[i] = mp_silu_scalar(v);
+                yr[i] = mp_silu_scalar(hr[i] * sb[i]);
             }
         }
     }
 }
 
-/// Backward of [`modulate_silu`]: `dh = dy·silu'(pre)·s`, `ds[n, c] = Σ_p dy·silu'(pre)·h`.
-pub fn modulate_silu_backward(
-    h: &[f32],
-    s: &[f32],
-    pre: &[f32],
-    dy: &[f32],
-    c: usize,
-    pixels: usize,
-    dh: &mut [f32],
-    ds: &mut [f32],
-) {
+/// Backward of [`modulate_silu`]: with `u = h·s`, `dh = dy·silu'(u)·s` and
+/// `ds[n, c] = Σ_p dy·silu'(u)·h`.
+#[allow(clippy::too_many_arguments)]
+pub fn modulate_silu_backward(h: &[f32], s: &[f32], dy: &[f32], c: usize, pixels: usize, dh: &mut [f32], ds: &mut [f32]) {
     let _prof = crate::profile::scope("modulate_silu.bwd");
     let per = pixels * c;
     dh.par_chunks_mut(per).zip(ds.par_chunks_mut(c)).enumerate().for_each(|(b, (dhc, dsb))| {
         let r = b * per..(b + 1) * per;
-        modulate_bwd_kernel(&h[r.clone()], &s[b * c..(b + 1) * c], &pre[r.clone()], &dy[r], dhc, dsb);
+        modulate_bwd_kernel(&h[r.clone()], &s[b * c..(b + 1) * c], &dy[r], dhc, dsb);
     });
 }
 
 crate::multiversion! {
-    fn modulate_bwd_kernel(h: &[f32], sb: &[f32], pre: &[f32], dy: &[f32], dhc: &mut [f32], dsb: &mut [f32]) {
+    fn modulate_bwd_kernel(h: &[f32], sb: &[f32], dy: &[f32], dhc: &mut [f32], dsb: &mut [f32]) {
         let c = sb.len();
         // Per-channel sums in f32 over blocks of 64 pixels, blocks summed in f64: fixed
         // order, vectorizable across channels.
         let mut acc = vec![0.0f64; c];
         let mut part = vec![0.0f32; c];
-        for (p, ((hr, pr), gr)) in h.chunks(c).zip(pre.chunks(c)).zip(dy.chunks(c)).enumerate() {
+        for (p, (hr, gr)) in h.chunks(c).zip(dy.chunks(c)).enumerate() {
             let dr = &mut dhc[p * c..(p + 1) * c];
             for i in 0..c {
-                let g = gr[i] * mp_silu_grad_scalar(pr[i]);
+                let g = gr[i] * mp_silu_grad_scalar(hr[i] * sb[i]);
                 dr[i] = g * sb[i];
                 part[i] += g * hr[i];
             }
