@@ -300,7 +300,7 @@ impl Block {
         // 7. clip
         let clipped = match self.clip_act {
             Some(limit) => {
-                let any = x3.data.iter().any(|v| v.abs() > limit);
+                let any = ops::any_abs_above(&x3.data, limit);
                 let mask = any.then(|| x3.data.iter().map(|v| v.abs() > limit).collect::<Vec<bool>>());
                 ops::clip_inplace(&mut x3.data, limit);
                 mask

@@ -294,6 +294,12 @@ pub fn mp_fourier(x: &[f32], freqs: &[f32], phases: &[f32]) -> Vec<f32> {
     y
 }
 
+/// Whether any `|x| > limit` (parallel, read-only; the clip's gradient mask is only built
+/// when this is true, which it rarely is).
+pub fn any_abs_above(x: &[f32], limit: f32) -> bool {
+    x.par_chunks(CHUNK).any(|c| c.iter().fold(false, |acc, v| acc | (v.abs() > limit)))
+}
+
 /// In-place clip to ±`limit`; returns nothing — the backward uses the clipped output
 /// (`|y| < limit` or equal and unclipped) to decide where the gradient passes.
 pub fn clip_inplace(x: &mut [f32], limit: f32) {
