@@ -191,12 +191,12 @@ fn block_case(flavor: Flavor, resample: Resample, in_ch: usize, out_ch: usize, a
     let x = Tensor::from_vec(&[n, h, h, in_ch], rng.normal_vec(n * h * h * in_ch));
     let emb = Tensor::from_vec(&[n, emb_ch], rng.normal_vec(n * emb_ch));
     let mode = Mode::train(99);
-    let (y, cache) = b.forward(&p, x.clone(), &emb, &mode);
+    let (y, cache) = b.forward(&p, &x, &emb, &mode);
     let r = rng.normal_vec(y.numel());
     let mut g = Params::zeros(&reg.specs);
     let (dx, demb) = b.backward(&p, &emb, cache.unwrap(), Tensor::from_vec(&y.shape, r.clone()), &mode, &mut g);
     let loss = |p: &Params, x: &Tensor, emb: &Tensor| {
-        let (y, _) = b.forward(p, x.clone(), emb, &Mode { record: false, ..mode });
+        let (y, _) = b.forward(p, x, emb, &Mode { record: false, ..mode });
         dot(&y.data, &r)
     };
     let what = format!("block {flavor:?} {resample:?} {in_ch}->{out_ch} attn={attention} dropout={dropout}");

@@ -4,6 +4,7 @@
 use super::params::{ParamId, ParamKind, Params, Registry};
 use crate::backend::cpu::{attention, conv, ops};
 use crate::tensor::Tensor;
+use std::borrow::Cow;
 
 /// Forward-pass mode.
 #[derive(Clone, Copy, Debug)]
@@ -224,34 +225,36 @@ impl Block {
     }
 
     /// `x`: NHWC `[N, H, W, in]`, `emb`: `[N, emb]`.
-    pub fn forward(&self, p: &Params, x: Tensor, emb: &Tensor, mode: &Mode) -> (Tensor, Option<BlockCache>) {
+    /// The input is borrowed: in eval mode no activation is copied; a recording forward
+    /// copies into its cache only what the backward reads.
+    pub fn forward(&self, p: &Params, x: &Tensor, emb: &Tensor, mode: &Mode) -> (Tensor, Option<BlockCache>) {
         let x_in_shape = x.shape.clone();
         let (n, h, w, c) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
         // 1. resample
-        let xr = match self.resample {
-            Resample::Keep => x,
+        let xr: Cow<Tensor> = match self.resample {
+            Resample::Keep => Cow::Borrowed(x),
             Resample::Down => {
                 let mut y = Tensor::zeros(&[n, h / 2, w / 2, c]);
                 ops::downsample2(&x.data, n, h, w, c, &mut y.data);
-                y
+                Cow::Owned(y)
             }
             Resample::Up => {
                 let mut y = Tensor::zeros(&[n, h * 2, w * 2, c]);
                 ops::upsample2(&x.data, n, h, w, c, &mut y.data);
-                y
+                Cow::Owned(y)
             }
         };
         let eff_skip = self.conv_skip.as_ref().map(|m| m.effective(p, 1.0));
         // 2. encoder: conv_skip then pixel norm. No activation is copied: each tensor is
         // either consumed or kept for the backward.
-        let (x_main, pn_in, x_res) = if self.flavor == Flavor::Enc {
+        let (x_main, pn_in, x_res): (Cow<Tensor>, _, _) = if self.flavor == Flavor::Enc {
             let (pn_in, x_res) = match (&self.conv_skip, &eff_skip) {
-                (Some(m), Some(e)) => (m.forward(e, &xr), Some(xr)),
+                (Some(m), Some(e)) => (Cow::Owned(m.forward(e, &xr)), Some(xr)),
                 _ => (xr, None),
             };
             let mut xm = Tensor::zeros(&pn_in.shape);
             ops::normalize_rows(&pn_in.data, self.out_ch, &mut xm.data);
-            (xm, Some(pn_in), x_res)
+            (Cow::Owned(xm), Some(pn_in), x_res)
         } else {
             (xr, None, None)
         };
@@ -309,9 +312,9 @@ impl Block {
         };
         let cache = mode.record.then(|| BlockCache {
             x_in_shape,
-            x_res,
-            pn_in,
-            x_main,
+            x_res: x_res.map(Cow::into_owned),
+            pn_in: pn_in.map(Cow::into_owned),
+            x_main: x_main.into_owned(),
             a0,
             h0,
             s,

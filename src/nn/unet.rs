@@ -83,7 +83,6 @@ enum EncCache {
 struct TopEffs {
     emb_noise: conv::EffWeight,
     emb_label: Option<conv::EffWeight>,
-    enc_conv_in: Tensor,
     out: conv::EffWeight,
     logvar: conv::EffWeight,
 }
@@ -337,24 +336,23 @@ impl Precond {
         if collect_intermediates {
             inter.push(("x_in".into(), x_in));
         }
-        // Encoder.
+        // Encoder. Every output is a skip: the skip stack owns it and the next layer
+        // borrows it, so no activation is copied.
         let mut skips: Vec<Tensor> = Vec::new();
         let mut enc_caches = Vec::new();
-        let mut h = x_cat.clone();
-        let mut enc_conv_in = None;
         for (name, layer) in &u.enc {
-            h = match layer {
+            let input = skips.last().unwrap_or(&x_cat);
+            let y = match layer {
                 EncLayer::Conv(m) => {
                     let e = m.effective(p, 1.0);
-                    let y = m.forward(&e, &h);
+                    let y = m.forward(&e, input);
                     if mode.record {
-                        enc_conv_in = Some(h.clone());
                         enc_caches.push(EncCache::Conv(e));
                     }
                     y
                 }
                 EncLayer::Block(b) => {
-                    let (y, c) = b.forward(p, h, &emb, mode);
+                    let (y, c) = b.forward(p, input, &emb, mode);
                     if let Some(c) = c {
                         enc_caches.push(EncCache::Block(c));
                     }
@@ -362,32 +360,36 @@ impl Precond {
                 }
             };
             if collect_intermediates {
-                inter.push((format!("act.enc.{name}"), h.clone()));
+                inter.push((format!("act.enc.{name}"), y.clone()));
             }
-            skips.push(h.clone());
+            skips.push(y);
         }
-        // Decoder.
+        // Decoder: the first block reads the last encoder output (still a skip) in place.
         let mut dec_caches = Vec::new();
+        let mut h: Option<Tensor> = None;
         for (name, b, takes_skip) in &u.dec {
             let mut split = None;
             if *takes_skip {
+                let cur = h.take().unwrap_or_else(|| skips.last().expect("encoder output").clone());
                 let s = skips.pop().expect("skip stack matches the decoder");
-                let (na, nb) = (h.c(), s.c());
-                let (nn, hh, ww) = spatial(&h);
+                let (na, nb) = (cur.c(), s.c());
+                let (nn, hh, ww) = spatial(&cur);
                 let mut cat = Tensor::zeros(&[nn, hh, ww, na + nb]);
-                ops::mp_cat(&h.data, na, &s.data, nb, u.concat_balance, &mut cat.data);
-                h = cat;
+                ops::mp_cat(&cur.data, na, &s.data, nb, u.concat_balance, &mut cat.data);
+                h = Some(cat);
                 split = Some((na, nb));
             }
-            let (y, c) = b.forward(p, h, &emb, mode);
-            h = y;
+            let input = h.as_ref().unwrap_or_else(|| skips.last().expect("encoder output"));
+            let (y, c) = b.forward(p, input, &emb, mode);
             if let Some(c) = c {
                 dec_caches.push((c, split));
             }
             if collect_intermediates {
-                inter.push((format!("act.dec.{name}"), h.clone()));
+                inter.push((format!("act.dec.{name}"), y.clone()));
             }
+            h = Some(y);
         }
+        let h = h.expect("the decoder has blocks");
         let eff_out = u.out_conv.effective(p, p.scalar(u.out_gain));
         let f_x = u.out_conv.forward(&eff_out, &h);
         // D = c_skip·x + c_out·F
@@ -420,7 +422,6 @@ impl Precond {
             effs: TopEffs {
                 emb_noise: eff_noise,
                 emb_label: eff_label,
-                enc_conv_in: enc_conv_in.unwrap_or_else(|| Tensor::zeros(&[0])),
                 out: eff_out,
                 logvar: eff_lv,
             },
@@ -489,7 +490,7 @@ impl Precond {
             let lc = enc_caches.pop().unwrap();
             match (layer, lc) {
                 (EncLayer::Conv(m), EncCache::Conv(e)) => {
-                    m.backward(p, &e, &c.effs.enc_conv_in, &dh, false, &mut g);
+                    m.backward(p, &e, &c.x_cat, &dh, false, &mut g);
                 }
                 (EncLayer::Block(b), EncCache::Block(bc)) => {
                     let (dx, de) = b.backward(p, &c.emb, bc, dh, mode, &mut g);
@@ -499,7 +500,6 @@ impl Precond {
                 _ => unreachable!("encoder cache order"),
             }
         }
-        let _ = &c.x_cat;
         // Embedding: emb = mp_silu(mp_sum(emb_noise, emb_label, t)).
         let mut de_pre = Tensor::zeros(&c.emb_pre.shape);
         ops::mp_silu_backward(&c.emb_pre.data, &demb.data, &mut de_pre.data);
