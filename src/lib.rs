@@ -22,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod io;
 pub mod nn;
+pub mod phema;
 pub mod profile;
 pub mod rng;
 pub mod tensor;

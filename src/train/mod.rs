@@ -1,5 +1,7 @@
-//! Training pieces: the EDM2 loss and the Adam step (the loop itself is the training
-//! issue's).
+//! Training pieces: the EDM2 loss, Adam, the learning-rate schedule and the power-function
+//! EMA (the loop itself is the training issue's).
 
 pub mod adam;
+pub mod ema;
 pub mod loss;
+pub mod schedule;
