@@ -25,6 +25,7 @@ pub mod nn;
 pub mod phema;
 pub mod profile;
 pub mod rng;
+pub mod sample;
 pub mod tensor;
 pub mod train;
 

@@ -1,0 +1,120 @@
+//! The EDM sampler (Karras et al. 2022, Alg. 2; DESIGN.md §3): 2nd-order Heun steps on the
+//! σ schedule `σ_i = (σmax^(1/ρ) + i/(n−1)·(σmin^(1/ρ) − σmax^(1/ρ)))^ρ` computed in f32 as
+//! the official code does, optional stochastic churn, and guidance
+//! `D = g + w·(D_net − g)` by a separate guiding network (classifier-free guidance when it
+//! is unconditional, autoguidance when it is a smaller / less-trained model).
+
+use crate::nn::{Mode, Params, Precond};
+use crate::train::ema::torch_lerp;
+use crate::tensor::Tensor;
+
+/// Sampler settings (the official `edm_sampler` keyword names).
+#[derive(Clone, Debug)]
+pub struct SamplerOpts {
+    pub num_steps: usize,
+    pub sigma_min: f64,
+    pub sigma_max: f64,
+    pub rho: f64,
+    pub guidance: f32,
+    pub s_churn: f64,
+    pub s_min: f64,
+    pub s_max: f64,
+    pub s_noise: f64,
+}
+
+impl Default for SamplerOpts {
+    fn default() -> Self {
+        SamplerOpts {
+            num_steps: 32,
+            sigma_min: 0.002,
+            sigma_max: 80.0,
+            rho: 7.0,
+            guidance: 1.0,
+            s_churn: 0.0,
+            s_min: 0.0,
+            s_max: f64::INFINITY,
+            s_noise: 1.0,
+        }
+    }
+}
+
+/// The `num_steps + 1` noise levels, the last one 0, in f32 arithmetic as the official
+/// code evaluates them (so σ_0 = 79.99998, not 80).
+pub fn sigma_steps(o: &SamplerOpts) -> Vec<f32> {
+    let a = o.sigma_max.powf(1.0 / o.rho) as f32;
+    let ba = (o.sigma_min.powf(1.0 / o.rho) - o.sigma_max.powf(1.0 / o.rho)) as f32;
+    let n1 = (o.num_steps.max(2) - 1) as f32;
+    let mut t: Vec<f32> = (0..o.num_steps).map(|i| (a + (i as f32 / n1) * ba).powf(o.rho as f32)).collect();
+    t.push(0.0);
+    t
+}
+
+/// A network with its weights.
+pub type Net<'a> = (&'a Precond, &'a Params);
+
+/// Runs the sampler from `noise` (NHWC, unit variance); `labels` go to both networks.
+/// `churn_noise(k)` gives the unit normal noise for the k-th churned step (in step order).
+/// `on_eval(σ)` is called before each denoiser evaluation (progress, tests).
+pub fn edm_sampler(
+    net: Net,
+    gnet: Option<Net>,
+    noise: &Tensor,
+    labels: Option<&Tensor>,
+    o: &SamplerOpts,
+    churn_noise: &mut dyn FnMut(usize) -> Tensor,
+    on_eval: &mut dyn FnMut(f32),
+) -> Tensor {
+    let n = noise.shape[0];
+    let mut denoise = |x: &Tensor, t: f32| -> Tensor {
+        on_eval(t);
+        let sig = vec![t; n];
+        let d = net.0.forward(net.1, x, &sig, labels, &Mode::eval(), false).d;
+        if o.guidance == 1.0 {
+            return d;
+        }
+        let g = gnet.expect("guidance != 1 needs a guiding network");
+        let gd = g.0.forward(g.1, x, &sig, labels, &Mode::eval(), false).d;
+        // ref_Dx.lerp(Dx, guidance), elementwise as PyTorch.
+        let data = gd.data.iter().zip(&d.data).map(|(&a, &b)| torch_lerp(a, b, o.guidance)).collect();
+        Tensor::from_vec(&d.shape, data)
+    };
+    let t = sigma_steps(o);
+    let mut x_next = Tensor::from_vec(&noise.shape, noise.data.iter().map(|v| v * t[0]).collect());
+    let mut churned = 0;
+    for i in 0..o.num_steps {
+        let (t_cur, t_next) = (t[i], t[i + 1]);
+        let x_cur = x_next;
+        let (t_hat, x_hat) = if o.s_churn > 0.0 && o.s_min <= t_cur as f64 && t_cur as f64 <= o.s_max {
+            let gamma = (o.s_churn / o.num_steps as f64).min(std::f64::consts::SQRT_2 - 1.0) as f32;
+            let t_hat = t_cur + gamma * t_cur;
+            let eps = churn_noise(churned);
+            churned += 1;
+            let k = (t_hat * t_hat - t_cur * t_cur).sqrt();
+            let sn = o.s_noise as f32;
+            let data = x_cur.data.iter().zip(&eps.data).map(|(x, e)| x + k * sn * e).collect();
+            (t_hat, Tensor::from_vec(&x_cur.shape, data))
+        } else {
+            (t_cur, x_cur)
+        };
+        let d = denoise(&x_hat, t_hat);
+        let d_cur: Vec<f32> = x_hat.data.iter().zip(&d.data).map(|(x, d)| (x - d) / t_hat).collect();
+        let h = t_next - t_hat;
+        let mut next: Vec<f32> = x_hat.data.iter().zip(&d_cur).map(|(x, dc)| x + h * dc).collect();
+        if i < o.num_steps - 1 {
+            let xn = Tensor::from_vec(&x_hat.shape, next);
+            let d2 = denoise(&xn, t_next);
+            next = x_hat
+                .data
+                .iter()
+                .zip(&d_cur)
+                .zip(xn.data.iter().zip(&d2.data))
+                .map(|((x, dc), (xn, dn))| {
+                    let d_prime = (xn - dn) / t_next;
+                    x + h * (0.5 * dc + 0.5 * d_prime)
+                })
+                .collect();
+        }
+        x_next = Tensor::from_vec(&x_hat.shape, next);
+    }
+    x_next
+}
