@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod denoise;
 pub mod info;
+pub mod phema;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ pub enum Command {
     Denoise(denoise::Args),
     /// Time a training step and a forward pass (median after warm-up).
     Bench(bench::Args),
+    /// Post-hoc EMA: reconstruct networks of any EMA length from training snapshots.
+    Phema(phema::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -34,5 +37,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Denoise(a) => denoise::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Phema(a) => phema::run(a),
     }
 }

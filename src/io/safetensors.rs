@@ -69,6 +69,51 @@ fn malformed(path: &Path, reason: impl Into<String>) -> Error {
     Error::Malformed { path: path.into(), reason: reason.into() }
 }
 
+/// Reads only the header of a safetensors file: tensor names, dtypes and shapes (no
+/// data) and the `__metadata__` strings — for scanning many large files cheaply.
+pub fn read_header(path: impl AsRef<Path>) -> Result<StFile> {
+    use std::io::Read;
+    let path = path.as_ref();
+    let io = |e| Error::Io { path: path.into(), source: e };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| malformed(path, format!("file is {size} bytes, shorter than the 8-byte header length")))?;
+    let hlen = u64::from_le_bytes(len);
+    if hlen > size - 8 {
+        return Err(malformed(path, format!("header length {hlen} exceeds the file size {size} (truncated?)")));
+    }
+    let mut header = vec![0u8; hlen as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    // Parse as a file whose tensors hold no data: validate offsets against the real size.
+    let data_len = (size - 8 - hlen) as usize;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| malformed(path, format!("header is not valid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| malformed(path, "header is not a JSON object"))?;
+    let mut out = StFile { path: path.into(), ..Default::default() };
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            for (k, val) in v.as_object().ok_or_else(|| malformed(path, "__metadata__ is not an object"))? {
+                let s = val.as_str().ok_or_else(|| malformed(path, format!("metadata '{k}' is not a string")))?;
+                out.metadata.insert(k.clone(), s.to_string());
+            }
+            continue;
+        }
+        let dt = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let dtype = Dtype::parse(dt).ok_or_else(|| Error::Dtype { path: path.into(), name: name.clone(), dtype: dt.into() })?;
+        let shape: Vec<usize> = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|x| x as usize)).collect())
+            .ok_or_else(|| malformed(path, format!("tensor '{name}': missing shape")))?;
+        let end = v.get("data_offsets").and_then(|o| o.get(1)).and_then(|e| e.as_u64()).unwrap_or(u64::MAX);
+        if end as usize > data_len {
+            return Err(malformed(path, format!("tensor '{name}' ends at byte {end} but the file has {data_len} data bytes (truncated?)")));
+        }
+        out.tensors.push((name.clone(), StTensor { shape, dtype, data: Vec::new() }));
+    }
+    Ok(out)
+}
+
 /// Reads and validates a whole safetensors file.
 pub fn read(path: impl AsRef<Path>) -> Result<StFile> {
     let path = path.as_ref();

@@ -3,6 +3,8 @@
 //! profiles and the post-hoc reconstruction coefficients. All in f64, as the official
 //! `training/phema.py` computes them.
 
+pub mod reconstruct;
+
 use crate::error::{Error, Result};
 
 /// Largest valid relative width: σ_rel < 12^(−1/2) (γ > −1).
