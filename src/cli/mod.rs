@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod denoise;
+pub mod generate;
 pub mod info;
 pub mod phema;
 
@@ -25,6 +26,8 @@ pub enum Command {
     Denoise(denoise::Args),
     /// Time a training step and a forward pass (median after warm-up).
     Bench(bench::Args),
+    /// Sample images with the EDM sampler (optionally guided by a second network).
+    Generate(generate::Args),
     /// Post-hoc EMA: reconstruct networks of any EMA length from training snapshots.
     Phema(phema::Args),
 }
@@ -38,5 +41,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Denoise(a) => denoise::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Phema(a) => phema::run(a),
+        Command::Generate(a) => generate::run(a),
     }
 }

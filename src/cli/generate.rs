@@ -1,0 +1,311 @@
+//! `edm2 generate`: sample images with the EDM sampler, optional guidance by a second
+//! network (classifier-free guidance or autoguidance).
+//!
+//! Noise: image `seed` starts from `Rng::new(seed)` (SplitMix64 + Box–Muller, `edm2::rng`),
+//! C·H·W standard normals in NCHW order, so a seed gives the same image on every machine,
+//! batch size and backend. Random classes (when `--class` is not given) come from
+//! `Rng::new(seed ^ 0xC1A55)`: `floor(uniform · label_dim)`. Churn noise for the k-th
+//! churned step of image `seed` comes from `Rng::new(seed ^ ((k + 1) << 32))`.
+
+use anyhow::{bail, Context, Result};
+use edm2::backend::{ensure_available, Device};
+use edm2::io::safetensors::{self, Dtype};
+use edm2::rng::Rng;
+use edm2::sample::{edm_sampler, SamplerOpts};
+use edm2::{NetConfig, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Network to sample from (snapshot, post-hoc reconstruction or any net file).
+    #[arg(long)]
+    pub net: String,
+    /// Guiding network (its config from its own metadata, else --gnet-config, else --config).
+    #[arg(long)]
+    pub gnet: Option<String>,
+    /// Config of the guiding network when its file has no metadata.
+    #[arg(long = "gnet-config")]
+    pub gnet_config: Option<String>,
+    /// Guidance weight w in D = g + w (D_net − g); ≠ 1 needs --gnet.
+    #[arg(long, default_value_t = 1.0)]
+    pub guidance: f32,
+    /// Seeds, e.g. 0-63,100 (one image per seed).
+    #[arg(long, default_value = "0-63")]
+    pub seeds: String,
+    /// Class label for all images (default: a random class per seed).
+    #[arg(long)]
+    pub class: Option<usize>,
+    /// Sampling steps (2·steps − 1 network evaluations).
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Output directory for {seed:06d}.png.
+    #[arg(long, default_value = "out")]
+    pub outdir: PathBuf,
+    /// Put images in {seed//1000*1000:06d}/ subdirectories.
+    #[arg(long)]
+    pub subdirs: bool,
+    /// Also write all images as one grid PNG.
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+    /// Start from given noise: `noise` [N,C,H,W], optional `class_labels` [N,L] and
+    /// `churn_noise` [K,N,C,H,W]; images are named by row index and --seeds is not used.
+    #[arg(long)]
+    pub noise: Option<PathBuf>,
+    /// Write the final samples before quantization as `samples` [N,C,H,W] f32.
+    #[arg(long = "save-raw")]
+    pub save_raw: Option<PathBuf>,
+    /// Config of --net when its file has no metadata.
+    #[arg(long)]
+    pub config: Option<String>,
+    #[arg(long = "S_churn", default_value_t = 0.0)]
+    pub s_churn: f64,
+    #[arg(long = "S_min", default_value_t = 0.0)]
+    pub s_min: f64,
+    #[arg(long = "S_max", default_value_t = f64::INFINITY)]
+    pub s_max: f64,
+    #[arg(long = "S_noise", default_value_t = 1.0)]
+    pub s_noise: f64,
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+}
+
+/// "0-63,100" → [0..=63, 100].
+pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (a.parse().with_context(|| format!("bad seed range '{part}'"))?, b.parse().with_context(|| format!("bad seed range '{part}'"))?);
+                if b < a {
+                    bail!("bad seed range '{part}': end before start");
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().with_context(|| format!("bad seed '{part}'"))?),
+        }
+    }
+    if out.is_empty() {
+        bail!("--seeds selects no images");
+    }
+    Ok(out)
+}
+
+fn image_path(outdir: &Path, name: u64, subdirs: bool, ext: &str) -> PathBuf {
+    let dir = if subdirs { outdir.join(format!("{:06}", name / 1000 * 1000)) } else { outdir.to_path_buf() };
+    dir.join(format!("{name:06}.{ext}"))
+}
+
+/// NCHW sample → 8-bit pixels, `clip(x·127.5 + 128, 0, 255)` truncated, HWC order.
+fn to_pixels(x: &[f32], c: usize, h: usize, w: usize) -> Vec<u8> {
+    let mut px = vec![0u8; c * h * w];
+    for ch in 0..c {
+        for i in 0..h * w {
+            px[i * c + ch] = (x[ch * h * w + i] * 127.5 + 128.0).clamp(0.0, 255.0) as u8;
+        }
+    }
+    px
+}
+
+fn write_png(path: &Path, px: &[u8], c: usize, h: usize, w: usize) -> Result<()> {
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, w as u32, h as u32);
+        enc.set_color(if c == 1 { png::ColorType::Grayscale } else { png::ColorType::Rgb });
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header()?.write_image_data(px)?;
+    }
+    safetensors::write_atomic(path, &buf)?;
+    Ok(())
+}
+
+fn write_npy(path: &Path, x: &[f32], shape: &[usize]) -> Result<()> {
+    let dims = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut buf = b"\x93NUMPY\x01\x00".to_vec();
+    buf.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    buf.extend_from_slice(header.as_bytes());
+    x.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+    safetensors::write_atomic(path, &buf)?;
+    Ok(())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    ensure_available(a.device)?;
+    if a.guidance != 1.0 && a.gnet.is_none() {
+        bail!("--guidance {} needs a guiding network (--gnet); guidance 1 means no guidance", a.guidance);
+    }
+    anyhow::ensure!(a.batch > 0 && a.steps >= 2, "--batch must be positive and --steps at least 2");
+    let cfg = a.config.as_deref().map(NetConfig::resolve).transpose()?;
+    let net = edm2::load_net(&a.net, cfg.as_ref())?;
+    let gnet = match &a.gnet {
+        Some(g) => {
+            let has_meta = safetensors::read_header(g)?.metadata.contains_key("edm2.config");
+            let gcfg = if has_meta { None } else { a.gnet_config.as_deref().or(a.config.as_deref()).map(NetConfig::resolve).transpose()? };
+            Some(edm2::load_net(g, gcfg.as_ref())?)
+        }
+        None => None,
+    };
+    let c = net.net.config.clone();
+    if let Some(g) = &gnet {
+        let gc = &g.net.config;
+        if (gc.img_resolution, gc.img_channels, gc.label_dim) != (c.img_resolution, c.img_channels, c.label_dim) {
+            bail!("the guiding network makes {}x{}x{} images with label_dim {}, the main one {}x{}x{} with label_dim {}",
+                gc.img_resolution, gc.img_resolution, gc.img_channels, gc.label_dim, c.img_resolution, c.img_resolution, c.img_channels, c.label_dim);
+        }
+    }
+    if let Some(k) = a.class {
+        if c.label_dim == 0 {
+            bail!("--class given but the network is unconditional");
+        }
+        if k >= c.label_dim {
+            bail!("--class {k} is out of range (label_dim {})", c.label_dim);
+        }
+    }
+    let (ch, r) = (c.img_channels, c.img_resolution);
+    let per = ch * r * r;
+    // Images: (name, noise NCHW, label row, optional churn noise).
+    let given = match &a.noise {
+        Some(p) => {
+            let f = safetensors::read(p)?;
+            let t = f.require("noise")?;
+            if t.shape.len() != 4 || t.shape[1..] != [ch, r, r] {
+                bail!("{}: noise has shape {:?}, the network takes [N, {ch}, {r}, {r}]", p.display(), t.shape);
+            }
+            Some(f)
+        }
+        None => None,
+    };
+    let names: Vec<u64> = match &given {
+        Some(f) => (0..f.require("noise")?.shape[0] as u64).collect(),
+        None => parse_seeds(&a.seeds)?,
+    };
+    let opts = SamplerOpts {
+        num_steps: a.steps,
+        guidance: a.guidance,
+        s_churn: a.s_churn,
+        s_min: a.s_min,
+        s_max: a.s_max,
+        s_noise: a.s_noise,
+        ..Default::default()
+    };
+    let ext = if ch == 4 { "npy" } else { "png" };
+    if ch == 4 {
+        eprintln!("note: 4-channel latents are written as .npy; decoding them to pixels needs the VAE (not part of edm2)");
+    } else if ch != 1 && ch != 3 {
+        bail!("cannot write {ch}-channel images as PNG (1 or 3 channels, or 4-channel latents)");
+    }
+    let mut raw = Vec::new();
+    let mut grid_px = Vec::new();
+    let nbatches = names.len().div_ceil(a.batch);
+    for (bi, chunk) in names.chunks(a.batch).enumerate() {
+        let todo: Vec<u64> = if a.grid.is_none() && a.save_raw.is_none() {
+            chunk.iter().copied().filter(|&s| !image_path(&a.outdir, s, a.subdirs, ext).exists()).collect()
+        } else {
+            chunk.to_vec()
+        };
+        eprintln!("batch {}/{nbatches}: {} images{}", bi + 1, todo.len(), if todo.len() < chunk.len() { " (others exist)" } else { "" });
+        if todo.is_empty() {
+            continue;
+        }
+        let n = todo.len();
+        let mut noise = vec![0.0f32; n * per];
+        let mut labels = (c.label_dim > 0).then(|| Tensor::zeros(&[n, c.label_dim]));
+        for (i, &s) in todo.iter().enumerate() {
+            match &given {
+                Some(f) => {
+                    let t = f.require("noise")?;
+                    noise[i * per..(i + 1) * per].copy_from_slice(&t.data[s as usize * per..(s as usize + 1) * per]);
+                    if let (Some(l), Some(gl)) = (labels.as_mut(), f.get("class_labels")) {
+                        if gl.shape != [t.shape[0], c.label_dim] {
+                            bail!("class_labels has shape {:?}, expected [{}, {}]", gl.shape, t.shape[0], c.label_dim);
+                        }
+                        l.data[i * c.label_dim..(i + 1) * c.label_dim].copy_from_slice(&gl.data[s as usize * c.label_dim..(s as usize + 1) * c.label_dim]);
+                        continue;
+                    }
+                }
+                None => noise[i * per..(i + 1) * per].copy_from_slice(&Rng::new(s).normal_vec(per)),
+            }
+            if let Some(l) = labels.as_mut() {
+                let k = a.class.unwrap_or_else(|| (Rng::new(s ^ 0xC1A55).uniform() * c.label_dim as f64) as usize % c.label_dim);
+                l.data[i * c.label_dim + k] = 1.0;
+            }
+        }
+        let noise = Tensor::from_vec(&[n, ch, r, r], noise).nchw_to_nhwc();
+        let churn_given = given.as_ref().and_then(|f| f.get("churn_noise").cloned());
+        let mut churn = |k: usize| -> Tensor {
+            let mut d = vec![0.0f32; n * per];
+            for (i, &s) in todo.iter().enumerate() {
+                match &churn_given {
+                    Some(t) if k < t.shape[0] => {
+                        let total = t.shape[1] * per;
+                        let src = k * total + s as usize * per;
+                        d[i * per..(i + 1) * per].copy_from_slice(&t.data[src..src + per]);
+                    }
+                    _ => d[i * per..(i + 1) * per].copy_from_slice(&Rng::new(s ^ ((k as u64 + 1) << 32)).normal_vec(per)),
+                }
+            }
+            Tensor::from_vec(&[n, ch, r, r], d).nchw_to_nhwc()
+        };
+        let mut evals = 0;
+        let total_evals = 2 * a.steps - 1;
+        let x = edm_sampler(
+            (&net.net, &net.params),
+            gnet.as_ref().map(|g| (&g.net, &g.params)),
+            &noise,
+            labels.as_ref(),
+            &opts,
+            &mut churn,
+            &mut |_| {
+                evals += 1;
+                eprint!("\r  step {evals}/{total_evals}");
+            },
+        )
+        .nhwc_to_nchw();
+        eprintln!();
+        for (i, &s) in todo.iter().enumerate() {
+            let img = &x.data[i * per..(i + 1) * per];
+            let path = image_path(&a.outdir, s, a.subdirs, ext);
+            std::fs::create_dir_all(path.parent().unwrap()).with_context(|| format!("creating {}", path.parent().unwrap().display()))?;
+            if ch == 4 {
+                write_npy(&path, img, &[ch, r, r])?;
+            } else {
+                let px = to_pixels(img, ch, r, r);
+                write_png(&path, &px, ch, r, r)?;
+                if a.grid.is_some() {
+                    grid_px.push(px);
+                }
+            }
+        }
+        if a.save_raw.is_some() {
+            raw.extend_from_slice(&x.data);
+        }
+    }
+    if let Some(p) = &a.save_raw {
+        let n = raw.len() / per;
+        safetensors::write(p, &[("samples", &[n, ch, r, r], &raw)], &BTreeMap::new(), Dtype::F32)?;
+    }
+    if let (Some(p), false) = (&a.grid, grid_px.is_empty()) {
+        let cols = (grid_px.len() as f64).sqrt().ceil() as usize;
+        let rows = grid_px.len().div_ceil(cols);
+        let (gw, gh) = (cols * r, rows * r);
+        let mut g = vec![0u8; gw * gh * ch];
+        for (k, px) in grid_px.iter().enumerate() {
+            let (gy, gx) = (k / cols * r, k % cols * r);
+            for y in 0..r {
+                let dst = ((gy + y) * gw + gx) * ch;
+                g[dst..dst + r * ch].copy_from_slice(&px[y * r * ch..(y + 1) * r * ch]);
+            }
+        }
+        write_png(p, &g, ch, gh, gw)?;
+    }
+    eprintln!("done: {} images in {}", names.len(), a.outdir.display());
+    Ok(())
+}
