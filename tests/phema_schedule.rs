@@ -105,3 +105,58 @@ fn learning_rate_schedule_matches_official() {
     // The Adam fixture's learning rate (golden README).
     assert!((learning_rate(512000.0, 128.0, 0.01, 1000.0, 1.0) - 0.00256).abs() < 1e-15);
 }
+
+#[test]
+fn response_function_matches_official() {
+    let j = json("phema.json");
+    let r = &j["power_function_response"];
+    let (ofs, std) = (f64s(&r["ofs"]), f64s(&r["std"]));
+    let len = r["len"].as_u64().unwrap() as usize;
+    for (k, want) in r["resp"].as_array().unwrap().iter().enumerate() {
+        let got = phema::power_function_response(ofs[k], std[k], len).unwrap();
+        for (a, b) in got.iter().zip(f64s(want)) {
+            assert!((a - b).abs() <= 1e-9 * b.abs().max(1e-300) || (a - b).abs() < 1e-300, "{a} vs {b}");
+        }
+    }
+}
+
+/// The paper's validation (§3.2): EMAs of σ_rel 0.05 and 0.10 snapshotted during a
+/// synthetic training run reconstruct an EMA of σ_rel 0.07 that was tracked directly,
+/// with an error small compared with the gap between neighbouring EMA lengths.
+#[test]
+fn posthoc_reconstruction_matches_a_directly_tracked_ema() {
+    let specs = vec![ParamSpec { name: "w".into(), shape: vec![64], kind: ParamKind::Param, is_mp_weight: false }];
+    let mut rng = edm2::rng::Rng::new(3);
+    let mut w = vec![0.0f64; 64];
+    let vel: Vec<f64> = (0..64).map(|_| rng.normal()).collect();
+    let stds = [0.05, 0.10, 0.07, 0.06];
+    let mut ema = PowerEma::new(&stds, &Params::zeros(&specs)).unwrap();
+    let (batch, steps, every) = (64u64, 8192u64, 512u64);
+    let mut snaps: Vec<(f64, f64, Vec<f32>)> = Vec::new();
+    for step in 1..=steps {
+        // A drifting, noisy trajectory like training weights.
+        for (i, x) in w.iter_mut().enumerate() {
+            *x += 1e-3 * vel[i] * (1.0 + (step as f64 / 900.0 + i as f64).sin()) + 0.02 * rng.normal();
+        }
+        let net = Params { values: vec![w.iter().map(|&v| v as f32).collect()] };
+        ema.update(&specs, &net, step * batch, batch);
+        if step % every == 0 {
+            for k in 0..2 {
+                snaps.push(((step * batch) as f64, stds[k], ema.emas[k].values[0].clone()));
+            }
+        }
+    }
+    let in_ofs: Vec<f64> = snaps.iter().map(|s| s.0).collect();
+    let in_std: Vec<f64> = snaps.iter().map(|s| s.1).collect();
+    let t_out = (steps * batch) as f64;
+    for (j, target) in [(2usize, 0.07), (3, 0.06)] {
+        let c = phema::solve_posthoc_coefficients(&in_ofs, &in_std, &[t_out], &[target]).unwrap();
+        let rec: Vec<f64> = (0..64).map(|e| snaps.iter().enumerate().map(|(i, s)| c[i][0] * s.2[e] as f64).sum()).collect();
+        let direct: Vec<f64> = ema.emas[j].values[0].iter().map(|&v| v as f64).collect();
+        let gap: Vec<f64> = ema.emas[0].values[0].iter().zip(&ema.emas[1].values[0]).map(|(a, b)| (*a - *b) as f64).collect();
+        let err = rec.iter().zip(&direct).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let gap = gap.iter().map(|g| g * g).sum::<f64>().sqrt();
+        eprintln!("σ_rel {target}: reconstruction error {err:.5}, gap between 0.05 and 0.10 {gap:.5}");
+        assert!(err < 0.1 * gap, "σ_rel {target}: reconstruction error {err:.4} vs gap between 0.05 and 0.10 {gap:.4}");
+    }
+}

@@ -2,6 +2,22 @@
 //! γ of a relative width σ_rel, the per-step β, the inner product of two power-function
 //! profiles and the post-hoc reconstruction coefficients. All in f64, as the official
 //! `training/phema.py` computes them.
+//!
+//! ```
+//! use edm2::phema;
+//! // Snapshots of σ_rel 0.05 and 0.10 every 8 Mi images up to 64 Mi; reconstruct 0.07.
+//! let mut ofs = vec![];
+//! let mut std = vec![];
+//! for k in 1..=8u64 {
+//!     for s in [0.05, 0.10] {
+//!         ofs.push((k << 23) as f64);
+//!         std.push(s);
+//!     }
+//! }
+//! let c = phema::solve_posthoc_coefficients(&ofs, &std, &[(8u64 << 23) as f64], &[0.07]).unwrap();
+//! let total: f64 = c.iter().map(|row| row[0]).sum();
+//! assert!((total - 1.0).abs() < 1e-12); // each output's coefficients sum to 1
+//! ```
 
 pub mod reconstruct;
 
@@ -48,6 +64,26 @@ pub fn power_function_beta(exp: f64, t_next: f64, t_delta: f64) -> f64 {
 pub fn power_function_correlation(ta: f64, ga: f64, tb: f64, gb: f64) -> f64 {
     let e = if ta < tb { gb } else { -ga };
     (ga + 1.0) * (gb + 1.0) * (ta / tb).powf(e) / ((ga + gb + 1.0) * ta.max(tb))
+}
+
+/// The EMA profile (weight of the training-time sample `t` = 0..len) of a power-function
+/// EMA of width `std` read at time `ofs`: `(t/ofs)^γ·(γ+1)/ofs` for `t ≤ ofs`, else 0,
+/// normalized to sum 1.
+pub fn power_function_response(ofs: f64, std: f64, len: usize) -> Result<Vec<f64>> {
+    let g = std_to_exp(std)?;
+    let mut r: Vec<f64> = (0..len)
+        .map(|t| {
+            let t = t as f64;
+            if t <= ofs {
+                (t / ofs).powf(g) / ofs * (g + 1.0)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let s: f64 = r.iter().sum();
+    r.iter_mut().for_each(|v| *v /= s);
+    Ok(r)
 }
 
 /// Post-hoc EMA coefficients: `coefs[i][j]` is the weight of input snapshot `i` (time

@@ -52,32 +52,31 @@ pub fn sigma_steps(o: &SamplerOpts) -> Vec<f32> {
 /// A network with its weights.
 pub type Net<'a> = (&'a Precond, &'a Params);
 
-/// Runs the sampler from `noise` (NHWC, unit variance); `labels` go to both networks.
-/// `churn_noise(k)` gives the unit normal noise for the k-th churned step (in step order).
-/// `on_eval(σ)` is called before each denoiser evaluation (progress, tests).
-pub fn edm_sampler(
-    net: Net,
-    gnet: Option<Net>,
+/// The sampler for any denoiser `denoise(x, σ) → D(x; σ)` (NHWC or any layout: the
+/// sampler is elementwise). `churn_noise(k)` gives the unit normal noise for the k-th
+/// churned step (in step order).
+///
+/// ```
+/// use edm2::sample::{sample_with, SamplerOpts};
+/// use edm2::Tensor;
+/// // Data N(μ = 2, s² = 0.25): the ideal denoiser is μ + s²/(s²+σ²)·(x − μ).
+/// let ideal = |x: &Tensor, t: f32| {
+///     let k = 0.25 / (0.25 + t * t);
+///     Tensor::from_vec(&x.shape, x.data.iter().map(|v| 2.0 + k * (v - 2.0)).collect())
+/// };
+/// let noise = Tensor::from_vec(&[1, 1], vec![0.3]);
+/// let x = sample_with(&mut |x, t| ideal(x, t), &noise, &SamplerOpts::default(), &mut |_| unreachable!());
+/// // The probability-flow ODE keeps (x − μ)/sqrt(s² + σ²) constant.
+/// let x_t = 0.3 * 79.99998_f32;
+/// let want = 2.0 + 0.5 * (x_t - 2.0) / (0.25f32 + 79.99998 * 79.99998).sqrt();
+/// assert!((x.data[0] - want).abs() < 5e-3); // Heun discretization error at 32 steps: 2e-3
+/// ```
+pub fn sample_with(
+    denoise: &mut dyn FnMut(&Tensor, f32) -> Tensor,
     noise: &Tensor,
-    labels: Option<&Tensor>,
     o: &SamplerOpts,
     churn_noise: &mut dyn FnMut(usize) -> Tensor,
-    on_eval: &mut dyn FnMut(f32),
 ) -> Tensor {
-    let n = noise.shape[0];
-    let mut denoise = |x: &Tensor, t: f32| -> Tensor {
-        on_eval(t);
-        let sig = vec![t; n];
-        let d = net.0.forward(net.1, x, &sig, labels, &Mode::eval(), false).d;
-        if o.guidance == 1.0 {
-            return d;
-        }
-        let g = gnet.expect("guidance != 1 needs a guiding network");
-        let gd = g.0.forward(g.1, x, &sig, labels, &Mode::eval(), false).d;
-        // ref_Dx.lerp(Dx, guidance), elementwise as PyTorch.
-        let data = gd.data.iter().zip(&d.data).map(|(&a, &b)| torch_lerp(a, b, o.guidance)).collect();
-        Tensor::from_vec(&d.shape, data)
-    };
     let t = sigma_steps(o);
     let mut x_next = Tensor::from_vec(&noise.shape, noise.data.iter().map(|v| v * t[0]).collect());
     let mut churned = 0;
@@ -117,4 +116,32 @@ pub fn edm_sampler(
         x_next = Tensor::from_vec(&x_hat.shape, next);
     }
     x_next
+}
+
+/// The sampler with an EDM2 network (eval mode) and optional guiding network:
+/// `D = g + w (D_net − g)` (PyTorch's `lerp`), `labels` given to both.
+/// `on_eval(σ)` is called before each denoiser evaluation (progress, tests).
+pub fn edm_sampler(
+    net: Net,
+    gnet: Option<Net>,
+    noise: &Tensor,
+    labels: Option<&Tensor>,
+    o: &SamplerOpts,
+    churn_noise: &mut dyn FnMut(usize) -> Tensor,
+    on_eval: &mut dyn FnMut(f32),
+) -> Tensor {
+    let n = noise.shape[0];
+    let mut denoise = |x: &Tensor, t: f32| -> Tensor {
+        on_eval(t);
+        let sig = vec![t; n];
+        let d = net.0.forward(net.1, x, &sig, labels, &Mode::eval(), false).d;
+        if o.guidance == 1.0 {
+            return d;
+        }
+        let g = gnet.expect("guidance != 1 needs a guiding network");
+        let gd = g.0.forward(g.1, x, &sig, labels, &Mode::eval(), false).d;
+        let data = gd.data.iter().zip(&d.data).map(|(&a, &b)| torch_lerp(a, b, o.guidance)).collect();
+        Tensor::from_vec(&d.shape, data)
+    };
+    sample_with(&mut denoise, noise, o, churn_noise)
 }
