@@ -21,6 +21,9 @@ pub struct Args {
     pub json: bool,
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Also time one full sampling run (32 Heun steps = 63 evaluations) at this batch.
+    #[arg(long)]
+    pub sampling: bool,
     /// Measure only the training step or only the forward pass (e.g. for peak memory).
     #[arg(long, value_parser = ["train", "forward", "both"], default_value = "both")]
     pub only: String,
@@ -118,6 +121,20 @@ pub fn run(a: Args) -> Result<()> {
     if std::env::var("EDM2_PROFILE").is_ok() {
         eprintln!("profile of {} forward passes:\n{}", a.iters, edm2::profile::report());
     }
+    let sampling_ips = a.sampling.then(|| {
+        let noise = Tensor::from_vec(&[n, r, r, c], rng.normal_vec(n * r * r * c));
+        let t = Instant::now();
+        let mut k = 0;
+        let x = edm2::sample::edm_sampler((&net, &params), None, &noise, labels.as_ref(), &Default::default(), &mut |_| unreachable!(), &mut |_| {
+            k += 1;
+            eprint!("\r  sampling: evaluation {k}/63");
+        });
+        std::hint::black_box(&x);
+        let s = t.elapsed().as_secs_f64();
+        eprintln!();
+        println!("sampling:   {:.1} s for {n} images (63 evaluations) = {:.3} img/s", s, n as f64 / s);
+        n as f64 / s
+    });
     let macs = net.macs_per_image() as f64;
     // (median, min, max) of a series, None when it was not measured.
     let stats = |v: &mut Vec<f64>| (!v.is_empty()).then(|| {
@@ -145,6 +162,7 @@ pub fn run(a: Args) -> Result<()> {
                 "train_step_ms_min": ts.map(|s| s.1), "train_step_ms_max": ts.map(|s| s.2),
                 "forward_ms_min": fs.map(|s| s.1), "forward_ms_max": fs.map(|s| s.2),
                 "threads": rayon::current_num_threads(),
+                "images_per_s_sampling": sampling_ips,
             })
         );
     }
