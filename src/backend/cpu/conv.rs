@@ -189,19 +189,26 @@ pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y:
             gemm16::gemm16(pixels, o, i, x, i, &bp, y, o, true);
         }
         0 | 1 => {
-            let _prof = crate::profile::scope(if eff.k == 0 { "linear.gemm" } else { "conv1x1.gemm" });
-            sgemm(pixels, o, i, MatRef::rm(x, i), MatRef::rm_t(&eff.w, i), y, false, true)
+            // Linear layers and narrow 1x1 convs: row-wise dot products, so a sample's
+            // output does not depend on the batch size (the `gemm` crate's blocking does).
+            let _prof = crate::profile::scope(if eff.k == 0 { "linear" } else { "conv1x1.rowdot" });
+            super::ops::rowdot_matmul(x, i, &eff.w, o, y);
         }
         3 if eff.packed.is_some() => {
             let _prof = crate::profile::scope("conv3x3.direct");
             conv3x3::conv3x3_direct(x, n, h, w, i, eff.packed.as_ref().unwrap(), o, y);
         }
         3 => {
+            // Output widths the direct kernel does not take (e.g. the 3-channel out_conv):
+            // im2col per image and row-wise dot products (batch-size independent).
             let kdim = 9 * i;
-            let mut patches = vec![0.0f32; pixels * kdim];
-            im2col3(x, n, h, w, i, &mut patches);
-            let _prof = crate::profile::scope("conv3x3.gemm");
-            sgemm(pixels, o, kdim, MatRef::rm(&patches, kdim), MatRef::rm_t(&eff.w, kdim), y, false, true);
+            let w_ohwi = eff.ohwi();
+            let mut patches = vec![0.0f32; h * w * kdim];
+            for b in 0..n {
+                im2col3_rows(x, h, w, i, b * h, (b + 1) * h, &mut patches);
+                let _prof = crate::profile::scope("conv3x3.rowdot");
+                super::ops::rowdot_matmul(&patches, kdim, &w_ohwi, o, &mut y[b * h * w * o..(b + 1) * h * w * o]);
+            }
         }
         k => panic!("unsupported kernel size {k}"),
     }

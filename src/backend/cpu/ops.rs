@@ -449,3 +449,35 @@ crate::multiversion! {
         }
     }
 }
+
+crate::multiversion! {
+    /// `Σ a·b` in f32 over 8 interleaved lanes combined in a fixed order: vectorizes, and
+    /// the result depends only on the two rows (not on batch size or threading).
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for j in 0..8 {
+                acc[j] += x[j] * y[j];
+            }
+        }
+        for (j, (x, y)) in ra.iter().zip(rb).enumerate() {
+            acc[j] += x * y;
+        }
+        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    }
+}
+
+/// `y[m, o] = Σ_k a[m, k] · w[o, k]` row by row with [`dot_f32`]: every output element
+/// is computed the same way whatever M is, so a sample's result does not depend on the
+/// batch it is in. Used for the layers whose shapes the tile kernels do not take.
+pub fn rowdot_matmul(a: &[f32], k: usize, w: &[f32], o: usize, y: &mut [f32]) {
+    y.par_chunks_mut(o * 64).zip(a.par_chunks(k * 64)).for_each(|(yc, ac)| {
+        for (yr, ar) in yc.chunks_mut(o).zip(ac.chunks(k)) {
+            for (j, v) in yr.iter_mut().enumerate() {
+                *v = dot_f32(ar, &w[j * k..(j + 1) * k]);
+            }
+        }
+    });
+}
