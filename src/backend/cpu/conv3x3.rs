@@ -22,8 +22,7 @@
 
 use rayon::prelude::*;
 
-const NR: usize = 16;
-const MR: usize = 6;
+use super::microkernel::{MR, NR};
 
 /// True when the CPU has AVX2 and FMA (checked once).
 pub fn available() -> bool {
@@ -167,47 +166,21 @@ struct Taps {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile<const M: usize, const LEFT: bool, const RIGHT: bool>(a: *const f32, k: Taps, b: *const f32, c: *mut f32, cstride: usize) {
+    use super::microkernel::{fma_tile, store_tile};
     use std::arch::x86_64::*;
     let cin = k.cin;
     let mut acc0 = [_mm256_setzero_ps(); M];
     let mut acc1 = [_mm256_setzero_ps(); M];
-    // One tap over all input channels; `skip_first`/`skip_last` are constants at each
-    // call site, so the pixel loop unrolls without branches.
-    #[inline(always)]
-    unsafe fn tap<const M: usize>(
-        ap: *const f32,
-        bp: *const f32,
-        cin: usize,
-        skip_first: bool,
-        skip_last: bool,
-        acc0: &mut [__m256; M],
-        acc1: &mut [__m256; M],
-    ) {
-        for ci in 0..cin {
-            let b0 = _mm256_loadu_ps(bp.add(ci * NR));
-            let b1 = _mm256_loadu_ps(bp.add(ci * NR + 8));
-            for m in 0..M {
-                if (skip_first && m == 0) || (skip_last && m == M - 1) {
-                    continue;
-                }
-                let av = _mm256_broadcast_ss(&*ap.add(m * cin + ci));
-                acc0[m] = _mm256_fmadd_ps(av, b0, acc0[m]);
-                acc1[m] = _mm256_fmadd_ps(av, b1, acc1[m]);
-            }
-        }
-    }
     for ky in k.ky0..k.ky1 {
         let row = a.offset((ky as isize - 1) * k.row_stride as isize);
         let bp = b.add(ky * 3 * cin * NR);
         // kx = 0 reads column x − 1; pointer arithmetic only (the skipped pixel is never read).
-        tap::<M>(row.wrapping_sub(cin), bp, cin, LEFT, false, &mut acc0, &mut acc1);
-        tap::<M>(row, bp.add(cin * NR), cin, false, false, &mut acc0, &mut acc1);
-        tap::<M>(row.wrapping_add(cin), bp.add(2 * cin * NR), cin, false, RIGHT, &mut acc0, &mut acc1);
+        // One tap over all input channels per call; the skip flags are constants.
+        fma_tile::<M>(row.wrapping_sub(cin), cin, 1, bp, NR, cin, LEFT, false, &mut acc0, &mut acc1);
+        fma_tile::<M>(row, cin, 1, bp.add(cin * NR), NR, cin, false, false, &mut acc0, &mut acc1);
+        fma_tile::<M>(row.wrapping_add(cin), cin, 1, bp.add(2 * cin * NR), NR, cin, false, RIGHT, &mut acc0, &mut acc1);
     }
-    for m in 0..M {
-        _mm256_storeu_ps(c.add(m * cstride), acc0[m]);
-        _mm256_storeu_ps(c.add(m * cstride + 8), acc1[m]);
-    }
+    store_tile::<M>(c, cstride, &acc0, &acc1);
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -310,14 +283,12 @@ struct DwRows {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dw_run<const M: usize>(x: *const f32, dy: *const f32, g: &DwRows, acc: *mut f32) {
+    use super::microkernel::{fma_tile, load_tile, store_tile};
     use std::arch::x86_64::*;
     let (cin, cout) = (g.cin, g.cout);
     let mut a0 = [_mm256_setzero_ps(); M];
     let mut a1 = [_mm256_setzero_ps(); M];
-    for m in 0..M {
-        a0[m] = _mm256_loadu_ps(acc.add(m * NR));
-        a1[m] = _mm256_loadu_ps(acc.add(m * NR + 8));
-    }
+    load_tile::<M>(acc, NR, &mut a0, &mut a1);
     let len = g.xhi - g.xlo;
     for r in g.r0..g.r1 {
         let (b, yy) = (r / g.h, r % g.h);
@@ -325,23 +296,13 @@ unsafe fn dw_run<const M: usize>(x: *const f32, dy: *const f32, g: &DwRows, acc:
         if sy < 0 || sy >= g.h as isize {
             continue;
         }
-        // Output pixel xx reads source pixel (sy, xx + kx − 1).
+        // Output pixel xx reads source pixel (sy, xx + kx − 1): rows of the tile are input
+        // channels (stride 1), the reduction runs over pixels (stride cin in x, cout in dy).
         let xp = x.add(((b * g.h + sy as usize) * g.w + g.xlo + g.kx - 1) * cin + g.ci0);
         let dp = dy.add((r * g.w + g.xlo) * cout + g.o0);
-        for p in 0..len {
-            let g0 = _mm256_loadu_ps(dp.add(p * cout));
-            let g1 = _mm256_loadu_ps(dp.add(p * cout + 8));
-            for m in 0..M {
-                let xv = _mm256_broadcast_ss(&*xp.add(p * cin + m));
-                a0[m] = _mm256_fmadd_ps(xv, g0, a0[m]);
-                a1[m] = _mm256_fmadd_ps(xv, g1, a1[m]);
-            }
-        }
+        fma_tile::<M>(xp, 1, cin, dp, cout, len, false, false, &mut a0, &mut a1);
     }
-    for m in 0..M {
-        _mm256_storeu_ps(acc.add(m * NR), a0[m]);
-        _mm256_storeu_ps(acc.add(m * NR + 8), a1[m]);
-    }
+    store_tile::<M>(acc, NR, &a0, &a1);
 }
 
 #[cfg(not(target_arch = "x86_64"))]

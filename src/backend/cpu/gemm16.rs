@@ -12,8 +12,7 @@
 use super::simd::avx2_fma;
 use rayon::prelude::*;
 
-const NR: usize = 16;
-const MR: usize = 6;
+use super::microkernel::{MR, NR};
 
 /// Whether [`gemm16`] can run: AVX2+FMA present and `n % 16 == 0`.
 pub fn usable(n: usize) -> bool {
@@ -95,22 +94,12 @@ pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kern<const M: usize>(a: *const f32, lda: usize, k: usize, b: *const f32, c: *mut f32, ldc: usize) {
+    use super::microkernel::{fma_tile, store_tile};
     use std::arch::x86_64::*;
     let mut acc0 = [_mm256_setzero_ps(); M];
     let mut acc1 = [_mm256_setzero_ps(); M];
-    for kk in 0..k {
-        let b0 = _mm256_loadu_ps(b.add(kk * NR));
-        let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
-        for m in 0..M {
-            let av = _mm256_broadcast_ss(&*a.add(m * lda + kk));
-            acc0[m] = _mm256_fmadd_ps(av, b0, acc0[m]);
-            acc1[m] = _mm256_fmadd_ps(av, b1, acc1[m]);
-        }
-    }
-    for m in 0..M {
-        _mm256_storeu_ps(c.add(m * ldc), acc0[m]);
-        _mm256_storeu_ps(c.add(m * ldc + 8), acc1[m]);
-    }
+    fma_tile::<M>(a, lda, 1, b, NR, k, false, false, &mut acc0, &mut acc1);
+    store_tile::<M>(c, ldc, &acc0, &acc1);
 }
 
 #[cfg(not(target_arch = "x86_64"))]

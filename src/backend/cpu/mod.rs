@@ -7,6 +7,7 @@ pub mod conv;
 pub mod conv3x3;
 pub mod gemm;
 pub mod gemm16;
+pub mod microkernel;
 #[macro_use]
 pub mod simd;
 pub mod ops;
