@@ -5,3 +5,4 @@ pub mod adam;
 pub mod ema;
 pub mod loss;
 pub mod schedule;
+pub mod snapshot;
