@@ -154,7 +154,7 @@ impl NetConfig {
         }
         let path = std::path::Path::new(name_or_path);
         if path.exists() {
-            let s = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+            let s = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), err: e })?;
             return Self::from_json_str(&s).map_err(|e| match e {
                 Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
                 e => e,

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // `err` (not `source`): the message already includes it, so error chains do not
+    // print it twice.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: not a valid safetensors file: {reason}")]
     Malformed { path: PathBuf, reason: String },
     #[error("{path}: tensor '{name}' is missing")]

@@ -74,7 +74,7 @@ fn malformed(path: &Path, reason: impl Into<String>) -> Error {
 pub fn read_header(path: impl AsRef<Path>) -> Result<StFile> {
     use std::io::Read;
     let path = path.as_ref();
-    let io = |e| Error::Io { path: path.into(), source: e };
+    let io = |e| Error::Io { path: path.into(), err: e };
     let mut f = std::fs::File::open(path).map_err(io)?;
     let size = f.metadata().map_err(io)?.len();
     let mut len = [0u8; 8];
@@ -117,7 +117,7 @@ pub fn read_header(path: impl AsRef<Path>) -> Result<StFile> {
 /// Reads and validates a whole safetensors file.
 pub fn read(path: impl AsRef<Path>) -> Result<StFile> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.into(), err: e })?;
     parse(path, &bytes)
 }
 
@@ -224,7 +224,7 @@ pub fn serialize(tensors: &[(&str, &[usize], &[f32])], metadata: &BTreeMap<Strin
 /// crash never leaves a truncated file under the final name.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let path = path.as_ref();
-    let io = |e| Error::Io { path: path.into(), source: e };
+    let io = |e| Error::Io { path: path.into(), err: e };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let fname = path.file_name().ok_or_else(|| Error::Input(format!("{}: not a file path", path.display())))?;
     let tmp = dir.join(format!(".{}.tmp{}", fname.to_string_lossy(), std::process::id()));

@@ -35,7 +35,7 @@ pub fn parse_snapshot_name(name: &str) -> Option<(u64, f64)> {
 
 /// All snapshots in `dir` (other files are ignored), sorted by (nimg, σ).
 pub fn scan(dir: &Path) -> Result<Vec<Snapshot>> {
-    let io = |e| Error::Io { path: dir.into(), source: e };
+    let io = |e| Error::Io { path: dir.into(), err: e };
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
@@ -144,7 +144,7 @@ pub fn write_outputs(plan: &Plan, outdir: &Path, dtype: Option<Dtype>, config: O
         }
     }
     progress(plan.inputs.len(), plan.inputs.len());
-    std::fs::create_dir_all(outdir).map_err(|e| Error::Io { path: outdir.into(), source: e })?;
+    std::fs::create_dir_all(outdir).map_err(|e| Error::Io { path: outdir.into(), err: e })?;
     let dtype = dtype.unwrap_or(plan.inputs[0].dtype);
     let mut paths = Vec::new();
     for (j, out) in outs.iter().enumerate() {
