@@ -118,7 +118,7 @@ fn write_png(path: &Path, px: &[u8], c: usize, h: usize, w: usize) -> Result<()>
         enc.set_depth(png::BitDepth::Eight);
         enc.write_header()?.write_image_data(px)?;
     }
-    safetensors::write_atomic(path, &buf)?;
+    edm2::io::write_atomic(path, &buf)?;
     Ok(())
 }
 
@@ -133,7 +133,7 @@ fn write_npy(path: &Path, x: &[f32], shape: &[usize]) -> Result<()> {
     buf.extend_from_slice(&(header.len() as u16).to_le_bytes());
     buf.extend_from_slice(header.as_bytes());
     x.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
-    safetensors::write_atomic(path, &buf)?;
+    edm2::io::write_atomic(path, &buf)?;
     Ok(())
 }
 

@@ -54,7 +54,7 @@ pub fn run(a: Args) -> Result<()> {
     );
     if let Some(j) = &a.json {
         let doc = serde_json::to_string_pretty(&reconstruct::plan_json(&plan))?;
-        edm2::io::safetensors::write_atomic(j, doc.as_bytes())?;
+        edm2::io::write_atomic(j, doc.as_bytes())?;
     }
     if a.list {
         print!("{:<48}", "input \\ output std");

@@ -4,7 +4,6 @@
 
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,26 +219,11 @@ pub fn serialize(tensors: &[(&str, &[usize], &[f32])], metadata: &BTreeMap<Strin
     out
 }
 
-/// Writes atomically: a temporary file in the same directory, fsync, then rename, so a
-/// crash never leaves a truncated file under the final name.
-pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
-    let path = path.as_ref();
-    let io = |e| Error::Io { path: path.into(), err: e };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let fname = path.file_name().ok_or_else(|| Error::Input(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp{}", fname.to_string_lossy(), std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)
-}
-
 pub fn write(
     path: impl AsRef<Path>,
     tensors: &[(&str, &[usize], &[f32])],
     metadata: &BTreeMap<String, String>,
     dtype: Dtype,
 ) -> Result<()> {
-    write_atomic(path, &serialize(tensors, metadata, dtype))
+    super::write_atomic(path, &serialize(tensors, metadata, dtype))
 }

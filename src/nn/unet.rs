@@ -64,7 +64,6 @@ pub struct PrecondCache {
     c_out: Vec<f32>,
     emb_fourier: Tensor,
     labels_scaled: Option<Tensor>,
-    emb_noise: Tensor,
     emb_pre: Tensor,
     emb: Tensor,
     x_cat: Tensor,
@@ -320,20 +319,20 @@ impl Precond {
         }
         // Input: [c_in·x, 1] along channels (the constant channel last).
         let (r, ci) = (cfg.img_resolution, cfg.img_channels);
-        let mut x_in = Tensor::zeros(&x.shape);
         let mut x_cat = Tensor::zeros(&[n, r, r, ci + 1]);
         for b in 0..n {
             let c_in = coefs[b].2;
             for px in 0..r * r {
                 for ch in 0..ci {
-                    let v = c_in * x.data[(b * r * r + px) * ci + ch];
-                    x_in.data[(b * r * r + px) * ci + ch] = v;
-                    x_cat.data[(b * r * r + px) * (ci + 1) + ch] = v;
+                    x_cat.data[(b * r * r + px) * (ci + 1) + ch] = c_in * x.data[(b * r * r + px) * ci + ch];
                 }
                 x_cat.data[(b * r * r + px) * (ci + 1) + ci] = 1.0;
             }
         }
         if collect_intermediates {
+            // x_in = c_in·x: the first channels of the network input.
+            let x_in: Vec<f32> = x_cat.data.chunks(ci + 1).flat_map(|p| p[..ci].to_vec()).collect();
+            let x_in = Tensor::from_vec(&x.shape, x_in);
             inter.push(("x_in".into(), x_in));
         }
         // Encoder. Every output is a skip: the skip stack owns it and the next layer
@@ -412,7 +411,6 @@ impl Precond {
             c_out: coefs.iter().map(|c| c.1).collect(),
             emb_fourier,
             labels_scaled,
-            emb_noise,
             emb_pre,
             emb,
             x_cat,
@@ -511,7 +509,6 @@ impl Precond {
             d_label.data.iter_mut().for_each(|v| *v *= wb);
             m.backward(p, e, l, &d_label, false, &mut g);
         }
-        let _ = &c.emb_noise;
         u.emb_noise.backward(p, &c.effs.emb_noise, &c.emb_fourier, &d_noise, false, &mut g);
         g
     }

@@ -26,7 +26,7 @@ pub struct EffWeight {
     /// Per output row `eps + rms(W_row)`.
     pub denom: Vec<f32>,
     pub gain: f32,
-    /// 3x3 weights packed for the direct kernel (`conv3x3::pack_forward` layout).
+    /// 3x3 weights packed for the direct kernel: `[O/16][9][I][16]`.
     pub packed: Option<Vec<f32>>,
 }
 
@@ -262,7 +262,7 @@ pub fn conv_backward(
                 let _prof = crate::profile::scope("conv3x3.bwd_w.direct");
                 conv3x3::conv_weight_grad(3, x, n, h, w, i, dy, o, d_eff);
             } else {
-                conv3x3_weight_grad(x, n, h, w, i, dy, o, d_eff);
+                conv3x3_weight_grad_im2col(x, n, h, w, i, dy, o, d_eff);
             }
             if let Some(dx) = dx {
                 let packed = conv3x3::pack_backward_from_forward(eff.packed.as_ref().unwrap(), o, i);
@@ -293,7 +293,7 @@ pub fn conv_backward(
 /// Weight gradient of a 3x3 conv, `d_eff[o, tap, ci] = Σ_p dy[p, o] · patch[p, tap·C + ci]`,
 /// as GEMMs over chunks of whole image rows (~2048 pixels) whose im2col stays in cache;
 /// chunks accumulate in a fixed order (deterministic).
-pub fn conv3x3_weight_grad(x: &[f32], n: usize, h: usize, w: usize, cin: usize, dy: &[f32], cout: usize, d_eff: &mut [f32]) {
+pub fn conv3x3_weight_grad_im2col(x: &[f32], n: usize, h: usize, w: usize, cin: usize, dy: &[f32], cout: usize, d_eff: &mut [f32]) {
     let kdim = 9 * cin;
     let rows_per_chunk = (2048 / w).max(1).min(n * h);
     let mut patches = vec![0.0f32; rows_per_chunk * w * kdim];

@@ -29,24 +29,8 @@ pub fn available() -> bool {
     super::simd::avx2_fma()
 }
 
-/// Forward packing: OHWI `[O][9][Cin]` → `[O/16][9][Cin][16]` (parallel over blocks;
-/// each block reads its 16 rows contiguously and writes one L2-resident panel).
-pub fn pack_forward(w_ohwi: &[f32], _cout: usize, cin: usize) -> Vec<f32> {
-    let _prof = crate::profile::scope("pack");
-    let mut p = vec![0.0f32; w_ohwi.len()];
-    let blk = 9 * cin * NR;
-    p.par_chunks_mut(blk).enumerate().for_each(|(ob, dst)| {
-        for j in 0..NR {
-            let row = &w_ohwi[(ob * NR + j) * 9 * cin..(ob * NR + j + 1) * 9 * cin];
-            for (t, &v) in row.iter().enumerate() {
-                dst[t * NR + j] = v;
-            }
-        }
-    });
-    p
-}
-
-/// Inverse of [`pack_forward`].
+/// OHWI `[O][9][Cin]` from the forward packing `[O/16][9][Cin][16]` (which
+/// `conv::effective_weight` writes directly).
 pub fn unpack_forward(p: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut w = vec![0.0f32; p.len()];
     for o in 0..cout {
@@ -58,7 +42,8 @@ pub fn unpack_forward(p: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     w
 }
 
-/// [`pack_backward`] from the forward packing `[O/16][9][Cin][16]` (no OHWI copy needed).
+/// Data-gradient packing `[Cin/16][9][O][16]`, taps flipped, from the forward packing
+/// `[O/16][9][Cin][16]` (no OHWI copy needed).
 pub fn pack_backward_from_forward(pf: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let _prof = crate::profile::scope("pack");
     let mut p = vec![0.0f32; pf.len()];
@@ -77,25 +62,9 @@ pub fn pack_backward_from_forward(pf: &[f32], cout: usize, cin: usize) -> Vec<f3
     p
 }
 
-/// Data-gradient packing: OHWI `[O][9][Cin]` → `[Cin/16][9][O][16]` with the taps flipped
-/// (16-float contiguous copies, parallel over input-channel blocks).
-pub fn pack_backward(w_ohwi: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let _prof = crate::profile::scope("pack");
-    let mut p = vec![0.0f32; w_ohwi.len()];
-    p.par_chunks_mut(9 * cout * NR).enumerate().for_each(|(cb, dst)| {
-        for tap in 0..9 {
-            for o in 0..cout {
-                let src = (o * 9 + (8 - tap)) * cin + cb * NR;
-                dst[(tap * cout + o) * NR..(tap * cout + o + 1) * NR].copy_from_slice(&w_ohwi[src..src + NR]);
-            }
-        }
-    });
-    p
-}
-
 /// `y[N, H, W, cout] = conv3x3(x, packed)` for an unpadded NHWC `x` `[N, H, W, cin]`
 /// ('same' zero padding is implicit: taps that fall outside the image are skipped) and
-/// `packed` from [`pack_forward`] (or [`pack_backward`] for a data gradient).
+/// `packed` in the forward packing (or [`pack_backward_from_forward`] for a data gradient).
 pub fn conv3x3_direct(x: &[f32], n: usize, h: usize, w: usize, cin: usize, packed: &[f32], cout: usize, y: &mut [f32]) {
     assert!(available() && cout % NR == 0);
     assert_eq!(x.len(), n * h * w * cin);

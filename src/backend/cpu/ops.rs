@@ -179,9 +179,8 @@ pub fn mp_sum_coefs(t: f32) -> (f32, f32) {
 
 /// `a ← mp_sum(a, b, t)` in place.
 pub fn mp_sum_inplace(a: &mut [f32], b: &[f32], t: f32) {
-    let _prof = crate::profile::scope("mp_sum");
     let (wa, wb) = mp_sum_coefs(t);
-    a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(ac, bc)| axpby_kernel(ac, bc, wa, wb));
+    axpby(a, b, wa, wb);
 }
 
 /// Coefficients of MP-cat (paper Eq. 103): `[ka·a, kb·b]`.
