@@ -92,6 +92,13 @@ pub struct TrainPreset {
     pub p_mean: f64,
     pub p_std: f64,
     pub duration_img: u64,
+    /// Linear learning-rate ramp-up, in millions of images (decimal, as the official
+    /// `rampup_Mimg`).
+    pub rampup_mimg: f64,
+    /// Status, snapshot and checkpoint intervals, in images.
+    pub status_img: u64,
+    pub snapshot_img: u64,
+    pub checkpoint_img: u64,
 }
 
 pub struct Preset {
@@ -218,12 +225,23 @@ fn paper(name: &'static str, img512: bool, ch: usize, lr: f64, dropout: f32, dur
     Preset {
         name,
         net,
-        train: TrainPreset { batch: 2048, lr, decay_batches: decay, p_mean, p_std, duration_img: dur_mi * MI },
+        train: TrainPreset {
+            batch: 2048,
+            lr,
+            decay_batches: decay,
+            p_mean,
+            p_std,
+            duration_img: dur_mi * MI,
+            rampup_mimg: 10.0,
+            status_img: 128 << 10,
+            snapshot_img: 8 * MI,
+            checkpoint_img: 128 * MI,
+        },
     }
 }
 
-fn cpu(name: &'static str, res: usize, ch: usize, mult: &[usize], blocks: usize, attn: &[usize]) -> Preset {
-    let mut net = NetConfig::with_defaults(res, 3, 10);
+fn cpu(name: &'static str, res: usize, img_ch: usize, ch: usize, mult: &[usize], blocks: usize, attn: &[usize]) -> Preset {
+    let mut net = NetConfig::with_defaults(res, img_ch, 10);
     net.model_channels = ch;
     net.channel_mult = mult.to_vec();
     net.num_blocks = blocks;
@@ -232,8 +250,39 @@ fn cpu(name: &'static str, res: usize, ch: usize, mult: &[usize], blocks: usize,
     Preset {
         name,
         net,
-        train: TrainPreset { batch: 32, lr: 0.01, decay_batches: 4000.0, p_mean: -0.8, p_std: 1.6, duration_img: 8 * MI },
+        train: TrainPreset {
+            batch: 32,
+            lr: 0.01,
+            decay_batches: 4000.0,
+            p_mean: -0.8,
+            p_std: 1.6,
+            duration_img: 8 * MI,
+            rampup_mimg: 0.05,
+            status_img: 4 << 10,
+            snapshot_img: 64 << 10,
+            checkpoint_img: 256 << 10,
+        },
     }
+}
+
+/// The default training preset: a ~1.4 M-parameter net for the built-in Fashion-MNIST
+/// (32x32x1, 10 classes) sized for tens of minutes on two CPU cores — short ramp-up and
+/// decay, a status line every 4Ki images, snapshots every 32Ki, checkpoints every 64Ki.
+fn cpu_fmnist() -> Preset {
+    let mut p = cpu("cpu-fmnist", 32, 1, 32, &[1, 2, 2], 1, &[8]);
+    p.train = TrainPreset {
+        batch: 64,
+        lr: 0.01,
+        decay_batches: 2000.0,
+        p_mean: -0.8,
+        p_std: 1.6,
+        duration_img: 2 * MI,
+        rampup_mimg: 0.01,
+        status_img: 4 << 10,
+        snapshot_img: 32 << 10,
+        checkpoint_img: 64 << 10,
+    };
+    p
 }
 
 /// All presets: the paper's (DESIGN.md §6) and CPU-sized ones.
@@ -252,8 +301,9 @@ pub fn presets() -> Vec<Preset> {
         paper("edm2-img64-l", false, 320, 0.0080, 0.10, 1024),
         paper("edm2-img64-xl", false, 384, 0.0070, 0.10, 640),
         // CPU-sized: the shapes of the torch CPU baseline (golden/torch_cpu_baseline.json).
-        cpu("cpu-s32", 32, 64, &[1, 2, 2], 2, &[16, 8]),
-        cpu("cpu-xs16", 16, 32, &[1, 2], 1, &[8]),
+        cpu("cpu-s32", 32, 3, 64, &[1, 2, 2], 2, &[16, 8]),
+        cpu("cpu-xs16", 16, 3, 32, &[1, 2], 1, &[8]),
+        cpu_fmnist(),
     ]
 }
 

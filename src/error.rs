@@ -24,6 +24,9 @@ pub enum Error {
     Input(String),
     #[error("{0}")]
     DeviceUnavailable(String),
+    /// Bad training data: the message names the dataset and, where one is at fault, the file.
+    #[error("dataset: {0}")]
+    Data(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -19,6 +19,7 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod io;
 pub mod nn;

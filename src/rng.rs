@@ -44,3 +44,13 @@ impl Rng {
         (0..n).map(|_| self.normal() as f32).collect()
     }
 }
+
+/// A well-mixed 64-bit seed from two values (SplitMix64 finalizer of `a ^ b·φ`): per-step
+/// and per-image generators are `Rng::new(mix(seed, index))`, so any step of a run can be
+/// reproduced from the run's seed and the image count alone (exact resume).
+pub fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x632B_E59B_D9B4_E019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

@@ -52,7 +52,7 @@ fn short_run_snapshots_feed_phema() {
         ema.update(&net.specs, &p, nimg, n * 500);
         if step % 2 == 1 {
             for (k, std) in [0.05, 0.1].iter().enumerate() {
-                let path = snapshot::write_snapshot(&dir, &net.specs, &ema.emas[k], &net.config, nimg, *std, Dtype::F16, &BTreeMap::new()).unwrap();
+                let path = snapshot::write_snapshot(&dir, &net.specs, &ema.emas[k], &net.config, nimg, Some(*std), Dtype::F16, &BTreeMap::new()).unwrap();
                 written.push(path);
             }
         }

@@ -9,6 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use edm2::backend::{ensure_available, Device};
+use edm2::io::image::{grid, to_pixels, write_png};
 use edm2::io::safetensors::{self, Dtype};
 use edm2::rng::Rng;
 use edm2::sample::{edm_sampler, SamplerOpts};
@@ -97,29 +98,6 @@ pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
 fn image_path(outdir: &Path, name: u64, subdirs: bool, ext: &str) -> PathBuf {
     let dir = if subdirs { outdir.join(format!("{:06}", name / 1000 * 1000)) } else { outdir.to_path_buf() };
     dir.join(format!("{name:06}.{ext}"))
-}
-
-/// NCHW sample → 8-bit pixels, `clip(x·127.5 + 128, 0, 255)` truncated, HWC order.
-fn to_pixels(x: &[f32], c: usize, h: usize, w: usize) -> Vec<u8> {
-    let mut px = vec![0u8; c * h * w];
-    for ch in 0..c {
-        for i in 0..h * w {
-            px[i * c + ch] = (x[ch * h * w + i] * 127.5 + 128.0).clamp(0.0, 255.0) as u8;
-        }
-    }
-    px
-}
-
-fn write_png(path: &Path, px: &[u8], c: usize, h: usize, w: usize) -> Result<()> {
-    let mut buf = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut buf, w as u32, h as u32);
-        enc.set_color(if c == 1 { png::ColorType::Grayscale } else { png::ColorType::Rgb });
-        enc.set_depth(png::BitDepth::Eight);
-        enc.write_header()?.write_image_data(px)?;
-    }
-    edm2::io::write_atomic(path, &buf)?;
-    Ok(())
 }
 
 fn write_npy(path: &Path, x: &[f32], shape: &[usize]) -> Result<()> {
@@ -293,17 +271,7 @@ pub fn run(a: Args) -> Result<()> {
         safetensors::write(p, &[("samples", &[n, ch, r, r], &raw)], &BTreeMap::new(), Dtype::F32)?;
     }
     if let (Some(p), false) = (&a.grid, grid_px.is_empty()) {
-        let cols = (grid_px.len() as f64).sqrt().ceil() as usize;
-        let rows = grid_px.len().div_ceil(cols);
-        let (gw, gh) = (cols * r, rows * r);
-        let mut g = vec![0u8; gw * gh * ch];
-        for (k, px) in grid_px.iter().enumerate() {
-            let (gy, gx) = (k / cols * r, k % cols * r);
-            for y in 0..r {
-                let dst = ((gy + y) * gw + gx) * ch;
-                g[dst..dst + r * ch].copy_from_slice(&px[y * r * ch..(y + 1) * r * ch]);
-            }
-        }
+        let (g, gh, gw) = grid(&grid_px, ch, r);
         write_png(p, &g, ch, gh, gw)?;
     }
     eprintln!("done: {} images in {}", names.len(), a.outdir.display());

@@ -5,6 +5,7 @@ pub mod denoise;
 pub mod generate;
 pub mod info;
 pub mod phema;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Train (or resume) a network: EDM2 loss, Adam, power-function EMA snapshots.
+    Train(train::Args),
     /// Print a network's module tree, parameter count and forward GMACs per image.
     Info(info::Args),
     /// Run the denoiser D(x; sigma) on a batch stored in a safetensors file.
@@ -37,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }
     match cli.cmd {
+        Command::Train(a) => train::run(a),
         Command::Info(a) => info::run(a),
         Command::Denoise(a) => denoise::run(a),
         Command::Bench(a) => bench::run(a),

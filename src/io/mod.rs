@@ -1,6 +1,7 @@
 //! File formats: safetensors (weights, inputs and outputs of `denoise`, snapshots), and
 //! the atomic write every output file goes through.
 
+pub mod image;
 pub mod safetensors;
 
 use crate::error::{Error, Result};

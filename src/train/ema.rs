@@ -63,3 +63,87 @@ impl PowerEma {
         betas
     }
 }
+
+/// The traditional EMA as an option (official `TraditionalEMA`): half-life
+/// `h = min(halflife_Mimg·10⁶, t·rampup_ratio)` images, `β = 0.5^(batch / max(h, 1e-8))`.
+#[derive(Clone, Debug)]
+pub struct TraditionalEma {
+    pub halflife_mimg: f64,
+    pub rampup_ratio: Option<f64>,
+    pub ema: Params,
+}
+
+impl TraditionalEma {
+    pub fn beta(&self, cur_nimg: u64, batch_size: u64) -> f64 {
+        let mut h = self.halflife_mimg * 1e6;
+        if let Some(r) = self.rampup_ratio {
+            h = h.min(cur_nimg as f64 * r);
+        }
+        0.5f64.powf(batch_size as f64 / h.max(1e-8))
+    }
+
+    pub fn update(&mut self, specs: &[ParamSpec], net: &Params, cur_nimg: u64, batch_size: u64) -> f64 {
+        let beta = self.beta(cur_nimg, batch_size);
+        let w = (1.0 - beta) as f32;
+        for ((e, n), s) in self.ema.values.iter_mut().zip(&net.values).zip(specs) {
+            if s.kind == ParamKind::Buffer {
+                e.copy_from_slice(n);
+            } else {
+                lerp_slice(e, n, w);
+            }
+        }
+        beta
+    }
+}
+
+/// What a training run averages: power-function EMAs (the default, for post-hoc EMA) or
+/// one traditional EMA.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum EmaOptions {
+    Power { stds: Vec<f64> },
+    Traditional { halflife_mimg: f64, rampup_ratio: Option<f64> },
+}
+
+#[derive(Clone, Debug)]
+pub enum EmaSet {
+    Power(PowerEma),
+    Traditional(TraditionalEma),
+}
+
+impl EmaSet {
+    pub fn new(o: &EmaOptions, init: &Params) -> Result<Self> {
+        Ok(match o {
+            EmaOptions::Power { stds } => EmaSet::Power(PowerEma::new(stds, init)?),
+            EmaOptions::Traditional { halflife_mimg, rampup_ratio } => {
+                EmaSet::Traditional(TraditionalEma { halflife_mimg: *halflife_mimg, rampup_ratio: *rampup_ratio, ema: init.clone() })
+            }
+        })
+    }
+
+    pub fn update(&mut self, specs: &[ParamSpec], net: &Params, cur_nimg: u64, batch_size: u64) {
+        match self {
+            EmaSet::Power(p) => {
+                p.update(specs, net, cur_nimg, batch_size);
+            }
+            EmaSet::Traditional(t) => {
+                t.update(specs, net, cur_nimg, batch_size);
+            }
+        }
+    }
+
+    /// Every tracked average with its σ_rel (None for the traditional EMA).
+    pub fn averages(&self) -> Vec<(Option<f64>, &Params)> {
+        match self {
+            EmaSet::Power(p) => p.stds.iter().map(|s| Some(*s)).zip(p.emas.iter()).collect(),
+            EmaSet::Traditional(t) => vec![(None, &t.ema)],
+        }
+    }
+
+    pub fn averages_mut(&mut self) -> Vec<&mut Params> {
+        match self {
+            EmaSet::Power(p) => p.emas.iter_mut().collect(),
+            EmaSet::Traditional(t) => vec![&mut t.ema],
+        }
+    }
+}

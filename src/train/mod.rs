@@ -1,8 +1,10 @@
-//! Training pieces: the EDM2 loss, Adam, the learning-rate schedule and the power-function
-//! EMA (the loop itself is the training issue's).
+//! Training: the EDM2 loss, Adam, the learning-rate schedule, power-function and
+//! traditional EMAs, snapshots, training-state checkpoints and the loop (`run`).
 
 pub mod adam;
 pub mod ema;
 pub mod loss;
 pub mod schedule;
+pub mod run;
 pub mod snapshot;
+pub mod state;

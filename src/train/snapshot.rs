@@ -33,6 +33,12 @@ pub fn snapshot_name(nimg: u64, std: f64) -> String {
     format!("network-snapshot-{:07}-{std:.3}.safetensors", nimg / 1000)
 }
 
+/// `network-snapshot-{kimg:07}.safetensors`: the official name of a traditional-EMA
+/// snapshot (no σ_rel suffix).
+pub fn snapshot_name_traditional(nimg: u64) -> String {
+    format!("network-snapshot-{:07}.safetensors", nimg / 1000)
+}
+
 /// Writes one EMA snapshot atomically (temporary file + rename), f16 by default in the
 /// training loop, with `edm2.format=net`, `edm2.config`, the exact `edm2.nimg` and
 /// `edm2.ema_std`. Returns its path.
@@ -42,16 +48,21 @@ pub fn write_snapshot(
     ema: &Params,
     config: &NetConfig,
     nimg: u64,
-    std: f64,
+    std: Option<f64>,
     dtype: Dtype,
     extra: &BTreeMap<String, String>,
 ) -> Result<PathBuf> {
-    let path = dir.join(snapshot_name(nimg, std));
+    let path = dir.join(match std {
+        Some(s) => snapshot_name(nimg, s),
+        None => snapshot_name_traditional(nimg),
+    });
     let mut meta = extra.clone();
     meta.insert("edm2.format".into(), "net".into());
     meta.insert("edm2.config".into(), config.to_json());
     meta.insert("edm2.nimg".into(), nimg.to_string());
-    meta.insert("edm2.ema_std".into(), format!("{std:.3}"));
+    if let Some(s) = std {
+        meta.insert("edm2.ema_std".into(), format!("{s:.3}"));
+    }
     ema.save(specs, &path, &meta, dtype)?;
     Ok(path)
 }

@@ -1,0 +1,426 @@
+//! `edm2 train`: the EDM2 training loop with the official flag names
+//! (`train_edm2.py`), resumable run directories and the built-in Fashion-MNIST data.
+
+use anyhow::{bail, Context, Result};
+use edm2::backend::{ensure_available, Device};
+use edm2::config::{preset, preset_names, NetConfig, TrainPreset};
+use edm2::data::{DataOptions, Dataset};
+use edm2::train::ema::EmaOptions;
+use edm2::train::run::{format_time, train, Progress, Reporter, StopReason, TrainOptions};
+use edm2::train::snapshot::parse_nimg;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const DEFAULT_PRESET: &str = "cpu-fmnist";
+
+#[derive(clap::Args)]
+#[command(after_long_help = "Image counts (--duration, --batch, --status, ...) are images: a plain integer or with the \
+binary suffixes Ki (2^10), Mi (2^20), Gi (2^30), e.g. 8Mi. Values given here must be multiples of the batch; \
+--snapshot and --checkpoint also of 1024. A preset's own defaults are rounded to fit.\n\n\
+The run directory receives network-snapshot-<kimg>-<std>.safetensors (EMA snapshots for `edm2 phema` and \
+`edm2 generate`), training-state-<kimg>.safetensors (exact resume), preview-<kimg>.png, stats.jsonl, log.txt and \
+training_options.json. Running the same command again resumes from the newest training state.\n\n\
+Examples:\n  edm2 train                                   # cpu-fmnist on the built-in Fashion-MNIST\n  \
+edm2 train --data=datasets/img64.zip --preset=edm2-img64-s --outdir=runs/img64-s\n  \
+edm2 train --preset cpu-s32 --data imgs/ --batch 32 --duration 1Mi --slice 64Ki")]
+pub struct Args {
+    /// Network config JSON file (Precond kwargs); same as --config FILE.
+    pub file: Option<String>,
+    /// Preset name (network + training hyper-parameters) or a config JSON file.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Configuration preset (default: cpu-fmnist). With a JSON config, supplies the
+    /// training hyper-parameters (else cpu-fmnist's).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Dataset: a folder or zip of PNG/JPEG images or .npy latents (optional dataset.json
+    /// labels), or `fashion-mnist` (the 60k split from Debian's dataset-fashion-mnist).
+    /// Default: the built-in Fashion-MNIST test split (10k images, 32x32x1, 10 classes).
+    #[arg(long, value_name = "ZIP|DIR|fashion-mnist")]
+    pub data: Option<String>,
+    /// The run directory itself (default: training-runs/<preset>-<dataset>). Resumes
+    /// from the newest training state in it.
+    #[arg(long, value_name = "DIR")]
+    pub outdir: Option<PathBuf>,
+    /// Class-conditional training (default: when the dataset has labels). `--cond`,
+    /// `--cond=true|false`.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub cond: Option<bool>,
+    /// Training duration in images.
+    #[arg(long, value_name = "NIMG")]
+    pub duration: Option<String>,
+    /// Total batch size (images per optimizer step).
+    #[arg(long, value_name = "NIMG")]
+    pub batch: Option<String>,
+    /// Limit the images per forward/backward pass (gradient accumulation; 0 = the batch).
+    #[arg(long = "batch-gpu", value_name = "NIMG")]
+    pub batch_gpu: Option<String>,
+    /// Channel multiplier (model_channels).
+    #[arg(long, value_name = "INT")]
+    pub channels: Option<usize>,
+    /// Dropout probability.
+    #[arg(long, value_name = "FLOAT")]
+    pub dropout: Option<f32>,
+    /// Mean of ln σ in the loss.
+    #[arg(long = "P_mean", value_name = "FLOAT", allow_hyphen_values = true)]
+    pub p_mean: Option<f64>,
+    /// Standard deviation of ln σ in the loss.
+    #[arg(long = "P_std", value_name = "FLOAT")]
+    pub p_std: Option<f64>,
+    /// Learning rate max. (alpha_ref).
+    #[arg(long, value_name = "FLOAT")]
+    pub lr: Option<f64>,
+    /// Learning-rate decay reference t_ref, in batches (0: none).
+    #[arg(long, value_name = "BATCHES")]
+    pub decay: Option<f64>,
+    /// Learning-rate ramp-up, in millions of images (decimal, official rampup_Mimg).
+    #[arg(long, value_name = "MIMG")]
+    pub rampup: Option<f64>,
+    /// Loss scaling.
+    #[arg(long, value_name = "FLOAT", default_value_t = 1.0)]
+    pub ls: f64,
+    /// Interval of status lines (0: none).
+    #[arg(long, value_name = "NIMG")]
+    pub status: Option<String>,
+    /// Interval of EMA snapshots (0: none).
+    #[arg(long, value_name = "NIMG")]
+    pub snapshot: Option<String>,
+    /// Interval of training-state checkpoints (0: only at the end).
+    #[arg(long, value_name = "NIMG")]
+    pub checkpoint: Option<String>,
+    /// Train at most this many images in this invocation, then checkpoint and exit.
+    #[arg(long, value_name = "NIMG")]
+    pub slice: Option<String>,
+    /// Keep only the newest N training states (0: all).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep: usize,
+    /// Random seed (weights, data order, noise, dropout).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Power-function EMA lengths σ_rel to track, comma-separated.
+    #[arg(long = "ema-std", value_name = "LIST", default_value = "0.050,0.100")]
+    pub ema_std: String,
+    /// Track a traditional EMA with this half-life (millions of images) instead.
+    #[arg(long = "ema-halflife", value_name = "MIMG")]
+    pub ema_halflife: Option<f64>,
+    /// Ramp-up ratio of the traditional EMA's half-life (0: none).
+    #[arg(long = "ema-rampup", value_name = "RATIO", default_value_t = 0.09)]
+    pub ema_rampup: f64,
+    /// Snapshot dtype.
+    #[arg(long = "snapshot-dtype", default_value = "f16", value_parser = ["f16", "f32"])]
+    pub snapshot_dtype: String,
+    /// Images in the preview grid written at each checkpoint (0: none).
+    #[arg(long, default_value_t = 16)]
+    pub preview: usize,
+    /// Sampler steps of the preview grid.
+    #[arg(long = "preview-steps", default_value_t = 16)]
+    pub preview_steps: usize,
+    /// Mirror augmentation (doubles the dataset).
+    #[arg(long)]
+    pub xflip: bool,
+    /// Use only the first N items of the dataset.
+    #[arg(long = "max-size", value_name = "N")]
+    pub max_size: Option<usize>,
+    /// Skip decoding every item once before training (for huge datasets).
+    #[arg(long = "no-verify")]
+    pub no_verify: bool,
+    /// Accepted for official command lines; the CPU backend computes in fp32.
+    #[arg(long, value_name = "BOOL", value_parser = parse_bool, hide = true)]
+    pub fp16: Option<bool>,
+    /// Accepted for official command lines (cuDNN benchmarking); no effect here.
+    #[arg(long, value_name = "BOOL", value_parser = parse_bool, hide = true)]
+    pub bench: Option<bool>,
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Print the training options and the run directory, and exit.
+    #[arg(short = 'n', long = "dry-run")]
+    pub dry_run: bool,
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "y" | "on" => Ok(true),
+        "0" | "false" | "no" | "n" | "off" => Ok(false),
+        _ => Err(format!("'{s}' is not a boolean (true/false)")),
+    }
+}
+
+/// A user-given image count: parsed, positive, and a multiple of `multiple_of` (each
+/// listed with its reason).
+fn user_nimg(flag: &str, s: &str, multiples: &[(u64, &str)], allow_zero: bool) -> Result<u64> {
+    let v = parse_nimg(s).with_context(|| format!("--{flag}"))?;
+    if v == 0 {
+        if allow_zero {
+            return Ok(0);
+        }
+        bail!("--{flag} must be positive");
+    }
+    for (m, why) in multiples {
+        if v % m != 0 {
+            bail!("--{flag} {s} = {v} images is not a multiple of {why} ({m})");
+        }
+    }
+    Ok(v)
+}
+
+/// A preset default rounded to the nearest positive multiple of `m`.
+fn round_to(v: u64, m: u64) -> u64 {
+    (((v + m / 2) / m).max(1)) * m
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+struct Terminal {
+    bar: bool,
+    shown: bool,
+}
+
+impl Reporter for Terminal {
+    fn line(&mut self, s: &str) {
+        if self.shown {
+            eprint!("\r\x1b[K");
+            self.shown = false;
+        }
+        println!("{s}");
+    }
+    fn progress(&mut self, p: &Progress) {
+        if !self.bar {
+            return;
+        }
+        let frac = (p.nimg - p.start_nimg) as f64 / (p.stop_nimg - p.start_nimg).max(1) as f64;
+        let w = 24;
+        let filled = ((frac * w as f64) as usize).min(w);
+        let eta = if p.img_per_sec > 0.0 { (p.stop_nimg - p.nimg) as f64 / p.img_per_sec } else { 0.0 };
+        eprint!(
+            "\r\x1b[K{:>9.1}/{:.1} kimg [{}{}] {:5.1}% {:6.1} img/s ETA {} loss {:.4}",
+            p.nimg as f64 / 1e3,
+            p.stop_nimg as f64 / 1e3,
+            "#".repeat(filled),
+            ".".repeat(w - filled),
+            100.0 * frac,
+            p.img_per_sec,
+            format_time(eta),
+            p.loss
+        );
+        let _ = std::io::stderr().flush();
+        self.shown = true;
+    }
+}
+
+/// Resolves flags, preset and dataset into the run's options (no file is written).
+pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
+    let config_arg = a.file.as_deref().or(a.config.as_deref());
+    if a.file.is_some() && a.config.is_some() {
+        bail!("give the network config either as FILE or as --config, not both");
+    }
+    let (preset_name, mut net, tp): (String, NetConfig, TrainPreset) = match (config_arg, a.preset.as_deref()) {
+        (Some(c), p) if preset(c).is_none() => {
+            let net = NetConfig::resolve(c)?;
+            let tp_name = p.unwrap_or(DEFAULT_PRESET);
+            let tp = preset(tp_name).with_context(|| format!("unknown --preset '{tp_name}'; presets: {}", preset_names().join(", ")))?.train;
+            let stem = std::path::Path::new(c).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "config".into());
+            (stem, net, tp)
+        }
+        (c, p) => {
+            if let (Some(c), Some(p)) = (c, p) {
+                if c != p {
+                    bail!("--config {c} and --preset {p} name different presets");
+                }
+            }
+            let name = c.or(p).unwrap_or(DEFAULT_PRESET);
+            let pr = preset(name).with_context(|| format!("unknown preset '{name}'; presets: {}", preset_names().join(", ")))?;
+            (name.to_string(), pr.net, pr.train)
+        }
+    };
+    let has_labels = ds.labels.is_some();
+    let cond = match a.cond {
+        Some(true) if !has_labels => bail!("--cond: the dataset {} has no labels (no dataset.json with \"labels\")", ds.source),
+        Some(c) => c,
+        None => has_labels,
+    };
+    net.img_resolution = ds.resolution;
+    net.img_channels = ds.net_channels();
+    net.label_dim = if cond { ds.label_dim() } else { 0 };
+    if let Some(c) = a.channels {
+        if c == 0 {
+            bail!("--channels must be positive");
+        }
+        net.model_channels = c;
+    }
+    if let Some(d) = a.dropout {
+        if !(0.0..1.0).contains(&d) {
+            bail!("--dropout {d} must be in [0, 1)");
+        }
+        net.dropout = d;
+    }
+    net.validate().with_context(|| format!("the network for {} ({}x{}x{})", ds.source, ds.resolution, ds.resolution, ds.net_channels()))?;
+
+    let user = |flag: &str, v: &Option<String>, m: &[(u64, &str)], zero: bool| -> Result<Option<u64>> {
+        v.as_deref().map(|s| user_nimg(flag, s, m, zero)).transpose()
+    };
+    let batch = user("batch", &a.batch, &[], false)?.unwrap_or(tp.batch as u64);
+    let bm = [(batch, "the batch")];
+    let bm1024 = [(batch, "the batch"), (1024, "1024")];
+    let batch_gpu = match user("batch-gpu", &a.batch_gpu, &[], true)? {
+        None | Some(0) => batch,
+        Some(g) if g >= batch => batch,
+        Some(g) if batch % g != 0 => bail!("--batch {batch} is not a multiple of --batch-gpu {g}"),
+        Some(g) => g,
+    };
+    let lcm = batch / gcd(batch, 1024) * 1024;
+    let duration = user("duration", &a.duration, &bm, false)?.unwrap_or_else(|| round_to(tp.duration_img, batch));
+    let status = user("status", &a.status, &bm, true)?.unwrap_or_else(|| round_to(tp.status_img, batch));
+    let snapshot = user("snapshot", &a.snapshot, &bm1024, true)?.unwrap_or_else(|| round_to(tp.snapshot_img, lcm));
+    let checkpoint = user("checkpoint", &a.checkpoint, &bm1024, true)?.unwrap_or_else(|| round_to(tp.checkpoint_img, lcm));
+    let slice = user("slice", &a.slice, &bm, false)?;
+    let pos = |flag: &str, v: f64| -> Result<f64> {
+        if !(v > 0.0 && v.is_finite()) {
+            bail!("--{flag} {v} must be positive");
+        }
+        Ok(v)
+    };
+    let nonneg = |flag: &str, v: f64| -> Result<f64> {
+        if !(v >= 0.0 && v.is_finite()) {
+            bail!("--{flag} {v} must be zero or positive");
+        }
+        Ok(v)
+    };
+    let ema = match a.ema_halflife {
+        Some(h) => EmaOptions::Traditional {
+            halflife_mimg: pos("ema-halflife", h)?,
+            rampup_ratio: (nonneg("ema-rampup", a.ema_rampup)? > 0.0).then_some(a.ema_rampup),
+        },
+        None => {
+            let stds = a
+                .ema_std
+                .split(',')
+                .map(|s| s.trim().parse::<f64>().with_context(|| format!("--ema-std: '{s}' is not a number")))
+                .collect::<Result<Vec<_>>>()?;
+            for &s in &stds {
+                edm2::phema::std_to_exp(s).with_context(|| format!("--ema-std {s}"))?;
+            }
+            EmaOptions::Power { stds }
+        }
+    };
+    if a.preview > 0 && a.preview_steps < 2 {
+        bail!("--preview-steps must be at least 2");
+    }
+    let opts = TrainOptions {
+        preset: preset_name.clone(),
+        data: a.data.clone(),
+        dataset: ds.source.clone(),
+        cond,
+        xflip: a.xflip,
+        max_size: a.max_size,
+        net,
+        batch,
+        batch_gpu,
+        duration,
+        slice,
+        lr: pos("lr", a.lr.unwrap_or(tp.lr))?,
+        decay: nonneg("decay", a.decay.unwrap_or(tp.decay_batches))?,
+        rampup_mimg: nonneg("rampup", a.rampup.unwrap_or(tp.rampup_mimg))?,
+        p_mean: a.p_mean.unwrap_or(tp.p_mean),
+        p_std: pos("P_std", a.p_std.unwrap_or(tp.p_std))?,
+        loss_scaling: pos("ls", a.ls)?,
+        ema,
+        status,
+        snapshot,
+        checkpoint,
+        keep: a.keep,
+        seed: a.seed,
+        snapshot_dtype: a.snapshot_dtype.clone(),
+        preview: a.preview,
+        preview_steps: a.preview_steps,
+        verify: !a.no_verify,
+    };
+    if !opts.p_mean.is_finite() {
+        bail!("--P_mean must be finite");
+    }
+    opts.validate()?;
+    let run_name = format!("{preset_name}-{}", ds.name);
+    Ok((opts, run_name))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    ensure_available(a.device)?;
+    let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size })?;
+    let (opts, run_name) = build_options(&a, &ds)?;
+    let run_dir = a.outdir.clone().unwrap_or_else(|| PathBuf::from("training-runs").join(run_name));
+    println!("Run directory: {}", run_dir.display());
+    if a.dry_run {
+        println!("{}", serde_json::to_string_pretty(&opts)?);
+        println!("Dataset: {} ({} items, {}x{}x{}{})", ds.source, ds.len(), ds.resolution, ds.resolution, ds.net_channels(),
+            if opts.cond { format!(", {} classes", opts.net.label_dim) } else { String::new() });
+        println!("Dry run: nothing written.");
+        return Ok(());
+    }
+    if a.fp16 == Some(true) || a.bench.is_some() {
+        eprintln!("note: --fp16/--bench are accepted for official command lines; the CPU backend trains in fp32");
+    }
+    let net = edm2::Precond::new(&opts.net)?;
+    println!(
+        "Dataset: {} ({} items, {}x{}x{}{}); network {}: {:.2} M parameters, {} images per step ({} per pass)",
+        ds.source,
+        ds.len(),
+        ds.resolution,
+        ds.resolution,
+        ds.net_channels(),
+        if opts.cond { format!(", {} classes", opts.net.label_dim) } else { ", unconditional".into() },
+        opts.preset,
+        net.num_params() as f64 / 1e6,
+        opts.batch,
+        opts.batch_gpu
+    );
+    let tty = std::io::stderr().is_terminal();
+    if opts.verify {
+        let t = std::time::Instant::now();
+        let n = ds.raw_len();
+        ds.verify(&|done, total| {
+            if tty {
+                eprint!("\r\x1b[KVerifying dataset: {done}/{total}");
+            }
+        })?;
+        if tty {
+            eprint!("\r\x1b[K");
+        }
+        println!("Verified {n} items in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\nSecond interrupt: exiting without a checkpoint.");
+                std::process::exit(130);
+            }
+            eprintln!("\nInterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit now).");
+        });
+    }
+    let mut ui = Terminal { bar: tty, shown: false };
+    let s = train(&opts, Arc::new(ds), &run_dir, &stop, &mut ui)?;
+    let what = match s.reason {
+        StopReason::Finished => "Training finished",
+        StopReason::Sliced => "Slice done (run the same command again to continue)",
+        StopReason::Interrupted => "Interrupted (run the same command again to resume)",
+        StopReason::AlreadyDone => "Already trained to --duration",
+    };
+    println!("{what} at {} kimg ({} steps this run, {:.1} img/s).", s.nimg / 1000, s.steps, s.img_per_sec);
+    if let Some(snap) = s.snapshots.last() {
+        println!("Outputs in {}:", run_dir.display());
+        println!("  EMA snapshots network-snapshot-*.safetensors; training states training-state-*.safetensors; preview-*.png; stats.jsonl; log.txt");
+        println!("Sample from the newest snapshot:");
+        println!("  edm2 generate --net {} --seeds 0-63 --outdir out --grid out/grid.png", snap.display());
+        println!("Post-hoc EMA of another length:");
+        println!("  edm2 phema --indir {} --outstd 0.07 --outdir {}", run_dir.display(), run_dir.join("phema").display());
+    }
+    Ok(())
+}

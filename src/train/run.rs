@@ -1,0 +1,525 @@
+//! The training loop (official `training_loop`, DESIGN.md §2) on the CPU backend.
+//!
+//! Order of events at each image count `t` (as the official loop): status line and
+//! `stats.jsonl` record every `status` images; EMA snapshots every `snapshot` images (and
+//! at 0 on a fresh run); a training-state checkpoint every `checkpoint` images and when the
+//! run stops (duration reached, `--slice` used up, or Ctrl-C), then a preview grid; then one
+//! step: `batch / batch_gpu` accumulated passes, non-finite gradient entries zeroed and
+//! counted, Adam at the scheduled learning rate, EMA update.
+//!
+//! Every random draw is a function of (seed, images seen) — `data::loader` for the data,
+//! σ and noise, `mix(seed ^ DROPOUT, first image of the pass)` for dropout — so a run
+//! resumed from a checkpoint is bit-identical to an uninterrupted one.
+
+use super::adam::Adam;
+use super::ema::{EmaOptions, EmaSet};
+use super::loss::edm2_loss;
+use super::schedule::learning_rate;
+use super::snapshot::write_snapshot;
+use super::state::{list_states, TrainState};
+use crate::config::NetConfig;
+use crate::data::loader::{Loader, StreamOptions};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::io::safetensors::Dtype;
+use crate::nn::{Mode, Params, Precond};
+use crate::rng::mix;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+const DROPOUT: u64 = 0xD50F_D50F_0000_0001;
+
+/// Everything that defines a run (written to `training_options.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainOptions {
+    /// Preset or config file the network came from.
+    pub preset: String,
+    /// `--data` as given (None: the built-in data).
+    pub data: Option<String>,
+    pub dataset: String,
+    pub cond: bool,
+    pub xflip: bool,
+    pub max_size: Option<usize>,
+    pub net: NetConfig,
+    /// Images per optimizer step, and per forward/backward pass.
+    pub batch: u64,
+    pub batch_gpu: u64,
+    /// Total images of the run, and at most this many in one invocation.
+    pub duration: u64,
+    pub slice: Option<u64>,
+    pub lr: f64,
+    /// Learning-rate decay reference, in batches (0: no decay).
+    pub decay: f64,
+    pub rampup_mimg: f64,
+    #[serde(rename = "P_mean")]
+    pub p_mean: f64,
+    #[serde(rename = "P_std")]
+    pub p_std: f64,
+    pub loss_scaling: f64,
+    pub ema: EmaOptions,
+    /// Intervals in images; 0 disables.
+    pub status: u64,
+    pub snapshot: u64,
+    pub checkpoint: u64,
+    /// Keep only the newest N training states (0: keep all).
+    pub keep: usize,
+    pub seed: u64,
+    /// "f16" or "f32".
+    pub snapshot_dtype: String,
+    /// Preview grid images at each checkpoint (0: none) and its sampler steps.
+    pub preview: usize,
+    pub preview_steps: usize,
+    pub verify: bool,
+}
+
+impl TrainOptions {
+    /// Checks the counts the loop relies on (the CLI checks user input before this with
+    /// friendlier messages; this guards library callers).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Input(m));
+        if self.batch == 0 || self.batch_gpu == 0 || self.batch % self.batch_gpu != 0 {
+            return bad(format!("batch {} must be a positive multiple of batch-gpu {}", self.batch, self.batch_gpu));
+        }
+        if self.duration == 0 || self.duration % self.batch != 0 {
+            return bad(format!("duration {} must be a positive multiple of the batch {}", self.duration, self.batch));
+        }
+        for (name, v, k) in [("status", self.status, 1), ("snapshot", self.snapshot, 1024), ("checkpoint", self.checkpoint, 1024)] {
+            if v != 0 && (v % self.batch != 0 || v % k != 0) {
+                return bad(format!("--{name} {v} must be a multiple of the batch {}{}", self.batch, if k > 1 { " and of 1024" } else { "" }));
+            }
+        }
+        if let Some(s) = self.slice {
+            if s == 0 || s % self.batch != 0 {
+                return bad(format!("--slice {s} must be a positive multiple of the batch {}", self.batch));
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.p_std > 0.0) || !(self.loss_scaling > 0.0) || self.decay < 0.0 || self.rampup_mimg < 0.0 {
+            return bad("lr, P_std and ls must be positive; decay and rampup non-negative".into());
+        }
+        if !matches!(self.snapshot_dtype.as_str(), "f16" | "f32") {
+            return bad(format!("snapshot dtype '{}' (f16 or f32)", self.snapshot_dtype));
+        }
+        match &self.ema {
+            EmaOptions::Power { stds } if stds.is_empty() => bad("at least one EMA std is needed".into()),
+            EmaOptions::Traditional { halflife_mimg, .. } if !(*halflife_mimg > 0.0) => bad("the EMA half-life must be positive".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Progress of the loop, for a progress bar.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub nimg: u64,
+    pub start_nimg: u64,
+    pub stop_nimg: u64,
+    /// Training images per second over recent steps (snapshots and previews excluded).
+    pub img_per_sec: f64,
+    /// Mean loss per element of the last step.
+    pub loss: f64,
+}
+
+/// Where the loop's output goes: lines (also appended to `log.txt`) and progress.
+pub trait Reporter {
+    fn line(&mut self, s: &str);
+    fn progress(&mut self, _p: &Progress) {}
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// `duration` reached.
+    Finished,
+    /// `--slice` images trained in this invocation.
+    Sliced,
+    /// Stop requested (Ctrl-C).
+    Interrupted,
+    /// Nothing to do: the state is already at `duration`.
+    AlreadyDone,
+}
+
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub reason: StopReason,
+    pub start_nimg: u64,
+    pub nimg: u64,
+    pub snapshots: Vec<PathBuf>,
+    pub checkpoints: Vec<PathBuf>,
+    pub previews: Vec<PathBuf>,
+    /// Training images per second over the whole invocation (maintenance excluded).
+    pub img_per_sec: f64,
+    /// Mean time per step in forward+backward, and in everything else of the step
+    /// (waiting for data, gradient sanitizing, Adam, EMA), seconds.
+    pub fwd_bwd_sec: f64,
+    pub other_sec: f64,
+    pub steps: u64,
+}
+
+struct Log<'a> {
+    file: Option<std::fs::File>,
+    ui: &'a mut dyn Reporter,
+}
+
+impl Log<'_> {
+    fn line(&mut self, s: &str) {
+        if let Some(f) = self.file.as_mut() {
+            let _ = writeln!(f, "{s}");
+        }
+        self.ui.line(s);
+    }
+}
+
+/// Resident and peak resident memory of this process, GiB (Linux; 0 elsewhere).
+pub fn memory_gib() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kb| kb / (1u64 << 20) as f64)
+            .unwrap_or(0.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// `12h 03m 04s` style durations (as the official status line).
+pub fn format_time(sec: f64) -> String {
+    let s = sec.max(0.0).round() as u64;
+    if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m {:02}s", s / 60, s % 60)
+    } else if s < 86400 {
+        format!("{}h {:02}m {:02}s", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}d {:02}h {:02}m", s / 86400, s / 3600 % 24, s / 60 % 60)
+    }
+}
+
+/// A preview grid: `n` images with `steps` sampler steps from `ema`, seeds 0..n, class
+/// `i % label_dim`; written as `preview-{kimg:07}.png`. None for latents (not pixels).
+pub fn write_preview(net: &Precond, ema: &Params, dir: &Path, nimg: u64, n: usize, steps: usize) -> Result<Option<PathBuf>> {
+    let c = &net.config;
+    if n == 0 || !(c.img_channels == 1 || c.img_channels == 3) {
+        return Ok(None);
+    }
+    let (ch, r) = (c.img_channels, c.img_resolution);
+    let per = ch * r * r;
+    let mut noise = Vec::with_capacity(n * per);
+    for s in 0..n as u64 {
+        noise.extend(crate::rng::Rng::new(s).normal_vec(per));
+    }
+    let noise = crate::Tensor::from_vec(&[n, ch, r, r], noise).nchw_to_nhwc();
+    let labels = (c.label_dim > 0).then(|| {
+        let mut l = crate::Tensor::zeros(&[n, c.label_dim]);
+        for i in 0..n {
+            l.data[i * c.label_dim + i % c.label_dim] = 1.0;
+        }
+        l
+    });
+    let opts = crate::sample::SamplerOpts { num_steps: steps.max(2), ..Default::default() };
+    let x = crate::sample::edm_sampler((net, ema), None, &noise, labels.as_ref(), &opts, &mut |_| unreachable!("no churn"), &mut |_| {})
+        .nhwc_to_nchw();
+    let imgs: Vec<Vec<u8>> = (0..n).map(|i| crate::io::image::to_pixels(&x.data[i * per..(i + 1) * per], ch, r, r)).collect();
+    let (g, gh, gw) = crate::io::image::grid(&imgs, ch, r);
+    let path = dir.join(format!("preview-{:07}.png", nimg / 1000));
+    crate::io::image::write_png(&path, &g, ch, gh, gw)?;
+    Ok(Some(path))
+}
+
+/// Runs (or resumes) training in `run_dir` until `duration`, the end of `--slice`, or
+/// `stop` is set (the current step finishes and a checkpoint is written first).
+pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &AtomicBool, ui: &mut dyn Reporter) -> Result<Summary> {
+    opts.validate()?;
+    let io = |e, p: &Path| Error::Io { path: p.into(), err: e };
+    std::fs::create_dir_all(run_dir).map_err(|e| io(e, run_dir))?;
+    let log_path = run_dir.join("log.txt");
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| io(e, &log_path))?;
+    let mut log = Log { file: Some(file), ui };
+
+    let net = Precond::new(&opts.net)?;
+    let specs = net.specs.clone();
+    let label_dim = if opts.cond { opts.net.label_dim } else { 0 };
+    if opts.cond && opts.net.label_dim == 0 {
+        return Err(Error::Input("conditional training needs a network with label_dim > 0".into()));
+    }
+    let c = &opts.net;
+    if (ds.resolution, ds.net_channels()) != (c.img_resolution, c.img_channels) {
+        return Err(Error::Input(format!(
+            "the dataset has {}x{}x{} items, the network takes {}x{}x{}",
+            ds.resolution, ds.resolution, ds.net_channels(), c.img_resolution, c.img_resolution, c.img_channels
+        )));
+    }
+
+    // Fresh start or resume from the newest state.
+    let mut st = match list_states(run_dir)?.pop() {
+        Some(path) => {
+            let st = TrainState::load(&path)?;
+            if st.config != opts.net {
+                return Err(Error::Input(format!(
+                    "{} holds a training state of a different network:\n  state:   {}\n  options: {}\n\
+                     Resume with the same network (preset, --channels, --dropout, --cond, dataset), or use another --outdir.",
+                    path.display(),
+                    st.config.to_json(),
+                    opts.net.to_json()
+                )));
+            }
+            if st.ema_options != opts.ema {
+                return Err(Error::Input(format!(
+                    "{} tracks the EMAs {}, these options {}; resume with the same --ema-std / --ema-halflife",
+                    path.display(),
+                    serde_json::to_string(&st.ema_options).unwrap(),
+                    serde_json::to_string(&opts.ema).unwrap()
+                )));
+            }
+            if st.nimg % opts.batch != 0 {
+                return Err(Error::Input(format!("{}: {} images seen is not a multiple of --batch {}", path.display(), st.nimg, opts.batch)));
+            }
+            log.line(&format!("Resuming from {} ({} images seen)", path.display(), st.nimg));
+            if st.seed != opts.seed {
+                log.line(&format!("warning: the state was trained with --seed {}, continuing with --seed {}", st.seed, opts.seed));
+            }
+            if st.dataset_len != ds.len() {
+                log.line(&format!("warning: the state was trained on {} items, the dataset now has {}", st.dataset_len, ds.len()));
+            }
+            st
+        }
+        None => {
+            let params = net.init_params(opts.seed);
+            let ema = EmaSet::new(&opts.ema, &params)?;
+            TrainState {
+                config: opts.net.clone(),
+                adam: Adam::new(&specs),
+                params,
+                ema_options: opts.ema.clone(),
+                ema,
+                nimg: 0,
+                seed: opts.seed,
+                dataset: ds.source.clone(),
+                dataset_len: ds.len(),
+                elapsed_sec: 0.0,
+            }
+        }
+    };
+    st.seed = opts.seed;
+    st.dataset = ds.source.clone();
+    st.dataset_len = ds.len();
+
+    let options_json = serde_json::to_string_pretty(opts).expect("options serialize");
+    crate::io::write_atomic(run_dir.join("training_options.json"), options_json.as_bytes())?;
+
+    let start_nimg = st.nimg;
+    let mut stop_nimg = opts.duration;
+    if let Some(s) = opts.slice {
+        stop_nimg = stop_nimg.min(start_nimg + s);
+    }
+    let mut summary = Summary {
+        reason: StopReason::AlreadyDone,
+        start_nimg,
+        nimg: start_nimg,
+        snapshots: vec![],
+        checkpoints: vec![],
+        previews: vec![],
+        img_per_sec: 0.0,
+        fwd_bwd_sec: 0.0,
+        other_sec: 0.0,
+        steps: 0,
+    };
+    if start_nimg >= stop_nimg {
+        log.line(&format!("Nothing to train: {} images seen, the duration is {}", start_nimg, opts.duration));
+        return Ok(summary);
+    }
+    log.line(&format!("Training from {} kimg to {} kimg:", start_nimg / 1000, stop_nimg / 1000));
+
+    let stream = StreamOptions { seed: opts.seed, batch: opts.batch_gpu as usize, label_dim, p_mean: opts.p_mean, p_std: opts.p_std };
+    let loader = Loader::start(ds.clone(), stream, start_nimg, 2);
+    let rounds = opts.batch / opts.batch_gpu;
+    let per_image = (c.img_channels * c.img_resolution * c.img_resolution) as f64;
+    let dtype = if opts.snapshot_dtype == "f32" { Dtype::F32 } else { Dtype::F16 };
+    let mut extra = BTreeMap::new();
+    extra.insert("edm2.dataset".to_string(), ds.source.clone());
+    let mut stats_file: Option<std::fs::File> = None;
+
+    // Per status tick.
+    let mut tick_start = Instant::now();
+    let mut tick_nimg = start_nimg;
+    let mut tick_train_sec = 0.0f64;
+    let (mut tick_losses, mut tick_nonfinite) = (Vec::<f64>::new(), 0u64);
+    let mut last_lr = 0.0;
+    let mut recent_rate = 0.0f64;
+    let (mut total_train_sec, mut total_fwd_bwd) = (0.0f64, 0.0f64);
+    let mut last_loss = f64::NAN;
+
+    loop {
+        let interrupted = stop.load(Ordering::SeqCst);
+        let done = st.nimg >= stop_nimg || interrupted;
+
+        // Status line and stats.jsonl.
+        if opts.status > 0 && (done || st.nimg % opts.status == 0) && (st.nimg != start_nimg || start_nimg == 0) {
+            let now = Instant::now();
+            let tick_sec = now.duration_since(tick_start).as_secs_f64();
+            st.elapsed_sec += tick_sec;
+            let (rss, peak) = memory_gib();
+            let kimg_done = (st.nimg - tick_nimg) as f64 / 1e3;
+            let sec_per_kimg = if kimg_done > 0.0 { tick_train_sec / kimg_done } else { 0.0 };
+            let n = tick_losses.len().max(1) as f64;
+            let mean = tick_losses.iter().sum::<f64>() / n;
+            let std = (tick_losses.iter().map(|l| (l - mean) * (l - mean)).sum::<f64>() / n).sqrt();
+            let loss_s = if tick_losses.is_empty() { "-".to_string() } else { format!("{mean:.4}") };
+            let line = format!(
+                "Status: kimg {:<9.1} time {:<12} sec/kimg {:<7.3} img/s {:<7.1} loss {:<8} lr {:<9.3e} maintenance {:<6.2} cpumem {:<6.2}{}",
+                st.nimg as f64 / 1e3,
+                format_time(st.elapsed_sec),
+                sec_per_kimg,
+                if tick_train_sec > 0.0 { (st.nimg - tick_nimg) as f64 / tick_train_sec } else { 0.0 },
+                loss_s,
+                last_lr,
+                tick_sec - tick_train_sec,
+                rss,
+                if tick_nonfinite > 0 { format!(" nonfinite-grads {tick_nonfinite}") } else { String::new() }
+            );
+            log.line(&line);
+            let mut rec = serde_json::Map::new();
+            let mut put = |k: &str, v: f64| {
+                rec.insert(k.into(), if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null });
+            };
+            put("Progress/kimg", st.nimg as f64 / 1e3);
+            put("Progress/nimg", st.nimg as f64);
+            if !tick_losses.is_empty() {
+                put("Loss/loss", mean);
+                put("Loss/loss_std", std);
+            }
+            put("Loss/learning_rate", last_lr);
+            put("Loss/nonfinite_grads", tick_nonfinite as f64);
+            put("Timing/total_sec", st.elapsed_sec);
+            put("Timing/sec_per_tick", tick_sec);
+            put("Timing/sec_per_kimg", sec_per_kimg);
+            put("Timing/maintenance_sec", tick_sec - tick_train_sec);
+            put("Resources/cpu_mem_gb", rss);
+            put("Resources/peak_cpu_mem_gb", peak);
+            put("timestamp", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+            let stats_path = run_dir.join("stats.jsonl");
+            if stats_file.is_none() {
+                stats_file = Some(std::fs::OpenOptions::new().create(true).append(true).open(&stats_path).map_err(|e| io(e, &stats_path))?);
+            }
+            let f = stats_file.as_mut().unwrap();
+            writeln!(f, "{}", serde_json::Value::Object(rec)).and_then(|_| f.flush()).map_err(|e| io(e, &stats_path))?;
+            tick_start = now;
+            tick_nimg = st.nimg;
+            tick_train_sec = 0.0;
+            tick_losses.clear();
+            tick_nonfinite = 0;
+        }
+
+        // EMA snapshots.
+        if opts.snapshot > 0 && st.nimg % opts.snapshot == 0 && (st.nimg != start_nimg || start_nimg == 0) {
+            for (std, ema) in st.ema.averages() {
+                let p = write_snapshot(run_dir, &specs, ema, &opts.net, st.nimg, std, dtype, &extra)?;
+                log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
+                summary.snapshots.push(p);
+            }
+        }
+
+        // Training state, then the preview grid (from the EMA closest to σ_rel 0.100).
+        if opts.checkpoint > 0 && (done || st.nimg % opts.checkpoint == 0) && st.nimg != start_nimg {
+            let p = st.save(&specs, run_dir)?;
+            log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
+            summary.checkpoints.push(p);
+            if opts.keep > 0 {
+                let states = list_states(run_dir)?;
+                for old in states.iter().take(states.len().saturating_sub(opts.keep)) {
+                    std::fs::remove_file(old).map_err(|e| io(e, old))?;
+                }
+            }
+            let avgs = st.ema.averages();
+            let pick = avgs
+                .iter()
+                .min_by(|a, b| {
+                    let d = |x: Option<f64>| (x.unwrap_or(0.1) - 0.1).abs();
+                    d(a.0).partial_cmp(&d(b.0)).unwrap()
+                })
+                .map(|a| a.1)
+                .unwrap();
+            if let Some(p) = write_preview(&net, pick, run_dir, st.nimg, opts.preview, opts.preview_steps)? {
+                log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
+                summary.previews.push(p);
+            }
+        }
+
+        if done {
+            summary.reason = if interrupted && st.nimg < stop_nimg {
+                StopReason::Interrupted
+            } else if st.nimg >= opts.duration {
+                StopReason::Finished
+            } else {
+                StopReason::Sliced
+            };
+            break;
+        }
+
+        // One optimizer step.
+        let t0 = Instant::now();
+        let mut fwd_bwd = 0.0f64;
+        net.force_normalize(&mut st.params);
+        let mut grads: Option<Params> = None;
+        let mut loss_sum = 0.0f64;
+        for _ in 0..rounds {
+            let b = loader.next()?;
+            let t1 = Instant::now();
+            let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
+            let out = net.forward(&st.params, &b.noisy, &b.sigma, b.labels.as_ref(), &mode, false);
+            let mut l = edm2_loss(&out.d, &out.logvar, &b.images, &b.sigma, c.sigma_data);
+            // edm2_loss divides by the pass size; the step's loss is the sum over the whole
+            // batch divided by the batch, times the loss scaling (official `loss_scaling`).
+            let scale = (opts.loss_scaling * opts.batch_gpu as f64 / opts.batch as f64) as f32;
+            if scale != 1.0 {
+                l.dd.data.iter_mut().for_each(|v| *v *= scale);
+                l.dlogvar.iter_mut().for_each(|v| *v *= scale);
+            }
+            loss_sum += l.per_sample.iter().sum::<f64>();
+            let g = net.backward(&st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode);
+            grads = Some(match grads {
+                None => g,
+                Some(mut acc) => {
+                    for (a, b) in acc.values.iter_mut().zip(&g.values) {
+                        crate::backend::cpu::ops::add_inplace(a, b);
+                    }
+                    acc
+                }
+            });
+            fwd_bwd += t1.elapsed().as_secs_f64();
+        }
+        let mut grads = grads.expect("at least one pass");
+        let nonfinite = Adam::sanitize(&mut grads);
+        let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
+        st.adam.step(&specs, &mut st.params, &grads, lr);
+        st.nimg += opts.batch;
+        st.ema.update(&specs, &st.params, st.nimg, opts.batch);
+
+        let step_sec = t0.elapsed().as_secs_f64();
+        tick_train_sec += step_sec;
+        total_train_sec += step_sec;
+        total_fwd_bwd += fwd_bwd;
+        summary.steps += 1;
+        last_lr = lr;
+        last_loss = loss_sum / (opts.batch as f64 * per_image);
+        tick_losses.push(last_loss);
+        tick_nonfinite += nonfinite as u64;
+        let rate = opts.batch as f64 / step_sec;
+        recent_rate = if recent_rate == 0.0 { rate } else { 0.9 * recent_rate + 0.1 * rate };
+        log.ui.progress(&Progress { nimg: st.nimg, start_nimg, stop_nimg, img_per_sec: recent_rate, loss: last_loss });
+    }
+    summary.nimg = st.nimg;
+    if summary.steps > 0 {
+        summary.img_per_sec = (summary.nimg - start_nimg) as f64 / total_train_sec;
+        summary.fwd_bwd_sec = total_fwd_bwd / summary.steps as f64;
+        summary.other_sec = (total_train_sec - total_fwd_bwd) / summary.steps as f64;
+    }
+    let _ = last_loss;
+    Ok(summary)
+}
