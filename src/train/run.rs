@@ -426,7 +426,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         }
 
         // Training state, then the preview grid (from the EMA closest to σ_rel 0.100).
-        if opts.checkpoint > 0 && (done || st.nimg % opts.checkpoint == 0) && st.nimg != start_nimg {
+        if (done || (opts.checkpoint > 0 && st.nimg % opts.checkpoint == 0)) && st.nimg != start_nimg {
             let p = st.save(&specs, run_dir)?;
             log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
             summary.checkpoints.push(p);
