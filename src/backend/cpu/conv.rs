@@ -255,10 +255,13 @@ pub fn conv_backward(
         3 if eff.packed.is_some() && i % 16 == 0 => {
             // The direct kernel wins when the pixel reduction is long relative to the
             // channel counts; with few pixels per weight (e.g. 8x8 at batch 4 with 512+
-            // channels: 55–98 vs 169–173 GFLOP/s) and at 64→64 im2col + GEMM wins
+            // channels: 55–98 vs 169–173 GFLOP/s) im2col + GEMM wins
             // (measured on Zen 2, docs/perf.md).
+            // At 32→32 and 64→64 with 4k–64k pixels the direct kernel is 1–2% faster per
+            // training step (cpu-fmnist b64: 1072 → 1055 ms; cpu-s32 b32: 2629 → 2598 ms,
+            // medians of interleaved runs), so only tiny channel counts use im2col.
             let pixels = n * h * w;
-            if o % 16 == 0 && pixels >= 4 * (i + o) && i + o > 128 {
+            if o % 16 == 0 && pixels >= 4 * (i + o) && i + o >= 64 {
                 let _prof = crate::profile::scope("conv3x3.bwd_w.direct");
                 conv3x3::conv_weight_grad(3, x, n, h, w, i, dy, o, d_eff);
             } else {
@@ -271,23 +274,57 @@ pub fn conv_backward(
             }
         }
         3 => {
-            let kdim = 9 * i;
-            let mut patches = vec![0.0f32; pixels * kdim];
-            im2col3(x, n, h, w, i, &mut patches);
-            {
-                let _prof = crate::profile::scope("conv3x3.bwd_w.gemm");
-                sgemm(o, kdim, pixels, MatRef::rm_t(dy, o), MatRef::rm(&patches, kdim), d_eff, false, true);
-            }
+            // Row-chunked im2col keeps the patches in cache (a whole-batch im2col of the
+            // 32→1 output conv at 64x32x32 is 75 MB).
+            conv3x3_weight_grad_im2col(x, n, h, w, i, dy, o, d_eff);
             if let Some(dx) = dx {
-                let _prof = crate::profile::scope("conv3x3.bwd_x.gemm");
-                // Reuse the patch buffer for the patch gradient.
                 let w_ohwi = eff.ohwi();
-                sgemm(pixels, kdim, o, MatRef::rm(dy, o), MatRef::rm(&w_ohwi, kdim), &mut patches, false, true);
-                col2im3(&patches, n, h, w, i, dx);
+                if o < 16 {
+                    let _prof = crate::profile::scope("conv3x3.bwd_x.narrow");
+                    conv3x3_narrow_dx(dy, n, h, w, o, &w_ohwi, i, dx);
+                } else {
+                    let _prof = crate::profile::scope("conv3x3.bwd_x.gemm");
+                    let kdim = 9 * i;
+                    let mut patches = vec![0.0f32; pixels * kdim];
+                    sgemm(pixels, kdim, o, MatRef::rm(dy, o), MatRef::rm(&w_ohwi, kdim), &mut patches, false, true);
+                    col2im3(&patches, n, h, w, i, dx);
+                }
             }
         }
         k => panic!("unsupported kernel size {k}"),
     }
+}
+
+/// Data gradient of a 3x3 conv with few output channels (the output conv):
+/// `dx[q, ci] = Σ_tap Σ_o dy[q − off(tap), o] · w[o, tap, ci]`, one dx row per task (no
+/// patch matrix; deterministic). `w_ohwi` is `[o, 3, 3, i]`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_narrow_dx(dy: &[f32], n: usize, h: usize, w: usize, o: usize, w_ohwi: &[f32], i: usize, dx: &mut [f32]) {
+    dx[..n * h * w * i].par_chunks_mut(w * i).enumerate().for_each(|(row, dr)| {
+        let (b, y) = (row / h, row % h);
+        dr.fill(0.0);
+        for ky in 0..3 {
+            // dx row y receives dy row y + 1 − ky through tap row ky.
+            let sy = y as isize + 1 - ky as isize;
+            if sy < 0 || sy >= h as isize {
+                continue;
+            }
+            let dyr = &dy[(b * h + sy as usize) * w * o..(b * h + sy as usize + 1) * w * o];
+            for xx in 0..w {
+                let d = &mut dr[xx * i..(xx + 1) * i];
+                for kx in 0..3 {
+                    let sx = xx as isize + 1 - kx as isize;
+                    if sx < 0 || sx >= w as isize {
+                        continue;
+                    }
+                    for oc in 0..o {
+                        let tap = (oc * 3 + ky) * 3 + kx;
+                        super::ops::axpby_kernel(d, &w_ohwi[tap * i..(tap + 1) * i], 1.0, dyr[sx as usize * o + oc]);
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Weight gradient of a 3x3 conv, `d_eff[o, tap, ci] = Σ_p dy[p, o] · patch[p, tap·C + ci]`,
