@@ -48,7 +48,7 @@ fn exact_resume_is_bit_identical() {
     let (a, b) = (d.join("straight"), d.join("sliced"));
     let common = [
         "--max-size", "300", "--batch", "16", "--batch-gpu", "8", "--duration", "2048", "--status", "512", "--snapshot", "1024",
-        "--checkpoint", "0", "--preview", "0", "--seed", "5", "--lr", "0.02", "--rampup", "0.0005", "--decay", "20", "--xflip",
+        "--checkpoint", "0", "--preview", "0", "--seed", "5", "--lr", "0.02", "--rampup", "500", "--decay", "20", "--xflip",
     ];
     let run = |dir: &Path, extra: &[&str]| {
         let mut args = vec!["train", cfg.as_str(), "--outdir", s(dir)];
@@ -136,7 +136,7 @@ fn learns_on_the_builtin_data() {
     let out = d.join("run");
     let (ok, o, e) = edm2(&[
         "train", cfg.as_str(), "--outdir", s(&out), "--max-size", "2000", "--batch", "32", "--duration", "4096", "--status", "1024",
-        "--snapshot", "4096", "--checkpoint", "0", "--preview", "0", "--lr", "0.01", "--rampup", "0.0005", "--decay", "0",
+        "--snapshot", "4096", "--checkpoint", "0", "--preview", "0", "--lr", "0.01", "--rampup", "500", "--decay", "0",
         "--ema-std", "0.05",
     ]);
     assert!(ok, "{o}\n{e}");
@@ -356,6 +356,15 @@ fn bad_data_is_a_clear_error_before_training() {
         image_folder(p, 3, 16, 2);
         std::fs::remove_file(p.join("00000/img00000001.png")).unwrap();
     }, &[], &["img00000001.png", "not an image file"]);
+    case("duplicate-label", &|p| {
+        image_folder(p, 2, 16, 2);
+        let l = serde_json::json!({"labels": [["00000/img00000000.png", 0], ["00000/img00000001.png", 1], ["00000/img00000001.png", 0]]});
+        std::fs::write(p.join("dataset.json"), l.to_string()).unwrap();
+    }, &[], &["img00000001.png", "more than once"]);
+    case("huge-label", &|p| {
+        image_folder(p, 1, 16, 1);
+        std::fs::write(p.join("dataset.json"), "{\"labels\": [[\"00000/img00000000.png\", 4000000000]]}").unwrap();
+    }, &[], &["dataset.json", "4000000000"]);
     case("bad-json", &|p| {
         image_folder(p, 2, 16, 2);
         std::fs::write(p.join("dataset.json"), "{\"labels\": [[\"00000/img00000000.png\", \"cat\"]]}").unwrap();
@@ -391,6 +400,8 @@ fn cli_validates_counts_and_rounds_preset_defaults() {
     bad(&["--lr=-1"], "--lr -1 must be positive");
     bad(&["--lr", "0"], "--lr 0 must be positive");
     bad(&["--ema-std", "0.5"], "--ema-std 0.5");
+    bad(&["--ema-std", "0.05,0.0501"], "0.050 twice");
+    bad(&["--rampup", "1.5"], "image count");
     bad(&["--preset", "nope"], "unknown preset");
     bad(&["--dropout", "1.5"], "--dropout");
     bad(&["--cond=maybe"], "not a boolean");
@@ -409,9 +420,12 @@ fn cli_validates_counts_and_rounds_preset_defaults() {
     assert_eq!(json["net"]["img_channels"], 1, "from the dataset");
     assert!(!out.exists(), "a dry run writes nothing");
     // The default: cpu-fmnist on the built-in data, run directory named after both.
-    let (ok, o, _) = edm2(&["train", "-n", "--P_mean", "-1.2"]);
+    let (ok, o, _) = edm2(&["train", "-n", "--P_mean", "-1.2", "--rampup", "1Mi"]);
     assert!(ok && o.starts_with("Run directory: training-runs/cpu-fmnist-fmnist10k"), "{o}");
-    assert!(o.contains("\"P_mean\": -1.2"), "{o}");
+    assert!(o.contains("\"P_mean\": -1.2") && o.contains("\"rampup_mimg\": 1.048576"), "{o}");
+    // The preset's duration ends on a snapshot.
+    let json: serde_json::Value = serde_json::from_str(&o[o.find('{').unwrap()..=o.rfind('}').unwrap()]).unwrap();
+    assert_eq!(json["duration"].as_u64().unwrap() % json["snapshot"].as_u64().unwrap(), 0);
 }
 
 #[test]
@@ -554,4 +568,25 @@ fn ctrl_c_finishes_the_step_and_checkpoints() {
     let h = safetensors::read_header(&states[0]).unwrap();
     let nimg: u64 = h.metadata["edm2.nimg"].parse().unwrap();
     assert!(nimg > 0 && nimg % 16 == 0, "{nimg}");
+}
+
+#[test]
+fn debian_fashion_mnist_split() {
+    // CI installs Debian's dataset-fashion-mnist and sets EDM2_REQUIRE_DEBIAN_FMNIST=1.
+    if !Path::new(edm2::data::FMNIST_DEBIAN_DIR).exists() {
+        assert!(std::env::var("EDM2_REQUIRE_DEBIAN_FMNIST").is_err(), "{} is missing", edm2::data::FMNIST_DEBIAN_DIR);
+        eprintln!("skipped: {} is not installed", edm2::data::FMNIST_DEBIAN_DIR);
+        return;
+    }
+    let ds = Dataset::open(Some("fashion-mnist"), &DataOptions::default()).unwrap();
+    assert_eq!((ds.len(), ds.resolution, ds.net_channels(), ds.label_dim()), (60000, 32, 1, 10));
+    // Balanced classes: 6000 each.
+    let mut counts = [0usize; 10];
+    ds.labels.as_ref().unwrap().iter().for_each(|&l| counts[l as usize] += 1);
+    assert_eq!(counts, [6000; 10]);
+    // The 2-pixel black border of the 28 → 32 padding.
+    let x = ds.encoded(123, 0).unwrap();
+    assert!(x[..64].iter().all(|&v| v == -1.0) && x.iter().any(|&v| v > 0.0));
+    let (ok, o, e) = edm2(&["train", "--data", "fashion-mnist", "-n"]);
+    assert!(ok && o.contains("training-runs/cpu-fmnist-fmnist") && o.contains("60000 items"), "{o}\n{e}");
 }

@@ -46,7 +46,7 @@ pub struct Args {
     pub outdir: Option<PathBuf>,
     /// Class-conditional training (default: when the dataset has labels). `--cond`,
     /// `--cond=true|false`.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool)]
     pub cond: Option<bool>,
     /// Training duration in images.
     #[arg(long, value_name = "NIMG")]
@@ -75,9 +75,9 @@ pub struct Args {
     /// Learning-rate decay reference t_ref, in batches (0: none).
     #[arg(long, value_name = "BATCHES")]
     pub decay: Option<f64>,
-    /// Learning-rate ramp-up, in millions of images (decimal, official rampup_Mimg).
-    #[arg(long, value_name = "MIMG")]
-    pub rampup: Option<f64>,
+    /// Learning-rate ramp-up, in images (the paper: 10000000; Ki/Mi/Gi accepted; 0: none).
+    #[arg(long, value_name = "NIMG")]
+    pub rampup: Option<String>,
     /// Loss scaling.
     #[arg(long, value_name = "FLOAT", default_value_t = 1.0)]
     pub ls: f64,
@@ -165,8 +165,11 @@ fn user_nimg(flag: &str, s: &str, multiples: &[(u64, &str)], allow_zero: bool) -
     Ok(v)
 }
 
-/// A preset default rounded to the nearest positive multiple of `m`.
+/// A preset default rounded to the nearest positive multiple of `m` (0 stays 0: disabled).
 fn round_to(v: u64, m: u64) -> u64 {
+    if v == 0 {
+        return 0;
+    }
     (((v + m / 2) / m).max(1)) * m
 }
 
@@ -276,10 +279,11 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
         Some(g) => g,
     };
     let lcm = batch / gcd(batch, 1024) * 1024;
-    let duration = user("duration", &a.duration, &bm, false)?.unwrap_or_else(|| round_to(tp.duration_img, batch));
     let status = user("status", &a.status, &bm, true)?.unwrap_or_else(|| round_to(tp.status_img, batch));
     let snapshot = user("snapshot", &a.snapshot, &bm1024, true)?.unwrap_or_else(|| round_to(tp.snapshot_img, lcm));
     let checkpoint = user("checkpoint", &a.checkpoint, &bm1024, true)?.unwrap_or_else(|| round_to(tp.checkpoint_img, lcm));
+    // A preset's duration is rounded to whole snapshot intervals, so the run ends on one.
+    let duration = user("duration", &a.duration, &bm, false)?.unwrap_or_else(|| round_to(tp.duration_img, if snapshot > 0 { snapshot } else { batch }));
     let slice = user("slice", &a.slice, &bm, false)?;
     let pos = |flag: &str, v: f64| -> Result<f64> {
         if !(v > 0.0 && v.is_finite()) {
@@ -304,8 +308,12 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
                 .split(',')
                 .map(|s| s.trim().parse::<f64>().with_context(|| format!("--ema-std: '{s}' is not a number")))
                 .collect::<Result<Vec<_>>>()?;
-            for &s in &stds {
+            for (k, &s) in stds.iter().enumerate() {
                 edm2::phema::std_to_exp(s).with_context(|| format!("--ema-std {s}"))?;
+                // Snapshot names carry σ_rel with 3 decimals: two EMAs must not share one.
+                if stds[..k].iter().any(|&t| format!("{t:.3}") == format!("{s:.3}")) {
+                    bail!("--ema-std lists {s:.3} twice (snapshot names use 3 decimals)");
+                }
             }
             EmaOptions::Power { stds }
         }
@@ -327,7 +335,10 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
         slice,
         lr: pos("lr", a.lr.unwrap_or(tp.lr))?,
         decay: nonneg("decay", a.decay.unwrap_or(tp.decay_batches))?,
-        rampup_mimg: nonneg("rampup", a.rampup.unwrap_or(tp.rampup_mimg))?,
+        rampup_mimg: match &a.rampup {
+            Some(r) => parse_nimg(r).with_context(|| "--rampup")? as f64 / 1e6,
+            None => tp.rampup_mimg,
+        },
         p_mean: a.p_mean.unwrap_or(tp.p_mean),
         p_std: pos("P_std", a.p_std.unwrap_or(tp.p_std))?,
         loss_scaling: pos("ls", a.ls)?,
@@ -350,6 +361,19 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
     Ok((opts, run_name))
 }
 
+/// The newest EMA snapshot in a run directory (the 0.100 one where there are several).
+fn newest_snapshot(dir: &std::path::Path) -> Option<PathBuf> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("network-snapshot-") && n.ends_with(".safetensors"))
+        .collect();
+    // Newest kimg first; among equal kimg prefer σ_rel 0.100.
+    names.sort_by_key(|n| (std::cmp::Reverse(n[17..24].to_string()), !n.contains("-0.100.")));
+    names.first().map(|n| dir.join(n))
+}
+
 pub fn run(a: Args) -> Result<()> {
     ensure_available(a.device)?;
     let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size })?;
@@ -366,20 +390,6 @@ pub fn run(a: Args) -> Result<()> {
     if a.fp16 == Some(true) || a.bench.is_some() {
         eprintln!("note: --fp16/--bench are accepted for official command lines; the CPU backend trains in fp32");
     }
-    let net = edm2::Precond::new(&opts.net)?;
-    println!(
-        "Dataset: {} ({} items, {}x{}x{}{}); network {}: {:.2} M parameters, {} images per step ({} per pass)",
-        ds.source,
-        ds.len(),
-        ds.resolution,
-        ds.resolution,
-        ds.net_channels(),
-        if opts.cond { format!(", {} classes", opts.net.label_dim) } else { ", unconditional".into() },
-        opts.preset,
-        net.num_params() as f64 / 1e6,
-        opts.batch,
-        opts.batch_gpu
-    );
     let tty = std::io::stderr().is_terminal();
     if opts.verify {
         let t = std::time::Instant::now();
@@ -414,7 +424,18 @@ pub fn run(a: Args) -> Result<()> {
         StopReason::AlreadyDone => "Already trained to --duration",
     };
     println!("{what} at {} kimg ({} steps this run, {:.1} img/s).", s.nimg / 1000, s.steps, s.img_per_sec);
-    if let Some(snap) = s.snapshots.last() {
+    if s.steps > 0 {
+        let step = s.fwd_bwd_sec + s.other_sec;
+        println!(
+            "Mean step: {:.1} ms forward+backward, {:.1} ms other (waiting for data, gradient check, Adam, EMA) = {:.2}% of the step; \
+             snapshots, checkpoints and previews not counted.",
+            1e3 * s.fwd_bwd_sec,
+            1e3 * s.other_sec,
+            100.0 * s.other_sec / step.max(1e-12)
+        );
+    }
+    let newest = newest_snapshot(&run_dir);
+    if let Some(snap) = newest.as_ref() {
         println!("Outputs in {}:", run_dir.display());
         println!("  EMA snapshots network-snapshot-*.safetensors; training states training-state-*.safetensors; preview-*.png; stats.jsonl; log.txt");
         println!("Sample from the newest snapshot:");

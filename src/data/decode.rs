@@ -102,10 +102,12 @@ pub fn decode_npy(bytes: &[u8], name: &str) -> Result<(RawItem, usize, usize, us
     if shape.len() != 3 {
         return Err(bad(name, format!(".npy shape {shape:?}; latents must be [C, H, W]")));
     }
-    let n: usize = shape.iter().product();
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|n| *n <= usize::MAX / 4);
+    let n = n.ok_or_else(|| bad(name, format!(".npy shape {shape:?} is too large")))?;
     let body = &bytes[start + hlen..];
-    if body.len() < 4 * n {
-        return Err(bad(name, format!("truncated .npy: {} bytes of data for shape {shape:?}", body.len())));
+    if body.len() != 4 * n {
+        let what = if body.len() < 4 * n { "truncated" } else { "trailing data after" };
+        return Err(bad(name, format!("{what} .npy data: {} bytes for shape {shape:?} ({} expected)", body.len(), 4 * n)));
     }
     let v: Vec<f32> = body[..4 * n].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     Ok((RawItem::F32(v), shape[0], shape[1], shape[2]))

@@ -133,7 +133,9 @@ fn list_dir(root: &Path) -> Result<Vec<String>> {
         for ent in rd {
             let ent = ent.map_err(|e| Error::Io { path: d.clone(), err: e })?;
             let p = ent.path();
-            if p.is_dir() {
+            // file_type() does not follow symlinks: a linked folder is not walked (no loops).
+            let ft = ent.file_type().map_err(|e| Error::Io { path: p.clone(), err: e })?;
+            if ft.is_dir() {
                 stack.push(p);
             } else if let Ok(rel) = p.strip_prefix(root) {
                 let rel = rel.to_string_lossy().replace('\\', "/");
@@ -146,6 +148,9 @@ fn list_dir(root: &Path) -> Result<Vec<String>> {
     out.sort();
     Ok(out)
 }
+
+/// Largest accepted class count (label_dim sizes the network's label embedding).
+const MAX_CLASSES: u64 = 100_000;
 
 /// Labels from `dataset.json` (`{"labels": [["rel/path.png", int], …]}` or `null`), in the
 /// order of `names`. Every file needs a label and every label a file.
@@ -160,10 +165,15 @@ fn parse_labels(json: &str, source: &str, names: &[String]) -> Result<Option<Vec
     for (i, e) in list.iter().enumerate() {
         let pair = e.as_array().filter(|a| a.len() == 2);
         let (f, l) = match pair.map(|a| (a[0].as_str(), a[1].as_u64())) {
-            Some((Some(f), Some(l))) if l < u32::MAX as u64 => (f.replace('\\', "/"), l as u32),
+            Some((Some(f), Some(l))) => (f.replace('\\', "/"), l),
             _ => return Err(data_err(format!("{source}/dataset.json: labels[{i}] is {e}, expected [\"file\", non-negative integer]"))),
         };
-        map.insert(f, l);
+        if l >= MAX_CLASSES {
+            return Err(data_err(format!("{source}/dataset.json: labels[{i}] has class {l}; classes must be below {MAX_CLASSES}")));
+        }
+        if map.insert(f.clone(), l as u32).is_some() {
+            return Err(data_err(format!("{source}/dataset.json: {f} is labelled more than once")));
+        }
     }
     let mut out = Vec::with_capacity(names.len());
     for n in names {
@@ -257,7 +267,8 @@ impl Dataset {
                     f.read_to_string(&mut s).map_err(|e| data_err(format!("{source}: dataset.json: {e}")))?;
                     Some(s)
                 }
-                Err(_) => None,
+                Err(zip::result::ZipError::FileNotFound) => None,
+                Err(e) => return Err(data_err(format!("{source}: dataset.json: {e}"))),
             };
             (Store::Zip { path: path.to_path_buf(), names, pool: Mutex::new(vec![z]) }, json)
         };
@@ -411,7 +422,7 @@ impl Dataset {
         let done = std::sync::atomic::AtomicUsize::new(0);
         let chunk = 256;
         let starts: Vec<usize> = (0..self.raw_len).step_by(chunk).collect();
-        // Chunks in order: the first bad file (lowest index) of the earliest failing chunk.
+        // Each chunk stops at its first bad file; the error reported is the first to occur.
         starts.par_iter().try_for_each(|&s| -> Result<()> {
             for i in s..(s + chunk).min(self.raw_len) {
                 let it = self.load_raw(i)?;

@@ -9,7 +9,8 @@
 //!
 //! Every random draw is a function of (seed, images seen) — `data::loader` for the data,
 //! σ and noise, `mix(seed ^ DROPOUT, first image of the pass)` for dropout — so a run
-//! resumed from a checkpoint is bit-identical to an uninterrupted one.
+//! resumed from a checkpoint is bit-identical to an uninterrupted one (with the same
+//! `batch_gpu`: dropout masks are drawn per pass).
 
 use super::adam::Adam;
 use super::ema::{EmaOptions, EmaSet};
@@ -334,6 +335,19 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         log.line(&format!("Nothing to train: {} images seen, the duration is {}", start_nimg, opts.duration));
         return Ok(summary);
     }
+    log.line(&format!(
+        "Dataset: {} ({} items, {}x{}x{}{}); network {}: {:.2} M parameters; {} images per step ({} per pass)",
+        ds.source,
+        ds.len(),
+        ds.resolution,
+        ds.resolution,
+        ds.net_channels(),
+        if opts.cond { format!(", {} classes", c.label_dim) } else { ", unconditional".into() },
+        opts.preset,
+        net.num_params() as f64 / 1e6,
+        opts.batch,
+        opts.batch_gpu
+    ));
     log.line(&format!("Training from {} kimg to {} kimg:", start_nimg / 1000, stop_nimg / 1000));
 
     let stream = StreamOptions { seed: opts.seed, batch: opts.batch_gpu as usize, label_dim, p_mean: opts.p_mean, p_std: opts.p_std };
@@ -343,6 +357,18 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     let dtype = if opts.snapshot_dtype == "f32" { Dtype::F32 } else { Dtype::F16 };
     let mut extra = BTreeMap::new();
     extra.insert("edm2.dataset".to_string(), ds.source.clone());
+    // How data maps to the network's input (DESIGN.md §5), so outputs can be decoded.
+    let encoder = match ds.encoding {
+        crate::data::Encoding::Pixels => serde_json::json!({"class": "StandardRGBEncoder", "scale": 1.0 / 127.5, "bias": -1.0}),
+        crate::data::Encoding::Latents => serde_json::json!({
+            "class": "StabilityVAEEncoder",
+            "raw_mean": crate::data::LATENT_RAW_MEAN,
+            "raw_std": crate::data::LATENT_RAW_STD,
+            "final_mean": 0.0,
+            "final_std": 0.5,
+        }),
+    };
+    extra.insert("edm2.encoder".to_string(), encoder.to_string());
     let mut stats_file: Option<std::fs::File> = None;
 
     // Per status tick.
@@ -353,9 +379,11 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     let mut last_lr = 0.0;
     let mut recent_rate = 0.0f64;
     let (mut total_train_sec, mut total_fwd_bwd) = (0.0f64, 0.0f64);
-    let mut last_loss = f64::NAN;
 
+    // Wall time of the whole run across invocations (stored in the training state).
+    let (session_start, elapsed_before) = (Instant::now(), st.elapsed_sec);
     loop {
+        st.elapsed_sec = elapsed_before + session_start.elapsed().as_secs_f64();
         let interrupted = stop.load(Ordering::SeqCst);
         let done = st.nimg >= stop_nimg || interrupted;
 
@@ -363,7 +391,6 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         if opts.status > 0 && (done || st.nimg % opts.status == 0) && (st.nimg != start_nimg || start_nimg == 0) {
             let now = Instant::now();
             let tick_sec = now.duration_since(tick_start).as_secs_f64();
-            st.elapsed_sec += tick_sec;
             let (rss, peak) = memory_gib();
             let kimg_done = (st.nimg - tick_nimg) as f64 / 1e3;
             let sec_per_kimg = if kimg_done > 0.0 { tick_train_sec / kimg_done } else { 0.0 };
@@ -507,7 +534,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         total_fwd_bwd += fwd_bwd;
         summary.steps += 1;
         last_lr = lr;
-        last_loss = loss_sum / (opts.batch as f64 * per_image);
+        let last_loss = loss_sum / (opts.batch as f64 * per_image);
         tick_losses.push(last_loss);
         tick_nonfinite += nonfinite as u64;
         let rate = opts.batch as f64 / step_sec;
@@ -520,6 +547,5 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         summary.fwd_bwd_sec = total_fwd_bwd / summary.steps as f64;
         summary.other_sec = (total_train_sec - total_fwd_bwd) / summary.steps as f64;
     }
-    let _ = last_loss;
     Ok(summary)
 }
