@@ -22,6 +22,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Train (or resume) a network: EDM2 loss, Adam, power-function EMA snapshots.
+    /// Ctrl-C (or SIGTERM/SIGHUP) finishes the step, writes a checkpoint and exits 0.
     Train(train::Args),
     /// Print a network's module tree, parameter count and forward GMACs per image.
     Info(info::Args),
