@@ -267,16 +267,7 @@ fn folder_zip_and_latent_datasets() {
         if i > 0 {
             v[4 * 64..].iter_mut().for_each(|x| *x = 0.5);
         }
-        let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (8, 8, 8), }".to_string();
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut buf = b"\x93NUMPY\x01\x00".to_vec();
-        buf.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        buf.extend_from_slice(header.as_bytes());
-        v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
-        std::fs::write(lat.join(format!("img-mean-std-{i:08}.npy")), buf).unwrap();
+        edm2::io::npy::write(&lat.join(format!("img-mean-std-{i:08}.npy")), &v, &[8, 8, 8]).unwrap();
     }
     let ds = Dataset::open(Some(s(&lat)), &DataOptions::default()).unwrap();
     assert_eq!((ds.net_channels(), ds.resolution, ds.labels.is_some()), (4, 8, false));

@@ -100,21 +100,6 @@ fn image_path(outdir: &Path, name: u64, subdirs: bool, ext: &str) -> PathBuf {
     dir.join(format!("{name:06}.{ext}"))
 }
 
-fn write_npy(path: &Path, x: &[f32], shape: &[usize]) -> Result<()> {
-    let dims = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut buf = b"\x93NUMPY\x01\x00".to_vec();
-    buf.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    buf.extend_from_slice(header.as_bytes());
-    x.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
-    edm2::io::write_atomic(path, &buf)?;
-    Ok(())
-}
-
 pub fn run(a: Args) -> Result<()> {
     ensure_available(a.device)?;
     if a.guidance != 1.0 && a.gnet.is_none() {
@@ -253,7 +238,7 @@ pub fn run(a: Args) -> Result<()> {
             let path = image_path(&a.outdir, s, a.subdirs, ext);
             std::fs::create_dir_all(path.parent().unwrap()).with_context(|| format!("creating {}", path.parent().unwrap().display()))?;
             if ch == 4 {
-                write_npy(&path, img, &[ch, r, r])?;
+                edm2::io::npy::write(&path, img, &[ch, r, r])?;
             } else {
                 let px = to_pixels(img, ch, r, r);
                 write_png(&path, &px, ch, r, r)?;

@@ -2,6 +2,7 @@
 //! the atomic write every output file goes through.
 
 pub mod image;
+pub mod npy;
 pub mod safetensors;
 
 use crate::error::{Error, Result};
