@@ -2,6 +2,8 @@
 //! `cuda` cargo feature.
 
 pub mod cpu;
+#[cfg(feature = "cuda-sim")]
+pub mod sim;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 

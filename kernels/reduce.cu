@@ -1,0 +1,76 @@
+// reduce.cu — sums: a shared-memory tree within a block, then warp shuffles for the last
+// 32 values; two launches for a whole array (per-block partials, then one block).
+// Overwrites partials[0..edm2_sum_partials(n)) and out[0]. Deterministic: a fixed tree.
+// Also the simulation harness's self-tests (a barrier that must not be left out, and a
+// warp-shuffle reduction).
+#include "common.cuh"
+
+#define SUM_THREADS 256
+#define SUM_MAX_BLOCKS 1024
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xffffffffu, v, d);
+  return v;
+}
+
+// One block's sum of x[i] for i = start + k·stride, into out[blockIdx.x].
+__global__ void block_sum_kernel(const float *__restrict__ x, float *__restrict__ out, size_t n) {
+  __shared__ float s[SUM_THREADS];
+  float v = 0.0f;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) v += x[i];
+  s[threadIdx.x] = v;
+  __syncthreads();
+  for (unsigned stride = blockDim.x / 2; stride >= 32; stride >>= 1) {
+    if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x < 32) {
+    float w = warp_sum(s[threadIdx.x]);
+    if (threadIdx.x == 0) out[blockIdx.x] = w;
+  }
+}
+
+extern "C" size_t edm2_sum_partials(size_t n) {
+  size_t b = (n + SUM_THREADS - 1) / SUM_THREADS;
+  return b == 0 ? 1 : (b > SUM_MAX_BLOCKS ? SUM_MAX_BLOCKS : b);
+}
+
+extern "C" int edm2_sum_f32(const float *x, float *partials, float *out, size_t n, cudaStream_t stream) {
+  unsigned blocks = (unsigned)edm2_sum_partials(n);
+  EDM2_LAUNCH(block_sum_kernel, blocks, SUM_THREADS, 0, stream, x, partials, n);
+  EDM2_LAUNCH(block_sum_kernel, 1, SUM_THREADS, 0, stream, (const float *)partials, out, (size_t)blocks);
+  return (int)cudaGetLastError();
+}
+
+// Self-test: the classic shared-memory tree down to one value; with skip_sync the barrier
+// between levels is left out, so a thread may read a partial sum before it is written.
+__global__ void selftest_block_sum_kernel(const float *__restrict__ x, float *__restrict__ out, int skip_sync) {
+  __shared__ float s[1024];
+  s[threadIdx.x] = x[threadIdx.x];
+  __syncthreads();
+  for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+    if (!skip_sync) __syncthreads();
+  }
+  if (threadIdx.x == 0) out[0] = s[0];
+}
+
+extern "C" int edm2_selftest_block_sum(const float *x, float *out, int threads, int skip_sync, cudaStream_t stream) {
+  EDM2_LAUNCH(selftest_block_sum_kernel, 1, threads, 0, stream, x, out, skip_sync);
+  return (int)cudaGetLastError();
+}
+
+// Self-test: each of 2 warps sums its 32 values with shuffles; out[w] = sum of warp w.
+__global__ void selftest_warp_sum_kernel(const float *__restrict__ x, float *__restrict__ out) {
+  float v = warp_sum(x[threadIdx.x]);
+  if (threadIdx.x % 32 == 0) out[threadIdx.x / 32] = v;
+}
+
+extern "C" int edm2_selftest_warp_sum(const float *x, float *out, cudaStream_t stream) {
+  EDM2_LAUNCH(selftest_warp_sum_kernel, 1, 64, 0, stream, x, out);
+  return (int)cudaGetLastError();
+}
+
+#ifdef EDM2_SIM
+extern "C" void edm2_sim_set_schedule(int reverse) { edm2sim::schedule() = reverse; }
+#endif
