@@ -16,6 +16,11 @@ int edm2_mp_silu_f32(const float *x, float *y, size_t n, cudaStream_t stream);
 int edm2_mp_silu_backward_f32(const float *x, const float *dy, float *dx, size_t n, cudaStream_t stream);
 int edm2_mp_sum_f32(float *a, const float *b, float t, size_t n, cudaStream_t stream);
 
+/* optim.cu: Adam with non-finite zeroing (adds the count to *nonfinite), EMA lerp. */
+int edm2_adam_f32(float *p, const float *g, float *m, float *v, float beta1, float beta2, float bc2_sqrt, float eps,
+                  float step, size_t n, unsigned *nonfinite, cudaStream_t stream);
+int edm2_ema_lerp_f32(float *e, const float *p, float w, size_t n, cudaStream_t stream);
+
 /* reduce.cu: out[0] = sum of x (two launches: per-block partials into `partials`, which
  * must hold edm2_sum_partials(n) floats, then one block). */
 size_t edm2_sum_partials(size_t n);

@@ -213,6 +213,18 @@ inline float __shfl_sync(unsigned, float v, int src) {
   return edm2sim::shfl_f(v, [src](int) { return src; });
 }
 inline float __expf(float x) { return std::exp(x); }
+using std::isfinite;
+// Atomics: only one simulated thread runs at a time, so a plain read-modify-write is atomic.
+inline unsigned atomicAdd(unsigned *a, unsigned v) {
+  unsigned old = *a;
+  *a = old + v;
+  return old;
+}
+inline float atomicAdd(float *a, float v) {
+  float old = *a;
+  *a = old + v;
+  return old;
+}
 namespace edm2sim {
 inline cudaError_t &last_error() {
   static cudaError_t e = cudaSuccess;

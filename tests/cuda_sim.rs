@@ -84,3 +84,35 @@ fn sum_reduction_matches_f64() {
         sim::set_reverse_schedule(false);
     }
 }
+
+#[test]
+fn adam_and_ema_kernels_match_the_cpu_backend_bit_for_bit() {
+    use edm2::nn::params::{ParamKind, ParamSpec, Params};
+    use edm2::train::adam::Adam;
+    let _g = DEVICE.lock().unwrap();
+    let n = 3001;
+    let specs = vec![ParamSpec { name: "w".into(), shape: vec![n], kind: ParamKind::Param, is_mp_weight: false }];
+    let p0 = random(n, 1);
+    let (mut cpu_p, mut cpu) = (Params { values: vec![p0.clone()] }, Adam::new(&specs));
+    let (mut p, mut m, mut v) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+    for t in 1..=3u64 {
+        let mut g = random(n, 10 + t);
+        g[5] = f32::NAN;
+        g[77] = f32::INFINITY;
+        let bad = sim::adam(&mut p, &g, &mut m, &mut v, 0.01, 0.9, 0.99, 1e-8, t).unwrap();
+        let mut grads = Params { values: vec![g] };
+        let cpu_bad = Adam::sanitize(&mut grads);
+        cpu.step(&specs, &mut cpu_p, &grads, 0.01);
+        assert_eq!((bad, cpu_bad), (2, 2));
+        assert_eq!(p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), cpu_p.values[0].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "step {t}");
+        assert_eq!(m, cpu.m.values[0]);
+        assert_eq!(v, cpu.v.values[0]);
+    }
+    // The power-function EMA update (both lerp branches).
+    for w in [0.3f32, 0.9] {
+        let mut e = random(n, 3);
+        let want: Vec<f32> = e.iter().zip(&p).map(|(&a, &b)| edm2::train::ema::torch_lerp(a, b, w)).collect();
+        sim::ema_lerp(&mut e, &p, w).unwrap();
+        assert_eq!(e, want, "w={w}");
+    }
+}

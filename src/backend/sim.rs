@@ -80,3 +80,38 @@ pub fn selftest_warp_sum(x: &[f32; 64]) -> Result<[f32; 2]> {
     check("selftest_warp_sum", unsafe { ffi::edm2_selftest_warp_sum(x.as_ptr(), out.as_mut_ptr(), std::ptr::null_mut()) })?;
     Ok(out)
 }
+
+/// One Adam step on a flat parameter (PyTorch's form, non-finite gradient entries as 0);
+/// `t` = the step number after this step. Returns how many entries were non-finite.
+#[allow(clippy::too_many_arguments)]
+pub fn adam(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f64, beta1: f64, beta2: f64, eps: f64, t: u64) -> Result<u32> {
+    for (name, l) in [("g", g.len()), ("m", m.len()), ("v", v.len())] {
+        same_len(&format!("adam {name}"), p.len(), l)?;
+    }
+    let step = (lr / (1.0 - beta1.powi(t as i32))) as f32;
+    let bc2 = (1.0 - beta2.powi(t as i32)).sqrt() as f32;
+    let mut bad = 0u32;
+    check("adam", unsafe {
+        ffi::edm2_adam_f32(
+            p.as_mut_ptr(),
+            g.as_ptr(),
+            m.as_mut_ptr(),
+            v.as_mut_ptr(),
+            beta1 as f32,
+            beta2 as f32,
+            bc2,
+            eps as f32,
+            step,
+            p.len(),
+            &mut bad,
+            std::ptr::null_mut(),
+        )
+    })?;
+    Ok(bad)
+}
+
+/// `e ← lerp(e, p, w)` as PyTorch evaluates it (the power-function EMA update, w = 1 − β).
+pub fn ema_lerp(e: &mut [f32], p: &[f32], w: f32) -> Result<()> {
+    same_len("ema_lerp", e.len(), p.len())?;
+    check("ema_lerp", unsafe { ffi::edm2_ema_lerp_f32(e.as_mut_ptr(), p.as_ptr(), w, e.len(), std::ptr::null_mut()) })
+}
