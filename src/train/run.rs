@@ -505,7 +505,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
             // batch divided by the batch, times the loss scaling (official `loss_scaling`).
             let scale = (opts.loss_scaling * opts.batch_gpu as f64 / opts.batch as f64) as f32;
             if scale != 1.0 {
-                l.dd.data.iter_mut().for_each(|v| *v *= scale);
+                crate::backend::cpu::ops::scale_inplace(&mut l.dd.data, scale);
                 l.dlogvar.iter_mut().for_each(|v| *v *= scale);
             }
             loss_sum += l.per_sample.iter().sum::<f64>();
