@@ -24,6 +24,9 @@ pub enum Error {
     Input(String),
     #[error("{0}")]
     DeviceUnavailable(String),
+    /// A CUDA driver call or kernel launch failed (names the operation or kernel).
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// Bad training data: the message names the dataset and, where one is at fault, the file.
     #[error("dataset: {0}")]
     Data(String),

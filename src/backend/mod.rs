@@ -2,10 +2,8 @@
 //! `cuda` cargo feature.
 
 pub mod cpu;
-#[cfg(feature = "cuda-sim")]
-pub mod sim;
-#[cfg(feature = "cuda")]
-pub mod cuda;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub mod gpu;
 
 /// Which device a command runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,13 +23,25 @@ impl std::str::FromStr for Device {
     }
 }
 
-/// Checks that `device` can run here; the CUDA backend is not implemented yet.
+/// Checks that `device` can run here. `cuda` needs a build with the `cuda` feature, a
+/// driver and a device; the network does not run on it yet (the CUDA issue), so even then
+/// the answer is a clear error.
 pub fn ensure_available(device: Device) -> Result<(), crate::Error> {
     match device {
         Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => {
+            let gpu = gpu::Gpu::open(0)?;
+            Err(crate::Error::DeviceUnavailable(format!(
+                "found {}, but the network does not run on the CUDA backend yet (its kernels are \
+                 being written and tested kernel by kernel); use --device cpu",
+                gpu.name()
+            )))
+        }
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda => Err(crate::Error::DeviceUnavailable(
-            "the CUDA backend is not available yet in this build of edm2 (it is being \
-             developed behind the `cuda` cargo feature); use --device cpu"
+            "this edm2 was built without the CUDA backend (cargo build --release --features cuda); \
+             use --device cpu"
                 .into(),
         )),
     }
