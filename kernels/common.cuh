@@ -13,3 +13,34 @@ static inline unsigned edm2_blocks(size_t n, unsigned threads) {
   size_t b = (n + threads - 1) / threads;
   return (unsigned)(b > 65535u * 8u ? 65535u * 8u : (b == 0 ? 1 : b));
 }
+
+#define EDM2_NORM_EPS 1e-4f
+#define EDM2_MP_SILU_SCALE 0.596f
+
+// Grid-stride loop over [0, n).
+#define EDM2_FOR(i, n) for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ float edm2_sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
+// mp_silu (paper Eq. 81) and its derivative.
+__device__ __forceinline__ float edm2_mp_silu(float x) { return x * edm2_sigmoid(x) / EDM2_MP_SILU_SCALE; }
+__device__ __forceinline__ float edm2_mp_silu_grad(float x) {
+  float s = edm2_sigmoid(x);
+  return s * (1.0f + x * (1.0f - s)) / EDM2_MP_SILU_SCALE;
+}
+
+// Sum of v over the block, returned to every thread. blockDim.x must be a power of two
+// and `red` hold blockDim.x floats. A fixed tree: deterministic.
+__device__ __forceinline__ float edm2_block_sum(float v, float *red) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+    __syncthreads();
+  }
+  float r = red[0];
+  __syncthreads();  // `red` may be reused right after
+  return r;
+}
+
+// The denominator of `normalize` (DESIGN.md §1): eps + ||x|| / sqrt(k), from Σx².
+__device__ __forceinline__ float edm2_norm_denom(float ss, int k) { return EDM2_NORM_EPS + sqrtf(ss) * sqrtf(1.0f / (float)k); }

@@ -16,6 +16,49 @@ int edm2_mp_silu_f32(const float *x, float *y, size_t n, cudaStream_t stream);
 int edm2_mp_silu_backward_f32(const float *x, const float *dy, float *dx, size_t n, cudaStream_t stream);
 int edm2_mp_sum_f32(float *a, const float *b, float t, size_t n, cudaStream_t stream);
 
+/* elementwise.cu (NHWC ops: see the file's header comment) */
+int edm2_axpby_f32(float *a, const float *b, float wa, float wb, size_t n, cudaStream_t stream);
+int edm2_scale_f32(float *a, float k, size_t n, cudaStream_t stream);
+int edm2_downsample2_f32(const float *x, float *y, int n, int h, int w, int c, cudaStream_t stream);
+int edm2_downsample2_backward_f32(const float *dy, float *dx, int n, int h, int w, int c, cudaStream_t stream);
+int edm2_upsample2_f32(const float *x, float *y, int n, int h, int w, int c, cudaStream_t stream);
+int edm2_upsample2_backward_f32(const float *dy, float *dx, int n, int h, int w, int c, cudaStream_t stream);
+int edm2_mp_cat_f32(const float *a, int na, const float *b, int nb, float ka, float kb, float *out, size_t pixels, cudaStream_t stream);
+int edm2_mp_cat_backward_f32(const float *dout, int na, int nb, float ka, float kb, float *da, float *db, size_t pixels,
+                             cudaStream_t stream);
+int edm2_modulate_silu_f32(const float *h, const float *s, float *y, int n, size_t pixels, int c, cudaStream_t stream);
+int edm2_modulate_silu_backward_f32(const float *h, const float *s, const float *dy, float *dh, float *ds, int n, size_t pixels, int c,
+                                    cudaStream_t stream);
+int edm2_dropout_f32(float *x, float p, uint64_t seed, size_t n, cudaStream_t stream);
+int edm2_clip_f32(float *x, uint8_t *mask, float limit, size_t n, cudaStream_t stream);
+int edm2_clip_backward_f32(float *dy, const uint8_t *mask, size_t n, cudaStream_t stream);
+int edm2_mp_fourier_f32(const float *x, const float *freqs, const float *phases, float *y, size_t n, int c, cudaStream_t stream);
+
+/* weight_norm.cu: rows of k contiguous values (x == y allowed); effective weight OIHW → OHWI
+ * (taps = 9 for 3x3, 1 for 1x1/linear) with per-row denominators; its backward. */
+int edm2_normalize_rows_f32(const float *x, float *y, size_t rows, int k, cudaStream_t stream);
+int edm2_normalize_rows_backward_f32(const float *x, const float *dy, float *dx, size_t rows, int k, cudaStream_t stream);
+int edm2_effective_weight_f32(const float *w, float *eff, float *denom, int out_ch, int in_ch, int taps, float gain,
+                              cudaStream_t stream);
+int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, const float *denom, float *dw, float *row_dgain, int out_ch,
+                                       int in_ch, int taps, float gain, cudaStream_t stream);
+
+/* conv.cu: NHWC activations, OHWI effective weight, k = 3 (3x3 'same'), 1 (1x1) or 0 (linear,
+ * h = w = 1). All overwrite their output. */
+int edm2_conv_forward_f32(const float *x, const float *w, float *y, int n, int h, int wd, int cin, int cout, int k, cudaStream_t stream);
+int edm2_conv_backward_data_f32(const float *dy, const float *w, float *dx, int n, int h, int wd, int cin, int cout, int k,
+                                cudaStream_t stream);
+int edm2_conv_backward_weight_f32(const float *x, const float *dy, float *dw, int n, int h, int wd, int cin, int cout, int k,
+                                  cudaStream_t stream);
+
+/* attention.cu: qkv [N, P, 3C] → y [N, P, C]; workspace qn/kn/vn [N, heads, P, C/heads],
+ * w and dl [N, heads, P, P]; backward overwrites dqkv (and the dqn/dkn/dvn/dl scratch). */
+int edm2_attention_forward_f32(const float *qkv, float *y, float *qn, float *kn, float *vn, float *w, int n, int p, int c, int heads,
+                               cudaStream_t stream);
+int edm2_attention_backward_f32(const float *qkv, const float *qn, const float *kn, const float *vn, const float *w, const float *dy,
+                                float *dl, float *dqn, float *dkn, float *dvn, float *dqkv, int n, int p, int c, int heads,
+                                cudaStream_t stream);
+
 /* optim.cu: Adam with non-finite zeroing (adds the count to *nonfinite), EMA lerp. */
 int edm2_adam_f32(float *p, const float *g, float *m, float *v, float beta1, float beta2, float bc2_sqrt, float eps,
                   float step, size_t n, unsigned *nonfinite, cudaStream_t stream);

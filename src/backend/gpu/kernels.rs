@@ -117,3 +117,471 @@ pub fn selftest_warp_sum(gpu: &Gpu, x: &GpuBuf<f32>) -> Result<[f32; 2]> {
 pub fn set_reverse_schedule(reverse: bool) {
     unsafe { ffi::edm2_sim_set_schedule(reverse as i32) }
 }
+
+/// Checks that buffer `name` holds exactly `want` elements.
+fn expect_len<T: super::DeviceScalar>(kernel: &str, name: &str, b: &GpuBuf<T>, want: usize) -> Result<()> {
+    if b.len() == want {
+        Ok(())
+    } else {
+        Err(Error::Input(format!("{kernel}: {name} holds {} elements, expected {want}", b.len())))
+    }
+}
+
+fn int(kernel: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Input(format!("{kernel}: dimension {v} too large")))
+}
+
+/// `a ← wa·a + wb·b`.
+pub fn axpby(gpu: &Gpu, a: &mut GpuBuf<f32>, b: &GpuBuf<f32>, wa: f32, wb: f32) -> Result<()> {
+    same_len("axpby", a.len(), b.len())?;
+    let s = gpu.stream()?;
+    check("axpby", unsafe { ffi::edm2_axpby_f32(a.ptr_mut(gpu), b.ptr(gpu), wa, wb, a.len(), s) })
+}
+
+/// `a ← k·a`.
+pub fn scale(gpu: &Gpu, a: &mut GpuBuf<f32>, k: f32) -> Result<()> {
+    let s = gpu.stream()?;
+    check("scale", unsafe { ffi::edm2_scale_f32(a.ptr_mut(gpu), k, a.len(), s) })
+}
+
+/// NHWC shape `[n, h, w, c]` of a resample input.
+#[derive(Clone, Copy, Debug)]
+pub struct Nhwc {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl Nhwc {
+    pub fn numel(&self) -> usize {
+        self.n * self.h * self.w * self.c
+    }
+    pub fn pixels(&self) -> usize {
+        self.n * self.h * self.w
+    }
+    fn ints(&self, kernel: &str) -> Result<(i32, i32, i32, i32)> {
+        Ok((int(kernel, self.n)?, int(kernel, self.h)?, int(kernel, self.w)?, int(kernel, self.c)?))
+    }
+}
+
+/// 2x2 average pooling of `x` (shape `s`, even h and w) into `y` `[n, h/2, w/2, c]`.
+pub fn downsample2(gpu: &Gpu, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "downsample2";
+    expect_len(k, "x", x, s.numel())?;
+    expect_len(k, "y", y, s.numel() / 4)?;
+    let (n, h, w, c) = s.ints(k)?;
+    let st = gpu.stream()?;
+    check(k, unsafe { ffi::edm2_downsample2_f32(x.ptr(gpu), y.ptr_mut(gpu), n, h, w, c, st) })
+}
+
+/// Gradient of [`downsample2`]: `dy` `[n, h/2, w/2, c]` → `dx` of shape `s`.
+pub fn downsample2_backward(gpu: &Gpu, dy: &GpuBuf<f32>, s: Nhwc, dx: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "downsample2_backward";
+    expect_len(k, "dy", dy, s.numel() / 4)?;
+    expect_len(k, "dx", dx, s.numel())?;
+    let (n, h, w, c) = s.ints(k)?;
+    let st = gpu.stream()?;
+    check(k, unsafe { ffi::edm2_downsample2_backward_f32(dy.ptr(gpu), dx.ptr_mut(gpu), n, h, w, c, st) })
+}
+
+/// Nearest 2x upsampling of `x` (shape `s`) into `y` `[n, 2h, 2w, c]`.
+pub fn upsample2(gpu: &Gpu, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "upsample2";
+    expect_len(k, "x", x, s.numel())?;
+    expect_len(k, "y", y, s.numel() * 4)?;
+    let (n, h, w, c) = s.ints(k)?;
+    let st = gpu.stream()?;
+    check(k, unsafe { ffi::edm2_upsample2_f32(x.ptr(gpu), y.ptr_mut(gpu), n, h, w, c, st) })
+}
+
+/// Gradient of [`upsample2`]: `dy` `[n, 2h, 2w, c]` → `dx` of shape `s`.
+pub fn upsample2_backward(gpu: &Gpu, dy: &GpuBuf<f32>, s: Nhwc, dx: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "upsample2_backward";
+    expect_len(k, "dy", dy, s.numel() * 4)?;
+    expect_len(k, "dx", dx, s.numel())?;
+    let (n, h, w, c) = s.ints(k)?;
+    let st = gpu.stream()?;
+    check(k, unsafe { ffi::edm2_upsample2_backward_f32(dy.ptr(gpu), dx.ptr_mut(gpu), n, h, w, c, st) })
+}
+
+/// MP-cat over channels (paper Eq. 103) of `a` `[pixels, na]` and `b` `[pixels, nb]`.
+pub fn mp_cat(gpu: &Gpu, a: &GpuBuf<f32>, na: usize, b: &GpuBuf<f32>, nb: usize, t: f32, out: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "mp_cat";
+    if na == 0 || nb == 0 || a.len() % na != 0 {
+        return Err(Error::Input(format!("{k}: bad channel counts {na} + {nb} for {} values", a.len())));
+    }
+    let pixels = a.len() / na;
+    expect_len(k, "b", b, pixels * nb)?;
+    expect_len(k, "out", out, pixels * (na + nb))?;
+    let (ka, kb) = crate::backend::cpu::ops::mp_cat_coefs(na, nb, t);
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_mp_cat_f32(a.ptr(gpu), int(k, na)?, b.ptr(gpu), int(k, nb)?, ka, kb, out.ptr_mut(gpu), pixels, st)
+    })
+}
+
+/// Gradient of [`mp_cat`].
+#[allow(clippy::too_many_arguments)]
+pub fn mp_cat_backward(
+    gpu: &Gpu,
+    dout: &GpuBuf<f32>,
+    na: usize,
+    nb: usize,
+    t: f32,
+    da: &mut GpuBuf<f32>,
+    db: &mut GpuBuf<f32>,
+) -> Result<()> {
+    let k = "mp_cat_backward";
+    if na == 0 || nb == 0 || dout.len() % (na + nb) != 0 {
+        return Err(Error::Input(format!("{k}: bad channel counts {na} + {nb} for {} values", dout.len())));
+    }
+    let pixels = dout.len() / (na + nb);
+    expect_len(k, "da", da, pixels * na)?;
+    expect_len(k, "db", db, pixels * nb)?;
+    let (ka, kb) = crate::backend::cpu::ops::mp_cat_coefs(na, nb, t);
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_mp_cat_backward_f32(dout.ptr(gpu), int(k, na)?, int(k, nb)?, ka, kb, da.ptr_mut(gpu), db.ptr_mut(gpu), pixels, st)
+    })
+}
+
+/// `y[n, p, c] = mp_silu(h[n, p, c] · s[n, c])` for `h` `[n, pixels, c]`.
+pub fn modulate_silu(gpu: &Gpu, h: &GpuBuf<f32>, s: &GpuBuf<f32>, c: usize, pixels: usize, y: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "modulate_silu";
+    let n = if c == 0 { 0 } else { s.len() / c };
+    expect_len(k, "s", s, n * c)?;
+    expect_len(k, "h", h, n * pixels * c)?;
+    expect_len(k, "y", y, h.len())?;
+    let st = gpu.stream()?;
+    check(k, unsafe { ffi::edm2_modulate_silu_f32(h.ptr(gpu), s.ptr(gpu), y.ptr_mut(gpu), int(k, n)?, pixels, int(k, c)?, st) })
+}
+
+/// Gradient of [`modulate_silu`]: `dh` (like `h`) and `ds` (like `s`), both overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn modulate_silu_backward(
+    gpu: &Gpu,
+    h: &GpuBuf<f32>,
+    s: &GpuBuf<f32>,
+    dy: &GpuBuf<f32>,
+    c: usize,
+    pixels: usize,
+    dh: &mut GpuBuf<f32>,
+    ds: &mut GpuBuf<f32>,
+) -> Result<()> {
+    let k = "modulate_silu_backward";
+    let n = if c == 0 { 0 } else { s.len() / c };
+    expect_len(k, "s", s, n * c)?;
+    expect_len(k, "h", h, n * pixels * c)?;
+    expect_len(k, "dy", dy, h.len())?;
+    expect_len(k, "dh", dh, h.len())?;
+    expect_len(k, "ds", ds, s.len())?;
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_modulate_silu_backward_f32(
+            h.ptr(gpu),
+            s.ptr(gpu),
+            dy.ptr(gpu),
+            dh.ptr_mut(gpu),
+            ds.ptr_mut(gpu),
+            int(k, n)?,
+            pixels,
+            int(k, c)?,
+            st,
+        )
+    })
+}
+
+/// Inverted dropout in place with the CPU backend's mask (`ops::hash_uniform(seed, i)`).
+pub fn dropout(gpu: &Gpu, x: &mut GpuBuf<f32>, p: f32, seed: u64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::Input(format!("dropout: probability {p} outside [0, 1)")));
+    }
+    let st = gpu.stream()?;
+    check("dropout", unsafe { ffi::edm2_dropout_f32(x.ptr_mut(gpu), p, seed, x.len(), st) })
+}
+
+/// `x ← clamp(x, ±limit)`; `mask` records where `|x| > limit` (for [`clip_backward`]).
+pub fn clip(gpu: &Gpu, x: &mut GpuBuf<f32>, mask: &mut GpuBuf<u8>, limit: f32) -> Result<()> {
+    same_len("clip", x.len(), mask.len())?;
+    let st = gpu.stream()?;
+    check("clip", unsafe { ffi::edm2_clip_f32(x.ptr_mut(gpu), mask.ptr_mut(gpu), limit, x.len(), st) })
+}
+
+/// Zeroes `dy` where [`clip`] clipped.
+pub fn clip_backward(gpu: &Gpu, dy: &mut GpuBuf<f32>, mask: &GpuBuf<u8>) -> Result<()> {
+    same_len("clip_backward", dy.len(), mask.len())?;
+    let st = gpu.stream()?;
+    check("clip_backward", unsafe { ffi::edm2_clip_backward_f32(dy.ptr_mut(gpu), mask.ptr(gpu), dy.len(), st) })
+}
+
+/// MP-Fourier features `y[i, j] = sqrt(2)·cos(freqs[j]·x[i] + phases[j])`.
+pub fn mp_fourier(gpu: &Gpu, x: &GpuBuf<f32>, freqs: &GpuBuf<f32>, phases: &GpuBuf<f32>, y: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "mp_fourier";
+    same_len(k, freqs.len(), phases.len())?;
+    expect_len(k, "y", y, x.len() * freqs.len())?;
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_mp_fourier_f32(x.ptr(gpu), freqs.ptr(gpu), phases.ptr(gpu), y.ptr_mut(gpu), x.len(), int(k, freqs.len())?, st)
+    })
+}
+
+/// `y = normalize(x)` per row of `k` values (pixel norm; `x` and `y` may not alias — use
+/// [`normalize_rows_inplace`]).
+pub fn normalize_rows(gpu: &Gpu, x: &GpuBuf<f32>, k: usize, y: &mut GpuBuf<f32>) -> Result<()> {
+    same_len("normalize_rows", x.len(), y.len())?;
+    let rows = rows_of("normalize_rows", x.len(), k)?;
+    let st = gpu.stream()?;
+    check("normalize_rows", unsafe { ffi::edm2_normalize_rows_f32(x.ptr(gpu), y.ptr_mut(gpu), rows, int("normalize_rows", k)?, st) })
+}
+
+/// Forced weight normalization of a stored weight, in place.
+pub fn normalize_rows_inplace(gpu: &Gpu, x: &mut GpuBuf<f32>, k: usize) -> Result<()> {
+    let rows = rows_of("normalize_rows", x.len(), k)?;
+    let st = gpu.stream()?;
+    let p = x.ptr_mut(gpu);
+    check("normalize_rows", unsafe { ffi::edm2_normalize_rows_f32(p, p, rows, int("normalize_rows", k)?, st) })
+}
+
+/// Gradient of [`normalize_rows`].
+pub fn normalize_rows_backward(gpu: &Gpu, x: &GpuBuf<f32>, k: usize, dy: &GpuBuf<f32>, dx: &mut GpuBuf<f32>) -> Result<()> {
+    same_len("normalize_rows_backward dy", x.len(), dy.len())?;
+    same_len("normalize_rows_backward dx", x.len(), dx.len())?;
+    let rows = rows_of("normalize_rows_backward", x.len(), k)?;
+    let st = gpu.stream()?;
+    check("normalize_rows_backward", unsafe {
+        ffi::edm2_normalize_rows_backward_f32(x.ptr(gpu), dy.ptr(gpu), dx.ptr_mut(gpu), rows, int("normalize_rows", k)?, st)
+    })
+}
+
+fn rows_of(kernel: &str, len: usize, k: usize) -> Result<usize> {
+    if k == 0 || len % k != 0 {
+        return Err(Error::Input(format!("{kernel}: {len} values are not rows of {k}")));
+    }
+    Ok(len / k)
+}
+
+/// Geometry of an MP-Conv / MP-Linear: `k` = 3, 1 or 0 (linear).
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGeom {
+    pub out_ch: usize,
+    pub in_ch: usize,
+    pub k: usize,
+}
+
+impl ConvGeom {
+    pub fn taps(&self) -> usize {
+        if self.k == 3 {
+            9
+        } else {
+            1
+        }
+    }
+    pub fn fan_in(&self) -> usize {
+        self.in_ch * self.taps()
+    }
+    pub fn numel(&self) -> usize {
+        self.out_ch * self.fan_in()
+    }
+    fn check(&self, kernel: &str) -> Result<()> {
+        if matches!(self.k, 0 | 1 | 3) && self.out_ch > 0 && self.in_ch > 0 {
+            Ok(())
+        } else {
+            Err(Error::Input(format!("{kernel}: unsupported conv {self:?}")))
+        }
+    }
+}
+
+/// The effective weight on the device: OHWI `[O, taps, I]` and per-row denominators.
+pub struct GpuEffWeight {
+    pub geom: ConvGeom,
+    pub gain: f32,
+    pub w: GpuBuf<f32>,
+    pub denom: GpuBuf<f32>,
+}
+
+/// `normalize(W)·gain/sqrt(fan_in)` (paper Eq. 47) from the stored OIHW weight.
+pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: f32) -> Result<GpuEffWeight> {
+    let k = "effective_weight";
+    geom.check(k)?;
+    expect_len(k, "w", w, geom.numel())?;
+    let mut eff = GpuEffWeight { geom, gain, w: gpu.alloc(geom.numel())?, denom: gpu.alloc(geom.out_ch)? };
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_effective_weight_f32(
+            w.ptr(gpu),
+            eff.w.ptr_mut(gpu),
+            eff.denom.ptr_mut(gpu),
+            int(k, geom.out_ch)?,
+            int(k, geom.in_ch)?,
+            int(k, geom.taps())?,
+            gain,
+            st,
+        )
+    })?;
+    Ok(eff)
+}
+
+/// Gradient of [`effective_weight`]: `d_eff` (OHWI) → `dw` (OIHW, overwritten); returns
+/// the gain's gradient (rows summed in a fixed order).
+pub fn effective_weight_backward(gpu: &Gpu, w: &GpuBuf<f32>, eff: &GpuEffWeight, d_eff: &GpuBuf<f32>, dw: &mut GpuBuf<f32>) -> Result<f32> {
+    let k = "effective_weight_backward";
+    let g = eff.geom;
+    expect_len(k, "w", w, g.numel())?;
+    expect_len(k, "d_eff", d_eff, g.numel())?;
+    expect_len(k, "dw", dw, g.numel())?;
+    let mut rows = gpu.alloc::<f32>(g.out_ch)?;
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_effective_weight_backward_f32(
+            w.ptr(gpu),
+            d_eff.ptr(gpu),
+            eff.denom.ptr(gpu),
+            dw.ptr_mut(gpu),
+            rows.ptr_mut(gpu),
+            int(k, g.out_ch)?,
+            int(k, g.in_ch)?,
+            int(k, g.taps())?,
+            eff.gain,
+            st,
+        )
+    })?;
+    sum(gpu, &rows)
+}
+
+fn conv_dims(kernel: &str, geom: ConvGeom, s: Nhwc) -> Result<(i32, i32, i32)> {
+    geom.check(kernel)?;
+    if s.c != geom.in_ch || (geom.k == 0 && (s.h != 1 || s.w != 1)) {
+        return Err(Error::Input(format!("{kernel}: input {s:?} does not fit {geom:?}")));
+    }
+    Ok((int(kernel, s.n)?, int(kernel, s.h)?, int(kernel, s.w)?))
+}
+
+/// `y` `[n, h, w, O]` = conv(`x` `[n, h, w, I]`, eff) ('same', stride 1).
+pub fn conv_forward(gpu: &Gpu, eff: &GpuEffWeight, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "conv_forward";
+    let (n, h, w) = conv_dims(k, eff.geom, s)?;
+    expect_len(k, "x", x, s.numel())?;
+    expect_len(k, "y", y, s.pixels() * eff.geom.out_ch)?;
+    let (i, o) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?);
+    let st = gpu.stream()?;
+    check(k, unsafe { ffi::edm2_conv_forward_f32(x.ptr(gpu), eff.w.ptr(gpu), y.ptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, st) })
+}
+
+/// Data gradient: `dx` (like `x`, shape `s`) from `dy`.
+pub fn conv_backward_data(gpu: &Gpu, eff: &GpuEffWeight, dy: &GpuBuf<f32>, s: Nhwc, dx: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "conv_backward_data";
+    let (n, h, w) = conv_dims(k, eff.geom, s)?;
+    expect_len(k, "dy", dy, s.pixels() * eff.geom.out_ch)?;
+    expect_len(k, "dx", dx, s.numel())?;
+    let (i, o) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?);
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_conv_backward_data_f32(dy.ptr(gpu), eff.w.ptr(gpu), dx.ptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, st)
+    })
+}
+
+/// Weight gradient w.r.t. the effective weight: `d_eff` OHWI (overwritten).
+pub fn conv_backward_weight(gpu: &Gpu, geom: ConvGeom, x: &GpuBuf<f32>, s: Nhwc, dy: &GpuBuf<f32>, d_eff: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "conv_backward_weight";
+    let (n, h, w) = conv_dims(k, geom, s)?;
+    expect_len(k, "x", x, s.numel())?;
+    expect_len(k, "dy", dy, s.pixels() * geom.out_ch)?;
+    expect_len(k, "d_eff", d_eff, geom.numel())?;
+    let (i, o) = (int(k, geom.in_ch)?, int(k, geom.out_ch)?);
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_conv_backward_weight_f32(x.ptr(gpu), dy.ptr(gpu), d_eff.ptr_mut(gpu), n, h, w, i, o, geom.k as i32, st)
+    })
+}
+
+/// What the attention backward needs from the forward (device workspace).
+pub struct GpuAttnCache {
+    pub qn: GpuBuf<f32>,
+    pub kn: GpuBuf<f32>,
+    pub vn: GpuBuf<f32>,
+    /// The softmax `[N, heads, P, P]`.
+    pub w: GpuBuf<f32>,
+}
+
+fn attn_dims(kernel: &str, n: usize, p: usize, c: usize, heads: usize) -> Result<(i32, i32, i32, i32)> {
+    if heads == 0 || c % heads != 0 || n == 0 || p == 0 {
+        return Err(Error::Input(format!("{kernel}: {c} channels do not split into {heads} heads")));
+    }
+    Ok((int(kernel, n)?, int(kernel, p)?, int(kernel, c)?, int(kernel, heads)?))
+}
+
+/// Cosine attention: `qkv` `[n, p, 3c]` → `y` `[n, p, c]`.
+pub fn attention_forward(gpu: &Gpu, qkv: &GpuBuf<f32>, n: usize, p: usize, c: usize, heads: usize, y: &mut GpuBuf<f32>) -> Result<GpuAttnCache> {
+    let k = "attention_forward";
+    let (ni, pi, ci, hi) = attn_dims(k, n, p, c, heads)?;
+    expect_len(k, "qkv", qkv, n * p * 3 * c)?;
+    expect_len(k, "y", y, n * p * c)?;
+    let mut cache = GpuAttnCache {
+        qn: gpu.alloc(n * p * c)?,
+        kn: gpu.alloc(n * p * c)?,
+        vn: gpu.alloc(n * p * c)?,
+        w: gpu.alloc(n * heads * p * p)?,
+    };
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_attention_forward_f32(
+            qkv.ptr(gpu),
+            y.ptr_mut(gpu),
+            cache.qn.ptr_mut(gpu),
+            cache.kn.ptr_mut(gpu),
+            cache.vn.ptr_mut(gpu),
+            cache.w.ptr_mut(gpu),
+            ni,
+            pi,
+            ci,
+            hi,
+            st,
+        )
+    })?;
+    Ok(cache)
+}
+
+/// Gradient of [`attention_forward`]: `dy` `[n, p, c]` → `dqkv` `[n, p, 3c]` (overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    gpu: &Gpu,
+    qkv: &GpuBuf<f32>,
+    cache: &GpuAttnCache,
+    dy: &GpuBuf<f32>,
+    n: usize,
+    p: usize,
+    c: usize,
+    heads: usize,
+    dqkv: &mut GpuBuf<f32>,
+) -> Result<()> {
+    let k = "attention_backward";
+    let (ni, pi, ci, hi) = attn_dims(k, n, p, c, heads)?;
+    expect_len(k, "qkv", qkv, n * p * 3 * c)?;
+    expect_len(k, "dy", dy, n * p * c)?;
+    expect_len(k, "dqkv", dqkv, n * p * 3 * c)?;
+    expect_len(k, "cache.w", &cache.w, n * heads * p * p)?;
+    let mut dl = gpu.alloc::<f32>(n * heads * p * p)?;
+    let (mut dq, mut dk, mut dv) = (gpu.alloc::<f32>(n * p * c)?, gpu.alloc::<f32>(n * p * c)?, gpu.alloc::<f32>(n * p * c)?);
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_attention_backward_f32(
+            qkv.ptr(gpu),
+            cache.qn.ptr(gpu),
+            cache.kn.ptr(gpu),
+            cache.vn.ptr(gpu),
+            cache.w.ptr(gpu),
+            dy.ptr(gpu),
+            dl.ptr_mut(gpu),
+            dq.ptr_mut(gpu),
+            dk.ptr_mut(gpu),
+            dv.ptr_mut(gpu),
+            dqkv.ptr_mut(gpu),
+            ni,
+            pi,
+            ci,
+            hi,
+            st,
+        )
+    })
+}

@@ -27,12 +27,14 @@ impl DeviceScalar for f32 {}
 impl DeviceScalar for u32 {}
 impl DeviceScalar for u16 {}
 impl DeviceScalar for i32 {}
+impl DeviceScalar for u8 {}
 mod private {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for u32 {}
     impl Sealed for u16 {}
     impl Sealed for i32 {}
+    impl Sealed for u8 {}
 }
 #[cfg(feature = "cuda")]
 pub trait DriverRepr: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}

@@ -1,0 +1,120 @@
+// conv.cu — MP-Conv ('same' 3x3 or 1x1, stride 1) and MP-Linear as implicit GEMMs, fp32.
+//
+// Layouts: activations NHWC [N, H, W, C]; the effective weight OHWI [O, taps, I] (from
+// weight_norm.cu; taps = 9 for 3x3, 1 for 1x1 and linear, where linear is a 1x1 conv on
+// an [N, 1, 1, C] image). Zero padding is implicit (out-of-image taps read 0).
+//   forward      y[p, o]      = Σ_{tap, i} x[p + off(tap), i] · W[o, tap, i]
+//                 (GEMM M = pixels, N = O, K = taps·I)                       overwrites y
+//   data grad    dx[p, i]     = Σ_{tap, o} dy[p − off(tap), o] · W[o, tap, i]
+//                 (GEMM M = pixels, N = I, K = taps·O)                       overwrites dx
+//   weight grad  dW[o, tap, i] = Σ_p dy[p, o] · x[p + off(tap), i]
+//                 (GEMM M = O, N = taps·I, K = pixels; every block sums its whole K, no
+//                 atomics: deterministic)                                     overwrites dW
+// off(tap) = (tap/3 − 1, tap%3 − 1) rows/columns for 3x3, (0, 0) for 1x1.
+// Kernel: one 16x16-thread block per 16x16 output tile; A and B tiles of 16 along K are
+// gathered into shared memory, fp32 multiply-accumulate. First version — correct, simple,
+// deterministic; the tensor-core kernels of the next issue replace it. Checked against
+// the CPU backend in the simulation harness (tests/gpu_kernels.rs).
+#include "common.cuh"
+
+#define TILE 16
+
+enum { CONV_FWD = 0, CONV_DX = 1, CONV_DW = 2 };
+
+struct ConvShape {
+  int n, h, w, cin, cout, taps;
+};
+
+// The input pixel read by output pixel p through tap `tap` (sign +1) or the output pixel
+// that reads input pixel p through it (sign −1); -1 when outside the image.
+__device__ __forceinline__ long long conv_neighbor(const ConvShape &s, long long p, int tap, int sign) {
+  if (s.taps == 1) return p;
+  long long hw = (long long)s.h * s.w;
+  int b = (int)(p / hw), rem = (int)(p % hw);
+  int y = rem / s.w + sign * (tap / 3 - 1), x = rem % s.w + sign * (tap % 3 - 1);
+  if (y < 0 || y >= s.h || x < 0 || x >= s.w) return -1;
+  return (long long)b * hw + (long long)y * s.w + x;
+}
+
+// A(m, k) of each GEMM.
+__device__ __forceinline__ float conv_a(int mode, const ConvShape &s, const float *act, const float *grad, long long m, long long k) {
+  if (mode == CONV_FWD) {
+    int tap = (int)(k / s.cin), i = (int)(k % s.cin);
+    long long q = conv_neighbor(s, m, tap, 1);
+    return q < 0 ? 0.0f : act[q * s.cin + i];
+  }
+  if (mode == CONV_DX) {
+    int tap = (int)(k / s.cout), o = (int)(k % s.cout);
+    long long q = conv_neighbor(s, m, tap, -1);
+    return q < 0 ? 0.0f : grad[q * s.cout + o];
+  }
+  return grad[k * s.cout + m];  // CONV_DW: dy[p = k, o = m]
+}
+
+// B(k, n) of each GEMM.
+__device__ __forceinline__ float conv_b(int mode, const ConvShape &s, const float *act, const float *wt, long long k, long long n) {
+  if (mode == CONV_FWD) return wt[n * (long long)s.taps * s.cin + k];  // W[o = n][k]
+  if (mode == CONV_DX) {
+    int tap = (int)(k / s.cout), o = (int)(k % s.cout);
+    return wt[((long long)o * s.taps + tap) * s.cin + n];  // W[o, tap, i = n]
+  }
+  int tap = (int)(n / s.cin), i = (int)(n % s.cin);  // CONV_DW: x[p + off(tap), i], p = k
+  long long q = conv_neighbor(s, k, tap, 1);
+  return q < 0 ? 0.0f : act[q * s.cin + i];
+}
+
+__global__ void conv_gemm_kernel(int mode, ConvShape s, const float *act, const float *grad, const float *wt, float *out, long long M,
+                                 long long N, long long K) {
+  __shared__ float as[TILE][TILE];
+  __shared__ float bs[TILE][TILE];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const long long m = (long long)blockIdx.y * TILE + ty, n = (long long)blockIdx.x * TILE + tx;
+  float acc = 0.0f;
+  for (long long k0 = 0; k0 < K; k0 += TILE) {
+    // as[ty][tx] = A(m, k0 + tx); bs[ty][tx] = B(k0 + ty, n); zero outside the matrices.
+    as[ty][tx] = (m < M && k0 + tx < K) ? conv_a(mode, s, act, grad, m, k0 + tx) : 0.0f;
+    bs[ty][tx] = (n < N && k0 + ty < K) ? conv_b(mode, s, act, wt, k0 + ty, n) : 0.0f;
+    __syncthreads();
+    for (int kk = 0; kk < TILE; kk++) acc += as[ty][kk] * bs[kk][tx];
+    __syncthreads();
+  }
+  if (m < M && n < N) out[m * N + n] = acc;
+}
+
+static int conv_launch(int mode, ConvShape s, const float *act, const float *grad, const float *wt, float *out, cudaStream_t stream) {
+  long long pixels = (long long)s.n * s.h * s.w;
+  long long M, N, K;
+  if (mode == CONV_FWD) {
+    M = pixels, N = s.cout, K = (long long)s.taps * s.cin;
+  } else if (mode == CONV_DX) {
+    M = pixels, N = s.cin, K = (long long)s.taps * s.cout;
+  } else {
+    M = s.cout, N = (long long)s.taps * s.cin, K = pixels;
+  }
+  if (M == 0 || N == 0) return 0;
+  if ((N + TILE - 1) / TILE > 0x7fffffffLL || (M + TILE - 1) / TILE > 65535) return 9;  // cudaErrorInvalidConfiguration
+  dim3 grid((unsigned)((N + TILE - 1) / TILE), (unsigned)((M + TILE - 1) / TILE));
+  dim3 block(TILE, TILE);
+  EDM2_LAUNCH(conv_gemm_kernel, grid, block, 0, stream, mode, s, act, grad, wt, out, M, N, K);
+  return (int)cudaGetLastError();
+}
+
+static int conv_taps(int k) { return k == 3 ? 9 : 1; }
+
+extern "C" int edm2_conv_forward_f32(const float *x, const float *w, float *y, int n, int h, int wd, int cin, int cout, int k,
+                                     cudaStream_t stream) {
+  ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
+  return conv_launch(CONV_FWD, s, x, nullptr, w, y, stream);
+}
+
+extern "C" int edm2_conv_backward_data_f32(const float *dy, const float *w, float *dx, int n, int h, int wd, int cin, int cout, int k,
+                                           cudaStream_t stream) {
+  ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
+  return conv_launch(CONV_DX, s, nullptr, dy, w, dx, stream);
+}
+
+extern "C" int edm2_conv_backward_weight_f32(const float *x, const float *dy, float *dw, int n, int h, int wd, int cin, int cout, int k,
+                                             cudaStream_t stream) {
+  ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
+  return conv_launch(CONV_DW, s, x, dy, nullptr, dw, stream);
+}

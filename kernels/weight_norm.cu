@@ -1,0 +1,128 @@
+// weight_norm.cu — row normalization: magnitude-preserving weights and pixel norm, fp32.
+//
+// normalize (DESIGN.md §1, paper Eq. 47): y = x / (eps + ||x||/sqrt(k)) per row of k
+//   contiguous values, eps = 1e-4 added to the RMS. Used for
+//   - forced weight normalization of the fp32 master weights (in place: x == y allowed),
+//   - pixel norm over the channels of an NHWC activation (rows = pixels, k = C);
+//   backward: dx = dy/d − x·(Σ dy·x)/(d²·sqrt(k)·||x||) (0 subgradient at x = 0).
+// effective weight: eff[o, tap, i] = normalize(W[o])[i, tap] · gain / sqrt(fan_in), from the
+//   stored OIHW parameter to the OHWI layout the conv kernels read (fan_in = I·taps);
+//   denom[o] keeps the row's denominator for the backward. Overwrites eff and denom.
+// effective weight backward: from d_eff (OHWI) to dW (OIHW, overwritten) and the per-row
+//   gain gradient row_dgain[o] = Σ d_eff·normalize(W)/sqrt(fan_in) (overwritten; the
+//   caller sums the rows with the deterministic edm2_sum_f32).
+// One block of 128 threads per row (grid-stride over rows); block sums in a fixed tree,
+// so results are deterministic. Variants: first versions, correct before fast; checked
+// against the CPU backend in the simulation harness (tests/gpu_kernels.rs).
+#include "common.cuh"
+
+#define ROW_THREADS 128
+
+__global__ void normalize_rows_kernel(const float *x, float *y, size_t rows, int k) {
+  __shared__ float red[ROW_THREADS];
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float *xr = x + r * k;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) ss += xr[i] * xr[i];
+    float inv = 1.0f / edm2_norm_denom(edm2_block_sum(ss, red), k);
+    float *yr = y + r * k;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) yr[i] = xr[i] * inv;
+    __syncthreads();  // in place: every read of this row is done before the next row
+  }
+}
+
+__global__ void normalize_rows_backward_kernel(const float *__restrict__ x, const float *__restrict__ dy, float *__restrict__ dx,
+                                               size_t rows, int k) {
+  __shared__ float red[ROW_THREADS];
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float *xr = x + r * k, *gr = dy + r * k;
+    float ss = 0.0f, dot = 0.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+      ss += xr[i] * xr[i];
+      dot += xr[i] * gr[i];
+    }
+    ss = edm2_block_sum(ss, red);
+    dot = edm2_block_sum(dot, red);
+    float d = edm2_norm_denom(ss, k), norm = sqrtf(ss);
+    float coef = norm > 0.0f ? dot / (d * d * sqrtf((float)k) * norm) : 0.0f;
+    float inv = 1.0f / d;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) dx[r * k + i] = gr[i] * inv - xr[i] * coef;
+  }
+}
+
+__global__ void effective_weight_kernel(const float *__restrict__ w, float *__restrict__ eff, float *__restrict__ denom, int out_ch,
+                                        int in_ch, int taps, float scale_g) {
+  __shared__ float red[ROW_THREADS];
+  const int fan = in_ch * taps;
+  for (int o = blockIdx.x; o < out_ch; o += gridDim.x) {
+    const float *wr = w + (size_t)o * fan;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < fan; i += blockDim.x) ss += wr[i] * wr[i];
+    float d = edm2_norm_denom(edm2_block_sum(ss, red), fan);
+    if (threadIdx.x == 0) denom[o] = d;
+    // i = ci·taps + tap (OIHW) → tap·I + ci (OHWI). Normalize, then scale, as the official code.
+    for (int i = threadIdx.x; i < fan; i += blockDim.x) {
+      int ci = i / taps, tap = i % taps;
+      eff[(size_t)o * fan + tap * in_ch + ci] = (wr[i] / d) * scale_g;
+    }
+  }
+}
+
+__global__ void effective_weight_backward_kernel(const float *__restrict__ w, const float *__restrict__ d_eff,
+                                                 const float *__restrict__ denom, float *__restrict__ dw,
+                                                 float *__restrict__ row_dgain, int out_ch, int in_ch, int taps, float scale_g) {
+  __shared__ float red[ROW_THREADS];
+  const int fan = in_ch * taps;
+  const float inv_sqrt_fan = 1.0f / sqrtf((float)fan);
+  for (int o = blockIdx.x; o < out_ch; o += gridDim.x) {
+    const float *wr = w + (size_t)o * fan, *gr = d_eff + (size_t)o * fan;
+    float ss = 0.0f, gw = 0.0f;
+    for (int i = threadIdx.x; i < fan; i += blockDim.x) {
+      float g = gr[(i % taps) * in_ch + i / taps];  // OHWI → OIHW
+      ss += wr[i] * wr[i];
+      gw += g * wr[i];
+    }
+    ss = edm2_block_sum(ss, red);
+    gw = edm2_block_sum(gw, red);
+    float d = denom[o], norm = sqrtf(ss);
+    if (threadIdx.x == 0) row_dgain[o] = gw / d * inv_sqrt_fan;
+    // normalize backward with dn = g·scale_g: Σ dn·w = scale_g·Σ g·w.
+    float coef = norm > 0.0f ? (scale_g * gw) / (d * d * sqrtf((float)fan) * norm) : 0.0f;
+    float inv = 1.0f / d;
+    for (int i = threadIdx.x; i < fan; i += blockDim.x) {
+      float g = gr[(i % taps) * in_ch + i / taps];
+      dw[(size_t)o * fan + i] = (g * scale_g) * inv - wr[i] * coef;
+    }
+  }
+}
+
+static unsigned row_blocks(size_t rows) { return (unsigned)(rows < 65535u ? (rows == 0 ? 1 : rows) : 65535u); }
+
+extern "C" int edm2_normalize_rows_f32(const float *x, float *y, size_t rows, int k, cudaStream_t stream) {
+  if (rows == 0 || k <= 0) return 0;
+  EDM2_LAUNCH(normalize_rows_kernel, row_blocks(rows), ROW_THREADS, 0, stream, x, y, rows, k);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int edm2_normalize_rows_backward_f32(const float *x, const float *dy, float *dx, size_t rows, int k, cudaStream_t stream) {
+  if (rows == 0 || k <= 0) return 0;
+  EDM2_LAUNCH(normalize_rows_backward_kernel, row_blocks(rows), ROW_THREADS, 0, stream, x, dy, dx, rows, k);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int edm2_effective_weight_f32(const float *w, float *eff, float *denom, int out_ch, int in_ch, int taps, float gain,
+                                         cudaStream_t stream) {
+  if (out_ch <= 0) return 0;
+  float scale_g = gain / sqrtf((float)(in_ch * taps));
+  EDM2_LAUNCH(effective_weight_kernel, row_blocks(out_ch), ROW_THREADS, 0, stream, w, eff, denom, out_ch, in_ch, taps, scale_g);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, const float *denom, float *dw, float *row_dgain,
+                                                  int out_ch, int in_ch, int taps, float gain, cudaStream_t stream) {
+  if (out_ch <= 0) return 0;
+  float scale_g = gain / sqrtf((float)(in_ch * taps));
+  EDM2_LAUNCH(effective_weight_backward_kernel, row_blocks(out_ch), ROW_THREADS, 0, stream, w, d_eff, denom, dw, row_dgain, out_ch,
+              in_ch, taps, scale_g);
+  return (int)cudaGetLastError();
+}
