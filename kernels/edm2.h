@@ -32,6 +32,13 @@ int edm2_modulate_silu_backward_f32(const float *h, const float *s, const float 
 int edm2_dropout_f32(float *x, float p, uint64_t seed, size_t n, cudaStream_t stream);
 int edm2_clip_f32(float *x, uint8_t *mask, float limit, size_t n, cudaStream_t stream);
 int edm2_clip_backward_f32(float *dy, const uint8_t *mask, size_t n, cudaStream_t stream);
+int edm2_add_scalar_f32(float *a, float v, size_t n, cudaStream_t stream);
+int edm2_scaled_f32(const float *x, float *y, float k, size_t n, cudaStream_t stream);
+int edm2_scale_images_f32(float *x, const float *k, size_t per, size_t n, cudaStream_t stream);
+int edm2_precond_input_f32(const float *x, const float *c_in, float *out, int c, size_t pixels_per_image, size_t images,
+                           cudaStream_t stream);
+int edm2_precond_output_f32(const float *x, const float *f, const float *c_skip, const float *c_out, float *d, size_t per, size_t n,
+                            cudaStream_t stream);
 int edm2_mp_fourier_f32(const float *x, const float *freqs, const float *phases, float *y, size_t n, int c, cudaStream_t stream);
 
 /* weight_norm.cu: rows of k contiguous values (x == y allowed); effective weight OIHW → OHWI

@@ -17,6 +17,11 @@
 //   clip: x ← clamp(x, ±limit), mask[i] = |x| > limit before the clamp; backward zeroes
 //     dy where the mask is set.
 //   mp_fourier: y[i, j] = sqrt(2)·cos(freqs[j]·x[i] + phases[j]).
+// add_scalar: a ← a + v. scaled: y = k·x (k = 1: a copy).
+// Preconditioning (DESIGN.md §1), per-image coefficients k[b] in device memory:
+//   scale_images: x[b, ...] ← k[b]·x[b, ...] (images of `per` values);
+//   precond_input: out [N, H, W, C+1] = [c_in[b]·x, 1] from x [N, H, W, C];
+//   precond_output: d = c_skip[b]·x + c_out[b]·f.
 // Layout: flat arrays unless stated; grid-stride loops, 256 threads; overwrite outputs.
 // Variants: first versions, correct before fast; checked against the CPU backend
 // (tests/cuda_sim.rs) in the simulation harness.
@@ -189,6 +194,35 @@ __global__ void mp_fourier_kernel(const float *__restrict__ x, const float *__re
   }
 }
 
+__global__ void add_scalar_kernel(float *__restrict__ a, float v, size_t n) {
+  EDM2_FOR(i, n) a[i] = a[i] + v;
+}
+
+__global__ void scaled_kernel(const float *__restrict__ x, float *__restrict__ y, float k, size_t n) {
+  EDM2_FOR(i, n) y[i] = k * x[i];
+}
+
+__global__ void scale_images_kernel(float *__restrict__ x, const float *__restrict__ k, size_t per, size_t n) {
+  EDM2_FOR(i, n) x[i] = x[i] * k[i / per];
+}
+
+__global__ void precond_input_kernel(const float *__restrict__ x, const float *__restrict__ c_in, float *__restrict__ out, int c,
+                                     size_t pixels_per_image, size_t total) {
+  EDM2_FOR(i, total) {
+    size_t px = i / (c + 1);
+    int ch = (int)(i % (c + 1));
+    out[i] = ch == c ? 1.0f : c_in[px / pixels_per_image] * x[px * c + ch];
+  }
+}
+
+__global__ void precond_output_kernel(const float *__restrict__ x, const float *__restrict__ f, const float *__restrict__ c_skip,
+                                      const float *__restrict__ c_out, float *__restrict__ d, size_t per, size_t n) {
+  EDM2_FOR(i, n) {
+    size_t b = i / per;
+    d[i] = c_skip[b] * x[i] + c_out[b] * f[i];
+  }
+}
+
 #define EW_LAUNCH(kernel, count, ...)                                            \
   do {                                                                           \
     size_t count_ = (count);                                                     \
@@ -240,4 +274,22 @@ extern "C" int edm2_clip_backward_f32(float *dy, const uint8_t *mask, size_t n, 
 extern "C" int edm2_mp_fourier_f32(const float *x, const float *freqs, const float *phases, float *y, size_t n, int c,
                                    cudaStream_t stream) {
   EW_LAUNCH(mp_fourier_kernel, n * (size_t)c, x, freqs, phases, y, n, c);
+}
+extern "C" int edm2_add_scalar_f32(float *a, float v, size_t n, cudaStream_t stream) { EW_LAUNCH(add_scalar_kernel, n, a, v, n); }
+extern "C" int edm2_scaled_f32(const float *x, float *y, float k, size_t n, cudaStream_t stream) {
+  EW_LAUNCH(scaled_kernel, n, x, y, k, n);
+}
+extern "C" int edm2_scale_images_f32(float *x, const float *k, size_t per, size_t n, cudaStream_t stream) {
+  if (per == 0) return 0;
+  EW_LAUNCH(scale_images_kernel, n, x, k, per, n);
+}
+extern "C" int edm2_precond_input_f32(const float *x, const float *c_in, float *out, int c, size_t pixels_per_image, size_t images,
+                                      cudaStream_t stream) {
+  EW_LAUNCH(precond_input_kernel, images * pixels_per_image * (c + 1), x, c_in, out, c, pixels_per_image,
+            images * pixels_per_image * (c + 1));
+}
+extern "C" int edm2_precond_output_f32(const float *x, const float *f, const float *c_skip, const float *c_out, float *d, size_t per,
+                                       size_t n, cudaStream_t stream) {
+  if (per == 0) return 0;
+  EW_LAUNCH(precond_output_kernel, n, x, f, c_skip, c_out, d, per, n);
 }

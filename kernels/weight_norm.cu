@@ -96,7 +96,11 @@ __global__ void effective_weight_backward_kernel(const float *__restrict__ w, co
   }
 }
 
-static unsigned row_blocks(size_t rows) { return (unsigned)(rows < 65535u ? (rows == 0 ? 1 : rows) : 65535u); }
+// One block per row, grid-stride beyond the cap (a few blocks on the simulated device).
+static unsigned row_blocks(size_t rows) {
+  size_t cap = EDM2_MAX_BLOCKS < 65535u ? EDM2_MAX_BLOCKS : 65535u;
+  return (unsigned)(rows < cap ? (rows == 0 ? 1 : rows) : cap);
+}
 
 extern "C" int edm2_normalize_rows_f32(const float *x, float *y, size_t rows, int k, cudaStream_t stream) {
   if (rows == 0 || k <= 0) return 0;

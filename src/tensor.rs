@@ -5,10 +5,35 @@
 //! are NCHW and are converted at the edge with [`Tensor::nchw_to_nhwc`] /
 //! [`Tensor::nhwc_to_nchw`].
 
+///
+/// `D` is the storage: a host `Vec<f32>` (the default, and the CPU backend's buffer) or a
+/// backend's device buffer (`Backend::Buf`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Tensor {
+pub struct Tensor<D = Vec<f32>> {
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub data: D,
+}
+
+impl<D> Tensor<D> {
+    /// A tensor over an existing buffer (the caller guarantees the size).
+    pub fn with_buf(shape: &[usize], data: D) -> Self {
+        Tensor { shape: shape.to_vec(), data }
+    }
+
+    /// Number of elements of the shape.
+    pub fn len_of_shape(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size of the leading (batch) dimension.
+    pub fn n(&self) -> usize {
+        self.shape[0]
+    }
+
+    /// Last (channel, for NHWC) dimension.
+    pub fn c(&self) -> usize {
+        *self.shape.last().unwrap()
+    }
 }
 
 impl Tensor {
@@ -29,16 +54,6 @@ impl Tensor {
 
     pub fn numel(&self) -> usize {
         self.data.len()
-    }
-
-    /// Size of the leading (batch) dimension.
-    pub fn n(&self) -> usize {
-        self.shape[0]
-    }
-
-    /// Last (channel, for NHWC) dimension.
-    pub fn c(&self) -> usize {
-        *self.shape.last().unwrap()
     }
 
     pub fn reshape(mut self, shape: &[usize]) -> Self {

@@ -2,7 +2,7 @@
 //! `(L(x + εv) − L(x − εv)) / 2ε` must match `⟨∇L, v⟩`, where `L = Σ r ⊙ f(x)` for a fixed
 //! random `r`. Losses are accumulated in f64; ε is chosen for f32 forward passes.
 
-use edm2::backend::cpu::{attention, conv, ops};
+use edm2::backend::cpu::{attention, conv, ops, Cpu};
 use edm2::nn::layers::{Block, BlockOpts, Flavor, Mode, Resample};
 use edm2::nn::params::Registry;
 use edm2::rng::Rng;
@@ -191,12 +191,12 @@ fn block_case(flavor: Flavor, resample: Resample, in_ch: usize, out_ch: usize, a
     let x = Tensor::from_vec(&[n, h, h, in_ch], rng.normal_vec(n * h * h * in_ch));
     let emb = Tensor::from_vec(&[n, emb_ch], rng.normal_vec(n * emb_ch));
     let mode = Mode::train(99);
-    let (y, cache) = b.forward(&p, &x, &emb, &mode);
+    let (y, cache) = b.forward(&Cpu, &p, &x, &emb, &mode).unwrap();
     let r = rng.normal_vec(y.numel());
     let mut g = Params::zeros(&reg.specs);
-    let (dx, demb) = b.backward(&p, &emb, cache.unwrap(), Tensor::from_vec(&y.shape, r.clone()), &mode, &mut g);
+    let (dx, demb) = b.backward(&Cpu, &p, &emb, cache.unwrap(), Tensor::from_vec(&y.shape, r.clone()), &mode, &mut g).unwrap();
     let loss = |p: &Params, x: &Tensor, emb: &Tensor| {
-        let (y, _) = b.forward(p, x, emb, &Mode { record: false, ..mode });
+        let (y, _) = b.forward(&Cpu, p, x, emb, &Mode { record: false, ..mode }).unwrap();
         dot(&y.data, &r)
     };
     let what = format!("block {flavor:?} {resample:?} {in_ch}->{out_ch} attn={attention} dropout={dropout}");

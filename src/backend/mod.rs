@@ -5,6 +5,186 @@ pub mod cpu;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub mod gpu;
 
+/// The shape `[n, h, w, c]` of an NHWC activation.
+#[derive(Clone, Copy, Debug)]
+pub struct Nhwc {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl Nhwc {
+    pub fn numel(&self) -> usize {
+        self.n * self.h * self.w * self.c
+    }
+    pub fn pixels(&self) -> usize {
+        self.n * self.h * self.w
+    }
+}
+
+/// Geometry of an MP-Conv / MP-Linear: `k` = 3, 1 or 0 (linear).
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGeom {
+    pub out_ch: usize,
+    pub in_ch: usize,
+    pub k: usize,
+}
+
+impl ConvGeom {
+    pub fn taps(&self) -> usize {
+        if self.k == 3 {
+            9
+        } else {
+            1
+        }
+    }
+    pub fn fan_in(&self) -> usize {
+        self.in_ch * self.taps()
+    }
+    pub fn numel(&self) -> usize {
+        self.out_ch * self.fan_in()
+    }
+    pub fn validate(&self, kernel: &str) -> crate::error::Result<()> {
+        if matches!(self.k, 0 | 1 | 3) && self.out_ch > 0 && self.in_ch > 0 {
+            Ok(())
+        } else {
+            Err(crate::Error::Input(format!("{kernel}: unsupported conv {self:?}")))
+        }
+    }
+}
+
+
+/// The operations the one network description (`nn::layers`, `nn::unet`) runs on: one
+/// implementation per backend, each a thin layer over that backend's kernels. The CPU
+/// backend (`Cpu`) is the reference; the CUDA backend (`gpu::Gpu`) runs the same
+/// sequence of operations on device buffers, so a network forward/backward on either is
+/// the same code.
+///
+/// Buffers are flat f32 arrays (`Buf`); an activation is a `Tensor<Buf>` (shape + buffer).
+/// Unless stated, an op overwrites its output and the output was allocated by the caller
+/// with [`Backend::alloc`] (contents unspecified) or [`Backend::zeros`].
+pub trait Backend {
+    /// A flat f32 buffer.
+    type Buf;
+    /// A full parameter set (and, with the same type, gradients).
+    type Params;
+    /// An effective MP weight (paper Eq. 47) in the layout this backend's conv reads.
+    type Eff;
+    /// What the attention backward needs from the forward.
+    type Attn;
+    /// Where a clip clipped.
+    type Mask;
+
+    /// A buffer of `n` values that the next op overwrites (contents unspecified).
+    fn alloc(&self, n: usize) -> crate::error::Result<Self::Buf>;
+    fn zeros(&self, n: usize) -> crate::error::Result<Self::Buf>;
+    fn upload(&self, host: &[f32]) -> crate::error::Result<Self::Buf>;
+    fn download(&self, b: &Self::Buf) -> crate::error::Result<Vec<f32>>;
+    fn copy(&self, b: &Self::Buf) -> crate::error::Result<Self::Buf>;
+
+    /// The value of a scalar parameter (a gain).
+    fn scalar(&self, p: &Self::Params, id: crate::nn::params::ParamId) -> f32;
+    /// Zero gradients shaped like `p`.
+    fn zero_grads(&self, p: &Self::Params) -> crate::error::Result<Self::Params>;
+    /// `g[id] += v` for a scalar parameter.
+    fn add_scalar_grad(&self, g: &mut Self::Params, id: crate::nn::params::ParamId, v: f32) -> crate::error::Result<()>;
+    /// Forced weight normalization of parameter `id` (rows of `row_len`), in place.
+    fn force_normalize(&self, p: &mut Self::Params, id: crate::nn::params::ParamId, row_len: usize) -> crate::error::Result<()>;
+
+    /// `normalize(W[id])·gain/sqrt(fan_in)`.
+    fn effective(&self, p: &Self::Params, id: crate::nn::params::ParamId, geom: ConvGeom, gain: f32) -> crate::error::Result<Self::Eff>;
+    /// `y = conv(x)` ('same', stride 1; linear layers are 1x1 images).
+    fn conv_forward(&self, eff: &Self::Eff, x: &Self::Buf, s: Nhwc, y: &mut Self::Buf) -> crate::error::Result<()>;
+    /// Backward of [`Backend::conv_forward`] and of the effective weight: writes `dx` if
+    /// given, adds the stored weight's gradient into `g[id]`, returns the gain's gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_backward(
+        &self,
+        p: &Self::Params,
+        id: crate::nn::params::ParamId,
+        eff: &Self::Eff,
+        x: &Self::Buf,
+        s: Nhwc,
+        dy: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        g: &mut Self::Params,
+    ) -> crate::error::Result<f32>;
+
+    fn mp_silu(&self, x: &Self::Buf, y: &mut Self::Buf) -> crate::error::Result<()>;
+    fn mp_silu_backward(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> crate::error::Result<()>;
+    /// `dx += dy·mp_silu'(x)`.
+    fn mp_silu_backward_acc(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> crate::error::Result<()>;
+    /// `a ← wa·a + wb·b`.
+    fn axpby(&self, a: &mut Self::Buf, b: &Self::Buf, wa: f32, wb: f32) -> crate::error::Result<()>;
+    fn scale(&self, a: &mut Self::Buf, k: f32) -> crate::error::Result<()>;
+    /// `k·a` as a new buffer.
+    fn scaled(&self, a: &Self::Buf, k: f32) -> crate::error::Result<Self::Buf>;
+    /// `a ← a + v` for every element.
+    fn add_scalar(&self, a: &mut Self::Buf, v: f32) -> crate::error::Result<()>;
+    /// Pixel norm: `normalize` over rows of `k`.
+    fn normalize_rows(&self, x: &Self::Buf, k: usize, y: &mut Self::Buf) -> crate::error::Result<()>;
+    fn normalize_rows_backward(&self, x: &Self::Buf, k: usize, dy: &Self::Buf, dx: &mut Self::Buf) -> crate::error::Result<()>;
+    /// 2x2 average pooling of `x` (shape `s`).
+    fn downsample2(&self, x: &Self::Buf, s: Nhwc, y: &mut Self::Buf) -> crate::error::Result<()>;
+    fn downsample2_backward(&self, dy: &Self::Buf, s: Nhwc, dx: &mut Self::Buf) -> crate::error::Result<()>;
+    /// Nearest 2x upsampling of `x` (shape `s`).
+    fn upsample2(&self, x: &Self::Buf, s: Nhwc, y: &mut Self::Buf) -> crate::error::Result<()>;
+    fn upsample2_backward(&self, dy: &Self::Buf, s: Nhwc, dx: &mut Self::Buf) -> crate::error::Result<()>;
+    /// `y[n, p, c] = mp_silu(h[n, p, c]·s[n, c])`.
+    fn modulate_silu(&self, h: &Self::Buf, s: &Self::Buf, c: usize, pixels: usize, y: &mut Self::Buf) -> crate::error::Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn modulate_silu_backward(
+        &self,
+        h: &Self::Buf,
+        s: &Self::Buf,
+        dy: &Self::Buf,
+        c: usize,
+        pixels: usize,
+        dh: &mut Self::Buf,
+        ds: &mut Self::Buf,
+    ) -> crate::error::Result<()>;
+    /// Inverted dropout in place, mask a function of (seed, element index).
+    fn dropout(&self, x: &mut Self::Buf, p: f32, seed: u64) -> crate::error::Result<()>;
+    /// Clamp to ±limit in place; the mask (None: nothing was clipped, if the backend knows).
+    fn clip(&self, x: &mut Self::Buf, limit: f32) -> crate::error::Result<Option<Self::Mask>>;
+    fn clip_backward(&self, dy: &mut Self::Buf, mask: &Self::Mask) -> crate::error::Result<()>;
+    /// Cosine attention `qkv` `[n, p, 3c]` → `y` `[n, p, c]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(&self, qkv: &Self::Buf, n: usize, p: usize, c: usize, heads: usize, y: &mut Self::Buf) -> crate::error::Result<Self::Attn>;
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        qkv: &Self::Buf,
+        cache: &Self::Attn,
+        dy: &Self::Buf,
+        n: usize,
+        p: usize,
+        c: usize,
+        heads: usize,
+        dqkv: &mut Self::Buf,
+    ) -> crate::error::Result<()>;
+    /// MP-cat over channels of `[pixels, na]` and `[pixels, nb]`.
+    #[allow(clippy::too_many_arguments)]
+    fn mp_cat(&self, a: &Self::Buf, na: usize, b: &Self::Buf, nb: usize, t: f32, out: &mut Self::Buf) -> crate::error::Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn mp_cat_backward(&self, dout: &Self::Buf, na: usize, nb: usize, t: f32, da: &mut Self::Buf, db: &mut Self::Buf) -> crate::error::Result<()>;
+    /// MP-Fourier features of the host values `x` with the buffers `freqs`, `phases`.
+    fn mp_fourier(
+        &self,
+        x: &[f32],
+        p: &Self::Params,
+        freqs: crate::nn::params::ParamId,
+        phases: crate::nn::params::ParamId,
+    ) -> crate::error::Result<Self::Buf>;
+    /// `x[b, ...] *= k[b]` (one factor per image of equal size).
+    fn scale_images(&self, x: &mut Self::Buf, k: &[f32]) -> crate::error::Result<()>;
+    /// The network input `[c_in·x, 1]` along channels (NHWC, `ch` image channels).
+    fn precond_input(&self, x: &Self::Buf, c_in: &[f32], ch: usize, out: &mut Self::Buf) -> crate::error::Result<()>;
+    /// `D = c_skip·x + c_out·F` per image.
+    fn precond_output(&self, x: &Self::Buf, f: &Self::Buf, c_skip: &[f32], c_out: &[f32], d: &mut Self::Buf) -> crate::error::Result<()>;
+}
+
 /// Which device a command runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {

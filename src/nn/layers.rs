@@ -1,10 +1,11 @@
 //! The magnitude-preserving layers: MP-Conv/MP-Linear and the EDM2 `Block`, each with a
 //! forward that records what its explicit backward needs.
 
-use super::params::{ParamId, ParamKind, Params, Registry};
-use crate::backend::cpu::{attention, conv, ops};
+use super::params::{ParamId, ParamKind, Registry};
+use crate::backend::cpu::ops;
+use crate::backend::{Backend, ConvGeom, Nhwc};
+use crate::error::Result;
 use crate::tensor::Tensor;
-use std::borrow::Cow;
 
 /// Forward-pass mode.
 #[derive(Clone, Copy, Debug)]
@@ -44,41 +45,46 @@ impl MpConv {
         MpConv { name: name.into(), weight, in_ch, out_ch, k }
     }
 
-    pub fn effective(&self, p: &Params, gain: f32) -> conv::EffWeight {
-        conv::effective_weight(&p.values[self.weight], self.out_ch, self.in_ch, self.k, gain)
+    pub fn geom(&self) -> ConvGeom {
+        ConvGeom { out_ch: self.out_ch, in_ch: self.in_ch, k: self.k }
+    }
+
+    /// The effective weight `normalize(W)·gain/sqrt(fan_in)` (paper Eq. 47).
+    pub fn effective<B: Backend>(&self, be: &B, p: &B::Params, gain: f32) -> Result<B::Eff> {
+        be.effective(p, self.weight, self.geom(), gain)
     }
 
     /// `x`: NHWC `[N, H, W, in]` (or `[N, in]` for linear) → `[N, H, W, out]`.
-    pub fn forward(&self, eff: &conv::EffWeight, x: &Tensor) -> Tensor {
-        let (n, h, w) = spatial(x);
+    pub fn forward<B: Backend>(&self, be: &B, eff: &B::Eff, x: &Tensor<B::Buf>) -> Result<Tensor<B::Buf>> {
+        let s = self.input_shape(x);
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap() = self.out_ch;
-        let mut y = Tensor::zeros(&shape);
-        conv::conv_forward(eff, &x.data, n, h, w, &mut y.data);
-        y
+        let mut y = be.alloc(s.pixels() * self.out_ch)?;
+        be.conv_forward(eff, &x.data, s, &mut y)?;
+        Ok(Tensor::with_buf(&shape, y))
     }
 
     /// Accumulates the weight gradient into `grads[weight]`; returns (dx, dgain).
-    pub fn backward(
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
         &self,
-        p: &Params,
-        eff: &conv::EffWeight,
-        x: &Tensor,
-        dy: &Tensor,
+        be: &B,
+        p: &B::Params,
+        eff: &B::Eff,
+        x: &Tensor<B::Buf>,
+        dy: &Tensor<B::Buf>,
         want_dx: bool,
-        grads: &mut Params,
-    ) -> (Option<Tensor>, f32) {
+        grads: &mut B::Params,
+    ) -> Result<(Option<Tensor<B::Buf>>, f32)> {
+        let s = self.input_shape(x);
+        let mut dx = if want_dx { Some(be.zeros(s.numel())?) } else { None };
+        let dgain = be.conv_backward(p, self.weight, eff, &x.data, s, &dy.data, dx.as_mut(), grads)?;
+        Ok((dx.map(|d| Tensor::with_buf(&x.shape, d)), dgain))
+    }
+
+    fn input_shape<D>(&self, x: &Tensor<D>) -> Nhwc {
         let (n, h, w) = spatial(x);
-        let numel = eff.out_ch * eff.fan_in();
-        let mut d_eff = vec![0.0f32; numel];
-        let mut dx = if want_dx { Some(Tensor::zeros(&x.shape)) } else { None };
-        conv::conv_backward(eff, &x.data, n, h, w, &dy.data, dx.as_mut().map(|t| t.data.as_mut_slice()), &mut d_eff);
-        let mut dw = vec![0.0f32; numel];
-        let dgain = conv::effective_weight_backward(&p.values[self.weight], eff, &d_eff, &mut dw);
-        for (g, d) in grads.values[self.weight].iter_mut().zip(&dw) {
-            *g += d;
-        }
-        (dx, dgain)
+        Nhwc { n, h, w, c: self.in_ch }
     }
 
     /// Multiply-accumulates per image for an input of `pixels` pixels.
@@ -88,11 +94,38 @@ impl MpConv {
 }
 
 /// (N, H, W) of an NHWC tensor; a `[N, C]` tensor is N pixels of 1x1.
-pub fn spatial(x: &Tensor) -> (usize, usize, usize) {
+pub fn spatial<D>(x: &Tensor<D>) -> (usize, usize, usize) {
     match x.shape.len() {
         2 => (x.shape[0], 1, 1),
         4 => (x.shape[0], x.shape[1], x.shape[2]),
         _ => panic!("unexpected activation rank {:?}", x.shape),
+    }
+}
+
+/// The NHWC shape of a rank-4 activation.
+pub fn nhwc<D>(x: &Tensor<D>) -> Nhwc {
+    Nhwc { n: x.shape[0], h: x.shape[1], w: x.shape[2], c: x.shape[3] }
+}
+
+/// A borrowed activation or one computed here (no copy unless a cache must own it).
+pub enum Act<'a, D> {
+    Borrowed(&'a Tensor<D>),
+    Owned(Tensor<D>),
+}
+
+impl<D> Act<'_, D> {
+    pub fn get(&self) -> &Tensor<D> {
+        match self {
+            Act::Borrowed(t) => t,
+            Act::Owned(t) => t,
+        }
+    }
+    /// The activation, owned (a borrowed one is copied).
+    pub fn into_owned<B: Backend<Buf = D>>(self, be: &B) -> Result<Tensor<D>> {
+        match self {
+            Act::Borrowed(t) => Ok(Tensor::with_buf(&t.shape, be.copy(&t.data)?)),
+            Act::Owned(t) => Ok(t),
+        }
     }
 }
 
@@ -144,34 +177,34 @@ pub struct BlockOpts {
 }
 
 /// What [`Block::backward`] needs from the forward.
-pub struct BlockCache {
+pub struct BlockCache<B: Backend> {
     x_in_shape: Vec<usize>,
     /// enc with conv_skip: its input (after resampling).
-    x_res: Option<Tensor>,
+    x_res: Option<Tensor<B::Buf>>,
     /// enc: conv_skip output (pixel-norm input) if any; else the resampled input.
-    pn_in: Option<Tensor>,
+    pn_in: Option<Tensor<B::Buf>>,
     /// Input of mp_silu before conv_res0 (= the main path x).
-    x_main: Tensor,
-    a0: Tensor,
-    h0: Tensor,
-    s: Vec<f32>,
-    y1: Tensor,
+    x_main: Tensor<B::Buf>,
+    a0: Tensor<B::Buf>,
+    h0: Tensor<B::Buf>,
+    s: Tensor<B::Buf>,
+    y1: Tensor<B::Buf>,
     /// Input of the attention (kept only when the block has attention).
-    x2: Option<Tensor>,
-    qkv: Option<Tensor>,
-    attn: Option<attention::AttnCache>,
-    ya: Option<Tensor>,
-    clipped: Option<Vec<bool>>,
-    effs: BlockEffs,
+    x2: Option<Tensor<B::Buf>>,
+    qkv: Option<Tensor<B::Buf>>,
+    attn: Option<B::Attn>,
+    ya: Option<Tensor<B::Buf>>,
+    clipped: Option<B::Mask>,
+    effs: BlockEffs<B>,
 }
 
-struct BlockEffs {
-    skip: Option<conv::EffWeight>,
-    res0: conv::EffWeight,
-    emb: conv::EffWeight,
-    res1: conv::EffWeight,
-    qkv: Option<conv::EffWeight>,
-    proj: Option<conv::EffWeight>,
+struct BlockEffs<B: Backend> {
+    skip: Option<B::Eff>,
+    res0: B::Eff,
+    emb: B::Eff,
+    res1: B::Eff,
+    qkv: Option<B::Eff>,
+    proj: Option<B::Eff>,
 }
 
 impl Block {
@@ -227,192 +260,194 @@ impl Block {
     /// `x`: NHWC `[N, H, W, in]`, `emb`: `[N, emb]`.
     /// The input is borrowed: in eval mode no activation is copied; a recording forward
     /// copies into its cache only what the backward reads.
-    pub fn forward(&self, p: &Params, x: &Tensor, emb: &Tensor, mode: &Mode) -> (Tensor, Option<BlockCache>) {
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Params,
+        x: &Tensor<B::Buf>,
+        emb: &Tensor<B::Buf>,
+        mode: &Mode,
+    ) -> Result<(Tensor<B::Buf>, Option<BlockCache<B>>)> {
         let x_in_shape = x.shape.clone();
-        let (n, h, w, c) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+        let sx = nhwc(x);
         // 1. resample
-        let xr: Cow<Tensor> = match self.resample {
-            Resample::Keep => Cow::Borrowed(x),
+        let xr: Act<B::Buf> = match self.resample {
+            Resample::Keep => Act::Borrowed(x),
             Resample::Down => {
-                let mut y = Tensor::zeros(&[n, h / 2, w / 2, c]);
-                ops::downsample2(&x.data, n, h, w, c, &mut y.data);
-                Cow::Owned(y)
+                let mut y = be.alloc(sx.numel() / 4)?;
+                be.downsample2(&x.data, sx, &mut y)?;
+                Act::Owned(Tensor::with_buf(&[sx.n, sx.h / 2, sx.w / 2, sx.c], y))
             }
             Resample::Up => {
-                let mut y = Tensor::zeros(&[n, h * 2, w * 2, c]);
-                ops::upsample2(&x.data, n, h, w, c, &mut y.data);
-                Cow::Owned(y)
+                let mut y = be.alloc(sx.numel() * 4)?;
+                be.upsample2(&x.data, sx, &mut y)?;
+                Act::Owned(Tensor::with_buf(&[sx.n, sx.h * 2, sx.w * 2, sx.c], y))
             }
         };
-        let eff_skip = self.conv_skip.as_ref().map(|m| m.effective(p, 1.0));
+        let eff_skip = self.conv_skip.as_ref().map(|m| m.effective(be, p, 1.0)).transpose()?;
         // 2. encoder: conv_skip then pixel norm. No activation is copied: each tensor is
         // either consumed or kept for the backward.
-        let (x_main, pn_in, x_res): (Cow<Tensor>, _, _) = if self.flavor == Flavor::Enc {
+        let (x_main, pn_in, x_res): (Act<B::Buf>, _, _) = if self.flavor == Flavor::Enc {
             let (pn_in, x_res) = match (&self.conv_skip, &eff_skip) {
-                (Some(m), Some(e)) => (Cow::Owned(m.forward(e, &xr)), Some(xr)),
+                (Some(m), Some(e)) => (Act::Owned(m.forward(be, e, xr.get())?), Some(xr)),
                 _ => (xr, None),
             };
-            let mut xm = Tensor::zeros(&pn_in.shape);
-            ops::normalize_rows(&pn_in.data, self.out_ch, &mut xm.data);
-            (Cow::Owned(xm), Some(pn_in), x_res)
+            let pn = pn_in.get();
+            let mut xm = be.alloc(pn.len_of_shape())?;
+            be.normalize_rows(&pn.data, self.out_ch, &mut xm)?;
+            (Act::Owned(Tensor::with_buf(&pn.shape, xm)), Some(pn_in), x_res)
         } else {
             (xr, None, None)
         };
         // 3. residual branch
-        let mut a0 = Tensor::zeros(&x_main.shape);
-        ops::mp_silu(&x_main.data, &mut a0.data);
-        let eff0 = self.conv_res0.effective(p, 1.0);
-        let h0 = self.conv_res0.forward(&eff0, &a0);
-        let eff_emb = self.emb_linear.effective(p, p.scalar(self.emb_gain));
-        let mut s = self.emb_linear.forward(&eff_emb, emb).data;
-        s.iter_mut().for_each(|v| *v += 1.0);
+        let xm = x_main.get();
+        let mut a0 = be.alloc(xm.len_of_shape())?;
+        be.mp_silu(&xm.data, &mut a0)?;
+        let a0 = Tensor::with_buf(&xm.shape, a0);
+        let eff0 = self.conv_res0.effective(be, p, 1.0)?;
+        let h0 = self.conv_res0.forward(be, &eff0, &a0)?;
+        let eff_emb = self.emb_linear.effective(be, p, be.scalar(p, self.emb_gain))?;
+        let mut s = self.emb_linear.forward(be, &eff_emb, emb)?;
+        be.add_scalar(&mut s.data, 1.0)?;
         let (_, hh, hw) = spatial(&h0);
-        let mut y1 = Tensor::zeros(&h0.shape);
-        ops::modulate_silu(&h0.data, &s, self.out_ch, hh * hw, &mut y1.data);
+        let mut y1 = be.alloc(h0.len_of_shape())?;
+        be.modulate_silu(&h0.data, &s.data, self.out_ch, hh * hw, &mut y1)?;
         if mode.train && self.dropout > 0.0 {
-            ops::dropout_inplace(&mut y1.data, self.dropout, self.dropout_seed(mode));
+            be.dropout(&mut y1, self.dropout, self.dropout_seed(mode))?;
         }
-        let eff1 = self.conv_res1.effective(p, 1.0);
-        let mut x2 = self.conv_res1.forward(&eff1, &y1);
+        let y1 = Tensor::with_buf(&h0.shape, y1);
+        let eff1 = self.conv_res1.effective(be, p, 1.0)?;
+        let mut x2 = self.conv_res1.forward(be, &eff1, &y1)?;
         // 4–5. x = mp_sum(skip(x), y, res_balance), computed into y's buffer (y itself is
         // not needed by the backward).
         let (wa, wb) = ops::mp_sum_coefs(self.res_balance);
         match (self.flavor, &self.conv_skip, &eff_skip) {
             (Flavor::Dec, Some(m), Some(e)) => {
-                let xs = m.forward(e, &x_main);
-                ops::axpby(&mut x2.data, &xs.data, wb, wa);
+                let xs = m.forward(be, e, xm)?;
+                be.axpby(&mut x2.data, &xs.data, wb, wa)?;
             }
-            _ => ops::axpby(&mut x2.data, &x_main.data, wb, wa),
+            _ => be.axpby(&mut x2.data, &xm.data, wb, wa)?,
         }
         // 6. attention, its mp_sum computed into the projection's buffer.
         let (mut x3, x2, qkv, attn, ya, eff_qkv, eff_proj) = if self.num_heads > 0 {
             let (mq, mp) = (self.attn_qkv.as_ref().unwrap(), self.attn_proj.as_ref().unwrap());
-            let eq = mq.effective(p, 1.0);
-            let qkv = mq.forward(&eq, &x2);
+            let eq = mq.effective(be, p, 1.0)?;
+            let qkv = mq.forward(be, &eq, &x2)?;
             let (an, ah, aw) = spatial(&x2);
-            let mut ya = Tensor::zeros(&x2.shape);
-            let cache = attention::attention_forward(&qkv.data, an, ah * aw, self.out_ch, self.num_heads, &mut ya.data);
-            let ep = mp.effective(p, 1.0);
-            let mut x3 = mp.forward(&ep, &ya);
+            let mut ya = be.alloc(x2.len_of_shape())?;
+            let cache = be.attention_forward(&qkv.data, an, ah * aw, self.out_ch, self.num_heads, &mut ya)?;
+            let ya = Tensor::with_buf(&x2.shape, ya);
+            let ep = mp.effective(be, p, 1.0)?;
+            let mut x3 = mp.forward(be, &ep, &ya)?;
             let (wa, wb) = ops::mp_sum_coefs(self.attn_balance);
-            ops::axpby(&mut x3.data, &x2.data, wb, wa);
+            be.axpby(&mut x3.data, &x2.data, wb, wa)?;
             (x3, Some(x2), Some(qkv), Some(cache), Some(ya), Some(eq), Some(ep))
         } else {
             (x2, None, None, None, None, None, None)
         };
         // 7. clip
         let clipped = match self.clip_act {
-            Some(limit) => {
-                let any = ops::any_abs_above(&x3.data, limit);
-                let mask = any.then(|| x3.data.iter().map(|v| v.abs() > limit).collect::<Vec<bool>>());
-                ops::clip_inplace(&mut x3.data, limit);
-                mask
-            }
+            Some(limit) => be.clip(&mut x3.data, limit)?,
             None => None,
         };
-        let cache = mode.record.then(|| BlockCache {
-            x_in_shape,
-            x_res: x_res.map(Cow::into_owned),
-            pn_in: pn_in.map(Cow::into_owned),
-            x_main: x_main.into_owned(),
-            a0,
-            h0,
-            s,
-            y1,
-            x2,
-            qkv,
-            attn,
-            ya,
-            clipped,
-            effs: BlockEffs { skip: eff_skip, res0: eff0, emb: eff_emb, res1: eff1, qkv: eff_qkv, proj: eff_proj },
-        });
-        (x3, cache)
+        let cache = if mode.record {
+            Some(BlockCache {
+                x_in_shape,
+                x_res: x_res.map(|t| t.into_owned(be)).transpose()?,
+                pn_in: pn_in.map(|t| t.into_owned(be)).transpose()?,
+                x_main: x_main.into_owned(be)?,
+                a0,
+                h0,
+                s,
+                y1,
+                x2,
+                qkv,
+                attn,
+                ya,
+                clipped,
+                effs: BlockEffs { skip: eff_skip, res0: eff0, emb: eff_emb, res1: eff1, qkv: eff_qkv, proj: eff_proj },
+            })
+        } else {
+            None
+        };
+        Ok((x3, cache))
     }
 
     /// Backward: `dy` w.r.t. the block output → (dx w.r.t. the block input, d_emb).
     /// Parameter gradients are accumulated into `grads`.
-    pub fn backward(
+    pub fn backward<B: Backend>(
         &self,
-        p: &Params,
-        emb: &Tensor,
-        cache: BlockCache,
-        mut dy: Tensor,
+        be: &B,
+        p: &B::Params,
+        emb: &Tensor<B::Buf>,
+        cache: BlockCache<B>,
+        mut dy: Tensor<B::Buf>,
         mode: &Mode,
-        grads: &mut Params,
-    ) -> (Tensor, Tensor) {
+        grads: &mut B::Params,
+    ) -> Result<(Tensor<B::Buf>, Tensor<B::Buf>)> {
         let c = cache;
         // 7. clip: no gradient where the value was clipped.
         if let Some(mask) = &c.clipped {
-            for (g, &m) in dy.data.iter_mut().zip(mask) {
-                if m {
-                    *g = 0.0;
-                }
-            }
+            be.clip_backward(&mut dy.data, mask)?;
         }
         // 6. attention: x3 = wa·x2 + wb·proj(attn(qkv(x2)))
         let mut dx2 = dy;
         if self.num_heads > 0 {
             let (wa, wb) = ops::mp_sum_coefs(self.attn_balance);
-            let dyp = Tensor::from_vec(&dx2.shape, ops::scaled(&dx2.data, wb));
-            ops::scale_inplace(&mut dx2.data, wa);
+            let dyp = Tensor::with_buf(&dx2.shape, be.scaled(&dx2.data, wb)?);
+            be.scale(&mut dx2.data, wa)?;
             let (mq, mp) = (self.attn_qkv.as_ref().unwrap(), self.attn_proj.as_ref().unwrap());
             let ya = c.ya.as_ref().unwrap();
-            let (dya, _) = mp.backward(p, c.effs.proj.as_ref().unwrap(), ya, &dyp, true, grads);
+            let (dya, _) = mp.backward(be, p, c.effs.proj.as_ref().unwrap(), ya, &dyp, true, grads)?;
             let dya = dya.unwrap();
             let qkv = c.qkv.as_ref().unwrap();
             let x2 = c.x2.as_ref().unwrap();
             let (an, ah, aw) = spatial(x2);
-            let mut dqkv = Tensor::zeros(&qkv.shape);
-            attention::attention_backward(
-                &qkv.data,
-                c.attn.as_ref().unwrap(),
-                &dya.data,
-                an,
-                ah * aw,
-                self.out_ch,
-                self.num_heads,
-                &mut dqkv.data,
-            );
-            let (dxq, _) = mq.backward(p, c.effs.qkv.as_ref().unwrap(), x2, &dqkv, true, grads);
-            ops::add_inplace(&mut dx2.data, &dxq.unwrap().data);
+            let mut dqkv = be.zeros(qkv.len_of_shape())?;
+            be.attention_backward(&qkv.data, c.attn.as_ref().unwrap(), &dya.data, an, ah * aw, self.out_ch, self.num_heads, &mut dqkv)?;
+            let dqkv = Tensor::with_buf(&qkv.shape, dqkv);
+            let (dxq, _) = mq.backward(be, p, c.effs.qkv.as_ref().unwrap(), x2, &dqkv, true, grads)?;
+            be.axpby(&mut dx2.data, &dxq.unwrap().data, 1.0, 1.0)?;
         }
         // 5. x2 = wa·skip(x_main) + wb·h1
         let (wa, wb) = ops::mp_sum_coefs(self.res_balance);
-        let dh1 = Tensor::from_vec(&dx2.shape, ops::scaled(&dx2.data, wb));
+        let dh1 = Tensor::with_buf(&dx2.shape, be.scaled(&dx2.data, wb)?);
         let mut dxs = dx2;
-        ops::scale_inplace(&mut dxs.data, wa);
+        be.scale(&mut dxs.data, wa)?;
         // 4. decoder conv_skip
         let mut dx_main = if self.flavor == Flavor::Dec {
             match &self.conv_skip {
-                Some(m) => m.backward(p, c.effs.skip.as_ref().unwrap(), &c.x_main, &dxs, true, grads).0.unwrap(),
+                Some(m) => m.backward(be, p, c.effs.skip.as_ref().unwrap(), &c.x_main, &dxs, true, grads)?.0.unwrap(),
                 None => dxs,
             }
         } else {
             dxs
         };
         // 3. residual branch
-        let (dy1, _) = self.conv_res1.backward(p, &c.effs.res1, &c.y1, &dh1, true, grads);
+        let (dy1, _) = self.conv_res1.backward(be, p, &c.effs.res1, &c.y1, &dh1, true, grads)?;
         let mut dy1 = dy1.unwrap();
         if mode.train && self.dropout > 0.0 {
             // Same mask and scale as the forward.
-            ops::dropout_inplace(&mut dy1.data, self.dropout, self.dropout_seed(mode));
+            be.dropout(&mut dy1.data, self.dropout, self.dropout_seed(mode))?;
         }
         let (_, hh, hw) = spatial(&c.h0);
-        let mut dh0 = Tensor::zeros(&c.h0.shape);
-        let mut ds = vec![0.0f32; c.s.len()];
-        ops::modulate_silu_backward(&c.h0.data, &c.s, &dy1.data, self.out_ch, hh * hw, &mut dh0.data, &mut ds);
-        let ds = Tensor::from_vec(&[emb.shape[0], self.out_ch], ds);
-        let (demb, dgain) = self.emb_linear.backward(p, &c.effs.emb, emb, &ds, true, grads);
-        grads.values[self.emb_gain][0] += dgain;
-        let (da0, _) = self.conv_res0.backward(p, &c.effs.res0, &c.a0, &dh0, true, grads);
-        ops::mp_silu_backward_acc(&c.x_main.data, &da0.unwrap().data, &mut dx_main.data);
+        let mut dh0 = be.zeros(c.h0.len_of_shape())?;
+        let mut ds = be.zeros(c.s.len_of_shape())?;
+        be.modulate_silu_backward(&c.h0.data, &c.s.data, &dy1.data, self.out_ch, hh * hw, &mut dh0, &mut ds)?;
+        let dh0 = Tensor::with_buf(&c.h0.shape, dh0);
+        let ds = Tensor::with_buf(&[emb.shape[0], self.out_ch], ds);
+        let (demb, dgain) = self.emb_linear.backward(be, p, &c.effs.emb, emb, &ds, true, grads)?;
+        be.add_scalar_grad(grads, self.emb_gain, dgain)?;
+        let (da0, _) = self.conv_res0.backward(be, p, &c.effs.res0, &c.a0, &dh0, true, grads)?;
+        be.mp_silu_backward_acc(&c.x_main.data, &da0.unwrap().data, &mut dx_main.data)?;
         // 2. encoder: pixel norm, conv_skip
         let dxr = if self.flavor == Flavor::Enc {
             let pn_in = c.pn_in.as_ref().unwrap();
-            let mut dpn = Tensor::zeros(&pn_in.shape);
-            ops::normalize_rows_backward(&pn_in.data, self.out_ch, &dx_main.data, &mut dpn.data);
+            let mut dpn = be.zeros(pn_in.len_of_shape())?;
+            be.normalize_rows_backward(&pn_in.data, self.out_ch, &dx_main.data, &mut dpn)?;
+            let dpn = Tensor::with_buf(&pn_in.shape, dpn);
             match &self.conv_skip {
-                Some(m) => m.backward(p, c.effs.skip.as_ref().unwrap(), c.x_res.as_ref().unwrap(), &dpn, true, grads).0.unwrap(),
+                Some(m) => m.backward(be, p, c.effs.skip.as_ref().unwrap(), c.x_res.as_ref().unwrap(), &dpn, true, grads)?.0.unwrap(),
                 None => dpn,
             }
         } else {
@@ -420,19 +455,20 @@ impl Block {
         };
         // 1. resample
         let s = &c.x_in_shape;
+        let sx = Nhwc { n: s[0], h: s[1], w: s[2], c: s[3] };
         let dx = match self.resample {
             Resample::Keep => dxr,
             Resample::Down => {
-                let mut d = Tensor::zeros(s);
-                ops::downsample2_backward(&dxr.data, s[0], s[1], s[2], s[3], &mut d.data);
-                d
+                let mut d = be.zeros(sx.numel())?;
+                be.downsample2_backward(&dxr.data, sx, &mut d)?;
+                Tensor::with_buf(s, d)
             }
             Resample::Up => {
-                let mut d = Tensor::zeros(s);
-                ops::upsample2_backward(&dxr.data, s[0], s[1], s[2], s[3], &mut d.data);
-                d
+                let mut d = be.zeros(sx.numel())?;
+                be.upsample2_backward(&dxr.data, sx, &mut d)?;
+                Tensor::with_buf(s, d)
             }
         };
-        (dx, demb.unwrap())
+        Ok((dx, demb.unwrap()))
     }
 }

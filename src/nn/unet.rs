@@ -3,8 +3,10 @@
 
 use super::layers::{spatial, Block, BlockCache, BlockOpts, Flavor, Mode, MpConv, Resample};
 use super::params::{ParamId, ParamKind, ParamSpec, Params, Registry};
-use crate::backend::cpu::{conv, ops};
+use crate::backend::cpu::{ops, Cpu};
+use crate::backend::Backend;
 use crate::config::NetConfig;
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// An encoder entry: the first 3x3 conv or a block. Every entry's output is a skip.
@@ -28,9 +30,9 @@ impl MpFourier {
         let phases = reg.add(format!("{name}.phases"), vec![channels], ParamKind::Buffer, false);
         MpFourier { freqs, phases, channels }
     }
-    pub fn forward(&self, p: &Params, x: &[f32]) -> Tensor {
+    pub fn forward<B: Backend>(&self, be: &B, p: &B::Params, x: &[f32]) -> Result<Tensor<B::Buf>> {
         let _prof = crate::profile::scope("total:forward");
-        Tensor::from_vec(&[x.len(), self.channels], ops::mp_fourier(x, &p.values[self.freqs], &p.values[self.phases]))
+        Ok(Tensor::with_buf(&[x.len(), self.channels], be.mp_fourier(x, p, self.freqs, self.phases)?))
     }
 }
 
@@ -60,42 +62,42 @@ pub struct Precond {
 }
 
 /// Activations kept by a recording forward pass.
-pub struct PrecondCache {
+pub struct PrecondCache<B: Backend = Cpu> {
     c_out: Vec<f32>,
-    emb_fourier: Tensor,
-    labels_scaled: Option<Tensor>,
-    emb_pre: Tensor,
-    emb: Tensor,
-    x_cat: Tensor,
-    enc: Vec<EncCache>,
-    dec: Vec<(BlockCache, Option<(usize, usize)>)>,
-    out_in: Tensor,
-    effs: TopEffs,
-    logvar_fourier: Tensor,
+    emb_fourier: Tensor<B::Buf>,
+    labels_scaled: Option<Tensor<B::Buf>>,
+    emb_pre: Tensor<B::Buf>,
+    emb: Tensor<B::Buf>,
+    x_cat: Tensor<B::Buf>,
+    enc: Vec<EncCache<B>>,
+    dec: Vec<(BlockCache<B>, Option<(usize, usize)>)>,
+    out_in: Tensor<B::Buf>,
+    effs: TopEffs<B>,
+    logvar_fourier: Tensor<B::Buf>,
 }
 
-enum EncCache {
-    Conv(conv::EffWeight),
-    Block(BlockCache),
+enum EncCache<B: Backend> {
+    Conv(B::Eff),
+    Block(BlockCache<B>),
 }
 
-struct TopEffs {
-    emb_noise: conv::EffWeight,
-    emb_label: Option<conv::EffWeight>,
-    out: conv::EffWeight,
-    logvar: conv::EffWeight,
+struct TopEffs<B: Backend> {
+    emb_noise: B::Eff,
+    emb_label: Option<B::Eff>,
+    out: B::Eff,
+    logvar: B::Eff,
 }
 
 /// Output of [`Precond::forward`]: `D` NHWC, `logvar` per image, optional cache.
-pub struct ForwardOut {
-    pub d: Tensor,
+pub struct ForwardOut<B: Backend = Cpu> {
+    pub d: Tensor<B::Buf>,
     pub logvar: Vec<f32>,
     /// The raw U-Net output `F_x` (NHWC).
-    pub f_x: Tensor,
+    pub f_x: Tensor<B::Buf>,
     /// Intermediate activations by official name (`act.enc.<name>`, `emb`, ...), filled
     /// only when `collect_intermediates` is set.
-    pub intermediates: Vec<(String, Tensor)>,
-    pub cache: Option<PrecondCache>,
+    pub intermediates: Vec<(String, Tensor<B::Buf>)>,
+    pub cache: Option<PrecondCache<B>>,
 }
 
 /// Preconditioning coefficients (EDM, DESIGN.md §1), computed in f32 as the official code.
@@ -230,13 +232,18 @@ impl Precond {
     /// of the *training* copy with `normalize(W)`. Call once before each training forward;
     /// never on EMA copies.
     pub fn force_normalize(&self, p: &mut Params) {
+        self.force_normalize_on(&Cpu, p).expect("the CPU backend does not fail")
+    }
+
+    /// [`Precond::force_normalize`] on any backend.
+    pub fn force_normalize_on<B: Backend>(&self, be: &B, p: &mut B::Params) -> Result<()> {
         let _prof = crate::profile::scope("force_normalize");
-        for (s, v) in self.specs.iter().zip(p.values.iter_mut()) {
+        for (id, s) in self.specs.iter().enumerate() {
             if s.is_mp_weight {
-                let k = s.shape[1..].iter().product::<usize>();
-                ops::normalize_rows_inplace(v, k);
+                be.force_normalize(p, id, s.shape[1..].iter().product::<usize>())?;
             }
         }
+        Ok(())
     }
 
     /// Checks an NHWC input batch against the config.
@@ -269,8 +276,8 @@ impl Precond {
         Ok(())
     }
 
-    /// `D(x; σ, labels)` and `logvar`. `x`: NHWC `[N, R, R, C]`. A conditional net without
-    /// labels uses all-zero labels, as the official code does.
+    /// `D(x; σ, labels)` and `logvar` on the CPU backend. `x`: NHWC `[N, R, R, C]`. A
+    /// conditional net without labels uses all-zero labels, as the official code does.
     pub fn forward(
         &self,
         p: &Params,
@@ -280,78 +287,97 @@ impl Precond {
         mode: &Mode,
         collect_intermediates: bool,
     ) -> ForwardOut {
+        self.forward_on(&Cpu, p, x, sigma, labels, mode, collect_intermediates).expect("the CPU backend does not fail")
+    }
+
+    /// Explicit backward of a recorded forward on the CPU backend: `dd` = dL/dD (NHWC),
+    /// `dlogvar` = dL/dlogvar. Returns the gradient of every parameter (buffers stay
+    /// zero). Gradients are taken at the values in `p` — after `force_normalize` in
+    /// training, as the official code does.
+    pub fn backward(&self, p: &Params, cache: PrecondCache, dd: &Tensor, dlogvar: &[f32], mode: &Mode) -> Params {
+        self.backward_on(&Cpu, p, cache, dd, dlogvar, mode).expect("the CPU backend does not fail")
+    }
+
+    /// [`Precond::forward`] on any backend (the one network description).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_on<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Params,
+        x: &Tensor<B::Buf>,
+        sigma: &[f32],
+        labels: Option<&Tensor<B::Buf>>,
+        mode: &Mode,
+        collect_intermediates: bool,
+    ) -> Result<ForwardOut<B>> {
         let cfg = &self.config;
         let n = x.shape[0];
         let u = &self.unet;
-        let mut inter: Vec<(String, Tensor)> = Vec::new();
+        let mut inter: Vec<(String, Tensor<B::Buf>)> = Vec::new();
+        let copy = |t: &Tensor<B::Buf>| -> Result<Tensor<B::Buf>> { Ok(Tensor::with_buf(&t.shape, be.copy(&t.data)?)) };
         let coefs: Vec<_> = sigma.iter().map(|&s| precond_coefs(s, cfg.sigma_data)).collect();
         let c_noise: Vec<f32> = coefs.iter().map(|c| c.3).collect();
         // Embedding.
-        let emb_fourier = u.emb_fourier.forward(p, &c_noise);
-        let eff_noise = u.emb_noise.effective(p, 1.0);
-        let emb_noise = u.emb_noise.forward(&eff_noise, &emb_fourier);
-        let mut emb_pre = emb_noise.clone();
+        let emb_fourier = u.emb_fourier.forward(be, p, &c_noise)?;
+        let eff_noise = u.emb_noise.effective(be, p, 1.0)?;
+        let emb_noise = u.emb_noise.forward(be, &eff_noise, &emb_fourier)?;
+        let mut emb_pre = copy(&emb_noise)?;
         let mut labels_scaled = None;
         let mut eff_label = None;
         if let Some(m) = &u.emb_label {
             let mut l = match labels {
-                Some(l) => l.clone(),
-                None => Tensor::zeros(&[n, cfg.label_dim]),
+                Some(l) => copy(l)?,
+                None => Tensor::with_buf(&[n, cfg.label_dim], be.zeros(n * cfg.label_dim)?),
             };
-            let k = (cfg.label_dim as f32).sqrt();
-            l.data.iter_mut().for_each(|v| *v *= k);
-            let e = m.effective(p, 1.0);
-            let el = m.forward(&e, &l);
+            be.scale(&mut l.data, (cfg.label_dim as f32).sqrt())?;
+            let e = m.effective(be, p, 1.0)?;
+            let el = m.forward(be, &e, &l)?;
             if collect_intermediates {
-                inter.push(("emb_label".into(), el.clone()));
+                inter.push(("emb_label".into(), copy(&el)?));
             }
-            ops::mp_sum_inplace(&mut emb_pre.data, &el.data, u.label_balance);
+            let (wa, wb) = ops::mp_sum_coefs(u.label_balance);
+            be.axpby(&mut emb_pre.data, &el.data, wa, wb)?;
             labels_scaled = Some(l);
             eff_label = Some(e);
         }
-        let mut emb = Tensor::zeros(&emb_pre.shape);
-        ops::mp_silu(&emb_pre.data, &mut emb.data);
+        let mut emb = be.alloc(emb_pre.len_of_shape())?;
+        be.mp_silu(&emb_pre.data, &mut emb)?;
+        let emb = Tensor::with_buf(&emb_pre.shape, emb);
         if collect_intermediates {
-            inter.push(("c_noise".into(), Tensor::from_vec(&[n], c_noise.clone())));
-            inter.push(("emb_fourier".into(), emb_fourier.clone()));
-            inter.push(("emb_noise".into(), emb_noise.clone()));
-            inter.push(("emb".into(), emb.clone()));
+            inter.push(("c_noise".into(), Tensor::with_buf(&[n], be.upload(&c_noise)?)));
+            inter.push(("emb_fourier".into(), copy(&emb_fourier)?));
+            inter.push(("emb_noise".into(), copy(&emb_noise)?));
+            inter.push(("emb".into(), copy(&emb)?));
         }
         // Input: [c_in·x, 1] along channels (the constant channel last).
         let (r, ci) = (cfg.img_resolution, cfg.img_channels);
-        let mut x_cat = Tensor::zeros(&[n, r, r, ci + 1]);
-        for b in 0..n {
-            let c_in = coefs[b].2;
-            for px in 0..r * r {
-                for ch in 0..ci {
-                    x_cat.data[(b * r * r + px) * (ci + 1) + ch] = c_in * x.data[(b * r * r + px) * ci + ch];
-                }
-                x_cat.data[(b * r * r + px) * (ci + 1) + ci] = 1.0;
-            }
-        }
+        let c_in: Vec<f32> = coefs.iter().map(|c| c.2).collect();
+        let mut x_cat = be.alloc(n * r * r * (ci + 1))?;
+        be.precond_input(&x.data, &c_in, ci, &mut x_cat)?;
+        let x_cat = Tensor::with_buf(&[n, r, r, ci + 1], x_cat);
         if collect_intermediates {
             // x_in = c_in·x: the first channels of the network input.
-            let x_in: Vec<f32> = x_cat.data.chunks(ci + 1).flat_map(|p| p[..ci].to_vec()).collect();
-            let x_in = Tensor::from_vec(&x.shape, x_in);
+            let mut x_in = copy(x)?;
+            be.scale_images(&mut x_in.data, &c_in)?;
             inter.push(("x_in".into(), x_in));
         }
         // Encoder. Every output is a skip: the skip stack owns it and the next layer
         // borrows it, so no activation is copied.
-        let mut skips: Vec<Tensor> = Vec::new();
+        let mut skips: Vec<Tensor<B::Buf>> = Vec::new();
         let mut enc_caches = Vec::new();
         for (name, layer) in &u.enc {
             let input = skips.last().unwrap_or(&x_cat);
             let y = match layer {
                 EncLayer::Conv(m) => {
-                    let e = m.effective(p, 1.0);
-                    let y = m.forward(&e, input);
+                    let e = m.effective(be, p, 1.0)?;
+                    let y = m.forward(be, &e, input)?;
                     if mode.record {
                         enc_caches.push(EncCache::Conv(e));
                     }
                     y
                 }
                 EncLayer::Block(b) => {
-                    let (y, c) = b.forward(p, input, &emb, mode);
+                    let (y, c) = b.forward(be, p, input, &emb, mode)?;
                     if let Some(c) = c {
                         enc_caches.push(EncCache::Block(c));
                     }
@@ -359,99 +385,101 @@ impl Precond {
                 }
             };
             if collect_intermediates {
-                inter.push((format!("act.enc.{name}"), y.clone()));
+                inter.push((format!("act.enc.{name}"), copy(&y)?));
             }
             skips.push(y);
         }
         // Decoder: the first block reads the last encoder output (still a skip) in place.
         let mut dec_caches = Vec::new();
-        let mut h: Option<Tensor> = None;
+        let mut h: Option<Tensor<B::Buf>> = None;
         for (name, b, takes_skip) in &u.dec {
             let mut split = None;
             if *takes_skip {
-                let cur = h.take().unwrap_or_else(|| skips.last().expect("encoder output").clone());
+                let cur = match h.take() {
+                    Some(t) => t,
+                    None => copy(skips.last().expect("encoder output"))?,
+                };
                 let s = skips.pop().expect("skip stack matches the decoder");
                 let (na, nb) = (cur.c(), s.c());
                 let (nn, hh, ww) = spatial(&cur);
-                let mut cat = Tensor::zeros(&[nn, hh, ww, na + nb]);
-                ops::mp_cat(&cur.data, na, &s.data, nb, u.concat_balance, &mut cat.data);
-                h = Some(cat);
+                let mut cat = be.alloc(nn * hh * ww * (na + nb))?;
+                be.mp_cat(&cur.data, na, &s.data, nb, u.concat_balance, &mut cat)?;
+                h = Some(Tensor::with_buf(&[nn, hh, ww, na + nb], cat));
                 split = Some((na, nb));
             }
             let input = h.as_ref().unwrap_or_else(|| skips.last().expect("encoder output"));
-            let (y, c) = b.forward(p, input, &emb, mode);
+            let (y, c) = b.forward(be, p, input, &emb, mode)?;
             if let Some(c) = c {
                 dec_caches.push((c, split));
             }
             if collect_intermediates {
-                inter.push((format!("act.dec.{name}"), y.clone()));
+                inter.push((format!("act.dec.{name}"), copy(&y)?));
             }
             h = Some(y);
         }
         let h = h.expect("the decoder has blocks");
-        let eff_out = u.out_conv.effective(p, p.scalar(u.out_gain));
-        let f_x = u.out_conv.forward(&eff_out, &h);
+        let eff_out = u.out_conv.effective(be, p, be.scalar(p, u.out_gain))?;
+        let f_x = u.out_conv.forward(be, &eff_out, &h)?;
         // D = c_skip·x + c_out·F
-        let mut d = Tensor::zeros(&x.shape);
-        let per = r * r * ci;
-        for b in 0..n {
-            let (c_skip, c_out) = (coefs[b].0, coefs[b].1);
-            for i in b * per..(b + 1) * per {
-                d.data[i] = c_skip * x.data[i] + c_out * f_x.data[i];
-            }
-        }
+        let c_skip: Vec<f32> = coefs.iter().map(|c| c.0).collect();
+        let c_out: Vec<f32> = coefs.iter().map(|c| c.1).collect();
+        let mut d = be.alloc(x.len_of_shape())?;
+        be.precond_output(&x.data, &f_x.data, &c_skip, &c_out, &mut d)?;
+        let d = Tensor::with_buf(&x.shape, d);
         // Uncertainty head.
-        let lf = self.logvar_fourier.forward(p, &c_noise);
-        let eff_lv = self.logvar_linear.effective(p, 1.0);
-        let logvar = self.logvar_linear.forward(&eff_lv, &lf).data;
+        let lf = self.logvar_fourier.forward(be, p, &c_noise)?;
+        let eff_lv = self.logvar_linear.effective(be, p, 1.0)?;
+        let logvar = be.download(&self.logvar_linear.forward(be, &eff_lv, &lf)?.data)?;
         if collect_intermediates {
-            inter.push(("logvar_fourier".into(), lf.clone()));
+            inter.push(("logvar_fourier".into(), copy(&lf)?));
         }
-        let cache = mode.record.then(|| PrecondCache {
-            c_out: coefs.iter().map(|c| c.1).collect(),
-            emb_fourier,
-            labels_scaled,
-            emb_pre,
-            emb,
-            x_cat,
-            enc: enc_caches,
-            dec: dec_caches,
-            out_in: h,
-            effs: TopEffs {
-                emb_noise: eff_noise,
-                emb_label: eff_label,
-                out: eff_out,
-                logvar: eff_lv,
-            },
-            logvar_fourier: lf,
-        });
-        ForwardOut { d, logvar, f_x, intermediates: inter, cache }
+        let cache = if mode.record {
+            Some(PrecondCache {
+                c_out,
+                emb_fourier,
+                labels_scaled,
+                emb_pre,
+                emb,
+                x_cat,
+                enc: enc_caches,
+                dec: dec_caches,
+                out_in: h,
+                effs: TopEffs { emb_noise: eff_noise, emb_label: eff_label, out: eff_out, logvar: eff_lv },
+                logvar_fourier: lf,
+            })
+        } else {
+            None
+        };
+        Ok(ForwardOut { d, logvar, f_x, intermediates: inter, cache })
     }
 
-    /// Explicit backward of a recorded forward: `dd` = dL/dD (NHWC), `dlogvar` = dL/dlogvar.
-    /// Returns the gradient of every parameter (buffers stay zero). Gradients are taken at
-    /// the values in `p` — after `force_normalize` in training, as the official code does.
-    pub fn backward(&self, p: &Params, cache: PrecondCache, dd: &Tensor, dlogvar: &[f32], mode: &Mode) -> Params {
+    /// [`Precond::backward`] on any backend.
+    pub fn backward_on<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Params,
+        cache: PrecondCache<B>,
+        dd: &Tensor<B::Buf>,
+        dlogvar: &[f32],
+        mode: &Mode,
+    ) -> Result<B::Params> {
         let _prof = crate::profile::scope("total:backward");
-        let mut g = Params::zeros(&self.specs);
+        let mut g = be.zero_grads(p)?;
         let u = &self.unet;
         let c = cache;
         let n = dd.shape[0];
         // Uncertainty head.
-        let dlv = Tensor::from_vec(&[n, 1], dlogvar.to_vec());
-        self.logvar_linear.backward(p, &c.effs.logvar, &c.logvar_fourier, &dlv, false, &mut g);
+        let dlv = Tensor::with_buf(&[n, 1], be.upload(dlogvar)?);
+        self.logvar_linear.backward(be, p, &c.effs.logvar, &c.logvar_fourier, &dlv, false, &mut g)?;
         // dF = c_out·dD
-        let per = dd.numel() / n;
-        let mut df = dd.clone();
-        for b in 0..n {
-            df.data[b * per..(b + 1) * per].iter_mut().for_each(|v| *v *= c.c_out[b]);
-        }
-        let (dh, dgain) = u.out_conv.backward(p, &c.effs.out, &c.out_in, &df, true, &mut g);
-        g.values[u.out_gain][0] += dgain;
+        let mut df = Tensor::with_buf(&dd.shape, be.copy(&dd.data)?);
+        be.scale_images(&mut df.data, &c.c_out)?;
+        let (dh, dgain) = u.out_conv.backward(be, p, &c.effs.out, &c.out_in, &df, true, &mut g)?;
+        be.add_scalar_grad(&mut g, u.out_gain, dgain)?;
         let mut dh = dh.unwrap();
-        let mut demb = Tensor::zeros(&c.emb.shape);
+        let mut demb = Tensor::with_buf(&c.emb.shape, be.zeros(c.emb.len_of_shape())?);
         // Decoder in reverse; skip gradients collected per encoder output.
-        let mut dskips: Vec<Option<Tensor>> = (0..u.enc.len()).map(|_| None).collect();
+        let mut dskips: Vec<Option<Tensor<B::Buf>>> = (0..u.enc.len()).map(|_| None).collect();
         let mut skip_idx = u.enc.len();
         let mut dec_caches = c.dec;
         let mut pops = Vec::new();
@@ -465,16 +493,16 @@ impl Precond {
         }
         for (i, (_, b, _)) in u.dec.iter().enumerate().rev() {
             let (bc, split) = dec_caches.pop().unwrap();
-            let (dx, de) = b.backward(p, &c.emb, bc, dh, mode, &mut g);
-            add_into(&mut demb, &de);
+            let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, &mut g)?;
+            be.axpby(&mut demb.data, &de.data, 1.0, 1.0)?;
             dh = match split {
                 Some((na, nb)) => {
                     let (nn, hh, ww) = spatial(&dx);
-                    let mut da = Tensor::zeros(&[nn, hh, ww, na]);
-                    let mut ds = Tensor::zeros(&[nn, hh, ww, nb]);
-                    ops::mp_cat_backward(&dx.data, na, nb, u.concat_balance, &mut da.data, &mut ds.data);
-                    dskips[pops[i].unwrap()] = Some(ds);
-                    da
+                    let mut da = be.zeros(nn * hh * ww * na)?;
+                    let mut ds = be.zeros(nn * hh * ww * nb)?;
+                    be.mp_cat_backward(&dx.data, na, nb, u.concat_balance, &mut da, &mut ds)?;
+                    dskips[pops[i].unwrap()] = Some(Tensor::with_buf(&[nn, hh, ww, nb], ds));
+                    Tensor::with_buf(&[nn, hh, ww, na], da)
                 }
                 None => dx,
             };
@@ -483,34 +511,35 @@ impl Precond {
         let mut enc_caches = c.enc;
         for (i, (_, layer)) in u.enc.iter().enumerate().rev() {
             if let Some(ds) = dskips[i].take() {
-                add_into(&mut dh, &ds);
+                be.axpby(&mut dh.data, &ds.data, 1.0, 1.0)?;
             }
             let lc = enc_caches.pop().unwrap();
             match (layer, lc) {
                 (EncLayer::Conv(m), EncCache::Conv(e)) => {
-                    m.backward(p, &e, &c.x_cat, &dh, false, &mut g);
+                    m.backward(be, p, &e, &c.x_cat, &dh, false, &mut g)?;
                 }
                 (EncLayer::Block(b), EncCache::Block(bc)) => {
-                    let (dx, de) = b.backward(p, &c.emb, bc, dh, mode, &mut g);
-                    add_into(&mut demb, &de);
+                    let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, &mut g)?;
+                    be.axpby(&mut demb.data, &de.data, 1.0, 1.0)?;
                     dh = dx;
                 }
                 _ => unreachable!("encoder cache order"),
             }
         }
         // Embedding: emb = mp_silu(mp_sum(emb_noise, emb_label, t)).
-        let mut de_pre = Tensor::zeros(&c.emb_pre.shape);
-        ops::mp_silu_backward(&c.emb_pre.data, &demb.data, &mut de_pre.data);
-        let mut d_noise = de_pre.clone();
+        let mut de_pre = be.zeros(c.emb_pre.len_of_shape())?;
+        be.mp_silu_backward(&c.emb_pre.data, &demb.data, &mut de_pre)?;
+        let de_pre = Tensor::with_buf(&c.emb_pre.shape, de_pre);
+        let mut d_noise = Tensor::with_buf(&de_pre.shape, be.copy(&de_pre.data)?);
         if let (Some(m), Some(e), Some(l)) = (&u.emb_label, &c.effs.emb_label, &c.labels_scaled) {
             let (wa, wb) = ops::mp_sum_coefs(u.label_balance);
-            d_noise.data.iter_mut().for_each(|v| *v *= wa);
+            be.scale(&mut d_noise.data, wa)?;
             let mut d_label = de_pre;
-            d_label.data.iter_mut().for_each(|v| *v *= wb);
-            m.backward(p, e, l, &d_label, false, &mut g);
+            be.scale(&mut d_label.data, wb)?;
+            m.backward(be, p, e, l, &d_label, false, &mut g)?;
         }
-        u.emb_noise.backward(p, &c.effs.emb_noise, &c.emb_fourier, &d_noise, false, &mut g);
-        g
+        u.emb_noise.backward(be, p, &c.effs.emb_noise, &c.emb_fourier, &d_noise, false, &mut g)?;
+        Ok(g)
     }
 
     /// Forward cost per image in the convention of the official `count_flops.py` (and the
@@ -662,8 +691,4 @@ impl FlopCount {
     pub fn total(&self) -> u64 {
         self.by_op.values().sum()
     }
-}
-
-fn add_into(a: &mut Tensor, b: &Tensor) {
-    ops::add_inplace(&mut a.data, &b.data);
 }

@@ -3,6 +3,8 @@
 //! arithmetic with deterministic reduction order.
 
 pub mod attention;
+mod backend;
+pub use backend::Cpu;
 pub mod conv;
 pub mod conv3x3;
 pub mod gemm;

@@ -4,6 +4,7 @@
 //! simulated device (feature `cuda-sim`).
 
 use super::{check, ffi, same_len, Gpu, GpuBuf};
+pub use crate::backend::{ConvGeom, Nhwc};
 use crate::error::{Error, Result};
 
 /// `y = silu(x) / 0.596` (paper Eq. 81).
@@ -127,6 +128,10 @@ fn expect_len<T: super::DeviceScalar>(kernel: &str, name: &str, b: &GpuBuf<T>, w
     }
 }
 
+fn nhwc_ints(kernel: &str, s: Nhwc) -> Result<(i32, i32, i32, i32)> {
+    Ok((int(kernel, s.n)?, int(kernel, s.h)?, int(kernel, s.w)?, int(kernel, s.c)?))
+}
+
 fn int(kernel: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Input(format!("{kernel}: dimension {v} too large")))
 }
@@ -144,33 +149,12 @@ pub fn scale(gpu: &Gpu, a: &mut GpuBuf<f32>, k: f32) -> Result<()> {
     check("scale", unsafe { ffi::edm2_scale_f32(a.ptr_mut(gpu), k, a.len(), s) })
 }
 
-/// NHWC shape `[n, h, w, c]` of a resample input.
-#[derive(Clone, Copy, Debug)]
-pub struct Nhwc {
-    pub n: usize,
-    pub h: usize,
-    pub w: usize,
-    pub c: usize,
-}
-
-impl Nhwc {
-    pub fn numel(&self) -> usize {
-        self.n * self.h * self.w * self.c
-    }
-    pub fn pixels(&self) -> usize {
-        self.n * self.h * self.w
-    }
-    fn ints(&self, kernel: &str) -> Result<(i32, i32, i32, i32)> {
-        Ok((int(kernel, self.n)?, int(kernel, self.h)?, int(kernel, self.w)?, int(kernel, self.c)?))
-    }
-}
-
 /// 2x2 average pooling of `x` (shape `s`, even h and w) into `y` `[n, h/2, w/2, c]`.
 pub fn downsample2(gpu: &Gpu, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Result<()> {
     let k = "downsample2";
     expect_len(k, "x", x, s.numel())?;
     expect_len(k, "y", y, s.numel() / 4)?;
-    let (n, h, w, c) = s.ints(k)?;
+    let (n, h, w, c) = nhwc_ints(k, s)?;
     let st = gpu.stream()?;
     check(k, unsafe { ffi::edm2_downsample2_f32(x.ptr(gpu), y.ptr_mut(gpu), n, h, w, c, st) })
 }
@@ -180,7 +164,7 @@ pub fn downsample2_backward(gpu: &Gpu, dy: &GpuBuf<f32>, s: Nhwc, dx: &mut GpuBu
     let k = "downsample2_backward";
     expect_len(k, "dy", dy, s.numel() / 4)?;
     expect_len(k, "dx", dx, s.numel())?;
-    let (n, h, w, c) = s.ints(k)?;
+    let (n, h, w, c) = nhwc_ints(k, s)?;
     let st = gpu.stream()?;
     check(k, unsafe { ffi::edm2_downsample2_backward_f32(dy.ptr(gpu), dx.ptr_mut(gpu), n, h, w, c, st) })
 }
@@ -190,7 +174,7 @@ pub fn upsample2(gpu: &Gpu, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Re
     let k = "upsample2";
     expect_len(k, "x", x, s.numel())?;
     expect_len(k, "y", y, s.numel() * 4)?;
-    let (n, h, w, c) = s.ints(k)?;
+    let (n, h, w, c) = nhwc_ints(k, s)?;
     let st = gpu.stream()?;
     check(k, unsafe { ffi::edm2_upsample2_f32(x.ptr(gpu), y.ptr_mut(gpu), n, h, w, c, st) })
 }
@@ -200,7 +184,7 @@ pub fn upsample2_backward(gpu: &Gpu, dy: &GpuBuf<f32>, s: Nhwc, dx: &mut GpuBuf<
     let k = "upsample2_backward";
     expect_len(k, "dy", dy, s.numel() * 4)?;
     expect_len(k, "dx", dx, s.numel())?;
-    let (n, h, w, c) = s.ints(k)?;
+    let (n, h, w, c) = nhwc_ints(k, s)?;
     let st = gpu.stream()?;
     check(k, unsafe { ffi::edm2_upsample2_backward_f32(dy.ptr(gpu), dx.ptr_mut(gpu), n, h, w, c, st) })
 }
@@ -361,37 +345,6 @@ fn rows_of(kernel: &str, len: usize, k: usize) -> Result<usize> {
     Ok(len / k)
 }
 
-/// Geometry of an MP-Conv / MP-Linear: `k` = 3, 1 or 0 (linear).
-#[derive(Clone, Copy, Debug)]
-pub struct ConvGeom {
-    pub out_ch: usize,
-    pub in_ch: usize,
-    pub k: usize,
-}
-
-impl ConvGeom {
-    pub fn taps(&self) -> usize {
-        if self.k == 3 {
-            9
-        } else {
-            1
-        }
-    }
-    pub fn fan_in(&self) -> usize {
-        self.in_ch * self.taps()
-    }
-    pub fn numel(&self) -> usize {
-        self.out_ch * self.fan_in()
-    }
-    fn check(&self, kernel: &str) -> Result<()> {
-        if matches!(self.k, 0 | 1 | 3) && self.out_ch > 0 && self.in_ch > 0 {
-            Ok(())
-        } else {
-            Err(Error::Input(format!("{kernel}: unsupported conv {self:?}")))
-        }
-    }
-}
-
 /// The effective weight on the device: OHWI `[O, taps, I]` and per-row denominators.
 pub struct GpuEffWeight {
     pub geom: ConvGeom,
@@ -403,7 +356,7 @@ pub struct GpuEffWeight {
 /// `normalize(W)·gain/sqrt(fan_in)` (paper Eq. 47) from the stored OIHW weight.
 pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: f32) -> Result<GpuEffWeight> {
     let k = "effective_weight";
-    geom.check(k)?;
+    geom.validate(k)?;
     expect_len(k, "w", w, geom.numel())?;
     let mut eff = GpuEffWeight { geom, gain, w: gpu.alloc(geom.numel())?, denom: gpu.alloc(geom.out_ch)? };
     let st = gpu.stream()?;
@@ -450,7 +403,7 @@ pub fn effective_weight_backward(gpu: &Gpu, w: &GpuBuf<f32>, eff: &GpuEffWeight,
 }
 
 fn conv_dims(kernel: &str, geom: ConvGeom, s: Nhwc) -> Result<(i32, i32, i32)> {
-    geom.check(kernel)?;
+    geom.validate(kernel)?;
     if s.c != geom.in_ch || (geom.k == 0 && (s.h != 1 || s.w != 1)) {
         return Err(Error::Input(format!("{kernel}: input {s:?} does not fit {geom:?}")));
     }
@@ -583,5 +536,61 @@ pub fn attention_backward(
             hi,
             st,
         )
+    })
+}
+
+/// `a ← a + v`.
+pub fn add_scalar(gpu: &Gpu, a: &mut GpuBuf<f32>, v: f32) -> Result<()> {
+    let st = gpu.stream()?;
+    check("add_scalar", unsafe { ffi::edm2_add_scalar_f32(a.ptr_mut(gpu), v, a.len(), st) })
+}
+
+/// `k·x` as a new buffer (`k` = 1: a device copy).
+pub fn scaled(gpu: &Gpu, x: &GpuBuf<f32>, k: f32) -> Result<GpuBuf<f32>> {
+    let mut y = gpu.alloc(x.len())?;
+    let st = gpu.stream()?;
+    check("scaled", unsafe { ffi::edm2_scaled_f32(x.ptr(gpu), y.ptr_mut(gpu), k, x.len(), st) })?;
+    Ok(y)
+}
+
+/// Per-image factors: `x[b, ...] ← k[b]·x[b, ...]`.
+pub fn scale_images(gpu: &Gpu, x: &mut GpuBuf<f32>, k: &[f32]) -> Result<()> {
+    let per = images_of("scale_images", x.len(), k.len())?;
+    let kb = gpu.upload(k)?;
+    let st = gpu.stream()?;
+    check("scale_images", unsafe { ffi::edm2_scale_images_f32(x.ptr_mut(gpu), kb.ptr(gpu), per, x.len(), st) })
+}
+
+fn images_of(kernel: &str, len: usize, images: usize) -> Result<usize> {
+    if images == 0 || len % images != 0 {
+        return Err(Error::Input(format!("{kernel}: {len} values do not split into {images} images")));
+    }
+    Ok(len / images)
+}
+
+/// The network input `[c_in[b]·x, 1]` (NHWC, `c` image channels → `c + 1`).
+pub fn precond_input(gpu: &Gpu, x: &GpuBuf<f32>, c_in: &[f32], c: usize, out: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "precond_input";
+    let per = images_of(k, x.len(), c_in.len())?;
+    if c == 0 || per % c != 0 {
+        return Err(Error::Input(format!("{k}: images of {per} values do not have {c} channels")));
+    }
+    expect_len(k, "out", out, x.len() / c * (c + 1))?;
+    let kb = gpu.upload(c_in)?;
+    let st = gpu.stream()?;
+    check(k, unsafe { ffi::edm2_precond_input_f32(x.ptr(gpu), kb.ptr(gpu), out.ptr_mut(gpu), int(k, c)?, per / c, c_in.len(), st) })
+}
+
+/// `d = c_skip[b]·x + c_out[b]·f`.
+pub fn precond_output(gpu: &Gpu, x: &GpuBuf<f32>, f: &GpuBuf<f32>, c_skip: &[f32], c_out: &[f32], d: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "precond_output";
+    let per = images_of(k, x.len(), c_skip.len())?;
+    same_len(k, c_skip.len(), c_out.len())?;
+    expect_len(k, "f", f, x.len())?;
+    expect_len(k, "d", d, x.len())?;
+    let (ks, ko) = (gpu.upload(c_skip)?, gpu.upload(c_out)?);
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_precond_output_f32(x.ptr(gpu), f.ptr(gpu), ks.ptr(gpu), ko.ptr(gpu), d.ptr_mut(gpu), per, x.len(), st)
     })
 }

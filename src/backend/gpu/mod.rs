@@ -11,7 +11,9 @@
 //! The same kernel wrappers, buffer handling and launch order run in both modes: the
 //! simulation tests exercise this whole path in CI, not just single kernels.
 
+mod backend;
 pub mod kernels;
+pub use backend::GpuParams;
 
 use crate::error::{Error, Result};
 

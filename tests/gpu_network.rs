@@ -1,0 +1,108 @@
+//! The whole network — forced weight normalization, forward in training mode (dropout,
+//! attention, labels, clipping) and the explicit backward — run by the one network
+//! description on the CUDA backend, against the same description on the CPU backend.
+//! With `--features cuda-sim` on the simulated device (CI); with `--features cuda` on a
+//! GPU (skipped without one unless EDM2_REQUIRE_GPU=1). fp32 mode: D, logvar and every
+//! parameter gradient within 1e-4 relative L2 (the CUDA issue's bound).
+#![cfg(any(feature = "cuda", feature = "cuda-sim"))]
+
+mod common;
+use common::rel_l2;
+use edm2::backend::gpu::{Gpu, GpuParams};
+use edm2::nn::layers::Mode;
+use edm2::rng::Rng;
+use edm2::{NetConfig, Precond, Tensor};
+
+fn device() -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) if std::env::var_os("EDM2_REQUIRE_GPU").is_none() => {
+            eprintln!("SKIPPED (no usable GPU: {e})");
+            None
+        }
+        Err(e) => panic!("EDM2_REQUIRE_GPU is set but the GPU cannot be opened: {e}"),
+    }
+}
+
+/// Every layer kind: 8x8 RGB, two levels (down/up resampling), attention at 4x4 with two
+/// heads, labels, dropout, and a clip limit low enough to clip.
+fn tiny() -> NetConfig {
+    let mut c = NetConfig::with_defaults(8, 3, 10);
+    c.model_channels = 16;
+    c.channel_mult = vec![1, 2];
+    c.num_blocks = 1;
+    c.attn_resolutions = vec![4];
+    c.channels_per_head = 16;
+    c.dropout = 0.1;
+    c.clip_act = Some(1.5);
+    c.logvar_channels = 8;
+    c.use_fp16 = false;
+    c
+}
+
+#[test]
+fn network_forward_and_backward_match_the_cpu_backend() {
+    let Some(gpu) = device() else { return };
+    let cfg = tiny();
+    let net = Precond::new(&cfg).unwrap();
+    let mut params = net.init_params(5);
+    let mut rng = Rng::new(6);
+    // Non-zero gains so that every branch contributes.
+    for (s, v) in net.specs.iter().zip(params.values.iter_mut()) {
+        if s.shape.is_empty() {
+            v[0] = 0.3 + rng.uniform() as f32;
+        }
+    }
+    let n = 2;
+    let x = Tensor::from_vec(&[n, 8, 8, 3], rng.normal_vec(n * 8 * 8 * 3));
+    let sigma = [0.3f32, 2.5];
+    let mut labels = Tensor::zeros(&[n, 10]);
+    labels.data[3] = 1.0;
+    labels.data[10 + 7] = 1.0;
+    let dd = rng.normal_vec(x.numel());
+    let dlogvar = rng.normal_vec(n);
+    let mode = Mode::train(1234);
+
+    // CPU reference.
+    let mut p_cpu = params.clone();
+    net.force_normalize(&mut p_cpu);
+    let out = net.forward(&p_cpu, &x, &sigma, Some(&labels), &mode, false);
+    let g_cpu = net.backward(&p_cpu, out.cache.unwrap(), &Tensor::from_vec(&x.shape, dd.clone()), &dlogvar, &mode);
+
+    // The same description on the device.
+    let mut gp = GpuParams::upload(&gpu, &params).unwrap();
+    net.force_normalize_on(&gpu, &mut gp).unwrap();
+    let p_dev = gp.download(&gpu).unwrap();
+    for ((s, a), b) in net.specs.iter().zip(&p_dev.values).zip(&p_cpu.values) {
+        assert!(rel_l2(a, b) < 1e-5, "forced weight norm of {}: {:.2e}", s.name, rel_l2(a, b));
+    }
+    let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data).unwrap());
+    let ld = Tensor::with_buf(&labels.shape, gpu.upload(&labels.data).unwrap());
+    let od = net.forward_on(&gpu, &gp, &xd, &sigma, Some(&ld), &mode, false).unwrap();
+    let d = gpu.download(&od.d.data).unwrap();
+    let e = rel_l2(&d, &out.d.data);
+    eprintln!("D: rel L2 {e:.2e}");
+    assert!(e < 1e-4, "D: rel L2 {e:.2e}");
+    // D is mostly c_skip·x: check the network's own output too.
+    let f = gpu.download(&od.f_x.data).unwrap();
+    assert!(rel_l2(&f, &out.f_x.data) < 1e-4, "F_x: rel L2 {:.2e}", rel_l2(&f, &out.f_x.data));
+    assert!(rel_l2(&od.logvar, &out.logvar) < 1e-4, "logvar {:?} vs {:?}", od.logvar, out.logvar);
+    let ddd = Tensor::with_buf(&x.shape, gpu.upload(&dd).unwrap());
+    let gd = net.backward_on(&gpu, &gp, od.cache.unwrap(), &ddd, &dlogvar, &mode).unwrap();
+    let g_dev = gd.download(&gpu).unwrap();
+    let mut worst = (0.0f64, String::new());
+    for ((s, a), b) in net.specs.iter().zip(&g_dev.values).zip(&g_cpu.values) {
+        if b.iter().all(|v| *v == 0.0) {
+            assert!(a.iter().all(|v| *v == 0.0), "{}: the CPU gradient is zero, the device's is not", s.name);
+            continue;
+        }
+        let e = rel_l2(a, b);
+        if e > worst.0 {
+            worst = (e, s.name.clone());
+        }
+        assert!(e < 1e-4, "gradient of {}: rel L2 {e:.2e}", s.name);
+    }
+    eprintln!("worst parameter gradient: {} at {:.2e}", worst.1, worst.0);
+    let trainable = net.specs.iter().zip(&g_cpu.values).filter(|(s, g)| s.kind == edm2::nn::params::ParamKind::Param && g.iter().any(|v| *v != 0.0)).count();
+    assert!(trainable + 2 >= net.specs.iter().filter(|s| s.kind == edm2::nn::params::ParamKind::Param).count(), "most parameters get a gradient");
+}
