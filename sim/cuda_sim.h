@@ -7,9 +7,10 @@
 // Execution model:
 // - Blocks run one after another (so `__shared__` as function-static storage is
 //   per block; it keeps the previous block's values — it is zeroed once).
-// - The threads of a block are OS threads, but exactly one runs at a time: a baton passes
-//   between them in a fixed schedule order (forward 0..n-1 or reverse) at every
-//   `__syncthreads`, warp collective or thread exit. That makes a run deterministic and
+// - The threads of a block are fibers (ucontext, each with its own stack) on the launching
+//   OS thread; exactly one runs at a time: a baton passes between them in a fixed schedule
+//   order (forward 0..n-1 or reverse) at every `__syncthreads`, warp collective or thread
+//   exit (a direct fiber-to-fiber switch). That makes a run deterministic and
 //   turns a missing barrier into a reproducible wrong result (a reader runs before the
 //   writer it did not wait for) under one of the two schedules; tests run both.
 // - `__syncthreads` releases when every thread of the block that has not returned is
@@ -27,10 +28,8 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <semaphore>
-#include <mutex>
-#include <thread>
 #include <vector>
+#include <ucontext.h>
 
 struct dim3 {
   unsigned x, y, z;
@@ -54,42 +53,59 @@ inline int &schedule() {
 
 enum class St { Ready, AtBlockBarrier, AtWarpBarrier, Done };
 
-struct BlockRun {
-  std::mutex m;
-  // One semaphore per thread: the baton wakes exactly the thread whose turn it is.
-  std::vector<std::unique_ptr<std::binary_semaphore>> go;
-  int n = 0;
-  int turn = -1;  // thread index allowed to run
-  std::vector<St> st;
-  std::vector<int> order;  // schedule order of thread indices
-  std::vector<int> pos;    // position of each thread in `order`
-  std::vector<float> warp_buf_f;
-  std::vector<unsigned> warp_buf_u;
-};
-
 struct Tls {
-  BlockRun *run = nullptr;
   int me = 0;
   uint3 tid{0, 0, 0}, bid{0, 0, 0};
   dim3 bdim, gdim;
 };
-inline thread_local Tls tls;
 
-// Under the lock: the next thread (in schedule order, after `from`) that may run.
+// A simulated CUDA thread: a fiber (ucontext) with its own stack on the launching OS
+// thread. Stacks are reused across launches.
+struct Fiber {
+  ucontext_t ctx;
+  Tls tls;
+};
+
+struct BlockRun {
+  int n = 0;
+  int turn = -1;  // thread index allowed to run; -1 when the block is finished
+  std::vector<St> st;
+  std::vector<int> order;  // schedule order of thread indices
+  std::vector<int> pos;    // position of each thread in `order`
+  std::vector<float> warp_buf_f;
+  ucontext_t sched;  // the launching thread's context
+  Fiber *fibers = nullptr;
+  const std::function<void()> *body = nullptr;
+};
+
+// The fiber running now (on this OS thread) and its block.
+inline thread_local Tls *cur = nullptr;
+inline thread_local BlockRun *cur_run = nullptr;
+
+inline std::vector<Fiber> &fiber_pool() {
+  static thread_local std::vector<Fiber> f;
+  return f;
+}
+inline std::vector<std::unique_ptr<char[]>> &stack_pool() {
+  static thread_local std::vector<std::unique_ptr<char[]>> s;
+  return s;
+}
+constexpr size_t kStackBytes = 256 * 1024;
+
+// The next thread (in schedule order, after `from`) that may run, or -1 when all are done.
 inline void pass_baton(BlockRun &r, int from) {
   int p = r.pos[from];
   for (int k = 1; k <= r.n; k++) {
     int t = r.order[(p + k) % r.n];
     if (r.st[t] == St::Ready) {
       r.turn = t;
-      r.go[t]->release();
       return;
     }
   }
   bool all_done = true;
   for (int t = 0; t < r.n; t++) all_done &= r.st[t] == St::Done;
   if (!all_done) {
-    std::fprintf(stderr, "cuda_sim: deadlock: no thread of block (%u,%u,%u) can run\n", tls.bid.x, tls.bid.y, tls.bid.z);
+    std::fprintf(stderr, "cuda_sim: deadlock: no thread of block (%u,%u,%u) can run\n", cur->bid.x, cur->bid.y, cur->bid.z);
     std::abort();
   }
   r.turn = -1;
@@ -103,89 +119,130 @@ inline void maybe_release(BlockRun &r, St want, int lo, int hi) {
     if (r.st[t] == want) r.st[t] = St::Ready;
 }
 
-// Gives up the lock and sleeps until the baton comes back to `me`.
-inline void wait_turn(std::unique_lock<std::mutex> &lk, BlockRun &r, int me) {
-  lk.unlock();
-  r.go[me]->acquire();
-  lk.lock();
+// Suspends the current fiber and resumes the one holding the baton (or the launcher).
+inline void switch_from(BlockRun &r, int me) {
+  if (r.turn == me) return;
+  Fiber &self = r.fibers[me];
+  if (r.turn < 0) {
+    swapcontext(&self.ctx, &r.sched);
+  } else {
+    cur = &r.fibers[r.turn].tls;
+    swapcontext(&self.ctx, &r.fibers[r.turn].ctx);
+  }
+  cur = &self.tls;  // resumed
 }
 
 inline void block_barrier() {
-  BlockRun &r = *tls.run;
-  std::unique_lock<std::mutex> lk(r.m);
-  r.st[tls.me] = St::AtBlockBarrier;
+  BlockRun &r = *cur_run;
+  int me = cur->me;
+  r.st[me] = St::AtBlockBarrier;
   maybe_release(r, St::AtBlockBarrier, 0, r.n);
-  pass_baton(r, tls.me);
-  wait_turn(lk, r, tls.me);
+  pass_baton(r, me);
+  switch_from(r, me);
 }
 
 inline void warp_barrier() {
-  BlockRun &r = *tls.run;
-  std::unique_lock<std::mutex> lk(r.m);
-  int lo = tls.me / EDM2_WARP_SIZE * EDM2_WARP_SIZE;
+  BlockRun &r = *cur_run;
+  int me = cur->me;
+  int lo = me / EDM2_WARP_SIZE * EDM2_WARP_SIZE;
   int hi = lo + EDM2_WARP_SIZE < r.n ? lo + EDM2_WARP_SIZE : r.n;
-  r.st[tls.me] = St::AtWarpBarrier;
+  r.st[me] = St::AtWarpBarrier;
   maybe_release(r, St::AtWarpBarrier, lo, hi);
-  pass_baton(r, tls.me);
-  wait_turn(lk, r, tls.me);
+  pass_baton(r, me);
+  switch_from(r, me);
 }
 
 // A warp shuffle: every live lane publishes `v`, then reads lane `src(lane)`.
 template <class F>
 inline float shfl_f(float v, F src) {
-  BlockRun &r = *tls.run;
-  int lane = tls.me % EDM2_WARP_SIZE, base = tls.me - lane;
+  BlockRun &r = *cur_run;
+  int me = cur->me;
+  int lane = me % EDM2_WARP_SIZE, base = me - lane;
   warp_barrier();  // nobody still reads the previous exchange
-  r.warp_buf_f[tls.me] = v;
+  r.warp_buf_f[me] = v;
   warp_barrier();  // every lane has written
   int s = src(lane);
   float out = (s >= 0 && s < EDM2_WARP_SIZE && base + s < r.n) ? r.warp_buf_f[base + s] : v;
   return out;
 }
 
+// Entry of every fiber: run the kernel body, leave pending barriers, pass the baton; the
+// context then ends (uc_link: the launcher) or, if the baton went to another fiber,
+// switches there.
+inline void fiber_main() {
+  BlockRun &r = *cur_run;
+  int me = cur->me;
+  (*r.body)();
+  r.st[me] = St::Done;
+  // A thread that returned leaves pending barriers: they may now be complete.
+  maybe_release(r, St::AtBlockBarrier, 0, r.n);
+  int lo = me / EDM2_WARP_SIZE * EDM2_WARP_SIZE;
+  maybe_release(r, St::AtWarpBarrier, lo, lo + EDM2_WARP_SIZE < r.n ? lo + EDM2_WARP_SIZE : r.n);
+  pass_baton(r, me);
+  if (r.turn >= 0) {
+    cur = &r.fibers[r.turn].tls;
+    setcontext(&r.fibers[r.turn].ctx);
+  }
+  // else: return to uc_link (the launcher)
+}
+
 // Runs `body` for every thread of every block of the grid.
+// GCC treats getcontext/swapcontext as returning twice and warns that locals may be
+// clobbered; here no context ever resumes the launcher twice (fresh fiber contexts are
+// always makecontext'ed, the launcher's is resumed once per block), so the warning does
+// not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wclobbered"
 inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &body) {
   const int n = int(block.x * block.y * block.z);
   if (n <= 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaErrorInvalidConfiguration;
+  std::vector<Fiber> &fibers = fiber_pool();
+  std::vector<std::unique_ptr<char[]>> &stacks = stack_pool();
+  if ((int)fibers.size() < n) fibers.resize(n);
+  while ((int)stacks.size() < n) stacks.emplace_back(new char[kStackBytes]);
+  Tls *outer = cur;
+  BlockRun *outer_run = cur_run;
+  BlockRun r;
+  r.n = n;
+  r.order.resize(n);
+  r.pos.resize(n);
+  for (int k = 0; k < n; k++) r.order[k] = schedule() ? n - 1 - k : k;
+  for (int k = 0; k < n; k++) r.pos[r.order[k]] = k;
+  r.fibers = fibers.data();
+  r.body = &body;
+  cur_run = &r;
   for (unsigned bz = 0; bz < grid.z; bz++)
     for (unsigned by = 0; by < grid.y; by++)
       for (unsigned bx = 0; bx < grid.x; bx++) {
-        BlockRun r;
-        r.n = n;
         r.st.assign(n, St::Ready);
-        r.order.resize(n);
-        r.pos.resize(n);
-        for (int k = 0; k < n; k++) r.order[k] = schedule() ? n - 1 - k : k;
-        for (int k = 0; k < n; k++) r.pos[r.order[k]] = k;
         r.warp_buf_f.assign(n, 0.0f);
-        for (int t = 0; t < n; t++) r.go.emplace_back(std::make_unique<std::binary_semaphore>(0));
-        r.turn = r.order[0];
-        r.go[r.turn]->release();
-        std::vector<std::thread> threads;
-        threads.reserve(n);
         for (int t = 0; t < n; t++) {
-          threads.emplace_back([&, t] {
-            tls.run = &r;
-            tls.me = t;
-            tls.tid = uint3{unsigned(t) % block.x, unsigned(t) / block.x % block.y, unsigned(t) / (block.x * block.y)};
-            tls.bid = uint3{bx, by, bz};
-            tls.bdim = block;
-            tls.gdim = grid;
-            r.go[t]->acquire();
-            body();
-            std::unique_lock<std::mutex> lk(r.m);
-            r.st[t] = St::Done;
-            // A thread that returned leaves pending barriers: they may now be complete.
-            maybe_release(r, St::AtBlockBarrier, 0, r.n);
-            int lo = t / EDM2_WARP_SIZE * EDM2_WARP_SIZE;
-            maybe_release(r, St::AtWarpBarrier, lo, lo + EDM2_WARP_SIZE < n ? lo + EDM2_WARP_SIZE : n);
-            pass_baton(r, t);
-          });
+          Fiber &f = fibers[t];
+          f.tls.me = t;
+          f.tls.tid = uint3{unsigned(t) % block.x, unsigned(t) / block.x % block.y, unsigned(t) / (block.x * block.y)};
+          f.tls.bid = uint3{bx, by, bz};
+          f.tls.bdim = block;
+          f.tls.gdim = grid;
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = stacks[t].get();
+          f.ctx.uc_stack.ss_size = kStackBytes;
+          f.ctx.uc_link = &r.sched;
+          makecontext(&f.ctx, fiber_main, 0);
         }
-        for (auto &th : threads) th.join();
+        r.turn = r.order[0];
+        cur = &fibers[r.turn].tls;
+        swapcontext(&r.sched, &fibers[r.turn].ctx);
+        // Back here when the last thread of the block has finished.
+        if (r.turn != -1) {
+          std::fprintf(stderr, "cuda_sim: block (%u,%u,%u) returned to the launcher unfinished\n", bx, by, bz);
+          std::abort();
+        }
       }
+  cur = outer;
+  cur_run = outer_run;
   return cudaSuccess;
 }
+#pragma GCC diagnostic pop
 
 }  // namespace edm2sim
 
@@ -196,10 +253,10 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
 #define __restrict__
 // Function-static storage: per block because blocks run one at a time.
 #define __shared__ static
-#define threadIdx (edm2sim::tls.tid)
-#define blockIdx (edm2sim::tls.bid)
-#define blockDim (edm2sim::tls.bdim)
-#define gridDim (edm2sim::tls.gdim)
+#define threadIdx (edm2sim::cur->tid)
+#define blockIdx (edm2sim::cur->bid)
+#define blockDim (edm2sim::cur->bdim)
+#define gridDim (edm2sim::cur->gdim)
 #define warpSize EDM2_WARP_SIZE
 #define __syncthreads() edm2sim::block_barrier()
 #define __syncwarp(mask) edm2sim::warp_barrier()

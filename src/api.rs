@@ -41,6 +41,18 @@ pub fn load_net(path: impl AsRef<Path>, config: Option<&NetConfig>) -> Result<Lo
 /// Eval-mode denoiser on NCHW tensors, as stored in files: `x` `[N, C, H, W]`, `sigma`
 /// `[N]`, optional `labels` `[N, label_dim]`. Returns `D` `[N, C, H, W]` and `logvar` `[N]`.
 pub fn denoise(net: &LoadedNet, x: &Tensor, sigma: &[f32], labels: Option<&Tensor>) -> Result<(Tensor, Vec<f32>)> {
+    denoise_on(net, x, sigma, labels, crate::backend::Device::Cpu)
+}
+
+/// [`denoise`] on a chosen device (`Device::Cuda` needs a build with the CUDA backend;
+/// `Auto` is treated as the CPU here — resolve it first with `backend::resolve_device`).
+pub fn denoise_on(
+    net: &LoadedNet,
+    x: &Tensor,
+    sigma: &[f32],
+    labels: Option<&Tensor>,
+    device: crate::backend::Device,
+) -> Result<(Tensor, Vec<f32>)> {
     let c = &net.net.config;
     if x.shape.len() != 4 {
         return Err(Error::Input(format!("x must be [N, C, H, W], got shape {:?}", x.shape)));
@@ -56,6 +68,25 @@ pub fn denoise(net: &LoadedNet, x: &Tensor, sigma: &[f32], labels: Option<&Tenso
     }
     let xh = x.nchw_to_nhwc();
     net.net.check_input(&xh, sigma, labels)?;
-    let out = net.net.forward(&net.params, &xh, sigma, labels, &Mode::eval(), false);
-    Ok((out.d.nhwc_to_nchw(), out.logvar))
+    let (d, logvar) = match device {
+        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+        crate::backend::Device::Cuda => {
+            use crate::backend::gpu::{Gpu, GpuParams};
+            let gpu = Gpu::open(0)?;
+            let params = GpuParams::upload(&gpu, &net.params)?;
+            let xd = Tensor::with_buf(&xh.shape, gpu.upload(&xh.data)?);
+            let ld = labels.map(|l| gpu.upload(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
+            let out = net.net.forward_on(&gpu, &params, &xd, sigma, ld.as_ref(), &Mode::eval(), false)?;
+            (Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?), out.logvar)
+        }
+        #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+        crate::backend::Device::Cuda => {
+            return Err(Error::DeviceUnavailable("this edm2 was built without the CUDA backend; use the CPU".into()))
+        }
+        crate::backend::Device::Cpu | crate::backend::Device::Auto => {
+            let out = net.net.forward(&net.params, &xh, sigma, labels, &Mode::eval(), false);
+            (out.d, out.logvar)
+        }
+    };
+    Ok((d.nhwc_to_nchw(), logvar))
 }

@@ -190,6 +190,8 @@ pub trait Backend {
 pub enum Device {
     Cpu,
     Cuda,
+    /// CUDA when this build has the CUDA backend and a GPU is present, else the CPU.
+    Auto,
 }
 
 impl std::str::FromStr for Device {
@@ -198,31 +200,68 @@ impl std::str::FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda),
-            _ => Err(format!("unknown device '{s}' (expected cpu or cuda)")),
+            "auto" => Ok(Device::Auto),
+            _ => Err(format!("unknown device '{s}' (expected cpu, cuda or auto)")),
         }
     }
 }
 
-/// Checks that `device` can run here. `cuda` needs a build with the `cuda` feature, a
-/// driver and a device; the network does not run on it yet (the CUDA issue), so even then
-/// the answer is a clear error.
-pub fn ensure_available(device: Device) -> Result<(), crate::Error> {
-    match device {
-        Device::Cpu => Ok(()),
-        #[cfg(feature = "cuda")]
+/// Resolves `device` for a command (`command` names it in messages; `runs_on_cuda`:
+/// whether it runs on the CUDA backend yet) and says on stderr which device was chosen.
+/// `cuda` without a usable GPU (or in a build without the backend) is an error naming
+/// the reason; `auto` falls back to the CPU. With the `cuda-sim` feature, `cuda` is the
+/// simulated device (for tests; `auto` never picks it).
+pub fn resolve_device(device: Device, command: &str, runs_on_cuda: bool) -> Result<Device, crate::Error> {
+    let chosen = match device {
+        Device::Cpu => Device::Cpu,
         Device::Cuda => {
-            let gpu = gpu::Gpu::open(0)?;
-            Err(crate::Error::DeviceUnavailable(format!(
-                "found {}, but the network does not run on the CUDA backend yet (its kernels are \
-                 being written and tested kernel by kernel); use --device cpu",
-                gpu.name()
-            )))
+            cuda_available(command, runs_on_cuda)?;
+            Device::Cuda
         }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda => Err(crate::Error::DeviceUnavailable(
-            "this edm2 was built without the CUDA backend (cargo build --release --features cuda); \
-             use --device cpu"
-                .into(),
-        )),
+        Device::Auto => {
+            if cfg!(feature = "cuda") && runs_on_cuda && cuda_available(command, runs_on_cuda).is_ok() {
+                Device::Cuda
+            } else {
+                Device::Cpu
+            }
+        }
+    };
+    if device != Device::Cpu {
+        eprintln!("device: {}", describe(chosen));
     }
+    Ok(chosen)
+}
+
+fn describe(d: Device) -> String {
+    match d {
+        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+        Device::Cuda => match gpu::Gpu::open(0) {
+            Ok(g) => format!("cuda ({})", g.name()),
+            Err(_) => "cuda".into(),
+        },
+        _ => format!("cpu ({} threads)", rayon::current_num_threads()),
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn cuda_available(command: &str, runs_on_cuda: bool) -> Result<(), crate::Error> {
+    let gpu = gpu::Gpu::open(0)?;
+    if runs_on_cuda {
+        Ok(())
+    } else {
+        Err(crate::Error::DeviceUnavailable(format!(
+            "found {}, but `{command}` does not run on the CUDA backend yet (denoise and bench do); \
+             use --device cpu",
+            gpu.name()
+        )))
+    }
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+fn cuda_available(_command: &str, _runs_on_cuda: bool) -> Result<(), crate::Error> {
+    Err(crate::Error::DeviceUnavailable(
+        "this edm2 was built without the CUDA backend (cargo build --release --features cuda); \
+         use --device cpu"
+            .into(),
+    ))
 }

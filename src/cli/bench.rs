@@ -1,7 +1,7 @@
 //! `edm2 bench`: median training-step and forward times on random data.
 
 use anyhow::Result;
-use edm2::backend::{ensure_available, Device};
+use edm2::backend::{resolve_device, Device};
 use edm2::{Mode, NetConfig, Precond, Tensor};
 use std::time::Instant;
 
@@ -19,7 +19,8 @@ pub struct Args {
     /// Print a JSON summary as the last line of stdout.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
+    #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Also time one full sampling run (32 Heun steps = 63 evaluations) at this batch.
     #[arg(long)]
@@ -40,7 +41,10 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    ensure_available(a.device)?;
+    let device = resolve_device(a.device, "bench", true)?;
+    if device == Device::Cuda {
+        return bench_cuda(&a);
+    }
     anyhow::ensure!(a.batch > 0 && a.iters > 0, "--batch and --iters must be positive");
     let cfg = NetConfig::resolve(&a.config)?;
     let net = Precond::new(&cfg)?;
@@ -167,4 +171,128 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `bench --device cuda`: the same training step and forward on the CUDA backend (the
+/// loss and its gradient are computed on the host for now: a download of D and an upload
+/// of dD per step, included in the time).
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn bench_cuda(a: &Args) -> Result<()> {
+    use edm2::backend::gpu::{kernels, Gpu, GpuParams};
+    anyhow::ensure!(a.batch > 0 && a.iters > 0, "--batch and --iters must be positive");
+    anyhow::ensure!(!a.sampling, "--sampling does not run on the CUDA backend yet; use --device cpu");
+    let gpu = Gpu::open(0)?;
+    let cfg = NetConfig::resolve(&a.config)?;
+    let net = Precond::new(&cfg)?;
+    let mut params = net.init_params(0);
+    for (s, v) in net.specs.iter().zip(params.values.iter_mut()) {
+        if s.shape.is_empty() {
+            v[0] = 0.5;
+        }
+    }
+    let (n, r, c) = (a.batch, cfg.img_resolution, cfg.img_channels);
+    let mut rng = edm2::rng::Rng::new(1);
+    let images = Tensor::from_vec(&[n, r, r, c], rng.normal_vec(n * r * r * c));
+    let labels = (cfg.label_dim > 0).then(|| {
+        let mut l = Tensor::zeros(&[n, cfg.label_dim]);
+        for b in 0..n {
+            l.data[b * cfg.label_dim + b % cfg.label_dim] = 1.0;
+        }
+        l
+    });
+    let sigma: Vec<f32> = (0..n).map(|_| ((rng.normal() * 1.2 - 0.4).exp()) as f32).collect();
+    let mut noisy = images.clone();
+    let per = r * r * c;
+    for b in 0..n {
+        for i in 0..per {
+            noisy.data[b * per + i] += sigma[b] * rng.normal() as f32;
+        }
+    }
+    let mut gp = GpuParams::upload(&gpu, &params)?;
+    let xd = Tensor::with_buf(&noisy.shape, gpu.upload(&noisy.data)?);
+    let ld = labels.as_ref().map(|l| gpu.upload(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
+    let mut moments = gp
+        .values
+        .iter()
+        .map(|v| Ok((gpu.alloc_zeros::<f32>(v.len())?, gpu.alloc_zeros::<f32>(v.len())?)))
+        .collect::<edm2::error::Result<Vec<_>>>()?;
+    let mut step = 0u64;
+    let mut train_step = |gp: &mut GpuParams| -> Result<f32> {
+        net.force_normalize_on(&gpu, gp)?;
+        let mode = Mode::train(7);
+        let out = net.forward_on(&gpu, gp, &xd, &sigma, ld.as_ref(), &mode, false)?;
+        let d = Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?);
+        let loss = edm2::train::loss::edm2_loss(&d, &out.logvar, &images, &sigma, cfg.sigma_data);
+        let dd = Tensor::with_buf(&loss.dd.shape, gpu.upload(&loss.dd.data)?);
+        let g = net.backward_on(&gpu, gp, out.cache.expect("a training forward records"), &dd, &loss.dlogvar, &mode)?;
+        step += 1;
+        for (i, s) in net.specs.iter().enumerate() {
+            if s.kind != edm2::nn::params::ParamKind::Param {
+                continue;
+            }
+            let (m, v) = &mut moments[i];
+            match (gp.scalars[i], g.scalars[i]) {
+                // Scalars: the host copy is authoritative; one-element Adam on the host.
+                (Some(_), Some(_)) => {}
+                _ => {
+                    kernels::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-4, 0.9, 0.99, 1e-8, step)?;
+                }
+            }
+        }
+        gpu.synchronize()?;
+        Ok(loss.total as f32)
+    };
+    eprintln!("bench {} batch {n} on {}", a.config, gpu.name());
+    let mut train_ms = Vec::new();
+    for i in 0..=a.iters {
+        if a.only == "forward" {
+            break;
+        }
+        let t = Instant::now();
+        let l = train_step(&mut gp)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        eprintln!("  train step {i}: {ms:.1} ms (loss {l:.4}){}", if i == 0 { " [warm-up]" } else { "" });
+        if i > 0 {
+            train_ms.push(ms);
+        }
+    }
+    let mut fwd_ms = Vec::new();
+    for i in 0..=a.iters {
+        if a.only == "train" {
+            break;
+        }
+        let t = Instant::now();
+        let out = net.forward_on(&gpu, &gp, &xd, &sigma, ld.as_ref(), &Mode::eval(), false)?;
+        gpu.synchronize()?;
+        std::hint::black_box(&out.d);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        eprintln!("  forward {i}: {ms:.1} ms{}", if i == 0 { " [warm-up]" } else { "" });
+        if i > 0 {
+            fwd_ms.push(ms);
+        }
+    }
+    let ips = |ms: f64| n as f64 / (ms / 1e3);
+    let macs = net.macs_per_image() as f64;
+    if !train_ms.is_empty() {
+        let t = median(&mut train_ms);
+        println!("train step: median {t:.1} ms = {:.2} img/s, {:.1} GFLOP/s", ips(t), 6.0 * macs * ips(t) / 1e9);
+    }
+    if !fwd_ms.is_empty() {
+        let f = median(&mut fwd_ms);
+        println!("forward:    median {f:.1} ms = {:.2} img/s, {:.1} GFLOP/s", ips(f), 2.0 * macs * ips(f) / 1e9);
+    }
+    if a.json {
+        let (t, f) = ((!train_ms.is_empty()).then(|| median(&mut train_ms)), (!fwd_ms.is_empty()).then(|| median(&mut fwd_ms)));
+        println!(
+            "{}",
+            serde_json::json!({"device": gpu.name(), "train_step_ms": t, "forward_ms": f,
+                "images_per_s_train": t.map(ips), "images_per_s_forward": f.map(ips)})
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+fn bench_cuda(_a: &Args) -> Result<()> {
+    unreachable!("resolve_device never picks cuda without the CUDA backend")
 }

@@ -1,7 +1,7 @@
 //! `edm2 denoise`: eval-mode D(x; sigma) on a batch from a safetensors file.
 
 use anyhow::{Context, Result};
-use edm2::backend::{ensure_available, Device};
+use edm2::backend::{resolve_device, Device};
 use edm2::io::safetensors::{self, Dtype};
 use edm2::{NetConfig, Tensor};
 use std::collections::BTreeMap;
@@ -20,13 +20,13 @@ pub struct Args {
     /// Output file: `D` [N,C,H,W] and `logvar` [N].
     #[arg(long)]
     pub output: String,
-    /// cpu or cuda.
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
+    #[arg(long, default_value = "auto")]
     pub device: Device,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    ensure_available(a.device)?;
+    let device = resolve_device(a.device, "denoise", true)?;
     let cfg = a.config.as_deref().map(NetConfig::resolve).transpose()?;
     let net = edm2::load_net(&a.net, cfg.as_ref())?;
     let inp = safetensors::read(&a.input)?;
@@ -37,7 +37,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let x = Tensor::from_vec(&xt.shape, xt.data.clone());
     let labels = inp.get("class_labels").map(|t| Tensor::from_vec(&t.shape, t.data.clone()));
-    let (d, logvar) = edm2::denoise(&net, &x, &st.data, labels.as_ref()).with_context(|| format!("denoising {}", a.input))?;
+    let (d, logvar) = edm2::api::denoise_on(&net, &x, &st.data, labels.as_ref(), device).with_context(|| format!("denoising {}", a.input))?;
     let n = logvar.len();
     let meta = BTreeMap::from([("edm2.format".to_string(), "denoise-output".to_string())]);
     safetensors::write(

@@ -8,7 +8,7 @@
 //! churned step of image `seed` comes from `Rng::new(seed ^ ((k + 1) << 32))`.
 
 use anyhow::{bail, Context, Result};
-use edm2::backend::{ensure_available, Device};
+use edm2::backend::{resolve_device, Device};
 use edm2::io::image::{grid, to_pixels, write_png};
 use edm2::io::safetensors::{self, Dtype};
 use edm2::rng::Rng;
@@ -70,7 +70,8 @@ pub struct Args {
     pub s_max: f64,
     #[arg(long = "S_noise", default_value_t = 1.0)]
     pub s_noise: f64,
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
+    #[arg(long, default_value = "auto")]
     pub device: Device,
 }
 
@@ -101,7 +102,7 @@ fn image_path(outdir: &Path, name: u64, subdirs: bool, ext: &str) -> PathBuf {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    ensure_available(a.device)?;
+    resolve_device(a.device, "generate", false)?;
     if a.guidance != 1.0 && a.gnet.is_none() {
         bail!("--guidance {} needs a guiding network (--gnet); guidance 1 means no guidance", a.guidance);
     }

@@ -2,7 +2,7 @@
 //! (`train_edm2.py`), resumable run directories and the built-in Fashion-MNIST data.
 
 use anyhow::{bail, Context, Result};
-use edm2::backend::{ensure_available, Device};
+use edm2::backend::{resolve_device, Device};
 use edm2::config::{preset, preset_names, NetConfig, TrainPreset};
 use edm2::data::{DataOptions, Dataset};
 use edm2::train::ema::EmaOptions;
@@ -132,7 +132,8 @@ pub struct Args {
     /// Accepted for official command lines (cuDNN benchmarking); no effect here.
     #[arg(long, value_name = "BOOL", value_parser = parse_bool, hide = true)]
     pub bench: Option<bool>,
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
+    #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Print the training options and the run directory, and exit.
     #[arg(short = 'n', long = "dry-run")]
@@ -375,7 +376,7 @@ fn newest_snapshot(dir: &std::path::Path) -> Option<PathBuf> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    ensure_available(a.device)?;
+    resolve_device(a.device, "train", false)?;
     let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size })?;
     let (opts, run_name) = build_options(&a, &ds)?;
     let run_dir = a.outdir.clone().unwrap_or_else(|| PathBuf::from("training-runs").join(run_name));
