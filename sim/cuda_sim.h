@@ -5,7 +5,7 @@
 // force-included instead of nvcc's device compilation (build.rs, feature `cuda-sim`).
 //
 // Execution model:
-// - Blocks run one after another (so `__shared__` as function-static storage is
+// - Blocks run one after another (so `__shared__` as function-static, thread-local storage is
 //   per block; it keeps the previous block's values — it is zeroed once).
 // - The threads of a block are fibers (ucontext, each with its own stack) on the launching
 //   OS thread; exactly one runs at a time: a baton passes between them in a fixed schedule
@@ -46,8 +46,9 @@ static const cudaError_t cudaErrorInvalidConfiguration = 9;
 namespace edm2sim {
 
 // Schedule order of the threads of a block: 0 = forward, 1 = reverse.
+// Per launching OS thread.
 inline int &schedule() {
-  static int s = 0;
+  static thread_local int s = 0;
   return s;
 }
 
@@ -251,8 +252,10 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
 #define __host__
 #define __forceinline__ inline
 #define __restrict__
-// Function-static storage: per block because blocks run one at a time.
-#define __shared__ static
+// Function-static, thread-local storage: per block because a launching thread runs its
+// blocks one at a time, and separate for launches from different OS threads (parallel
+// tests each have their own simulated device).
+#define __shared__ static thread_local
 #define threadIdx (edm2sim::cur->tid)
 #define blockIdx (edm2sim::cur->bid)
 #define blockDim (edm2sim::cur->bdim)

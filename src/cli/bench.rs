@@ -224,21 +224,18 @@ fn bench_cuda(a: &Args) -> Result<()> {
         let d = Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?);
         let loss = edm2::train::loss::edm2_loss(&d, &out.logvar, &images, &sigma, cfg.sigma_data);
         let dd = Tensor::with_buf(&loss.dd.shape, gpu.upload(&loss.dd.data)?);
-        let g = net.backward_on(&gpu, gp, out.cache.expect("a training forward records"), &dd, &loss.dlogvar, &mode)?;
+        let mut g = net.backward_on(&gpu, gp, out.cache.expect("a training forward records"), &dd, &loss.dlogvar, &mode)?;
         step += 1;
+        // Adam on the device for every parameter, the gains included.
+        g.scalars_to_device(&gpu)?;
+        gp.scalars_to_device(&gpu)?;
         for (i, s) in net.specs.iter().enumerate() {
-            if s.kind != edm2::nn::params::ParamKind::Param {
-                continue;
-            }
-            let (m, v) = &mut moments[i];
-            match (gp.scalars[i], g.scalars[i]) {
-                // Scalars: the host copy is authoritative; one-element Adam on the host.
-                (Some(_), Some(_)) => {}
-                _ => {
-                    kernels::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-4, 0.9, 0.99, 1e-8, step)?;
-                }
+            if s.kind == edm2::nn::params::ParamKind::Param {
+                let (m, v) = &mut moments[i];
+                kernels::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-4, 0.9, 0.99, 1e-8, step)?;
             }
         }
+        gp.scalars_from_device(&gpu)?;
         gpu.synchronize()?;
         Ok(loss.total as f32)
     };

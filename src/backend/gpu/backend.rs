@@ -24,6 +24,27 @@ impl GpuParams {
         Ok(GpuParams { values, scalars })
     }
 
+    /// Writes the host copies of the scalars into their device buffers (before a device
+    /// op that reads all values, e.g. the optimizer).
+    pub fn scalars_to_device(&mut self, gpu: &Gpu) -> Result<()> {
+        for (v, s) in self.values.iter_mut().zip(&self.scalars) {
+            if let Some(s) = s {
+                gpu.write(&[*s], v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the scalars back from their device buffers (after such an op).
+    pub fn scalars_from_device(&mut self, gpu: &Gpu) -> Result<()> {
+        for (v, s) in self.values.iter().zip(self.scalars.iter_mut()) {
+            if let Some(s) = s {
+                *s = gpu.download(v)?[0];
+            }
+        }
+        Ok(())
+    }
+
     pub fn download(&self, gpu: &Gpu) -> Result<Params> {
         let mut values = self.values.iter().map(|v| gpu.download(v)).collect::<Result<Vec<_>>>()?;
         for (v, s) in values.iter_mut().zip(&self.scalars) {
