@@ -51,3 +51,12 @@ __device__ __forceinline__ float edm2_block_sum(float v, float *red) {
 
 // The denominator of `normalize` (DESIGN.md §1): eps + ||x|| / sqrt(k), from Σx².
 __device__ __forceinline__ float edm2_norm_denom(float ss, int k) { return EDM2_NORM_EPS + sqrtf(ss) * sqrtf(1.0f / (float)k); }
+
+// x rounded to the nearest bfloat16 (ties to even), returned as a float: the value a bf16
+// tensor would store. NaN and infinities pass through.
+__device__ __forceinline__ float edm2_round_bf16(float x) {
+  unsigned u = __float_as_uint(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) return x;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __uint_as_float(u & 0xffff0000u);
+}

@@ -12,7 +12,11 @@
 //                 atomics: deterministic)                                     overwrites dW
 // off(tap) = (tap/3 − 1, tap%3 − 1) rows/columns for 3x3, (0, 0) for 1x1.
 // Kernel: one 16x16-thread block per 16x16 output tile; A and B tiles of 16 along K are
-// gathered into shared memory, fp32 multiply-accumulate. First version — correct, simple,
+// gathered into shared memory, fp32 multiply-accumulate.
+// Precision (`bf16` argument): 0 = all fp32; 1 = bf16 operands with fp32 accumulation, as
+// tensor cores compute: A and B are rounded to bf16 on load, and the forward and data
+// gradient outputs (activations) are rounded to bf16 on store — numerically what bf16
+// activation storage gives; the weight gradient stays fp32 (fp32 master weights). First version — correct, simple,
 // deterministic; the tensor-core kernels of the next issue replace it. Checked against
 // the CPU backend in the simulation harness (tests/gpu_kernels.rs).
 #include "common.cuh"
@@ -64,7 +68,7 @@ __device__ __forceinline__ float conv_b(int mode, const ConvShape &s, const floa
 }
 
 __global__ void conv_gemm_kernel(int mode, ConvShape s, const float *act, const float *grad, const float *wt, float *out, long long M,
-                                 long long N, long long K) {
+                                 long long N, long long K, int bf16) {
   __shared__ float as[TILE][TILE];
   __shared__ float bs[TILE][TILE];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -72,16 +76,19 @@ __global__ void conv_gemm_kernel(int mode, ConvShape s, const float *act, const 
   float acc = 0.0f;
   for (long long k0 = 0; k0 < K; k0 += TILE) {
     // as[ty][tx] = A(m, k0 + tx); bs[ty][tx] = B(k0 + ty, n); zero outside the matrices.
-    as[ty][tx] = (m < M && k0 + tx < K) ? conv_a(mode, s, act, grad, m, k0 + tx) : 0.0f;
-    bs[ty][tx] = (n < N && k0 + ty < K) ? conv_b(mode, s, act, wt, k0 + ty, n) : 0.0f;
+    float a = (m < M && k0 + tx < K) ? conv_a(mode, s, act, grad, m, k0 + tx) : 0.0f;
+    float b = (n < N && k0 + ty < K) ? conv_b(mode, s, act, wt, k0 + ty, n) : 0.0f;
+    as[ty][tx] = bf16 ? edm2_round_bf16(a) : a;
+    bs[ty][tx] = bf16 ? edm2_round_bf16(b) : b;
     __syncthreads();
     for (int kk = 0; kk < TILE; kk++) acc += as[ty][kk] * bs[kk][tx];
     __syncthreads();
   }
-  if (m < M && n < N) out[m * N + n] = acc;
+  if (m < M && n < N) out[m * N + n] = (bf16 && mode != CONV_DW) ? edm2_round_bf16(acc) : acc;
 }
 
-static int conv_launch(int mode, ConvShape s, const float *act, const float *grad, const float *wt, float *out, cudaStream_t stream) {
+static int conv_launch(int mode, ConvShape s, const float *act, const float *grad, const float *wt, float *out, int bf16,
+                       cudaStream_t stream) {
   long long pixels = (long long)s.n * s.h * s.w;
   long long M, N, K;
   if (mode == CONV_FWD) {
@@ -95,26 +102,26 @@ static int conv_launch(int mode, ConvShape s, const float *act, const float *gra
   if ((N + TILE - 1) / TILE > 0x7fffffffLL || (M + TILE - 1) / TILE > 65535) return 9;  // cudaErrorInvalidConfiguration
   dim3 grid((unsigned)((N + TILE - 1) / TILE), (unsigned)((M + TILE - 1) / TILE));
   dim3 block(TILE, TILE);
-  EDM2_LAUNCH(conv_gemm_kernel, grid, block, 0, stream, mode, s, act, grad, wt, out, M, N, K);
+  EDM2_LAUNCH(conv_gemm_kernel, grid, block, 0, stream, mode, s, act, grad, wt, out, M, N, K, bf16);
   return (int)cudaGetLastError();
 }
 
 static int conv_taps(int k) { return k == 3 ? 9 : 1; }
 
 extern "C" int edm2_conv_forward_f32(const float *x, const float *w, float *y, int n, int h, int wd, int cin, int cout, int k,
-                                     cudaStream_t stream) {
+                                     int bf16, cudaStream_t stream) {
   ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
-  return conv_launch(CONV_FWD, s, x, nullptr, w, y, stream);
+  return conv_launch(CONV_FWD, s, x, nullptr, w, y, bf16, stream);
 }
 
 extern "C" int edm2_conv_backward_data_f32(const float *dy, const float *w, float *dx, int n, int h, int wd, int cin, int cout, int k,
-                                           cudaStream_t stream) {
+                                           int bf16, cudaStream_t stream) {
   ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
-  return conv_launch(CONV_DX, s, nullptr, dy, w, dx, stream);
+  return conv_launch(CONV_DX, s, nullptr, dy, w, dx, bf16, stream);
 }
 
 extern "C" int edm2_conv_backward_weight_f32(const float *x, const float *dy, float *dw, int n, int h, int wd, int cin, int cout, int k,
-                                             cudaStream_t stream) {
+                                             int bf16, cudaStream_t stream) {
   ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
-  return conv_launch(CONV_DW, s, x, dy, nullptr, dw, stream);
+  return conv_launch(CONV_DW, s, x, dy, nullptr, dw, bf16, stream);
 }

@@ -51,11 +51,12 @@ int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, const
                                        int in_ch, int taps, float gain, cudaStream_t stream);
 
 /* conv.cu: NHWC activations, OHWI effective weight, k = 3 (3x3 'same'), 1 (1x1) or 0 (linear,
- * h = w = 1). All overwrite their output. */
-int edm2_conv_forward_f32(const float *x, const float *w, float *y, int n, int h, int wd, int cin, int cout, int k, cudaStream_t stream);
-int edm2_conv_backward_data_f32(const float *dy, const float *w, float *dx, int n, int h, int wd, int cin, int cout, int k,
+ * h = w = 1). All overwrite their output. bf16 = 1: bf16 operands, fp32 accumulation (see the file). */
+int edm2_conv_forward_f32(const float *x, const float *w, float *y, int n, int h, int wd, int cin, int cout, int k, int bf16,
+                          cudaStream_t stream);
+int edm2_conv_backward_data_f32(const float *dy, const float *w, float *dx, int n, int h, int wd, int cin, int cout, int k, int bf16,
                                 cudaStream_t stream);
-int edm2_conv_backward_weight_f32(const float *x, const float *dy, float *dw, int n, int h, int wd, int cin, int cout, int k,
+int edm2_conv_backward_weight_f32(const float *x, const float *dy, float *dw, int n, int h, int wd, int cin, int cout, int k, int bf16,
                                   cudaStream_t stream);
 
 /* attention.cu: qkv [N, P, 3C] → y [N, P, C]; workspace qn/kn/vn [N, heads, P, C/heads],

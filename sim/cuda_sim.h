@@ -273,6 +273,16 @@ inline float __shfl_sync(unsigned, float v, int src) {
   return edm2sim::shfl_f(v, [src](int) { return src; });
 }
 inline float __expf(float x) { return std::exp(x); }
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
 using std::isfinite;
 // Atomics: only one simulated thread runs at a time, so a plain read-modify-write is atomic.
 inline unsigned atomicAdd(unsigned *a, unsigned v) {

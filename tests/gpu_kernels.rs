@@ -273,6 +273,39 @@ fn conv_kernels_match_the_cpu_backend() {
         }
     });
     assert!(sched_runs >= 1);
+    // bf16 mode: bf16 operands, fp32 accumulation, bf16 activations out (1e-2 relative).
+    {
+        use edm2::backend::gpu::Precision;
+        let (s, o) = (Nhwc { n: 2, h: 5, w: 7, c: 20 }, 36usize);
+        let geom = ConvGeom { out_ch: o, in_ch: s.c, k: 3 };
+        let w = random(geom.numel(), 310);
+        let x = random(s.numel(), 311);
+        let dy = random(s.pixels() * o, 312);
+        let cpu = conv::effective_weight(&w, o, s.c, 3, 1.0);
+        let mut y_cpu = vec![0.0; s.pixels() * o];
+        conv::conv_forward(&cpu, &x, s.n, s.h, s.w, &mut y_cpu);
+        let (mut dx_cpu, mut de_cpu) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+        conv::conv_backward(&cpu, &x, s.n, s.h, s.w, &dy, Some(&mut dx_cpu), &mut de_cpu);
+        let eff = k::effective_weight(&gpu, &up(&gpu, &w), geom, 1.0).unwrap();
+        gpu.set_precision(Precision::Bf16);
+        let (xb, dyb) = (up(&gpu, &x), up(&gpu, &dy));
+        let mut y = gpu.alloc(y_cpu.len()).unwrap();
+        k::conv_forward(&gpu, &eff, &xb, s, &mut y).unwrap();
+        let mut dx = gpu.alloc(x.len()).unwrap();
+        k::conv_backward_data(&gpu, &eff, &dyb, s, &mut dx).unwrap();
+        let mut de = gpu.alloc(w.len()).unwrap();
+        k::conv_backward_weight(&gpu, geom, &xb, s, &dyb, &mut de).unwrap();
+        gpu.set_precision(Precision::Fp32);
+        let (y, dx, de) = (down(&gpu, &y), down(&gpu, &dx), down(&gpu, &de));
+        for (what, got, want) in [("forward", &y, &y_cpu), ("data grad", &dx, &dx_cpu), ("weight grad", &de, &de_cpu)] {
+            let e = rel_l2(got, want);
+            // Rounded operands: visibly not fp32, within the bf16 bound.
+            assert!(e < 1e-2 && e > 1e-5, "bf16 conv {what}: rel L2 {e:.2e}");
+        }
+        // Activations are stored as bf16 values (the low 16 bits are zero).
+        assert!(y.iter().chain(&dx).all(|v| v.to_bits() & 0xFFFF == 0), "bf16 outputs are bf16 values");
+        assert!(de.iter().any(|v| v.to_bits() & 0xFFFF != 0), "the weight gradient stays fp32");
+    }
     // Shapes that do not fit are errors, not crashes.
     let geom = ConvGeom { out_ch: 4, in_ch: 3, k: 3 };
     let eff = k::effective_weight(&gpu, &up(&gpu, &random(geom.numel(), 1)), geom, 1.0).unwrap();

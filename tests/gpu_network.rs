@@ -83,6 +83,64 @@ fn denoise_on_the_device_matches_the_cpu() {
     assert!(rel_l2(&lv_dev, &lv_cpu) < 1e-5);
 }
 
+#[test]
+fn network_in_bf16_mode_stays_within_the_bf16_bounds() {
+    use edm2::backend::gpu::Precision;
+    let Some(gpu) = device() else { return };
+    gpu.set_precision(Precision::Bf16);
+    let (d_err, g_err, worst) = network_errors(&gpu);
+    eprintln!("bf16: D {d_err:.2e}, all gradients {g_err:.2e}, worst parameter {} {:.2e}", worst.1, worst.0);
+    assert!(d_err < 2e-2 && d_err > 1e-6, "bf16 D: rel L2 {d_err:.2e}");
+    assert!(g_err < 5e-2, "bf16 gradients: rel L2 {g_err:.2e}");
+}
+
+/// Relative L2 errors of (D, all gradients concatenated, the worst parameter) on the
+/// device against the CPU backend, for the tiny network's training step.
+fn network_errors(gpu: &Gpu) -> (f64, f64, (f64, String)) {
+    let mut cfg = tiny();
+    // No clipping: a value within bf16 rounding of the limit would switch its gradient
+    // off on one backend only (a discontinuity, not an arithmetic error).
+    cfg.clip_act = None;
+    let net = Precond::new(&cfg).unwrap();
+    let mut params = net.init_params(5);
+    let mut rng = Rng::new(6);
+    for (s, v) in net.specs.iter().zip(params.values.iter_mut()) {
+        if s.shape.is_empty() {
+            v[0] = 0.3 + rng.uniform() as f32;
+        }
+    }
+    let n = 2;
+    let x = Tensor::from_vec(&[n, 8, 8, 3], rng.normal_vec(n * 8 * 8 * 3));
+    let sigma = [0.3f32, 2.5];
+    let dd = rng.normal_vec(x.numel());
+    let dlogvar = rng.normal_vec(n);
+    let mode = Mode::train(1234);
+    let mut p_cpu = params.clone();
+    net.force_normalize(&mut p_cpu);
+    let out = net.forward(&p_cpu, &x, &sigma, None, &mode, false);
+    let g_cpu = net.backward(&p_cpu, out.cache.unwrap(), &Tensor::from_vec(&x.shape, dd.clone()), &dlogvar, &mode);
+    let mut gp = GpuParams::upload(gpu, &params).unwrap();
+    net.force_normalize_on(gpu, &mut gp).unwrap();
+    let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data).unwrap());
+    let od = net.forward_on(gpu, &gp, &xd, &sigma, None, &mode, false).unwrap();
+    let d_err = rel_l2(&gpu.download(&od.d.data).unwrap(), &out.d.data);
+    let ddd = Tensor::with_buf(&x.shape, gpu.upload(&dd).unwrap());
+    let g_dev = net.backward_on(gpu, &gp, od.cache.unwrap(), &ddd, &dlogvar, &mode).unwrap().download(gpu).unwrap();
+    let mut worst = (0.0, String::new());
+    for ((s, a), b) in net.specs.iter().zip(&g_dev.values).zip(&g_cpu.values) {
+        if b.iter().any(|v| *v != 0.0) && rel_l2(a, b) > worst.0 {
+            worst = (rel_l2(a, b), s.name.clone());
+        }
+    }
+    let g_err = rel_l2(&g_dev.values.concat(), &g_cpu.values.concat());
+    if std::env::var_os("EDM2_DEBUG_ERRORS").is_some() {
+        for ((s, a), b) in net.specs.iter().zip(&g_dev.values).zip(&g_cpu.values) {
+            eprintln!("{:50} {:.2e}  norm {:.3e}", s.name, rel_l2(a, b), common::rms(b) * (b.len() as f64).sqrt());
+        }
+    }
+    (d_err, g_err, worst)
+}
+
 /// One forced-WN + training forward + backward on the device, checked against the CPU;
 /// returns everything the device computed (D, logvar, gradients) for comparisons.
 fn network_on_device(gpu: &Gpu) -> Vec<Vec<f32>> {

@@ -418,7 +418,7 @@ pub fn conv_forward(gpu: &Gpu, eff: &GpuEffWeight, x: &GpuBuf<f32>, s: Nhwc, y: 
     expect_len(k, "y", y, s.pixels() * eff.geom.out_ch)?;
     let (i, o) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?);
     let st = gpu.stream()?;
-    check(k, unsafe { ffi::edm2_conv_forward_f32(x.ptr(gpu), eff.w.ptr(gpu), y.ptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, st) })
+    check(k, unsafe { ffi::edm2_conv_forward_f32(x.ptr(gpu), eff.w.ptr(gpu), y.ptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, gpu.bf16() as i32, st) })
 }
 
 /// Data gradient: `dx` (like `x`, shape `s`) from `dy`.
@@ -430,7 +430,7 @@ pub fn conv_backward_data(gpu: &Gpu, eff: &GpuEffWeight, dy: &GpuBuf<f32>, s: Nh
     let (i, o) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?);
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_conv_backward_data_f32(dy.ptr(gpu), eff.w.ptr(gpu), dx.ptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, st)
+        ffi::edm2_conv_backward_data_f32(dy.ptr(gpu), eff.w.ptr(gpu), dx.ptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, gpu.bf16() as i32, st)
     })
 }
 
@@ -444,7 +444,7 @@ pub fn conv_backward_weight(gpu: &Gpu, geom: ConvGeom, x: &GpuBuf<f32>, s: Nhwc,
     let (i, o) = (int(k, geom.in_ch)?, int(k, geom.out_ch)?);
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_conv_backward_weight_f32(x.ptr(gpu), dy.ptr(gpu), d_eff.ptr_mut(gpu), n, h, w, i, o, geom.k as i32, st)
+        ffi::edm2_conv_backward_weight_f32(x.ptr(gpu), dy.ptr(gpu), d_eff.ptr_mut(gpu), n, h, w, i, o, geom.k as i32, gpu.bf16() as i32, st)
     })
 }
 

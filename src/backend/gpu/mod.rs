@@ -61,11 +61,24 @@ pub(crate) fn check(kernel: &str, rc: i32) -> Result<()> {
     }
 }
 
+/// Arithmetic of the matrix products (convolutions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Everything fp32: the mode for exact comparison with the CPU backend.
+    #[default]
+    Fp32,
+    /// bf16 operands with fp32 accumulation (tensor-core arithmetic); conv outputs are
+    /// rounded to bf16 as bf16 activation storage would; fp32 master weights, weight
+    /// gradients and optimizer state.
+    Bf16,
+}
+
 /// A device and its compute stream.
 pub struct Gpu {
     #[cfg(feature = "cuda")]
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
     name: String,
+    precision: std::cell::Cell<Precision>,
 }
 
 /// A typed buffer in device memory (host memory on the simulated device).
@@ -113,7 +126,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}"));
         let stream = ctx.new_stream().map_err(|e| driver_err("creating a stream", e))?;
-        Ok(Gpu { stream, name })
+        Ok(Gpu { stream, name, precision: Default::default() })
     }
 
     /// The stream our launchers enqueue on; binds the context to the calling thread.
@@ -180,7 +193,7 @@ impl<T: DeviceScalar> GpuBuf<T> {
 impl Gpu {
     /// The simulated device (always available).
     pub fn open(_ordinal: usize) -> Result<Gpu> {
-        Ok(Gpu { name: "simulated CUDA device (sim/cuda_sim.h on the CPU)".into() })
+        Ok(Gpu { name: "simulated CUDA device (sim/cuda_sim.h on the CPU)".into(), precision: Default::default() })
     }
 
     pub(crate) fn stream(&self) -> Result<ffi::cudaStream_t> {
@@ -233,6 +246,19 @@ impl Gpu {
     /// What the device is, for messages ("NVIDIA H100 80GB HBM3", or the simulated device).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision.get()
+    }
+
+    /// Sets the arithmetic of the kernels launched from now on.
+    pub fn set_precision(&self, p: Precision) {
+        self.precision.set(p)
+    }
+
+    pub(crate) fn bf16(&self) -> bool {
+        self.precision.get() == Precision::Bf16
     }
 }
 
