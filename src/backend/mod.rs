@@ -82,6 +82,10 @@ pub trait Backend {
     fn upload(&self, host: &[f32]) -> crate::error::Result<Self::Buf>;
     fn download(&self, b: &Self::Buf) -> crate::error::Result<Vec<f32>>;
     fn copy(&self, b: &Self::Buf) -> crate::error::Result<Self::Buf>;
+    /// Waits until all queued work is done (timing; a no-op on synchronous backends).
+    fn synchronize(&self) -> crate::error::Result<()> {
+        Ok(())
+    }
 
     /// The value of a scalar parameter (a gain).
     fn scalar(&self, p: &Self::Params, id: crate::nn::params::ParamId) -> f32;

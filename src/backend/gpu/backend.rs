@@ -79,6 +79,10 @@ impl Backend for Gpu {
         k::scaled(self, b, 1.0)
     }
 
+    fn synchronize(&self) -> Result<()> {
+        Gpu::synchronize(self)
+    }
+
     fn scalar(&self, p: &GpuParams, id: ParamId) -> f32 {
         p.scalars[id].expect("a scalar parameter")
     }

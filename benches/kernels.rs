@@ -1,0 +1,117 @@
+//! Criterion benchmarks of each kernel family, one body run on every backend through the
+//! `Backend` trait (the ops the network runs): weight normalization, MP-conv 3x3 and 1x1
+//! (forward; backward = data + weight gradient + weight-norm backward), cosine attention
+//! (forward, backward) and the elementwise ops. CPU numbers always; CUDA numbers when built
+//! with `--features cuda` on a machine with a GPU (the simulated device of `cuda-sim` is
+//! not timed: its speed means nothing). Shapes: an EDM2-S 16x16 level at batch 8.
+//!
+//!     cargo bench --bench kernels                      # CPU
+//!     cargo bench --features cuda --bench kernels      # CPU and GPU
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use edm2::backend::cpu::Cpu;
+use edm2::backend::{Backend, ConvGeom, Nhwc};
+use edm2::nn::params::{ParamId, ParamKind, ParamSpec, Params};
+use edm2::rng::Rng;
+use std::time::Duration;
+
+const N: usize = 8;
+const RES: usize = 16;
+const CH: usize = 128;
+const HEADS: usize = 2;
+
+fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    g
+}
+
+/// The kernel families on backend `be` (`name` labels the results: cpu / cuda).
+fn families<B: Backend>(c: &mut Criterion, name: &str, be: &B, upload_params: impl Fn(&Params) -> B::Params) {
+    let mut rng = Rng::new(1);
+    let s = Nhwc { n: N, h: RES, w: RES, c: CH };
+    let specs = [(CH, CH, 3usize), (CH, CH, 1), (3 * CH, CH, 1)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(o, ii, k))| ParamSpec {
+            name: format!("w{i}"),
+            shape: if k == 0 { vec![o, ii] } else { vec![o, ii, k, k] },
+            kind: ParamKind::Param,
+            is_mp_weight: true,
+        })
+        .collect::<Vec<_>>();
+    let host = Params { values: specs.iter().map(|sp| rng.normal_vec(sp.numel())).collect() };
+    let p = upload_params(&host);
+    let (w3, w1, wqkv): (ParamId, ParamId, ParamId) = (0, 1, 2);
+    let g3 = ConvGeom { out_ch: CH, in_ch: CH, k: 3 };
+    let g1 = ConvGeom { out_ch: CH, in_ch: CH, k: 1 };
+    let x = be.upload(&rng.normal_vec(s.numel())).unwrap();
+    let dy = be.upload(&rng.normal_vec(s.numel())).unwrap();
+    let sync = || be.synchronize().unwrap();
+
+    let mut g = group(c, &format!("{name}/weight_norm"));
+    g.throughput(Throughput::Elements(g3.numel() as u64));
+    g.bench_function("effective_3x3_128x128", |b| b.iter(|| { let e = be.effective(&p, w3, g3, 1.0).unwrap(); sync(); e }));
+    g.finish();
+
+    let e3 = be.effective(&p, w3, g3, 1.0).unwrap();
+    let e1 = be.effective(&p, w1, g1, 1.0).unwrap();
+    let mut y = be.alloc(s.numel()).unwrap();
+    let mut dx = be.alloc(s.numel()).unwrap();
+    let mut grads = be.zero_grads(&p).unwrap();
+    for (label, eff, id, geom) in [("conv3x3", &e3, w3, g3), ("conv1x1", &e1, w1, g1)] {
+        let mut g = group(c, &format!("{name}/{label}_b{N}_{RES}x{RES}_{CH}"));
+        // Throughput in multiply-accumulates.
+        g.throughput(Throughput::Elements((s.pixels() * geom.numel()) as u64));
+        g.bench_function("forward", |b| b.iter(|| { be.conv_forward(eff, &x, s, &mut y).unwrap(); sync(); }));
+        g.bench_function("backward", |b| {
+            b.iter(|| { let d = be.conv_backward(&p, id, eff, &x, s, &dy, Some(&mut dx), &mut grads).unwrap(); sync(); d })
+        });
+        g.finish();
+    }
+
+    let eq = be.effective(&p, wqkv, ConvGeom { out_ch: 3 * CH, in_ch: CH, k: 1 }, 1.0).unwrap();
+    let mut qkv = be.alloc(s.numel() * 3).unwrap();
+    be.conv_forward(&eq, &x, s, &mut qkv).unwrap();
+    let px = RES * RES;
+    let mut g = group(c, &format!("{name}/attention_b{N}_{px}px_{CH}ch_{HEADS}heads"));
+    g.throughput(Throughput::Elements((2 * N * px * px * CH) as u64));
+    let cache = be.attention_forward(&qkv, N, px, CH, HEADS, &mut y).unwrap();
+    g.bench_function("forward", |b| b.iter(|| { let c = be.attention_forward(&qkv, N, px, CH, HEADS, &mut y).unwrap(); sync(); c }));
+    let mut dqkv = be.alloc(s.numel() * 3).unwrap();
+    g.bench_function("backward", |b| {
+        b.iter(|| { be.attention_backward(&qkv, &cache, &dy, N, px, CH, HEADS, &mut dqkv).unwrap(); sync(); })
+    });
+    g.finish();
+
+    let emb = be.upload(&rng.normal_vec(N * CH)).unwrap();
+    let mut g = group(c, &format!("{name}/elementwise_b{N}_{RES}x{RES}_{CH}"));
+    g.throughput(Throughput::Elements(s.numel() as u64));
+    g.bench_function("mp_silu", |b| b.iter(|| { be.mp_silu(&x, &mut y).unwrap(); sync(); }));
+    g.bench_function("modulate_silu", |b| b.iter(|| { be.modulate_silu(&x, &emb, CH, px, &mut y).unwrap(); sync(); }));
+    g.bench_function("pixel_norm", |b| b.iter(|| { be.normalize_rows(&x, CH, &mut y).unwrap(); sync(); }));
+    g.bench_function("mp_sum", |b| b.iter(|| { be.axpby(&mut y, &x, 0.7, 0.3).unwrap(); sync(); }));
+    g.finish();
+}
+
+fn cpu(c: &mut Criterion) {
+    families(c, "cpu", &Cpu, |p| p.clone());
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(c: &mut Criterion) {
+    use edm2::backend::gpu::{Gpu, GpuParams};
+    match Gpu::open(0) {
+        Ok(gpu) => {
+            eprintln!("kernels on {}", gpu.name());
+            families(c, "cuda", &gpu, |p| GpuParams::upload(&gpu, p).unwrap());
+        }
+        Err(e) => eprintln!("cuda benchmarks skipped: {e}"),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_c: &mut Criterion) {}
+
+criterion_group!(benches, cpu, cuda);
+criterion_main!(benches);
