@@ -68,25 +68,55 @@ pub fn denoise_on(
     }
     let xh = x.nchw_to_nhwc();
     net.net.check_input(&xh, sigma, labels)?;
-    let (d, logvar) = match device {
-        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-        crate::backend::Device::Cuda => {
-            use crate::backend::gpu::{Gpu, GpuParams};
-            let gpu = Gpu::open(0)?;
-            let params = GpuParams::upload(&gpu, &net.params)?;
-            let xd = Tensor::with_buf(&xh.shape, gpu.upload(&xh.data)?);
-            let ld = labels.map(|l| gpu.upload(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
-            let out = net.net.forward_on(&gpu, &params, &xd, sigma, ld.as_ref(), &Mode::eval(), false)?;
-            (Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?), out.logvar)
-        }
-        #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
-        crate::backend::Device::Cuda => {
-            return Err(Error::DeviceUnavailable("this edm2 was built without the CUDA backend; use the CPU".into()))
-        }
-        crate::backend::Device::Cpu | crate::backend::Device::Auto => {
-            let out = net.net.forward(&net.params, &xh, sigma, labels, &Mode::eval(), false);
-            (out.d, out.logvar)
-        }
-    };
+    let (d, logvar) = DeviceNet::new(net, device)?.forward_nhwc(&xh, sigma, labels)?;
     Ok((d.nhwc_to_nchw(), logvar))
+}
+
+/// A loaded network placed on a device for eval-mode forwards (its weights uploaded once).
+pub struct DeviceNet<'a> {
+    net: &'a LoadedNet,
+    place: Place,
+}
+
+enum Place {
+    Cpu,
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    Cuda { gpu: crate::backend::gpu::Gpu, params: crate::backend::gpu::GpuParams },
+}
+
+impl<'a> DeviceNet<'a> {
+    /// `Auto` means the CPU here (resolve it with `backend::resolve_device` first).
+    pub fn new(net: &'a LoadedNet, device: crate::backend::Device) -> Result<Self> {
+        let place = match device {
+            crate::backend::Device::Cpu | crate::backend::Device::Auto => Place::Cpu,
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            crate::backend::Device::Cuda => {
+                let gpu = crate::backend::gpu::Gpu::open(0)?;
+                let params = crate::backend::gpu::GpuParams::upload(&gpu, &net.params)?;
+                Place::Cuda { gpu, params }
+            }
+            #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+            crate::backend::Device::Cuda => {
+                return Err(Error::DeviceUnavailable("this edm2 was built without the CUDA backend; use the CPU".into()))
+            }
+        };
+        Ok(DeviceNet { net, place })
+    }
+
+    /// Eval-mode `D` (NHWC, on the host) and `logvar` for an NHWC batch.
+    pub fn forward_nhwc(&self, x: &Tensor, sigma: &[f32], labels: Option<&Tensor>) -> Result<(Tensor, Vec<f32>)> {
+        match &self.place {
+            Place::Cpu => {
+                let out = self.net.net.forward(&self.net.params, x, sigma, labels, &Mode::eval(), false);
+                Ok((out.d, out.logvar))
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Place::Cuda { gpu, params } => {
+                let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data)?);
+                let ld = labels.map(|l| gpu.upload(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
+                let out = self.net.net.forward_on(gpu, params, &xd, sigma, ld.as_ref(), &Mode::eval(), false)?;
+                Ok((Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?), out.logvar))
+            }
+        }
+    }
 }

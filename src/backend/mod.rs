@@ -254,7 +254,7 @@ fn cuda_available(command: &str, runs_on_cuda: bool) -> Result<(), crate::Error>
         Ok(())
     } else {
         Err(crate::Error::DeviceUnavailable(format!(
-            "found {}, but `{command}` does not run on the CUDA backend yet (denoise and bench do); \
+            "found {}, but `{command}` does not run on the CUDA backend yet (denoise, generate and bench do); \
              use --device cpu",
             gpu.name()
         )))

@@ -12,7 +12,7 @@ use edm2::backend::{resolve_device, Device};
 use edm2::io::image::{grid, to_pixels, write_png};
 use edm2::io::safetensors::{self, Dtype};
 use edm2::rng::Rng;
-use edm2::sample::{edm_sampler, SamplerOpts};
+use edm2::sample::{edm_sampler_on, SamplerOpts};
 use edm2::{NetConfig, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -102,7 +102,7 @@ fn image_path(outdir: &Path, name: u64, subdirs: bool, ext: &str) -> PathBuf {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    resolve_device(a.device, "generate", false)?;
+    let device = resolve_device(a.device, "generate", true)?;
     if a.guidance != 1.0 && a.gnet.is_none() {
         bail!("--guidance {} needs a guiding network (--gnet); guidance 1 means no guidance", a.guidance);
     }
@@ -166,6 +166,9 @@ pub fn run(a: Args) -> Result<()> {
     } else if ch != 1 && ch != 3 {
         bail!("cannot write {ch}-channel images as PNG (1 or 3 channels, or 4-channel latents)");
     }
+    // The networks on the chosen device, weights uploaded once.
+    let on_net = edm2::api::DeviceNet::new(&net, device)?;
+    let on_gnet = gnet.as_ref().map(|g| edm2::api::DeviceNet::new(g, device)).transpose()?;
     let mut raw = Vec::new();
     let mut grid_px = Vec::new();
     let nbatches = names.len().div_ceil(a.batch);
@@ -220,18 +223,14 @@ pub fn run(a: Args) -> Result<()> {
         };
         let mut evals = 0;
         let total_evals = 2 * a.steps - 1;
-        let x = edm_sampler(
-            (&net.net, &net.params),
-            gnet.as_ref().map(|g| (&g.net, &g.params)),
-            &noise,
-            labels.as_ref(),
-            &opts,
-            &mut churn,
-            &mut |_| {
-                evals += 1;
-                eprint!("\r  step {evals}/{total_evals}");
-            },
-        )
+        let lref = labels.as_ref();
+        let mut main = |x: &Tensor, sig: &[f32]| on_net.forward_nhwc(x, sig, lref).map(|o| o.0);
+        let mut guide = on_gnet.as_ref().map(|g| move |x: &Tensor, sig: &[f32]| g.forward_nhwc(x, sig, lref).map(|o| o.0));
+        let guide_dyn = guide.as_mut().map(|g| g as &mut dyn FnMut(&Tensor, &[f32]) -> edm2::error::Result<Tensor>);
+        let x = edm_sampler_on(&mut main, guide_dyn, &noise, &opts, &mut churn, &mut |_| {
+            evals += 1;
+            eprint!("\r  step {evals}/{total_evals}");
+        })?
         .nhwc_to_nchw();
         eprintln!();
         for (i, &s) in todo.iter().enumerate() {

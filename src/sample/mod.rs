@@ -4,6 +4,7 @@
 //! `D = g + w·(D_net − g)` by a separate guiding network (classifier-free guidance when it
 //! is unconditional, autoguidance when it is a smaller / less-trained model).
 
+use crate::error::Result;
 use crate::nn::{Mode, Params, Precond};
 use crate::train::ema::torch_lerp;
 use crate::tensor::Tensor;
@@ -77,6 +78,20 @@ pub fn sample_with(
     o: &SamplerOpts,
     churn_noise: &mut dyn FnMut(usize) -> Tensor,
 ) -> Tensor {
+    match try_sample_with(&mut |x, t| Ok(denoise(x, t)), noise, o, churn_noise) {
+        Ok(x) => x,
+        Err(_) => unreachable!("an infallible denoiser"),
+    }
+}
+
+/// [`sample_with`] for a denoiser that can fail (a device): the first error stops the
+/// sampler and is returned.
+pub fn try_sample_with(
+    denoise: &mut dyn FnMut(&Tensor, f32) -> Result<Tensor>,
+    noise: &Tensor,
+    o: &SamplerOpts,
+    churn_noise: &mut dyn FnMut(usize) -> Tensor,
+) -> Result<Tensor> {
     let t = sigma_steps(o);
     let mut x_next = Tensor::from_vec(&noise.shape, noise.data.iter().map(|v| v * t[0]).collect());
     let mut churned = 0;
@@ -95,13 +110,13 @@ pub fn sample_with(
         } else {
             (t_cur, x_cur)
         };
-        let d = denoise(&x_hat, t_hat);
+        let d = denoise(&x_hat, t_hat)?;
         let d_cur: Vec<f32> = x_hat.data.iter().zip(&d.data).map(|(x, d)| (x - d) / t_hat).collect();
         let h = t_next - t_hat;
         let mut next: Vec<f32> = x_hat.data.iter().zip(&d_cur).map(|(x, dc)| x + h * dc).collect();
         if i < o.num_steps - 1 {
             let xn = Tensor::from_vec(&x_hat.shape, next);
-            let d2 = denoise(&xn, t_next);
+            let d2 = denoise(&xn, t_next)?;
             next = x_hat
                 .data
                 .iter()
@@ -115,7 +130,7 @@ pub fn sample_with(
         }
         x_next = Tensor::from_vec(&x_hat.shape, next);
     }
-    x_next
+    Ok(x_next)
 }
 
 /// The sampler with an EDM2 network (eval mode) and optional guiding network:
@@ -130,18 +145,40 @@ pub fn edm_sampler(
     churn_noise: &mut dyn FnMut(usize) -> Tensor,
     on_eval: &mut dyn FnMut(f32),
 ) -> Tensor {
+    let mut main = |x: &Tensor, sig: &[f32]| Ok(net.0.forward(net.1, x, sig, labels, &Mode::eval(), false).d);
+    let mut guide = gnet.map(|g| move |x: &Tensor, sig: &[f32]| Ok(g.0.forward(g.1, x, sig, labels, &Mode::eval(), false).d));
+    let guide_dyn = guide.as_mut().map(|g| g as &mut dyn FnMut(&Tensor, &[f32]) -> Result<Tensor>);
+    match edm_sampler_on(&mut main, guide_dyn, noise, o, churn_noise, on_eval) {
+        Ok(x) => x,
+        Err(_) => unreachable!("the CPU backend does not fail"),
+    }
+}
+
+/// [`edm_sampler`] with the networks given as evaluators `(x, σ per image) → D` (NHWC),
+/// e.g. a network on the CUDA backend (`api::DeviceNet`); labels are the evaluators'.
+pub fn edm_sampler_on(
+    net: &mut dyn FnMut(&Tensor, &[f32]) -> Result<Tensor>,
+    mut gnet: Option<&mut dyn FnMut(&Tensor, &[f32]) -> Result<Tensor>>,
+    noise: &Tensor,
+    o: &SamplerOpts,
+    churn_noise: &mut dyn FnMut(usize) -> Tensor,
+    on_eval: &mut dyn FnMut(f32),
+) -> Result<Tensor> {
     let n = noise.shape[0];
-    let mut denoise = |x: &Tensor, t: f32| -> Tensor {
+    if o.guidance != 1.0 && gnet.is_none() {
+        return Err(crate::Error::Input("guidance != 1 needs a guiding network".into()));
+    }
+    let mut denoise = |x: &Tensor, t: f32| -> Result<Tensor> {
         on_eval(t);
         let sig = vec![t; n];
-        let d = net.0.forward(net.1, x, &sig, labels, &Mode::eval(), false).d;
+        let d = net(x, &sig)?;
         if o.guidance == 1.0 {
-            return d;
+            return Ok(d);
         }
-        let g = gnet.expect("guidance != 1 needs a guiding network");
-        let gd = g.0.forward(g.1, x, &sig, labels, &Mode::eval(), false).d;
+        let g = gnet.as_mut().expect("checked above");
+        let gd = g(x, &sig)?;
         let data = gd.data.iter().zip(&d.data).map(|(&a, &b)| torch_lerp(a, b, o.guidance)).collect();
-        Tensor::from_vec(&d.shape, data)
+        Ok(Tensor::from_vec(&d.shape, data))
     };
-    sample_with(&mut denoise, noise, o, churn_noise)
+    try_sample_with(&mut denoise, noise, o, churn_noise)
 }
