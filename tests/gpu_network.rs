@@ -249,3 +249,53 @@ fn sampling_on_the_device_matches_the_cpu() {
     let e = rel_l2(&got.data, &want.data);
     assert!(e < 1e-4, "samples: rel L2 {e:.2e}");
 }
+
+#[test]
+fn training_on_the_device_matches_the_cpu() {
+    let Some(_gpu) = device() else { return };
+    let dir = std::env::temp_dir().join(format!("edm2-gpu-train-{}", std::process::id()));
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // 16 random 8x8 RGB images.
+    let mut rng = Rng::new(21);
+    for i in 0..16 {
+        let px: Vec<u8> = (0..8 * 8 * 3).map(|_| (rng.uniform() * 255.0) as u8).collect();
+        edm2::io::image::write_png(&data.join(format!("{i:03}.png")), &px, 3, 8, 8).unwrap();
+    }
+    let mut cfg = tiny();
+    cfg.label_dim = 0;
+    let cfg_path = dir.join("tiny.json");
+    std::fs::write(&cfg_path, cfg.to_json()).unwrap();
+    let run = |device: &str| {
+        let out = dir.join(device);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_edm2"))
+            .args(["train", cfg_path.to_str().unwrap(), "--data", data.to_str().unwrap(), "--outdir", out.to_str().unwrap()])
+            .args(["--batch", "4", "--duration", "12", "--status", "0", "--snapshot", "0", "--preview", "0"])
+            .args(["--rampup", "0", "--lr", "0.002", "--seed", "3", "--device", device])
+            .output()
+            .unwrap();
+        let (so, se) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "{so}\n{se}");
+        let state = std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("training-state-"))
+            .expect("a training state");
+        (edm2::io::safetensors::read(state).unwrap(), se.to_string())
+    };
+    let (cpu, _) = run("cpu");
+    let (dev, err) = run("cuda");
+    assert!(err.contains("device: cuda"), "the device is reported: {err}");
+    assert_eq!(cpu.metadata["edm2.adam_step"], "3");
+    assert_eq!(dev.metadata["edm2.adam_step"], "3");
+    let mut checked = 0;
+    for ((na, ta), (nb, tb)) in cpu.tensors.iter().zip(&dev.tensors) {
+        assert_eq!(na, nb);
+        let e = rel_l2(&tb.data, &ta.data);
+        assert!(e < 1e-4 || ta.data.iter().all(|v| *v == 0.0) && tb.data.iter().all(|v| *v == 0.0), "{na}: rel L2 {e:.2e}");
+        checked += 1;
+    }
+    assert!(checked > 100, "weights, Adam moments and EMAs compared ({checked})");
+    std::fs::remove_dir_all(&dir).ok();
+}

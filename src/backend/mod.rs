@@ -190,8 +190,9 @@ pub trait Backend {
 }
 
 /// Which device a command runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Device {
+    #[default]
     Cpu,
     Cuda,
     /// CUDA when this build has the CUDA backend and a GPU is present, else the CPU.
@@ -254,7 +255,7 @@ fn cuda_available(command: &str, runs_on_cuda: bool) -> Result<(), crate::Error>
         Ok(())
     } else {
         Err(crate::Error::DeviceUnavailable(format!(
-            "found {}, but `{command}` does not run on the CUDA backend yet (denoise, generate and bench do); \
+            "found {}, but `{command}` does not run on the CUDA backend yet; \
              use --device cpu",
             gpu.name()
         )))

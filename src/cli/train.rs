@@ -353,6 +353,7 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
         preview: a.preview,
         preview_steps: a.preview_steps,
         verify: !a.no_verify,
+        device: Device::Cpu,
     };
     if !opts.p_mean.is_finite() {
         bail!("--P_mean must be finite");
@@ -376,9 +377,10 @@ fn newest_snapshot(dir: &std::path::Path) -> Option<PathBuf> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    resolve_device(a.device, "train", false)?;
+    let device = resolve_device(a.device, "train", true)?;
     let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size })?;
-    let (opts, run_name) = build_options(&a, &ds)?;
+    let (mut opts, run_name) = build_options(&a, &ds)?;
+    opts.device = device;
     let run_dir = a.outdir.clone().unwrap_or_else(|| PathBuf::from("training-runs").join(run_name));
     println!("Run directory: {}", run_dir.display());
     if a.dry_run {

@@ -76,6 +76,10 @@ pub struct TrainOptions {
     pub preview: usize,
     pub preview_steps: usize,
     pub verify: bool,
+    /// Where the forward and backward passes run (not part of the run's definition: a run
+    /// may be resumed on another device).
+    #[serde(skip)]
+    pub device: crate::backend::Device,
 }
 
 impl TrainOptions {
@@ -352,6 +356,11 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
 
     let stream = StreamOptions { seed: opts.seed, batch: opts.batch_gpu as usize, label_dim, p_mean: opts.p_mean, p_std: opts.p_std };
     let loader = Loader::start(ds.clone(), stream, start_nimg, 2);
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    let gpu = match opts.device {
+        crate::backend::Device::Cuda => Some(crate::backend::gpu::Gpu::open(0)?),
+        _ => None,
+    };
     let rounds = opts.batch / opts.batch_gpu;
     let per_image = (c.img_channels * c.img_resolution * c.img_resolution) as f64;
     let dtype = if opts.snapshot_dtype == "f32" { Dtype::F32 } else { Dtype::F16 };
@@ -493,23 +502,46 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         let t0 = Instant::now();
         let mut fwd_bwd = 0.0f64;
         net.force_normalize(&mut st.params);
+        // On the CUDA backend (first version): the normalized weights go to the device for
+        // the passes, the gradients come back; the optimizer and the EMAs stay here.
+        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+        let on_device = match &gpu {
+            Some(g) => Some((g, crate::backend::gpu::GpuParams::upload(g, &st.params)?)),
+            None => None,
+        };
         let mut grads: Option<Params> = None;
         let mut loss_sum = 0.0f64;
         for _ in 0..rounds {
             let b = loader.next()?;
             let t1 = Instant::now();
             let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
-            let out = net.forward(&st.params, &b.noisy, &b.sigma, b.labels.as_ref(), &mode, false);
-            let mut l = edm2_loss(&out.d, &out.logvar, &b.images, &b.sigma, c.sigma_data);
             // edm2_loss divides by the pass size; the step's loss is the sum over the whole
             // batch divided by the batch, times the loss scaling (official `loss_scaling`).
             let scale = (opts.loss_scaling * opts.batch_gpu as f64 / opts.batch as f64) as f32;
-            if scale != 1.0 {
-                crate::backend::cpu::ops::scale_inplace(&mut l.dd.data, scale);
-                l.dlogvar.iter_mut().for_each(|v| *v *= scale);
-            }
+            let scale_loss = |l: &mut crate::train::loss::LossOut| {
+                if scale != 1.0 {
+                    crate::backend::cpu::ops::scale_inplace(&mut l.dd.data, scale);
+                    l.dlogvar.iter_mut().for_each(|v| *v *= scale);
+                }
+            };
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            let device_pass = match &on_device {
+                Some((g, gp)) => Some(device_pass(&net, g, gp, &b, &mode, c.sigma_data, &scale_loss)?),
+                None => None,
+            };
+            #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+            let device_pass: Option<(crate::train::loss::LossOut, Params)> = None;
+            let (l, g) = match device_pass {
+                Some(lg) => lg,
+                None => {
+                    let out = net.forward(&st.params, &b.noisy, &b.sigma, b.labels.as_ref(), &mode, false);
+                    let mut l = edm2_loss(&out.d, &out.logvar, &b.images, &b.sigma, c.sigma_data);
+                    scale_loss(&mut l);
+                    let g = net.backward(&st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode);
+                    (l, g)
+                }
+            };
             loss_sum += l.per_sample.iter().sum::<f64>();
-            let g = net.backward(&st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode);
             grads = Some(match grads {
                 None => g,
                 Some(mut acc) => {
@@ -548,4 +580,28 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         summary.other_sec = (total_train_sec - total_fwd_bwd) / summary.steps as f64;
     }
     Ok(summary)
+}
+
+/// One forward/backward pass on the CUDA backend: D comes back for the loss (computed here,
+/// as on the CPU), dD goes to the device, the gradients come back.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn device_pass(
+    net: &Precond,
+    gpu: &crate::backend::gpu::Gpu,
+    params: &crate::backend::gpu::GpuParams,
+    b: &crate::data::loader::Batch,
+    mode: &Mode,
+    sigma_data: f32,
+    scale_loss: &dyn Fn(&mut crate::train::loss::LossOut),
+) -> Result<(crate::train::loss::LossOut, Params)> {
+    use crate::tensor::Tensor;
+    let xd = Tensor::with_buf(&b.noisy.shape, gpu.upload(&b.noisy.data)?);
+    let ld = b.labels.as_ref().map(|l| gpu.upload(&l.data).map(|d| Tensor::with_buf(&l.shape, d))).transpose()?;
+    let out = net.forward_on(gpu, params, &xd, &b.sigma, ld.as_ref(), mode, false)?;
+    let d = Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?);
+    let mut l = edm2_loss(&d, &out.logvar, &b.images, &b.sigma, sigma_data);
+    scale_loss(&mut l);
+    let dd = Tensor::with_buf(&l.dd.shape, gpu.upload(&l.dd.data)?);
+    let g = net.backward_on(gpu, params, out.cache.expect("training forward records"), &dd, &l.dlogvar, mode)?;
+    Ok((l, g.download(gpu)?))
 }
