@@ -122,6 +122,7 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("creating the CUDA context", e))?;
+        keep_freed_memory(&ctx)?;
         // One compute stream orders all work; no per-buffer events.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}"));
@@ -172,6 +173,33 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| driver_err("synchronizing (a kernel may have faulted)", e))
     }
+}
+
+/// Device memory comes from the driver's stream-ordered pool (cudarc allocates with
+/// cuMemAllocAsync). By default the pool returns freed memory to the system at every
+/// synchronization; with the release threshold at its maximum it keeps it, so a training
+/// step's buffers are reused from the pool after the first step instead of being
+/// allocated from the system each time.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(ctx: &cudarc::driver::CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: plain driver calls on the device of a live context; `threshold` outlives them.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) != sys::CUresult::CUDA_SUCCESS {
+            return Ok(()); // no memory pools on this device: cudarc falls back to cuMemAlloc
+        }
+        let mut threshold = u64::MAX;
+        let rc = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        );
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::Cuda(format!("setting the memory pool's release threshold: {rc:?}")));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(feature = "cuda")]
