@@ -5,6 +5,10 @@
 #ifndef EDM2_SIM
 #include <cuda_runtime.h>
 #define EDM2_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+// A static shared-memory array: `EDM2_SHARED(float, tile, [16][16]);`. The simulation
+// harness poisons it (all bits set: NaN) at the start of every block, so reading shared
+// memory that no thread of the block wrote shows up.
+#define EDM2_SHARED(type, name, dims) __shared__ type name dims
 #endif
 #include "edm2.h"
 

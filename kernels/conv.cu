@@ -69,8 +69,8 @@ __device__ __forceinline__ float conv_b(int mode, const ConvShape &s, const floa
 
 __global__ void conv_gemm_kernel(int mode, ConvShape s, const float *act, const float *grad, const float *wt, float *out, long long M,
                                  long long N, long long K, int bf16) {
-  __shared__ float as[TILE][TILE];
-  __shared__ float bs[TILE][TILE];
+  EDM2_SHARED(float, as, [TILE][TILE]);
+  EDM2_SHARED(float, bs, [TILE][TILE]);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const long long m = (long long)blockIdx.y * TILE + ty, n = (long long)blockIdx.x * TILE + tx;
   float acc = 0.0f;

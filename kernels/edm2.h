@@ -82,6 +82,8 @@ int edm2_sum_f32(const float *x, float *partials, float *out, size_t n, cudaStre
  * expose), and a warp-shuffle sum. One block of `threads` (power of two ≤ 1024) threads. */
 int edm2_selftest_block_sum(const float *x, float *out, int threads, int skip_sync, cudaStream_t stream);
 int edm2_selftest_warp_sum(const float *x, float *out, cudaStream_t stream);
+/* Two blocks of 64 threads read shared memory only block 0 wrote fully: out[4]. */
+int edm2_selftest_shared_poison(float *out, cudaStream_t stream);
 
 /* Simulation mode only: thread schedule of a block, 0 = forward, 1 = reverse. */
 void edm2_sim_set_schedule(int reverse);

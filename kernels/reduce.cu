@@ -15,7 +15,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // One block's sum of x[i] for i = start + k·stride, into out[blockIdx.x].
 __global__ void block_sum_kernel(const float *__restrict__ x, float *__restrict__ out, size_t n) {
-  __shared__ float s[SUM_THREADS];
+  EDM2_SHARED(float, s, [SUM_THREADS]);
   float v = 0.0f;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) v += x[i];
   s[threadIdx.x] = v;
@@ -45,7 +45,7 @@ extern "C" int edm2_sum_f32(const float *x, float *partials, float *out, size_t 
 // Self-test: the classic shared-memory tree down to one value; with skip_sync the barrier
 // between levels is left out, so a thread may read a partial sum before it is written.
 __global__ void selftest_block_sum_kernel(const float *__restrict__ x, float *__restrict__ out, int skip_sync) {
-  __shared__ float s[1024];
+  EDM2_SHARED(float, s, [1024]);
   s[threadIdx.x] = x[threadIdx.x];
   __syncthreads();
   for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
@@ -74,3 +74,21 @@ extern "C" int edm2_selftest_warp_sum(const float *x, float *out, cudaStream_t s
 #ifdef EDM2_SIM
 extern "C" void edm2_sim_set_schedule(int reverse) { edm2sim::schedule() = reverse; }
 #endif
+
+// Self-test of the harness's shared-memory poisoning: block 0 writes all 64 entries,
+// block 1 only the lower 32; each block reads entries 3 and 40. In the simulation block 1
+// reads NaN at 40 (poisoned at its start), not block 0's stale value.
+__global__ void selftest_shared_poison_kernel(float *out) {
+  EDM2_SHARED(float, s, [64]);
+  if (blockIdx.x == 0 || threadIdx.x < 32) s[threadIdx.x] = 1.0f;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    out[blockIdx.x * 2] = s[3];
+    out[blockIdx.x * 2 + 1] = s[40];
+  }
+}
+
+extern "C" int edm2_selftest_shared_poison(float *out, cudaStream_t stream) {
+  EDM2_LAUNCH(selftest_shared_poison_kernel, 2, 64, 0, stream, out);
+  return (int)cudaGetLastError();
+}

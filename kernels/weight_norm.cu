@@ -19,7 +19,7 @@
 #define ROW_THREADS 128
 
 __global__ void normalize_rows_kernel(const float *x, float *y, size_t rows, int k) {
-  __shared__ float red[ROW_THREADS];
+  EDM2_SHARED(float, red, [ROW_THREADS]);
   for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float *xr = x + r * k;
     float ss = 0.0f;
@@ -33,7 +33,7 @@ __global__ void normalize_rows_kernel(const float *x, float *y, size_t rows, int
 
 __global__ void normalize_rows_backward_kernel(const float *__restrict__ x, const float *__restrict__ dy, float *__restrict__ dx,
                                                size_t rows, int k) {
-  __shared__ float red[ROW_THREADS];
+  EDM2_SHARED(float, red, [ROW_THREADS]);
   for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float *xr = x + r * k, *gr = dy + r * k;
     float ss = 0.0f, dot = 0.0f;
@@ -52,7 +52,7 @@ __global__ void normalize_rows_backward_kernel(const float *__restrict__ x, cons
 
 __global__ void effective_weight_kernel(const float *__restrict__ w, float *__restrict__ eff, float *__restrict__ denom, int out_ch,
                                         int in_ch, int taps, float scale_g) {
-  __shared__ float red[ROW_THREADS];
+  EDM2_SHARED(float, red, [ROW_THREADS]);
   const int fan = in_ch * taps;
   for (int o = blockIdx.x; o < out_ch; o += gridDim.x) {
     const float *wr = w + (size_t)o * fan;
@@ -71,7 +71,7 @@ __global__ void effective_weight_kernel(const float *__restrict__ w, float *__re
 __global__ void effective_weight_backward_kernel(const float *__restrict__ w, const float *__restrict__ d_eff,
                                                  const float *__restrict__ denom, float *__restrict__ dw,
                                                  float *__restrict__ row_dgain, int out_ch, int in_ch, int taps, float scale_g) {
-  __shared__ float red[ROW_THREADS];
+  EDM2_SHARED(float, red, [ROW_THREADS]);
   const int fan = in_ch * taps;
   const float inv_sqrt_fan = 1.0f / sqrtf((float)fan);
   for (int o = blockIdx.x; o < out_ch; o += gridDim.x) {

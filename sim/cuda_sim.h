@@ -6,7 +6,7 @@
 //
 // Execution model:
 // - Blocks run one after another (so `__shared__` as function-static, thread-local storage is
-//   per block; it keeps the previous block's values — it is zeroed once).
+//   per block; arrays declared with EDM2_SHARED are poisoned — NaN — at every block start).
 // - The threads of a block are fibers (ucontext, each with its own stack) on the launching
 //   OS thread; exactly one runs at a time: a baton passes between them in a fixed schedule
 //   order (forward 0..n-1 or reverse) at every `__syncthreads`, warp collective or thread
@@ -68,6 +68,7 @@ struct Fiber {
 };
 
 struct BlockRun {
+  unsigned long long token = 0;  // unique per block run on this OS thread
   int n = 0;
   int turn = -1;  // thread index allowed to run; -1 when the block is finished
   std::vector<St> st;
@@ -78,6 +79,11 @@ struct BlockRun {
   Fiber *fibers = nullptr;
   const std::function<void()> *body = nullptr;
 };
+
+inline unsigned long long &block_counter() {
+  static thread_local unsigned long long c = 0;
+  return c;
+}
 
 // The fiber running now (on this OS thread) and its block.
 inline thread_local Tls *cur = nullptr;
@@ -187,6 +193,22 @@ inline void fiber_main() {
   // else: return to uc_link (the launcher)
 }
 
+// Poisons a shared array (all bits set) the first time a thread of the current block
+// reaches its declaration (EDM2_SHARED).
+inline void poison_shared(void *p, size_t bytes) {
+  static thread_local std::vector<std::pair<void *, unsigned long long>> seen;
+  for (auto &e : seen)
+    if (e.first == p) {
+      if (e.second != cur_run->token) {
+        std::memset(p, 0xFF, bytes);
+        e.second = cur_run->token;
+      }
+      return;
+    }
+  std::memset(p, 0xFF, bytes);
+  seen.emplace_back(p, cur_run->token);
+}
+
 // Runs `body` for every thread of every block of the grid.
 // GCC treats getcontext/swapcontext as returning twice and warns that locals may be
 // clobbered; here no context ever resumes the launcher twice (fresh fiber contexts are
@@ -217,6 +239,7 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
       for (unsigned bx = 0; bx < grid.x; bx++) {
         r.st.assign(n, St::Ready);
         r.warp_buf_f.assign(n, 0.0f);
+        r.token = ++block_counter();
         for (int t = 0; t < n; t++) {
           Fiber &f = fibers[t];
           f.tls.me = t;
@@ -256,6 +279,9 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
 // blocks one at a time, and separate for launches from different OS threads (parallel
 // tests each have their own simulated device).
 #define __shared__ static thread_local
+#define EDM2_SHARED(type, name, dims)   \
+  static thread_local type name dims; \
+  edm2sim::poison_shared(&name, sizeof(name))
 #define threadIdx (edm2sim::cur->tid)
 #define blockIdx (edm2sim::cur->bid)
 #define blockDim (edm2sim::cur->bdim)

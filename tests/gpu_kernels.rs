@@ -72,6 +72,18 @@ fn harness_catches_a_missing_barrier() {
     assert!(wrong > 0, "the reduction without its barrier gave the right sum under both schedules");
 }
 
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn harness_poisons_shared_memory_per_block() {
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let gpu = Gpu::open(0).unwrap();
+    each_schedule(|sched| {
+        let o = k::selftest_shared_poison(&gpu).unwrap();
+        assert_eq!(o[..3], [1.0, 1.0, 1.0], "{sched}");
+        assert!(o[3].is_nan(), "block 1 read block 0's stale shared memory ({}) instead of poison, {sched}", o[3]);
+    });
+}
+
 #[test]
 fn warp_shuffles() {
     let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());

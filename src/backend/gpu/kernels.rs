@@ -112,6 +112,16 @@ pub fn selftest_warp_sum(gpu: &Gpu, x: &GpuBuf<f32>) -> Result<[f32; 2]> {
     Ok([o[0], o[1]])
 }
 
+/// Harness self-test: `[block 0: s[3], s[40], block 1: s[3], s[40]]` where block 1 never
+/// wrote `s[40]` (NaN on the simulated device, which poisons shared memory per block).
+pub fn selftest_shared_poison(gpu: &Gpu) -> Result<[f32; 4]> {
+    let mut out = gpu.alloc::<f32>(4)?;
+    let s = gpu.stream()?;
+    check("selftest_shared_poison", unsafe { ffi::edm2_selftest_shared_poison(out.ptr_mut(gpu), s) })?;
+    let o = gpu.download(&out)?;
+    Ok([o[0], o[1], o[2], o[3]])
+}
+
 /// Simulated device only: the thread schedule of every block from now on, forward
 /// (0..n) or reverse. A missing barrier shows up as a wrong result under one of them.
 #[cfg(feature = "cuda-sim")]
