@@ -15,19 +15,6 @@ use std::sync::Mutex;
 /// The schedule is global state of the simulated device: tests take turns.
 static DEVICE: Mutex<()> = Mutex::new(());
 
-/// The device, or `None` (test skipped) on a machine without a GPU unless
-/// EDM2_REQUIRE_GPU is set. The simulated device is always there.
-fn device() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e) if std::env::var_os("EDM2_REQUIRE_GPU").is_none() => {
-            eprintln!("SKIPPED (no usable GPU: {e})");
-            None
-        }
-        Err(e) => panic!("EDM2_REQUIRE_GPU is set but the GPU cannot be opened: {e}"),
-    }
-}
-
 /// Runs `f` under every thread schedule the device has (forward and reverse on the
 /// simulated device; the hardware's own on a GPU).
 fn each_schedule(mut f: impl FnMut(&str)) {

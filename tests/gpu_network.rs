@@ -7,22 +7,11 @@
 #![cfg(any(feature = "cuda", feature = "cuda-sim"))]
 
 mod common;
-use common::rel_l2;
+use common::{device, rel_l2};
 use edm2::backend::gpu::{Gpu, GpuParams};
 use edm2::nn::layers::Mode;
 use edm2::rng::Rng;
 use edm2::{NetConfig, Precond, Tensor};
-
-fn device() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e) if std::env::var_os("EDM2_REQUIRE_GPU").is_none() => {
-            eprintln!("SKIPPED (no usable GPU: {e})");
-            None
-        }
-        Err(e) => panic!("EDM2_REQUIRE_GPU is set but the GPU cannot be opened: {e}"),
-    }
-}
 
 /// Every layer kind: 8x8 RGB, two levels (down/up resampling), attention at 4x4 with two
 /// heads, labels, dropout, and a clip limit low enough to clip.
@@ -94,6 +83,66 @@ fn network_in_bf16_mode_stays_within_the_bf16_bounds() {
     assert!(g_err < 5e-2, "bf16 gradients: rel L2 {g_err:.2e}");
 }
 
+/// One training step's results on the CPU and on the device (all on the host).
+struct Step {
+    specs: Vec<edm2::nn::ParamSpec>,
+    /// (CPU, device) of: the force-normalized weights, D, F_x, logvar, the gradients.
+    weights: (edm2::Params, edm2::Params),
+    d: (Vec<f32>, Vec<f32>),
+    f_x: (Vec<f32>, Vec<f32>),
+    logvar: (Vec<f32>, Vec<f32>),
+    grads: (edm2::Params, edm2::Params),
+}
+
+/// Forced weight normalization, a training-mode forward (dropout) and the backward of a
+/// random dD on the CPU and on `gpu`, from the same weights (gains non-zero so that
+/// every branch contributes) and inputs.
+fn training_step(gpu: &Gpu, cfg: &NetConfig) -> Step {
+    let net = Precond::new(cfg).unwrap();
+    let mut params = net.init_params(5);
+    let mut rng = Rng::new(6);
+    for (s, v) in net.specs.iter().zip(params.values.iter_mut()) {
+        if s.shape.is_empty() {
+            v[0] = 0.3 + rng.uniform() as f32;
+        }
+    }
+    let n = 2;
+    let x = Tensor::from_vec(&[n, 8, 8, 3], rng.normal_vec(n * 8 * 8 * 3));
+    let sigma = [0.3f32, 2.5];
+    let labels = (cfg.label_dim > 0).then(|| {
+        let mut l = Tensor::zeros(&[n, cfg.label_dim]);
+        l.data[3] = 1.0;
+        l.data[cfg.label_dim + 7] = 1.0;
+        l
+    });
+    let dd = rng.normal_vec(x.numel());
+    let dlogvar = rng.normal_vec(n);
+    let mode = Mode::train(1234);
+
+    let mut p_cpu = params.clone();
+    net.force_normalize(&mut p_cpu);
+    let out = net.forward(&p_cpu, &x, &sigma, labels.as_ref(), &mode, false);
+    let (d_cpu, f_cpu, lv_cpu) = (out.d.data.clone(), out.f_x.data.clone(), out.logvar.clone());
+    let g_cpu = net.backward(&p_cpu, out.cache.unwrap(), &Tensor::from_vec(&x.shape, dd.clone()), &dlogvar, &mode);
+
+    let mut gp = GpuParams::upload(gpu, &params).unwrap();
+    net.force_normalize_on(gpu, &mut gp).unwrap();
+    let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data).unwrap());
+    let ld = labels.as_ref().map(|l| Tensor::with_buf(&l.shape, gpu.upload(&l.data).unwrap()));
+    let od = net.forward_on(gpu, &gp, &xd, &sigma, ld.as_ref(), &mode, false).unwrap();
+    let (d_dev, f_dev) = (gpu.download(&od.d.data).unwrap(), gpu.download(&od.f_x.data).unwrap());
+    let ddd = Tensor::with_buf(&x.shape, gpu.upload(&dd).unwrap());
+    let g_dev = net.backward_on(gpu, &gp, od.cache.unwrap(), &ddd, &dlogvar, &mode).unwrap().download(gpu).unwrap();
+    Step {
+        specs: net.specs.clone(),
+        weights: (p_cpu, gp.download(gpu).unwrap()),
+        d: (d_cpu, d_dev),
+        f_x: (f_cpu, f_dev),
+        logvar: (lv_cpu, od.logvar),
+        grads: (g_cpu, g_dev),
+    }
+}
+
 /// Relative L2 errors of (D, all gradients concatenated, the worst parameter) on the
 /// device against the CPU backend, for the tiny network's training step.
 fn network_errors(gpu: &Gpu) -> (f64, f64, (f64, String)) {
@@ -101,98 +150,37 @@ fn network_errors(gpu: &Gpu) -> (f64, f64, (f64, String)) {
     // No clipping: a value within bf16 rounding of the limit would switch its gradient
     // off on one backend only (a discontinuity, not an arithmetic error).
     cfg.clip_act = None;
-    let net = Precond::new(&cfg).unwrap();
-    let mut params = net.init_params(5);
-    let mut rng = Rng::new(6);
-    for (s, v) in net.specs.iter().zip(params.values.iter_mut()) {
-        if s.shape.is_empty() {
-            v[0] = 0.3 + rng.uniform() as f32;
-        }
-    }
-    let n = 2;
-    let x = Tensor::from_vec(&[n, 8, 8, 3], rng.normal_vec(n * 8 * 8 * 3));
-    let sigma = [0.3f32, 2.5];
-    let dd = rng.normal_vec(x.numel());
-    let dlogvar = rng.normal_vec(n);
-    let mode = Mode::train(1234);
-    let mut p_cpu = params.clone();
-    net.force_normalize(&mut p_cpu);
-    let out = net.forward(&p_cpu, &x, &sigma, None, &mode, false);
-    let g_cpu = net.backward(&p_cpu, out.cache.unwrap(), &Tensor::from_vec(&x.shape, dd.clone()), &dlogvar, &mode);
-    let mut gp = GpuParams::upload(gpu, &params).unwrap();
-    net.force_normalize_on(gpu, &mut gp).unwrap();
-    let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data).unwrap());
-    let od = net.forward_on(gpu, &gp, &xd, &sigma, None, &mode, false).unwrap();
-    let d_err = rel_l2(&gpu.download(&od.d.data).unwrap(), &out.d.data);
-    let ddd = Tensor::with_buf(&x.shape, gpu.upload(&dd).unwrap());
-    let g_dev = net.backward_on(gpu, &gp, od.cache.unwrap(), &ddd, &dlogvar, &mode).unwrap().download(gpu).unwrap();
+    cfg.label_dim = 0;
+    let st = training_step(gpu, &cfg);
+    let (g_cpu, g_dev) = &st.grads;
     let mut worst = (0.0, String::new());
-    for ((s, a), b) in net.specs.iter().zip(&g_dev.values).zip(&g_cpu.values) {
+    for ((s, a), b) in st.specs.iter().zip(&g_dev.values).zip(&g_cpu.values) {
         if b.iter().any(|v| *v != 0.0) && rel_l2(a, b) > worst.0 {
             worst = (rel_l2(a, b), s.name.clone());
         }
-    }
-    let g_err = rel_l2(&g_dev.values.concat(), &g_cpu.values.concat());
-    if std::env::var_os("EDM2_DEBUG_ERRORS").is_some() {
-        for ((s, a), b) in net.specs.iter().zip(&g_dev.values).zip(&g_cpu.values) {
+        if std::env::var_os("EDM2_DEBUG_ERRORS").is_some() {
             eprintln!("{:50} {:.2e}  norm {:.3e}", s.name, rel_l2(a, b), common::rms(b) * (b.len() as f64).sqrt());
         }
     }
-    (d_err, g_err, worst)
+    (rel_l2(&st.d.1, &st.d.0), rel_l2(&g_dev.values.concat(), &g_cpu.values.concat()), worst)
 }
 
-/// One forced-WN + training forward + backward on the device, checked against the CPU;
-/// returns everything the device computed (D, logvar, gradients) for comparisons.
+/// The fp32 training step on the device checked against the CPU; returns everything the
+/// device computed (D, F_x, logvar, gradients) for comparisons between runs.
 fn network_on_device(gpu: &Gpu) -> Vec<Vec<f32>> {
-    let cfg = tiny();
-    let net = Precond::new(&cfg).unwrap();
-    let mut params = net.init_params(5);
-    let mut rng = Rng::new(6);
-    // Non-zero gains so that every branch contributes.
-    for (s, v) in net.specs.iter().zip(params.values.iter_mut()) {
-        if s.shape.is_empty() {
-            v[0] = 0.3 + rng.uniform() as f32;
-        }
-    }
-    let n = 2;
-    let x = Tensor::from_vec(&[n, 8, 8, 3], rng.normal_vec(n * 8 * 8 * 3));
-    let sigma = [0.3f32, 2.5];
-    let mut labels = Tensor::zeros(&[n, 10]);
-    labels.data[3] = 1.0;
-    labels.data[10 + 7] = 1.0;
-    let dd = rng.normal_vec(x.numel());
-    let dlogvar = rng.normal_vec(n);
-    let mode = Mode::train(1234);
-
-    // CPU reference.
-    let mut p_cpu = params.clone();
-    net.force_normalize(&mut p_cpu);
-    let out = net.forward(&p_cpu, &x, &sigma, Some(&labels), &mode, false);
-    let g_cpu = net.backward(&p_cpu, out.cache.unwrap(), &Tensor::from_vec(&x.shape, dd.clone()), &dlogvar, &mode);
-
-    // The same description on the device.
-    let mut gp = GpuParams::upload(gpu, &params).unwrap();
-    net.force_normalize_on(gpu, &mut gp).unwrap();
-    let p_dev = gp.download(gpu).unwrap();
-    for ((s, a), b) in net.specs.iter().zip(&p_dev.values).zip(&p_cpu.values) {
+    let st = training_step(gpu, &tiny());
+    for ((s, a), b) in st.specs.iter().zip(&st.weights.1.values).zip(&st.weights.0.values) {
         assert!(rel_l2(a, b) < 1e-5, "forced weight norm of {}: {:.2e}", s.name, rel_l2(a, b));
     }
-    let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data).unwrap());
-    let ld = Tensor::with_buf(&labels.shape, gpu.upload(&labels.data).unwrap());
-    let od = net.forward_on(gpu, &gp, &xd, &sigma, Some(&ld), &mode, false).unwrap();
-    let d = gpu.download(&od.d.data).unwrap();
-    let e = rel_l2(&d, &out.d.data);
+    let e = rel_l2(&st.d.1, &st.d.0);
     eprintln!("D: rel L2 {e:.2e}");
     assert!(e < 1e-4, "D: rel L2 {e:.2e}");
     // D is mostly c_skip·x: check the network's own output too.
-    let f = gpu.download(&od.f_x.data).unwrap();
-    assert!(rel_l2(&f, &out.f_x.data) < 1e-4, "F_x: rel L2 {:.2e}", rel_l2(&f, &out.f_x.data));
-    assert!(rel_l2(&od.logvar, &out.logvar) < 1e-4, "logvar {:?} vs {:?}", od.logvar, out.logvar);
-    let ddd = Tensor::with_buf(&x.shape, gpu.upload(&dd).unwrap());
-    let gd = net.backward_on(gpu, &gp, od.cache.unwrap(), &ddd, &dlogvar, &mode).unwrap();
-    let g_dev = gd.download(gpu).unwrap();
+    assert!(rel_l2(&st.f_x.1, &st.f_x.0) < 1e-4, "F_x: rel L2 {:.2e}", rel_l2(&st.f_x.1, &st.f_x.0));
+    assert!(rel_l2(&st.logvar.1, &st.logvar.0) < 1e-4, "logvar {:?} vs {:?}", st.logvar.1, st.logvar.0);
+    let (g_cpu, g_dev) = &st.grads;
     let mut worst = (0.0f64, String::new());
-    for ((s, a), b) in net.specs.iter().zip(&g_dev.values).zip(&g_cpu.values) {
+    for ((s, a), b) in st.specs.iter().zip(&g_dev.values).zip(&g_cpu.values) {
         if b.iter().all(|v| *v == 0.0) {
             assert!(a.iter().all(|v| *v == 0.0), "{}: the CPU gradient is zero, the device's is not", s.name);
             continue;
@@ -204,10 +192,11 @@ fn network_on_device(gpu: &Gpu) -> Vec<Vec<f32>> {
         assert!(e < 1e-4, "gradient of {}: rel L2 {e:.2e}", s.name);
     }
     eprintln!("worst parameter gradient: {} at {:.2e}", worst.1, worst.0);
-    let trainable = net.specs.iter().zip(&g_cpu.values).filter(|(s, g)| s.kind == edm2::nn::params::ParamKind::Param && g.iter().any(|v| *v != 0.0)).count();
-    assert!(trainable + 2 >= net.specs.iter().filter(|s| s.kind == edm2::nn::params::ParamKind::Param).count(), "most parameters get a gradient");
-    let mut all = vec![d, f, od.logvar];
-    all.extend(g_dev.values);
+    let params = st.specs.iter().filter(|s| s.kind == edm2::nn::params::ParamKind::Param).count();
+    let with_grad = st.specs.iter().zip(&g_cpu.values).filter(|(s, g)| s.kind == edm2::nn::params::ParamKind::Param && g.iter().any(|v| *v != 0.0)).count();
+    assert!(with_grad + 2 >= params, "most parameters get a gradient ({with_grad} of {params})");
+    let mut all = vec![st.d.1, st.f_x.1, st.logvar.1];
+    all.extend(g_dev.values.iter().cloned());
     all
 }
 

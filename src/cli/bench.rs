@@ -40,16 +40,26 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let device = resolve_device(a.device, "bench", true)?;
-    if device == Device::Cuda {
-        return bench_cuda(&a);
-    }
+/// The benchmark's network and batch (the same on every device).
+struct Setup {
+    cfg: NetConfig,
+    net: Precond,
+    params: edm2::Params,
+    images: Tensor,
+    labels: Option<Tensor>,
+    sigma: Vec<f32>,
+    noisy: Tensor,
+    /// For further draws (the sampling benchmark's noise).
+    rng: edm2::rng::Rng,
+}
+
+/// Fresh weights with every gain at 0.5 (so the whole network is exercised), random
+/// images, one label per image, log-normal σ and the noisy images.
+fn setup(a: &Args) -> Result<Setup> {
     anyhow::ensure!(a.batch > 0 && a.iters > 0, "--batch and --iters must be positive");
     let cfg = NetConfig::resolve(&a.config)?;
     let net = Precond::new(&cfg)?;
     let mut params = net.init_params(0);
-    // Non-zero gains so the whole network is exercised.
     for (s, v) in net.specs.iter().zip(params.values.iter_mut()) {
         if s.shape.is_empty() {
             v[0] = 0.5;
@@ -73,6 +83,16 @@ pub fn run(a: Args) -> Result<()> {
             noisy.data[b * per + i] += sigma[b] * rng.normal() as f32;
         }
     }
+    Ok(Setup { cfg, net, params, images, labels, sigma, noisy, rng })
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = resolve_device(a.device, "bench", true)?;
+    if device == Device::Cuda {
+        return bench_cuda(&a);
+    }
+    let Setup { cfg, net, mut params, images, labels, sigma, noisy, mut rng } = setup(&a)?;
+    let (n, r, c) = (a.batch, cfg.img_resolution, cfg.img_channels);
     let mut adam = edm2::train::adam::Adam::new(&net.specs);
     let mut train_step = |params: &mut edm2::Params| {
         net.force_normalize(params);
@@ -179,35 +199,10 @@ pub fn run(a: Args) -> Result<()> {
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn bench_cuda(a: &Args) -> Result<()> {
     use edm2::backend::gpu::{kernels, Gpu, GpuParams};
-    anyhow::ensure!(a.batch > 0 && a.iters > 0, "--batch and --iters must be positive");
     anyhow::ensure!(!a.sampling, "--sampling does not run on the CUDA backend yet; use --device cpu");
     let gpu = Gpu::open(0)?;
-    let cfg = NetConfig::resolve(&a.config)?;
-    let net = Precond::new(&cfg)?;
-    let mut params = net.init_params(0);
-    for (s, v) in net.specs.iter().zip(params.values.iter_mut()) {
-        if s.shape.is_empty() {
-            v[0] = 0.5;
-        }
-    }
-    let (n, r, c) = (a.batch, cfg.img_resolution, cfg.img_channels);
-    let mut rng = edm2::rng::Rng::new(1);
-    let images = Tensor::from_vec(&[n, r, r, c], rng.normal_vec(n * r * r * c));
-    let labels = (cfg.label_dim > 0).then(|| {
-        let mut l = Tensor::zeros(&[n, cfg.label_dim]);
-        for b in 0..n {
-            l.data[b * cfg.label_dim + b % cfg.label_dim] = 1.0;
-        }
-        l
-    });
-    let sigma: Vec<f32> = (0..n).map(|_| ((rng.normal() * 1.2 - 0.4).exp()) as f32).collect();
-    let mut noisy = images.clone();
-    let per = r * r * c;
-    for b in 0..n {
-        for i in 0..per {
-            noisy.data[b * per + i] += sigma[b] * rng.normal() as f32;
-        }
-    }
+    let Setup { cfg, net, params, images, labels, sigma, noisy, .. } = setup(a)?;
+    let n = a.batch;
     let mut gp = GpuParams::upload(&gpu, &params)?;
     let xd = Tensor::with_buf(&noisy.shape, gpu.upload(&noisy.data)?);
     let ld = labels.as_ref().map(|l| gpu.upload(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;

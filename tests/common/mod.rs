@@ -58,3 +58,17 @@ pub fn to_nhwc(t: &Tensor) -> Tensor {
         t.clone()
     }
 }
+
+/// The CUDA device for the GPU tests, or `None` (the test is skipped) on a machine without
+/// a GPU unless EDM2_REQUIRE_GPU is set. The simulated device (`cuda-sim`) is always there.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub fn device() -> Option<edm2::backend::gpu::Gpu> {
+    match edm2::backend::gpu::Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) if std::env::var_os("EDM2_REQUIRE_GPU").is_none() => {
+            eprintln!("SKIPPED (no usable GPU: {e})");
+            None
+        }
+        Err(e) => panic!("EDM2_REQUIRE_GPU is set but the GPU cannot be opened: {e}"),
+    }
+}
