@@ -67,6 +67,11 @@ int edm2_attention_backward_f32(const float *qkv, const float *qn, const float *
                                 float *dl, float *dqn, float *dkn, float *dvn, float *dqkv, int n, int p, int c, int heads,
                                 cudaStream_t stream);
 
+/* loss.cu: the EDM2 loss of n images of `per` values: dd (overwritten) and per-image sums
+ * sums[2b] = Σ(l + u_b), sums[2b+1] = Σ(1 − l); w[b] = λ(σ_b)/exp(u_b). */
+int edm2_loss_f32(const float *d, const float *y, const float *w, const float *logvar, float *dd, float *sums, size_t n, size_t per,
+                  float dd_scale, cudaStream_t stream);
+
 /* optim.cu: Adam with non-finite zeroing (adds the count to *nonfinite), EMA lerp. */
 int edm2_adam_f32(float *p, const float *g, float *m, float *v, float beta1, float beta2, float bc2_sqrt, float eps,
                   float step, size_t n, unsigned *nonfinite, cudaStream_t stream);

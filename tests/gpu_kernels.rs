@@ -433,3 +433,27 @@ fn attention_kernels_match_the_cpu_backend() {
     let mut y = gpu.alloc(n * p * c).unwrap();
     assert!(k::attention_forward(&gpu, &up(&gpu, &qkv), n, p, c, 3, &mut y).is_err(), "32 channels do not split into 3 heads");
 }
+
+#[test]
+fn loss_kernel_matches_the_cpu_backend() {
+    use edm2::train::loss::edm2_loss;
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    // 3 images of 3x7x5 (partial reduction blocks), σ over the training range.
+    let (n, per) = (3usize, 105usize);
+    let d = random(n * per, 51);
+    let y = random(n * per, 52);
+    let logvar = [0.3f32, -1.2, 2.0];
+    let sigma = [0.05f32, 1.0, 30.0];
+    let want = edm2_loss(&edm2::Tensor::from_vec(&[n, 7, 5, 3], d.clone()), &logvar, &edm2::Tensor::from_vec(&[n, 7, 5, 3], y.clone()), &sigma, 0.5);
+    each_schedule(|sched| {
+        for scale in [1.0f32, 0.25] {
+            let got = k::edm2_loss(&gpu, &up(&gpu, &d), &up(&gpu, &y), &logvar, &sigma, 0.5, scale).unwrap();
+            close(&format!("loss dD scale {scale} {sched}"), &down(&gpu, &got.dd), &want.dd.data.iter().map(|v| v * scale).collect::<Vec<_>>());
+            let per_sample: Vec<f32> = got.per_sample.iter().map(|&v| v as f32).collect();
+            close(&format!("loss per image {sched}"), &per_sample, &want.per_sample.iter().map(|&v| v as f32).collect::<Vec<_>>());
+            close(&format!("loss dlogvar {sched}"), &got.dlogvar, &want.dlogvar.iter().map(|v| v * scale).collect::<Vec<_>>());
+            assert!((got.total - want.total).abs() <= 1e-5 * want.total.abs(), "total {} vs {}", got.total, want.total);
+        }
+    });
+}

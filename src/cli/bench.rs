@@ -193,9 +193,8 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// `bench --device cuda`: the same training step and forward on the CUDA backend (the
-/// loss and its gradient are computed on the host for now: a download of D and an upload
-/// of dD per step, included in the time).
+/// `bench --device cuda`: the same training step (forced weight norm, forward, loss,
+/// backward, Adam) and forward on the CUDA backend.
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn bench_cuda(a: &Args) -> Result<()> {
     use edm2::backend::gpu::{kernels, Gpu, GpuParams};
@@ -205,6 +204,7 @@ fn bench_cuda(a: &Args) -> Result<()> {
     let n = a.batch;
     let mut gp = GpuParams::upload(&gpu, &params)?;
     let xd = Tensor::with_buf(&noisy.shape, gpu.upload(&noisy.data)?);
+    let yd = gpu.upload(&images.data)?;
     let ld = labels.as_ref().map(|l| gpu.upload(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
     let mut moments = gp
         .values
@@ -216,9 +216,8 @@ fn bench_cuda(a: &Args) -> Result<()> {
         net.force_normalize_on(&gpu, gp)?;
         let mode = Mode::train(7);
         let out = net.forward_on(&gpu, gp, &xd, &sigma, ld.as_ref(), &mode, false)?;
-        let d = Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?);
-        let loss = edm2::train::loss::edm2_loss(&d, &out.logvar, &images, &sigma, cfg.sigma_data);
-        let dd = Tensor::with_buf(&loss.dd.shape, gpu.upload(&loss.dd.data)?);
+        let loss = kernels::edm2_loss(&gpu, &out.d.data, &yd, &out.logvar, &sigma, cfg.sigma_data, 1.0)?;
+        let dd = Tensor::with_buf(&out.d.shape, loss.dd);
         let mut g = net.backward_on(&gpu, gp, out.cache.expect("a training forward records"), &dd, &loss.dlogvar, &mode)?;
         step += 1;
         // Adam on the device for every parameter, the gains included.

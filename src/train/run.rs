@@ -526,22 +526,22 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
             };
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             let device_pass = match &on_device {
-                Some((g, gp)) => Some(device_pass(&net, g, gp, &b, &mode, c.sigma_data, &scale_loss)?),
+                Some((g, gp)) => Some(device_pass(&net, g, gp, &b, &mode, c.sigma_data, scale)?),
                 None => None,
             };
             #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
-            let device_pass: Option<(crate::train::loss::LossOut, Params)> = None;
-            let (l, g) = match device_pass {
+            let device_pass: Option<(Vec<f64>, Params)> = None;
+            let (per_sample, g) = match device_pass {
                 Some(lg) => lg,
                 None => {
                     let out = net.forward(&st.params, &b.noisy, &b.sigma, b.labels.as_ref(), &mode, false);
                     let mut l = edm2_loss(&out.d, &out.logvar, &b.images, &b.sigma, c.sigma_data);
                     scale_loss(&mut l);
                     let g = net.backward(&st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode);
-                    (l, g)
+                    (l.per_sample, g)
                 }
             };
-            loss_sum += l.per_sample.iter().sum::<f64>();
+            loss_sum += per_sample.iter().sum::<f64>();
             grads = Some(match grads {
                 None => g,
                 Some(mut acc) => {
@@ -582,8 +582,8 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     Ok(summary)
 }
 
-/// One forward/backward pass on the CUDA backend: D comes back for the loss (computed here,
-/// as on the CPU), dD goes to the device, the gradients come back.
+/// One forward/backward pass on the CUDA backend, the loss and its gradient included;
+/// returns the per-image losses and the gradients (downloaded).
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn device_pass(
     net: &Precond,
@@ -592,16 +592,15 @@ fn device_pass(
     b: &crate::data::loader::Batch,
     mode: &Mode,
     sigma_data: f32,
-    scale_loss: &dyn Fn(&mut crate::train::loss::LossOut),
-) -> Result<(crate::train::loss::LossOut, Params)> {
+    loss_scale: f32,
+) -> Result<(Vec<f64>, Params)> {
     use crate::tensor::Tensor;
     let xd = Tensor::with_buf(&b.noisy.shape, gpu.upload(&b.noisy.data)?);
+    let yd = gpu.upload(&b.images.data)?;
     let ld = b.labels.as_ref().map(|l| gpu.upload(&l.data).map(|d| Tensor::with_buf(&l.shape, d))).transpose()?;
     let out = net.forward_on(gpu, params, &xd, &b.sigma, ld.as_ref(), mode, false)?;
-    let d = Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?);
-    let mut l = edm2_loss(&d, &out.logvar, &b.images, &b.sigma, sigma_data);
-    scale_loss(&mut l);
-    let dd = Tensor::with_buf(&l.dd.shape, gpu.upload(&l.dd.data)?);
+    let l = crate::backend::gpu::kernels::edm2_loss(gpu, &out.d.data, &yd, &out.logvar, &b.sigma, sigma_data, loss_scale)?;
+    let dd = Tensor::with_buf(&out.d.shape, l.dd);
     let g = net.backward_on(gpu, params, out.cache.expect("training forward records"), &dd, &l.dlogvar, mode)?;
-    Ok((l, g.download(gpu)?))
+    Ok((l.per_sample, g.download(gpu)?))
 }

@@ -604,3 +604,47 @@ pub fn precond_output(gpu: &Gpu, x: &GpuBuf<f32>, f: &GpuBuf<f32>, c_skip: &[f32
         ffi::edm2_precond_output_f32(x.ptr(gpu), f.ptr(gpu), ks.ptr(gpu), ko.ptr(gpu), d.ptr_mut(gpu), per, x.len(), st)
     })
 }
+
+/// The EDM2 loss on the device: what [`crate::train::loss::edm2_loss`] computes, with dD
+/// left on the device and multiplied by `scale` (the loss scaling).
+pub struct GpuLoss {
+    /// `Σ loss / N`.
+    pub total: f64,
+    /// Per-image sums of the elementwise loss.
+    pub per_sample: Vec<f64>,
+    /// dL/dD · scale, like `d`.
+    pub dd: GpuBuf<f32>,
+    /// dL/dlogvar · scale per image.
+    pub dlogvar: Vec<f32>,
+}
+
+/// The uncertainty-weighted EDM2 loss of `d` against `images` (`n` images of equal size),
+/// its gradient w.r.t. D (on the device) and w.r.t. logvar.
+#[allow(clippy::too_many_arguments)]
+pub fn edm2_loss(
+    gpu: &Gpu,
+    d: &GpuBuf<f32>,
+    images: &GpuBuf<f32>,
+    logvar: &[f32],
+    sigma: &[f32],
+    sigma_data: f32,
+    scale: f32,
+) -> Result<GpuLoss> {
+    let k = "edm2_loss";
+    let n = sigma.len();
+    same_len(k, logvar.len(), n)?;
+    expect_len(k, "images", images, d.len())?;
+    let per = images_of(k, d.len(), n)?;
+    let w: Vec<f32> = sigma.iter().zip(logvar).map(|(&s, &u)| crate::train::loss::loss_weight(s, sigma_data) / u.exp()).collect();
+    let (wb, ub) = (gpu.upload(&w)?, gpu.upload(logvar)?);
+    let mut dd = gpu.alloc(d.len())?;
+    let mut sums = gpu.alloc::<f32>(2 * n)?;
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_loss_f32(d.ptr(gpu), images.ptr(gpu), wb.ptr(gpu), ub.ptr(gpu), dd.ptr_mut(gpu), sums.ptr_mut(gpu), n, per, 2.0 / n as f32 * scale, st)
+    })?;
+    let sums = gpu.download(&sums)?;
+    let per_sample: Vec<f64> = sums.chunks(2).map(|c| c[0] as f64).collect();
+    let dlogvar = sums.chunks(2).map(|c| (c[1] as f64 / n as f64) as f32 * scale).collect();
+    Ok(GpuLoss { total: per_sample.iter().sum::<f64>() / n as f64, per_sample, dd, dlogvar })
+}
