@@ -132,6 +132,18 @@ impl EmaSet {
         }
     }
 
+    /// The lerp weight `1 − β` of each average (in [`EmaSet::averages`] order) for the
+    /// update after a step that brought the images seen to `cur_nimg` — what
+    /// [`EmaSet::update`] uses (for the same update done elsewhere, e.g. on a device).
+    pub fn weights(&self, cur_nimg: u64, batch_size: u64) -> Vec<f32> {
+        match self {
+            EmaSet::Power(p) => {
+                p.exps.iter().map(|&g| (1.0 - phema::power_function_beta(g, cur_nimg as f64, batch_size as f64)) as f32).collect()
+            }
+            EmaSet::Traditional(t) => vec![(1.0 - t.beta(cur_nimg, batch_size)) as f32],
+        }
+    }
+
     /// Every tracked average with its σ_rel (None for the traditional EMA).
     pub fn averages(&self) -> Vec<(Option<f64>, &Params)> {
         match self {

@@ -356,11 +356,15 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
 
     let stream = StreamOptions { seed: opts.seed, batch: opts.batch_gpu as usize, label_dim, p_mean: opts.p_mean, p_std: opts.p_std };
     let loader = Loader::start(ds.clone(), stream, start_nimg, 2);
+    // On the CUDA backend the weights, Adam moments and EMAs live on the device; the host
+    // copy in `st` is refreshed for snapshots, checkpoints and previews.
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     let gpu = match opts.device {
         crate::backend::Device::Cuda => Some(crate::backend::gpu::Gpu::open(0)?),
         _ => None,
     };
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    let mut dev = gpu.as_ref().map(|g| device::DeviceState::upload(g, &st)).transpose()?;
     let rounds = opts.batch / opts.batch_gpu;
     let per_image = (c.img_channels * c.img_resolution * c.img_resolution) as f64;
     let dtype = if opts.snapshot_dtype == "f32" { Dtype::F32 } else { Dtype::F16 };
@@ -452,8 +456,16 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
             tick_nonfinite = 0;
         }
 
+        // The host copy of the state is needed for snapshots, checkpoints and previews.
+        let snapshot_due = opts.snapshot > 0 && st.nimg % opts.snapshot == 0 && (st.nimg != start_nimg || start_nimg == 0);
+        let checkpoint_due = (done || (opts.checkpoint > 0 && st.nimg % opts.checkpoint == 0)) && st.nimg != start_nimg;
+        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+        if let (Some(d), Some(g), true) = (dev.as_mut(), gpu.as_ref(), snapshot_due || checkpoint_due) {
+            d.download_into(g, &mut st)?;
+        }
+
         // EMA snapshots.
-        if opts.snapshot > 0 && st.nimg % opts.snapshot == 0 && (st.nimg != start_nimg || start_nimg == 0) {
+        if snapshot_due {
             for (std, ema) in st.ema.averages() {
                 let p = write_snapshot(run_dir, &specs, ema, &opts.net, st.nimg, std, dtype, &extra)?;
                 log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
@@ -462,7 +474,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         }
 
         // Training state, then the preview grid (from the EMA closest to σ_rel 0.100).
-        if (done || (opts.checkpoint > 0 && st.nimg % opts.checkpoint == 0)) && st.nimg != start_nimg {
+        if checkpoint_due {
             let p = st.save(&specs, run_dir)?;
             log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
             summary.checkpoints.push(p);
@@ -498,67 +510,58 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
             break;
         }
 
-        // One optimizer step.
+        // One optimizer step: on the device when one is in use, else here.
         let t0 = Instant::now();
-        let mut fwd_bwd = 0.0f64;
-        net.force_normalize(&mut st.params);
-        // On the CUDA backend (first version): the normalized weights go to the device for
-        // the passes, the gradients come back; the optimizer and the EMAs stay here.
+        let scale = (opts.loss_scaling * opts.batch_gpu as f64 / opts.batch as f64) as f32;
         #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-        let on_device = match &gpu {
-            Some(g) => Some((g, crate::backend::gpu::GpuParams::upload(g, &st.params)?)),
-            None => None,
+        let device_step = match (dev.as_mut(), gpu.as_ref()) {
+            (Some(d), Some(g)) => Some(d.step(g, &net, &mut st, &loader, opts, scale)?),
+            _ => None,
         };
-        let mut grads: Option<Params> = None;
-        let mut loss_sum = 0.0f64;
-        for _ in 0..rounds {
-            let b = loader.next()?;
-            let t1 = Instant::now();
-            let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
-            // edm2_loss divides by the pass size; the step's loss is the sum over the whole
-            // batch divided by the batch, times the loss scaling (official `loss_scaling`).
-            let scale = (opts.loss_scaling * opts.batch_gpu as f64 / opts.batch as f64) as f32;
-            let scale_loss = |l: &mut crate::train::loss::LossOut| {
-                if scale != 1.0 {
-                    crate::backend::cpu::ops::scale_inplace(&mut l.dd.data, scale);
-                    l.dlogvar.iter_mut().for_each(|v| *v *= scale);
-                }
-            };
-            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-            let device_pass = match &on_device {
-                Some((g, gp)) => Some(device_pass(&net, g, gp, &b, &mode, c.sigma_data, scale)?),
-                None => None,
-            };
-            #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
-            let device_pass: Option<(Vec<f64>, Params)> = None;
-            let (per_sample, g) = match device_pass {
-                Some(lg) => lg,
-                None => {
+        #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+        let device_step: Option<StepOut> = None;
+        let StepOut { loss_sum, nonfinite, lr, fwd_bwd } = match device_step {
+            Some(out) => out,
+            None => {
+                let mut fwd_bwd = 0.0f64;
+                net.force_normalize(&mut st.params);
+                let mut grads: Option<Params> = None;
+                let mut loss_sum = 0.0f64;
+                for _ in 0..rounds {
+                    let b = loader.next()?;
+                    let t1 = Instant::now();
+                    let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
                     let out = net.forward(&st.params, &b.noisy, &b.sigma, b.labels.as_ref(), &mode, false);
                     let mut l = edm2_loss(&out.d, &out.logvar, &b.images, &b.sigma, c.sigma_data);
-                    scale_loss(&mut l);
-                    let g = net.backward(&st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode);
-                    (l.per_sample, g)
-                }
-            };
-            loss_sum += per_sample.iter().sum::<f64>();
-            grads = Some(match grads {
-                None => g,
-                Some(mut acc) => {
-                    for (a, b) in acc.values.iter_mut().zip(&g.values) {
-                        crate::backend::cpu::ops::add_inplace(a, b);
+                    // edm2_loss divides by the pass size; the step's loss is the sum over the
+                    // whole batch divided by the batch, times the loss scaling (official
+                    // `loss_scaling`).
+                    if scale != 1.0 {
+                        crate::backend::cpu::ops::scale_inplace(&mut l.dd.data, scale);
+                        l.dlogvar.iter_mut().for_each(|v| *v *= scale);
                     }
-                    acc
+                    loss_sum += l.per_sample.iter().sum::<f64>();
+                    let g = net.backward(&st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode);
+                    grads = Some(match grads {
+                        None => g,
+                        Some(mut acc) => {
+                            for (a, b) in acc.values.iter_mut().zip(&g.values) {
+                                crate::backend::cpu::ops::add_inplace(a, b);
+                            }
+                            acc
+                        }
+                    });
+                    fwd_bwd += t1.elapsed().as_secs_f64();
                 }
-            });
-            fwd_bwd += t1.elapsed().as_secs_f64();
-        }
-        let mut grads = grads.expect("at least one pass");
-        let nonfinite = Adam::sanitize(&mut grads);
-        let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
-        st.adam.step(&specs, &mut st.params, &grads, lr);
-        st.nimg += opts.batch;
-        st.ema.update(&specs, &st.params, st.nimg, opts.batch);
+                let mut grads = grads.expect("at least one pass");
+                let nonfinite = Adam::sanitize(&mut grads);
+                let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
+                st.adam.step(&specs, &mut st.params, &grads, lr);
+                st.nimg += opts.batch;
+                st.ema.update(&specs, &st.params, st.nimg, opts.batch);
+                StepOut { loss_sum, nonfinite, lr, fwd_bwd }
+            }
+        };
 
         let step_sec = t0.elapsed().as_secs_f64();
         tick_train_sec += step_sec;
@@ -582,25 +585,126 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     Ok(summary)
 }
 
-/// One forward/backward pass on the CUDA backend, the loss and its gradient included;
-/// returns the per-image losses and the gradients (downloaded).
+/// What one optimizer step reports.
+struct StepOut {
+    /// Sum of the per-image losses over the batch (times the loss scaling).
+    loss_sum: f64,
+    nonfinite: usize,
+    lr: f64,
+    /// Seconds in the forward/backward passes.
+    fwd_bwd: f64,
+}
+
+/// The training step on the CUDA backend: the state lives on the device; each pass
+/// (forward, loss, backward) and the optimizer and EMA updates run there.
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-fn device_pass(
-    net: &Precond,
-    gpu: &crate::backend::gpu::Gpu,
-    params: &crate::backend::gpu::GpuParams,
-    b: &crate::data::loader::Batch,
-    mode: &Mode,
-    sigma_data: f32,
-    loss_scale: f32,
-) -> Result<(Vec<f64>, Params)> {
+mod device {
+    use super::{learning_rate, mix, StepOut, TrainOptions, DROPOUT};
+    use crate::backend::gpu::{kernels as k, Gpu, GpuBuf, GpuParams};
+    use crate::data::loader::Loader;
+    use crate::error::Result;
+    use crate::nn::{Mode, ParamKind, Precond};
     use crate::tensor::Tensor;
-    let xd = Tensor::with_buf(&b.noisy.shape, gpu.upload(&b.noisy.data)?);
-    let yd = gpu.upload(&b.images.data)?;
-    let ld = b.labels.as_ref().map(|l| gpu.upload(&l.data).map(|d| Tensor::with_buf(&l.shape, d))).transpose()?;
-    let out = net.forward_on(gpu, params, &xd, &b.sigma, ld.as_ref(), mode, false)?;
-    let l = crate::backend::gpu::kernels::edm2_loss(gpu, &out.d.data, &yd, &out.logvar, &b.sigma, sigma_data, loss_scale)?;
-    let dd = Tensor::with_buf(&out.d.shape, l.dd);
-    let g = net.backward_on(gpu, params, out.cache.expect("training forward records"), &dd, &l.dlogvar, mode)?;
-    Ok((l.per_sample, g.download(gpu)?))
+    use crate::train::ema::torch_lerp;
+    use crate::train::state::TrainState;
+    use std::time::Instant;
+
+    pub struct DeviceState {
+        params: GpuParams,
+        m: Vec<GpuBuf<f32>>,
+        v: Vec<GpuBuf<f32>>,
+        emas: Vec<GpuParams>,
+    }
+
+    impl DeviceState {
+        pub fn upload(gpu: &Gpu, st: &TrainState) -> Result<DeviceState> {
+            let up = |p: &crate::nn::Params| p.values.iter().map(|v| gpu.upload(v)).collect::<Result<Vec<_>>>();
+            Ok(DeviceState {
+                params: GpuParams::upload(gpu, &st.params)?,
+                m: up(&st.adam.m)?,
+                v: up(&st.adam.v)?,
+                emas: st.ema.averages().iter().map(|(_, e)| GpuParams::upload(gpu, e)).collect::<Result<Vec<_>>>()?,
+            })
+        }
+
+        /// Refreshes the host state (weights, Adam moments, EMAs) from the device.
+        pub fn download_into(&self, gpu: &Gpu, st: &mut TrainState) -> Result<()> {
+            st.params = self.params.download(gpu)?;
+            for (dst, src) in st.adam.m.values.iter_mut().zip(&self.m) {
+                *dst = gpu.download(src)?;
+            }
+            for (dst, src) in st.adam.v.values.iter_mut().zip(&self.v) {
+                *dst = gpu.download(src)?;
+            }
+            for (dst, src) in st.ema.averages_mut().into_iter().zip(&self.emas) {
+                *dst = src.download(gpu)?;
+            }
+            Ok(())
+        }
+
+        /// One optimizer step (gradient accumulation over `batch / batch_gpu` passes).
+        /// Advances `st.nimg` and `st.adam.t` as the host step does.
+        pub fn step(&mut self, gpu: &Gpu, net: &Precond, st: &mut TrainState, loader: &Loader, opts: &TrainOptions, scale: f32) -> Result<StepOut> {
+            let specs = &net.specs;
+            net.force_normalize_on(gpu, &mut self.params)?;
+            let (mut loss_sum, mut fwd_bwd) = (0.0f64, 0.0f64);
+            let mut grads: Option<GpuParams> = None;
+            for _ in 0..opts.batch / opts.batch_gpu {
+                let b = loader.next()?;
+                let t1 = Instant::now();
+                let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
+                let xd = Tensor::with_buf(&b.noisy.shape, gpu.upload(&b.noisy.data)?);
+                let yd = gpu.upload(&b.images.data)?;
+                let ld = b.labels.as_ref().map(|l| gpu.upload(&l.data).map(|d| Tensor::with_buf(&l.shape, d))).transpose()?;
+                let out = net.forward_on(gpu, &self.params, &xd, &b.sigma, ld.as_ref(), &mode, false)?;
+                let l = k::edm2_loss(gpu, &out.d.data, &yd, &out.logvar, &b.sigma, opts.net.sigma_data, scale)?;
+                loss_sum += l.per_sample.iter().sum::<f64>();
+                let dd = Tensor::with_buf(&out.d.shape, l.dd);
+                let g = net.backward_on(gpu, &self.params, out.cache.expect("training forward records"), &dd, &l.dlogvar, &mode)?;
+                grads = Some(match grads {
+                    None => g,
+                    Some(mut acc) => {
+                        for (i, (a, b)) in acc.values.iter_mut().zip(&g.values).enumerate() {
+                            match (&mut acc.scalars[i], g.scalars[i]) {
+                                (Some(x), Some(y)) => *x += y,
+                                _ => k::axpby(gpu, a, b, 1.0, 1.0)?,
+                            }
+                        }
+                        acc
+                    }
+                });
+                gpu.synchronize()?;
+                fwd_bwd += t1.elapsed().as_secs_f64();
+            }
+            let mut grads = grads.expect("at least one pass");
+            // Adam with non-finite zeroing on every parameter, the gains included.
+            let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
+            st.adam.t += 1;
+            grads.scalars_to_device(gpu)?;
+            self.params.scalars_to_device(gpu)?;
+            let mut nonfinite = 0usize;
+            for (i, s) in specs.iter().enumerate() {
+                if s.kind == ParamKind::Param {
+                    let (a, b) = (&st.adam, &mut self.m[i]);
+                    nonfinite += k::adam(gpu, &mut self.params.values[i], &grads.values[i], b, &mut self.v[i], lr, a.beta1, a.beta2, a.eps, a.t)? as usize;
+                }
+            }
+            self.params.scalars_from_device(gpu)?;
+            st.nimg += opts.batch;
+            // The EMAs: the same lerp weights as the host's EmaSet (buffers never change).
+            for (e, w) in self.emas.iter_mut().zip(st.ema.weights(st.nimg, opts.batch)) {
+                for (i, s) in specs.iter().enumerate() {
+                    if s.kind == ParamKind::Buffer {
+                        continue;
+                    }
+                    match (&mut e.scalars[i], self.params.scalars[i]) {
+                        (Some(x), Some(y)) => *x = torch_lerp(*x, y, w),
+                        _ => k::ema_lerp(gpu, &mut e.values[i], &self.params.values[i], w)?,
+                    }
+                }
+            }
+            gpu.synchronize()?;
+            Ok(StepOut { loss_sum, nonfinite, lr, fwd_bwd })
+        }
+    }
 }
