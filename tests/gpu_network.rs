@@ -289,3 +289,39 @@ fn training_on_the_device_matches_the_cpu() {
     assert!(checked > 100, "weights, Adam moments and EMAs compared ({checked})");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_repeated_training_step_allocates_no_device_memory() {
+    use edm2::backend::gpu::kernels as k;
+    let Some(gpu) = device() else { return };
+    let net = Precond::new(&tiny()).unwrap();
+    let params = net.init_params(31);
+    let mut gp = GpuParams::upload(&gpu, &params).unwrap();
+    let mut moments: Vec<_> = gp.values.iter().map(|v| (gpu.alloc_zeros::<f32>(v.len()).unwrap(), gpu.alloc_zeros::<f32>(v.len()).unwrap())).collect();
+    let mut rng = Rng::new(32);
+    let x = Tensor::from_vec(&[2, 8, 8, 3], rng.normal_vec(2 * 8 * 8 * 3));
+    let labels = Tensor::from_vec(&[2, 10], (0..20).map(|i| (i % 7 == 0) as u8 as f32).collect());
+    let sigma = [0.4f32, 3.0];
+    // What `train --device cuda` does per step: uploads, forced WN, forward, loss, backward,
+    // Adam.
+    let mut step = |t: u64| {
+        let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data).unwrap());
+        let yd = gpu.upload(&x.data).unwrap();
+        let ld = Tensor::with_buf(&labels.shape, gpu.upload(&labels.data).unwrap());
+        net.force_normalize_on(&gpu, &mut gp).unwrap();
+        let mode = Mode::train(t);
+        let out = net.forward_on(&gpu, &gp, &xd, &sigma, Some(&ld), &mode, false).unwrap();
+        let l = k::edm2_loss(&gpu, &out.d.data, &yd, &out.logvar, &sigma, 0.5, 1.0).unwrap();
+        let dd = Tensor::with_buf(&out.d.shape, l.dd);
+        let g = net.backward_on(&gpu, &gp, out.cache.unwrap(), &dd, &l.dlogvar, &mode).unwrap();
+        for (i, (m, v)) in moments.iter_mut().enumerate() {
+            k::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-3, 0.9, 0.99, 1e-8, t).unwrap();
+        }
+    };
+    step(1);
+    let first = gpu.pool_stats();
+    step(2);
+    let second = gpu.pool_stats();
+    assert!(first.allocated > 0 && second.reused > first.reused, "{first:?} -> {second:?}");
+    assert_eq!(second.allocated, first.allocated, "the second step allocated device memory ({first:?} -> {second:?})");
+}

@@ -79,22 +79,74 @@ pub struct Gpu {
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
     name: String,
     precision: std::cell::Cell<Precision>,
+    pool: std::rc::Rc<Pool>,
 }
 
-/// A typed buffer in device memory (host memory on the simulated device).
+#[cfg(feature = "cuda")]
+type Storage<T> = cudarc::driver::CudaSlice<T>;
+#[cfg(not(feature = "cuda"))]
+type Storage<T> = Vec<T>;
+
+/// A typed buffer in device memory (host memory on the simulated device). Dropping it
+/// returns its memory to the device's buffer pool.
 pub struct GpuBuf<T: DeviceScalar> {
-    #[cfg(feature = "cuda")]
-    inner: cudarc::driver::CudaSlice<T>,
-    #[cfg(not(feature = "cuda"))]
-    inner: Vec<T>,
+    /// `Some` while the buffer lives.
+    inner: Option<Storage<T>>,
+    pool: std::rc::Weak<Pool>,
 }
 
 impl<T: DeviceScalar> GpuBuf<T> {
     pub fn len(&self) -> usize {
-        self.inner.len()
+        self.storage().len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    fn storage(&self) -> &Storage<T> {
+        self.inner.as_ref().expect("a live buffer")
+    }
+    #[allow(dead_code)]
+    fn storage_mut(&mut self) -> &mut Storage<T> {
+        self.inner.as_mut().expect("a live buffer")
+    }
+}
+
+impl<T: DeviceScalar> Drop for GpuBuf<T> {
+    fn drop(&mut self) {
+        if let (Some(s), Some(pool)) = (self.inner.take(), self.pool.upgrade()) {
+            pool.put(s);
+        }
+    }
+}
+
+/// Freed buffers by (element type, length), handed out again by the next allocation of
+/// the same size: a training step repeats the same sequence of sizes, so from the second
+/// step on nothing is allocated from the device (tested on the simulated device). Work
+/// is ordered on the one compute stream, so a buffer reused by a later kernel is only
+/// touched after the earlier kernels that used it.
+#[derive(Default)]
+pub struct Pool {
+    free: std::cell::RefCell<std::collections::HashMap<(std::any::TypeId, usize), Vec<Box<dyn std::any::Any>>>>,
+    hits: std::cell::Cell<u64>,
+    misses: std::cell::Cell<u64>,
+}
+
+/// Counters of the buffer pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Allocations served from freed buffers.
+    pub reused: u64,
+    /// Allocations that needed new device memory.
+    pub allocated: u64,
+}
+
+impl Pool {
+    fn take<T: DeviceScalar>(&self, n: usize) -> Option<Storage<T>> {
+        let b = self.free.borrow_mut().get_mut(&(std::any::TypeId::of::<T>(), n))?.pop()?;
+        b.downcast::<Storage<T>>().ok().map(|b| *b)
+    }
+    fn put<T: DeviceScalar>(&self, s: Storage<T>) {
+        self.free.borrow_mut().entry((std::any::TypeId::of::<T>(), s.len())).or_default().push(Box::new(s));
     }
 }
 
@@ -127,7 +179,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}"));
         let stream = ctx.new_stream().map_err(|e| driver_err("creating a stream", e))?;
-        Ok(Gpu { stream, name, precision: Default::default() })
+        Ok(Gpu { stream, name, precision: Default::default(), pool: Default::default() })
     }
 
     /// The stream our launchers enqueue on; binds the context to the calling thread.
@@ -136,38 +188,29 @@ impl Gpu {
         Ok(self.stream.cu_stream())
     }
 
-    /// A buffer of `n` elements whose contents are unspecified: poisoned (all bits set;
-    /// NaN for floats), as on the simulated device, so that reading unwritten memory
-    /// shows up in the parity tests.
-    pub fn alloc<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
+    /// New device memory for `n` elements (contents unspecified).
+    fn raw_alloc<T: DeviceScalar>(&self, n: usize) -> Result<Storage<T>> {
+        // SAFETY: every caller fills or writes the buffer before handing it out.
+        unsafe { self.stream.alloc::<T>(n) }.map_err(|e| driver_err("allocating device memory", e))
+    }
+
+    /// Sets every byte of `b` to `byte` (stream-ordered).
+    fn fill<T: DeviceScalar>(&self, b: &mut GpuBuf<T>, byte: u8) -> Result<()> {
         use cudarc::driver::DevicePtrMut;
-        // SAFETY: the memory is initialized by the memset before any use.
-        let mut inner = unsafe { self.stream.alloc::<T>(n) }.map_err(|e| driver_err("allocating device memory", e))?;
-        let bytes = n * std::mem::size_of::<T>();
-        let (p, _guard) = inner.device_ptr_mut(&self.stream);
-        unsafe { cudarc::driver::result::memset_d8_async(p, 0xFF, bytes, self.stream.cu_stream()) }
-            .map_err(|e| driver_err("poisoning device memory", e))?;
-        drop(_guard);
-        Ok(GpuBuf { inner })
-    }
-
-    pub fn alloc_zeros<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
-        let inner = self.stream.alloc_zeros::<T>(n).map_err(|e| driver_err("allocating device memory", e))?;
-        Ok(GpuBuf { inner })
-    }
-
-    pub fn upload<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
-        Ok(GpuBuf { inner: self.stream.clone_htod(host).map_err(|e| driver_err("copying to the device", e))? })
+        let bytes = b.len() * std::mem::size_of::<T>();
+        let (p, _guard) = b.storage_mut().device_ptr_mut(&self.stream);
+        unsafe { cudarc::driver::result::memset_d8_async(p, byte, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver_err("filling device memory", e))
     }
 
     pub fn write<T: DeviceScalar>(&self, host: &[T], dst: &mut GpuBuf<T>) -> Result<()> {
         same_len("write", host.len(), dst.len())?;
-        self.stream.memcpy_htod(host, &mut dst.inner).map_err(|e| driver_err("copying to the device", e))
+        self.stream.memcpy_htod(host, dst.storage_mut()).map_err(|e| driver_err("copying to the device", e))
     }
 
     /// Waits for the stream and copies `src` back.
     pub fn download<T: DeviceScalar>(&self, src: &GpuBuf<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(&src.inner).map_err(|e| driver_err("copying from the device (a kernel may have faulted)", e))
+        self.stream.clone_dtoh(src.storage()).map_err(|e| driver_err("copying from the device (a kernel may have faulted)", e))
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -175,11 +218,11 @@ impl Gpu {
     }
 }
 
-/// Device memory comes from the driver's stream-ordered pool (cudarc allocates with
-/// cuMemAllocAsync). By default the pool returns freed memory to the system at every
-/// synchronization; with the release threshold at its maximum it keeps it, so a training
-/// step's buffers are reused from the pool after the first step instead of being
-/// allocated from the system each time.
+/// New device memory comes from the driver's stream-ordered pool (cudarc allocates with
+/// cuMemAllocAsync). By default that pool returns freed memory to the system at every
+/// synchronization; with the release threshold at its maximum it keeps it (our own
+/// [`Pool`] already reuses buffers; this covers memory freed outside it, e.g. when a
+/// device is closed and another opened).
 #[cfg(feature = "cuda")]
 fn keep_freed_memory(ctx: &cudarc::driver::CudaContext) -> Result<()> {
     use cudarc::driver::sys;
@@ -207,12 +250,12 @@ impl<T: DeviceScalar> GpuBuf<T> {
     pub(crate) fn ptr(&self, gpu: &Gpu) -> *const T {
         use cudarc::driver::DevicePtr;
         // Event tracking is off: the guard records nothing, dropping it is fine.
-        let (p, _guard) = self.inner.device_ptr(&gpu.stream);
+        let (p, _guard) = self.storage().device_ptr(&gpu.stream);
         p as usize as *const T
     }
     pub(crate) fn ptr_mut(&mut self, gpu: &Gpu) -> *mut T {
         use cudarc::driver::DevicePtrMut;
-        let (p, _guard) = self.inner.device_ptr_mut(&gpu.stream);
+        let (p, _guard) = self.storage_mut().device_ptr_mut(&gpu.stream);
         p as usize as *mut T
     }
 }
@@ -221,38 +264,32 @@ impl<T: DeviceScalar> GpuBuf<T> {
 impl Gpu {
     /// The simulated device (always available).
     pub fn open(_ordinal: usize) -> Result<Gpu> {
-        Ok(Gpu { name: "simulated CUDA device (sim/cuda_sim.h on the CPU)".into(), precision: Default::default() })
+        Ok(Gpu { name: "simulated CUDA device (sim/cuda_sim.h on the CPU)".into(), precision: Default::default(), pool: Default::default() })
     }
 
     pub(crate) fn stream(&self) -> Result<ffi::cudaStream_t> {
         Ok(std::ptr::null_mut())
     }
 
-    /// A buffer of `n` elements whose contents are unspecified: poisoned (all bits set;
-    /// NaN for floats) on the simulated device.
-    pub fn alloc<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
-        let mut v = vec![T::default(); n];
+    fn raw_alloc<T: DeviceScalar>(&self, n: usize) -> Result<Storage<T>> {
+        Ok(vec![T::default(); n])
+    }
+
+    fn fill<T: DeviceScalar>(&self, b: &mut GpuBuf<T>, byte: u8) -> Result<()> {
+        let v = b.storage_mut();
         // SAFETY: DeviceScalar types are plain old data; every bit pattern is a value.
-        unsafe { std::ptr::write_bytes(v.as_mut_ptr() as *mut u8, 0xFF, n * std::mem::size_of::<T>()) };
-        Ok(GpuBuf { inner: v })
-    }
-
-    pub fn alloc_zeros<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
-        Ok(GpuBuf { inner: vec![T::default(); n] })
-    }
-
-    pub fn upload<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
-        Ok(GpuBuf { inner: host.to_vec() })
+        unsafe { std::ptr::write_bytes(v.as_mut_ptr() as *mut u8, byte, v.len() * std::mem::size_of::<T>()) };
+        Ok(())
     }
 
     pub fn write<T: DeviceScalar>(&self, host: &[T], dst: &mut GpuBuf<T>) -> Result<()> {
         same_len("write", host.len(), dst.len())?;
-        dst.inner.copy_from_slice(host);
+        dst.storage_mut().copy_from_slice(host);
         Ok(())
     }
 
     pub fn download<T: DeviceScalar>(&self, src: &GpuBuf<T>) -> Result<Vec<T>> {
-        Ok(src.inner.clone())
+        Ok(src.storage().clone())
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -263,14 +300,56 @@ impl Gpu {
 #[cfg(not(feature = "cuda"))]
 impl<T: DeviceScalar> GpuBuf<T> {
     pub(crate) fn ptr(&self, _gpu: &Gpu) -> *const T {
-        self.inner.as_ptr()
+        self.storage().as_ptr()
     }
     pub(crate) fn ptr_mut(&mut self, _gpu: &Gpu) -> *mut T {
-        self.inner.as_mut_ptr()
+        self.storage_mut().as_mut_ptr()
     }
 }
 
 impl Gpu {
+    /// A buffer of `n` elements from the pool (or new device memory).
+    fn pooled<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
+        let s = match self.pool.take::<T>(n) {
+            Some(s) => {
+                self.pool.hits.set(self.pool.hits.get() + 1);
+                s
+            }
+            None => {
+                self.pool.misses.set(self.pool.misses.get() + 1);
+                self.raw_alloc::<T>(n)?
+            }
+        };
+        Ok(GpuBuf { inner: Some(s), pool: std::rc::Rc::downgrade(&self.pool) })
+    }
+
+    /// A buffer of `n` elements whose contents are unspecified: poisoned (all bits set;
+    /// NaN for floats), so that a kernel reading what nobody wrote shows up in the tests.
+    pub fn alloc<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
+        let mut b = self.pooled(n)?;
+        self.fill(&mut b, 0xFF)?;
+        Ok(b)
+    }
+
+    pub fn alloc_zeros<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
+        let mut b = self.pooled(n)?;
+        self.fill(&mut b, 0)?;
+        Ok(b)
+    }
+
+    /// A device copy of `host`.
+    pub fn upload<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
+        let mut b = self.pooled(host.len())?;
+        self.write(host, &mut b)?;
+        Ok(b)
+    }
+
+    /// How many allocations the pool served from freed buffers and how many needed new
+    /// device memory, since the device was opened.
+    pub fn pool_stats(&self) -> PoolStats {
+        PoolStats { reused: self.pool.hits.get(), allocated: self.pool.misses.get() }
+    }
+
     /// What the device is, for messages ("NVIDIA H100 80GB HBM3", or the simulated device).
     pub fn name(&self) -> &str {
         &self.name
