@@ -5,6 +5,16 @@
 #ifndef EDM2_SIM
 #include <cuda_runtime.h>
 #define EDM2_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+// Tensor cores: D = A·B + C for one warp, A 16x16 bf16 (row-major), B 16x8 bf16
+// (column-major), C/D 16x8 fp32, in the PTX ISA's register fragments (a[4], b[2] hold two
+// bf16 each, low half first; see sim/cuda_sim.h for the layout, which the harness
+// emulates). Needs sm_80+.
+__device__ __forceinline__ void edm2_mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
 // A static shared-memory array: `EDM2_SHARED(float, tile, [16][16]);`. The simulation
 // harness poisons it (all bits set: NaN) at the start of every block, so reading shared
 // memory that no thread of the block wrote shows up.

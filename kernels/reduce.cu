@@ -92,3 +92,31 @@ extern "C" int edm2_selftest_shared_poison(float *out, cudaStream_t stream) {
   EDM2_LAUNCH(selftest_shared_poison_kernel, 2, 64, 0, stream, out);
   return (int)cudaGetLastError();
 }
+
+// Self-test of the tensor-core fragment layout: one warp computes D = A·B (A 16x16 and B
+// 16x8, bf16 bits, both row-major in memory; D 16x8 fp32 row-major) by loading the
+// fragments as the PTX ISA lays them out. wrong_layout = 1 loads B as if it were indexed
+// [n][k] — a layout bug the round-trip test must see.
+__global__ void selftest_mma_kernel(const uint16_t *a, const uint16_t *b, float *d, int wrong_layout) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  unsigned af[4], bf[2];
+  for (int r = 0; r < 4; r++) {
+    int row = g + 8 * (r & 1), k = 2 * t + 8 * (r >> 1);
+    af[r] = (unsigned)a[row * 16 + k] | ((unsigned)a[row * 16 + k + 1] << 16);
+  }
+  for (int r = 0; r < 2; r++) {
+    int k = 2 * t + 8 * r, n = g;
+    if (wrong_layout)
+      bf[r] = (unsigned)b[(n % 8) * 16 / 8 + k] | ((unsigned)b[(n % 8) * 16 / 8 + k + 1] << 16);
+    else
+      bf[r] = (unsigned)b[k * 8 + n] | ((unsigned)b[(k + 1) * 8 + n] << 16);
+  }
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, out[4];
+  edm2_mma_m16n8k16_bf16(out, af, bf, c);
+  for (int i = 0; i < 4; i++) d[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = out[i];
+}
+
+extern "C" int edm2_selftest_mma(const uint16_t *a, const uint16_t *b, float *d, int wrong_layout, cudaStream_t stream) {
+  EDM2_LAUNCH(selftest_mma_kernel, 1, 32, 0, stream, a, b, d, wrong_layout);
+  return (int)cudaGetLastError();
+}

@@ -75,6 +75,7 @@ struct BlockRun {
   std::vector<int> order;  // schedule order of thread indices
   std::vector<int> pos;    // position of each thread in `order`
   std::vector<float> warp_buf_f;
+  std::vector<uint32_t> mma_frag;  // per lane: a[4], b[2] of an mma in flight
   ucontext_t sched;  // the launching thread's context
   Fiber *fibers = nullptr;
   const std::function<void()> *body = nullptr;
@@ -173,6 +174,50 @@ inline float shfl_f(float v, F src) {
   return out;
 }
 
+inline float bf16_bits_to_float(uint32_t h) {
+  uint32_t u = h << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, emulated: every live lane of the
+// warp publishes its fragments, then each lane computes its own four accumulators from the
+// lanes that hold the values it needs, with the register layouts of the PTX ISA ("Matrix
+// Fragments for mma.m16n8k16 with floating point type"; g = lane>>2, t = lane&3):
+//   A (16x16, row-major): a[r] holds row g + 8·(r&1), k = 2t + 8·(r>>1) (low half), k+1 (high);
+//   B (16x8, column):     b[r] holds k = 2t + 8·r (low half), k+1 (high), column g;
+//   C/D (16x8 f32):       c[i] is row g + 8·(i>>1), column 2t + (i&1).
+// The products are summed over k in order in fp32 (the hardware's internal order is not
+// specified; tests use data whose sums are exact).
+inline void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  BlockRun &r = *cur_run;
+  int me = cur->me;
+  int lane = me % EDM2_WARP_SIZE, base = me - lane;
+  warp_barrier();  // nobody still reads a previous exchange
+  for (int i = 0; i < 4; i++) r.mma_frag[6 * me + i] = a[i];
+  for (int i = 0; i < 2; i++) r.mma_frag[6 * me + 4 + i] = b[i];
+  warp_barrier();  // every lane has published
+  auto a_at = [&](int row, int k) {
+    int l = (row % 8) * 4 + (k % 8) / 2, reg = (row >= 8) + 2 * (k >= 8);
+    return bf16_bits_to_float((r.mma_frag[6 * (base + l) + reg] >> (16 * (k & 1))) & 0xFFFFu);
+  };
+  auto b_at = [&](int k, int col) {
+    int l = col * 4 + (k % 8) / 2, reg = k >= 8;
+    return bf16_bits_to_float((r.mma_frag[6 * (base + l) + 4 + reg] >> (16 * (k & 1))) & 0xFFFFu);
+  };
+  int g = lane >> 2, t = lane & 3;
+  float out[4];
+  for (int i = 0; i < 4; i++) {
+    int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; k++) acc += a_at(row, k) * b_at(k, col);
+    out[i] = acc;
+  }
+  warp_barrier();  // every lane has read the exchange
+  for (int i = 0; i < 4; i++) d[i] = out[i];
+}
+
 // Entry of every fiber: run the kernel body, leave pending barriers, pass the baton; the
 // context then ends (uc_link: the launcher) or, if the baton went to another fiber,
 // switches there.
@@ -239,6 +284,7 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
       for (unsigned bx = 0; bx < grid.x; bx++) {
         r.st.assign(n, St::Ready);
         r.warp_buf_f.assign(n, 0.0f);
+        r.mma_frag.assign(6 * (size_t)n, 0u);
         r.token = ++block_counter();
         for (int t = 0; t < n; t++) {
           Fiber &f = fibers[t];
@@ -299,6 +345,10 @@ inline float __shfl_sync(unsigned, float v, int src) {
   return edm2sim::shfl_f(v, [src](int) { return src; });
 }
 inline float __expf(float x) { return std::exp(x); }
+// The tensor-core helper of kernels/common.cuh, emulated with the PTX fragment layouts.
+inline void edm2_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  edm2sim::mma_m16n8k16_bf16(d, a, b, c);
+}
 inline unsigned __float_as_uint(float x) {
   unsigned u;
   std::memcpy(&u, &x, sizeof u);

@@ -457,3 +457,22 @@ fn loss_kernel_matches_the_cpu_backend() {
         }
     });
 }
+
+#[test]
+fn tensor_core_fragments_round_trip() {
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    // Small integers: every bf16 product and every 16-term sum is exact in fp32, so the
+    // result does not depend on the order the hardware (or the emulation) adds in.
+    let mut r = Rng::new(61);
+    let mut int = || ((r.uniform() * 7.0).floor() - 3.0) as f32;
+    let a: Vec<f32> = (0..256).map(|_| int()).collect();
+    let b: Vec<f32> = (0..128).map(|_| int()).collect();
+    let bits = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
+    let (ab, bb): ([u16; 256], [u16; 128]) = (bits(&a).try_into().unwrap(), bits(&b).try_into().unwrap());
+    let want: Vec<f32> = (0..16).flat_map(|i| (0..8).map(move |j| (i, j))).map(|(i, j)| (0..16).map(|k| a[i * 16 + k] * b[k * 8 + j]).sum()).collect();
+    each_schedule(|sched| {
+        assert_eq!(k::selftest_mma(&gpu, &ab, &bb, false).unwrap(), want, "mma with the PTX fragment layout, {sched}");
+        assert_ne!(k::selftest_mma(&gpu, &ab, &bb, true).unwrap(), want, "a wrong B layout must change the result, {sched}");
+    });
+}

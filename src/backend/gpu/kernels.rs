@@ -122,6 +122,17 @@ pub fn selftest_shared_poison(gpu: &Gpu) -> Result<[f32; 4]> {
     Ok([o[0], o[1], o[2], o[3]])
 }
 
+/// Harness self-test of the tensor-core helper: one warp computes `A·B` (A 16x16, B 16x8,
+/// bf16 bit patterns, row-major) into a 16x8 fp32 row-major result, loading the
+/// fragments in the PTX ISA's layout (`wrong_layout`: a deliberately wrong B layout).
+pub fn selftest_mma(gpu: &Gpu, a: &[u16; 256], b: &[u16; 128], wrong_layout: bool) -> Result<Vec<f32>> {
+    let (ab, bb) = (gpu.upload(&a[..])?, gpu.upload(&b[..])?);
+    let mut d = gpu.alloc::<f32>(128)?;
+    let s = gpu.stream()?;
+    check("selftest_mma", unsafe { ffi::edm2_selftest_mma(ab.ptr(gpu), bb.ptr(gpu), d.ptr_mut(gpu), wrong_layout as i32, s) })?;
+    gpu.download(&d)
+}
+
 /// Simulated device only: the thread schedule of every block from now on, forward
 /// (0..n) or reverse. A missing barrier shows up as a wrong result under one of them.
 #[cfg(feature = "cuda-sim")]
