@@ -211,59 +211,36 @@ impl std::str::FromStr for Device {
     }
 }
 
-/// Resolves `device` for a command (`command` names it in messages; `runs_on_cuda`:
-/// whether it runs on the CUDA backend yet) and says on stderr which device was chosen.
-/// `cuda` without a usable GPU (or in a build without the backend) is an error naming
-/// the reason; `auto` falls back to the CPU. With the `cuda-sim` feature, `cuda` is the
+/// Resolves `device` for a command and says on stderr which device was chosen. `cuda`
+/// without a usable GPU (or in a build without the backend) is an error naming the
+/// reason; `auto` falls back to the CPU. With the `cuda-sim` feature, `cuda` is the
 /// simulated device (for tests; `auto` never picks it).
-pub fn resolve_device(device: Device, command: &str, runs_on_cuda: bool) -> Result<Device, crate::Error> {
-    let chosen = match device {
-        Device::Cpu => Device::Cpu,
-        Device::Cuda => {
-            cuda_available(command, runs_on_cuda)?;
-            Device::Cuda
-        }
-        Device::Auto => {
-            if cfg!(feature = "cuda") && runs_on_cuda && cuda_available(command, runs_on_cuda).is_ok() {
-                Device::Cuda
-            } else {
-                Device::Cpu
-            }
-        }
+pub fn resolve_device(device: Device) -> Result<Device, crate::Error> {
+    let (chosen, name) = match device {
+        Device::Cpu => (Device::Cpu, None),
+        Device::Cuda => (Device::Cuda, Some(cuda_device_name()?)),
+        Device::Auto => match cuda_device_name() {
+            Ok(name) if cfg!(feature = "cuda") => (Device::Cuda, Some(name)),
+            _ => (Device::Cpu, None),
+        },
     };
     if device != Device::Cpu {
-        eprintln!("device: {}", describe(chosen));
+        match name {
+            Some(n) => eprintln!("device: cuda ({n})"),
+            None => eprintln!("device: cpu ({} threads)", rayon::current_num_threads()),
+        }
     }
     Ok(chosen)
 }
 
-fn describe(d: Device) -> String {
-    match d {
-        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-        Device::Cuda => match gpu::Gpu::open(0) {
-            Ok(g) => format!("cuda ({})", g.name()),
-            Err(_) => "cuda".into(),
-        },
-        _ => format!("cpu ({} threads)", rayon::current_num_threads()),
-    }
-}
-
+/// The name of CUDA device 0, or why there is none.
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-fn cuda_available(command: &str, runs_on_cuda: bool) -> Result<(), crate::Error> {
-    let gpu = gpu::Gpu::open(0)?;
-    if runs_on_cuda {
-        Ok(())
-    } else {
-        Err(crate::Error::DeviceUnavailable(format!(
-            "found {}, but `{command}` does not run on the CUDA backend yet; \
-             use --device cpu",
-            gpu.name()
-        )))
-    }
+fn cuda_device_name() -> Result<String, crate::Error> {
+    Ok(gpu::Gpu::open(0)?.name().to_string())
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
-fn cuda_available(_command: &str, _runs_on_cuda: bool) -> Result<(), crate::Error> {
+fn cuda_device_name() -> Result<String, crate::Error> {
     Err(crate::Error::DeviceUnavailable(
         "this edm2 was built without the CUDA backend (cargo build --release --features cuda); \
          use --device cpu"

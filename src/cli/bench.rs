@@ -87,7 +87,7 @@ fn setup(a: &Args) -> Result<Setup> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = resolve_device(a.device, "bench", true)?;
+    let device = resolve_device(a.device)?;
     if device == Device::Cuda {
         return bench_cuda(&a);
     }

@@ -26,7 +26,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = resolve_device(a.device, "denoise", true)?;
+    let device = resolve_device(a.device)?;
     let cfg = a.config.as_deref().map(NetConfig::resolve).transpose()?;
     let net = edm2::load_net(&a.net, cfg.as_ref())?;
     let inp = safetensors::read(&a.input)?;

@@ -102,7 +102,7 @@ fn image_path(outdir: &Path, name: u64, subdirs: bool, ext: &str) -> PathBuf {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = resolve_device(a.device, "generate", true)?;
+    let device = resolve_device(a.device)?;
     if a.guidance != 1.0 && a.gnet.is_none() {
         bail!("--guidance {} needs a guiding network (--gnet); guidance 1 means no guidance", a.guidance);
     }

@@ -377,7 +377,7 @@ fn newest_snapshot(dir: &std::path::Path) -> Option<PathBuf> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = resolve_device(a.device, "train", true)?;
+    let device = resolve_device(a.device)?;
     let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size })?;
     let (mut opts, run_name) = build_options(&a, &ds)?;
     opts.device = device;
