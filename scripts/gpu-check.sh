@@ -47,6 +47,8 @@ out="${2:-${OUT:-./gpu-check-out}}"
 mkdir -p "$out"
 [ -x "$bin/edm2" ] || { echo "error: $bin/edm2 missing: run 'scripts/gpu-check.sh build' first and carry $bin/" >&2; exit 1; }
 export EDM2_REQUIRE_GPU=1
+# Every device buffer starts as NaN in the tests (also those a test does not open itself).
+export EDM2_POISON_DEVICE_MEMORY=1
 declare -a rows
 status=0
 row() { rows+=("$(printf '%-34s %s' "$1" "$2")"); }

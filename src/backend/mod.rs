@@ -121,6 +121,10 @@ pub trait Backend {
     fn mp_silu_backward_acc(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> crate::error::Result<()>;
     /// `a ← wa·a + wb·b`.
     fn axpby(&self, a: &mut Self::Buf, b: &Self::Buf, wa: f32, wb: f32) -> crate::error::Result<()>;
+    /// `a ← a + b`.
+    fn add(&self, a: &mut Self::Buf, b: &Self::Buf) -> crate::error::Result<()> {
+        self.axpby(a, b, 1.0, 1.0)
+    }
     fn scale(&self, a: &mut Self::Buf, k: f32) -> crate::error::Result<()>;
     /// `k·a` as a new buffer.
     fn scaled(&self, a: &Self::Buf, k: f32) -> crate::error::Result<Self::Buf>;

@@ -407,7 +407,7 @@ impl Block {
             be.attention_backward(&qkv.data, c.attn.as_ref().unwrap(), &dya.data, an, ah * aw, self.out_ch, self.num_heads, &mut dqkv)?;
             let dqkv = Tensor::with_buf(&qkv.shape, dqkv);
             let (dxq, _) = mq.backward(be, p, c.effs.qkv.as_ref().unwrap(), x2, &dqkv, true, grads)?;
-            be.axpby(&mut dx2.data, &dxq.unwrap().data, 1.0, 1.0)?;
+            be.add(&mut dx2.data, &dxq.unwrap().data)?;
         }
         // 5. x2 = wa·skip(x_main) + wb·h1
         let (wa, wb) = ops::mp_sum_coefs(self.res_balance);

@@ -494,7 +494,7 @@ impl Precond {
         for (i, (_, b, _)) in u.dec.iter().enumerate().rev() {
             let (bc, split) = dec_caches.pop().unwrap();
             let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, &mut g)?;
-            be.axpby(&mut demb.data, &de.data, 1.0, 1.0)?;
+            be.add(&mut demb.data, &de.data)?;
             dh = match split {
                 Some((na, nb)) => {
                     let (nn, hh, ww) = spatial(&dx);
@@ -511,7 +511,7 @@ impl Precond {
         let mut enc_caches = c.enc;
         for (i, (_, layer)) in u.enc.iter().enumerate().rev() {
             if let Some(ds) = dskips[i].take() {
-                be.axpby(&mut dh.data, &ds.data, 1.0, 1.0)?;
+                be.add(&mut dh.data, &ds.data)?;
             }
             let lc = enc_caches.pop().unwrap();
             match (layer, lc) {
@@ -520,7 +520,7 @@ impl Precond {
                 }
                 (EncLayer::Block(b), EncCache::Block(bc)) => {
                     let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, &mut g)?;
-                    be.axpby(&mut demb.data, &de.data, 1.0, 1.0)?;
+                    be.add(&mut demb.data, &de.data)?;
                     dh = dx;
                 }
                 _ => unreachable!("encoder cache order"),

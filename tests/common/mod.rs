@@ -64,7 +64,11 @@ pub fn to_nhwc(t: &Tensor) -> Tensor {
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub fn device() -> Option<edm2::backend::gpu::Gpu> {
     match edm2::backend::gpu::Gpu::open(0) {
-        Ok(g) => Some(g),
+        Ok(g) => {
+            // Outputs start as NaN, so an element a kernel leaves unwritten fails the test.
+            g.set_poison(true);
+            Some(g)
+        }
         Err(e) if std::env::var_os("EDM2_REQUIRE_GPU").is_none() => {
             eprintln!("SKIPPED (no usable GPU: {e})");
             None

@@ -94,6 +94,10 @@ impl Backend for Cpu {
         ops::axpby(a, b, wa, wb);
         Ok(())
     }
+    fn add(&self, a: &mut Vec<f32>, b: &Vec<f32>) -> Result<()> {
+        ops::add_inplace(a, b);
+        Ok(())
+    }
     fn scale(&self, a: &mut Vec<f32>, k: f32) -> Result<()> {
         ops::scale_inplace(a, k);
         Ok(())

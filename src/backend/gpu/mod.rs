@@ -79,6 +79,8 @@ pub struct Gpu {
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
     name: String,
     precision: std::cell::Cell<Precision>,
+    /// Whether `alloc` fills buffers with all-ones bytes (see [`Gpu::set_poison`]).
+    poison: std::cell::Cell<bool>,
     pool: std::rc::Rc<Pool>,
 }
 
@@ -179,7 +181,8 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}"));
         let stream = ctx.new_stream().map_err(|e| driver_err("creating a stream", e))?;
-        Ok(Gpu { stream, name, precision: Default::default(), pool: Default::default() })
+        let poison = std::env::var_os("EDM2_POISON_DEVICE_MEMORY").is_some();
+        Ok(Gpu { stream, name, precision: Default::default(), poison: poison.into(), pool: Default::default() })
     }
 
     /// The stream our launchers enqueue on; binds the context to the calling thread.
@@ -264,7 +267,12 @@ impl<T: DeviceScalar> GpuBuf<T> {
 impl Gpu {
     /// The simulated device (always available).
     pub fn open(_ordinal: usize) -> Result<Gpu> {
-        Ok(Gpu { name: "simulated CUDA device (sim/cuda_sim.h on the CPU)".into(), precision: Default::default(), pool: Default::default() })
+        Ok(Gpu {
+            name: "simulated CUDA device (sim/cuda_sim.h on the CPU)".into(),
+            precision: Default::default(),
+            poison: true.into(),
+            pool: Default::default(),
+        })
     }
 
     pub(crate) fn stream(&self) -> Result<ffi::cudaStream_t> {
@@ -323,12 +331,22 @@ impl Gpu {
         Ok(GpuBuf { inner: Some(s), pool: std::rc::Rc::downgrade(&self.pool) })
     }
 
-    /// A buffer of `n` elements whose contents are unspecified: poisoned (all bits set;
-    /// NaN for floats), so that a kernel reading what nobody wrote shows up in the tests.
+    /// A buffer of `n` elements whose contents are unspecified (the next op overwrites
+    /// it). With poisoning on, it is filled with all-ones bytes (NaN for floats), so a
+    /// kernel reading what nobody wrote shows up in the tests.
     pub fn alloc<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
         let mut b = self.pooled(n)?;
-        self.fill(&mut b, 0xFF)?;
+        if self.poison.get() {
+            self.fill(&mut b, 0xFF)?;
+        }
         Ok(b)
+    }
+
+    /// Poison every buffer from [`Gpu::alloc`] — a check, not free: an extra pass over the
+    /// memory of every activation. On by default on the simulated device; on a GPU only
+    /// when set here or with EDM2_POISON_DEVICE_MEMORY=1 (the GPU tests turn it on).
+    pub fn set_poison(&self, on: bool) {
+        self.poison.set(on)
     }
 
     pub fn alloc_zeros<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
