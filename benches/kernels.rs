@@ -3,10 +3,12 @@
 //! (forward; backward = data + weight gradient + weight-norm backward), cosine attention
 //! (forward, backward) and the elementwise ops. CPU numbers always; CUDA numbers when built
 //! with `--features cuda` on a machine with a GPU (the simulated device of `cuda-sim` is
-//! not timed: its speed means nothing). Shapes: an EDM2-S 16x16 level at batch 8.
+//! not timed: its speed means nothing). Shapes: an EDM2-S 16x16 level at batch 8, or at
+//! the batch in EDM2_BENCH_BATCH (a GPU needs a larger one to fill it).
 //!
 //!     cargo bench --bench kernels                      # CPU
 //!     cargo bench --features cuda --bench kernels      # CPU and GPU
+//!     EDM2_BENCH_BATCH=64 cargo bench --features cuda --bench kernels -- cuda/
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use edm2::backend::cpu::Cpu;
@@ -15,7 +17,6 @@ use edm2::nn::params::{ParamId, ParamKind, ParamSpec, Params};
 use edm2::rng::Rng;
 use std::time::Duration;
 
-const N: usize = 8;
 const RES: usize = 16;
 const CH: usize = 128;
 const HEADS: usize = 2;
@@ -28,6 +29,8 @@ fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, criterion::
 
 /// The kernel families on backend `be` (`name` labels the results: cpu / cuda).
 fn families<B: Backend>(c: &mut Criterion, name: &str, be: &B, upload_params: impl Fn(&Params) -> B::Params) {
+    #[allow(non_snake_case)]
+    let N: usize = std::env::var("EDM2_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(8);
     let mut rng = Rng::new(1);
     let s = Nhwc { n: N, h: RES, w: RES, c: CH };
     let specs = [(CH, CH, 3usize), (CH, CH, 1), (3 * CH, CH, 1)]

@@ -258,7 +258,10 @@ fn training_on_the_device_matches_the_cpu() {
     std::fs::write(&cfg_path, cfg.to_json()).unwrap();
     let run = |device: &str| {
         let out = dir.join(device);
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_edm2"))
+        // EDM2_BIN: the binary carried beside this test to a GPU machine (gpu-check.sh),
+        // where the path cargo compiled in does not exist.
+        let bin = std::env::var("EDM2_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edm2").to_string());
+        let o = std::process::Command::new(bin)
             .args(["train", cfg_path.to_str().unwrap(), "--data", data.to_str().unwrap(), "--outdir", out.to_str().unwrap()])
             .args(["--batch", "4", "--batch-gpu", "2", "--ls", "4", "--duration", "12", "--status", "0", "--snapshot", "0", "--preview", "0"])
             .args(["--rampup", "0", "--lr", "0.002", "--seed", "3", "--device", device])
@@ -314,8 +317,9 @@ fn a_repeated_training_step_allocates_no_device_memory() {
         let l = k::edm2_loss(&gpu, &out.d.data, &yd, &out.logvar, &sigma, 0.5, 1.0).unwrap();
         let dd = Tensor::with_buf(&out.d.shape, l.dd);
         let g = net.backward_on(&gpu, &gp, out.cache.unwrap(), &dd, &l.dlogvar, &mode).unwrap();
+        let mut nonfinite = gpu.alloc_zeros::<u32>(1).unwrap();
         for (i, (m, v)) in moments.iter_mut().enumerate() {
-            k::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-3, 0.9, 0.99, 1e-8, t).unwrap();
+            k::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-3, 0.9, 0.99, 1e-8, t, &mut nonfinite).unwrap();
         }
     };
     step(1);

@@ -25,6 +25,10 @@ pub struct Args {
     /// Also time one full sampling run (32 Heun steps = 63 evaluations) at this batch.
     #[arg(long)]
     pub sampling: bool,
+    /// Arithmetic of the CUDA backend: fp32 (exact comparison with the CPU), or bf16 (conv
+    /// operands rounded to bf16, fp32 accumulation, fp32 weights). The CPU is always fp32.
+    #[arg(long, value_parser = ["fp32", "bf16"], default_value = "fp32")]
+    pub precision: String,
     /// Measure only the training step or only the forward pass (e.g. for peak memory).
     #[arg(long, value_parser = ["train", "forward", "both"], default_value = "both")]
     pub only: String,
@@ -91,6 +95,7 @@ pub fn run(a: Args) -> Result<()> {
     if device == Device::Cuda {
         return bench_cuda(&a);
     }
+    anyhow::ensure!(a.precision == "fp32", "--precision {} is a CUDA setting; the CPU backend computes in fp32", a.precision);
     let Setup { cfg, net, mut params, images, labels, sigma, noisy, mut rng } = setup(&a)?;
     let (n, r, c) = (a.batch, cfg.img_resolution, cfg.img_channels);
     let mut adam = edm2::train::adam::Adam::new(&net.specs);
@@ -198,9 +203,9 @@ pub fn run(a: Args) -> Result<()> {
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn bench_cuda(a: &Args) -> Result<()> {
     use edm2::backend::gpu::{kernels, Gpu, GpuParams};
-    anyhow::ensure!(!a.sampling, "--sampling does not run on the CUDA backend yet; use --device cpu");
     let gpu = Gpu::open(0)?;
-    let Setup { cfg, net, params, images, labels, sigma, noisy, .. } = setup(a)?;
+    gpu.set_precision(if a.precision == "bf16" { edm2::backend::gpu::Precision::Bf16 } else { edm2::backend::gpu::Precision::Fp32 });
+    let Setup { cfg, net, params, images, labels, sigma, noisy, mut rng } = setup(a)?;
     let n = a.batch;
     let mut gp = GpuParams::upload(&gpu, &params)?;
     let xd = Tensor::with_buf(&noisy.shape, gpu.upload(&noisy.data)?);
@@ -223,17 +228,18 @@ fn bench_cuda(a: &Args) -> Result<()> {
         // Adam on the device for every parameter, the gains included.
         g.scalars_to_device(&gpu)?;
         gp.scalars_to_device(&gpu)?;
+        let mut nonfinite = gpu.alloc_zeros::<u32>(1)?;
         for (i, s) in net.specs.iter().enumerate() {
             if s.kind == edm2::nn::params::ParamKind::Param {
                 let (m, v) = &mut moments[i];
-                kernels::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-4, 0.9, 0.99, 1e-8, step)?;
+                kernels::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-4, 0.9, 0.99, 1e-8, step, &mut nonfinite)?;
             }
         }
         gp.scalars_from_device(&gpu)?;
         gpu.synchronize()?;
         Ok(loss.total as f32)
     };
-    eprintln!("bench {} batch {n} on {}", a.config, gpu.name());
+    eprintln!("bench {} batch {n} on {} ({})", a.config, gpu.name(), a.precision);
     let mut train_ms = Vec::new();
     for i in 0..=a.iters {
         if a.only == "forward" {
@@ -262,6 +268,30 @@ fn bench_cuda(a: &Args) -> Result<()> {
             fwd_ms.push(ms);
         }
     }
+    // One whole sampling run, as on the CPU: the sampler's state stays on the host and each
+    // evaluation uploads x and downloads D (as `generate --device cuda` does).
+    let sampling_ips = if a.sampling {
+        let (r, c) = (cfg.img_resolution, cfg.img_channels);
+        let noise = Tensor::from_vec(&[n, r, r, c], rng.normal_vec(n * r * r * c));
+        let mut k = 0;
+        let mut eval = |x: &Tensor, sig: &[f32]| -> edm2::error::Result<Tensor> {
+            let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data)?);
+            let out = net.forward_on(&gpu, &gp, &xd, sig, ld.as_ref(), &Mode::eval(), false)?;
+            Ok(Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?))
+        };
+        let t = Instant::now();
+        let x = edm2::sample::edm_sampler_on(&mut eval, None, &noise, &Default::default(), &mut |_| unreachable!(), &mut |_| {
+            k += 1;
+            eprint!("\r  sampling: evaluation {k}/63");
+        })?;
+        std::hint::black_box(&x);
+        let s = t.elapsed().as_secs_f64();
+        eprintln!();
+        println!("sampling:   {:.2} s for {n} images (63 evaluations) = {:.2} img/s", s, n as f64 / s);
+        Some(n as f64 / s)
+    } else {
+        None
+    };
     let ips = |ms: f64| n as f64 / (ms / 1e3);
     let macs = net.macs_per_image() as f64;
     if !train_ms.is_empty() {
@@ -276,8 +306,9 @@ fn bench_cuda(a: &Args) -> Result<()> {
         let (t, f) = ((!train_ms.is_empty()).then(|| median(&mut train_ms)), (!fwd_ms.is_empty()).then(|| median(&mut fwd_ms)));
         println!(
             "{}",
-            serde_json::json!({"device": gpu.name(), "train_step_ms": t, "forward_ms": f,
-                "images_per_s_train": t.map(ips), "images_per_s_forward": f.map(ips)})
+            serde_json::json!({"device": gpu.name(), "precision": a.precision, "train_step_ms": t, "forward_ms": f,
+                "images_per_s_train": t.map(ips), "images_per_s_forward": f.map(ips),
+                "images_per_s_sampling": sampling_ips})
         );
     }
     Ok(())
