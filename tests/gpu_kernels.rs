@@ -154,7 +154,10 @@ fn adam_and_ema_kernels_match_the_cpu_backend() {
         let mut g = random(n, 10 + t);
         g[5] = f32::NAN;
         g[77] = f32::INFINITY;
-        let bad = k::adam(&gpu, &mut p, &up(&gpu, &g), &mut m, &mut v, 0.01, 0.9, 0.99, 1e-8, t).unwrap();
+        // The counter accumulates: it starts at 5 here.
+        let mut count = gpu.upload(&[5u32]).unwrap();
+        k::adam(&gpu, &mut p, &up(&gpu, &g), &mut m, &mut v, 0.01, 0.9, 0.99, 1e-8, t, &mut count).unwrap();
+        let bad = gpu.download(&count).unwrap()[0] - 5;
         let mut grads = Params { values: vec![g] };
         let cpu_bad = Adam::sanitize(&mut grads);
         cpu.step(&specs, &mut cpu_p, &grads, 0.01);
@@ -475,4 +478,51 @@ fn tensor_core_fragments_round_trip() {
         assert_eq!(k::selftest_mma(&gpu, &ab, &bb, false).unwrap(), want, "mma with the PTX fragment layout, {sched}");
         assert_ne!(k::selftest_mma(&gpu, &ab, &bb, true).unwrap(), want, "a wrong B layout must change the result, {sched}");
     });
+}
+
+/// Uploads run on their own stream, so two orders matter: kernels queued after an upload
+/// must see its data (the compute stream waits for the copy), and an upload that refills a
+/// pooled buffer must not overwrite it while kernels queued earlier still read its last
+/// contents (the upload stream waits for the buffer's release event). Each round uploads
+/// a distinct value and queues a long chain of kernels that read it, then drops it, with
+/// no synchronization: on a GPU the host runs rounds ahead of the kernels and the next
+/// upload reuses the dropped buffer. Any kernel reading a wrong round's value changes the
+/// exact integer sum.
+#[test]
+fn uploads_are_ordered_against_the_compute_stream() {
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    let sim = cfg!(feature = "cuda-sim");
+    let (n, rounds, reads) = if sim { (1000, 5, 3) } else { (1 << 22, 48, 100) };
+    let mut acc = gpu.alloc_zeros::<f32>(n).unwrap();
+    for i in 1..=rounds {
+        let x = up(&gpu, &vec![i as f32; n]);
+        for _ in 0..reads {
+            k::axpby(&gpu, &mut acc, &x, 1.0, 1.0).unwrap();
+        }
+    }
+    let want = (reads * rounds * (rounds + 1) / 2) as f32; // exact: every partial sum < 2^24
+    let got = down(&gpu, &acc);
+    let wrong = got.iter().filter(|&&v| v != want).count();
+    assert_eq!(wrong, 0, "{wrong} of {n} sums differ from {want} (first {})", got[0]);
+}
+
+/// Buffers the upload stream fills and buffers kernels write are pooled apart: a buffer
+/// freed by one side is never handed to the other (the streams are not ordered).
+#[test]
+fn upload_buffers_are_pooled_apart_from_kernel_buffers() {
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    let n = 4099;
+    drop(up(&gpu, &random(n, 1)));
+    let s0 = gpu.pool_stats();
+    let a = gpu.alloc::<f32>(n).unwrap();
+    assert_eq!(gpu.pool_stats().allocated, s0.allocated + 1, "a kernel buffer was taken from the upload side");
+    drop(a);
+    let b = up(&gpu, &random(n, 2));
+    assert_eq!(gpu.pool_stats().reused, s0.reused + 1, "the freed upload buffer was not reused by the next upload");
+    assert_eq!(down(&gpu, &b), random(n, 2));
+    let c = gpu.alloc::<f32>(n).unwrap();
+    assert_eq!(gpu.pool_stats().reused, s0.reused + 2, "the freed kernel buffer was not reused by the next allocation");
+    drop(c);
 }

@@ -609,6 +609,14 @@ mod device {
     use crate::train::state::TrainState;
     use std::time::Instant;
 
+    /// A batch on the device (and its host side: σ, first image index).
+    struct DeviceBatch {
+        x: Tensor<GpuBuf<f32>>,
+        y: GpuBuf<f32>,
+        labels: Option<Tensor<GpuBuf<f32>>>,
+        host: crate::data::loader::Batch,
+    }
+
     pub struct DeviceState {
         params: GpuParams,
         m: Vec<GpuBuf<f32>>,
@@ -649,18 +657,28 @@ mod device {
             net.force_normalize_on(gpu, &mut self.params)?;
             let (mut loss_sum, mut fwd_bwd) = (0.0f64, 0.0f64);
             let mut grads: Option<GpuParams> = None;
-            for _ in 0..opts.batch / opts.batch_gpu {
-                let b = loader.next()?;
+            // A pass's batch goes up on the upload stream while the kernels queued before it
+            // run (the weight normalization, or the previous pass's backward).
+            let upload = |b: crate::data::loader::Batch| -> Result<DeviceBatch> {
+                let x = Tensor::with_buf(&b.noisy.shape, gpu.upload(&b.noisy.data)?);
+                let y = gpu.upload(&b.images.data)?;
+                let labels = b.labels.as_ref().map(|l| gpu.upload(&l.data).map(|d| Tensor::with_buf(&l.shape, d))).transpose()?;
+                Ok(DeviceBatch { x, y, labels, host: b })
+            };
+            let passes = opts.batch / opts.batch_gpu;
+            let mut next = Some(upload(loader.next()?)?);
+            for pass in 0..passes {
+                let DeviceBatch { x: xd, y: yd, labels: ld, host: b } = next.take().expect("uploaded above");
                 let t1 = Instant::now();
                 let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
-                let xd = Tensor::with_buf(&b.noisy.shape, gpu.upload(&b.noisy.data)?);
-                let yd = gpu.upload(&b.images.data)?;
-                let ld = b.labels.as_ref().map(|l| gpu.upload(&l.data).map(|d| Tensor::with_buf(&l.shape, d))).transpose()?;
                 let out = net.forward_on(gpu, &self.params, &xd, &b.sigma, ld.as_ref(), &mode, false)?;
                 let l = k::edm2_loss(gpu, &out.d.data, &yd, &out.logvar, &b.sigma, opts.net.sigma_data, scale)?;
                 loss_sum += l.per_sample.iter().sum::<f64>();
                 let dd = Tensor::with_buf(&out.d.shape, l.dd);
                 let g = net.backward_on(gpu, &self.params, out.cache.expect("training forward records"), &dd, &l.dlogvar, &mode)?;
+                if pass + 1 < passes {
+                    next = Some(upload(loader.next()?)?);
+                }
                 grads = Some(match grads {
                     None => g,
                     Some(mut acc) => {
@@ -682,14 +700,15 @@ mod device {
             st.adam.t += 1;
             grads.scalars_to_device(gpu)?;
             self.params.scalars_to_device(gpu)?;
-            let mut nonfinite = 0usize;
+            let mut count = gpu.alloc_zeros::<u32>(1)?;
             for (i, s) in specs.iter().enumerate() {
                 if s.kind == ParamKind::Param {
                     let (a, b) = (&st.adam, &mut self.m[i]);
-                    nonfinite += k::adam(gpu, &mut self.params.values[i], &grads.values[i], b, &mut self.v[i], lr, a.beta1, a.beta2, a.eps, a.t)? as usize;
+                    k::adam(gpu, &mut self.params.values[i], &grads.values[i], b, &mut self.v[i], lr, a.beta1, a.beta2, a.eps, a.t, &mut count)?;
                 }
             }
             self.params.scalars_from_device(gpu)?;
+            let nonfinite = gpu.download(&count)?[0] as usize;
             st.nimg += opts.batch;
             // The EMAs: the same lerp weights as the host's EmaSet (buffers never change).
             for (e, w) in self.emas.iter_mut().zip(st.ema.weights(st.nimg, opts.batch)) {

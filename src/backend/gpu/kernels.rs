@@ -41,7 +41,9 @@ pub fn sum(gpu: &Gpu, x: &GpuBuf<f32>) -> Result<f32> {
 }
 
 /// One Adam step on a flat parameter (PyTorch's form, non-finite gradient entries as 0);
-/// `t` = the step number after this step. Returns how many entries were non-finite.
+/// `t` = the step number after this step. Adds the number of non-finite entries to the
+/// device counter `nonfinite` (one counter for all parameters of a step, read once: a
+/// download per parameter would stall the stream ~60 times a step).
 #[allow(clippy::too_many_arguments)]
 pub fn adam(
     gpu: &Gpu,
@@ -54,13 +56,14 @@ pub fn adam(
     beta2: f64,
     eps: f64,
     t: u64,
-) -> Result<u32> {
+    nonfinite: &mut GpuBuf<u32>,
+) -> Result<()> {
+    expect_len("adam", "nonfinite", nonfinite, 1)?;
     for (name, l) in [("adam g", g.len()), ("adam m", m.len()), ("adam v", v.len())] {
         same_len(name, p.len(), l)?;
     }
     let step = (lr / (1.0 - beta1.powi(t as i32))) as f32;
     let bc2 = (1.0 - beta2.powi(t as i32)).sqrt() as f32;
-    let mut bad = gpu.alloc_zeros::<u32>(1)?;
     let s = gpu.stream()?;
     check("adam", unsafe {
         ffi::edm2_adam_f32(
@@ -74,11 +77,10 @@ pub fn adam(
             eps as f32,
             step,
             p.len(),
-            bad.ptr_mut(gpu),
+            nonfinite.ptr_mut(gpu),
             s,
         )
-    })?;
-    Ok(gpu.download(&bad)?[0])
+    })
 }
 
 /// `e ← lerp(e, p, w)` as PyTorch evaluates it (the power-function EMA update, w = 1 − β).

@@ -3,7 +3,9 @@
 //! CUDA feature:
 //! - `cuda`: a real GPU through cudarc (the driver is dlopen'ed at run time; every
 //!   library load is probed first, so a machine without a driver gets an error, never a
-//!   panic). One compute stream; event tracking is off — the stream orders everything.
+//!   panic). One compute stream orders all kernels (cudarc's per-buffer event tracking is
+//!   off). Uploads run on a second stream from pinned staging buffers (see [`Gpu::upload`]),
+//!   ordered against the compute stream by events.
 //! - `cuda-sim`: the simulated device of `sim/cuda_sim.h`. Device memory is host memory
 //!   (buffers from [`Gpu::alloc`] are poisoned with all-ones bytes — NaN for floats — so
 //!   a kernel that reads what nobody wrote shows up), launches are synchronous.
@@ -73,10 +75,12 @@ pub enum Precision {
     Bf16,
 }
 
-/// A device and its compute stream.
+/// A device, its compute stream and its upload stream.
 pub struct Gpu {
     #[cfg(feature = "cuda")]
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    #[cfg(feature = "cuda")]
+    uploads: Uploads,
     name: String,
     precision: std::cell::Cell<Precision>,
     /// Whether `alloc` fills buffers with all-ones bytes (see [`Gpu::set_poison`]).
@@ -89,12 +93,36 @@ type Storage<T> = cudarc::driver::CudaSlice<T>;
 #[cfg(not(feature = "cuda"))]
 type Storage<T> = Vec<T>;
 
+/// Marks the compute stream's position when an uploaded buffer was released: the upload
+/// stream waits for it before it overwrites the buffer (a real event on a GPU; the
+/// simulated device runs everything in order and needs none).
+#[cfg(feature = "cuda")]
+type ReleaseEvent = cudarc::driver::CudaEvent;
+#[cfg(not(feature = "cuda"))]
+type ReleaseEvent = ();
+
+/// The upload stream and its pinned staging buffers by (element type, length); each
+/// staging buffer carries the event of its last copy (it may be refilled once that is done).
+#[cfg(feature = "cuda")]
+struct Uploads {
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    staging: std::cell::RefCell<std::collections::HashMap<(std::any::TypeId, usize), Vec<Box<dyn std::any::Any>>>>,
+}
+
+/// At most this many staging buffers per size: more uploads of one size in flight wait
+/// (on the host) for the oldest copy.
+#[cfg(feature = "cuda")]
+const STAGING_PER_SIZE: usize = 4;
+
 /// A typed buffer in device memory (host memory on the simulated device). Dropping it
 /// returns its memory to the device's buffer pool.
 pub struct GpuBuf<T: DeviceScalar> {
     /// `Some` while the buffer lives.
     inner: Option<Storage<T>>,
     pool: std::rc::Weak<Pool>,
+    /// `Some` for a buffer filled by [`Gpu::upload`]: it goes back to the pool's upload
+    /// side with this event recorded on the compute stream.
+    release: Option<ReleaseEvent>,
 }
 
 impl<T: DeviceScalar> GpuBuf<T> {
@@ -116,21 +144,33 @@ impl<T: DeviceScalar> GpuBuf<T> {
 impl<T: DeviceScalar> Drop for GpuBuf<T> {
     fn drop(&mut self) {
         if let (Some(s), Some(pool)) = (self.inner.take(), self.pool.upgrade()) {
-            pool.put(s);
+            match self.release.take() {
+                None => pool.put(s),
+                Some(ev) => pool.put_uploaded(s, ev),
+            }
         }
     }
 }
 
 /// Freed buffers by (element type, length), handed out again by the next allocation of
 /// the same size: a training step repeats the same sequence of sizes, so from the second
-/// step on nothing is allocated from the device (tested on the simulated device). Work
-/// is ordered on the one compute stream, so a buffer reused by a later kernel is only
+/// step on nothing is allocated from the device (tested on the simulated device). Kernels
+/// are ordered on the one compute stream, so a buffer reused by a later kernel is only
 /// touched after the earlier kernels that used it.
+///
+/// Buffers written by the upload stream are kept apart (`uploaded`), each with the event
+/// recorded on the compute stream when it was released: the upload stream is not ordered
+/// after the compute stream, so before it refills such a buffer it waits for that event
+/// (the kernels that read the buffer's last contents). A buffer freed by compute work
+/// never goes to the upload stream, and the reverse.
 #[derive(Default)]
 pub struct Pool {
     free: std::cell::RefCell<std::collections::HashMap<(std::any::TypeId, usize), Vec<Box<dyn std::any::Any>>>>,
+    uploaded: std::cell::RefCell<std::collections::HashMap<(std::any::TypeId, usize), Vec<Box<dyn std::any::Any>>>>,
     hits: std::cell::Cell<u64>,
     misses: std::cell::Cell<u64>,
+    #[cfg(feature = "cuda")]
+    compute: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
 }
 
 /// Counters of the buffer pool.
@@ -149,6 +189,21 @@ impl Pool {
     }
     fn put<T: DeviceScalar>(&self, s: Storage<T>) {
         self.free.borrow_mut().entry((std::any::TypeId::of::<T>(), s.len())).or_default().push(Box::new(s));
+    }
+    fn take_uploaded<T: DeviceScalar>(&self, n: usize) -> Option<(Storage<T>, ReleaseEvent)> {
+        let b = self.uploaded.borrow_mut().get_mut(&(std::any::TypeId::of::<T>(), n))?.pop()?;
+        b.downcast::<(Storage<T>, ReleaseEvent)>().ok().map(|b| *b)
+    }
+    /// Keeps an uploaded buffer with `ev` recorded at the compute stream's current
+    /// position. If the event cannot be recorded the buffer is freed instead (stream-
+    /// ordered on the compute stream it was allocated on), never reused unordered.
+    fn put_uploaded<T: DeviceScalar>(&self, s: Storage<T>, ev: ReleaseEvent) {
+        #[cfg(feature = "cuda")]
+        match &self.compute {
+            Some(c) if ev.record(c).is_ok() => {}
+            _ => return,
+        }
+        self.uploaded.borrow_mut().entry((std::any::TypeId::of::<T>(), s.len())).or_default().push(Box::new((s, ev)));
     }
 }
 
@@ -181,8 +236,66 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| format!("CUDA device {ordinal}"));
         let stream = ctx.new_stream().map_err(|e| driver_err("creating a stream", e))?;
+        let uploads = Uploads {
+            stream: ctx.new_stream().map_err(|e| driver_err("creating the upload stream", e))?,
+            staging: Default::default(),
+        };
         let poison = std::env::var_os("EDM2_POISON_DEVICE_MEMORY").is_some();
-        Ok(Gpu { stream, name, precision: Default::default(), poison: poison.into(), pool: Default::default() })
+        let pool = std::rc::Rc::new(Pool { compute: Some(stream.clone()), ..Default::default() });
+        Ok(Gpu { stream, uploads, name, precision: Default::default(), poison: poison.into(), pool })
+    }
+
+    /// A new event at the compute stream's current position.
+    fn compute_event(&self) -> Result<ReleaseEvent> {
+        self.stream.record_event(None).map_err(|e| driver_err("recording an event", e))
+    }
+
+    /// A device copy of `host`, without waiting: `host` is copied into a pinned staging
+    /// buffer and from there by the upload stream, concurrently with the kernels already
+    /// queued; kernels queued after this call wait for the copy (the compute stream waits
+    /// on its event). The device buffer is one that only uploads use (see [`Pool`]).
+    pub fn upload<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
+        use cudarc::driver::PinnedHostSlice;
+        let n = host.len();
+        let (mut dst, released) = match self.pool.take_uploaded::<T>(n) {
+            Some(x) => {
+                self.pool.hits.set(self.pool.hits.get() + 1);
+                x
+            }
+            None => {
+                self.pool.misses.set(self.pool.misses.get() + 1);
+                // Allocated on the compute stream: the upload stream waits for the allocation.
+                let s = self.raw_alloc::<T>(n)?;
+                (s, self.compute_event()?)
+            }
+        };
+        let err = |what: &'static str| move |e| driver_err(what, e);
+        let up = &self.uploads;
+        if n > 0 {
+            let key = (std::any::TypeId::of::<T>(), n);
+            let mut staging = up.staging.borrow_mut();
+            let list = staging.entry(key).or_default();
+            // A staging buffer whose last copy is done, else a new one (up to
+            // STAGING_PER_SIZE), else the oldest (filling it waits for its copy).
+            let idx = list.iter().position(|b| b.downcast_ref::<(PinnedHostSlice<T>, ReleaseEvent)>().is_some_and(|(_, ev)| ev.is_complete()));
+            let mut slot: (PinnedHostSlice<T>, ReleaseEvent) = match idx {
+                Some(i) => *list.remove(i).downcast().map_err(|_| Error::Cuda("staging buffer of the wrong type".into()))?,
+                None if list.len() < STAGING_PER_SIZE => {
+                    // SAFETY: filled below before any copy reads it.
+                    let pinned = unsafe { self.stream.context().alloc_pinned::<T>(n) }.map_err(err("allocating pinned host memory"))?;
+                    (pinned, up.stream.record_event(None).map_err(err("recording an event"))?)
+                }
+                None => *list.remove(0).downcast().map_err(|_| Error::Cuda("staging buffer of the wrong type".into()))?,
+            };
+            // as_mut_slice waits (host side) for the staging buffer's previous copy.
+            slot.0.as_mut_slice().map_err(err("waiting for a staging buffer"))?.copy_from_slice(host);
+            up.stream.wait(&released).map_err(err("ordering an upload after the compute stream"))?;
+            up.stream.memcpy_htod(&slot.0, &mut dst).map_err(err("copying to the device"))?;
+            slot.1.record(&up.stream).map_err(err("recording an event"))?;
+            self.stream.wait(&slot.1).map_err(err("ordering the compute stream after an upload"))?;
+            list.push(Box::new(slot));
+        }
+        Ok(GpuBuf { inner: Some(dst), pool: std::rc::Rc::downgrade(&self.pool), release: Some(released) })
     }
 
     /// The stream our launchers enqueue on; binds the context to the calling thread.
@@ -300,6 +413,23 @@ impl Gpu {
         Ok(src.storage().clone())
     }
 
+    /// A device copy of `host` (the simulated device copies at once; the buffer still comes
+    /// from the upload side of the pool, as on a GPU).
+    pub fn upload<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
+        let s = match self.pool.take_uploaded::<T>(host.len()) {
+            Some((mut s, ())) => {
+                self.pool.hits.set(self.pool.hits.get() + 1);
+                s.copy_from_slice(host);
+                s
+            }
+            None => {
+                self.pool.misses.set(self.pool.misses.get() + 1);
+                host.to_vec()
+            }
+        };
+        Ok(GpuBuf { inner: Some(s), pool: std::rc::Rc::downgrade(&self.pool), release: Some(()) })
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         Ok(())
     }
@@ -328,7 +458,7 @@ impl Gpu {
                 self.raw_alloc::<T>(n)?
             }
         };
-        Ok(GpuBuf { inner: Some(s), pool: std::rc::Rc::downgrade(&self.pool) })
+        Ok(GpuBuf { inner: Some(s), pool: std::rc::Rc::downgrade(&self.pool), release: None })
     }
 
     /// A buffer of `n` elements whose contents are unspecified (the next op overwrites
@@ -352,13 +482,6 @@ impl Gpu {
     pub fn alloc_zeros<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
         let mut b = self.pooled(n)?;
         self.fill(&mut b, 0)?;
-        Ok(b)
-    }
-
-    /// A device copy of `host`.
-    pub fn upload<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
-        let mut b = self.pooled(host.len())?;
-        self.write(host, &mut b)?;
         Ok(b)
     }
 
