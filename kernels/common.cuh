@@ -15,10 +15,56 @@ __device__ __forceinline__ void edm2_mma_m16n8k16_bf16(float d[4], const unsigne
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
-// A static shared-memory array: `EDM2_SHARED(float, tile, [16][16]);`. The simulation
-// harness poisons it (all bits set: NaN) at the start of every block, so reading shared
-// memory that no thread of the block wrote shows up.
-#define EDM2_SHARED(type, name, dims) __shared__ type name dims
+// ldmatrix.sync.aligned.m8n8.x{4,2}[.trans].shared.b16: the warp loads four (two) 8x8
+// b16 matrices from shared memory; lanes 8i..8i+7 give the 16-byte-aligned addresses of
+// matrix i's eight rows. Lane l receives in r[i] row l>>2, elements 2(l&3) and 2(l&3)+1 of
+// matrix i (low half first) — with .trans the transpose: rows 2(l&3) and 2(l&3)+1 of
+// column l>>2. With a 16x16 row-major tile and lane l pointing at row l%16, column
+// 8(l/16), x4 gives exactly the A fragment of edm2_mma_m16n8k16_bf16; x2.trans over a
+// 16x8 row-major [k][n] tile gives its B fragment.
+__device__ __forceinline__ void edm2_ldmatrix_x4(unsigned r[4], const void *row) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+__device__ __forceinline__ void edm2_ldmatrix_x4_trans(unsigned r[4], const void *row) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+__device__ __forceinline__ void edm2_ldmatrix_x2(unsigned r[2], const void *row) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a) : "memory");
+}
+__device__ __forceinline__ void edm2_ldmatrix_x2_trans(unsigned r[2], const void *row) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a) : "memory");
+}
+// cp.async (sm_80+): a 16-byte global→shared copy that completes asynchronously. Copies
+// issued before edm2_cp_async_commit form a group; edm2_cp_async_wait_group<N> waits until
+// at most N groups of this thread are pending, edm2_cp_async_wait_all for all. The data
+// is visible to the issuing thread after the wait, to the others after a __syncthreads.
+// (The harness performs a thread's copies only at its wait, so a missing wait reads the
+// poisoned shared memory.)
+__device__ __forceinline__ void edm2_cp_async_16(void *smem_dst, const void *gmem_src) {
+  unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void edm2_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void edm2_cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void edm2_cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// A static shared-memory array, 16-byte aligned (ldmatrix and cp.async need it):
+// `EDM2_SHARED(float, tile, [16][16]);`. The simulation harness poisons it (all bits set:
+// NaN) at the start of every block, so reading shared memory that no thread of the block
+// wrote shows up.
+#define EDM2_SHARED(type, name, dims) __shared__ __align__(16) type name dims
 #endif
 #include "edm2.h"
 

@@ -90,6 +90,7 @@ int edm2_selftest_warp_sum(const float *x, float *out, cudaStream_t stream);
 /* One warp: d (16x8 f32) = a (16x16 bf16 bits) · b (16x8 bf16 bits) through the tensor-core
  * fragment helper; wrong_layout = 1 loads b with a deliberately wrong layout. */
 int edm2_selftest_mma(const uint16_t *a, const uint16_t *b, float *d, int wrong_layout, cudaStream_t stream);
+int edm2_selftest_ldmatrix(const uint16_t *a, const uint16_t *b, unsigned *regs, float *d, int skip_wait, cudaStream_t stream);
 /* Two blocks of 64 threads read shared memory only block 0 wrote fully: out[4]. */
 int edm2_selftest_shared_poison(float *out, cudaStream_t stream);
 

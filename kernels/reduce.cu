@@ -120,3 +120,33 @@ extern "C" int edm2_selftest_mma(const uint16_t *a, const uint16_t *b, float *d,
   EDM2_LAUNCH(selftest_mma_kernel, 1, 32, 0, stream, a, b, d, wrong_layout);
   return (int)cudaGetLastError();
 }
+
+// Self-test of ldmatrix and cp.async as a tensor-core kernel uses them: one warp stages A
+// (16x16 bf16) and B (16x8 bf16), both row-major in global memory, into shared memory
+// with cp.async (32 + 16 copies of 16 bytes), waits, loads the mma fragments with
+// ldmatrix (A: x4, lane l at row l%16, column 8(l/16); B: x2.trans, lane l at row l%16)
+// and multiplies. regs[6·lane + 0..3] = A fragment, + 4..5 = B fragment; d = A·B row-major.
+// skip_wait = 1 leaves out the cp.async wait (a bug the harness must expose).
+__global__ void selftest_ldmatrix_kernel(const uint16_t *a, const uint16_t *b, unsigned *regs, float *d, int skip_wait) {
+  EDM2_SHARED(uint16_t, as, [16 * 16]);
+  EDM2_SHARED(uint16_t, bs, [16 * 8]);
+  const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  edm2_cp_async_16(&as[lane * 8], &a[lane * 8]);
+  if (lane < 16) edm2_cp_async_16(&bs[lane * 8], &b[lane * 8]);
+  edm2_cp_async_commit();
+  if (!skip_wait) edm2_cp_async_wait_group<0>();
+  __syncthreads();
+  unsigned af[4], bf[2];
+  edm2_ldmatrix_x4(af, &as[(lane % 16) * 16 + 8 * (lane / 16)]);
+  edm2_ldmatrix_x2_trans(bf, &bs[(lane % 16) * 8]);
+  for (int i = 0; i < 4; i++) regs[6 * lane + i] = af[i];
+  for (int i = 0; i < 2; i++) regs[6 * lane + 4 + i] = bf[i];
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, out[4];
+  edm2_mma_m16n8k16_bf16(out, af, bf, c);
+  for (int i = 0; i < 4; i++) d[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = out[i];
+}
+
+extern "C" int edm2_selftest_ldmatrix(const uint16_t *a, const uint16_t *b, unsigned *regs, float *d, int skip_wait, cudaStream_t stream) {
+  EDM2_LAUNCH(selftest_ldmatrix_kernel, 1, 32, 0, stream, a, b, regs, d, skip_wait);
+  return (int)cudaGetLastError();
+}

@@ -18,6 +18,9 @@
 //   which nobody can run is reported as a deadlock and aborts.
 // - Warp collectives (`__shfl_*_sync`, `__syncwarp`) exchange values through a per-warp
 //   buffer between two warp barriers over the lanes of the warp that have not returned.
+// - Tensor-core helpers (mma, ldmatrix) gather the lanes' registers or addresses through a
+//   per-warp exchange and compute with the PTX ISA's fragment layouts; cp.async is a copy
+//   held back until the issuing thread waits for it.
 // - Device memory is host memory; the launch is synchronous; stream arguments are ignored.
 #pragma once
 #include <cmath>
@@ -54,10 +57,18 @@ inline int &schedule() {
 
 enum class St { Ready, AtBlockBarrier, AtWarpBarrier, Done };
 
+// A cp.async copy issued but not yet performed (see cp_async_16).
+struct AsyncCopy {
+  void *dst;
+  const void *src;
+};
+
 struct Tls {
   int me = 0;
   uint3 tid{0, 0, 0}, bid{0, 0, 0};
   dim3 bdim, gdim;
+  std::vector<AsyncCopy> cp_open;                 // issued since the last commit
+  std::vector<std::vector<AsyncCopy>> cp_groups;  // committed, oldest first
 };
 
 // A simulated CUDA thread: a fiber (ucontext) with its own stack on the launching OS
@@ -75,7 +86,8 @@ struct BlockRun {
   std::vector<int> order;  // schedule order of thread indices
   std::vector<int> pos;    // position of each thread in `order`
   std::vector<float> warp_buf_f;
-  std::vector<uint32_t> mma_frag;  // per lane: a[4], b[2] of an mma in flight
+  std::vector<const void *> warp_buf_p;  // per lane: the row address given to ldmatrix
+  std::vector<uint32_t> mma_frag;        // per lane: a[4], b[2] of an mma in flight
   ucontext_t sched;  // the launching thread's context
   Fiber *fibers = nullptr;
   const std::function<void()> *body = nullptr;
@@ -218,6 +230,56 @@ inline void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[
   for (int i = 0; i < 4; i++) d[i] = out[i];
 }
 
+// ldmatrix.sync.aligned.m8n8.x{NUM}[.trans].shared.b16, emulated: every live lane
+// publishes the row address it was given (16-byte aligned, as the hardware requires);
+// matrix i's eight rows come from lanes 8i..8i+7. Lane l = 4g + t receives in r[i] row g,
+// elements 2t and 2t+1 of matrix i (low half first); with .trans, rows 2t and 2t+1 of
+// column g (PTX ISA, "Warp-level matrix load instruction: ldmatrix").
+template <int NUM>
+inline void ldmatrix(uint32_t r[NUM], const void *row, bool trans) {
+  BlockRun &br = *cur_run;
+  int me = cur->me;
+  int lane = me % EDM2_WARP_SIZE, base = me - lane;
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+    std::fprintf(stderr, "cuda_sim: ldmatrix: lane %d's row address %p is not 16-byte aligned\n", lane, row);
+    std::abort();
+  }
+  warp_barrier();  // nobody still reads a previous exchange
+  br.warp_buf_p[me] = row;
+  warp_barrier();  // every lane has published
+  int g = lane >> 2, t = lane & 3;
+  uint32_t out[NUM];
+  for (int i = 0; i < NUM; i++) {
+    auto at = [&](int rr, int c) -> uint32_t { return static_cast<const uint16_t *>(br.warp_buf_p[base + 8 * i + rr])[c]; };
+    uint32_t lo = trans ? at(2 * t, g) : at(g, 2 * t), hi = trans ? at(2 * t + 1, g) : at(g, 2 * t + 1);
+    out[i] = lo | (hi << 16);
+  }
+  warp_barrier();  // every lane has read the exchange
+  for (int i = 0; i < NUM; i++) r[i] = out[i];
+}
+
+// cp.async, emulated as a copy held back until the issuing thread waits for its group:
+// a thread that reads the destination without waiting (or another thread without the
+// __syncthreads after the wait) reads what was there before — the poison of EDM2_SHARED.
+inline void cp_async_16(void *dst, const void *src) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    std::fprintf(stderr, "cuda_sim: cp.async of 16 bytes needs 16-byte aligned addresses (%p <- %p)\n", dst, src);
+    std::abort();
+  }
+  cur->cp_open.push_back(AsyncCopy{dst, src});
+}
+inline void cp_async_commit() {
+  cur->cp_groups.push_back(std::move(cur->cp_open));
+  cur->cp_open.clear();
+}
+inline void cp_async_wait_group(size_t pending) {
+  auto &gs = cur->cp_groups;
+  while (gs.size() > pending) {
+    for (const AsyncCopy &c : gs.front()) std::memcpy(c.dst, c.src, 16);
+    gs.erase(gs.begin());
+  }
+}
+
 // Entry of every fiber: run the kernel body, leave pending barriers, pass the baton; the
 // context then ends (uc_link: the launcher) or, if the baton went to another fiber,
 // switches there.
@@ -284,6 +346,7 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
       for (unsigned bx = 0; bx < grid.x; bx++) {
         r.st.assign(n, St::Ready);
         r.warp_buf_f.assign(n, 0.0f);
+        r.warp_buf_p.assign(n, nullptr);
         r.mma_frag.assign(6 * (size_t)n, 0u);
         r.token = ++block_counter();
         for (int t = 0; t < n; t++) {
@@ -293,6 +356,8 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
           f.tls.bid = uint3{bx, by, bz};
           f.tls.bdim = block;
           f.tls.gdim = grid;
+          f.tls.cp_open.clear();  // copies a thread never waited for end with it
+          f.tls.cp_groups.clear();
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = stacks[t].get();
           f.ctx.uc_stack.ss_size = kStackBytes;
@@ -325,8 +390,8 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
 // blocks one at a time, and separate for launches from different OS threads (parallel
 // tests each have their own simulated device).
 #define __shared__ static thread_local
-#define EDM2_SHARED(type, name, dims)   \
-  static thread_local type name dims; \
+#define EDM2_SHARED(type, name, dims)              \
+  alignas(16) static thread_local type name dims; \
   edm2sim::poison_shared(&name, sizeof(name))
 #define threadIdx (edm2sim::cur->tid)
 #define blockIdx (edm2sim::cur->bid)
@@ -348,6 +413,21 @@ inline float __expf(float x) { return std::exp(x); }
 // The tensor-core helper of kernels/common.cuh, emulated with the PTX fragment layouts.
 inline void edm2_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
   edm2sim::mma_m16n8k16_bf16(d, a, b, c);
+}
+inline void edm2_ldmatrix_x4(uint32_t r[4], const void *row) { edm2sim::ldmatrix<4>(r, row, false); }
+inline void edm2_ldmatrix_x4_trans(uint32_t r[4], const void *row) { edm2sim::ldmatrix<4>(r, row, true); }
+inline void edm2_ldmatrix_x2(uint32_t r[2], const void *row) { edm2sim::ldmatrix<2>(r, row, false); }
+inline void edm2_ldmatrix_x2_trans(uint32_t r[2], const void *row) { edm2sim::ldmatrix<2>(r, row, true); }
+inline void edm2_cp_async_16(void *dst, const void *src) { edm2sim::cp_async_16(dst, src); }
+inline void edm2_cp_async_commit() { edm2sim::cp_async_commit(); }
+template <int N>
+inline void edm2_cp_async_wait_group() {
+  edm2sim::cp_async_wait_group(N);
+}
+// PTX: cp.async.wait_all = commit_group + wait_group 0.
+inline void edm2_cp_async_wait_all() {
+  edm2sim::cp_async_commit();
+  edm2sim::cp_async_wait_group(0);
 }
 inline unsigned __float_as_uint(float x) {
   unsigned u;

@@ -480,6 +480,52 @@ fn tensor_core_fragments_round_trip() {
     });
 }
 
+/// ldmatrix and cp.async as a tensor-core kernel uses them: tiles staged with cp.async,
+/// fragments loaded with ldmatrix (x4 for A, x2.trans for B) must be exactly the PTX mma
+/// fragments (the layout the round-trip test above checks), and the product exact. On the
+/// simulated device a missing cp.async wait must show: the harness performs the copies
+/// only at the wait, so ldmatrix reads the poisoned shared memory.
+#[test]
+fn ldmatrix_and_cp_async_load_the_mma_fragments() {
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    let mut r = Rng::new(62);
+    let mut int = || ((r.uniform() * 7.0).floor() - 3.0) as f32;
+    let a: Vec<f32> = (0..256).map(|_| int()).collect();
+    let b: Vec<f32> = (0..128).map(|_| int()).collect();
+    let bits = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
+    let (ab, bb): ([u16; 256], [u16; 128]) = (bits(&a).try_into().unwrap(), bits(&b).try_into().unwrap());
+    // The fragments of edm2_mma_m16n8k16_bf16 (PTX ISA; g = lane>>2, t = lane&3): A reg r
+    // holds row g + 8(r&1), k = 2t + 8(r>>1) and k+1; B reg r holds k = 2t + 8r and k+1 of
+    // column g; the lower k in the low half.
+    let pair = |lo: u16, hi: u16| lo as u32 | (hi as u32) << 16;
+    let want_regs: Vec<u32> = (0..32)
+        .flat_map(|lane| {
+            let (g, t) = (lane >> 2, lane & 3);
+            let fa = (0..4).map(move |r| {
+                let (row, k) = (g + 8 * (r & 1), 2 * t + 8 * (r >> 1));
+                pair(ab[row * 16 + k], ab[row * 16 + k + 1])
+            });
+            let fb = (0..2).map(move |r| {
+                let k = 2 * t + 8 * r;
+                pair(bb[k * 8 + g], bb[(k + 1) * 8 + g])
+            });
+            fa.chain(fb).collect::<Vec<_>>()
+        })
+        .collect();
+    let want: Vec<f32> = (0..16).flat_map(|i| (0..8).map(move |j| (i, j))).map(|(i, j)| (0..16).map(|k| a[i * 16 + k] * b[k * 8 + j]).sum()).collect();
+    each_schedule(|sched| {
+        let (regs, d) = k::selftest_ldmatrix(&gpu, &ab, &bb, false).unwrap();
+        let bad = (0..32 * 6).filter(|&i| regs[i] != want_regs[i]).collect::<Vec<_>>();
+        assert!(bad.is_empty(), "{} of 192 fragment registers differ, first lane {} reg {}, {sched}", bad.len(), bad[0] / 6, bad[0] % 6);
+        assert_eq!(d, want, "A·B through ldmatrix fragments, {sched}");
+        if cfg!(feature = "cuda-sim") {
+            let (_, d) = k::selftest_ldmatrix(&gpu, &ab, &bb, true).unwrap();
+            assert!(d.iter().any(|v| v.is_nan()), "without the cp.async wait ldmatrix must see poisoned shared memory, {sched}");
+        }
+    });
+}
+
 /// Uploads run on their own stream, so two orders matter: kernels queued after an upload
 /// must see its data (the compute stream waits for the copy), and an upload that refills a
 /// pooled buffer must not overwrite it while kernels queued earlier still read its last

@@ -135,6 +135,20 @@ pub fn selftest_mma(gpu: &Gpu, a: &[u16; 256], b: &[u16; 128], wrong_layout: boo
     gpu.download(&d)
 }
 
+/// Self-test of ldmatrix and cp.async: stages A (16x16) and B (16x8) bf16 bits into shared
+/// memory with cp.async, loads the mma fragments with ldmatrix and multiplies. Returns the
+/// fragments each lane got (6 per lane: A's 4, B's 2) and D = A·B (16x8 row-major).
+/// `skip_wait` leaves out the cp.async wait.
+pub fn selftest_ldmatrix(gpu: &Gpu, a: &[u16; 256], b: &[u16; 128], skip_wait: bool) -> Result<(Vec<u32>, Vec<f32>)> {
+    let (ab, bb) = (gpu.upload(&a[..])?, gpu.upload(&b[..])?);
+    let (mut regs, mut d) = (gpu.alloc::<u32>(6 * 32)?, gpu.alloc::<f32>(128)?);
+    let s = gpu.stream()?;
+    check("selftest_ldmatrix", unsafe {
+        ffi::edm2_selftest_ldmatrix(ab.ptr(gpu), bb.ptr(gpu), regs.ptr_mut(gpu), d.ptr_mut(gpu), skip_wait as i32, s)
+    })?;
+    Ok((gpu.download(&regs)?, gpu.download(&d)?))
+}
+
 /// Simulated device only: the thread schedule of every block from now on, forward
 /// (0..n) or reverse. A missing barrier shows up as a wrong result under one of them.
 #[cfg(feature = "cuda-sim")]
