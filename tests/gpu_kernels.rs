@@ -526,28 +526,38 @@ fn ldmatrix_and_cp_async_load_the_mma_fragments() {
     });
 }
 
-/// Uploads run on their own stream, so two orders matter: kernels queued after an upload
-/// must see its data (the compute stream waits for the copy), and an upload that refills a
-/// pooled buffer must not overwrite it while kernels queued earlier still read its last
-/// contents (the upload stream waits for the buffer's release event). Each round uploads
-/// a distinct value and queues a long chain of kernels that read it, then drops it, with
-/// no synchronization: on a GPU the host runs rounds ahead of the kernels and the next
-/// upload reuses the dropped buffer. Any kernel reading a wrong round's value changes the
-/// exact integer sum.
+/// Uploads run on their own stream, so three orders matter: kernels queued after an upload
+/// must see its data (the compute stream waits for the copy); an upload that refills a
+/// pooled device buffer must not overwrite it while kernels queued earlier still read its
+/// last contents (the upload stream waits for the buffer's release event); and a pinned
+/// staging buffer must not be refilled before its previous copy has read it (more uploads
+/// of one size in flight than there are staging buffers). Each round uploads six buffers
+/// of one size, each read by a long chain of kernels, then drops them, with no
+/// synchronization. On a GPU the chain (200 passes over 16 MB per upload, ~20 ms a round)
+/// outlasts the host's work for a round (copying 6 × 16 MB into staging, ~10 ms), so the
+/// host runs ahead and the next round's uploads reuse the buffers and staging of rounds
+/// still queued. A kernel reading a wrong upload changes the exact integer sum.
 #[test]
 fn uploads_are_ordered_against_the_compute_stream() {
     let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = device() else { return };
     let sim = cfg!(feature = "cuda-sim");
-    let (n, rounds, reads) = if sim { (1000, 5, 3) } else { (1 << 22, 48, 100) };
+    let (n, rounds, per_round, reads) = if sim { (1000, 3, 6, 2) } else { (1 << 22, 12, 6, 200) };
+    // Host data made before the loop (so the host only copies while the GPU works): the
+    // j-th upload of round r holds 1 + (r·per_round + j) mod 7, so consecutive uploads differ.
+    let values: Vec<Vec<f32>> = (1..=7).map(|v| vec![v as f32; n]).collect();
     let mut acc = gpu.alloc_zeros::<f32>(n).unwrap();
-    for i in 1..=rounds {
-        let x = up(&gpu, &vec![i as f32; n]);
-        for _ in 0..reads {
-            k::axpby(&gpu, &mut acc, &x, 1.0, 1.0).unwrap();
+    let mut want = 0usize;
+    for r in 0..rounds {
+        let xs: Vec<_> = (0..per_round).map(|j| up(&gpu, &values[(r * per_round + j) % 7])).collect();
+        for (j, x) in xs.iter().enumerate() {
+            want += reads * (1 + (r * per_round + j) % 7);
+            for _ in 0..reads {
+                k::axpby(&gpu, &mut acc, x, 1.0, 1.0).unwrap();
+            }
         }
     }
-    let want = (reads * rounds * (rounds + 1) / 2) as f32; // exact: every partial sum < 2^24
+    let want = want as f32; // exact: every partial sum is an integer < 2^24
     let got = down(&gpu, &acc);
     let wrong = got.iter().filter(|&&v| v != want).count();
     assert_eq!(wrong, 0, "{wrong} of {n} sums differ from {want} (first {})", got[0]);

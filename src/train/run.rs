@@ -626,7 +626,7 @@ mod device {
 
     impl DeviceState {
         pub fn upload(gpu: &Gpu, st: &TrainState) -> Result<DeviceState> {
-            let up = |p: &crate::nn::Params| p.values.iter().map(|v| gpu.upload(v)).collect::<Result<Vec<_>>>();
+            let up = |p: &crate::nn::Params| p.values.iter().map(|v| gpu.upload_once(v)).collect::<Result<Vec<_>>>();
             Ok(DeviceState {
                 params: GpuParams::upload(gpu, &st.params)?,
                 m: up(&st.adam.m)?,

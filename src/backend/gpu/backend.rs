@@ -19,7 +19,7 @@ pub struct GpuParams {
 
 impl GpuParams {
     pub fn upload(gpu: &Gpu, p: &Params) -> Result<GpuParams> {
-        let values = p.values.iter().map(|v| gpu.upload(v)).collect::<Result<Vec<_>>>()?;
+        let values = p.values.iter().map(|v| gpu.upload_once(v)).collect::<Result<Vec<_>>>()?;
         let scalars = p.values.iter().map(|v| (v.len() == 1).then(|| v[0])).collect();
         Ok(GpuParams { values, scalars })
     }

@@ -107,12 +107,27 @@ type ReleaseEvent = ();
 struct Uploads {
     stream: std::sync::Arc<cudarc::driver::CudaStream>,
     staging: std::cell::RefCell<std::collections::HashMap<(std::any::TypeId, usize), Vec<Box<dyn std::any::Any>>>>,
+    /// Pinned host memory held by `staging`.
+    pinned_bytes: std::cell::Cell<usize>,
+}
+
+/// Staging buffers and their pinned memory are freed with the device: first let every
+/// copy that may still read them finish.
+#[cfg(feature = "cuda")]
+impl Drop for Uploads {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
 }
 
 /// At most this many staging buffers per size: more uploads of one size in flight wait
 /// (on the host) for the oldest copy.
 #[cfg(feature = "cuda")]
 const STAGING_PER_SIZE: usize = 4;
+
+/// At most this much pinned host memory for staging; uploads beyond it are made with
+/// [`Gpu::upload_once`].
+pub const STAGING_BYTES: usize = 256 << 20;
 
 /// A typed buffer in device memory (host memory on the simulated device). Dropping it
 /// returns its memory to the device's buffer pool.
@@ -239,6 +254,7 @@ impl Gpu {
         let uploads = Uploads {
             stream: ctx.new_stream().map_err(|e| driver_err("creating the upload stream", e))?,
             staging: Default::default(),
+            pinned_bytes: Default::default(),
         };
         let poison = std::env::var_os("EDM2_POISON_DEVICE_MEMORY").is_some();
         let pool = std::rc::Rc::new(Pool { compute: Some(stream.clone()), ..Default::default() });
@@ -253,10 +269,44 @@ impl Gpu {
     /// A device copy of `host`, without waiting: `host` is copied into a pinned staging
     /// buffer and from there by the upload stream, concurrently with the kernels already
     /// queued; kernels queued after this call wait for the copy (the compute stream waits
-    /// on its event). The device buffer is one that only uploads use (see [`Pool`]).
+    /// on its event). The device buffer is one that only uploads use (see [`Pool`]). For
+    /// data sent once (weights, training state) use [`Gpu::upload_once`]: staging keeps
+    /// pinned host memory of every size it has seen. Past [`STAGING_BYTES`] of staging this
+    /// falls back to `upload_once`.
     pub fn upload<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
         use cudarc::driver::PinnedHostSlice;
+        type Slot<T> = (PinnedHostSlice<T>, ReleaseEvent);
         let n = host.len();
+        let bytes = std::mem::size_of_val(host);
+        let up = &self.uploads;
+        let key = (std::any::TypeId::of::<T>(), n);
+        let err = |what: &'static str| move |e| driver_err(what, e);
+        let wrong_type = || Error::Cuda("staging buffer of the wrong type".into());
+        // A staging buffer whose last copy is done, else a new one (up to STAGING_PER_SIZE
+        // and STAGING_BYTES), else the oldest, after waiting for its copy. (The pinned
+        // slice's own event is not recorded while cudarc's event tracking is off: the
+        // slot's event, recorded after each copy from it, is what tells.)
+        let mut staging = up.staging.borrow_mut();
+        let list = staging.entry(key).or_default();
+        let idx = list.iter().position(|b| b.downcast_ref::<Slot<T>>().is_some_and(|(_, ev)| ev.is_complete()));
+        let mut slot: Slot<T> = match idx {
+            Some(i) => *list.remove(i).downcast().map_err(|_| wrong_type())?,
+            None if n == 0 || (list.len() < STAGING_PER_SIZE && up.pinned_bytes.get() + bytes > STAGING_BYTES) => {
+                drop(staging);
+                return self.upload_once(host);
+            }
+            None if list.len() < STAGING_PER_SIZE => {
+                // SAFETY: filled below before any copy reads it.
+                let pinned = unsafe { self.stream.context().alloc_pinned::<T>(n) }.map_err(err("allocating pinned host memory"))?;
+                up.pinned_bytes.set(up.pinned_bytes.get() + bytes);
+                (pinned, up.stream.record_event(None).map_err(err("recording an event"))?)
+            }
+            None => {
+                let slot: Slot<T> = *list.remove(0).downcast().map_err(|_| wrong_type())?;
+                slot.1.synchronize().map_err(err("waiting for a staging buffer's copy"))?;
+                slot
+            }
+        };
         let (mut dst, released) = match self.pool.take_uploaded::<T>(n) {
             Some(x) => {
                 self.pool.hits.set(self.pool.hits.get() + 1);
@@ -269,33 +319,27 @@ impl Gpu {
                 (s, self.compute_event()?)
             }
         };
-        let err = |what: &'static str| move |e| driver_err(what, e);
-        let up = &self.uploads;
-        if n > 0 {
-            let key = (std::any::TypeId::of::<T>(), n);
-            let mut staging = up.staging.borrow_mut();
-            let list = staging.entry(key).or_default();
-            // A staging buffer whose last copy is done, else a new one (up to
-            // STAGING_PER_SIZE), else the oldest (filling it waits for its copy).
-            let idx = list.iter().position(|b| b.downcast_ref::<(PinnedHostSlice<T>, ReleaseEvent)>().is_some_and(|(_, ev)| ev.is_complete()));
-            let mut slot: (PinnedHostSlice<T>, ReleaseEvent) = match idx {
-                Some(i) => *list.remove(i).downcast().map_err(|_| Error::Cuda("staging buffer of the wrong type".into()))?,
-                None if list.len() < STAGING_PER_SIZE => {
-                    // SAFETY: filled below before any copy reads it.
-                    let pinned = unsafe { self.stream.context().alloc_pinned::<T>(n) }.map_err(err("allocating pinned host memory"))?;
-                    (pinned, up.stream.record_event(None).map_err(err("recording an event"))?)
-                }
-                None => *list.remove(0).downcast().map_err(|_| Error::Cuda("staging buffer of the wrong type".into()))?,
-            };
-            // as_mut_slice waits (host side) for the staging buffer's previous copy.
-            slot.0.as_mut_slice().map_err(err("waiting for a staging buffer"))?.copy_from_slice(host);
-            up.stream.wait(&released).map_err(err("ordering an upload after the compute stream"))?;
-            up.stream.memcpy_htod(&slot.0, &mut dst).map_err(err("copying to the device"))?;
-            slot.1.record(&up.stream).map_err(err("recording an event"))?;
-            self.stream.wait(&slot.1).map_err(err("ordering the compute stream after an upload"))?;
-            list.push(Box::new(slot));
+        slot.0.as_mut_slice().map_err(err("filling a staging buffer"))?.copy_from_slice(host);
+        up.stream.wait(&released).map_err(err("ordering an upload after the compute stream"))?;
+        up.stream.memcpy_htod(&slot.0, &mut dst).map_err(err("copying to the device"))?;
+        let ordered = slot.1.record(&up.stream).and_then(|_| self.stream.wait(&slot.1));
+        if let Err(e) = ordered {
+            // The copy is queued but the compute stream is not ordered after it: wait for
+            // it before `dst` and the staging buffer can be freed.
+            let _ = up.stream.synchronize();
+            return Err(driver_err("ordering the compute stream after an upload", e));
         }
+        list.push(Box::new(slot));
         Ok(GpuBuf { inner: Some(dst), pool: std::rc::Rc::downgrade(&self.pool), release: Some(released) })
+    }
+
+    /// A device copy of `host` made on the compute stream from pageable memory (the host
+    /// waits for the copy): for data sent once, such as weights and training state, which
+    /// staging would keep pinned. The buffer is an ordinary kernel buffer.
+    pub fn upload_once<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
+        let mut b = self.pooled(host.len())?;
+        self.write(host, &mut b)?;
+        Ok(b)
     }
 
     /// The stream our launchers enqueue on; binds the context to the calling thread.
@@ -411,6 +455,13 @@ impl Gpu {
 
     pub fn download<T: DeviceScalar>(&self, src: &GpuBuf<T>) -> Result<Vec<T>> {
         Ok(src.storage().clone())
+    }
+
+    /// As on a GPU: a kernel buffer written in order (here: at once).
+    pub fn upload_once<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
+        let mut b = self.pooled(host.len())?;
+        self.write(host, &mut b)?;
+        Ok(b)
     }
 
     /// A device copy of `host` (the simulated device copies at once; the buffer still comes
