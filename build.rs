@@ -205,10 +205,16 @@ mod sim {
         let kernels = root.join("kernels");
         println!("cargo:rerun-if-changed=sim/cuda_sim.h");
         let files = super::kernel_sources(&kernels);
+        let tsan = cfg!(feature = "cuda-sim-tsan");
         // One build per file (one static library each), as the nvcc build does.
         for f in &files {
             let stem = f.file_stem().unwrap().to_string_lossy().replace(['-', '.'], "_");
-            cc::Build::new()
+            let mut build = cc::Build::new();
+            if tsan {
+                // Concurrent OS threads per block, instrumented: see sim/cuda_sim.h.
+                build.define("EDM2_SIM_THREADS", None).flag("-fsanitize=thread").flag("-g");
+            }
+            build
                 .cpp(true)
                 .file(f)
                 .include(&kernels)
@@ -227,6 +233,13 @@ mod sim {
                 .compile(&format!("edm2sim_{stem}"));
         }
         println!("cargo:rustc-link-lib=dylib=pthread");
+        if tsan {
+            // The ThreadSanitizer runtime for every binary of the package (the Rust side is
+            // not instrumented; it only launches kernels and reads results after the joins).
+            // (rustc links with -nodefaultlibs: name the runtime library itself.)
+            println!("cargo:rustc-link-arg=-fsanitize=thread");
+            println!("cargo:rustc-link-lib=dylib=tsan");
+        }
         super::bindings(&kernels.join("edm2.h"), "*mut ::std::os::raw::c_void");
     }
 }

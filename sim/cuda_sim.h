@@ -22,6 +22,13 @@
 //   per-warp exchange and compute with the PTX ISA's fragment layouts; cp.async is a copy
 //   held back until the issuing thread waits for it.
 // - Device memory is host memory; the launch is synchronous; stream arguments are ignored.
+//
+// Race-hunting mode (EDM2_SIM_THREADS, feature `cuda-sim-tsan`, built with
+// -fsanitize=thread): the threads of a block are OS threads that run concurrently, with
+// real barriers (a mutex and condition variable per block and per warp) and shared
+// memory shared between them; ThreadSanitizer then reports any two accesses to the same
+// shared or global memory, one a write, that no barrier orders — also races inside a
+// barrier segment, which the fiber mode cannot expose. Launches are serialized.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -33,6 +40,12 @@
 #include <memory>
 #include <vector>
 #include <ucontext.h>
+#ifdef EDM2_SIM_THREADS
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#endif
 
 struct dim3 {
   unsigned x, y, z;
@@ -78,8 +91,43 @@ struct Fiber {
   Tls tls;
 };
 
+#ifdef EDM2_SIM_THREADS
+// A barrier over the threads (of a block, or of a warp) that have not returned: the last
+// of them to arrive releases the others; a thread that returns leaves it, which may
+// complete it (as on hardware).
+struct Gate {
+  std::mutex mu;
+  std::condition_variable cv;
+  int live = 0, waiting = 0;
+  unsigned long long gen = 0;
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lk(mu);
+    unsigned long long g = gen;
+    if (++waiting == live) {
+      waiting = 0;
+      gen++;
+      cv.notify_all();
+      return;
+    }
+    if (!cv.wait_for(lk, std::chrono::seconds(120), [&] { return gen != g; })) {
+      std::fprintf(stderr, "cuda_sim: a barrier waited 120 s (deadlock?): %d of %d threads arrived\n", waiting, live);
+      std::abort();
+    }
+  }
+  void leave() {
+    std::lock_guard<std::mutex> lk(mu);
+    live--;
+    if (waiting > 0 && waiting == live) {
+      waiting = 0;
+      gen++;
+      cv.notify_all();
+    }
+  }
+};
+#endif
+
 struct BlockRun {
-  unsigned long long token = 0;  // unique per block run on this OS thread
+  unsigned long long token = 0;  // unique per block run on this OS thread (process-wide with threads)
   int n = 0;
   int turn = -1;  // thread index allowed to run; -1 when the block is finished
   std::vector<St> st;
@@ -91,6 +139,10 @@ struct BlockRun {
   ucontext_t sched;  // the launching thread's context
   Fiber *fibers = nullptr;
   const std::function<void()> *body = nullptr;
+#ifdef EDM2_SIM_THREADS
+  std::unique_ptr<Gate> block_gate;
+  std::vector<std::unique_ptr<Gate>> warp_gates;
+#endif
 };
 
 inline unsigned long long &block_counter() {
@@ -152,6 +204,10 @@ inline void switch_from(BlockRun &r, int me) {
   cur = &self.tls;  // resumed
 }
 
+#ifdef EDM2_SIM_THREADS
+inline void block_barrier() { cur_run->block_gate->arrive_and_wait(); }
+inline void warp_barrier() { cur_run->warp_gates[cur->me / EDM2_WARP_SIZE]->arrive_and_wait(); }
+#else
 inline void block_barrier() {
   BlockRun &r = *cur_run;
   int me = cur->me;
@@ -171,6 +227,7 @@ inline void warp_barrier() {
   pass_baton(r, me);
   switch_from(r, me);
 }
+#endif
 
 // A warp shuffle: every live lane publishes `v`, then reads lane `src(lane)`.
 template <class F>
@@ -303,7 +360,14 @@ inline void fiber_main() {
 // Poisons a shared array (all bits set) the first time a thread of the current block
 // reaches its declaration (EDM2_SHARED).
 inline void poison_shared(void *p, size_t bytes) {
+#ifdef EDM2_SIM_THREADS
+  // Shared arrays are shared by the block's OS threads: the first to arrive poisons.
+  static std::mutex mu;
+  static std::vector<std::pair<void *, unsigned long long>> seen;
+  std::lock_guard<std::mutex> lk(mu);
+#else
   static thread_local std::vector<std::pair<void *, unsigned long long>> seen;
+#endif
   for (auto &e : seen)
     if (e.first == p) {
       if (e.second != cur_run->token) {
@@ -321,6 +385,102 @@ inline void poison_shared(void *p, size_t bytes) {
 // clobbered; here no context ever resumes the launcher twice (fresh fiber contexts are
 // always makecontext'ed, the launcher's is resumed once per block), so the warning does
 // not apply.
+#ifdef EDM2_SIM_THREADS
+// Persistent worker threads (creating an OS thread per CUDA thread of every block is what
+// made this mode slow): worker i runs thread i of each block; the launcher starts a block
+// by bumping `generation` and waits until all `active` workers are done. Starting and
+// finishing use separate mutexes: with one, a worker that finished its job before another
+// took the start lock would be ordered before that worker's whole job — a happens-before
+// edge no GPU has, which hid the positive control's race. Never destroyed (workers wait
+// forever; the process exit ends them).
+struct WorkerPool {
+  std::mutex start_mu, done_mu;
+  std::condition_variable start, done;
+  std::vector<std::thread> threads;
+  unsigned long long generation = 0;             // guarded by start_mu
+  int active = 0;                                // guarded by start_mu
+  const std::function<void(int)> *job = nullptr;  // guarded by start_mu
+  int remaining = 0;                             // guarded by done_mu
+
+  void worker(int i) {
+    unsigned long long seen = 0;
+    for (;;) {
+      const std::function<void(int)> *j;
+      {
+        std::unique_lock<std::mutex> lk(start_mu);
+        start.wait(lk, [&] { return generation != seen && i < active; });
+        seen = generation;
+        j = job;
+      }
+      (*j)(i);
+      std::lock_guard<std::mutex> lk(done_mu);
+      if (--remaining == 0) done.notify_one();
+    }
+  }
+  // Runs job(0..n-1) on n workers at once and waits for all of them.
+  void run(int n, const std::function<void(int)> &f) {
+    {
+      std::lock_guard<std::mutex> lk(done_mu);
+      remaining = n;
+    }
+    {
+      std::lock_guard<std::mutex> lk(start_mu);
+      while ((int)threads.size() < n) threads.emplace_back([this, i = (int)threads.size()] { worker(i); });
+      job = &f;
+      active = n;
+      generation++;
+    }
+    start.notify_all();
+    std::unique_lock<std::mutex> lk(done_mu);
+    done.wait(lk, [&] { return remaining == 0; });
+  }
+};
+
+inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &body) {
+  const int n = int(block.x * block.y * block.z);
+  if (n <= 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaErrorInvalidConfiguration;
+  // One launch at a time in the process: shared arrays are process-wide statics here.
+  static std::mutex serial;
+  static unsigned long long tokens = 0;
+  static WorkerPool *pool = new WorkerPool;
+  std::lock_guard<std::mutex> one_at_a_time(serial);
+  std::vector<Tls> tls(n);
+  for (unsigned bz = 0; bz < grid.z; bz++)
+    for (unsigned by = 0; by < grid.y; by++)
+      for (unsigned bx = 0; bx < grid.x; bx++) {
+        BlockRun r;
+        r.n = n;
+        r.warp_buf_f.assign(n, 0.0f);
+        r.warp_buf_p.assign(n, nullptr);
+        r.mma_frag.assign(6 * (size_t)n, 0u);
+        r.token = ++tokens;
+        r.block_gate = std::make_unique<Gate>();
+        r.block_gate->live = n;
+        for (int w = 0; w * EDM2_WARP_SIZE < n; w++) {
+          r.warp_gates.push_back(std::make_unique<Gate>());
+          r.warp_gates.back()->live = n - w * EDM2_WARP_SIZE < EDM2_WARP_SIZE ? n - w * EDM2_WARP_SIZE : EDM2_WARP_SIZE;
+        }
+        for (int t = 0; t < n; t++) {
+          tls[t] = Tls{};
+          tls[t].me = t;
+          tls[t].tid = uint3{unsigned(t) % block.x, unsigned(t) / block.x % block.y, unsigned(t) / (block.x * block.y)};
+          tls[t].bid = uint3{bx, by, bz};
+          tls[t].bdim = block;
+          tls[t].gdim = grid;
+        }
+        pool->run(n, [&](int t) {
+          cur = &tls[t];
+          cur_run = &r;
+          body();
+          cur = nullptr;
+          cur_run = nullptr;
+          r.warp_gates[t / EDM2_WARP_SIZE]->leave();
+          r.block_gate->leave();
+        });
+      }
+  return cudaSuccess;
+}
+#else
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wclobbered"
 inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &body) {
@@ -378,6 +538,7 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
   return cudaSuccess;
 }
 #pragma GCC diagnostic pop
+#endif
 
 }  // namespace edm2sim
 
@@ -389,9 +550,15 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
 // Function-static, thread-local storage: per block because a launching thread runs its
 // blocks one at a time, and separate for launches from different OS threads (parallel
 // tests each have their own simulated device).
-#define __shared__ static thread_local
-#define EDM2_SHARED(type, name, dims)              \
-  alignas(16) static thread_local type name dims; \
+// (With OS threads: plain statics, shared by the block's threads; launches are serialized.)
+#ifdef EDM2_SIM_THREADS
+#define EDM2_SIM_SHARED_STORAGE static
+#else
+#define EDM2_SIM_SHARED_STORAGE static thread_local
+#endif
+#define __shared__ EDM2_SIM_SHARED_STORAGE
+#define EDM2_SHARED(type, name, dims)                       \
+  alignas(16) EDM2_SIM_SHARED_STORAGE type name dims; \
   edm2sim::poison_shared(&name, sizeof(name))
 #define threadIdx (edm2sim::cur->tid)
 #define blockIdx (edm2sim::cur->bid)
@@ -440,15 +607,13 @@ inline float __uint_as_float(unsigned u) {
   return x;
 }
 using std::isfinite;
-// Atomics: only one simulated thread runs at a time, so a plain read-modify-write is atomic.
-inline unsigned atomicAdd(unsigned *a, unsigned v) {
-  unsigned old = *a;
-  *a = old + v;
-  return old;
-}
+// Atomics (real ones: in the race-hunting mode the threads run concurrently).
+inline unsigned atomicAdd(unsigned *a, unsigned v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }
 inline float atomicAdd(float *a, float v) {
-  float old = *a;
-  *a = old + v;
+  float old, sum;
+  __atomic_load(a, &old, __ATOMIC_RELAXED);
+  do sum = old + v;
+  while (!__atomic_compare_exchange(a, &old, &sum, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
   return old;
 }
 namespace edm2sim {

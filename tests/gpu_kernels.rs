@@ -56,7 +56,11 @@ fn harness_catches_a_missing_barrier() {
             wrong += 1;
         }
     });
-    assert!(wrong > 0, "the reduction without its barrier gave the right sum under both schedules");
+    // With concurrent OS threads (cuda-sim-tsan) the wrong sum is up to the OS scheduler;
+    // there ThreadSanitizer's report of the race is the check (.ci/run looks for it).
+    if !cfg!(feature = "cuda-sim-tsan") {
+        assert!(wrong > 0, "the reduction without its barrier gave the right sum under both schedules");
+    }
 }
 
 #[cfg(feature = "cuda-sim")]
