@@ -93,6 +93,7 @@ int edm2_selftest_mma(const uint16_t *a, const uint16_t *b, float *d, int wrong_
 int edm2_selftest_ldmatrix(const uint16_t *a, const uint16_t *b, unsigned *regs, float *d, int skip_wait, cudaStream_t stream);
 /* Two blocks of 64 threads read shared memory only block 0 wrote fully: out[4]. */
 int edm2_selftest_shared_poison(float *out, cudaStream_t stream);
+int edm2_selftest_shared_increment(float *out, cudaStream_t stream);
 
 /* Simulation mode only: thread schedule of a block, 0 = forward, 1 = reverse. */
 void edm2_sim_set_schedule(int reverse);

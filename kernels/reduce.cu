@@ -150,3 +150,21 @@ extern "C" int edm2_selftest_ldmatrix(const uint16_t *a, const uint16_t *b, unsi
   EDM2_LAUNCH(selftest_ldmatrix_kernel, 1, 32, 0, stream, a, b, regs, d, skip_wait);
   return (int)cudaGetLastError();
 }
+
+// Self-test of the race-hunting mode: every thread adds 1 to one shared float without an
+// atomic — a lost-update race inside a barrier segment. The fiber mode runs one thread at
+// a time and always gets blockDim.x (it cannot see this kind of race); under
+// ThreadSanitizer (feature cuda-sim-tsan) the race must be reported.
+__global__ void selftest_shared_increment_kernel(float *out) {
+  EDM2_SHARED(float, s, [1]);
+  if (threadIdx.x == 0) s[0] = 0.0f;
+  __syncthreads();
+  s[0] += 1.0f;  // the race
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = s[0];
+}
+
+extern "C" int edm2_selftest_shared_increment(float *out, cudaStream_t stream) {
+  EDM2_LAUNCH(selftest_shared_increment_kernel, 1, 64, 0, stream, out);
+  return (int)cudaGetLastError();
+}

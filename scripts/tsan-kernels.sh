@@ -4,7 +4,8 @@
 # kernels are built with -fsanitize=thread, so ThreadSanitizer reports any two accesses to
 # one address (one a write) that no barrier orders — also inside a barrier segment, which
 # the fiber mode cannot expose (sim/cuda_sim.h). Two runs:
-#   1. positive control: the reduction without its barrier must be reported as a race in
+#   1. positive controls: the reduction without its barrier, and a lost update inside a
+#      barrier segment (invisible to the fiber mode), must be reported as races in
 #      kernels/reduce.cu (ThreadSanitizer exits 66 when it reported something);
 #   2. every other kernel test must pass with no report (exit 0).
 # Rust-only false reports (the test harness is not instrumented) are suppressed by
@@ -24,19 +25,24 @@ for l in sys.stdin:
 export TSAN_OPTIONS="suppressions=$PWD/sim/tsan.supp exitcode=66"
 log=$(mktemp)
 
-set +e
-"$exe" --test-threads=1 --exact harness_catches_a_missing_barrier > "$log" 2>&1
-rc=$?
-set -e
-if [ "$rc" -ne 66 ] || ! grep -q "SUMMARY: ThreadSanitizer: data race .*kernels/reduce.cu" "$log"; then
-    tail -40 "$log"
-    echo "error: the race of the reduction without its barrier was not reported (exit $rc)" >&2
-    exit 1
-fi
-echo "positive control: $(grep -m1 'SUMMARY: ThreadSanitizer' "$log")"
+# Positive controls: each test runs a kernel with a known race that must be reported in
+# the kernel's source.
+controls=(harness_catches_a_missing_barrier harness_race_inside_a_barrier_segment)
+for t in "${controls[@]}"; do
+    set +e
+    "$exe" --test-threads=1 --exact "$t" > "$log" 2>&1
+    rc=$?
+    set -e
+    if [ "$rc" -ne 66 ] || ! grep -q "SUMMARY: ThreadSanitizer: data race .*kernels/reduce.cu" "$log"; then
+        tail -40 "$log"
+        echo "error: positive control $t: its race was not reported (exit $rc)" >&2
+        exit 1
+    fi
+    echo "positive control $t: $(grep -m1 'SUMMARY: ThreadSanitizer' "$log")"
+done
 
 set +e
-"$exe" --test-threads=1 --skip harness_catches_a_missing_barrier > "$log" 2>&1
+"$exe" --test-threads=1 $(printf -- '--skip %s ' "${controls[@]}") > "$log" 2>&1
 rc=$?
 set -e
 grep -E "^test .*(ok|FAILED)$|test result" "$log" || true

@@ -63,6 +63,21 @@ fn harness_catches_a_missing_barrier() {
     }
 }
 
+/// A lost update inside a barrier segment (64 threads `+=` one shared float). The fiber
+/// mode runs one thread at a time, so it always gets 64: this is the kind of race only
+/// the race-hunting mode sees, where scripts/tsan-kernels.sh requires ThreadSanitizer to
+/// report it (a positive control, like the missing barrier).
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn harness_race_inside_a_barrier_segment() {
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let gpu = Gpu::open(0).unwrap();
+    let sum = k::selftest_shared_increment(&gpu).unwrap();
+    if !cfg!(feature = "cuda-sim-tsan") {
+        assert_eq!(sum, 64.0, "fibers run one at a time: no update can be lost");
+    }
+}
+
 #[cfg(feature = "cuda-sim")]
 #[test]
 fn harness_poisons_shared_memory_per_block() {

@@ -149,6 +149,15 @@ pub fn selftest_ldmatrix(gpu: &Gpu, a: &[u16; 256], b: &[u16; 128], skip_wait: b
     Ok((gpu.download(&regs)?, gpu.download(&d)?))
 }
 
+/// Self-test of the race-hunting mode: 64 threads add 1 to one shared float without an
+/// atomic (a race inside a barrier segment). Returns the sum.
+pub fn selftest_shared_increment(gpu: &Gpu) -> Result<f32> {
+    let mut out = gpu.alloc::<f32>(1)?;
+    let s = gpu.stream()?;
+    check("selftest_shared_increment", unsafe { ffi::edm2_selftest_shared_increment(out.ptr_mut(gpu), s) })?;
+    Ok(gpu.download(&out)?[0])
+}
+
 /// Simulated device only: the thread schedule of every block from now on, forward
 /// (0..n) or reverse. A missing barrier shows up as a wrong result under one of them.
 #[cfg(feature = "cuda-sim")]
