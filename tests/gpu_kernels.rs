@@ -480,19 +480,25 @@ fn loss_kernel_matches_the_cpu_backend() {
     });
 }
 
-#[test]
-fn tensor_core_fragments_round_trip() {
-    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(gpu) = device() else { return };
-    // Small integers: every bf16 product and every 16-term sum is exact in fp32, so the
-    // result does not depend on the order the hardware (or the emulation) adds in.
-    let mut r = Rng::new(61);
+/// Operands of one mma.m16n8k16 as bf16 bits — A 16x16 and B 16x8, row-major — and the
+/// product A·B (16x8 row-major). Small integers: every bf16 product and every 16-term sum
+/// is exact in fp32, so the result does not depend on the order the hardware (or the
+/// emulation) adds in.
+fn mma_operands(seed: u64) -> ([u16; 256], [u16; 128], Vec<f32>) {
+    let mut r = Rng::new(seed);
     let mut int = || ((r.uniform() * 7.0).floor() - 3.0) as f32;
     let a: Vec<f32> = (0..256).map(|_| int()).collect();
     let b: Vec<f32> = (0..128).map(|_| int()).collect();
     let bits = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
-    let (ab, bb): ([u16; 256], [u16; 128]) = (bits(&a).try_into().unwrap(), bits(&b).try_into().unwrap());
-    let want: Vec<f32> = (0..16).flat_map(|i| (0..8).map(move |j| (i, j))).map(|(i, j)| (0..16).map(|k| a[i * 16 + k] * b[k * 8 + j]).sum()).collect();
+    let want = (0..16).flat_map(|i| (0..8).map(move |j| (i, j))).map(|(i, j)| (0..16).map(|k| a[i * 16 + k] * b[k * 8 + j]).sum()).collect();
+    (bits(&a).try_into().unwrap(), bits(&b).try_into().unwrap(), want)
+}
+
+#[test]
+fn tensor_core_fragments_round_trip() {
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    let (ab, bb, want) = mma_operands(61);
     each_schedule(|sched| {
         assert_eq!(k::selftest_mma(&gpu, &ab, &bb, false).unwrap(), want, "mma with the PTX fragment layout, {sched}");
         assert_ne!(k::selftest_mma(&gpu, &ab, &bb, true).unwrap(), want, "a wrong B layout must change the result, {sched}");
@@ -508,12 +514,7 @@ fn tensor_core_fragments_round_trip() {
 fn ldmatrix_and_cp_async_load_the_mma_fragments() {
     let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = device() else { return };
-    let mut r = Rng::new(62);
-    let mut int = || ((r.uniform() * 7.0).floor() - 3.0) as f32;
-    let a: Vec<f32> = (0..256).map(|_| int()).collect();
-    let b: Vec<f32> = (0..128).map(|_| int()).collect();
-    let bits = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
-    let (ab, bb): ([u16; 256], [u16; 128]) = (bits(&a).try_into().unwrap(), bits(&b).try_into().unwrap());
+    let (ab, bb, want) = mma_operands(62);
     // The fragments of edm2_mma_m16n8k16_bf16 (PTX ISA; g = lane>>2, t = lane&3): A reg r
     // holds row g + 8(r&1), k = 2t + 8(r>>1) and k+1; B reg r holds k = 2t + 8r and k+1 of
     // column g; the lower k in the low half.
@@ -532,7 +533,6 @@ fn ldmatrix_and_cp_async_load_the_mma_fragments() {
             fa.chain(fb).collect::<Vec<_>>()
         })
         .collect();
-    let want: Vec<f32> = (0..16).flat_map(|i| (0..8).map(move |j| (i, j))).map(|(i, j)| (0..16).map(|k| a[i * 16 + k] * b[k * 8 + j]).sum()).collect();
     each_schedule(|sched| {
         let (regs, d) = k::selftest_ldmatrix(&gpu, &ab, &bb, false).unwrap();
         let bad = (0..32 * 6).filter(|&i| regs[i] != want_regs[i]).collect::<Vec<_>>();

@@ -677,7 +677,11 @@ mod device {
                 let dd = Tensor::with_buf(&out.d.shape, l.dd);
                 let g = net.backward_on(gpu, &self.params, out.cache.expect("training forward records"), &dd, &l.dlogvar, &mode)?;
                 if pass + 1 < passes {
+                    // Waiting for the loader and staging the batch count as "other", as
+                    // on the CPU path.
+                    let t2 = Instant::now();
                     next = Some(upload(loader.next()?)?);
+                    fwd_bwd -= t2.elapsed().as_secs_f64();
                 }
                 grads = Some(match grads {
                     None => g,
