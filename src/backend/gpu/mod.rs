@@ -333,15 +333,6 @@ impl Gpu {
         Ok(GpuBuf { inner: Some(dst), pool: std::rc::Rc::downgrade(&self.pool), release: Some(released) })
     }
 
-    /// A device copy of `host` made on the compute stream from pageable memory (the host
-    /// waits for the copy): for data sent once, such as weights and training state, which
-    /// staging would keep pinned. The buffer is an ordinary kernel buffer.
-    pub fn upload_once<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
-        let mut b = self.pooled(host.len())?;
-        self.write(host, &mut b)?;
-        Ok(b)
-    }
-
     /// The stream our launchers enqueue on; binds the context to the calling thread.
     pub(crate) fn stream(&self) -> Result<ffi::cudaStream_t> {
         self.stream.context().bind_to_thread().map_err(|e| driver_err("binding the context", e))?;
@@ -457,13 +448,6 @@ impl Gpu {
         Ok(src.storage().clone())
     }
 
-    /// As on a GPU: a kernel buffer written in order (here: at once).
-    pub fn upload_once<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
-        let mut b = self.pooled(host.len())?;
-        self.write(host, &mut b)?;
-        Ok(b)
-    }
-
     /// A device copy of `host` (the simulated device copies at once; the buffer still comes
     /// from the upload side of the pool, as on a GPU).
     pub fn upload<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
@@ -528,6 +512,15 @@ impl Gpu {
     /// when set here or with EDM2_POISON_DEVICE_MEMORY=1 (the GPU tests turn it on).
     pub fn set_poison(&self, on: bool) {
         self.poison.set(on)
+    }
+
+    /// A device copy of `host` made in order on the compute stream (on a GPU from pageable
+    /// memory: the host waits for the copy): for data sent once, such as weights and
+    /// training state, which upload staging would keep pinned. An ordinary kernel buffer.
+    pub fn upload_once<T: DeviceScalar>(&self, host: &[T]) -> Result<GpuBuf<T>> {
+        let mut b = self.pooled(host.len())?;
+        self.write(host, &mut b)?;
+        Ok(b)
     }
 
     pub fn alloc_zeros<T: DeviceScalar>(&self, n: usize) -> Result<GpuBuf<T>> {
