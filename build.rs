@@ -53,6 +53,7 @@ fn bindings(header: &std::path::Path, stream_type: &str) {
     let b = bindgen::Builder::default()
         .header(header.to_str().unwrap())
         .allowlist_function("edm2_.*")
+        .allowlist_var("EDM2_.*")
         .blocklist_type("cudaStream_t")
         .blocklist_type("CUstream_st")
         .raw_line(format!("pub type cudaStream_t = {stream_type};"))

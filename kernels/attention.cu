@@ -1,5 +1,6 @@
 // attention.cu — cosine ("group-free") self-attention of the EDM2 block (paper §3,
-// Appendix B.2), forward and backward, fp32.
+// Appendix B.2), forward and backward. qkv, y and their gradients are fp32 or bf16
+// activations (`dtype`); the workspace and all arithmetic are fp32.
 //
 // Input qkv: NHWC [N, P, 3C], channel (head·Ch + c)·3 + s holds q/k/v (s = 0/1/2, fastest),
 // as the official reshape. Output y: [N, P, C] with channel head·Ch + c.
@@ -19,12 +20,13 @@ struct AttnShape {
 };
 
 // One thread per (image, head, pixel, s): gathers the Ch values and normalizes them.
-__global__ void attn_normalize_kernel(const float *__restrict__ qkv, float *__restrict__ qn, float *__restrict__ kn,
+template <typename T>
+__global__ void attn_normalize_kernel(const T *__restrict__ qkv, float *__restrict__ qn, float *__restrict__ kn,
                                       float *__restrict__ vn, AttnShape a) {
   const int ch = a.c / a.heads;
   EDM2_FOR(t, (size_t)a.n * a.heads * a.p * 3) {
     int s = (int)(t % 3), i = (int)(t / 3 % a.p), head = (int)(t / 3 / a.p % a.heads), b = (int)(t / 3 / a.p / a.heads);
-    const float *src = qkv + ((size_t)b * a.p + i) * 3 * a.c + (size_t)head * ch * 3 + s;
+    const T *src = qkv + ((size_t)b * a.p + i) * 3 * a.c + (size_t)head * ch * 3 + s;
     float ss = 0.0f;
     for (int c = 0; c < ch; c++) ss += src[3 * c] * src[3 * c];
     float inv = 1.0f / edm2_norm_denom(ss, ch);
@@ -60,7 +62,8 @@ __global__ void attn_softmax_kernel(const float *__restrict__ qn, const float *_
 }
 
 // One thread per output element y[b, i, head·Ch + c] = Σ_j w[i, j] v̂[j, c].
-__global__ void attn_pv_kernel(const float *__restrict__ w, const float *__restrict__ vn, float *__restrict__ y, AttnShape a) {
+template <typename T>
+__global__ void attn_pv_kernel(const float *__restrict__ w, const float *__restrict__ vn, T *__restrict__ y, AttnShape a) {
   const int ch = a.c / a.heads;
   EDM2_FOR(t, (size_t)a.n * a.p * a.c) {
     int cc = (int)(t % a.c), i = (int)(t / a.c % a.p), b = (int)(t / a.c / a.p);
@@ -75,7 +78,8 @@ __global__ void attn_pv_kernel(const float *__restrict__ w, const float *__restr
 }
 
 // dv̂[bh, j, c] = Σ_i w[i, j] dy[b, i, head·Ch + c]  (into dvn).
-__global__ void attn_dv_kernel(const float *__restrict__ w, const float *__restrict__ dy, float *__restrict__ dvn, AttnShape a) {
+template <typename T>
+__global__ void attn_dv_kernel(const float *__restrict__ w, const T *__restrict__ dy, float *__restrict__ dvn, AttnShape a) {
   const int ch = a.c / a.heads;
   EDM2_FOR(t, (size_t)a.n * a.heads * a.p * ch) {
     int c = (int)(t % ch), j = (int)(t / ch % a.p);
@@ -89,14 +93,15 @@ __global__ void attn_dv_kernel(const float *__restrict__ w, const float *__restr
 
 // One thread per (bh, i): dl[i, j] = Σ_c dy[i, c] v̂[j, c], then the softmax backward and
 // the logit scale, written into dl.
-__global__ void attn_dlogits_kernel(const float *__restrict__ w, const float *__restrict__ vn, const float *__restrict__ dy,
+template <typename T>
+__global__ void attn_dlogits_kernel(const float *__restrict__ w, const float *__restrict__ vn, const T *__restrict__ dy,
                                     float *__restrict__ dl, AttnShape a) {
   const int ch = a.c / a.heads;
   const float scale = 1.0f / sqrtf((float)ch);
   EDM2_FOR(t, (size_t)a.n * a.heads * a.p) {
     size_t bh = t / a.p;
     int i = (int)(t % a.p), b = (int)(bh / a.heads), head = (int)(bh % a.heads);
-    const float *g = dy + ((size_t)b * a.p + i) * a.c + head * ch;
+    const T *g = dy + ((size_t)b * a.p + i) * a.c + head * ch;
     const float *wr = w + t * a.p;
     float *dr = dl + t * a.p;
     float dot = 0.0f;
@@ -130,13 +135,14 @@ __global__ void attn_dqk_kernel(const float *__restrict__ dl, const float *__res
 }
 
 // One thread per (image, head, pixel, s): through the normalization, into dqkv.
-__global__ void attn_denormalize_kernel(const float *__restrict__ qkv, const float *__restrict__ dqn, const float *__restrict__ dkn,
-                                        const float *__restrict__ dvn, float *__restrict__ dqkv, AttnShape a) {
+template <typename T>
+__global__ void attn_denormalize_kernel(const T *__restrict__ qkv, const float *__restrict__ dqn, const float *__restrict__ dkn,
+                                        const float *__restrict__ dvn, T *__restrict__ dqkv, AttnShape a) {
   const int ch = a.c / a.heads;
   EDM2_FOR(t, (size_t)a.n * a.heads * a.p * 3) {
     int s = (int)(t % 3), i = (int)(t / 3 % a.p), head = (int)(t / 3 / a.p % a.heads), b = (int)(t / 3 / a.p / a.heads);
     size_t off = ((size_t)b * a.p + i) * 3 * a.c + (size_t)head * ch * 3 + s;
-    const float *x = qkv + off;
+    const T *x = qkv + off;
     const float *g = (s == 0 ? dqn : s == 1 ? dkn : dvn) + (((size_t)b * a.heads + head) * a.p + i) * ch;
     float ss = 0.0f, dot = 0.0f;
     for (int c = 0; c < ch; c++) {
@@ -158,26 +164,37 @@ __global__ void attn_denormalize_kernel(const float *__restrict__ qkv, const flo
 
 static int attn_check(AttnShape a) { return a.heads <= 0 || a.c % a.heads != 0 || a.n <= 0 || a.p <= 0; }
 
-extern "C" int edm2_attention_forward_f32(const float *qkv, float *y, float *qn, float *kn, float *vn, float *w, int n, int p, int c,
-                                          int heads, cudaStream_t stream) {
-  AttnShape a = {n, p, c, heads};
-  if (attn_check(a)) return 1;  // cudaErrorInvalidValue
-  size_t rows = (size_t)n * heads * p;
-  ATT_LAUNCH(attn_normalize_kernel, rows * 3, qkv, qn, kn, vn, a);
+template <typename T>
+static int attention_forward(const T *qkv, T *y, float *qn, float *kn, float *vn, float *w, AttnShape a, cudaStream_t stream) {
+  size_t rows = (size_t)a.n * a.heads * a.p;
+  ATT_LAUNCH(attn_normalize_kernel<T>, rows * 3, qkv, qn, kn, vn, a);
   ATT_LAUNCH(attn_softmax_kernel, rows, qn, kn, w, a);
-  ATT_LAUNCH(attn_pv_kernel, (size_t)n * p * c, w, vn, y, a);
+  ATT_LAUNCH(attn_pv_kernel<T>, (size_t)a.n * a.p * a.c, w, vn, y, a);
   return 0;
 }
 
-extern "C" int edm2_attention_backward_f32(const float *qkv, const float *qn, const float *kn, const float *vn, const float *w,
-                                           const float *dy, float *dl, float *dqn, float *dkn, float *dvn, float *dqkv, int n, int p,
-                                           int c, int heads, cudaStream_t stream) {
+template <typename T>
+static int attention_backward(const T *qkv, const float *qn, const float *kn, const float *vn, const float *w, const T *dy, float *dl,
+                              float *dqn, float *dkn, float *dvn, T *dqkv, AttnShape a, cudaStream_t stream) {
+  size_t rows = (size_t)a.n * a.heads * a.p;
+  ATT_LAUNCH(attn_dv_kernel<T>, (size_t)a.n * a.p * a.c, w, dy, dvn, a);
+  ATT_LAUNCH(attn_dlogits_kernel<T>, rows, w, vn, dy, dl, a);
+  ATT_LAUNCH(attn_dqk_kernel, (size_t)a.n * a.p * a.c, dl, qn, kn, dqn, dkn, a);
+  ATT_LAUNCH(attn_denormalize_kernel<T>, rows * 3, qkv, dqn, dkn, dvn, dqkv, a);
+  return 0;
+}
+
+extern "C" int edm2_attention_forward(const void *qkv, void *y, float *qn, float *kn, float *vn, float *w, int n, int p, int c, int heads,
+                                      int dtype, cudaStream_t stream) {
+  AttnShape a = {n, p, c, heads};
+  if (attn_check(a)) return 1;  // cudaErrorInvalidValue
+  EDM2_BY_DTYPE(dtype, return attention_forward<T>((const T *)qkv, (T *)y, qn, kn, vn, w, a, stream));
+}
+
+extern "C" int edm2_attention_backward(const void *qkv, const float *qn, const float *kn, const float *vn, const float *w, const void *dy,
+                                       float *dl, float *dqn, float *dkn, float *dvn, void *dqkv, int n, int p, int c, int heads, int dtype,
+                                       cudaStream_t stream) {
   AttnShape a = {n, p, c, heads};
   if (attn_check(a)) return 1;
-  size_t rows = (size_t)n * heads * p;
-  ATT_LAUNCH(attn_dv_kernel, (size_t)n * p * c, w, dy, dvn, a);
-  ATT_LAUNCH(attn_dlogits_kernel, rows, w, vn, dy, dl, a);
-  ATT_LAUNCH(attn_dqk_kernel, (size_t)n * p * c, dl, qn, kn, dqn, dkn, a);
-  ATT_LAUNCH(attn_denormalize_kernel, rows * 3, qkv, dqn, dkn, dvn, dqkv, a);
-  return 0;
+  EDM2_BY_DTYPE(dtype, return attention_backward<T>((const T *)qkv, qn, kn, vn, w, (const T *)dy, dl, dqn, dkn, dvn, (T *)dqkv, a, stream));
 }

@@ -120,3 +120,43 @@ __device__ __forceinline__ float edm2_round_bf16(float x) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return __uint_as_float(u & 0xffff0000u);
 }
+
+// bf16 bits of x, rounded to nearest (ties to even); NaN stays a (quiet) NaN, overflow
+// rounds to infinity as IEEE rounding does.
+__device__ __forceinline__ uint16_t edm2_bf16_bits(float x) {
+  unsigned u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+// A bf16 value in memory (activation storage, DESIGN.md's bf16 mode): reads convert to
+// float, stores of a float round to nearest even. Kernels are templates over their
+// activation storage type T (float or edm2_bf16) and compute in float either way, so one
+// kernel body serves both (`y[i] = f(x[i])`). 2 bytes, so a bf16 tensor is half the memory
+// traffic of an fp32 one.
+struct edm2_bf16 {
+  uint16_t bits;
+  __device__ __forceinline__ operator float() const { return __uint_as_float((unsigned)bits << 16); }
+  __device__ __forceinline__ edm2_bf16 &operator=(float x) {
+    bits = edm2_bf16_bits(x);
+    return *this;
+  }
+};
+
+// The body of a launcher taking an activation dtype (edm2.h: EDM2_F32, EDM2_BF16): runs
+// `body` (which returns) with T the storage type; an unknown dtype returns
+// cudaErrorInvalidValue. Use as the launcher's last statement. EDM2_BY_DTYPE_AS names the
+// type (for a second dtype inside the body; a template-id with two arguments must then be
+// taken into a variable first, as macro arguments split at its comma).
+#define EDM2_BY_DTYPE_AS(dtype, TT, ...) \
+  if ((dtype) == EDM2_F32) {             \
+    typedef float TT;                    \
+    __VA_ARGS__;                         \
+  }                                      \
+  if ((dtype) == EDM2_BF16) {            \
+    typedef edm2_bf16 TT;                \
+    __VA_ARGS__;                         \
+  }                                      \
+  return 1
+#define EDM2_BY_DTYPE(dtype, ...) EDM2_BY_DTYPE_AS(dtype, T, __VA_ARGS__)

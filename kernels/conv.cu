@@ -1,4 +1,4 @@
-// conv.cu — MP-Conv ('same' 3x3 or 1x1, stride 1) and MP-Linear as implicit GEMMs, fp32.
+// conv.cu — MP-Conv ('same' 3x3 or 1x1, stride 1) and MP-Linear as implicit GEMMs.
 //
 // Layouts: activations NHWC [N, H, W, C]; the effective weight OHWI [O, taps, I] (from
 // weight_norm.cu; taps = 9 for 3x3, 1 for 1x1 and linear, where linear is a 1x1 conv on
@@ -13,12 +13,14 @@
 // off(tap) = (tap/3 − 1, tap%3 − 1) rows/columns for 3x3, (0, 0) for 1x1.
 // Kernel: one 16x16-thread block per 16x16 output tile; A and B tiles of 16 along K are
 // gathered into shared memory, fp32 multiply-accumulate.
-// Precision (`bf16` argument): 0 = all fp32; 1 = bf16 operands with fp32 accumulation, as
-// tensor cores compute: A and B are rounded to bf16 on load, and the forward and data
-// gradient outputs (activations) are rounded to bf16 on store — numerically what bf16
-// activation storage gives; the weight gradient stays fp32 (fp32 master weights). First version — correct, simple,
-// deterministic; the tensor-core kernels of the next issue replace it. Checked against
-// the CPU backend in the simulation harness (tests/gpu_kernels.rs).
+// Storage: activations (x, y, dy, dx) are fp32 or bf16 (`dtype`, templates over T); the
+// effective weight and the weight gradient are fp32. With bf16 activations the products
+// are bf16 × bf16 with fp32 accumulation, as tensor cores compute: the weight operand is
+// rounded to bf16 on load (the activations already are), and the forward and data-gradient
+// outputs are rounded to bf16 on store; the weight gradient stays fp32 (fp32 master
+// weights). First version — correct, simple, deterministic; the tensor-core kernels of
+// the next issue replace it. Checked against the CPU backend in the simulation harness
+// (tests/gpu_kernels.rs).
 #include "common.cuh"
 
 #define TILE 16
@@ -41,7 +43,8 @@ __device__ __forceinline__ long long conv_neighbor(const ConvShape &s, long long
 }
 
 // A(m, k) of each GEMM.
-__device__ __forceinline__ float conv_a(int mode, const ConvShape &s, const float *act, const float *grad, long long m, long long k) {
+template <typename T>
+__device__ __forceinline__ float conv_a(int mode, const ConvShape &s, const T *act, const T *grad, long long m, long long k) {
   if (mode == CONV_FWD) {
     int tap = (int)(k / s.cin), i = (int)(k % s.cin);
     long long q = conv_neighbor(s, m, tap, 1);
@@ -56,7 +59,8 @@ __device__ __forceinline__ float conv_a(int mode, const ConvShape &s, const floa
 }
 
 // B(k, n) of each GEMM.
-__device__ __forceinline__ float conv_b(int mode, const ConvShape &s, const float *act, const float *wt, long long k, long long n) {
+template <typename T>
+__device__ __forceinline__ float conv_b(int mode, const ConvShape &s, const T *act, const float *wt, long long k, long long n) {
   if (mode == CONV_FWD) return wt[n * (long long)s.taps * s.cin + k];  // W[o = n][k]
   if (mode == CONV_DX) {
     int tap = (int)(k / s.cout), o = (int)(k % s.cout);
@@ -67,8 +71,11 @@ __device__ __forceinline__ float conv_b(int mode, const ConvShape &s, const floa
   return q < 0 ? 0.0f : act[q * s.cin + i];
 }
 
-__global__ void conv_gemm_kernel(int mode, ConvShape s, const float *act, const float *grad, const float *wt, float *out, long long M,
-                                 long long N, long long K, int bf16) {
+// TOut: T for the forward and the data gradient, float for the weight gradient.
+template <typename T, typename TOut>
+__global__ void conv_gemm_kernel(int mode, ConvShape s, const T *act, const T *grad, const float *wt, TOut *out, long long M,
+                                 long long N, long long K) {
+  const bool bf16 = sizeof(T) == 2;
   EDM2_SHARED(float, as, [TILE][TILE]);
   EDM2_SHARED(float, bs, [TILE][TILE]);
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -84,11 +91,11 @@ __global__ void conv_gemm_kernel(int mode, ConvShape s, const float *act, const 
     for (int kk = 0; kk < TILE; kk++) acc += as[ty][kk] * bs[kk][tx];
     __syncthreads();
   }
-  if (m < M && n < N) out[m * N + n] = (bf16 && mode != CONV_DW) ? edm2_round_bf16(acc) : acc;
+  if (m < M && n < N) out[m * N + n] = acc;
 }
 
-static int conv_launch(int mode, ConvShape s, const float *act, const float *grad, const float *wt, float *out, int bf16,
-                       cudaStream_t stream) {
+template <typename T, typename TOut>
+static int conv_launch(int mode, ConvShape s, const T *act, const T *grad, const float *wt, TOut *out, cudaStream_t stream) {
   long long pixels = (long long)s.n * s.h * s.w;
   long long M, N, K;
   if (mode == CONV_FWD) {
@@ -102,26 +109,27 @@ static int conv_launch(int mode, ConvShape s, const float *act, const float *gra
   if ((N + TILE - 1) / TILE > 0x7fffffffLL || (M + TILE - 1) / TILE > 65535) return 9;  // cudaErrorInvalidConfiguration
   dim3 grid((unsigned)((N + TILE - 1) / TILE), (unsigned)((M + TILE - 1) / TILE));
   dim3 block(TILE, TILE);
-  EDM2_LAUNCH(conv_gemm_kernel, grid, block, 0, stream, mode, s, act, grad, wt, out, M, N, K, bf16);
+  auto *kernel = &conv_gemm_kernel<T, TOut>;
+  EDM2_LAUNCH(kernel, grid, block, 0, stream, mode, s, act, grad, wt, out, M, N, K);
   return (int)cudaGetLastError();
 }
 
 static int conv_taps(int k) { return k == 3 ? 9 : 1; }
 
-extern "C" int edm2_conv_forward_f32(const float *x, const float *w, float *y, int n, int h, int wd, int cin, int cout, int k,
-                                     int bf16, cudaStream_t stream) {
+extern "C" int edm2_conv_forward(const void *x, const float *w, void *y, int n, int h, int wd, int cin, int cout, int k, int dtype,
+                                 cudaStream_t stream) {
   ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
-  return conv_launch(CONV_FWD, s, x, nullptr, w, y, bf16, stream);
+  EDM2_BY_DTYPE(dtype, return conv_launch<T, T>(CONV_FWD, s, (const T *)x, (const T *)nullptr, w, (T *)y, stream));
 }
 
-extern "C" int edm2_conv_backward_data_f32(const float *dy, const float *w, float *dx, int n, int h, int wd, int cin, int cout, int k,
-                                           int bf16, cudaStream_t stream) {
+extern "C" int edm2_conv_backward_data(const void *dy, const float *w, void *dx, int n, int h, int wd, int cin, int cout, int k,
+                                       int dtype, cudaStream_t stream) {
   ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
-  return conv_launch(CONV_DX, s, nullptr, dy, w, dx, bf16, stream);
+  EDM2_BY_DTYPE(dtype, return conv_launch<T, T>(CONV_DX, s, (const T *)nullptr, (const T *)dy, w, (T *)dx, stream));
 }
 
-extern "C" int edm2_conv_backward_weight_f32(const float *x, const float *dy, float *dw, int n, int h, int wd, int cin, int cout, int k,
-                                             int bf16, cudaStream_t stream) {
+extern "C" int edm2_conv_backward_weight(const void *x, const void *dy, float *dw, int n, int h, int wd, int cin, int cout, int k,
+                                         int dtype, cudaStream_t stream) {
   ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
-  return conv_launch(CONV_DW, s, x, dy, nullptr, dw, bf16, stream);
+  EDM2_BY_DTYPE(dtype, return conv_launch<T, float>(CONV_DW, s, (const T *)x, (const T *)dy, (const float *)nullptr, dw, stream));
 }

@@ -11,66 +11,75 @@ extern "C" {
 /* identical to the typedef in CUDA's driver_types.h, so a cudarc CUstream passes through */
 typedef struct CUstream_st *cudaStream_t;
 
-/* elementwise.cu */
-int edm2_mp_silu_f32(const float *x, float *y, size_t n, cudaStream_t stream);
-int edm2_mp_silu_backward_f32(const float *x, const float *dy, float *dx, size_t n, cudaStream_t stream);
-int edm2_mp_sum_f32(float *a, const float *b, float t, size_t n, cudaStream_t stream);
+/* Activation storage types: pointers declared `void *` point at activations of the
+ * launcher's `dtype` (fp32, or bf16 bit patterns; arithmetic is fp32 either way). Every
+ * other pointer is fp32. An unknown dtype returns 1 (cudaErrorInvalidValue). */
+#define EDM2_F32 0
+#define EDM2_BF16 1
 
 /* elementwise.cu (NHWC ops: see the file's header comment) */
-int edm2_axpby_f32(float *a, const float *b, float wa, float wb, size_t n, cudaStream_t stream);
-int edm2_scale_f32(float *a, float k, size_t n, cudaStream_t stream);
-int edm2_downsample2_f32(const float *x, float *y, int n, int h, int w, int c, cudaStream_t stream);
-int edm2_downsample2_backward_f32(const float *dy, float *dx, int n, int h, int w, int c, cudaStream_t stream);
-int edm2_upsample2_f32(const float *x, float *y, int n, int h, int w, int c, cudaStream_t stream);
-int edm2_upsample2_backward_f32(const float *dy, float *dx, int n, int h, int w, int c, cudaStream_t stream);
-int edm2_mp_cat_f32(const float *a, int na, const float *b, int nb, float ka, float kb, float *out, size_t pixels, cudaStream_t stream);
-int edm2_mp_cat_backward_f32(const float *dout, int na, int nb, float ka, float kb, float *da, float *db, size_t pixels,
-                             cudaStream_t stream);
-int edm2_modulate_silu_f32(const float *h, const float *s, float *y, int n, size_t pixels, int c, cudaStream_t stream);
-int edm2_modulate_silu_backward_f32(const float *h, const float *s, const float *dy, float *dh, float *ds, int n, size_t pixels, int c,
-                                    cudaStream_t stream);
-int edm2_dropout_f32(float *x, float p, uint64_t seed, size_t n, cudaStream_t stream);
-int edm2_clip_f32(float *x, uint8_t *mask, float limit, size_t n, cudaStream_t stream);
-int edm2_clip_backward_f32(float *dy, const uint8_t *mask, size_t n, cudaStream_t stream);
-int edm2_add_scalar_f32(float *a, float v, size_t n, cudaStream_t stream);
-int edm2_scaled_f32(const float *x, float *y, float k, size_t n, cudaStream_t stream);
-int edm2_scale_images_f32(float *x, const float *k, size_t per, size_t n, cudaStream_t stream);
-int edm2_precond_input_f32(const float *x, const float *c_in, float *out, int c, size_t pixels_per_image, size_t images,
-                           cudaStream_t stream);
-int edm2_precond_output_f32(const float *x, const float *f, const float *c_skip, const float *c_out, float *d, size_t per, size_t n,
-                            cudaStream_t stream);
-int edm2_mp_fourier_f32(const float *x, const float *freqs, const float *phases, float *y, size_t n, int c, cudaStream_t stream);
+int edm2_mp_silu(const void *x, void *y, size_t n, int dtype, cudaStream_t stream);
+int edm2_mp_silu_backward(const void *x, const void *dy, void *dx, size_t n, int dtype, cudaStream_t stream);
+int edm2_mp_sum(void *a, const void *b, float t, size_t n, int dtype, cudaStream_t stream);
+int edm2_axpby(void *a, const void *b, float wa, float wb, size_t n, int dtype, cudaStream_t stream);
+int edm2_scale(void *a, float k, size_t n, int dtype, cudaStream_t stream);
+int edm2_downsample2(const void *x, void *y, int n, int h, int w, int c, int dtype, cudaStream_t stream);
+int edm2_downsample2_backward(const void *dy, void *dx, int n, int h, int w, int c, int dtype, cudaStream_t stream);
+int edm2_upsample2(const void *x, void *y, int n, int h, int w, int c, int dtype, cudaStream_t stream);
+int edm2_upsample2_backward(const void *dy, void *dx, int n, int h, int w, int c, int dtype, cudaStream_t stream);
+int edm2_mp_cat(const void *a, int na, const void *b, int nb, float ka, float kb, void *out, size_t pixels, int dtype, cudaStream_t stream);
+int edm2_mp_cat_backward(const void *dout, int na, int nb, float ka, float kb, void *da, void *db, size_t pixels, int dtype,
+                         cudaStream_t stream);
+int edm2_modulate_silu(const void *h, const void *s, void *y, int n, size_t pixels, int c, int dtype, cudaStream_t stream);
+int edm2_modulate_silu_backward(const void *h, const void *s, const void *dy, void *dh, void *ds, int n, size_t pixels, int c, int dtype,
+                                cudaStream_t stream);
+int edm2_dropout(void *x, float p, uint64_t seed, size_t n, int dtype, cudaStream_t stream);
+int edm2_clip(void *x, uint8_t *mask, float limit, size_t n, int dtype, cudaStream_t stream);
+int edm2_clip_backward(void *dy, const uint8_t *mask, size_t n, int dtype, cudaStream_t stream);
+int edm2_add_scalar(void *a, float v, size_t n, int dtype, cudaStream_t stream);
+/* y (dtype) = k·x (x_dtype): also a dtype conversion. */
+int edm2_scaled(const void *x, int x_dtype, void *y, float k, size_t n, int dtype, cudaStream_t stream);
+int edm2_scale_images(void *x, const float *k, size_t per, size_t n, int dtype, cudaStream_t stream);
+/* Preconditioning: the input x and the output d are of x_dtype, out and f of dtype. */
+int edm2_precond_input(const void *x, int x_dtype, const float *c_in, void *out, int c, size_t pixels_per_image, size_t images, int dtype,
+                       cudaStream_t stream);
+int edm2_precond_output(const void *x, int x_dtype, const void *f, const float *c_skip, const float *c_out, void *d, size_t per, size_t n,
+                        int dtype, cudaStream_t stream);
+int edm2_mp_fourier(const float *x, const float *freqs, const float *phases, void *y, size_t n, int c, int dtype, cudaStream_t stream);
 
-/* weight_norm.cu: rows of k contiguous values (x == y allowed); effective weight OIHW → OHWI
- * (taps = 9 for 3x3, 1 for 1x1/linear) with per-row denominators; its backward. */
-int edm2_normalize_rows_f32(const float *x, float *y, size_t rows, int k, cudaStream_t stream);
-int edm2_normalize_rows_backward_f32(const float *x, const float *dy, float *dx, size_t rows, int k, cudaStream_t stream);
+/* weight_norm.cu: rows of k contiguous values (x == y allowed; fp32 weights or activations of
+ * `dtype`); effective weight OIHW → OHWI (taps = 9 for 3x3, 1 for 1x1/linear) with per-row
+ * denominators; its backward. */
+int edm2_normalize_rows(const void *x, void *y, size_t rows, int k, int dtype, cudaStream_t stream);
+int edm2_normalize_rows_backward(const void *x, const void *dy, void *dx, size_t rows, int k, int dtype, cudaStream_t stream);
 int edm2_effective_weight_f32(const float *w, float *eff, float *denom, int out_ch, int in_ch, int taps, float gain,
                               cudaStream_t stream);
 int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, const float *denom, float *dw, float *row_dgain, int out_ch,
                                        int in_ch, int taps, float gain, cudaStream_t stream);
 
-/* conv.cu: NHWC activations, OHWI effective weight, k = 3 (3x3 'same'), 1 (1x1) or 0 (linear,
- * h = w = 1). All overwrite their output. bf16 = 1: bf16 operands, fp32 accumulation (see the file). */
-int edm2_conv_forward_f32(const float *x, const float *w, float *y, int n, int h, int wd, int cin, int cout, int k, int bf16,
-                          cudaStream_t stream);
-int edm2_conv_backward_data_f32(const float *dy, const float *w, float *dx, int n, int h, int wd, int cin, int cout, int k, int bf16,
-                                cudaStream_t stream);
-int edm2_conv_backward_weight_f32(const float *x, const float *dy, float *dw, int n, int h, int wd, int cin, int cout, int k, int bf16,
-                                  cudaStream_t stream);
+/* conv.cu: NHWC activations of `dtype`, OHWI fp32 effective weight, k = 3 (3x3 'same'), 1 (1x1)
+ * or 0 (linear, h = w = 1). All overwrite their output; the weight gradient is fp32. bf16
+ * activations: bf16 operands, fp32 accumulation (see the file). */
+int edm2_conv_forward(const void *x, const float *w, void *y, int n, int h, int wd, int cin, int cout, int k, int dtype,
+                      cudaStream_t stream);
+int edm2_conv_backward_data(const void *dy, const float *w, void *dx, int n, int h, int wd, int cin, int cout, int k, int dtype,
+                            cudaStream_t stream);
+int edm2_conv_backward_weight(const void *x, const void *dy, float *dw, int n, int h, int wd, int cin, int cout, int k, int dtype,
+                              cudaStream_t stream);
 
-/* attention.cu: qkv [N, P, 3C] → y [N, P, C]; workspace qn/kn/vn [N, heads, P, C/heads],
- * w and dl [N, heads, P, P]; backward overwrites dqkv (and the dqn/dkn/dvn/dl scratch). */
-int edm2_attention_forward_f32(const float *qkv, float *y, float *qn, float *kn, float *vn, float *w, int n, int p, int c, int heads,
-                               cudaStream_t stream);
-int edm2_attention_backward_f32(const float *qkv, const float *qn, const float *kn, const float *vn, const float *w, const float *dy,
-                                float *dl, float *dqn, float *dkn, float *dvn, float *dqkv, int n, int p, int c, int heads,
-                                cudaStream_t stream);
+/* attention.cu: qkv [N, P, 3C] → y [N, P, C] (activations of `dtype`); fp32 workspace qn/kn/vn
+ * [N, heads, P, C/heads], w and dl [N, heads, P, P]; backward overwrites dqkv (and the
+ * dqn/dkn/dvn/dl scratch). */
+int edm2_attention_forward(const void *qkv, void *y, float *qn, float *kn, float *vn, float *w, int n, int p, int c, int heads, int dtype,
+                           cudaStream_t stream);
+int edm2_attention_backward(const void *qkv, const float *qn, const float *kn, const float *vn, const float *w, const void *dy, float *dl,
+                            float *dqn, float *dkn, float *dvn, void *dqkv, int n, int p, int c, int heads, int dtype, cudaStream_t stream);
 
 /* loss.cu: the EDM2 loss of n images of `per` values: dd (overwritten) and per-image sums
- * sums[2b] = Σ(l + u_b), sums[2b+1] = Σ(1 − l); w[b] = λ(σ_b)/exp(u_b). */
-int edm2_loss_f32(const float *d, const float *y, const float *w, const float *logvar, float *dd, float *sums, size_t n, size_t per,
-                  float dd_scale, cudaStream_t stream);
+ * sums[2b] = Σ(l + u_b), sums[2b+1] = Σ(1 − l); w[b] = λ(σ_b)/exp(u_b). d and dd are
+ * activations of `dtype`, the images y fp32. */
+int edm2_loss(const void *d, const float *y, const float *w, const float *logvar, void *dd, float *sums, size_t n, size_t per,
+              float dd_scale, int dtype, cudaStream_t stream);
 
 /* optim.cu: Adam with non-finite zeroing (adds the count to *nonfinite), EMA lerp. */
 int edm2_adam_f32(float *p, const float *g, float *m, float *v, float beta1, float beta2, float bc2_sqrt, float eps,

@@ -1,4 +1,5 @@
-// elementwise.cu — the magnitude-preserving pointwise ops of the network, fp32.
+// elementwise.cu — the magnitude-preserving pointwise ops of the network, on fp32 or bf16
+// activations (templates over the storage type T; arithmetic in fp32).
 //
 // mp_silu (paper Eq. 81): y = silu(x) / 0.596; backward dx = dy · silu'(x) / 0.596 with
 //   silu'(x) = σ(x)·(1 + x·(1 − σ(x))). Overwrites y / dx.
@@ -27,52 +28,39 @@
 // (tests/cuda_sim.rs) in the simulation harness.
 #include "common.cuh"
 
-__global__ void mp_silu_kernel(const float *__restrict__ x, float *__restrict__ y, size_t n) {
+template <typename T>
+__global__ void mp_silu_kernel(const T *__restrict__ x, T *__restrict__ y, size_t n) {
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     float v = x[i];
     y[i] = edm2_mp_silu(v);
   }
 }
 
-__global__ void mp_silu_backward_kernel(const float *__restrict__ x, const float *__restrict__ dy, float *__restrict__ dx, size_t n) {
+template <typename T>
+__global__ void mp_silu_backward_kernel(const T *__restrict__ x, const T *__restrict__ dy, T *__restrict__ dx, size_t n) {
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     dx[i] = dy[i] * edm2_mp_silu_grad(x[i]);
   }
 }
 
-__global__ void mp_sum_kernel(float *__restrict__ a, const float *__restrict__ b, float wa, float wb, size_t n) {
+template <typename T>
+__global__ void mp_sum_kernel(T *__restrict__ a, const T *__restrict__ b, float wa, float wb, size_t n) {
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     a[i] = wa * a[i] + wb * b[i];
 }
 
-extern "C" int edm2_mp_silu_f32(const float *x, float *y, size_t n, cudaStream_t stream) {
-  if (n == 0) return 0;
-  EDM2_LAUNCH(mp_silu_kernel, edm2_blocks(n, 256), 256, 0, stream, x, y, n);
-  return (int)cudaGetLastError();
-}
-
-extern "C" int edm2_mp_silu_backward_f32(const float *x, const float *dy, float *dx, size_t n, cudaStream_t stream) {
-  if (n == 0) return 0;
-  EDM2_LAUNCH(mp_silu_backward_kernel, edm2_blocks(n, 256), 256, 0, stream, x, dy, dx, n);
-  return (int)cudaGetLastError();
-}
-
-extern "C" int edm2_mp_sum_f32(float *a, const float *b, float t, size_t n, cudaStream_t stream) {
-  if (n == 0) return 0;
-  float s = sqrtf((1.0f - t) * (1.0f - t) + t * t);
-  EDM2_LAUNCH(mp_sum_kernel, edm2_blocks(n, 256), 256, 0, stream, a, b, (1.0f - t) / s, t / s, n);
-  return (int)cudaGetLastError();
-}
-
-__global__ void axpby_kernel(float *__restrict__ a, const float *__restrict__ b, float wa, float wb, size_t n) {
+template <typename T>
+__global__ void axpby_kernel(T *__restrict__ a, const T *__restrict__ b, float wa, float wb, size_t n) {
   EDM2_FOR(i, n) a[i] = wa * a[i] + wb * b[i];
 }
 
-__global__ void scale_kernel(float *__restrict__ a, float k, size_t n) {
+template <typename T>
+__global__ void scale_kernel(T *__restrict__ a, float k, size_t n) {
   EDM2_FOR(i, n) a[i] = a[i] * k;
 }
 
-__global__ void downsample2_kernel(const float *__restrict__ x, float *__restrict__ y, int n, int h, int w, int c) {
+template <typename T>
+__global__ void downsample2_kernel(const T *__restrict__ x, T *__restrict__ y, int n, int h, int w, int c) {
   const int ho = h / 2, wo = w / 2;
   EDM2_FOR(i, (size_t)n * ho * wo * c) {
     int ch = (int)(i % c);
@@ -83,7 +71,8 @@ __global__ void downsample2_kernel(const float *__restrict__ x, float *__restric
   }
 }
 
-__global__ void downsample2_backward_kernel(const float *__restrict__ dy, float *__restrict__ dx, int n, int h, int w, int c) {
+template <typename T>
+__global__ void downsample2_backward_kernel(const T *__restrict__ dy, T *__restrict__ dx, int n, int h, int w, int c) {
   const int ho = h / 2, wo = w / 2;
   EDM2_FOR(i, (size_t)n * h * w * c) {
     int ch = (int)(i % c);
@@ -93,7 +82,8 @@ __global__ void downsample2_backward_kernel(const float *__restrict__ dy, float 
   }
 }
 
-__global__ void upsample2_kernel(const float *__restrict__ x, float *__restrict__ y, int n, int h, int w, int c) {
+template <typename T>
+__global__ void upsample2_kernel(const T *__restrict__ x, T *__restrict__ y, int n, int h, int w, int c) {
   const int ho = 2 * h, wo = 2 * w;
   EDM2_FOR(i, (size_t)n * ho * wo * c) {
     int ch = (int)(i % c);
@@ -103,7 +93,8 @@ __global__ void upsample2_kernel(const float *__restrict__ x, float *__restrict_
   }
 }
 
-__global__ void upsample2_backward_kernel(const float *__restrict__ dy, float *__restrict__ dx, int n, int h, int w, int c) {
+template <typename T>
+__global__ void upsample2_backward_kernel(const T *__restrict__ dy, T *__restrict__ dx, int n, int h, int w, int c) {
   const int wo = 2 * w;
   EDM2_FOR(i, (size_t)n * h * w * c) {
     int ch = (int)(i % c);
@@ -114,8 +105,9 @@ __global__ void upsample2_backward_kernel(const float *__restrict__ dy, float *_
   }
 }
 
-__global__ void mp_cat_kernel(const float *__restrict__ a, int na, const float *__restrict__ b, int nb, float ka, float kb,
-                              float *__restrict__ out, size_t pixels) {
+template <typename T>
+__global__ void mp_cat_kernel(const T *__restrict__ a, int na, const T *__restrict__ b, int nb, float ka, float kb,
+                              T *__restrict__ out, size_t pixels) {
   const int nc = na + nb;
   EDM2_FOR(i, pixels * nc) {
     size_t p = i / nc;
@@ -124,8 +116,9 @@ __global__ void mp_cat_kernel(const float *__restrict__ a, int na, const float *
   }
 }
 
-__global__ void mp_cat_backward_kernel(const float *__restrict__ dout, int na, int nb, float ka, float kb, float *__restrict__ da,
-                                       float *__restrict__ db, size_t pixels) {
+template <typename T>
+__global__ void mp_cat_backward_kernel(const T *__restrict__ dout, int na, int nb, float ka, float kb, T *__restrict__ da,
+                                       T *__restrict__ db, size_t pixels) {
   const int nc = na + nb;
   EDM2_FOR(i, pixels * nc) {
     size_t p = i / nc;
@@ -137,7 +130,8 @@ __global__ void mp_cat_backward_kernel(const float *__restrict__ dout, int na, i
   }
 }
 
-__global__ void modulate_silu_kernel(const float *__restrict__ h, const float *__restrict__ s, float *__restrict__ y, int c,
+template <typename T>
+__global__ void modulate_silu_kernel(const T *__restrict__ h, const T *__restrict__ s, T *__restrict__ y, int c,
                                      size_t pixels, size_t total) {
   EDM2_FOR(i, total) {
     size_t b = i / (pixels * c);
@@ -145,8 +139,9 @@ __global__ void modulate_silu_kernel(const float *__restrict__ h, const float *_
   }
 }
 
-__global__ void modulate_silu_backward_kernel(const float *__restrict__ h, const float *__restrict__ s, const float *__restrict__ dy,
-                                              float *__restrict__ dh, float *__restrict__ ds, int c, size_t pixels, int n) {
+template <typename T>
+__global__ void modulate_silu_backward_kernel(const T *__restrict__ h, const T *__restrict__ s, const T *__restrict__ dy,
+                                              T *__restrict__ dh, T *__restrict__ ds, int c, size_t pixels, int n) {
   EDM2_FOR(j, (size_t)n * c) {
     size_t b = j / c;
     int ch = (int)(j % c);
@@ -170,11 +165,13 @@ __device__ __forceinline__ float edm2_hash_uniform(unsigned long long seed, unsi
   return (float)(z >> 40) / 16777216.0f;
 }
 
-__global__ void dropout_kernel(float *__restrict__ x, float p, float scale, unsigned long long seed, size_t n) {
+template <typename T>
+__global__ void dropout_kernel(T *__restrict__ x, float p, float scale, unsigned long long seed, size_t n) {
   EDM2_FOR(i, n) x[i] = edm2_hash_uniform(seed, i) >= p ? x[i] * scale : 0.0f;
 }
 
-__global__ void clip_kernel(float *__restrict__ x, unsigned char *__restrict__ mask, float limit, size_t n) {
+template <typename T>
+__global__ void clip_kernel(T *__restrict__ x, unsigned char *__restrict__ mask, float limit, size_t n) {
   EDM2_FOR(i, n) {
     float v = x[i];
     mask[i] = fabsf(v) > limit;
@@ -182,31 +179,37 @@ __global__ void clip_kernel(float *__restrict__ x, unsigned char *__restrict__ m
   }
 }
 
-__global__ void clip_backward_kernel(float *__restrict__ dy, const unsigned char *__restrict__ mask, size_t n) {
+template <typename T>
+__global__ void clip_backward_kernel(T *__restrict__ dy, const unsigned char *__restrict__ mask, size_t n) {
   EDM2_FOR(i, n) if (mask[i]) dy[i] = 0.0f;
 }
 
+template <typename T>
 __global__ void mp_fourier_kernel(const float *__restrict__ x, const float *__restrict__ freqs, const float *__restrict__ phases,
-                                  float *__restrict__ y, size_t n, int c) {
+                                  T *__restrict__ y, size_t n, int c) {
   EDM2_FOR(i, n * c) {
     int j = (int)(i % c);
     y[i] = cosf(x[i / c] * freqs[j] + phases[j]) * 1.41421356237309515f;
   }
 }
 
-__global__ void add_scalar_kernel(float *__restrict__ a, float v, size_t n) {
+template <typename T>
+__global__ void add_scalar_kernel(T *__restrict__ a, float v, size_t n) {
   EDM2_FOR(i, n) a[i] = a[i] + v;
 }
 
-__global__ void scaled_kernel(const float *__restrict__ x, float *__restrict__ y, float k, size_t n) {
+template <typename TX, typename T>
+__global__ void scaled_kernel(const TX *__restrict__ x, T *__restrict__ y, float k, size_t n) {
   EDM2_FOR(i, n) y[i] = k * x[i];
 }
 
-__global__ void scale_images_kernel(float *__restrict__ x, const float *__restrict__ k, size_t per, size_t n) {
+template <typename T>
+__global__ void scale_images_kernel(T *__restrict__ x, const float *__restrict__ k, size_t per, size_t n) {
   EDM2_FOR(i, n) x[i] = x[i] * k[i / per];
 }
 
-__global__ void precond_input_kernel(const float *__restrict__ x, const float *__restrict__ c_in, float *__restrict__ out, int c,
+template <typename TX, typename T>
+__global__ void precond_input_kernel(const TX *__restrict__ x, const float *__restrict__ c_in, T *__restrict__ out, int c,
                                      size_t pixels_per_image, size_t total) {
   EDM2_FOR(i, total) {
     size_t px = i / (c + 1);
@@ -215,8 +218,9 @@ __global__ void precond_input_kernel(const float *__restrict__ x, const float *_
   }
 }
 
-__global__ void precond_output_kernel(const float *__restrict__ x, const float *__restrict__ f, const float *__restrict__ c_skip,
-                                      const float *__restrict__ c_out, float *__restrict__ d, size_t per, size_t n) {
+template <typename TX, typename T>
+__global__ void precond_output_kernel(const TX *__restrict__ x, const T *__restrict__ f, const float *__restrict__ c_skip,
+                                      const float *__restrict__ c_out, TX *__restrict__ d, size_t per, size_t n) {
   EDM2_FOR(i, n) {
     size_t b = i / per;
     d[i] = c_skip[b] * x[i] + c_out[b] * f[i];
@@ -231,65 +235,89 @@ __global__ void precond_output_kernel(const float *__restrict__ x, const float *
     return (int)cudaGetLastError();                                              \
   } while (0)
 
-extern "C" int edm2_axpby_f32(float *a, const float *b, float wa, float wb, size_t n, cudaStream_t stream) {
-  EW_LAUNCH(axpby_kernel, n, a, b, wa, wb, n);
+// Launchers: activation pointers are `void *` of storage type `dtype` (EDM2_F32 or
+// EDM2_BF16); every other pointer is fp32. scaled converts (x of x_dtype, y of dtype);
+// the preconditioning reads the network input x and writes D in x_dtype — fp32 in the
+// bf16 mode too, as the official mixed precision keeps x and D in fp32 — and the
+// network's activations (out, F) in dtype.
+#define RD(p) ((const T *)(p))
+#define WR(p) ((T *)(p))
+
+extern "C" int edm2_mp_silu(const void *x, void *y, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_silu_kernel<T>, n, RD(x), WR(y), n));
 }
-extern "C" int edm2_scale_f32(float *a, float k, size_t n, cudaStream_t stream) { EW_LAUNCH(scale_kernel, n, a, k, n); }
-extern "C" int edm2_downsample2_f32(const float *x, float *y, int n, int h, int w, int c, cudaStream_t stream) {
-  EW_LAUNCH(downsample2_kernel, (size_t)n * (h / 2) * (w / 2) * c, x, y, n, h, w, c);
+extern "C" int edm2_mp_silu_backward(const void *x, const void *dy, void *dx, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_silu_backward_kernel<T>, n, RD(x), RD(dy), WR(dx), n));
 }
-extern "C" int edm2_downsample2_backward_f32(const float *dy, float *dx, int n, int h, int w, int c, cudaStream_t stream) {
-  EW_LAUNCH(downsample2_backward_kernel, (size_t)n * h * w * c, dy, dx, n, h, w, c);
+extern "C" int edm2_mp_sum(void *a, const void *b, float t, size_t n, int dtype, cudaStream_t stream) {
+  float s = sqrtf((1.0f - t) * (1.0f - t) + t * t);
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_sum_kernel<T>, n, WR(a), RD(b), (1.0f - t) / s, t / s, n));
 }
-extern "C" int edm2_upsample2_f32(const float *x, float *y, int n, int h, int w, int c, cudaStream_t stream) {
-  EW_LAUNCH(upsample2_kernel, (size_t)n * 4 * h * w * c, x, y, n, h, w, c);
+extern "C" int edm2_axpby(void *a, const void *b, float wa, float wb, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(axpby_kernel<T>, n, WR(a), RD(b), wa, wb, n));
 }
-extern "C" int edm2_upsample2_backward_f32(const float *dy, float *dx, int n, int h, int w, int c, cudaStream_t stream) {
-  EW_LAUNCH(upsample2_backward_kernel, (size_t)n * h * w * c, dy, dx, n, h, w, c);
+extern "C" int edm2_scale(void *a, float k, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(scale_kernel<T>, n, WR(a), k, n));
 }
-extern "C" int edm2_mp_cat_f32(const float *a, int na, const float *b, int nb, float ka, float kb, float *out, size_t pixels,
+extern "C" int edm2_downsample2(const void *x, void *y, int n, int h, int w, int c, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(downsample2_kernel<T>, (size_t)n * (h / 2) * (w / 2) * c, RD(x), WR(y), n, h, w, c));
+}
+extern "C" int edm2_downsample2_backward(const void *dy, void *dx, int n, int h, int w, int c, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(downsample2_backward_kernel<T>, (size_t)n * h * w * c, RD(dy), WR(dx), n, h, w, c));
+}
+extern "C" int edm2_upsample2(const void *x, void *y, int n, int h, int w, int c, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(upsample2_kernel<T>, (size_t)n * 4 * h * w * c, RD(x), WR(y), n, h, w, c));
+}
+extern "C" int edm2_upsample2_backward(const void *dy, void *dx, int n, int h, int w, int c, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(upsample2_backward_kernel<T>, (size_t)n * h * w * c, RD(dy), WR(dx), n, h, w, c));
+}
+extern "C" int edm2_mp_cat(const void *a, int na, const void *b, int nb, float ka, float kb, void *out, size_t pixels, int dtype,
+                           cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_cat_kernel<T>, pixels * (na + nb), RD(a), na, RD(b), nb, ka, kb, WR(out), pixels));
+}
+extern "C" int edm2_mp_cat_backward(const void *dout, int na, int nb, float ka, float kb, void *da, void *db, size_t pixels, int dtype,
+                                    cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_cat_backward_kernel<T>, pixels * (na + nb), RD(dout), na, nb, ka, kb, WR(da), WR(db), pixels));
+}
+extern "C" int edm2_modulate_silu(const void *h, const void *s, void *y, int n, size_t pixels, int c, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(modulate_silu_kernel<T>, (size_t)n * pixels * c, RD(h), RD(s), WR(y), c, pixels, (size_t)n * pixels * c));
+}
+extern "C" int edm2_modulate_silu_backward(const void *h, const void *s, const void *dy, void *dh, void *ds, int n, size_t pixels, int c,
+                                           int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(modulate_silu_backward_kernel<T>, (size_t)n * c, RD(h), RD(s), RD(dy), WR(dh), WR(ds), c, pixels, n));
+}
+extern "C" int edm2_dropout(void *x, float p, uint64_t seed, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(dropout_kernel<T>, n, WR(x), p, 1.0f / (1.0f - p), (unsigned long long)seed, n));
+}
+extern "C" int edm2_clip(void *x, uint8_t *mask, float limit, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(clip_kernel<T>, n, WR(x), mask, limit, n));
+}
+extern "C" int edm2_clip_backward(void *dy, const uint8_t *mask, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(clip_backward_kernel<T>, n, WR(dy), mask, n));
+}
+extern "C" int edm2_mp_fourier(const float *x, const float *freqs, const float *phases, void *y, size_t n, int c, int dtype,
                                cudaStream_t stream) {
-  EW_LAUNCH(mp_cat_kernel, pixels * (na + nb), a, na, b, nb, ka, kb, out, pixels);
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_fourier_kernel<T>, n * (size_t)c, x, freqs, phases, WR(y), n, c));
 }
-extern "C" int edm2_mp_cat_backward_f32(const float *dout, int na, int nb, float ka, float kb, float *da, float *db, size_t pixels,
-                                        cudaStream_t stream) {
-  EW_LAUNCH(mp_cat_backward_kernel, pixels * (na + nb), dout, na, nb, ka, kb, da, db, pixels);
+extern "C" int edm2_add_scalar(void *a, float v, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(add_scalar_kernel<T>, n, WR(a), v, n));
 }
-extern "C" int edm2_modulate_silu_f32(const float *h, const float *s, float *y, int n, size_t pixels, int c, cudaStream_t stream) {
-  EW_LAUNCH(modulate_silu_kernel, (size_t)n * pixels * c, h, s, y, c, pixels, (size_t)n * pixels * c);
+extern "C" int edm2_scaled(const void *x, int x_dtype, void *y, float k, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE_AS(x_dtype, TX, EDM2_BY_DTYPE(dtype, auto *kernel = &scaled_kernel<TX, T>; EW_LAUNCH(kernel, n, (const TX *)x, WR(y), k, n)));
 }
-extern "C" int edm2_modulate_silu_backward_f32(const float *h, const float *s, const float *dy, float *dh, float *ds, int n,
-                                               size_t pixels, int c, cudaStream_t stream) {
-  EW_LAUNCH(modulate_silu_backward_kernel, (size_t)n * c, h, s, dy, dh, ds, c, pixels, n);
-}
-extern "C" int edm2_dropout_f32(float *x, float p, uint64_t seed, size_t n, cudaStream_t stream) {
-  EW_LAUNCH(dropout_kernel, n, x, p, 1.0f / (1.0f - p), (unsigned long long)seed, n);
-}
-extern "C" int edm2_clip_f32(float *x, uint8_t *mask, float limit, size_t n, cudaStream_t stream) {
-  EW_LAUNCH(clip_kernel, n, x, mask, limit, n);
-}
-extern "C" int edm2_clip_backward_f32(float *dy, const uint8_t *mask, size_t n, cudaStream_t stream) {
-  EW_LAUNCH(clip_backward_kernel, n, dy, mask, n);
-}
-extern "C" int edm2_mp_fourier_f32(const float *x, const float *freqs, const float *phases, float *y, size_t n, int c,
-                                   cudaStream_t stream) {
-  EW_LAUNCH(mp_fourier_kernel, n * (size_t)c, x, freqs, phases, y, n, c);
-}
-extern "C" int edm2_add_scalar_f32(float *a, float v, size_t n, cudaStream_t stream) { EW_LAUNCH(add_scalar_kernel, n, a, v, n); }
-extern "C" int edm2_scaled_f32(const float *x, float *y, float k, size_t n, cudaStream_t stream) {
-  EW_LAUNCH(scaled_kernel, n, x, y, k, n);
-}
-extern "C" int edm2_scale_images_f32(float *x, const float *k, size_t per, size_t n, cudaStream_t stream) {
+extern "C" int edm2_scale_images(void *x, const float *k, size_t per, size_t n, int dtype, cudaStream_t stream) {
   if (per == 0) return 0;
-  EW_LAUNCH(scale_images_kernel, n, x, k, per, n);
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(scale_images_kernel<T>, n, WR(x), k, per, n));
 }
-extern "C" int edm2_precond_input_f32(const float *x, const float *c_in, float *out, int c, size_t pixels_per_image, size_t images,
-                                      cudaStream_t stream) {
-  EW_LAUNCH(precond_input_kernel, images * pixels_per_image * (c + 1), x, c_in, out, c, pixels_per_image,
-            images * pixels_per_image * (c + 1));
+extern "C" int edm2_precond_input(const void *x, int x_dtype, const float *c_in, void *out, int c, size_t pixels_per_image, size_t images,
+                                  int dtype, cudaStream_t stream) {
+  size_t total = images * pixels_per_image * (c + 1);
+  EDM2_BY_DTYPE_AS(x_dtype, TX, EDM2_BY_DTYPE(dtype, auto *kernel = &precond_input_kernel<TX, T>;
+                                              EW_LAUNCH(kernel, total, (const TX *)x, c_in, WR(out), c, pixels_per_image, total)));
 }
-extern "C" int edm2_precond_output_f32(const float *x, const float *f, const float *c_skip, const float *c_out, float *d, size_t per,
-                                       size_t n, cudaStream_t stream) {
+extern "C" int edm2_precond_output(const void *x, int x_dtype, const void *f, const float *c_skip, const float *c_out, void *d, size_t per,
+                                   size_t n, int dtype, cudaStream_t stream) {
   if (per == 0) return 0;
-  EW_LAUNCH(precond_output_kernel, n, x, f, c_skip, c_out, d, per, n);
+  EDM2_BY_DTYPE_AS(x_dtype, TX, EDM2_BY_DTYPE(dtype, auto *kernel = &precond_output_kernel<TX, T>;
+                                              EW_LAUNCH(kernel, n, (const TX *)x, RD(f), c_skip, c_out, (TX *)d, per, n)));
 }

@@ -1,5 +1,6 @@
 // loss.cu — the uncertainty-weighted EDM2 loss (paper Eq. 21, DESIGN.md §2) and its
-// gradient, fp32.
+// gradient. D and dD are fp32 or bf16 activations (`dtype`); the images y, the weights and
+// all arithmetic are fp32.
 //
 // Per image b with w[b] = λ(σ_b)/exp(u_b) (λ(σ) = (σ² + σd²)/(σ·σd)², computed on the
 // host) and u_b = logvar[b], elementwise over the image's `per` values:
@@ -12,8 +13,9 @@
 
 #define LOSS_THREADS 256
 
-__global__ void edm2_loss_kernel(const float *__restrict__ d, const float *__restrict__ y, const float *__restrict__ w,
-                                 const float *__restrict__ logvar, float *__restrict__ dd, float *__restrict__ sums, size_t per,
+template <typename T>
+__global__ void edm2_loss_kernel(const T *__restrict__ d, const float *__restrict__ y, const float *__restrict__ w,
+                                 const float *__restrict__ logvar, T *__restrict__ dd, float *__restrict__ sums, size_t per,
                                  float dd_scale) {
   EDM2_SHARED(float, red, [LOSS_THREADS]);
   const size_t b = blockIdx.x;
@@ -35,10 +37,11 @@ __global__ void edm2_loss_kernel(const float *__restrict__ d, const float *__res
   }
 }
 
-extern "C" int edm2_loss_f32(const float *d, const float *y, const float *w, const float *logvar, float *dd, float *sums, size_t n,
-                             size_t per, float dd_scale, cudaStream_t stream) {
+extern "C" int edm2_loss(const void *d, const float *y, const float *w, const float *logvar, void *dd, float *sums, size_t n, size_t per,
+                         float dd_scale, int dtype, cudaStream_t stream) {
   if (n == 0 || per == 0) return 0;
   if (n > 65535) return 9;  // cudaErrorInvalidConfiguration: one block per image
-  EDM2_LAUNCH(edm2_loss_kernel, (unsigned)n, LOSS_THREADS, 0, stream, d, y, w, logvar, dd, sums, per, dd_scale);
-  return (int)cudaGetLastError();
+  EDM2_BY_DTYPE(dtype, EDM2_LAUNCH(edm2_loss_kernel<T>, (unsigned)n, LOSS_THREADS, 0, stream, (const T *)d, y, w, logvar, (T *)dd, sums,
+                                   per, dd_scale);
+                return (int)cudaGetLastError());
 }

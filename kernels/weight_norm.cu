@@ -1,4 +1,5 @@
-// weight_norm.cu — row normalization: magnitude-preserving weights and pixel norm, fp32.
+// weight_norm.cu — row normalization: magnitude-preserving weights (fp32) and pixel norm
+// (fp32 or bf16 activations, fp32 arithmetic).
 //
 // normalize (DESIGN.md §1, paper Eq. 47): y = x / (eps + ||x||/sqrt(k)) per row of k
 //   contiguous values, eps = 1e-4 added to the RMS. Used for
@@ -18,24 +19,26 @@
 
 #define ROW_THREADS 128
 
-__global__ void normalize_rows_kernel(const float *x, float *y, size_t rows, int k) {
+template <typename T>
+__global__ void normalize_rows_kernel(const T *x, T *y, size_t rows, int k) {
   EDM2_SHARED(float, red, [ROW_THREADS]);
   for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const float *xr = x + r * k;
+    const T *xr = x + r * k;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < k; i += blockDim.x) ss += xr[i] * xr[i];
     float inv = 1.0f / edm2_norm_denom(edm2_block_sum(ss, red), k);
-    float *yr = y + r * k;
+    T *yr = y + r * k;
     for (int i = threadIdx.x; i < k; i += blockDim.x) yr[i] = xr[i] * inv;
     __syncthreads();  // in place: every read of this row is done before the next row
   }
 }
 
-__global__ void normalize_rows_backward_kernel(const float *__restrict__ x, const float *__restrict__ dy, float *__restrict__ dx,
-                                               size_t rows, int k) {
+template <typename T>
+__global__ void normalize_rows_backward_kernel(const T *__restrict__ x, const T *__restrict__ dy, T *__restrict__ dx, size_t rows,
+                                               int k) {
   EDM2_SHARED(float, red, [ROW_THREADS]);
   for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const float *xr = x + r * k, *gr = dy + r * k;
+    const T *xr = x + r * k, *gr = dy + r * k;
     float ss = 0.0f, dot = 0.0f;
     for (int i = threadIdx.x; i < k; i += blockDim.x) {
       ss += xr[i] * xr[i];
@@ -102,16 +105,18 @@ static unsigned row_blocks(size_t rows) {
   return (unsigned)(rows < cap ? (rows == 0 ? 1 : rows) : cap);
 }
 
-extern "C" int edm2_normalize_rows_f32(const float *x, float *y, size_t rows, int k, cudaStream_t stream) {
+extern "C" int edm2_normalize_rows(const void *x, void *y, size_t rows, int k, int dtype, cudaStream_t stream) {
   if (rows == 0 || k <= 0) return 0;
-  EDM2_LAUNCH(normalize_rows_kernel, row_blocks(rows), ROW_THREADS, 0, stream, x, y, rows, k);
-  return (int)cudaGetLastError();
+  EDM2_BY_DTYPE(dtype, EDM2_LAUNCH(normalize_rows_kernel<T>, row_blocks(rows), ROW_THREADS, 0, stream, (const T *)x, (T *)y, rows, k);
+                return (int)cudaGetLastError());
 }
 
-extern "C" int edm2_normalize_rows_backward_f32(const float *x, const float *dy, float *dx, size_t rows, int k, cudaStream_t stream) {
+extern "C" int edm2_normalize_rows_backward(const void *x, const void *dy, void *dx, size_t rows, int k, int dtype, cudaStream_t stream) {
   if (rows == 0 || k <= 0) return 0;
-  EDM2_LAUNCH(normalize_rows_backward_kernel, row_blocks(rows), ROW_THREADS, 0, stream, x, dy, dx, rows, k);
-  return (int)cudaGetLastError();
+  EDM2_BY_DTYPE(dtype,
+                EDM2_LAUNCH(normalize_rows_backward_kernel<T>, row_blocks(rows), ROW_THREADS, 0, stream, (const T *)x, (const T *)dy,
+                            (T *)dx, rows, k);
+                return (int)cudaGetLastError());
 }
 
 extern "C" int edm2_effective_weight_f32(const float *w, float *eff, float *denom, int out_ch, int in_ch, int taps, float gain,

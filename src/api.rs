@@ -112,10 +112,10 @@ impl<'a> DeviceNet<'a> {
             }
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             Place::Cuda { gpu, params } => {
-                let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data)?);
-                let ld = labels.map(|l| gpu.upload(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
+                let xd = Tensor::with_buf(&x.shape, gpu.upload_input(&x.data)?);
+                let ld = labels.map(|l| gpu.upload_act(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
                 let out = self.net.net.forward_on(gpu, params, &xd, sigma, ld.as_ref(), &Mode::eval(), false)?;
-                Ok((Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?), out.logvar))
+                Ok((Tensor::from_vec(&out.d.shape, gpu.download_act(&out.d.data)?), out.logvar))
             }
         }
     }

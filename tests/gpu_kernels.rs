@@ -8,7 +8,7 @@
 mod common;
 use common::*;
 use edm2::backend::cpu::ops;
-use edm2::backend::gpu::{kernels as k, Gpu, GpuBuf};
+use edm2::backend::gpu::{bf16_bits, bf16_value, kernels as k, Dtype, Gpu, GpuAct, GpuBuf, Precision};
 use edm2::rng::Rng;
 use std::sync::Mutex;
 
@@ -33,12 +33,45 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| (r.normal() * 2.0) as f32).collect()
 }
 
-fn up(gpu: &Gpu, x: &[f32]) -> GpuBuf<f32> {
+/// Runs `f` in both activation precisions (fp32, bf16 storage) under every schedule; the
+/// device's precision is set for each run (and back to fp32 after).
+fn each_mode(gpu: &Gpu, mut f: impl FnMut(&str)) {
+    for p in [Precision::Fp32, Precision::Bf16] {
+        gpu.set_precision(p);
+        each_schedule(|sched| f(&format!("{p:?} {sched}")));
+    }
+    gpu.set_precision(Precision::Fp32);
+}
+
+/// An activation in the device's current precision.
+fn up(gpu: &Gpu, x: &[f32]) -> GpuAct {
+    gpu.upload_act(x).unwrap()
+}
+
+fn down(gpu: &Gpu, x: &GpuAct) -> Vec<f32> {
+    gpu.download_act(x).unwrap()
+}
+
+/// An activation buffer of `n` values in the device's current precision.
+fn act(gpu: &Gpu, n: usize) -> GpuAct {
+    gpu.alloc_act(n).unwrap()
+}
+
+/// An fp32 buffer (weights, optimizer state, reduction inputs).
+fn up32(gpu: &Gpu, x: &[f32]) -> GpuBuf<f32> {
     gpu.upload(x).unwrap()
 }
 
-fn down(gpu: &Gpu, x: &GpuBuf<f32>) -> Vec<f32> {
+fn down32(gpu: &Gpu, x: &GpuBuf<f32>) -> Vec<f32> {
     gpu.download(x).unwrap()
+}
+
+/// `v` as the device's current activation storage holds it (bf16: rounded to nearest even).
+fn stored(gpu: &Gpu, v: &[f32]) -> Vec<f32> {
+    match gpu.act_dtype() {
+        Dtype::F32 => v.to_vec(),
+        Dtype::Bf16 => v.iter().map(|&x| bf16_value(bf16_bits(x))).collect(),
+    }
 }
 
 #[cfg(feature = "cuda-sim")]
@@ -48,7 +81,7 @@ fn harness_catches_a_missing_barrier() {
     let gpu = Gpu::open(0).unwrap();
     let x: Vec<f32> = (0..256).map(|i| (i % 7) as f32 + 0.5).collect();
     let exact: f32 = x.iter().sum();
-    let xb = up(&gpu, &x);
+    let xb = up32(&gpu, &x);
     let mut wrong = 0;
     each_schedule(|sched| {
         assert_eq!(k::selftest_block_sum(&gpu, &xb, false).unwrap(), exact, "with barriers, {sched}");
@@ -95,7 +128,7 @@ fn warp_shuffles() {
     let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = device() else { return };
     let x: Vec<f32> = (0..64).map(|i| (i * i % 11) as f32).collect();
-    let xb = up(&gpu, &x);
+    let xb = up32(&gpu, &x);
     each_schedule(|sched| {
         let out = k::selftest_warp_sum(&gpu, &xb).unwrap();
         assert_eq!(out, [x[..32].iter().sum::<f32>(), x[32..].iter().sum::<f32>()], "{sched}");
@@ -106,31 +139,72 @@ fn warp_shuffles() {
 fn elementwise_kernels_match_the_cpu_backend() {
     let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = device() else { return };
-    each_schedule(|sched| {
+    each_mode(&gpu, |sched| {
         for n in [1usize, 255, 1000, 4099] {
             let x = random(n, n as u64);
             let dy = random(n, n as u64 + 1);
             let (xb, dyb) = (up(&gpu, &x), up(&gpu, &dy));
             let mut y_cpu = vec![0.0; n];
             ops::mp_silu(&x, &mut y_cpu);
-            let mut yb = gpu.alloc(n).unwrap();
+            let mut yb = act(&gpu, n);
             k::mp_silu(&gpu, &xb, &mut yb).unwrap();
-            let y = down(&gpu, &yb);
-            assert!(rel_l2(&y, &y_cpu) < 1e-5, "mp_silu n={n} {sched}: {}", rel_l2(&y, &y_cpu));
+            close_in(&gpu, &format!("mp_silu n={n} {sched}"), &down(&gpu, &yb), &y_cpu);
             let mut d_cpu = vec![0.0; n];
             ops::mp_silu_backward(&x, &dy, &mut d_cpu);
-            let mut db = gpu.alloc(n).unwrap();
+            let mut db = act(&gpu, n);
             k::mp_silu_backward(&gpu, &xb, &dyb, &mut db).unwrap();
-            assert!(rel_l2(&down(&gpu, &db), &d_cpu) < 1e-5, "mp_silu_backward n={n} {sched}");
+            close_in(&gpu, &format!("mp_silu_backward n={n} {sched}"), &down(&gpu, &db), &d_cpu);
             let mut a_cpu = x.clone();
             ops::mp_sum_inplace(&mut a_cpu, &dy, 0.3);
             let mut ab = up(&gpu, &x);
             k::mp_sum(&gpu, &mut ab, &dyb, 0.3).unwrap();
-            assert!(rel_l2(&down(&gpu, &ab), &a_cpu) < 1e-6, "mp_sum n={n} {sched}");
+            close_in(&gpu, &format!("mp_sum n={n} {sched}"), &down(&gpu, &ab), &a_cpu);
         }
     });
-    let (a, mut b) = (up(&gpu, &[1.0, 2.0]), gpu.alloc(1).unwrap());
+    let (a, mut b) = (up(&gpu, &[1.0, 2.0]), act(&gpu, 1));
     assert!(k::mp_silu(&gpu, &a, &mut b).is_err(), "a length mismatch is an error");
+    gpu.set_precision(Precision::Bf16);
+    let mut b16 = act(&gpu, 2);
+    assert!(k::mp_silu(&gpu, &a, &mut b16).is_err(), "fp32 in, bf16 out is an error (one dtype per launch)");
+    gpu.set_precision(Precision::Fp32);
+}
+
+/// bf16 activation storage rounds to nearest, ties to even, on the host and in the kernels
+/// alike; NaN stays NaN, overflow goes to infinity; widening back to fp32 is exact.
+#[test]
+fn bf16_storage_rounds_to_nearest_even() {
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    let ulp = 2f32.powi(-7); // bf16 spacing in [1, 2)
+    let cases: [(f32, f32); 9] = [
+        (1.0, 1.0),
+        (1.0 + ulp / 2.0, 1.0),                   // tie: to the even neighbour (down)
+        (1.0 + 1.5 * ulp, 1.0 + 2.0 * ulp),       // tie: to the even neighbour (up)
+        (1.0 + 0.51 * ulp, 1.0 + ulp),            // above half: up
+        (-(1.0 + 0.49 * ulp), -1.0),              // below half: down, sign kept
+        (f32::MAX, f32::INFINITY),                // past the largest bf16 (and halfway): infinity
+        (f32::NEG_INFINITY, f32::NEG_INFINITY),
+        (1.0e-40, f32::from_bits(0x0001_0000)),   // subnormal: rounded like any value
+        (0.0, 0.0),
+    ];
+    for (x, want) in cases {
+        assert_eq!(bf16_value(bf16_bits(x)).to_bits(), want.to_bits(), "host rounding of {x:e}");
+    }
+    let mut xs: Vec<f32> = cases.iter().map(|c| c.0).collect();
+    xs.push(f32::NAN);
+    xs.push(f32::from_bits(0x7f80_0001)); // a NaN whose payload is only in the low bits
+    xs.extend(random(1000, 99));
+    let host: Vec<u16> = xs.iter().map(|&x| bf16_bits(x)).collect();
+    let dev = k::scaled_to(&gpu, &up32(&gpu, &xs), Dtype::Bf16, 1.0).unwrap();
+    assert_eq!(dev.dtype(), Dtype::Bf16);
+    let got: Vec<u16> = gpu.download_act(&dev).unwrap().iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+    assert_eq!(got, host, "kernel rounding = host rounding");
+    let n = cases.len();
+    assert!(bf16_value(got[n]).is_nan() && bf16_value(got[n + 1]).is_nan(), "NaN stays NaN");
+    // Widening is exact: bf16 → fp32 → the same bits.
+    let wide = k::scaled_to(&gpu, &dev, Dtype::F32, 1.0).unwrap();
+    let back: Vec<u16> = gpu.download_act(&wide).unwrap().iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+    assert_eq!(back, got);
 }
 
 #[test]
@@ -141,7 +215,7 @@ fn sum_reduction_matches_f64_and_is_deterministic() {
         let x = random(n, 7 + n as u64);
         let exact: f64 = x.iter().map(|&v| v as f64).sum();
         let scale: f64 = x.iter().map(|&v| v.abs() as f64).sum();
-        let xb = up(&gpu, &x);
+        let xb = up32(&gpu, &x);
         let first = k::sum(&gpu, &xb).unwrap();
         assert!((first as f64 - exact).abs() <= 1e-6 * scale, "n={n}: {first} vs {exact}");
         // A fixed reduction tree: the same bits again, under every schedule.
@@ -168,42 +242,54 @@ fn adam_and_ema_kernels_match_the_cpu_backend() {
     let specs = vec![ParamSpec { name: "w".into(), shape: vec![n], kind: ParamKind::Param, is_mp_weight: false }];
     let p0 = random(n, 1);
     let (mut cpu_p, mut cpu) = (Params { values: vec![p0.clone()] }, Adam::new(&specs));
-    let (mut p, mut m, mut v) = (up(&gpu, &p0), gpu.alloc_zeros(n).unwrap(), gpu.alloc_zeros(n).unwrap());
+    let (mut p, mut m, mut v) = (up32(&gpu, &p0), gpu.alloc_zeros(n).unwrap(), gpu.alloc_zeros(n).unwrap());
     for t in 1..=3u64 {
         let mut g = random(n, 10 + t);
         g[5] = f32::NAN;
         g[77] = f32::INFINITY;
         // The counter accumulates: it starts at 5 here.
         let mut count = gpu.upload(&[5u32]).unwrap();
-        k::adam(&gpu, &mut p, &up(&gpu, &g), &mut m, &mut v, 0.01, 0.9, 0.99, 1e-8, t, &mut count).unwrap();
+        k::adam(&gpu, &mut p, &up32(&gpu, &g), &mut m, &mut v, 0.01, 0.9, 0.99, 1e-8, t, &mut count).unwrap();
         let bad = gpu.download(&count).unwrap()[0] - 5;
         let mut grads = Params { values: vec![g] };
         let cpu_bad = Adam::sanitize(&mut grads);
         cpu.step(&specs, &mut cpu_p, &grads, 0.01);
         assert_eq!((bad, cpu_bad), (2, 2));
-        same(&down(&gpu, &p), &cpu_p.values[0], &format!("adam p, step {t}"));
-        same(&down(&gpu, &m), &cpu.m.values[0], &format!("adam m, step {t}"));
-        same(&down(&gpu, &v), &cpu.v.values[0], &format!("adam v, step {t}"));
+        same(&down32(&gpu, &p), &cpu_p.values[0], &format!("adam p, step {t}"));
+        same(&down32(&gpu, &m), &cpu.m.values[0], &format!("adam m, step {t}"));
+        same(&down32(&gpu, &v), &cpu.v.values[0], &format!("adam v, step {t}"));
     }
     // The power-function EMA update (both lerp branches).
-    let pv = down(&gpu, &p);
+    let pv = down32(&gpu, &p);
     for w in [0.3f32, 0.9] {
         let e0 = random(n, 3);
         let want: Vec<f32> = e0.iter().zip(&pv).map(|(&a, &b)| edm2::train::ema::torch_lerp(a, b, w)).collect();
-        let mut e = up(&gpu, &e0);
+        let mut e = up32(&gpu, &e0);
         k::ema_lerp(&gpu, &mut e, &p, w).unwrap();
-        same(&down(&gpu, &e), &want, &format!("ema w={w}"));
+        same(&down32(&gpu, &e), &want, &format!("ema w={w}"));
     }
 }
 
-/// fp32 mode tolerance against the CPU backend (relative L2), as the CUDA issue asks.
+/// Tolerances against the CPU backend (relative L2), as the CUDA issue asks: fp32 mode
+/// 1e-5; bf16 activations 1e-2.
 const FP32_TOL: f64 = 1e-5;
+const BF16_TOL: f64 = 1e-2;
 
-fn close(what: &str, got: &[f32], want: &[f32]) {
+fn close_tol(what: &str, got: &[f32], want: &[f32], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output (an unwritten, poisoned element?)");
     let e = rel_l2(got, want);
-    assert!(e < FP32_TOL, "{what}: rel L2 {e:.2e}");
+    assert!(e < tol, "{what}: rel L2 {e:.2e}");
+}
+
+/// Within the fp32 tolerance.
+fn close(what: &str, got: &[f32], want: &[f32]) {
+    close_tol(what, got, want, FP32_TOL)
+}
+
+/// Within the tolerance of the device's current activation precision.
+fn close_in(gpu: &Gpu, what: &str, got: &[f32], want: &[f32]) {
+    close_tol(what, got, want, if gpu.act_dtype() == Dtype::Bf16 { BF16_TOL } else { FP32_TOL })
 }
 
 #[test]
@@ -212,42 +298,43 @@ fn normalize_rows_and_weight_norm_match_the_cpu_backend() {
     use edm2::backend::gpu::kernels::ConvGeom;
     let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = device() else { return };
-    each_schedule(|sched| {
-        // Pixel norm / forced weight norm: rows of k, k not a multiple of the block.
+    each_mode(&gpu, |sched| {
+        // Pixel norm (activations) / forced weight norm (fp32 weights, in place): rows of k,
+        // k not a multiple of the block.
         for (rows, kk) in [(37usize, 40usize), (5, 300), (4, 3)] {
             let x = random(rows * kk, 11 + kk as u64);
             let dy = random(rows * kk, 12 + kk as u64);
             let xb = up(&gpu, &x);
             let mut want = vec![0.0; x.len()];
             ops::normalize_rows(&x, kk, &mut want);
-            let mut y = gpu.alloc(x.len()).unwrap();
+            let mut y = act(&gpu, x.len());
             k::normalize_rows(&gpu, &xb, kk, &mut y).unwrap();
-            close(&format!("normalize_rows {rows}x{kk} {sched}"), &down(&gpu, &y), &want);
-            let mut inplace = up(&gpu, &x);
+            close_in(&gpu, &format!("normalize_rows {rows}x{kk} {sched}"), &down(&gpu, &y), &want);
+            let mut inplace = up32(&gpu, &x);
             k::normalize_rows_inplace(&gpu, &mut inplace, kk).unwrap();
             let mut want_inplace = x.clone();
             ops::normalize_rows_inplace(&mut want_inplace, kk);
-            close(&format!("normalize_rows_inplace {sched}"), &down(&gpu, &inplace), &want_inplace);
+            close(&format!("normalize_rows_inplace {sched}"), &down32(&gpu, &inplace), &want_inplace);
             ops::normalize_rows_backward(&x, kk, &dy, &mut want);
-            let mut dx = gpu.alloc(x.len()).unwrap();
+            let mut dx = act(&gpu, x.len());
             k::normalize_rows_backward(&gpu, &xb, kk, &up(&gpu, &dy), &mut dx).unwrap();
-            close(&format!("normalize_rows_backward {rows}x{kk} {sched}"), &down(&gpu, &dx), &want);
+            close_in(&gpu, &format!("normalize_rows_backward {rows}x{kk} {sched}"), &down(&gpu, &dx), &want);
         }
         // Effective weights of linear, 1x1 and 3x3 layers (32 outputs: the CPU's packed path).
         for (o, i, kk, gain) in [(20usize, 12usize, 0usize, 0.7f32), (36, 20, 1, 1.0), (20, 7, 3, 1.0), (32, 16, 3, 1.0)] {
             let geom = ConvGeom { out_ch: o, in_ch: i, k: kk };
             let w = random(geom.numel(), 100 + o as u64 + kk as u64);
             let cpu = conv::effective_weight(&w, o, i, kk, gain);
-            let wb = up(&gpu, &w);
+            let wb = up32(&gpu, &w);
             let eff = k::effective_weight(&gpu, &wb, geom, gain).unwrap();
-            close(&format!("effective_weight {geom:?} {sched}"), &down(&gpu, &eff.w), &cpu.ohwi());
-            close(&format!("effective_weight denom {geom:?} {sched}"), &down(&gpu, &eff.denom), &cpu.denom);
+            close(&format!("effective_weight {geom:?} {sched}"), &down32(&gpu, &eff.w), &cpu.ohwi());
+            close(&format!("effective_weight denom {geom:?} {sched}"), &down32(&gpu, &eff.denom), &cpu.denom);
             let d_eff = random(geom.numel(), 200 + o as u64);
             let mut dw_cpu = vec![0.0; w.len()];
             let dgain_cpu = conv::effective_weight_backward(&w, &cpu, &d_eff, &mut dw_cpu);
             let mut dw = gpu.alloc(w.len()).unwrap();
-            let dgain = k::effective_weight_backward(&gpu, &wb, &eff, &up(&gpu, &d_eff), &mut dw).unwrap();
-            close(&format!("effective_weight_backward dW {geom:?} {sched}"), &down(&gpu, &dw), &dw_cpu);
+            let dgain = k::effective_weight_backward(&gpu, &wb, &eff, &up32(&gpu, &d_eff), &mut dw).unwrap();
+            close(&format!("effective_weight_backward dW {geom:?} {sched}"), &down32(&gpu, &dw), &dw_cpu);
             assert!((dgain - dgain_cpu).abs() <= 1e-5 * dgain_cpu.abs().max(1.0), "dgain {geom:?}: {dgain} vs {dgain_cpu}");
         }
     });
@@ -266,72 +353,52 @@ fn conv_kernels_match_the_cpu_backend() {
         (Nhwc { n: 3, h: 1, w: 1, c: 24 }, 17, 0),
         (Nhwc { n: 1, h: 4, w: 4, c: 33 }, 3, 3),
     ];
-    let mut sched_runs = 0;
-    each_schedule(|sched| {
-        sched_runs += 1;
+    let mut runs = 0;
+    each_mode(&gpu, |sched| {
+        runs += 1;
         for (s, o, kk) in cases {
             let geom = ConvGeom { out_ch: o, in_ch: s.c, k: kk };
             let w = random(geom.numel(), 300 + o as u64);
             let x = random(s.numel(), 301 + kk as u64);
             let dy = random(s.pixels() * o, 302);
             let cpu = conv::effective_weight(&w, o, s.c, kk, 1.0);
-            let eff = k::effective_weight(&gpu, &up(&gpu, &w), geom, 1.0).unwrap();
+            let eff = k::effective_weight(&gpu, &up32(&gpu, &w), geom, 1.0).unwrap();
             let xb = up(&gpu, &x);
             let mut y_cpu = vec![0.0; s.pixels() * o];
             conv::conv_forward(&cpu, &x, s.n, s.h, s.w, &mut y_cpu);
-            let mut y = gpu.alloc(y_cpu.len()).unwrap();
+            let mut y = act(&gpu, y_cpu.len());
             k::conv_forward(&gpu, &eff, &xb, s, &mut y).unwrap();
-            close(&format!("conv_forward {s:?}->{o} k{kk} {sched}"), &down(&gpu, &y), &y_cpu);
+            let what = format!("{s:?}->{o} k{kk} {sched}");
+            let y = down(&gpu, &y);
+            close_in(&gpu, &format!("conv_forward {what}"), &y, &y_cpu);
             let (mut dx_cpu, mut de_cpu) = (vec![0.0; x.len()], vec![0.0; w.len()]);
             conv::conv_backward(&cpu, &x, s.n, s.h, s.w, &dy, Some(&mut dx_cpu), &mut de_cpu);
             let dyb = up(&gpu, &dy);
-            let mut dx = gpu.alloc(x.len()).unwrap();
+            let mut dx = act(&gpu, x.len());
             k::conv_backward_data(&gpu, &eff, &dyb, s, &mut dx).unwrap();
-            close(&format!("conv_backward_data {s:?}->{o} k{kk} {sched}"), &down(&gpu, &dx), &dx_cpu);
+            let dx = down(&gpu, &dx);
+            close_in(&gpu, &format!("conv_backward_data {what}"), &dx, &dx_cpu);
+            // The weight gradient is fp32 in both modes (fp32 master weights).
             let mut de = gpu.alloc(w.len()).unwrap();
             k::conv_backward_weight(&gpu, geom, &xb, s, &dyb, &mut de).unwrap();
-            close(&format!("conv_backward_weight {s:?}->{o} k{kk} {sched}"), &down(&gpu, &de), &de_cpu);
+            let de = down32(&gpu, &de);
+            close_in(&gpu, &format!("conv_backward_weight {what}"), &de, &de_cpu);
+            if gpu.act_dtype() == Dtype::Bf16 {
+                // bf16 operands: visibly not fp32 arithmetic, within the bf16 bound; the
+                // weight gradient holds values no bf16 can.
+                for (name, got, want) in [("forward", &y, &y_cpu), ("data grad", &dx, &dx_cpu), ("weight grad", &de, &de_cpu)] {
+                    assert!(rel_l2(got, want) > 1e-5, "bf16 conv {name} {what}: as exact as fp32?");
+                }
+                assert!(de.iter().any(|v| v.to_bits() & 0xFFFF != 0), "the weight gradient stays fp32");
+            }
         }
     });
-    assert!(sched_runs >= 1);
-    // bf16 mode: bf16 operands, fp32 accumulation, bf16 activations out (1e-2 relative).
-    {
-        use edm2::backend::gpu::Precision;
-        let (s, o) = (Nhwc { n: 2, h: 5, w: 7, c: 20 }, 36usize);
-        let geom = ConvGeom { out_ch: o, in_ch: s.c, k: 3 };
-        let w = random(geom.numel(), 310);
-        let x = random(s.numel(), 311);
-        let dy = random(s.pixels() * o, 312);
-        let cpu = conv::effective_weight(&w, o, s.c, 3, 1.0);
-        let mut y_cpu = vec![0.0; s.pixels() * o];
-        conv::conv_forward(&cpu, &x, s.n, s.h, s.w, &mut y_cpu);
-        let (mut dx_cpu, mut de_cpu) = (vec![0.0; x.len()], vec![0.0; w.len()]);
-        conv::conv_backward(&cpu, &x, s.n, s.h, s.w, &dy, Some(&mut dx_cpu), &mut de_cpu);
-        let eff = k::effective_weight(&gpu, &up(&gpu, &w), geom, 1.0).unwrap();
-        gpu.set_precision(Precision::Bf16);
-        let (xb, dyb) = (up(&gpu, &x), up(&gpu, &dy));
-        let mut y = gpu.alloc(y_cpu.len()).unwrap();
-        k::conv_forward(&gpu, &eff, &xb, s, &mut y).unwrap();
-        let mut dx = gpu.alloc(x.len()).unwrap();
-        k::conv_backward_data(&gpu, &eff, &dyb, s, &mut dx).unwrap();
-        let mut de = gpu.alloc(w.len()).unwrap();
-        k::conv_backward_weight(&gpu, geom, &xb, s, &dyb, &mut de).unwrap();
-        gpu.set_precision(Precision::Fp32);
-        let (y, dx, de) = (down(&gpu, &y), down(&gpu, &dx), down(&gpu, &de));
-        for (what, got, want) in [("forward", &y, &y_cpu), ("data grad", &dx, &dx_cpu), ("weight grad", &de, &de_cpu)] {
-            let e = rel_l2(got, want);
-            // Rounded operands: visibly not fp32, within the bf16 bound.
-            assert!(e < 1e-2 && e > 1e-5, "bf16 conv {what}: rel L2 {e:.2e}");
-        }
-        // Activations are stored as bf16 values (the low 16 bits are zero).
-        assert!(y.iter().chain(&dx).all(|v| v.to_bits() & 0xFFFF == 0), "bf16 outputs are bf16 values");
-        assert!(de.iter().any(|v| v.to_bits() & 0xFFFF != 0), "the weight gradient stays fp32");
-    }
+    assert_eq!(runs % 2, 0, "both precisions ran");
     // Shapes that do not fit are errors, not crashes.
     let geom = ConvGeom { out_ch: 4, in_ch: 3, k: 3 };
-    let eff = k::effective_weight(&gpu, &up(&gpu, &random(geom.numel(), 1)), geom, 1.0).unwrap();
+    let eff = k::effective_weight(&gpu, &up32(&gpu, &random(geom.numel(), 1)), geom, 1.0).unwrap();
     let s = Nhwc { n: 1, h: 2, w: 2, c: 5 };
-    let mut y = gpu.alloc(16).unwrap();
+    let mut y = act(&gpu, 16);
     assert!(k::conv_forward(&gpu, &eff, &up(&gpu, &random(20, 2)), s, &mut y).is_err());
 }
 
@@ -342,43 +409,43 @@ fn block_elementwise_kernels_match_the_cpu_backend() {
     let Some(gpu) = device() else { return };
     let s = Nhwc { n: 2, h: 6, w: 10, c: 7 };
     let x = random(s.numel(), 21);
-    let xb = up(&gpu, &x);
-    each_schedule(|sched| {
+    each_mode(&gpu, |sched| {
+        let xb = up(&gpu, &x);
         // Resampling and its gradients.
         let small = random(s.numel() / 4, 22);
         let mut want = vec![0.0; s.numel() / 4];
         ops::downsample2(&x, s.n, s.h, s.w, s.c, &mut want);
-        let mut y = gpu.alloc(want.len()).unwrap();
+        let mut y = act(&gpu, want.len());
         k::downsample2(&gpu, &xb, s, &mut y).unwrap();
-        close(&format!("downsample2 {sched}"), &down(&gpu, &y), &want);
+        close_in(&gpu, &format!("downsample2 {sched}"), &down(&gpu, &y), &want);
         let mut want_dx = vec![0.0; s.numel()];
         ops::downsample2_backward(&small, s.n, s.h, s.w, s.c, &mut want_dx);
-        let mut dx = gpu.alloc(s.numel()).unwrap();
+        let mut dx = act(&gpu, s.numel());
         k::downsample2_backward(&gpu, &up(&gpu, &small), s, &mut dx).unwrap();
-        close(&format!("downsample2_backward {sched}"), &down(&gpu, &dx), &want_dx);
+        close_in(&gpu, &format!("downsample2_backward {sched}"), &down(&gpu, &dx), &want_dx);
         let big = random(s.numel() * 4, 23);
         let mut want_up = vec![0.0; s.numel() * 4];
         ops::upsample2(&x, s.n, s.h, s.w, s.c, &mut want_up);
-        let mut yu = gpu.alloc(want_up.len()).unwrap();
+        let mut yu = act(&gpu, want_up.len());
         k::upsample2(&gpu, &xb, s, &mut yu).unwrap();
-        close(&format!("upsample2 {sched}"), &down(&gpu, &yu), &want_up);
+        close_in(&gpu, &format!("upsample2 {sched}"), &down(&gpu, &yu), &want_up);
         ops::upsample2_backward(&big, s.n, s.h, s.w, s.c, &mut want_dx);
         k::upsample2_backward(&gpu, &up(&gpu, &big), s, &mut dx).unwrap();
-        close(&format!("upsample2_backward {sched}"), &down(&gpu, &dx), &want_dx);
+        close_in(&gpu, &format!("upsample2_backward {sched}"), &down(&gpu, &dx), &want_dx);
         // MP-cat (7 + 5 channels) and its gradient.
         let b = random(s.pixels() * 5, 24);
         let mut want_cat = vec![0.0; s.pixels() * 12];
         ops::mp_cat(&x, 7, &b, 5, 0.3, &mut want_cat);
-        let mut cat = gpu.alloc(want_cat.len()).unwrap();
+        let mut cat = act(&gpu, want_cat.len());
         k::mp_cat(&gpu, &xb, 7, &up(&gpu, &b), 5, 0.3, &mut cat).unwrap();
-        close(&format!("mp_cat {sched}"), &down(&gpu, &cat), &want_cat);
+        close_in(&gpu, &format!("mp_cat {sched}"), &down(&gpu, &cat), &want_cat);
         let dcat = random(want_cat.len(), 25);
         let (mut da_cpu, mut db_cpu) = (vec![0.0; x.len()], vec![0.0; b.len()]);
         ops::mp_cat_backward(&dcat, 7, 5, 0.3, &mut da_cpu, &mut db_cpu);
-        let (mut da, mut db) = (gpu.alloc(x.len()).unwrap(), gpu.alloc(b.len()).unwrap());
+        let (mut da, mut db) = (act(&gpu, x.len()), act(&gpu, b.len()));
         k::mp_cat_backward(&gpu, &up(&gpu, &dcat), 7, 5, 0.3, &mut da, &mut db).unwrap();
-        close(&format!("mp_cat_backward a {sched}"), &down(&gpu, &da), &da_cpu);
-        close(&format!("mp_cat_backward b {sched}"), &down(&gpu, &db), &db_cpu);
+        close_in(&gpu, &format!("mp_cat_backward a {sched}"), &down(&gpu, &da), &da_cpu);
+        close_in(&gpu, &format!("mp_cat_backward b {sched}"), &down(&gpu, &db), &db_cpu);
         // Modulation by the embedding, and its gradient (ds is a reduction over pixels).
         let pixels = s.h * s.w;
         let sc = random(s.n * s.c, 26);
@@ -386,46 +453,48 @@ fn block_elementwise_kernels_match_the_cpu_backend() {
         let mut want_m = vec![0.0; s.numel()];
         ops::modulate_silu(&x, &sc, s.c, pixels, &mut want_m);
         let scb = up(&gpu, &sc);
-        let mut ym = gpu.alloc(s.numel()).unwrap();
+        let mut ym = act(&gpu, s.numel());
         k::modulate_silu(&gpu, &xb, &scb, s.c, pixels, &mut ym).unwrap();
-        close(&format!("modulate_silu {sched}"), &down(&gpu, &ym), &want_m);
+        close_in(&gpu, &format!("modulate_silu {sched}"), &down(&gpu, &ym), &want_m);
         let (mut dh_cpu, mut ds_cpu) = (vec![0.0; s.numel()], vec![0.0; sc.len()]);
         ops::modulate_silu_backward(&x, &sc, &dy, s.c, pixels, &mut dh_cpu, &mut ds_cpu);
-        let (mut dh, mut ds) = (gpu.alloc(s.numel()).unwrap(), gpu.alloc(sc.len()).unwrap());
+        let (mut dh, mut ds) = (act(&gpu, s.numel()), act(&gpu, sc.len()));
         k::modulate_silu_backward(&gpu, &xb, &scb, &up(&gpu, &dy), s.c, pixels, &mut dh, &mut ds).unwrap();
-        close(&format!("modulate_silu_backward dh {sched}"), &down(&gpu, &dh), &dh_cpu);
-        close(&format!("modulate_silu_backward ds {sched}"), &down(&gpu, &ds), &ds_cpu);
+        close_in(&gpu, &format!("modulate_silu_backward dh {sched}"), &down(&gpu, &dh), &dh_cpu);
+        close_in(&gpu, &format!("modulate_silu_backward ds {sched}"), &down(&gpu, &ds), &ds_cpu);
         // Dropout: the CPU backend's mask, bit for bit.
-        let mut want_d = x.clone();
+        // (Exact: on the stored inputs, rounded as the storage rounds.)
+        let (xs, dys) = (stored(&gpu, &x), stored(&gpu, &dy));
+        let mut want_d = xs.clone();
         ops::dropout_inplace(&mut want_d, 0.25, 0xABCDEF);
         let mut d = up(&gpu, &x);
         k::dropout(&gpu, &mut d, 0.25, 0xABCDEF).unwrap();
-        assert_eq!(down(&gpu, &d), want_d, "dropout {sched}");
+        assert_eq!(down(&gpu, &d), stored(&gpu, &want_d), "dropout {sched}");
         // Clip and its gradient mask.
-        let mut want_c = x.clone();
+        let mut want_c = xs.clone();
         ops::clip_inplace(&mut want_c, 1.5);
         let (mut cb, mut mask) = (up(&gpu, &x), gpu.alloc::<u8>(x.len()).unwrap());
         k::clip(&gpu, &mut cb, &mut mask, 1.5).unwrap();
-        assert_eq!(down(&gpu, &cb), want_c, "clip {sched}");
+        assert_eq!(down(&gpu, &cb), stored(&gpu, &want_c), "clip {sched}");
         let mut g = up(&gpu, &dy);
         k::clip_backward(&gpu, &mut g, &mask).unwrap();
-        let want_g: Vec<f32> = dy.iter().zip(&x).map(|(&g, &v)| if v.abs() > 1.5 { 0.0 } else { g }).collect();
-        assert!(want_g.iter().zip(&dy).any(|(a, b)| a != b), "the test clips something");
+        let want_g: Vec<f32> = dys.iter().zip(&xs).map(|(&g, &v)| if v.abs() > 1.5 { 0.0 } else { g }).collect();
+        assert!(want_g.iter().zip(&dys).any(|(a, b)| a != b), "the test clips something");
         assert_eq!(down(&gpu, &g), want_g, "clip_backward {sched}");
         // MP-Fourier features.
         let (xs, fr, ph) = (random(5, 28), random(16, 29), random(16, 30));
         let want_f = ops::mp_fourier(&xs, &fr, &ph);
-        let mut f = gpu.alloc(want_f.len()).unwrap();
-        k::mp_fourier(&gpu, &up(&gpu, &xs), &up(&gpu, &fr), &up(&gpu, &ph), &mut f).unwrap();
-        close(&format!("mp_fourier {sched}"), &down(&gpu, &f), &want_f);
+        let mut f = act(&gpu, want_f.len());
+        k::mp_fourier(&gpu, &up32(&gpu, &xs), &up32(&gpu, &fr), &up32(&gpu, &ph), &mut f).unwrap();
+        close_in(&gpu, &format!("mp_fourier {sched}"), &down(&gpu, &f), &want_f);
         // axpby and scale.
         let mut want_a = x.clone();
         ops::axpby(&mut want_a, &dy, 0.6, -0.8);
         let mut a = up(&gpu, &x);
         k::axpby(&gpu, &mut a, &up(&gpu, &dy), 0.6, -0.8).unwrap();
-        close(&format!("axpby {sched}"), &down(&gpu, &a), &want_a);
+        close_in(&gpu, &format!("axpby {sched}"), &down(&gpu, &a), &want_a);
         k::scale(&gpu, &mut a, 2.0).unwrap();
-        close(&format!("scale {sched}"), &down(&gpu, &a), &want_a.iter().map(|v| v * 2.0).collect::<Vec<_>>());
+        close_in(&gpu, &format!("scale {sched}"), &down(&gpu, &a), &want_a.iter().map(|v| v * 2.0).collect::<Vec<_>>());
     });
 }
 
@@ -442,17 +511,17 @@ fn attention_kernels_match_the_cpu_backend() {
     let cache = attention::attention_forward(&qkv, n, p, c, heads, &mut y_cpu);
     let mut dqkv_cpu = vec![0.0; qkv.len()];
     attention::attention_backward(&qkv, &cache, &dy, n, p, c, heads, &mut dqkv_cpu);
-    each_schedule(|sched| {
+    each_mode(&gpu, |sched| {
         let qb = up(&gpu, &qkv);
-        let mut y = gpu.alloc(n * p * c).unwrap();
+        let mut y = act(&gpu, n * p * c);
         let gc = k::attention_forward(&gpu, &qb, n, p, c, heads, &mut y).unwrap();
-        close(&format!("attention_forward {sched}"), &down(&gpu, &y), &y_cpu);
-        close(&format!("attention softmax {sched}"), &down(&gpu, &gc.w), &cache.w);
-        let mut dq = gpu.alloc(qkv.len()).unwrap();
+        close_in(&gpu, &format!("attention_forward {sched}"), &down(&gpu, &y), &y_cpu);
+        close_in(&gpu, &format!("attention softmax {sched}"), &down32(&gpu, &gc.w), &cache.w);
+        let mut dq = act(&gpu, qkv.len());
         k::attention_backward(&gpu, &qb, &gc, &up(&gpu, &dy), n, p, c, heads, &mut dq).unwrap();
-        close(&format!("attention_backward {sched}"), &down(&gpu, &dq), &dqkv_cpu);
+        close_in(&gpu, &format!("attention_backward {sched}"), &down(&gpu, &dq), &dqkv_cpu);
     });
-    let mut y = gpu.alloc(n * p * c).unwrap();
+    let mut y = act(&gpu, n * p * c);
     assert!(k::attention_forward(&gpu, &up(&gpu, &qkv), n, p, c, 3, &mut y).is_err(), "32 channels do not split into 3 heads");
 }
 
@@ -468,14 +537,18 @@ fn loss_kernel_matches_the_cpu_backend() {
     let logvar = [0.3f32, -1.2, 2.0];
     let sigma = [0.05f32, 1.0, 30.0];
     let want = edm2_loss(&edm2::Tensor::from_vec(&[n, 7, 5, 3], d.clone()), &logvar, &edm2::Tensor::from_vec(&[n, 7, 5, 3], y.clone()), &sigma, 0.5);
-    each_schedule(|sched| {
+    // D is fp32 in both modes (the network's output); dD follows D. The kernel also takes
+    // a bf16 D (checked in the bf16 mode).
+    each_mode(&gpu, |sched| {
         for scale in [1.0f32, 0.25] {
-            let got = k::edm2_loss(&gpu, &up(&gpu, &d), &up(&gpu, &y), &logvar, &sigma, 0.5, scale).unwrap();
-            close(&format!("loss dD scale {scale} {sched}"), &down(&gpu, &got.dd), &want.dd.data.iter().map(|v| v * scale).collect::<Vec<_>>());
+            let got = k::edm2_loss(&gpu, &up(&gpu, &d), &up32(&gpu, &y), &logvar, &sigma, 0.5, scale).unwrap();
+            assert_eq!(got.dd.dtype(), gpu.act_dtype());
+            close_in(&gpu, &format!("loss dD scale {scale} {sched}"), &down(&gpu, &got.dd), &want.dd.data.iter().map(|v| v * scale).collect::<Vec<_>>());
             let per_sample: Vec<f32> = got.per_sample.iter().map(|&v| v as f32).collect();
-            close(&format!("loss per image {sched}"), &per_sample, &want.per_sample.iter().map(|&v| v as f32).collect::<Vec<_>>());
-            close(&format!("loss dlogvar {sched}"), &got.dlogvar, &want.dlogvar.iter().map(|v| v * scale).collect::<Vec<_>>());
-            assert!((got.total - want.total).abs() <= 1e-5 * want.total.abs(), "total {} vs {}", got.total, want.total);
+            close_in(&gpu, &format!("loss per image {sched}"), &per_sample, &want.per_sample.iter().map(|&v| v as f32).collect::<Vec<_>>());
+            close_in(&gpu, &format!("loss dlogvar {sched}"), &got.dlogvar, &want.dlogvar.iter().map(|v| v * scale).collect::<Vec<_>>());
+            let tol = if gpu.act_dtype() == Dtype::Bf16 { 1e-2 } else { 1e-5 };
+            assert!((got.total - want.total).abs() <= tol * want.total.abs(), "total {} vs {}", got.total, want.total);
         }
     });
 }
@@ -568,7 +641,7 @@ fn uploads_are_ordered_against_the_compute_stream() {
     let mut acc = gpu.alloc_zeros::<f32>(n).unwrap();
     let mut want = 0usize;
     for r in 0..rounds {
-        let xs: Vec<_> = (0..per_round).map(|j| up(&gpu, &values[(r * per_round + j) % 7])).collect();
+        let xs: Vec<_> = (0..per_round).map(|j| up32(&gpu, &values[(r * per_round + j) % 7])).collect();
         for (j, x) in xs.iter().enumerate() {
             want += reads * (1 + (r * per_round + j) % 7);
             for _ in 0..reads {
@@ -577,7 +650,7 @@ fn uploads_are_ordered_against_the_compute_stream() {
         }
     }
     let want = want as f32; // exact: every partial sum is an integer < 2^24
-    let got = down(&gpu, &acc);
+    let got = down32(&gpu, &acc);
     let wrong = got.iter().filter(|&&v| v != want).count();
     assert_eq!(wrong, 0, "{wrong} of {n} sums differ from {want} (first {})", got[0]);
 }

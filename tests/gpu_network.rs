@@ -127,11 +127,15 @@ fn training_step(gpu: &Gpu, cfg: &NetConfig) -> Step {
 
     let mut gp = GpuParams::upload(gpu, &params).unwrap();
     net.force_normalize_on(gpu, &mut gp).unwrap();
-    let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data).unwrap());
-    let ld = labels.as_ref().map(|l| Tensor::with_buf(&l.shape, gpu.upload(&l.data).unwrap()));
+    // As training runs it: the input x and D (and so dD) in fp32, the activations in the
+    // device's precision.
+    let xd = Tensor::with_buf(&x.shape, gpu.upload_input(&x.data).unwrap());
+    let ld = labels.as_ref().map(|l| Tensor::with_buf(&l.shape, gpu.upload_act(&l.data).unwrap()));
     let od = net.forward_on(gpu, &gp, &xd, &sigma, ld.as_ref(), &mode, false).unwrap();
-    let (d_dev, f_dev) = (gpu.download(&od.d.data).unwrap(), gpu.download(&od.f_x.data).unwrap());
-    let ddd = Tensor::with_buf(&x.shape, gpu.upload(&dd).unwrap());
+    assert_eq!(od.d.data.dtype(), edm2::backend::gpu::Dtype::F32, "D is fp32 in every precision");
+    assert_eq!(od.f_x.data.dtype(), gpu.act_dtype(), "F_x is an activation");
+    let (d_dev, f_dev) = (gpu.download_act(&od.d.data).unwrap(), gpu.download_act(&od.f_x.data).unwrap());
+    let ddd = Tensor::with_buf(&x.shape, gpu.upload_input(&dd).unwrap());
     let g_dev = net.backward_on(gpu, &gp, od.cache.unwrap(), &ddd, &dlogvar, &mode).unwrap().download(gpu).unwrap();
     Step {
         specs: net.specs.clone(),
@@ -308,9 +312,9 @@ fn a_repeated_training_step_allocates_no_device_memory() {
     // What `train --device cuda` does per step: uploads, forced WN, forward, loss, backward,
     // Adam.
     let mut step = |t: u64| {
-        let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data).unwrap());
+        let xd = Tensor::with_buf(&x.shape, gpu.upload_input(&x.data).unwrap());
         let yd = gpu.upload(&x.data).unwrap();
-        let ld = Tensor::with_buf(&labels.shape, gpu.upload(&labels.data).unwrap());
+        let ld = Tensor::with_buf(&labels.shape, gpu.upload_act(&labels.data).unwrap());
         net.force_normalize_on(&gpu, &mut gp).unwrap();
         let mode = Mode::train(t);
         let out = net.forward_on(&gpu, &gp, &xd, &sigma, Some(&ld), &mode, false).unwrap();

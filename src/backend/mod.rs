@@ -81,7 +81,14 @@ pub trait Backend {
     fn zeros(&self, n: usize) -> crate::error::Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> crate::error::Result<Self::Buf>;
     fn download(&self, b: &Self::Buf) -> crate::error::Result<Vec<f32>>;
+    /// A copy of `b` in the backend's activation storage (with bf16 activations, a copy of
+    /// an fp32 buffer such as dD is rounded).
     fn copy(&self, b: &Self::Buf) -> crate::error::Result<Self::Buf>;
+    /// A buffer of `n` values for the network output D: full precision on every backend (the
+    /// official mixed precision also keeps D, like the input x, in fp32).
+    fn alloc_output(&self, n: usize) -> crate::error::Result<Self::Buf> {
+        self.alloc(n)
+    }
     /// Waits until all queued work is done (timing; a no-op on synchronous backends).
     fn synchronize(&self) -> crate::error::Result<()> {
         Ok(())

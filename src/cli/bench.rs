@@ -208,9 +208,9 @@ fn bench_cuda(a: &Args) -> Result<()> {
     let Setup { cfg, net, params, images, labels, sigma, noisy, mut rng } = setup(a)?;
     let n = a.batch;
     let mut gp = GpuParams::upload(&gpu, &params)?;
-    let xd = Tensor::with_buf(&noisy.shape, gpu.upload(&noisy.data)?);
+    let xd = Tensor::with_buf(&noisy.shape, gpu.upload_input(&noisy.data)?);
     let yd = gpu.upload(&images.data)?;
-    let ld = labels.as_ref().map(|l| gpu.upload(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
+    let ld = labels.as_ref().map(|l| gpu.upload_act(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
     let mut moments = gp
         .values
         .iter()
@@ -275,9 +275,9 @@ fn bench_cuda(a: &Args) -> Result<()> {
         let noise = Tensor::from_vec(&[n, r, r, c], rng.normal_vec(n * r * r * c));
         let mut k = 0;
         let mut eval = |x: &Tensor, sig: &[f32]| -> edm2::error::Result<Tensor> {
-            let xd = Tensor::with_buf(&x.shape, gpu.upload(&x.data)?);
+            let xd = Tensor::with_buf(&x.shape, gpu.upload_input(&x.data)?);
             let out = net.forward_on(&gpu, &gp, &xd, sig, ld.as_ref(), &Mode::eval(), false)?;
-            Ok(Tensor::from_vec(&out.d.shape, gpu.download(&out.d.data)?))
+            Ok(Tensor::from_vec(&out.d.shape, gpu.download_act(&out.d.data)?))
         };
         let t = Instant::now();
         let x = edm2::sample::edm_sampler_on(&mut eval, None, &noise, &Default::default(), &mut |_| unreachable!(), &mut |_| {

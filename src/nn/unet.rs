@@ -423,7 +423,7 @@ impl Precond {
         // D = c_skip·x + c_out·F
         let c_skip: Vec<f32> = coefs.iter().map(|c| c.0).collect();
         let c_out: Vec<f32> = coefs.iter().map(|c| c.1).collect();
-        let mut d = be.alloc(x.len_of_shape())?;
+        let mut d = be.alloc_output(x.len_of_shape())?;
         be.precond_output(&x.data, &f_x.data, &c_skip, &c_out, &mut d)?;
         let d = Tensor::with_buf(&x.shape, d);
         // Uncertainty head.

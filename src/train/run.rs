@@ -600,7 +600,7 @@ struct StepOut {
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 mod device {
     use super::{learning_rate, mix, StepOut, TrainOptions, DROPOUT};
-    use crate::backend::gpu::{kernels as k, Gpu, GpuBuf, GpuParams};
+    use crate::backend::gpu::{kernels as k, Gpu, GpuAct, GpuBuf, GpuParams};
     use crate::data::loader::Loader;
     use crate::error::Result;
     use crate::nn::{Mode, ParamKind, Precond};
@@ -611,9 +611,9 @@ mod device {
 
     /// A batch on the device (and its host side: σ, first image index).
     struct DeviceBatch {
-        x: Tensor<GpuBuf<f32>>,
+        x: Tensor<GpuAct>,
         y: GpuBuf<f32>,
-        labels: Option<Tensor<GpuBuf<f32>>>,
+        labels: Option<Tensor<GpuAct>>,
         host: crate::data::loader::Batch,
     }
 
@@ -660,9 +660,9 @@ mod device {
             // A pass's batch goes up on the upload stream while the kernels queued before it
             // run (the weight normalization, or the previous pass's backward).
             let upload = |b: crate::data::loader::Batch| -> Result<DeviceBatch> {
-                let x = Tensor::with_buf(&b.noisy.shape, gpu.upload(&b.noisy.data)?);
+                let x = Tensor::with_buf(&b.noisy.shape, gpu.upload_input(&b.noisy.data)?);
                 let y = gpu.upload(&b.images.data)?;
-                let labels = b.labels.as_ref().map(|l| gpu.upload(&l.data).map(|d| Tensor::with_buf(&l.shape, d))).transpose()?;
+                let labels = b.labels.as_ref().map(|l| gpu.upload_act(&l.data).map(|d| Tensor::with_buf(&l.shape, d))).transpose()?;
                 Ok(DeviceBatch { x, y, labels, host: b })
             };
             let passes = opts.batch / opts.batch_gpu;

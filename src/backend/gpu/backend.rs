@@ -1,10 +1,11 @@
 //! [`Backend`] on the CUDA device (or the simulated one): the network description runs
-//! its ops as our kernels on device buffers. First version: correct and simple — buffers
-//! are allocated per op (the pool comes with the fast kernels), and the gain gradient of
-//! each layer is read back to the host.
+//! its ops as our kernels on device buffers. Activations ([`GpuAct`]) are fp32 or bf16 by
+//! the device's [`super::Precision`]; parameters, gradients and effective weights are fp32.
+//! First version: correct and simple — buffers come from the pool per op, and the gain
+//! gradient of each layer is read back to the host.
 
 use super::kernels::{self as k, GpuAttnCache, GpuEffWeight};
-use super::{Gpu, GpuBuf};
+use super::{Gpu, GpuAct, GpuBuf};
 use crate::backend::{Backend, ConvGeom, Nhwc};
 use crate::error::{Error, Result};
 use crate::nn::params::{ParamId, Params};
@@ -57,26 +58,29 @@ impl GpuParams {
 }
 
 impl Backend for Gpu {
-    type Buf = GpuBuf<f32>;
+    type Buf = GpuAct;
     type Params = GpuParams;
     type Eff = GpuEffWeight;
     type Attn = GpuAttnCache;
     type Mask = GpuBuf<u8>;
 
-    fn alloc(&self, n: usize) -> Result<GpuBuf<f32>> {
-        Gpu::alloc(self, n)
+    fn alloc(&self, n: usize) -> Result<GpuAct> {
+        self.alloc_act(n)
     }
-    fn zeros(&self, n: usize) -> Result<GpuBuf<f32>> {
-        self.alloc_zeros(n)
+    fn zeros(&self, n: usize) -> Result<GpuAct> {
+        self.zeros_act(n)
     }
-    fn upload(&self, host: &[f32]) -> Result<GpuBuf<f32>> {
-        Gpu::upload(self, host)
+    fn upload(&self, host: &[f32]) -> Result<GpuAct> {
+        self.upload_act(host)
     }
-    fn download(&self, b: &GpuBuf<f32>) -> Result<Vec<f32>> {
-        Gpu::download(self, b)
+    fn download(&self, b: &GpuAct) -> Result<Vec<f32>> {
+        self.download_act(b)
     }
-    fn copy(&self, b: &GpuBuf<f32>) -> Result<GpuBuf<f32>> {
-        k::scaled(self, b, 1.0)
+    fn copy(&self, b: &GpuAct) -> Result<GpuAct> {
+        k::scaled_to(self, b, self.act_dtype(), 1.0)
+    }
+    fn alloc_output(&self, n: usize) -> Result<GpuAct> {
+        Ok(GpuAct::F32(Gpu::alloc(self, n)?))
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -106,7 +110,7 @@ impl Backend for Gpu {
     fn effective(&self, p: &GpuParams, id: ParamId, geom: ConvGeom, gain: f32) -> Result<GpuEffWeight> {
         k::effective_weight(self, &p.values[id], geom, gain)
     }
-    fn conv_forward(&self, eff: &GpuEffWeight, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Result<()> {
+    fn conv_forward(&self, eff: &GpuEffWeight, x: &GpuAct, s: Nhwc, y: &mut GpuAct) -> Result<()> {
         k::conv_forward(self, eff, x, s, y)
     }
     fn conv_backward(
@@ -114,125 +118,125 @@ impl Backend for Gpu {
         p: &GpuParams,
         id: ParamId,
         eff: &GpuEffWeight,
-        x: &GpuBuf<f32>,
+        x: &GpuAct,
         s: Nhwc,
-        dy: &GpuBuf<f32>,
-        dx: Option<&mut GpuBuf<f32>>,
+        dy: &GpuAct,
+        dx: Option<&mut GpuAct>,
         g: &mut GpuParams,
     ) -> Result<f32> {
-        let mut d_eff = self.alloc(eff.geom.numel())?;
+        let mut d_eff = Gpu::alloc::<f32>(self, eff.geom.numel())?;
         k::conv_backward_weight(self, eff.geom, x, s, dy, &mut d_eff)?;
         if let Some(dx) = dx {
             k::conv_backward_data(self, eff, dy, s, dx)?;
         }
-        let mut dw = self.alloc(eff.geom.numel())?;
+        let mut dw = Gpu::alloc::<f32>(self, eff.geom.numel())?;
         let dgain = k::effective_weight_backward(self, &p.values[id], eff, &d_eff, &mut dw)?;
         k::axpby(self, &mut g.values[id], &dw, 1.0, 1.0)?;
         Ok(dgain)
     }
 
-    fn mp_silu(&self, x: &GpuBuf<f32>, y: &mut GpuBuf<f32>) -> Result<()> {
+    fn mp_silu(&self, x: &GpuAct, y: &mut GpuAct) -> Result<()> {
         k::mp_silu(self, x, y)
     }
-    fn mp_silu_backward(&self, x: &GpuBuf<f32>, dy: &GpuBuf<f32>, dx: &mut GpuBuf<f32>) -> Result<()> {
+    fn mp_silu_backward(&self, x: &GpuAct, dy: &GpuAct, dx: &mut GpuAct) -> Result<()> {
         k::mp_silu_backward(self, x, dy, dx)
     }
-    fn mp_silu_backward_acc(&self, x: &GpuBuf<f32>, dy: &GpuBuf<f32>, dx: &mut GpuBuf<f32>) -> Result<()> {
-        let mut t = self.alloc(x.len())?;
+    fn mp_silu_backward_acc(&self, x: &GpuAct, dy: &GpuAct, dx: &mut GpuAct) -> Result<()> {
+        let mut t = self.alloc_dtype(x.dtype(), x.len())?;
         k::mp_silu_backward(self, x, dy, &mut t)?;
         k::axpby(self, dx, &t, 1.0, 1.0)
     }
-    fn axpby(&self, a: &mut GpuBuf<f32>, b: &GpuBuf<f32>, wa: f32, wb: f32) -> Result<()> {
+    fn axpby(&self, a: &mut GpuAct, b: &GpuAct, wa: f32, wb: f32) -> Result<()> {
         k::axpby(self, a, b, wa, wb)
     }
-    fn scale(&self, a: &mut GpuBuf<f32>, kk: f32) -> Result<()> {
+    fn scale(&self, a: &mut GpuAct, kk: f32) -> Result<()> {
         k::scale(self, a, kk)
     }
-    fn scaled(&self, a: &GpuBuf<f32>, kk: f32) -> Result<GpuBuf<f32>> {
+    fn scaled(&self, a: &GpuAct, kk: f32) -> Result<GpuAct> {
         k::scaled(self, a, kk)
     }
-    fn add_scalar(&self, a: &mut GpuBuf<f32>, v: f32) -> Result<()> {
+    fn add_scalar(&self, a: &mut GpuAct, v: f32) -> Result<()> {
         k::add_scalar(self, a, v)
     }
-    fn normalize_rows(&self, x: &GpuBuf<f32>, kk: usize, y: &mut GpuBuf<f32>) -> Result<()> {
+    fn normalize_rows(&self, x: &GpuAct, kk: usize, y: &mut GpuAct) -> Result<()> {
         k::normalize_rows(self, x, kk, y)
     }
-    fn normalize_rows_backward(&self, x: &GpuBuf<f32>, kk: usize, dy: &GpuBuf<f32>, dx: &mut GpuBuf<f32>) -> Result<()> {
+    fn normalize_rows_backward(&self, x: &GpuAct, kk: usize, dy: &GpuAct, dx: &mut GpuAct) -> Result<()> {
         k::normalize_rows_backward(self, x, kk, dy, dx)
     }
-    fn downsample2(&self, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Result<()> {
+    fn downsample2(&self, x: &GpuAct, s: Nhwc, y: &mut GpuAct) -> Result<()> {
         k::downsample2(self, x, s, y)
     }
-    fn downsample2_backward(&self, dy: &GpuBuf<f32>, s: Nhwc, dx: &mut GpuBuf<f32>) -> Result<()> {
+    fn downsample2_backward(&self, dy: &GpuAct, s: Nhwc, dx: &mut GpuAct) -> Result<()> {
         k::downsample2_backward(self, dy, s, dx)
     }
-    fn upsample2(&self, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Result<()> {
+    fn upsample2(&self, x: &GpuAct, s: Nhwc, y: &mut GpuAct) -> Result<()> {
         k::upsample2(self, x, s, y)
     }
-    fn upsample2_backward(&self, dy: &GpuBuf<f32>, s: Nhwc, dx: &mut GpuBuf<f32>) -> Result<()> {
+    fn upsample2_backward(&self, dy: &GpuAct, s: Nhwc, dx: &mut GpuAct) -> Result<()> {
         k::upsample2_backward(self, dy, s, dx)
     }
-    fn modulate_silu(&self, h: &GpuBuf<f32>, s: &GpuBuf<f32>, c: usize, pixels: usize, y: &mut GpuBuf<f32>) -> Result<()> {
+    fn modulate_silu(&self, h: &GpuAct, s: &GpuAct, c: usize, pixels: usize, y: &mut GpuAct) -> Result<()> {
         k::modulate_silu(self, h, s, c, pixels, y)
     }
     fn modulate_silu_backward(
         &self,
-        h: &GpuBuf<f32>,
-        s: &GpuBuf<f32>,
-        dy: &GpuBuf<f32>,
+        h: &GpuAct,
+        s: &GpuAct,
+        dy: &GpuAct,
         c: usize,
         pixels: usize,
-        dh: &mut GpuBuf<f32>,
-        ds: &mut GpuBuf<f32>,
+        dh: &mut GpuAct,
+        ds: &mut GpuAct,
     ) -> Result<()> {
         k::modulate_silu_backward(self, h, s, dy, c, pixels, dh, ds)
     }
-    fn dropout(&self, x: &mut GpuBuf<f32>, p: f32, seed: u64) -> Result<()> {
+    fn dropout(&self, x: &mut GpuAct, p: f32, seed: u64) -> Result<()> {
         k::dropout(self, x, p, seed)
     }
-    fn clip(&self, x: &mut GpuBuf<f32>, limit: f32) -> Result<Option<GpuBuf<u8>>> {
+    fn clip(&self, x: &mut GpuAct, limit: f32) -> Result<Option<GpuBuf<u8>>> {
         let mut mask = Gpu::alloc::<u8>(self, x.len())?;
         k::clip(self, x, &mut mask, limit)?;
         Ok(Some(mask))
     }
-    fn clip_backward(&self, dy: &mut GpuBuf<f32>, mask: &GpuBuf<u8>) -> Result<()> {
+    fn clip_backward(&self, dy: &mut GpuAct, mask: &GpuBuf<u8>) -> Result<()> {
         k::clip_backward(self, dy, mask)
     }
-    fn attention_forward(&self, qkv: &GpuBuf<f32>, n: usize, p: usize, c: usize, heads: usize, y: &mut GpuBuf<f32>) -> Result<GpuAttnCache> {
+    fn attention_forward(&self, qkv: &GpuAct, n: usize, p: usize, c: usize, heads: usize, y: &mut GpuAct) -> Result<GpuAttnCache> {
         k::attention_forward(self, qkv, n, p, c, heads, y)
     }
     fn attention_backward(
         &self,
-        qkv: &GpuBuf<f32>,
+        qkv: &GpuAct,
         cache: &GpuAttnCache,
-        dy: &GpuBuf<f32>,
+        dy: &GpuAct,
         n: usize,
         p: usize,
         c: usize,
         heads: usize,
-        dqkv: &mut GpuBuf<f32>,
+        dqkv: &mut GpuAct,
     ) -> Result<()> {
         k::attention_backward(self, qkv, cache, dy, n, p, c, heads, dqkv)
     }
-    fn mp_cat(&self, a: &GpuBuf<f32>, na: usize, b: &GpuBuf<f32>, nb: usize, t: f32, out: &mut GpuBuf<f32>) -> Result<()> {
+    fn mp_cat(&self, a: &GpuAct, na: usize, b: &GpuAct, nb: usize, t: f32, out: &mut GpuAct) -> Result<()> {
         k::mp_cat(self, a, na, b, nb, t, out)
     }
-    fn mp_cat_backward(&self, dout: &GpuBuf<f32>, na: usize, nb: usize, t: f32, da: &mut GpuBuf<f32>, db: &mut GpuBuf<f32>) -> Result<()> {
+    fn mp_cat_backward(&self, dout: &GpuAct, na: usize, nb: usize, t: f32, da: &mut GpuAct, db: &mut GpuAct) -> Result<()> {
         k::mp_cat_backward(self, dout, na, nb, t, da, db)
     }
-    fn mp_fourier(&self, x: &[f32], p: &GpuParams, freqs: ParamId, phases: ParamId) -> Result<GpuBuf<f32>> {
+    fn mp_fourier(&self, x: &[f32], p: &GpuParams, freqs: ParamId, phases: ParamId) -> Result<GpuAct> {
         let xb = Gpu::upload(self, x)?;
-        let mut y = Gpu::alloc(self, x.len() * p.values[freqs].len())?;
+        let mut y = self.alloc_act(x.len() * p.values[freqs].len())?;
         k::mp_fourier(self, &xb, &p.values[freqs], &p.values[phases], &mut y)?;
         Ok(y)
     }
-    fn scale_images(&self, x: &mut GpuBuf<f32>, kk: &[f32]) -> Result<()> {
+    fn scale_images(&self, x: &mut GpuAct, kk: &[f32]) -> Result<()> {
         k::scale_images(self, x, kk)
     }
-    fn precond_input(&self, x: &GpuBuf<f32>, c_in: &[f32], ch: usize, out: &mut GpuBuf<f32>) -> Result<()> {
+    fn precond_input(&self, x: &GpuAct, c_in: &[f32], ch: usize, out: &mut GpuAct) -> Result<()> {
         k::precond_input(self, x, c_in, ch, out)
     }
-    fn precond_output(&self, x: &GpuBuf<f32>, f: &GpuBuf<f32>, c_skip: &[f32], c_out: &[f32], d: &mut GpuBuf<f32>) -> Result<()> {
+    fn precond_output(&self, x: &GpuAct, f: &GpuAct, c_skip: &[f32], c_out: &[f32], d: &mut GpuAct) -> Result<()> {
         k::precond_output(self, x, f, c_skip, c_out, d)
     }
 }

@@ -3,32 +3,85 @@
 //! compute stream of `gpu`. The same code runs on a real GPU (feature `cuda`) and on the
 //! simulated device (feature `cuda-sim`).
 
-use super::{check, ffi, same_len, Gpu, GpuBuf};
+use super::{check, ffi, same_len, Dtype, Gpu, GpuAct, GpuBuf};
 pub use crate::backend::{ConvGeom, Nhwc};
 use crate::error::{Error, Result};
 
+/// Device values a kernel reads or writes as activations: a [`GpuAct`] (fp32 or bf16) or a
+/// plain fp32 buffer (parameters, gradients). Kernels take `&dyn Values` and check that all
+/// the activations of one launch share a dtype.
+pub trait Values {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn dtype(&self) -> Dtype;
+    fn vptr(&self, gpu: &Gpu) -> *const std::ffi::c_void;
+    fn vptr_mut(&mut self, gpu: &Gpu) -> *mut std::ffi::c_void;
+}
+
+impl Values for GpuAct {
+    fn len(&self) -> usize {
+        GpuAct::len(self)
+    }
+    fn dtype(&self) -> Dtype {
+        GpuAct::dtype(self)
+    }
+    fn vptr(&self, gpu: &Gpu) -> *const std::ffi::c_void {
+        GpuAct::vptr(self, gpu)
+    }
+    fn vptr_mut(&mut self, gpu: &Gpu) -> *mut std::ffi::c_void {
+        GpuAct::vptr_mut(self, gpu)
+    }
+}
+
+impl Values for GpuBuf<f32> {
+    fn len(&self) -> usize {
+        GpuBuf::len(self)
+    }
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn vptr(&self, gpu: &Gpu) -> *const std::ffi::c_void {
+        self.ptr(gpu) as *const std::ffi::c_void
+    }
+    fn vptr_mut(&mut self, gpu: &Gpu) -> *mut std::ffi::c_void {
+        self.ptr_mut(gpu) as *mut std::ffi::c_void
+    }
+}
+
+/// The kernels' dtype code of a launch whose activations have these dtypes (all equal).
+fn dtype_of(kernel: &str, dtypes: &[Dtype]) -> Result<i32> {
+    match dtypes.split_first() {
+        Some((d, rest)) if rest.iter().all(|r| r == d) => Ok(d.code()),
+        Some(_) => Err(Error::Input(format!("{kernel}: activations of different dtypes {dtypes:?}"))),
+        None => Ok(Dtype::F32.code()),
+    }
+}
+
 /// `y = silu(x) / 0.596` (paper Eq. 81).
-pub fn mp_silu(gpu: &Gpu, x: &GpuBuf<f32>, y: &mut GpuBuf<f32>) -> Result<()> {
+pub fn mp_silu(gpu: &Gpu, x: &dyn Values, y: &mut dyn Values) -> Result<()> {
     same_len("mp_silu", x.len(), y.len())?;
+    let dt = dtype_of("mp_silu", &[x.dtype(), y.dtype()])?;
     let s = gpu.stream()?;
-    check("mp_silu", unsafe { ffi::edm2_mp_silu_f32(x.ptr(gpu), y.ptr_mut(gpu), x.len(), s) })
+    check("mp_silu", unsafe { ffi::edm2_mp_silu(x.vptr(gpu), y.vptr_mut(gpu), x.len(), dt, s) })
 }
 
 /// `dx = dy · mp_silu'(x)`.
-pub fn mp_silu_backward(gpu: &Gpu, x: &GpuBuf<f32>, dy: &GpuBuf<f32>, dx: &mut GpuBuf<f32>) -> Result<()> {
+pub fn mp_silu_backward(gpu: &Gpu, x: &dyn Values, dy: &dyn Values, dx: &mut dyn Values) -> Result<()> {
     same_len("mp_silu_backward dy", x.len(), dy.len())?;
     same_len("mp_silu_backward dx", x.len(), dx.len())?;
+    let dt = dtype_of("mp_silu_backward", &[x.dtype(), dy.dtype(), dx.dtype()])?;
     let s = gpu.stream()?;
-    check("mp_silu_backward", unsafe {
-        ffi::edm2_mp_silu_backward_f32(x.ptr(gpu), dy.ptr(gpu), dx.ptr_mut(gpu), x.len(), s)
-    })
+    check("mp_silu_backward", unsafe { ffi::edm2_mp_silu_backward(x.vptr(gpu), dy.vptr(gpu), dx.vptr_mut(gpu), x.len(), dt, s) })
 }
 
 /// `a ← mp_sum(a, b, t)` (paper Eq. 88).
-pub fn mp_sum(gpu: &Gpu, a: &mut GpuBuf<f32>, b: &GpuBuf<f32>, t: f32) -> Result<()> {
+pub fn mp_sum(gpu: &Gpu, a: &mut dyn Values, b: &dyn Values, t: f32) -> Result<()> {
     same_len("mp_sum", a.len(), b.len())?;
+    let dt = dtype_of("mp_sum", &[a.dtype(), b.dtype()])?;
     let s = gpu.stream()?;
-    check("mp_sum", unsafe { ffi::edm2_mp_sum_f32(a.ptr_mut(gpu), b.ptr(gpu), t, a.len(), s) })
+    check("mp_sum", unsafe { ffi::edm2_mp_sum(a.vptr_mut(gpu), b.vptr(gpu), t, a.len(), dt, s) })
 }
 
 /// Sum of `x` (a fixed reduction tree: deterministic).
@@ -58,7 +111,7 @@ pub fn adam(
     t: u64,
     nonfinite: &mut GpuBuf<u32>,
 ) -> Result<()> {
-    expect_len("adam", "nonfinite", nonfinite, 1)?;
+    expect_len("adam", "nonfinite", nonfinite.len(), 1)?;
     for (name, l) in [("adam g", g.len()), ("adam m", m.len()), ("adam v", v.len())] {
         same_len(name, p.len(), l)?;
     }
@@ -165,12 +218,12 @@ pub fn set_reverse_schedule(reverse: bool) {
     unsafe { ffi::edm2_sim_set_schedule(reverse as i32) }
 }
 
-/// Checks that buffer `name` holds exactly `want` elements.
-fn expect_len<T: super::DeviceScalar>(kernel: &str, name: &str, b: &GpuBuf<T>, want: usize) -> Result<()> {
-    if b.len() == want {
+/// Checks that buffer `name` holds exactly `want` elements (`len` of them).
+fn expect_len(kernel: &str, name: &str, len: usize, want: usize) -> Result<()> {
+    if len == want {
         Ok(())
     } else {
-        Err(Error::Input(format!("{kernel}: {name} holds {} elements, expected {want}", b.len())))
+        Err(Error::Input(format!("{kernel}: {name} holds {len} elements, expected {want}")))
     }
 }
 
@@ -183,71 +236,77 @@ fn int(kernel: &str, v: usize) -> Result<i32> {
 }
 
 /// `a ← wa·a + wb·b`.
-pub fn axpby(gpu: &Gpu, a: &mut GpuBuf<f32>, b: &GpuBuf<f32>, wa: f32, wb: f32) -> Result<()> {
+pub fn axpby(gpu: &Gpu, a: &mut dyn Values, b: &dyn Values, wa: f32, wb: f32) -> Result<()> {
     same_len("axpby", a.len(), b.len())?;
+    let dt = dtype_of("axpby", &[a.dtype(), b.dtype()])?;
     let s = gpu.stream()?;
-    check("axpby", unsafe { ffi::edm2_axpby_f32(a.ptr_mut(gpu), b.ptr(gpu), wa, wb, a.len(), s) })
+    check("axpby", unsafe { ffi::edm2_axpby(a.vptr_mut(gpu), b.vptr(gpu), wa, wb, a.len(), dt, s) })
 }
 
 /// `a ← k·a`.
-pub fn scale(gpu: &Gpu, a: &mut GpuBuf<f32>, k: f32) -> Result<()> {
+pub fn scale(gpu: &Gpu, a: &mut dyn Values, k: f32) -> Result<()> {
     let s = gpu.stream()?;
-    check("scale", unsafe { ffi::edm2_scale_f32(a.ptr_mut(gpu), k, a.len(), s) })
+    check("scale", unsafe { ffi::edm2_scale(a.vptr_mut(gpu), k, a.len(), a.dtype().code(), s) })
 }
 
 /// 2x2 average pooling of `x` (shape `s`, even h and w) into `y` `[n, h/2, w/2, c]`.
-pub fn downsample2(gpu: &Gpu, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Result<()> {
+pub fn downsample2(gpu: &Gpu, x: &dyn Values, s: Nhwc, y: &mut dyn Values) -> Result<()> {
     let k = "downsample2";
-    expect_len(k, "x", x, s.numel())?;
-    expect_len(k, "y", y, s.numel() / 4)?;
+    expect_len(k, "x", x.len(), s.numel())?;
+    expect_len(k, "y", y.len(), s.numel() / 4)?;
     let (n, h, w, c) = nhwc_ints(k, s)?;
+    let dt = dtype_of(k, &[x.dtype(), y.dtype()])?;
     let st = gpu.stream()?;
-    check(k, unsafe { ffi::edm2_downsample2_f32(x.ptr(gpu), y.ptr_mut(gpu), n, h, w, c, st) })
+    check(k, unsafe { ffi::edm2_downsample2(x.vptr(gpu), y.vptr_mut(gpu), n, h, w, c, dt, st) })
 }
 
 /// Gradient of [`downsample2`]: `dy` `[n, h/2, w/2, c]` → `dx` of shape `s`.
-pub fn downsample2_backward(gpu: &Gpu, dy: &GpuBuf<f32>, s: Nhwc, dx: &mut GpuBuf<f32>) -> Result<()> {
+pub fn downsample2_backward(gpu: &Gpu, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
     let k = "downsample2_backward";
-    expect_len(k, "dy", dy, s.numel() / 4)?;
-    expect_len(k, "dx", dx, s.numel())?;
+    expect_len(k, "dy", dy.len(), s.numel() / 4)?;
+    expect_len(k, "dx", dx.len(), s.numel())?;
     let (n, h, w, c) = nhwc_ints(k, s)?;
+    let dt = dtype_of(k, &[dy.dtype(), dx.dtype()])?;
     let st = gpu.stream()?;
-    check(k, unsafe { ffi::edm2_downsample2_backward_f32(dy.ptr(gpu), dx.ptr_mut(gpu), n, h, w, c, st) })
+    check(k, unsafe { ffi::edm2_downsample2_backward(dy.vptr(gpu), dx.vptr_mut(gpu), n, h, w, c, dt, st) })
 }
 
 /// Nearest 2x upsampling of `x` (shape `s`) into `y` `[n, 2h, 2w, c]`.
-pub fn upsample2(gpu: &Gpu, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Result<()> {
+pub fn upsample2(gpu: &Gpu, x: &dyn Values, s: Nhwc, y: &mut dyn Values) -> Result<()> {
     let k = "upsample2";
-    expect_len(k, "x", x, s.numel())?;
-    expect_len(k, "y", y, s.numel() * 4)?;
+    expect_len(k, "x", x.len(), s.numel())?;
+    expect_len(k, "y", y.len(), s.numel() * 4)?;
     let (n, h, w, c) = nhwc_ints(k, s)?;
+    let dt = dtype_of(k, &[x.dtype(), y.dtype()])?;
     let st = gpu.stream()?;
-    check(k, unsafe { ffi::edm2_upsample2_f32(x.ptr(gpu), y.ptr_mut(gpu), n, h, w, c, st) })
+    check(k, unsafe { ffi::edm2_upsample2(x.vptr(gpu), y.vptr_mut(gpu), n, h, w, c, dt, st) })
 }
 
 /// Gradient of [`upsample2`]: `dy` `[n, 2h, 2w, c]` → `dx` of shape `s`.
-pub fn upsample2_backward(gpu: &Gpu, dy: &GpuBuf<f32>, s: Nhwc, dx: &mut GpuBuf<f32>) -> Result<()> {
+pub fn upsample2_backward(gpu: &Gpu, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
     let k = "upsample2_backward";
-    expect_len(k, "dy", dy, s.numel() * 4)?;
-    expect_len(k, "dx", dx, s.numel())?;
+    expect_len(k, "dy", dy.len(), s.numel() * 4)?;
+    expect_len(k, "dx", dx.len(), s.numel())?;
     let (n, h, w, c) = nhwc_ints(k, s)?;
+    let dt = dtype_of(k, &[dy.dtype(), dx.dtype()])?;
     let st = gpu.stream()?;
-    check(k, unsafe { ffi::edm2_upsample2_backward_f32(dy.ptr(gpu), dx.ptr_mut(gpu), n, h, w, c, st) })
+    check(k, unsafe { ffi::edm2_upsample2_backward(dy.vptr(gpu), dx.vptr_mut(gpu), n, h, w, c, dt, st) })
 }
 
 /// MP-cat over channels (paper Eq. 103) of `a` `[pixels, na]` and `b` `[pixels, nb]`.
-pub fn mp_cat(gpu: &Gpu, a: &GpuBuf<f32>, na: usize, b: &GpuBuf<f32>, nb: usize, t: f32, out: &mut GpuBuf<f32>) -> Result<()> {
+pub fn mp_cat(gpu: &Gpu, a: &dyn Values, na: usize, b: &dyn Values, nb: usize, t: f32, out: &mut dyn Values) -> Result<()> {
     let k = "mp_cat";
     if na == 0 || nb == 0 || a.len() % na != 0 {
         return Err(Error::Input(format!("{k}: bad channel counts {na} + {nb} for {} values", a.len())));
     }
     let pixels = a.len() / na;
-    expect_len(k, "b", b, pixels * nb)?;
-    expect_len(k, "out", out, pixels * (na + nb))?;
+    expect_len(k, "b", b.len(), pixels * nb)?;
+    expect_len(k, "out", out.len(), pixels * (na + nb))?;
     let (ka, kb) = crate::backend::cpu::ops::mp_cat_coefs(na, nb, t);
+    let dt = dtype_of(k, &[a.dtype(), b.dtype(), out.dtype()])?;
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_mp_cat_f32(a.ptr(gpu), int(k, na)?, b.ptr(gpu), int(k, nb)?, ka, kb, out.ptr_mut(gpu), pixels, st)
+        ffi::edm2_mp_cat(a.vptr(gpu), int(k, na)?, b.vptr(gpu), int(k, nb)?, ka, kb, out.vptr_mut(gpu), pixels, dt, st)
     })
 }
 
@@ -255,132 +314,138 @@ pub fn mp_cat(gpu: &Gpu, a: &GpuBuf<f32>, na: usize, b: &GpuBuf<f32>, nb: usize,
 #[allow(clippy::too_many_arguments)]
 pub fn mp_cat_backward(
     gpu: &Gpu,
-    dout: &GpuBuf<f32>,
+    dout: &dyn Values,
     na: usize,
     nb: usize,
     t: f32,
-    da: &mut GpuBuf<f32>,
-    db: &mut GpuBuf<f32>,
+    da: &mut dyn Values,
+    db: &mut dyn Values,
 ) -> Result<()> {
     let k = "mp_cat_backward";
     if na == 0 || nb == 0 || dout.len() % (na + nb) != 0 {
         return Err(Error::Input(format!("{k}: bad channel counts {na} + {nb} for {} values", dout.len())));
     }
     let pixels = dout.len() / (na + nb);
-    expect_len(k, "da", da, pixels * na)?;
-    expect_len(k, "db", db, pixels * nb)?;
+    expect_len(k, "da", da.len(), pixels * na)?;
+    expect_len(k, "db", db.len(), pixels * nb)?;
     let (ka, kb) = crate::backend::cpu::ops::mp_cat_coefs(na, nb, t);
+    let dt = dtype_of(k, &[dout.dtype(), da.dtype(), db.dtype()])?;
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_mp_cat_backward_f32(dout.ptr(gpu), int(k, na)?, int(k, nb)?, ka, kb, da.ptr_mut(gpu), db.ptr_mut(gpu), pixels, st)
+        ffi::edm2_mp_cat_backward(dout.vptr(gpu), int(k, na)?, int(k, nb)?, ka, kb, da.vptr_mut(gpu), db.vptr_mut(gpu), pixels, dt, st)
     })
 }
 
 /// `y[n, p, c] = mp_silu(h[n, p, c] · s[n, c])` for `h` `[n, pixels, c]`.
-pub fn modulate_silu(gpu: &Gpu, h: &GpuBuf<f32>, s: &GpuBuf<f32>, c: usize, pixels: usize, y: &mut GpuBuf<f32>) -> Result<()> {
+pub fn modulate_silu(gpu: &Gpu, h: &dyn Values, s: &dyn Values, c: usize, pixels: usize, y: &mut dyn Values) -> Result<()> {
     let k = "modulate_silu";
     let n = if c == 0 { 0 } else { s.len() / c };
-    expect_len(k, "s", s, n * c)?;
-    expect_len(k, "h", h, n * pixels * c)?;
-    expect_len(k, "y", y, h.len())?;
+    expect_len(k, "s", s.len(), n * c)?;
+    expect_len(k, "h", h.len(), n * pixels * c)?;
+    expect_len(k, "y", y.len(), h.len())?;
+    let dt = dtype_of(k, &[h.dtype(), s.dtype(), y.dtype()])?;
     let st = gpu.stream()?;
-    check(k, unsafe { ffi::edm2_modulate_silu_f32(h.ptr(gpu), s.ptr(gpu), y.ptr_mut(gpu), int(k, n)?, pixels, int(k, c)?, st) })
+    check(k, unsafe { ffi::edm2_modulate_silu(h.vptr(gpu), s.vptr(gpu), y.vptr_mut(gpu), int(k, n)?, pixels, int(k, c)?, dt, st) })
 }
 
 /// Gradient of [`modulate_silu`]: `dh` (like `h`) and `ds` (like `s`), both overwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn modulate_silu_backward(
     gpu: &Gpu,
-    h: &GpuBuf<f32>,
-    s: &GpuBuf<f32>,
-    dy: &GpuBuf<f32>,
+    h: &dyn Values,
+    s: &dyn Values,
+    dy: &dyn Values,
     c: usize,
     pixels: usize,
-    dh: &mut GpuBuf<f32>,
-    ds: &mut GpuBuf<f32>,
+    dh: &mut dyn Values,
+    ds: &mut dyn Values,
 ) -> Result<()> {
     let k = "modulate_silu_backward";
     let n = if c == 0 { 0 } else { s.len() / c };
-    expect_len(k, "s", s, n * c)?;
-    expect_len(k, "h", h, n * pixels * c)?;
-    expect_len(k, "dy", dy, h.len())?;
-    expect_len(k, "dh", dh, h.len())?;
-    expect_len(k, "ds", ds, s.len())?;
+    expect_len(k, "s", s.len(), n * c)?;
+    expect_len(k, "h", h.len(), n * pixels * c)?;
+    expect_len(k, "dy", dy.len(), h.len())?;
+    expect_len(k, "dh", dh.len(), h.len())?;
+    expect_len(k, "ds", ds.len(), s.len())?;
+    let dt = dtype_of(k, &[h.dtype(), s.dtype(), dy.dtype(), dh.dtype(), ds.dtype()])?;
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_modulate_silu_backward_f32(
-            h.ptr(gpu),
-            s.ptr(gpu),
-            dy.ptr(gpu),
-            dh.ptr_mut(gpu),
-            ds.ptr_mut(gpu),
+        ffi::edm2_modulate_silu_backward(
+            h.vptr(gpu),
+            s.vptr(gpu),
+            dy.vptr(gpu),
+            dh.vptr_mut(gpu),
+            ds.vptr_mut(gpu),
             int(k, n)?,
             pixels,
             int(k, c)?,
+            dt,
             st,
         )
     })
 }
 
 /// Inverted dropout in place with the CPU backend's mask (`ops::hash_uniform(seed, i)`).
-pub fn dropout(gpu: &Gpu, x: &mut GpuBuf<f32>, p: f32, seed: u64) -> Result<()> {
+pub fn dropout(gpu: &Gpu, x: &mut dyn Values, p: f32, seed: u64) -> Result<()> {
     if !(0.0..1.0).contains(&p) {
         return Err(Error::Input(format!("dropout: probability {p} outside [0, 1)")));
     }
     let st = gpu.stream()?;
-    check("dropout", unsafe { ffi::edm2_dropout_f32(x.ptr_mut(gpu), p, seed, x.len(), st) })
+    check("dropout", unsafe { ffi::edm2_dropout(x.vptr_mut(gpu), p, seed, x.len(), x.dtype().code(), st) })
 }
 
 /// `x ← clamp(x, ±limit)`; `mask` records where `|x| > limit` (for [`clip_backward`]).
-pub fn clip(gpu: &Gpu, x: &mut GpuBuf<f32>, mask: &mut GpuBuf<u8>, limit: f32) -> Result<()> {
+pub fn clip(gpu: &Gpu, x: &mut dyn Values, mask: &mut GpuBuf<u8>, limit: f32) -> Result<()> {
     same_len("clip", x.len(), mask.len())?;
     let st = gpu.stream()?;
-    check("clip", unsafe { ffi::edm2_clip_f32(x.ptr_mut(gpu), mask.ptr_mut(gpu), limit, x.len(), st) })
+    check("clip", unsafe { ffi::edm2_clip(x.vptr_mut(gpu), mask.ptr_mut(gpu), limit, x.len(), x.dtype().code(), st) })
 }
 
 /// Zeroes `dy` where [`clip`] clipped.
-pub fn clip_backward(gpu: &Gpu, dy: &mut GpuBuf<f32>, mask: &GpuBuf<u8>) -> Result<()> {
+pub fn clip_backward(gpu: &Gpu, dy: &mut dyn Values, mask: &GpuBuf<u8>) -> Result<()> {
     same_len("clip_backward", dy.len(), mask.len())?;
     let st = gpu.stream()?;
-    check("clip_backward", unsafe { ffi::edm2_clip_backward_f32(dy.ptr_mut(gpu), mask.ptr(gpu), dy.len(), st) })
+    check("clip_backward", unsafe { ffi::edm2_clip_backward(dy.vptr_mut(gpu), mask.ptr(gpu), dy.len(), dy.dtype().code(), st) })
 }
 
 /// MP-Fourier features `y[i, j] = sqrt(2)·cos(freqs[j]·x[i] + phases[j])`.
-pub fn mp_fourier(gpu: &Gpu, x: &GpuBuf<f32>, freqs: &GpuBuf<f32>, phases: &GpuBuf<f32>, y: &mut GpuBuf<f32>) -> Result<()> {
+pub fn mp_fourier(gpu: &Gpu, x: &GpuBuf<f32>, freqs: &GpuBuf<f32>, phases: &GpuBuf<f32>, y: &mut dyn Values) -> Result<()> {
     let k = "mp_fourier";
     same_len(k, freqs.len(), phases.len())?;
-    expect_len(k, "y", y, x.len() * freqs.len())?;
+    expect_len(k, "y", y.len(), x.len() * freqs.len())?;
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_mp_fourier_f32(x.ptr(gpu), freqs.ptr(gpu), phases.ptr(gpu), y.ptr_mut(gpu), x.len(), int(k, freqs.len())?, st)
+        ffi::edm2_mp_fourier(x.ptr(gpu), freqs.ptr(gpu), phases.ptr(gpu), y.vptr_mut(gpu), x.len(), int(k, freqs.len())?, y.dtype().code(), st)
     })
 }
 
 /// `y = normalize(x)` per row of `k` values (pixel norm; `x` and `y` may not alias — use
 /// [`normalize_rows_inplace`]).
-pub fn normalize_rows(gpu: &Gpu, x: &GpuBuf<f32>, k: usize, y: &mut GpuBuf<f32>) -> Result<()> {
+pub fn normalize_rows(gpu: &Gpu, x: &dyn Values, k: usize, y: &mut dyn Values) -> Result<()> {
     same_len("normalize_rows", x.len(), y.len())?;
     let rows = rows_of("normalize_rows", x.len(), k)?;
+    let dt = dtype_of("normalize_rows", &[x.dtype(), y.dtype()])?;
     let st = gpu.stream()?;
-    check("normalize_rows", unsafe { ffi::edm2_normalize_rows_f32(x.ptr(gpu), y.ptr_mut(gpu), rows, int("normalize_rows", k)?, st) })
+    check("normalize_rows", unsafe { ffi::edm2_normalize_rows(x.vptr(gpu), y.vptr_mut(gpu), rows, int("normalize_rows", k)?, dt, st) })
 }
 
 /// Forced weight normalization of a stored weight, in place.
 pub fn normalize_rows_inplace(gpu: &Gpu, x: &mut GpuBuf<f32>, k: usize) -> Result<()> {
     let rows = rows_of("normalize_rows", x.len(), k)?;
     let st = gpu.stream()?;
-    let p = x.ptr_mut(gpu);
-    check("normalize_rows", unsafe { ffi::edm2_normalize_rows_f32(p, p, rows, int("normalize_rows", k)?, st) })
+    let p = x.ptr_mut(gpu) as *mut std::ffi::c_void;
+    check("normalize_rows", unsafe { ffi::edm2_normalize_rows(p, p, rows, int("normalize_rows", k)?, Dtype::F32.code(), st) })
 }
 
 /// Gradient of [`normalize_rows`].
-pub fn normalize_rows_backward(gpu: &Gpu, x: &GpuBuf<f32>, k: usize, dy: &GpuBuf<f32>, dx: &mut GpuBuf<f32>) -> Result<()> {
+pub fn normalize_rows_backward(gpu: &Gpu, x: &dyn Values, k: usize, dy: &dyn Values, dx: &mut dyn Values) -> Result<()> {
     same_len("normalize_rows_backward dy", x.len(), dy.len())?;
     same_len("normalize_rows_backward dx", x.len(), dx.len())?;
     let rows = rows_of("normalize_rows_backward", x.len(), k)?;
+    let dt = dtype_of("normalize_rows_backward", &[x.dtype(), dy.dtype(), dx.dtype()])?;
     let st = gpu.stream()?;
     check("normalize_rows_backward", unsafe {
-        ffi::edm2_normalize_rows_backward_f32(x.ptr(gpu), dy.ptr(gpu), dx.ptr_mut(gpu), rows, int("normalize_rows", k)?, st)
+        ffi::edm2_normalize_rows_backward(x.vptr(gpu), dy.vptr(gpu), dx.vptr_mut(gpu), rows, int("normalize_rows", k)?, dt, st)
     })
 }
 
@@ -403,7 +468,7 @@ pub struct GpuEffWeight {
 pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: f32) -> Result<GpuEffWeight> {
     let k = "effective_weight";
     geom.validate(k)?;
-    expect_len(k, "w", w, geom.numel())?;
+    expect_len(k, "w", w.len(), geom.numel())?;
     let mut eff = GpuEffWeight { geom, gain, w: gpu.alloc(geom.numel())?, denom: gpu.alloc(geom.out_ch)? };
     let st = gpu.stream()?;
     check(k, unsafe {
@@ -426,9 +491,9 @@ pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: f32) -
 pub fn effective_weight_backward(gpu: &Gpu, w: &GpuBuf<f32>, eff: &GpuEffWeight, d_eff: &GpuBuf<f32>, dw: &mut GpuBuf<f32>) -> Result<f32> {
     let k = "effective_weight_backward";
     let g = eff.geom;
-    expect_len(k, "w", w, g.numel())?;
-    expect_len(k, "d_eff", d_eff, g.numel())?;
-    expect_len(k, "dw", dw, g.numel())?;
+    expect_len(k, "w", w.len(), g.numel())?;
+    expect_len(k, "d_eff", d_eff.len(), g.numel())?;
+    expect_len(k, "dw", dw.len(), g.numel())?;
     let mut rows = gpu.alloc::<f32>(g.out_ch)?;
     let st = gpu.stream()?;
     check(k, unsafe {
@@ -457,40 +522,43 @@ fn conv_dims(kernel: &str, geom: ConvGeom, s: Nhwc) -> Result<(i32, i32, i32)> {
 }
 
 /// `y` `[n, h, w, O]` = conv(`x` `[n, h, w, I]`, eff) ('same', stride 1).
-pub fn conv_forward(gpu: &Gpu, eff: &GpuEffWeight, x: &GpuBuf<f32>, s: Nhwc, y: &mut GpuBuf<f32>) -> Result<()> {
+pub fn conv_forward(gpu: &Gpu, eff: &GpuEffWeight, x: &dyn Values, s: Nhwc, y: &mut dyn Values) -> Result<()> {
     let k = "conv_forward";
     let (n, h, w) = conv_dims(k, eff.geom, s)?;
-    expect_len(k, "x", x, s.numel())?;
-    expect_len(k, "y", y, s.pixels() * eff.geom.out_ch)?;
+    expect_len(k, "x", x.len(), s.numel())?;
+    expect_len(k, "y", y.len(), s.pixels() * eff.geom.out_ch)?;
     let (i, o) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?);
+    let dt = dtype_of(k, &[x.dtype(), y.dtype()])?;
     let st = gpu.stream()?;
-    check(k, unsafe { ffi::edm2_conv_forward_f32(x.ptr(gpu), eff.w.ptr(gpu), y.ptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, gpu.bf16() as i32, st) })
+    check(k, unsafe { ffi::edm2_conv_forward(x.vptr(gpu), eff.w.ptr(gpu), y.vptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, dt, st) })
 }
 
 /// Data gradient: `dx` (like `x`, shape `s`) from `dy`.
-pub fn conv_backward_data(gpu: &Gpu, eff: &GpuEffWeight, dy: &GpuBuf<f32>, s: Nhwc, dx: &mut GpuBuf<f32>) -> Result<()> {
+pub fn conv_backward_data(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
     let k = "conv_backward_data";
     let (n, h, w) = conv_dims(k, eff.geom, s)?;
-    expect_len(k, "dy", dy, s.pixels() * eff.geom.out_ch)?;
-    expect_len(k, "dx", dx, s.numel())?;
+    expect_len(k, "dy", dy.len(), s.pixels() * eff.geom.out_ch)?;
+    expect_len(k, "dx", dx.len(), s.numel())?;
     let (i, o) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?);
+    let dt = dtype_of(k, &[dy.dtype(), dx.dtype()])?;
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_conv_backward_data_f32(dy.ptr(gpu), eff.w.ptr(gpu), dx.ptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, gpu.bf16() as i32, st)
+        ffi::edm2_conv_backward_data(dy.vptr(gpu), eff.w.ptr(gpu), dx.vptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, dt, st)
     })
 }
 
 /// Weight gradient w.r.t. the effective weight: `d_eff` OHWI (overwritten).
-pub fn conv_backward_weight(gpu: &Gpu, geom: ConvGeom, x: &GpuBuf<f32>, s: Nhwc, dy: &GpuBuf<f32>, d_eff: &mut GpuBuf<f32>) -> Result<()> {
+pub fn conv_backward_weight(gpu: &Gpu, geom: ConvGeom, x: &dyn Values, s: Nhwc, dy: &dyn Values, d_eff: &mut GpuBuf<f32>) -> Result<()> {
     let k = "conv_backward_weight";
     let (n, h, w) = conv_dims(k, geom, s)?;
-    expect_len(k, "x", x, s.numel())?;
-    expect_len(k, "dy", dy, s.pixels() * geom.out_ch)?;
-    expect_len(k, "d_eff", d_eff, geom.numel())?;
+    expect_len(k, "x", x.len(), s.numel())?;
+    expect_len(k, "dy", dy.len(), s.pixels() * geom.out_ch)?;
+    expect_len(k, "d_eff", d_eff.len(), geom.numel())?;
     let (i, o) = (int(k, geom.in_ch)?, int(k, geom.out_ch)?);
+    let dt = dtype_of(k, &[x.dtype(), dy.dtype()])?;
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_conv_backward_weight_f32(x.ptr(gpu), dy.ptr(gpu), d_eff.ptr_mut(gpu), n, h, w, i, o, geom.k as i32, gpu.bf16() as i32, st)
+        ffi::edm2_conv_backward_weight(x.vptr(gpu), dy.vptr(gpu), d_eff.ptr_mut(gpu), n, h, w, i, o, geom.k as i32, dt, st)
     })
 }
 
@@ -511,22 +579,23 @@ fn attn_dims(kernel: &str, n: usize, p: usize, c: usize, heads: usize) -> Result
 }
 
 /// Cosine attention: `qkv` `[n, p, 3c]` → `y` `[n, p, c]`.
-pub fn attention_forward(gpu: &Gpu, qkv: &GpuBuf<f32>, n: usize, p: usize, c: usize, heads: usize, y: &mut GpuBuf<f32>) -> Result<GpuAttnCache> {
+pub fn attention_forward(gpu: &Gpu, qkv: &dyn Values, n: usize, p: usize, c: usize, heads: usize, y: &mut dyn Values) -> Result<GpuAttnCache> {
     let k = "attention_forward";
     let (ni, pi, ci, hi) = attn_dims(k, n, p, c, heads)?;
-    expect_len(k, "qkv", qkv, n * p * 3 * c)?;
-    expect_len(k, "y", y, n * p * c)?;
+    expect_len(k, "qkv", qkv.len(), n * p * 3 * c)?;
+    expect_len(k, "y", y.len(), n * p * c)?;
     let mut cache = GpuAttnCache {
         qn: gpu.alloc(n * p * c)?,
         kn: gpu.alloc(n * p * c)?,
         vn: gpu.alloc(n * p * c)?,
         w: gpu.alloc(n * heads * p * p)?,
     };
+    let dt = dtype_of(k, &[qkv.dtype(), y.dtype()])?;
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_attention_forward_f32(
-            qkv.ptr(gpu),
-            y.ptr_mut(gpu),
+        ffi::edm2_attention_forward(
+            qkv.vptr(gpu),
+            y.vptr_mut(gpu),
             cache.qn.ptr_mut(gpu),
             cache.kn.ptr_mut(gpu),
             cache.vn.ptr_mut(gpu),
@@ -535,6 +604,7 @@ pub fn attention_forward(gpu: &Gpu, qkv: &GpuBuf<f32>, n: usize, p: usize, c: us
             pi,
             ci,
             hi,
+            dt,
             st,
         )
     })?;
@@ -545,66 +615,73 @@ pub fn attention_forward(gpu: &Gpu, qkv: &GpuBuf<f32>, n: usize, p: usize, c: us
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     gpu: &Gpu,
-    qkv: &GpuBuf<f32>,
+    qkv: &dyn Values,
     cache: &GpuAttnCache,
-    dy: &GpuBuf<f32>,
+    dy: &dyn Values,
     n: usize,
     p: usize,
     c: usize,
     heads: usize,
-    dqkv: &mut GpuBuf<f32>,
+    dqkv: &mut dyn Values,
 ) -> Result<()> {
     let k = "attention_backward";
     let (ni, pi, ci, hi) = attn_dims(k, n, p, c, heads)?;
-    expect_len(k, "qkv", qkv, n * p * 3 * c)?;
-    expect_len(k, "dy", dy, n * p * c)?;
-    expect_len(k, "dqkv", dqkv, n * p * 3 * c)?;
-    expect_len(k, "cache.w", &cache.w, n * heads * p * p)?;
+    expect_len(k, "qkv", qkv.len(), n * p * 3 * c)?;
+    expect_len(k, "dy", dy.len(), n * p * c)?;
+    expect_len(k, "dqkv", dqkv.len(), n * p * 3 * c)?;
+    expect_len(k, "cache.w", cache.w.len(), n * heads * p * p)?;
     let mut dl = gpu.alloc::<f32>(n * heads * p * p)?;
     let (mut dq, mut dk, mut dv) = (gpu.alloc::<f32>(n * p * c)?, gpu.alloc::<f32>(n * p * c)?, gpu.alloc::<f32>(n * p * c)?);
+    let dt = dtype_of(k, &[qkv.dtype(), dy.dtype(), dqkv.dtype()])?;
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_attention_backward_f32(
-            qkv.ptr(gpu),
+        ffi::edm2_attention_backward(
+            qkv.vptr(gpu),
             cache.qn.ptr(gpu),
             cache.kn.ptr(gpu),
             cache.vn.ptr(gpu),
             cache.w.ptr(gpu),
-            dy.ptr(gpu),
+            dy.vptr(gpu),
             dl.ptr_mut(gpu),
             dq.ptr_mut(gpu),
             dk.ptr_mut(gpu),
             dv.ptr_mut(gpu),
-            dqkv.ptr_mut(gpu),
+            dqkv.vptr_mut(gpu),
             ni,
             pi,
             ci,
             hi,
+            dt,
             st,
         )
     })
 }
 
 /// `a ← a + v`.
-pub fn add_scalar(gpu: &Gpu, a: &mut GpuBuf<f32>, v: f32) -> Result<()> {
+pub fn add_scalar(gpu: &Gpu, a: &mut dyn Values, v: f32) -> Result<()> {
     let st = gpu.stream()?;
-    check("add_scalar", unsafe { ffi::edm2_add_scalar_f32(a.ptr_mut(gpu), v, a.len(), st) })
+    check("add_scalar", unsafe { ffi::edm2_add_scalar(a.vptr_mut(gpu), v, a.len(), a.dtype().code(), st) })
 }
 
 /// `k·x` as a new buffer (`k` = 1: a device copy).
-pub fn scaled(gpu: &Gpu, x: &GpuBuf<f32>, k: f32) -> Result<GpuBuf<f32>> {
-    let mut y = gpu.alloc(x.len())?;
+pub fn scaled(gpu: &Gpu, x: &dyn Values, k: f32) -> Result<GpuAct> {
+    scaled_to(gpu, x, x.dtype(), k)
+}
+
+/// `k·x` as a new buffer of `dtype` (`k` = 1: a conversion, bf16 rounded to nearest even).
+pub fn scaled_to(gpu: &Gpu, x: &dyn Values, dtype: Dtype, k: f32) -> Result<GpuAct> {
+    let mut y = gpu.alloc_dtype(dtype, x.len())?;
     let st = gpu.stream()?;
-    check("scaled", unsafe { ffi::edm2_scaled_f32(x.ptr(gpu), y.ptr_mut(gpu), k, x.len(), st) })?;
+    check("scaled", unsafe { ffi::edm2_scaled(x.vptr(gpu), x.dtype().code(), y.vptr_mut(gpu), k, x.len(), dtype.code(), st) })?;
     Ok(y)
 }
 
 /// Per-image factors: `x[b, ...] ← k[b]·x[b, ...]`.
-pub fn scale_images(gpu: &Gpu, x: &mut GpuBuf<f32>, k: &[f32]) -> Result<()> {
+pub fn scale_images(gpu: &Gpu, x: &mut dyn Values, k: &[f32]) -> Result<()> {
     let per = images_of("scale_images", x.len(), k.len())?;
     let kb = gpu.upload(k)?;
     let st = gpu.stream()?;
-    check("scale_images", unsafe { ffi::edm2_scale_images_f32(x.ptr_mut(gpu), kb.ptr(gpu), per, x.len(), st) })
+    check("scale_images", unsafe { ffi::edm2_scale_images(x.vptr_mut(gpu), kb.ptr(gpu), per, x.len(), x.dtype().code(), st) })
 }
 
 fn images_of(kernel: &str, len: usize, images: usize) -> Result<usize> {
@@ -614,30 +691,35 @@ fn images_of(kernel: &str, len: usize, images: usize) -> Result<usize> {
     Ok(len / images)
 }
 
-/// The network input `[c_in[b]·x, 1]` (NHWC, `c` image channels → `c + 1`).
-pub fn precond_input(gpu: &Gpu, x: &GpuBuf<f32>, c_in: &[f32], c: usize, out: &mut GpuBuf<f32>) -> Result<()> {
+/// The network input `[c_in[b]·x, 1]` (NHWC, `c` image channels → `c + 1`); `x` and `out`
+/// may differ in dtype (the bf16 mode keeps the input x in fp32).
+pub fn precond_input(gpu: &Gpu, x: &dyn Values, c_in: &[f32], c: usize, out: &mut dyn Values) -> Result<()> {
     let k = "precond_input";
     let per = images_of(k, x.len(), c_in.len())?;
     if c == 0 || per % c != 0 {
         return Err(Error::Input(format!("{k}: images of {per} values do not have {c} channels")));
     }
-    expect_len(k, "out", out, x.len() / c * (c + 1))?;
+    expect_len(k, "out", out.len(), x.len() / c * (c + 1))?;
     let kb = gpu.upload(c_in)?;
+    let (xt, dt) = (x.dtype().code(), out.dtype().code());
     let st = gpu.stream()?;
-    check(k, unsafe { ffi::edm2_precond_input_f32(x.ptr(gpu), kb.ptr(gpu), out.ptr_mut(gpu), int(k, c)?, per / c, c_in.len(), st) })
+    check(k, unsafe { ffi::edm2_precond_input(x.vptr(gpu), xt, kb.ptr(gpu), out.vptr_mut(gpu), int(k, c)?, per / c, c_in.len(), dt, st) })
 }
 
-/// `d = c_skip[b]·x + c_out[b]·f`.
-pub fn precond_output(gpu: &Gpu, x: &GpuBuf<f32>, f: &GpuBuf<f32>, c_skip: &[f32], c_out: &[f32], d: &mut GpuBuf<f32>) -> Result<()> {
+/// `d = c_skip[b]·x + c_out[b]·f`; `x` and `d` share a dtype, `f` may differ (the bf16
+/// mode keeps x and D in fp32, as the official mixed precision does).
+pub fn precond_output(gpu: &Gpu, x: &dyn Values, f: &dyn Values, c_skip: &[f32], c_out: &[f32], d: &mut dyn Values) -> Result<()> {
     let k = "precond_output";
     let per = images_of(k, x.len(), c_skip.len())?;
     same_len(k, c_skip.len(), c_out.len())?;
-    expect_len(k, "f", f, x.len())?;
-    expect_len(k, "d", d, x.len())?;
+    expect_len(k, "f", f.len(), x.len())?;
+    expect_len(k, "d", d.len(), x.len())?;
     let (ks, ko) = (gpu.upload(c_skip)?, gpu.upload(c_out)?);
+    let xt = dtype_of(k, &[x.dtype(), d.dtype()])?;
+    let dt = f.dtype().code();
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_precond_output_f32(x.ptr(gpu), f.ptr(gpu), ks.ptr(gpu), ko.ptr(gpu), d.ptr_mut(gpu), per, x.len(), st)
+        ffi::edm2_precond_output(x.vptr(gpu), xt, f.vptr(gpu), ks.ptr(gpu), ko.ptr(gpu), d.vptr_mut(gpu), per, x.len(), dt, st)
     })
 }
 
@@ -648,8 +730,8 @@ pub struct GpuLoss {
     pub total: f64,
     /// Per-image sums of the elementwise loss.
     pub per_sample: Vec<f64>,
-    /// dL/dD · scale, like `d`.
-    pub dd: GpuBuf<f32>,
+    /// dL/dD · scale, like `d` (same dtype).
+    pub dd: GpuAct,
     /// dL/dlogvar · scale per image.
     pub dlogvar: Vec<f32>,
 }
@@ -659,7 +741,7 @@ pub struct GpuLoss {
 #[allow(clippy::too_many_arguments)]
 pub fn edm2_loss(
     gpu: &Gpu,
-    d: &GpuBuf<f32>,
+    d: &dyn Values,
     images: &GpuBuf<f32>,
     logvar: &[f32],
     sigma: &[f32],
@@ -669,15 +751,27 @@ pub fn edm2_loss(
     let k = "edm2_loss";
     let n = sigma.len();
     same_len(k, logvar.len(), n)?;
-    expect_len(k, "images", images, d.len())?;
+    expect_len(k, "images", images.len(), d.len())?;
     let per = images_of(k, d.len(), n)?;
     let w: Vec<f32> = sigma.iter().zip(logvar).map(|(&s, &u)| crate::train::loss::loss_weight(s, sigma_data) / u.exp()).collect();
     let (wb, ub) = (gpu.upload(&w)?, gpu.upload(logvar)?);
-    let mut dd = gpu.alloc(d.len())?;
+    let mut dd = gpu.alloc_dtype(d.dtype(), d.len())?;
     let mut sums = gpu.alloc::<f32>(2 * n)?;
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_loss_f32(d.ptr(gpu), images.ptr(gpu), wb.ptr(gpu), ub.ptr(gpu), dd.ptr_mut(gpu), sums.ptr_mut(gpu), n, per, 2.0 / n as f32 * scale, st)
+        ffi::edm2_loss(
+            d.vptr(gpu),
+            images.ptr(gpu),
+            wb.ptr(gpu),
+            ub.ptr(gpu),
+            dd.vptr_mut(gpu),
+            sums.ptr_mut(gpu),
+            n,
+            per,
+            2.0 / n as f32 * scale,
+            d.dtype().code(),
+            st,
+        )
     })?;
     let sums = gpu.download(&sums)?;
     let per_sample: Vec<f64> = sums.chunks(2).map(|c| c[0] as f64).collect();

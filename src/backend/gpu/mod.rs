@@ -63,16 +63,104 @@ pub(crate) fn check(kernel: &str, rc: i32) -> Result<()> {
     }
 }
 
-/// Arithmetic of the matrix products (convolutions).
+/// Storage and arithmetic of the activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
     /// Everything fp32: the mode for exact comparison with the CPU backend.
     #[default]
     Fp32,
-    /// bf16 operands with fp32 accumulation (tensor-core arithmetic); conv outputs are
-    /// rounded to bf16 as bf16 activation storage would; fp32 master weights, weight
+    /// Activations and their gradients stored as bf16 (half the memory and traffic);
+    /// products with bf16 operands and fp32 accumulation (tensor-core arithmetic);
+    /// elementwise arithmetic in fp32. fp32 master weights, effective weights, weight
     /// gradients and optimizer state.
     Bf16,
+}
+
+impl Precision {
+    /// The storage type of activations in this mode.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            Precision::Fp32 => Dtype::F32,
+            Precision::Bf16 => Dtype::Bf16,
+        }
+    }
+}
+
+/// The element type of an activation buffer ([`GpuAct`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    /// bfloat16 bit patterns (`u16`).
+    Bf16,
+}
+
+impl Dtype {
+    /// The kernels' code for it (edm2.h: EDM2_F32, EDM2_BF16).
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            Dtype::F32 => ffi::EDM2_F32 as i32,
+            Dtype::Bf16 => ffi::EDM2_BF16 as i32,
+        }
+    }
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), as bits; NaN stays a quiet NaN.
+/// The same rounding as the kernels' `edm2_bf16_bits`.
+pub fn bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return ((u >> 16) | 0x0040) as u16;
+    }
+    (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// The value of bfloat16 bits.
+pub fn bf16_value(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// An activation buffer on the device: fp32 values or bf16 bit patterns ([`Precision`]).
+/// The network's tensors on the CUDA backend (`Backend::Buf`); kernels check that all the
+/// activations they are given share one dtype.
+pub enum GpuAct {
+    F32(GpuBuf<f32>),
+    Bf16(GpuBuf<u16>),
+}
+
+impl GpuAct {
+    pub fn len(&self) -> usize {
+        match self {
+            GpuAct::F32(b) => b.len(),
+            GpuAct::Bf16(b) => b.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            GpuAct::F32(_) => Dtype::F32,
+            GpuAct::Bf16(_) => Dtype::Bf16,
+        }
+    }
+    pub(crate) fn vptr(&self, gpu: &Gpu) -> *const std::ffi::c_void {
+        match self {
+            GpuAct::F32(b) => b.ptr(gpu) as *const std::ffi::c_void,
+            GpuAct::Bf16(b) => b.ptr(gpu) as *const std::ffi::c_void,
+        }
+    }
+    pub(crate) fn vptr_mut(&mut self, gpu: &Gpu) -> *mut std::ffi::c_void {
+        match self {
+            GpuAct::F32(b) => b.ptr_mut(gpu) as *mut std::ffi::c_void,
+            GpuAct::Bf16(b) => b.ptr_mut(gpu) as *mut std::ffi::c_void,
+        }
+    }
+}
+
+impl From<GpuBuf<f32>> for GpuAct {
+    fn from(b: GpuBuf<f32>) -> GpuAct {
+        GpuAct::F32(b)
+    }
 }
 
 /// A device, its compute stream and its upload stream.
@@ -549,8 +637,54 @@ impl Gpu {
         self.precision.set(p)
     }
 
-    pub(crate) fn bf16(&self) -> bool {
-        self.precision.get() == Precision::Bf16
+    /// The storage type of the activations this device makes now ([`Gpu::set_precision`]).
+    pub fn act_dtype(&self) -> Dtype {
+        self.precision.get().dtype()
+    }
+
+    /// An activation buffer of `n` values in the current precision (contents unspecified;
+    /// poisoned as [`Gpu::alloc`]).
+    pub fn alloc_act(&self, n: usize) -> Result<GpuAct> {
+        self.alloc_dtype(self.act_dtype(), n)
+    }
+
+    /// An activation buffer of `n` values of `dtype` (contents unspecified).
+    pub fn alloc_dtype(&self, dtype: Dtype, n: usize) -> Result<GpuAct> {
+        Ok(match dtype {
+            Dtype::F32 => GpuAct::F32(self.alloc(n)?),
+            Dtype::Bf16 => GpuAct::Bf16(self.alloc(n)?),
+        })
+    }
+
+    /// An activation buffer of `n` zeros in the current precision.
+    pub fn zeros_act(&self, n: usize) -> Result<GpuAct> {
+        Ok(match self.act_dtype() {
+            Dtype::F32 => GpuAct::F32(self.alloc_zeros(n)?),
+            Dtype::Bf16 => GpuAct::Bf16(self.alloc_zeros(n)?),
+        })
+    }
+
+    /// `host` as an activation in the current precision (bf16: rounded to nearest even on
+    /// the host, then uploaded as [`Gpu::upload`] does).
+    pub fn upload_act(&self, host: &[f32]) -> Result<GpuAct> {
+        Ok(match self.act_dtype() {
+            Dtype::F32 => GpuAct::F32(self.upload(host)?),
+            Dtype::Bf16 => GpuAct::Bf16(self.upload(&host.iter().map(|&x| bf16_bits(x)).collect::<Vec<u16>>())?),
+        })
+    }
+
+    /// The network input x (noisy images): fp32 in every precision, as the official mixed
+    /// precision keeps x (and D) in fp32; the network's own activations follow the precision.
+    pub fn upload_input(&self, host: &[f32]) -> Result<GpuAct> {
+        Ok(GpuAct::F32(self.upload(host)?))
+    }
+
+    /// The values of an activation (bf16 widened exactly to f32).
+    pub fn download_act(&self, a: &GpuAct) -> Result<Vec<f32>> {
+        Ok(match a {
+            GpuAct::F32(b) => self.download(b)?,
+            GpuAct::Bf16(b) => self.download(b)?.into_iter().map(bf16_value).collect(),
+        })
     }
 }
 
