@@ -260,8 +260,8 @@ fn training_on_the_device_matches_the_cpu() {
     cfg.label_dim = 0;
     let cfg_path = dir.join("tiny.json");
     std::fs::write(&cfg_path, cfg.to_json()).unwrap();
-    let run = |device: &str| {
-        let out = dir.join(device);
+    let run = |device: &str, extra: &[&str]| {
+        let out = dir.join(format!("{device}{}", extra.join("")));
         // EDM2_BIN: the binary carried beside this test to a GPU machine (gpu-check.sh),
         // where the path cargo compiled in does not exist.
         let bin = std::env::var("EDM2_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edm2").to_string());
@@ -269,6 +269,7 @@ fn training_on_the_device_matches_the_cpu() {
             .args(["train", cfg_path.to_str().unwrap(), "--data", data.to_str().unwrap(), "--outdir", out.to_str().unwrap()])
             .args(["--batch", "4", "--batch-gpu", "2", "--ls", "4", "--duration", "12", "--status", "0", "--snapshot", "0", "--preview", "0"])
             .args(["--rampup", "0", "--lr", "0.002", "--seed", "3", "--device", device])
+            .args(extra)
             .output()
             .unwrap();
         let (so, se) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
@@ -281,8 +282,8 @@ fn training_on_the_device_matches_the_cpu() {
             .expect("a training state");
         (edm2::io::safetensors::read(state).unwrap(), se.to_string())
     };
-    let (cpu, _) = run("cpu");
-    let (dev, err) = run("cuda");
+    let (cpu, _) = run("cpu", &[]);
+    let (dev, err) = run("cuda", &[]);
     assert!(err.contains("device: cuda"), "the device is reported: {err}");
     assert_eq!(cpu.metadata["edm2.adam_step"], "3");
     assert_eq!(dev.metadata["edm2.adam_step"], "3");
@@ -294,6 +295,19 @@ fn training_on_the_device_matches_the_cpu() {
         checked += 1;
     }
     assert!(checked > 100, "weights, Adam moments and EMAs compared ({checked})");
+    // bf16 activations: the same run, its gradients within the bf16 bound. Adam's first
+    // moment is a fixed linear combination of the three steps' gradients, so it carries
+    // their error (the weights themselves move by ~lr per step whatever the gradient).
+    let (b16, _) = run("cuda", &["--precision", "bf16"]);
+    assert_eq!(b16.metadata["edm2.adam_step"], "3");
+    let moments = |f: &edm2::io::safetensors::StFile| -> Vec<f32> {
+        f.tensors.iter().filter(|(n, _)| n.starts_with("optim/exp_avg/")).flat_map(|(_, t)| t.data.iter().copied()).collect()
+    };
+    let (m_cpu, m_b16) = (moments(&cpu), moments(&b16));
+    assert!(!m_cpu.is_empty() && m_cpu.len() == m_b16.len());
+    let e = rel_l2(&m_b16, &m_cpu);
+    eprintln!("train --precision bf16: Adam first moments rel L2 {e:.2e} against the CPU");
+    assert!(e < 5e-2 && e > 1e-6, "bf16 training gradients: rel L2 {e:.2e}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -25,8 +25,9 @@ pub struct Args {
     /// Also time one full sampling run (32 Heun steps = 63 evaluations) at this batch.
     #[arg(long)]
     pub sampling: bool,
-    /// Arithmetic of the CUDA backend: fp32 (exact comparison with the CPU), or bf16 (conv
-    /// operands rounded to bf16, fp32 accumulation, fp32 weights). The CPU is always fp32.
+    /// Arithmetic of the CUDA backend: fp32 (exact comparison with the CPU), or bf16
+    /// (activations stored as bf16, products with fp32 accumulation; fp32 weights, input x
+    /// and output D). The CPU is always fp32.
     #[arg(long, value_parser = ["fp32", "bf16"], default_value = "fp32")]
     pub precision: String,
     /// Measure only the training step or only the forward pass (e.g. for peak memory).

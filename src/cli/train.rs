@@ -126,9 +126,15 @@ pub struct Args {
     /// Skip decoding every item once before training (for huge datasets).
     #[arg(long = "no-verify")]
     pub no_verify: bool,
-    /// Accepted for official command lines; the CPU backend computes in fp32.
+    /// Accepted for official command lines: mixed precision. On the CUDA backend it selects
+    /// --precision bf16; the CPU backend computes in fp32.
     #[arg(long, value_name = "BOOL", value_parser = parse_bool, hide = true)]
     pub fp16: Option<bool>,
+    /// Arithmetic of the CUDA backend: fp32, or bf16 (activations and their gradients stored
+    /// as bf16, products with fp32 accumulation; fp32 master weights, optimizer state, EMAs,
+    /// input x and output D). The CPU backend is always fp32.
+    #[arg(long, value_parser = ["fp32", "bf16"])]
+    pub precision: Option<String>,
     /// Accepted for official command lines (cuDNN benchmarking); no effect here.
     #[arg(long, value_name = "BOOL", value_parser = parse_bool, hide = true)]
     pub bench: Option<bool>,
@@ -353,6 +359,7 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
         preview: a.preview,
         preview_steps: a.preview_steps,
         verify: !a.no_verify,
+        precision: "fp32".into(),
         device: Device::Cpu,
     };
     if !opts.p_mean.is_finite() {
@@ -381,6 +388,12 @@ pub fn run(a: Args) -> Result<()> {
     let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size })?;
     let (mut opts, run_name) = build_options(&a, &ds)?;
     opts.device = device;
+    opts.precision = match (a.precision.as_deref(), a.fp16, device) {
+        (Some("bf16"), _, Device::Cpu) => bail!("--precision bf16 is a CUDA setting; the CPU backend trains in fp32"),
+        (Some(p), _, _) => p.to_string(),
+        (None, Some(true), Device::Cuda) => "bf16".into(),
+        _ => "fp32".into(),
+    };
     let run_dir = a.outdir.clone().unwrap_or_else(|| PathBuf::from("training-runs").join(run_name));
     println!("Run directory: {}", run_dir.display());
     if a.dry_run {
@@ -390,8 +403,10 @@ pub fn run(a: Args) -> Result<()> {
         println!("Dry run: nothing written.");
         return Ok(());
     }
-    if a.fp16 == Some(true) || a.bench.is_some() {
+    if device == Device::Cpu && (a.fp16 == Some(true) || a.bench.is_some()) {
         eprintln!("note: --fp16/--bench are accepted for official command lines; the CPU backend trains in fp32");
+    } else if a.fp16 == Some(true) && a.precision.is_none() {
+        eprintln!("note: --fp16: mixed precision on the CUDA backend is bf16 activations (--precision bf16)");
     }
     let tty = std::io::stderr().is_terminal();
     if opts.verify {

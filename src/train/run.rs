@@ -76,10 +76,18 @@ pub struct TrainOptions {
     pub preview: usize,
     pub preview_steps: usize,
     pub verify: bool,
+    /// Arithmetic on the CUDA backend: "fp32" or "bf16" (bf16 activations; the weights,
+    /// optimizer state and EMAs are fp32 either way, so a run may switch on resume).
+    #[serde(default = "fp32")]
+    pub precision: String,
     /// Where the forward and backward passes run (not part of the run's definition: a run
     /// may be resumed on another device).
     #[serde(skip)]
     pub device: crate::backend::Device,
+}
+
+fn fp32() -> String {
+    "fp32".into()
 }
 
 impl TrainOptions {
@@ -87,6 +95,11 @@ impl TrainOptions {
     /// friendlier messages; this guards library callers).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Input(m));
+        match (self.precision.as_str(), self.device) {
+            ("fp32", _) | ("bf16", crate::backend::Device::Cuda) => {}
+            ("bf16", _) => return bad("precision bf16 needs the CUDA backend; the CPU trains in fp32".into()),
+            (p, _) => return bad(format!("precision {p:?}: expected fp32 or bf16")),
+        }
         if self.batch == 0 || self.batch_gpu == 0 || self.batch % self.batch_gpu != 0 {
             return bad(format!("batch {} must be a positive multiple of batch-gpu {}", self.batch, self.batch_gpu));
         }
@@ -360,7 +373,15 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     // copy in `st` is refreshed for snapshots, checkpoints and previews.
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     let gpu = match opts.device {
-        crate::backend::Device::Cuda => Some(crate::backend::gpu::Gpu::open(0)?),
+        crate::backend::Device::Cuda => {
+            let g = crate::backend::gpu::Gpu::open(0)?;
+            g.set_precision(match opts.precision.as_str() {
+                "fp32" => crate::backend::gpu::Precision::Fp32,
+                "bf16" => crate::backend::gpu::Precision::Bf16,
+                p => return Err(Error::Input(format!("precision {p:?}: expected fp32 or bf16"))),
+            });
+            Some(g)
+        }
         _ => None,
     };
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
