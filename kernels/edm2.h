@@ -75,11 +75,11 @@ int edm2_attention_forward(const void *qkv, void *y, float *qn, float *kn, float
 int edm2_attention_backward(const void *qkv, const float *qn, const float *kn, const float *vn, const float *w, const void *dy, float *dl,
                             float *dqn, float *dkn, float *dvn, void *dqkv, int n, int p, int c, int heads, int dtype, cudaStream_t stream);
 
-/* loss.cu: the EDM2 loss of n images of `per` values: dd (overwritten) and per-image sums
- * sums[2b] = Σ(l + u_b), sums[2b+1] = Σ(1 − l); w[b] = λ(σ_b)/exp(u_b). d and dd are
- * activations of `dtype`, the images y fp32. */
-int edm2_loss(const void *d, const float *y, const float *w, const float *logvar, void *dd, float *sums, size_t n, size_t per,
-              float dd_scale, int dtype, cudaStream_t stream);
+/* loss.cu: the EDM2 loss of n images of `per` values (see the file): overwrites dd,
+ * loss_sums[b] = Σ(l + u_b) and dlogvar[b] = dlv_scale·Σ(1 − l); w_b = λ(σ_b)/exp(u_b) from
+ * sigma and logvar (fp32, n each). d and dd are activations of `dtype`, the images y fp32. */
+int edm2_loss(const void *d, const float *y, const float *sigma, float sigma_data, const float *logvar, void *dd, float *loss_sums,
+              float *dlogvar, size_t n, size_t per, float dd_scale, float dlv_scale, int dtype, cudaStream_t stream);
 
 /* optim.cu: Adam with non-finite zeroing (adds the count to *nonfinite), EMA lerp. */
 int edm2_adam_f32(float *p, const float *g, float *m, float *v, float beta1, float beta2, float bc2_sqrt, float eps,

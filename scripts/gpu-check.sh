@@ -124,6 +124,7 @@ train_row() { # name, extra args...
 }
 train_row cpu-fmnist-b64
 train_row cpu-fmnist-b64-2passes --batch-gpu 32
+train_row cpu-fmnist-b64-bf16 --precision bf16
 
 # 2b. Per-kernel benchmarks (criterion) at batch 64 of an EDM2-S 16x16 level.
 if [ -x "$bin/kernels" ] && have "kernel benchmarks"; then

@@ -115,7 +115,7 @@ impl<'a> DeviceNet<'a> {
                 let xd = Tensor::with_buf(&x.shape, gpu.upload_input(&x.data)?);
                 let ld = labels.map(|l| gpu.upload_act(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
                 let out = self.net.net.forward_on(gpu, params, &xd, sigma, ld.as_ref(), &Mode::eval(), false)?;
-                Ok((Tensor::from_vec(&out.d.shape, gpu.download_act(&out.d.data)?), out.logvar))
+                Ok((Tensor::from_vec(&out.d.shape, gpu.download_act(&out.d.data)?), gpu.download_act(&out.logvar)?))
             }
         }
     }

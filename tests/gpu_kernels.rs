@@ -335,8 +335,9 @@ fn normalize_rows_and_weight_norm_match_the_cpu_backend() {
             let d_eff = random(geom.numel(), 200 + o as u64);
             let mut dw_cpu = vec![0.0; w.len()];
             let dgain_cpu = conv::effective_weight_backward(&w, &cpu, &d_eff, &mut dw_cpu);
-            let mut dw = gpu.alloc(w.len()).unwrap();
-            let dgain = k::effective_weight_backward(&gpu, &wb, &eff, &up32(&gpu, &d_eff), &mut dw).unwrap();
+            let (mut dw, mut rows) = (gpu.alloc(w.len()).unwrap(), gpu.alloc(o).unwrap());
+            k::effective_weight_backward(&gpu, &wb, &eff, &up32(&gpu, &d_eff), &mut dw, &mut rows).unwrap();
+            let dgain = k::sum(&gpu, &rows).unwrap();
             close(&format!("effective_weight_backward dW {geom:?} {sched}"), &down32(&gpu, &dw), &dw_cpu);
             assert!((dgain - dgain_cpu).abs() <= 1e-5 * dgain_cpu.abs().max(1.0), "dgain {geom:?}: {dgain} vs {dgain_cpu}");
         }
@@ -544,14 +545,15 @@ fn loss_kernel_matches_the_cpu_backend() {
     // a bf16 D (checked in the bf16 mode).
     each_mode(&gpu, |sched| {
         for scale in [1.0f32, 0.25] {
-            let got = k::edm2_loss(&gpu, &up(&gpu, &d), &up32(&gpu, &y), &logvar, &sigma, 0.5, scale).unwrap();
+            let got = k::edm2_loss(&gpu, &up(&gpu, &d), &up32(&gpu, &y), &up32(&gpu, &logvar), &sigma, 0.5, scale).unwrap();
             assert_eq!(got.dd.dtype(), gpu.act_dtype());
             close_in(&gpu, &format!("loss dD scale {scale} {sched}"), &down(&gpu, &got.dd), &want.dd.data.iter().map(|v| v * scale).collect::<Vec<_>>());
-            let per_sample: Vec<f32> = got.per_sample.iter().map(|&v| v as f32).collect();
+            let per_sample = down32(&gpu, &got.per_sample);
             close_in(&gpu, &format!("loss per image {sched}"), &per_sample, &want.per_sample.iter().map(|&v| v as f32).collect::<Vec<_>>());
-            close_in(&gpu, &format!("loss dlogvar {sched}"), &got.dlogvar, &want.dlogvar.iter().map(|v| v * scale).collect::<Vec<_>>());
+            close_in(&gpu, &format!("loss dlogvar {sched}"), &down(&gpu, &got.dlogvar), &want.dlogvar.iter().map(|v| v * scale).collect::<Vec<_>>());
             let tol = if gpu.act_dtype() == Dtype::Bf16 { 1e-2 } else { 1e-5 };
-            assert!((got.total - want.total).abs() <= tol * want.total.abs(), "total {} vs {}", got.total, want.total);
+            let total = got.total(&gpu).unwrap();
+            assert!((total - want.total).abs() <= tol * want.total.abs(), "total {total} vs {}", want.total);
         }
     });
 }

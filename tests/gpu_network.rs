@@ -136,13 +136,14 @@ fn training_step(gpu: &Gpu, cfg: &NetConfig) -> Step {
     assert_eq!(od.f_x.data.dtype(), gpu.act_dtype(), "F_x is an activation");
     let (d_dev, f_dev) = (gpu.download_act(&od.d.data).unwrap(), gpu.download_act(&od.f_x.data).unwrap());
     let ddd = Tensor::with_buf(&x.shape, gpu.upload_input(&dd).unwrap());
-    let g_dev = net.backward_on(gpu, &gp, od.cache.unwrap(), &ddd, &dlogvar, &mode).unwrap().download(gpu).unwrap();
+    let lv_dev = gpu.download_act(&od.logvar).unwrap();
+    let g_dev = net.backward_on(gpu, &gp, od.cache.unwrap(), &ddd, &gpu.upload_input(&dlogvar).unwrap(), &mode).unwrap().download(gpu).unwrap();
     Step {
         specs: net.specs.clone(),
         weights: (p_cpu, gp.download(gpu).unwrap()),
         d: (d_cpu, d_dev),
         f_x: (f_cpu, f_dev),
-        logvar: (lv_cpu, od.logvar),
+        logvar: (lv_cpu, lv_dev),
         grads: (g_cpu, g_dev),
     }
 }
@@ -330,11 +331,13 @@ fn a_repeated_training_step_allocates_no_device_memory() {
         let yd = gpu.upload(&x.data).unwrap();
         let ld = Tensor::with_buf(&labels.shape, gpu.upload_act(&labels.data).unwrap());
         net.force_normalize_on(&gpu, &mut gp).unwrap();
+        let waits = gpu.waits();
         let mode = Mode::train(t);
         let out = net.forward_on(&gpu, &gp, &xd, &sigma, Some(&ld), &mode, false).unwrap();
         let l = k::edm2_loss(&gpu, &out.d.data, &yd, &out.logvar, &sigma, 0.5, 1.0).unwrap();
         let dd = Tensor::with_buf(&out.d.shape, l.dd);
         let g = net.backward_on(&gpu, &gp, out.cache.unwrap(), &dd, &l.dlogvar, &mode).unwrap();
+        assert_eq!(gpu.waits(), waits, "forward, loss and backward read nothing back: the host never waits for the device in a pass");
         let mut nonfinite = gpu.alloc_zeros::<u32>(1).unwrap();
         for (i, (m, v)) in moments.iter_mut().enumerate() {
             k::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-3, 0.9, 0.99, 1e-8, t, &mut nonfinite).unwrap();

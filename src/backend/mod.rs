@@ -98,8 +98,6 @@ pub trait Backend {
     fn scalar(&self, p: &Self::Params, id: crate::nn::params::ParamId) -> f32;
     /// Zero gradients shaped like `p`.
     fn zero_grads(&self, p: &Self::Params) -> crate::error::Result<Self::Params>;
-    /// `g[id] += v` for a scalar parameter.
-    fn add_scalar_grad(&self, g: &mut Self::Params, id: crate::nn::params::ParamId, v: f32) -> crate::error::Result<()>;
     /// Forced weight normalization of parameter `id` (rows of `row_len`), in place.
     fn force_normalize(&self, p: &mut Self::Params, id: crate::nn::params::ParamId, row_len: usize) -> crate::error::Result<()>;
 
@@ -108,7 +106,9 @@ pub trait Backend {
     /// `y = conv(x)` ('same', stride 1; linear layers are 1x1 images).
     fn conv_forward(&self, eff: &Self::Eff, x: &Self::Buf, s: Nhwc, y: &mut Self::Buf) -> crate::error::Result<()>;
     /// Backward of [`Backend::conv_forward`] and of the effective weight: writes `dx` if
-    /// given, adds the stored weight's gradient into `g[id]`, returns the gain's gradient.
+    /// given, adds the stored weight's gradient into `g[id]` and, for a layer whose gain is
+    /// the scalar parameter `gain`, the gain's gradient into `g[gain]` (on the CUDA backend
+    /// without a round trip to the host).
     #[allow(clippy::too_many_arguments)]
     fn conv_backward(
         &self,
@@ -119,8 +119,9 @@ pub trait Backend {
         s: Nhwc,
         dy: &Self::Buf,
         dx: Option<&mut Self::Buf>,
+        gain: Option<crate::nn::params::ParamId>,
         g: &mut Self::Params,
-    ) -> crate::error::Result<f32>;
+    ) -> crate::error::Result<()>;
 
     fn mp_silu(&self, x: &Self::Buf, y: &mut Self::Buf) -> crate::error::Result<()>;
     fn mp_silu_backward(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> crate::error::Result<()>;

@@ -222,12 +222,11 @@ fn bench_cuda(a: &Args) -> Result<()> {
         net.force_normalize_on(&gpu, gp)?;
         let mode = Mode::train(7);
         let out = net.forward_on(&gpu, gp, &xd, &sigma, ld.as_ref(), &mode, false)?;
-        let loss = kernels::edm2_loss(&gpu, &out.d.data, &yd, &out.logvar, &sigma, cfg.sigma_data, 1.0)?;
-        let dd = Tensor::with_buf(&out.d.shape, loss.dd);
-        let mut g = net.backward_on(&gpu, gp, out.cache.expect("a training forward records"), &dd, &loss.dlogvar, &mode)?;
+        let kernels::GpuLoss { per_sample, dd, dlogvar } = kernels::edm2_loss(&gpu, &out.d.data, &yd, &out.logvar, &sigma, cfg.sigma_data, 1.0)?;
+        let dd = Tensor::with_buf(&out.d.shape, dd);
+        let g = net.backward_on(&gpu, gp, out.cache.expect("a training forward records"), &dd, &dlogvar, &mode)?;
         step += 1;
         // Adam on the device for every parameter, the gains included.
-        g.scalars_to_device(&gpu)?;
         gp.scalars_to_device(&gpu)?;
         let mut nonfinite = gpu.alloc_zeros::<u32>(1)?;
         for (i, s) in net.specs.iter().enumerate() {
@@ -237,8 +236,9 @@ fn bench_cuda(a: &Args) -> Result<()> {
             }
         }
         gp.scalars_from_device(&gpu)?;
-        gpu.synchronize()?;
-        Ok(loss.total as f32)
+        // Reading the loss back waits for the step.
+        let loss = gpu.download(&per_sample)?;
+        Ok(loss.iter().sum::<f32>() / loss.len() as f32)
     };
     eprintln!("bench {} batch {n} on {} ({})", a.config, gpu.name(), a.precision);
     let mut train_ms = Vec::new();

@@ -64,7 +64,8 @@ impl MpConv {
         Ok(Tensor::with_buf(&shape, y))
     }
 
-    /// Accumulates the weight gradient into `grads[weight]`; returns (dx, dgain).
+    /// Accumulates the weight gradient into `grads[weight]` and, when the layer's gain is the
+    /// scalar parameter `gain`, the gain's gradient into `grads[gain]`; returns dx if wanted.
     #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         &self,
@@ -74,12 +75,13 @@ impl MpConv {
         x: &Tensor<B::Buf>,
         dy: &Tensor<B::Buf>,
         want_dx: bool,
+        gain: Option<ParamId>,
         grads: &mut B::Params,
-    ) -> Result<(Option<Tensor<B::Buf>>, f32)> {
+    ) -> Result<Option<Tensor<B::Buf>>> {
         let s = self.input_shape(x);
-        let mut dx = if want_dx { Some(be.zeros(s.numel())?) } else { None };
-        let dgain = be.conv_backward(p, self.weight, eff, &x.data, s, &dy.data, dx.as_mut(), grads)?;
-        Ok((dx.map(|d| Tensor::with_buf(&x.shape, d)), dgain))
+        let mut dx = if want_dx { Some(be.alloc(s.numel())?) } else { None };
+        be.conv_backward(p, self.weight, eff, &x.data, s, &dy.data, dx.as_mut(), gain, grads)?;
+        Ok(dx.map(|d| Tensor::with_buf(&x.shape, d)))
     }
 
     fn input_shape<D>(&self, x: &Tensor<D>) -> Nhwc {
@@ -398,15 +400,14 @@ impl Block {
             be.scale(&mut dx2.data, wa)?;
             let (mq, mp) = (self.attn_qkv.as_ref().unwrap(), self.attn_proj.as_ref().unwrap());
             let ya = c.ya.as_ref().unwrap();
-            let (dya, _) = mp.backward(be, p, c.effs.proj.as_ref().unwrap(), ya, &dyp, true, grads)?;
-            let dya = dya.unwrap();
+            let dya = mp.backward(be, p, c.effs.proj.as_ref().unwrap(), ya, &dyp, true, None, grads)?.unwrap();
             let qkv = c.qkv.as_ref().unwrap();
             let x2 = c.x2.as_ref().unwrap();
             let (an, ah, aw) = spatial(x2);
             let mut dqkv = be.zeros(qkv.len_of_shape())?;
             be.attention_backward(&qkv.data, c.attn.as_ref().unwrap(), &dya.data, an, ah * aw, self.out_ch, self.num_heads, &mut dqkv)?;
             let dqkv = Tensor::with_buf(&qkv.shape, dqkv);
-            let (dxq, _) = mq.backward(be, p, c.effs.qkv.as_ref().unwrap(), x2, &dqkv, true, grads)?;
+            let dxq = mq.backward(be, p, c.effs.qkv.as_ref().unwrap(), x2, &dqkv, true, None, grads)?;
             be.add(&mut dx2.data, &dxq.unwrap().data)?;
         }
         // 5. x2 = wa·skip(x_main) + wb·h1
@@ -417,15 +418,14 @@ impl Block {
         // 4. decoder conv_skip
         let mut dx_main = if self.flavor == Flavor::Dec {
             match &self.conv_skip {
-                Some(m) => m.backward(be, p, c.effs.skip.as_ref().unwrap(), &c.x_main, &dxs, true, grads)?.0.unwrap(),
+                Some(m) => m.backward(be, p, c.effs.skip.as_ref().unwrap(), &c.x_main, &dxs, true, None, grads)?.unwrap(),
                 None => dxs,
             }
         } else {
             dxs
         };
         // 3. residual branch
-        let (dy1, _) = self.conv_res1.backward(be, p, &c.effs.res1, &c.y1, &dh1, true, grads)?;
-        let mut dy1 = dy1.unwrap();
+        let mut dy1 = self.conv_res1.backward(be, p, &c.effs.res1, &c.y1, &dh1, true, None, grads)?.unwrap();
         if mode.train && self.dropout > 0.0 {
             // Same mask and scale as the forward.
             be.dropout(&mut dy1.data, self.dropout, self.dropout_seed(mode))?;
@@ -436,9 +436,8 @@ impl Block {
         be.modulate_silu_backward(&c.h0.data, &c.s.data, &dy1.data, self.out_ch, hh * hw, &mut dh0, &mut ds)?;
         let dh0 = Tensor::with_buf(&c.h0.shape, dh0);
         let ds = Tensor::with_buf(&[emb.shape[0], self.out_ch], ds);
-        let (demb, dgain) = self.emb_linear.backward(be, p, &c.effs.emb, emb, &ds, true, grads)?;
-        be.add_scalar_grad(grads, self.emb_gain, dgain)?;
-        let (da0, _) = self.conv_res0.backward(be, p, &c.effs.res0, &c.a0, &dh0, true, grads)?;
+        let demb = self.emb_linear.backward(be, p, &c.effs.emb, emb, &ds, true, Some(self.emb_gain), grads)?;
+        let da0 = self.conv_res0.backward(be, p, &c.effs.res0, &c.a0, &dh0, true, None, grads)?;
         be.mp_silu_backward_acc(&c.x_main.data, &da0.unwrap().data, &mut dx_main.data)?;
         // 2. encoder: pixel norm, conv_skip
         let dxr = if self.flavor == Flavor::Enc {
@@ -447,7 +446,7 @@ impl Block {
             be.normalize_rows_backward(&pn_in.data, self.out_ch, &dx_main.data, &mut dpn)?;
             let dpn = Tensor::with_buf(&pn_in.shape, dpn);
             match &self.conv_skip {
-                Some(m) => m.backward(be, p, c.effs.skip.as_ref().unwrap(), c.x_res.as_ref().unwrap(), &dpn, true, grads)?.0.unwrap(),
+                Some(m) => m.backward(be, p, c.effs.skip.as_ref().unwrap(), c.x_res.as_ref().unwrap(), &dpn, true, None, grads)?.unwrap(),
                 None => dpn,
             }
         } else {

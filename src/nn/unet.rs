@@ -91,7 +91,9 @@ struct TopEffs<B: Backend> {
 /// Output of [`Precond::forward`]: `D` NHWC, `logvar` per image, optional cache.
 pub struct ForwardOut<B: Backend = Cpu> {
     pub d: Tensor<B::Buf>,
-    pub logvar: Vec<f32>,
+    /// The uncertainty head's logvar, one per image (on the device for the CUDA backend:
+    /// the training loss reads it there).
+    pub logvar: B::Buf,
     /// The raw U-Net output `F_x` (NHWC).
     pub f_x: Tensor<B::Buf>,
     /// Intermediate activations by official name (`act.enc.<name>`, `emb`, ...), filled
@@ -295,7 +297,7 @@ impl Precond {
     /// zero). Gradients are taken at the values in `p` — after `force_normalize` in
     /// training, as the official code does.
     pub fn backward(&self, p: &Params, cache: PrecondCache, dd: &Tensor, dlogvar: &[f32], mode: &Mode) -> Params {
-        self.backward_on(&Cpu, p, cache, dd, dlogvar, mode).expect("the CPU backend does not fail")
+        self.backward_on(&Cpu, p, cache, dd, &dlogvar.to_vec(), mode).expect("the CPU backend does not fail")
     }
 
     /// [`Precond::forward`] on any backend (the one network description).
@@ -429,7 +431,7 @@ impl Precond {
         // Uncertainty head.
         let lf = self.logvar_fourier.forward(be, p, &c_noise)?;
         let eff_lv = self.logvar_linear.effective(be, p, 1.0)?;
-        let logvar = be.download(&self.logvar_linear.forward(be, &eff_lv, &lf)?.data)?;
+        let logvar = self.logvar_linear.forward(be, &eff_lv, &lf)?.data;
         if collect_intermediates {
             inter.push(("logvar_fourier".into(), copy(&lf)?));
         }
@@ -460,7 +462,7 @@ impl Precond {
         p: &B::Params,
         cache: PrecondCache<B>,
         dd: &Tensor<B::Buf>,
-        dlogvar: &[f32],
+        dlogvar: &B::Buf,
         mode: &Mode,
     ) -> Result<B::Params> {
         let _prof = crate::profile::scope("total:backward");
@@ -469,14 +471,12 @@ impl Precond {
         let c = cache;
         let n = dd.shape[0];
         // Uncertainty head.
-        let dlv = Tensor::with_buf(&[n, 1], be.upload(dlogvar)?);
-        self.logvar_linear.backward(be, p, &c.effs.logvar, &c.logvar_fourier, &dlv, false, &mut g)?;
+        let dlv = Tensor::with_buf(&[n, 1], be.copy(dlogvar)?);
+        self.logvar_linear.backward(be, p, &c.effs.logvar, &c.logvar_fourier, &dlv, false, None, &mut g)?;
         // dF = c_out·dD
         let mut df = Tensor::with_buf(&dd.shape, be.copy(&dd.data)?);
         be.scale_images(&mut df.data, &c.c_out)?;
-        let (dh, dgain) = u.out_conv.backward(be, p, &c.effs.out, &c.out_in, &df, true, &mut g)?;
-        be.add_scalar_grad(&mut g, u.out_gain, dgain)?;
-        let mut dh = dh.unwrap();
+        let mut dh = u.out_conv.backward(be, p, &c.effs.out, &c.out_in, &df, true, Some(u.out_gain), &mut g)?.unwrap();
         let mut demb = Tensor::with_buf(&c.emb.shape, be.zeros(c.emb.len_of_shape())?);
         // Decoder in reverse; skip gradients collected per encoder output.
         let mut dskips: Vec<Option<Tensor<B::Buf>>> = (0..u.enc.len()).map(|_| None).collect();
@@ -516,7 +516,7 @@ impl Precond {
             let lc = enc_caches.pop().unwrap();
             match (layer, lc) {
                 (EncLayer::Conv(m), EncCache::Conv(e)) => {
-                    m.backward(be, p, &e, &c.x_cat, &dh, false, &mut g)?;
+                    m.backward(be, p, &e, &c.x_cat, &dh, false, None, &mut g)?;
                 }
                 (EncLayer::Block(b), EncCache::Block(bc)) => {
                     let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, &mut g)?;
@@ -536,9 +536,9 @@ impl Precond {
             be.scale(&mut d_noise.data, wa)?;
             let mut d_label = de_pre;
             be.scale(&mut d_label.data, wb)?;
-            m.backward(be, p, e, l, &d_label, false, &mut g)?;
+            m.backward(be, p, e, l, &d_label, false, None, &mut g)?;
         }
-        u.emb_noise.backward(be, p, &c.effs.emb_noise, &c.emb_fourier, &d_noise, false, &mut g)?;
+        u.emb_noise.backward(be, p, &c.effs.emb_noise, &c.emb_fourier, &d_noise, false, None, &mut g)?;
         Ok(g)
     }
 

@@ -676,8 +676,10 @@ mod device {
         pub fn step(&mut self, gpu: &Gpu, net: &Precond, st: &mut TrainState, loader: &Loader, opts: &TrainOptions, scale: f32) -> Result<StepOut> {
             let specs = &net.specs;
             net.force_normalize_on(gpu, &mut self.params)?;
-            let (mut loss_sum, mut fwd_bwd) = (0.0f64, 0.0f64);
+            let mut staging = 0.0f64;
             let mut grads: Option<GpuParams> = None;
+            // Per-image loss sums, added up over the passes on the device (read once a step).
+            let mut loss_acc: Option<GpuBuf<f32>> = None;
             // A pass's batch goes up on the upload stream while the kernels queued before it
             // run (the weight normalization, or the previous pass's backward).
             let upload = |b: crate::data::loader::Batch| -> Result<DeviceBatch> {
@@ -688,42 +690,43 @@ mod device {
             };
             let passes = opts.batch / opts.batch_gpu;
             let mut next = Some(upload(loader.next()?)?);
+            // No pass reads anything back: the host queues the passes back to back.
+            let t1 = Instant::now();
             for pass in 0..passes {
                 let DeviceBatch { x: xd, y: yd, labels: ld, host: b } = next.take().expect("uploaded above");
-                let t1 = Instant::now();
                 let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
                 let out = net.forward_on(gpu, &self.params, &xd, &b.sigma, ld.as_ref(), &mode, false)?;
-                let l = k::edm2_loss(gpu, &out.d.data, &yd, &out.logvar, &b.sigma, opts.net.sigma_data, scale)?;
-                loss_sum += l.per_sample.iter().sum::<f64>();
-                let dd = Tensor::with_buf(&out.d.shape, l.dd);
-                let g = net.backward_on(gpu, &self.params, out.cache.expect("training forward records"), &dd, &l.dlogvar, &mode)?;
+                let k::GpuLoss { per_sample, dd, dlogvar } = k::edm2_loss(gpu, &out.d.data, &yd, &out.logvar, &b.sigma, opts.net.sigma_data, scale)?;
+                match &mut loss_acc {
+                    None => loss_acc = Some(per_sample),
+                    Some(acc) => k::axpby(gpu, acc, &per_sample, 1.0, 1.0)?,
+                }
+                let dd = Tensor::with_buf(&out.d.shape, dd);
+                let g = net.backward_on(gpu, &self.params, out.cache.expect("training forward records"), &dd, &dlogvar, &mode)?;
                 if pass + 1 < passes {
                     // Waiting for the loader and staging the batch count as "other", as
                     // on the CPU path.
                     let t2 = Instant::now();
                     next = Some(upload(loader.next()?)?);
-                    fwd_bwd -= t2.elapsed().as_secs_f64();
+                    staging += t2.elapsed().as_secs_f64();
                 }
+                // Gradients (the gains' too) are device buffers: accumulate on the device.
                 grads = Some(match grads {
                     None => g,
                     Some(mut acc) => {
-                        for (i, (a, b)) in acc.values.iter_mut().zip(&g.values).enumerate() {
-                            match (&mut acc.scalars[i], g.scalars[i]) {
-                                (Some(x), Some(y)) => *x += y,
-                                _ => k::axpby(gpu, a, b, 1.0, 1.0)?,
-                            }
+                        for (a, b) in acc.values.iter_mut().zip(&g.values) {
+                            k::axpby(gpu, a, b, 1.0, 1.0)?;
                         }
                         acc
                     }
                 });
-                gpu.synchronize()?;
-                fwd_bwd += t1.elapsed().as_secs_f64();
             }
-            let mut grads = grads.expect("at least one pass");
+            let loss_sum: f64 = gpu.download(&loss_acc.expect("at least one pass"))?.iter().map(|&v| v as f64).sum();
+            let fwd_bwd = t1.elapsed().as_secs_f64() - staging;
+            let grads = grads.expect("at least one pass");
             // Adam with non-finite zeroing on every parameter, the gains included.
             let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
             st.adam.t += 1;
-            grads.scalars_to_device(gpu)?;
             self.params.scalars_to_device(gpu)?;
             let mut count = gpu.alloc_zeros::<u32>(1)?;
             for (i, s) in specs.iter().enumerate() {

@@ -40,10 +40,6 @@ impl Backend for Cpu {
     fn zero_grads(&self, p: &Params) -> Result<Params> {
         Ok(Params { values: p.values.iter().map(|v| vec![0.0; v.len()]).collect() })
     }
-    fn add_scalar_grad(&self, g: &mut Params, id: ParamId, v: f32) -> Result<()> {
-        g.values[id][0] += v;
-        Ok(())
-    }
     fn force_normalize(&self, p: &mut Params, id: ParamId, row_len: usize) -> Result<()> {
         ops::normalize_rows_inplace(&mut p.values[id], row_len);
         Ok(())
@@ -65,8 +61,9 @@ impl Backend for Cpu {
         s: Nhwc,
         dy: &Vec<f32>,
         dx: Option<&mut Vec<f32>>,
+        gain: Option<ParamId>,
         g: &mut Params,
-    ) -> Result<f32> {
+    ) -> Result<()> {
         let numel = eff.out_ch * eff.fan_in();
         let mut d_eff = vec![0.0f32; numel];
         conv::conv_backward(eff, x, s.n, s.h, s.w, dy, dx.map(|d| d.as_mut_slice()), &mut d_eff);
@@ -75,7 +72,10 @@ impl Backend for Cpu {
         for (gv, d) in g.values[id].iter_mut().zip(&dw) {
             *gv += d;
         }
-        Ok(dgain)
+        if let Some(gid) = gain {
+            g.values[gid][0] += dgain;
+        }
+        Ok(())
     }
 
     fn mp_silu(&self, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {

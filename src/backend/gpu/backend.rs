@@ -7,7 +7,7 @@
 use super::kernels::{self as k, GpuAttnCache, GpuEffWeight};
 use super::{Gpu, GpuAct, GpuBuf};
 use crate::backend::{Backend, ConvGeom, Nhwc};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::nn::params::{ParamId, Params};
 
 /// A parameter set on the device. Scalars (the gains) also live on the host: they are
@@ -36,12 +36,19 @@ impl GpuParams {
         Ok(())
     }
 
-    /// Reads the scalars back from their device buffers (after such an op).
+    /// Reads the scalars back from their device buffers (after such an op), gathered into
+    /// one buffer: one wait for the device, not one per gain.
     pub fn scalars_from_device(&mut self, gpu: &Gpu) -> Result<()> {
-        for (v, s) in self.values.iter().zip(self.scalars.iter_mut()) {
-            if let Some(s) = s {
-                *s = gpu.download(v)?[0];
-            }
+        let ids: Vec<usize> = (0..self.values.len()).filter(|&i| self.scalars[i].is_some()).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut all = gpu.alloc::<f32>(ids.len())?;
+        for (slot, &i) in ids.iter().enumerate() {
+            gpu.copy_into(&self.values[i], &mut all, slot)?;
+        }
+        for (v, &i) in gpu.download(&all)?.into_iter().zip(&ids) {
+            self.scalars[i] = Some(v);
         }
         Ok(())
     }
@@ -90,18 +97,11 @@ impl Backend for Gpu {
     fn scalar(&self, p: &GpuParams, id: ParamId) -> f32 {
         p.scalars[id].expect("a scalar parameter")
     }
+    /// Gradients live on the device only, the gains' too (no host copies: a gain's gradient
+    /// is summed into its one-element buffer by the kernels, without a round trip).
     fn zero_grads(&self, p: &GpuParams) -> Result<GpuParams> {
         let values = p.values.iter().map(|v| self.alloc_zeros(v.len())).collect::<Result<Vec<_>>>()?;
-        Ok(GpuParams { values, scalars: p.scalars.iter().map(|s| s.map(|_| 0.0)).collect() })
-    }
-    fn add_scalar_grad(&self, g: &mut GpuParams, id: ParamId, v: f32) -> Result<()> {
-        match &mut g.scalars[id] {
-            Some(s) => {
-                *s += v;
-                Ok(())
-            }
-            None => Err(Error::Input(format!("parameter {id} is not a scalar"))),
-        }
+        Ok(GpuParams { values, scalars: vec![None; p.scalars.len()] })
     }
     fn force_normalize(&self, p: &mut GpuParams, id: ParamId, row_len: usize) -> Result<()> {
         k::normalize_rows_inplace(self, &mut p.values[id], row_len)
@@ -122,17 +122,24 @@ impl Backend for Gpu {
         s: Nhwc,
         dy: &GpuAct,
         dx: Option<&mut GpuAct>,
+        gain: Option<ParamId>,
         g: &mut GpuParams,
-    ) -> Result<f32> {
+    ) -> Result<()> {
         let mut d_eff = Gpu::alloc::<f32>(self, eff.geom.numel())?;
         k::conv_backward_weight(self, eff.geom, x, s, dy, &mut d_eff)?;
         if let Some(dx) = dx {
             k::conv_backward_data(self, eff, dy, s, dx)?;
         }
         let mut dw = Gpu::alloc::<f32>(self, eff.geom.numel())?;
-        let dgain = k::effective_weight_backward(self, &p.values[id], eff, &d_eff, &mut dw)?;
+        let mut rows = Gpu::alloc::<f32>(self, eff.geom.out_ch)?;
+        k::effective_weight_backward(self, &p.values[id], eff, &d_eff, &mut dw, &mut rows)?;
         k::axpby(self, &mut g.values[id], &dw, 1.0, 1.0)?;
-        Ok(dgain)
+        if let Some(gid) = gain {
+            let mut dgain = Gpu::alloc::<f32>(self, 1)?;
+            k::sum_into(self, &rows, &mut dgain)?;
+            k::axpby(self, &mut g.values[gid], &dgain, 1.0, 1.0)?;
+        }
+        Ok(())
     }
 
     fn mp_silu(&self, x: &GpuAct, y: &mut GpuAct) -> Result<()> {

@@ -84,13 +84,19 @@ pub fn mp_sum(gpu: &Gpu, a: &mut dyn Values, b: &dyn Values, t: f32) -> Result<(
     check("mp_sum", unsafe { ffi::edm2_mp_sum(a.vptr_mut(gpu), b.vptr(gpu), t, a.len(), dt, s) })
 }
 
-/// Sum of `x` (a fixed reduction tree: deterministic).
+/// Sum of `x` (a fixed reduction tree: deterministic), read back to the host.
 pub fn sum(gpu: &Gpu, x: &GpuBuf<f32>) -> Result<f32> {
-    let mut partials = gpu.alloc::<f32>(unsafe { ffi::edm2_sum_partials(x.len()) })?;
     let mut out = gpu.alloc::<f32>(1)?;
-    let s = gpu.stream()?;
-    check("sum", unsafe { ffi::edm2_sum_f32(x.ptr(gpu), partials.ptr_mut(gpu), out.ptr_mut(gpu), x.len(), s) })?;
+    sum_into(gpu, x, &mut out)?;
     Ok(gpu.download(&out)?[0])
+}
+
+/// `out[0]` = the sum of `x`, on the device (no wait).
+pub fn sum_into(gpu: &Gpu, x: &GpuBuf<f32>, out: &mut GpuBuf<f32>) -> Result<()> {
+    expect_len("sum", "out", out.len(), 1)?;
+    let mut partials = gpu.alloc::<f32>(unsafe { ffi::edm2_sum_partials(x.len()) })?;
+    let s = gpu.stream()?;
+    check("sum", unsafe { ffi::edm2_sum_f32(x.ptr(gpu), partials.ptr_mut(gpu), out.ptr_mut(gpu), x.len(), s) })
 }
 
 /// One Adam step on a flat parameter (PyTorch's form, non-finite gradient entries as 0);
@@ -486,15 +492,23 @@ pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: f32) -
     Ok(eff)
 }
 
-/// Gradient of [`effective_weight`]: `d_eff` (OHWI) → `dw` (OIHW, overwritten); returns
-/// the gain's gradient (rows summed in a fixed order).
-pub fn effective_weight_backward(gpu: &Gpu, w: &GpuBuf<f32>, eff: &GpuEffWeight, d_eff: &GpuBuf<f32>, dw: &mut GpuBuf<f32>) -> Result<f32> {
+/// Gradient of [`effective_weight`]: `d_eff` (OHWI) → `dw` (OIHW, overwritten) and the
+/// gain's gradient per output row into `row_dgain` (overwritten; [`sum_into`] adds the rows
+/// up in a fixed order).
+pub fn effective_weight_backward(
+    gpu: &Gpu,
+    w: &GpuBuf<f32>,
+    eff: &GpuEffWeight,
+    d_eff: &GpuBuf<f32>,
+    dw: &mut GpuBuf<f32>,
+    row_dgain: &mut GpuBuf<f32>,
+) -> Result<()> {
     let k = "effective_weight_backward";
     let g = eff.geom;
     expect_len(k, "w", w.len(), g.numel())?;
     expect_len(k, "d_eff", d_eff.len(), g.numel())?;
     expect_len(k, "dw", dw.len(), g.numel())?;
-    let mut rows = gpu.alloc::<f32>(g.out_ch)?;
+    expect_len(k, "row_dgain", row_dgain.len(), g.out_ch)?;
     let st = gpu.stream()?;
     check(k, unsafe {
         ffi::edm2_effective_weight_backward_f32(
@@ -502,7 +516,7 @@ pub fn effective_weight_backward(gpu: &Gpu, w: &GpuBuf<f32>, eff: &GpuEffWeight,
             d_eff.ptr(gpu),
             eff.denom.ptr(gpu),
             dw.ptr_mut(gpu),
-            rows.ptr_mut(gpu),
+            row_dgain.ptr_mut(gpu),
             int(k, g.out_ch)?,
             int(k, g.in_ch)?,
             int(k, g.taps())?,
@@ -510,7 +524,7 @@ pub fn effective_weight_backward(gpu: &Gpu, w: &GpuBuf<f32>, eff: &GpuEffWeight,
             st,
         )
     })?;
-    sum(gpu, &rows)
+    Ok(())
 }
 
 fn conv_dims(kernel: &str, geom: ConvGeom, s: Nhwc) -> Result<(i32, i32, i32)> {
@@ -723,27 +737,34 @@ pub fn precond_output(gpu: &Gpu, x: &dyn Values, f: &dyn Values, c_skip: &[f32],
     })
 }
 
-/// The EDM2 loss on the device: what [`crate::train::loss::edm2_loss`] computes, with dD
-/// left on the device and multiplied by `scale` (the loss scaling).
+/// The EDM2 loss on the device: what [`crate::train::loss::edm2_loss`] computes, left on
+/// the device (a training pass reads nothing back), gradients multiplied by `scale` (the
+/// loss scaling).
 pub struct GpuLoss {
-    /// `Σ loss / N`.
-    pub total: f64,
-    /// Per-image sums of the elementwise loss.
-    pub per_sample: Vec<f64>,
+    /// Per-image sums of the elementwise loss `Σ (l + u_b)` (fp32).
+    pub per_sample: GpuBuf<f32>,
     /// dL/dD · scale, like `d` (same dtype).
     pub dd: GpuAct,
-    /// dL/dlogvar · scale per image.
-    pub dlogvar: Vec<f32>,
+    /// dL/dlogvar · scale per image (fp32).
+    pub dlogvar: GpuAct,
 }
 
-/// The uncertainty-weighted EDM2 loss of `d` against `images` (`n` images of equal size),
-/// its gradient w.r.t. D (on the device) and w.r.t. logvar.
+impl GpuLoss {
+    /// `Σ loss / N`, read back (waits for the device).
+    pub fn total(&self, gpu: &Gpu) -> Result<f64> {
+        let v = gpu.download(&self.per_sample)?;
+        Ok(v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64)
+    }
+}
+
+/// The uncertainty-weighted EDM2 loss of `d` against `images` (`n` images of equal size;
+/// `logvar` one value per image, any dtype), its gradient w.r.t. D and w.r.t. logvar.
 #[allow(clippy::too_many_arguments)]
 pub fn edm2_loss(
     gpu: &Gpu,
     d: &dyn Values,
     images: &GpuBuf<f32>,
-    logvar: &[f32],
+    logvar: &dyn Values,
     sigma: &[f32],
     sigma_data: f32,
     scale: f32,
@@ -753,28 +774,29 @@ pub fn edm2_loss(
     same_len(k, logvar.len(), n)?;
     expect_len(k, "images", images.len(), d.len())?;
     let per = images_of(k, d.len(), n)?;
-    let w: Vec<f32> = sigma.iter().zip(logvar).map(|(&s, &u)| crate::train::loss::loss_weight(s, sigma_data) / u.exp()).collect();
-    let (wb, ub) = (gpu.upload(&w)?, gpu.upload(logvar)?);
+    let sb = gpu.upload(sigma)?;
+    let logvar = scaled_to(gpu, logvar, Dtype::F32, 1.0)?;
     let mut dd = gpu.alloc_dtype(d.dtype(), d.len())?;
-    let mut sums = gpu.alloc::<f32>(2 * n)?;
+    let mut per_sample = gpu.alloc::<f32>(n)?;
+    let mut dlogvar = gpu.alloc::<f32>(n)?;
     let st = gpu.stream()?;
     check(k, unsafe {
         ffi::edm2_loss(
             d.vptr(gpu),
             images.ptr(gpu),
-            wb.ptr(gpu),
-            ub.ptr(gpu),
+            sb.ptr(gpu),
+            sigma_data,
+            logvar.vptr(gpu) as *const f32,
             dd.vptr_mut(gpu),
-            sums.ptr_mut(gpu),
+            per_sample.ptr_mut(gpu),
+            dlogvar.ptr_mut(gpu),
             n,
             per,
             2.0 / n as f32 * scale,
+            scale / n as f32,
             d.dtype().code(),
             st,
         )
     })?;
-    let sums = gpu.download(&sums)?;
-    let per_sample: Vec<f64> = sums.chunks(2).map(|c| c[0] as f64).collect();
-    let dlogvar = sums.chunks(2).map(|c| (c[1] as f64 / n as f64) as f32 * scale).collect();
-    Ok(GpuLoss { total: per_sample.iter().sum::<f64>() / n as f64, per_sample, dd, dlogvar })
+    Ok(GpuLoss { per_sample, dd, dlogvar: GpuAct::F32(dlogvar) })
 }

@@ -174,6 +174,8 @@ pub struct Gpu {
     /// Whether `alloc` fills buffers with all-ones bytes (see [`Gpu::set_poison`]).
     poison: std::cell::Cell<bool>,
     pool: std::rc::Rc<Pool>,
+    /// Downloads and synchronizations so far: each makes the host wait for the device.
+    waits: std::cell::Cell<u64>,
 }
 
 #[cfg(feature = "cuda")]
@@ -346,7 +348,7 @@ impl Gpu {
         };
         let poison = std::env::var_os("EDM2_POISON_DEVICE_MEMORY").is_some();
         let pool = std::rc::Rc::new(Pool { compute: Some(stream.clone()), ..Default::default() });
-        Ok(Gpu { stream, uploads, name, precision: Default::default(), poison: poison.into(), pool })
+        Ok(Gpu { stream, uploads, name, precision: Default::default(), poison: poison.into(), pool, waits: Default::default() })
     }
 
     /// A new event at the compute stream's current position.
@@ -447,12 +449,21 @@ impl Gpu {
         self.stream.memcpy_htod(host, dst.storage_mut()).map_err(|e| driver_err("copying to the device", e))
     }
 
+    /// Copies all of `src` into `dst[offset..]` on the device (stream-ordered).
+    pub fn copy_into<T: DeviceScalar>(&self, src: &GpuBuf<T>, dst: &mut GpuBuf<T>, offset: usize) -> Result<()> {
+        fits("copy_into", src.len(), offset, dst.len())?;
+        let mut view = dst.storage_mut().slice_mut(offset..offset + src.len());
+        self.stream.memcpy_dtod(src.storage(), &mut view).map_err(|e| driver_err("copying on the device", e))
+    }
+
     /// Waits for the stream and copies `src` back.
     pub fn download<T: DeviceScalar>(&self, src: &GpuBuf<T>) -> Result<Vec<T>> {
+        self.waited();
         self.stream.clone_dtoh(src.storage()).map_err(|e| driver_err("copying from the device (a kernel may have faulted)", e))
     }
 
     pub fn synchronize(&self) -> Result<()> {
+        self.waited();
         self.stream.synchronize().map_err(|e| driver_err("synchronizing (a kernel may have faulted)", e))
     }
 }
@@ -508,6 +519,7 @@ impl Gpu {
             precision: Default::default(),
             poison: true.into(),
             pool: Default::default(),
+            waits: Default::default(),
         })
     }
 
@@ -532,7 +544,14 @@ impl Gpu {
         Ok(())
     }
 
+    pub fn copy_into<T: DeviceScalar>(&self, src: &GpuBuf<T>, dst: &mut GpuBuf<T>, offset: usize) -> Result<()> {
+        fits("copy_into", src.len(), offset, dst.len())?;
+        dst.storage_mut()[offset..offset + src.len()].copy_from_slice(src.storage());
+        Ok(())
+    }
+
     pub fn download<T: DeviceScalar>(&self, src: &GpuBuf<T>) -> Result<Vec<T>> {
+        self.waited();
         Ok(src.storage().clone())
     }
 
@@ -554,6 +573,7 @@ impl Gpu {
     }
 
     pub fn synchronize(&self) -> Result<()> {
+        self.waited();
         Ok(())
     }
 }
@@ -623,6 +643,16 @@ impl Gpu {
         PoolStats { reused: self.pool.hits.get(), allocated: self.pool.misses.get() }
     }
 
+    /// How many times the host has waited for the device (downloads and synchronizations)
+    /// since it was opened: the training step's passes should add none.
+    pub fn waits(&self) -> u64 {
+        self.waits.get()
+    }
+
+    fn waited(&self) {
+        self.waits.set(self.waits.get() + 1);
+    }
+
     /// What the device is, for messages ("NVIDIA H100 80GB HBM3", or the simulated device).
     pub fn name(&self) -> &str {
         &self.name
@@ -685,6 +715,14 @@ impl Gpu {
             GpuAct::F32(b) => self.download(b)?,
             GpuAct::Bf16(b) => self.download(b)?.into_iter().map(bf16_value).collect(),
         })
+    }
+}
+
+fn fits(name: &str, len: usize, offset: usize, capacity: usize) -> Result<()> {
+    if offset.checked_add(len).is_some_and(|end| end <= capacity) {
+        Ok(())
+    } else {
+        Err(Error::Input(format!("{name}: {len} values at offset {offset} do not fit in {capacity}")))
     }
 }
 
