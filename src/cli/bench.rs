@@ -303,13 +303,17 @@ fn bench_cuda(a: &Args) -> Result<()> {
         let f = median(&mut fwd_ms);
         println!("forward:    median {f:.1} ms = {:.2} img/s, {:.1} GFLOP/s", ips(f), 2.0 * macs * ips(f) / 1e9);
     }
+    let memory = gpu.memory_in_use();
+    if let Some(m) = memory {
+        println!("device memory in use: {:.2} GiB (buffers kept for reuse, CUDA context included)", m as f64 / (1u64 << 30) as f64);
+    }
     if a.json {
         let (t, f) = ((!train_ms.is_empty()).then(|| median(&mut train_ms)), (!fwd_ms.is_empty()).then(|| median(&mut fwd_ms)));
         println!(
             "{}",
             serde_json::json!({"device": gpu.name(), "precision": a.precision, "train_step_ms": t, "forward_ms": f,
                 "images_per_s_train": t.map(ips), "images_per_s_forward": f.map(ips),
-                "images_per_s_sampling": sampling_ips})
+                "images_per_s_sampling": sampling_ips, "device_memory_bytes": memory})
         );
     }
     Ok(())

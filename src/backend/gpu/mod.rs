@@ -466,6 +466,13 @@ impl Gpu {
         self.waited();
         self.stream.synchronize().map_err(|e| driver_err("synchronizing (a kernel may have faulted)", e))
     }
+
+    /// Device memory in use now, in bytes (all processes, the CUDA context included). Our
+    /// pool and the driver's keep freed buffers, so after a step this is its footprint.
+    pub fn memory_in_use(&self) -> Option<u64> {
+        self.stream.context().bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info().ok().map(|(free, total)| (total - free) as u64)
+    }
 }
 
 /// New device memory comes from the driver's stream-ordered pool (cudarc allocates with
@@ -575,6 +582,11 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         self.waited();
         Ok(())
+    }
+
+    /// The simulated device has no memory of its own.
+    pub fn memory_in_use(&self) -> Option<u64> {
+        None
     }
 }
 
