@@ -87,11 +87,22 @@ enum Place {
 impl<'a> DeviceNet<'a> {
     /// `Auto` means the CPU here (resolve it with `backend::resolve_device` first).
     pub fn new(net: &'a LoadedNet, device: crate::backend::Device) -> Result<Self> {
+        Self::with_precision(net, device, crate::backend::Precision::Fp32)
+    }
+
+    /// As [`DeviceNet::new`], in `precision` on the CUDA backend (bf16: bf16 activations;
+    /// the CPU computes in fp32 and refuses bf16).
+    pub fn with_precision(net: &'a LoadedNet, device: crate::backend::Device, precision: crate::backend::Precision) -> Result<Self> {
+        let on_cpu = matches!(device, crate::backend::Device::Cpu | crate::backend::Device::Auto);
+        if on_cpu && precision != crate::backend::Precision::Fp32 {
+            return Err(Error::Input(format!("precision {precision} needs the CUDA backend; the CPU computes in fp32")));
+        }
         let place = match device {
             crate::backend::Device::Cpu | crate::backend::Device::Auto => Place::Cpu,
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             crate::backend::Device::Cuda => {
                 let gpu = crate::backend::gpu::Gpu::open(0)?;
+                gpu.set_precision(precision);
                 let params = crate::backend::gpu::GpuParams::upload(&gpu, &net.params)?;
                 Place::Cuda { gpu, params }
             }

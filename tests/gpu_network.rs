@@ -242,6 +242,23 @@ fn sampling_on_the_device_matches_the_cpu() {
     assert_eq!(evals, 7, "4 Heun steps = 7 evaluations");
     let e = rel_l2(&got.data, &want.data);
     assert!(e < 1e-4, "samples: rel L2 {e:.2e}");
+    // bf16 activations (`generate --precision bf16`): the same samples within the bf16
+    // bound on D; the sampler's state stays fp32.
+    use edm2::backend::{Device, Precision};
+    let (dn, dg) = (DeviceNet::with_precision(&loaded, Device::Cuda, Precision::Bf16).unwrap(), DeviceNet::with_precision(&guide, Device::Cuda, Precision::Bf16).unwrap());
+    let got = edm_sampler_on(
+        &mut |x, s| dn.forward_nhwc(x, s, Some(&labels)).map(|o| o.0),
+        Some(&mut |x, s| dg.forward_nhwc(x, s, Some(&labels)).map(|o| o.0)),
+        &noise,
+        &o,
+        &mut |_| unreachable!(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let e = rel_l2(&got.data, &want.data);
+    eprintln!("sampling with bf16 activations: rel L2 {e:.2e} against the CPU");
+    assert!(e < 2e-2 && e > 1e-6, "bf16 samples: rel L2 {e:.2e}");
+    assert!(DeviceNet::with_precision(&loaded, Device::Cpu, Precision::Bf16).is_err(), "bf16 on the CPU is refused");
 }
 
 #[test]

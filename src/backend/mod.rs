@@ -201,6 +201,40 @@ pub trait Backend {
     fn precond_output(&self, x: &Self::Buf, f: &Self::Buf, c_skip: &[f32], c_out: &[f32], d: &mut Self::Buf) -> crate::error::Result<()>;
 }
 
+/// Storage and arithmetic of the activations on the CUDA backend (the CPU backend is
+/// always fp32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Everything fp32: the mode for exact comparison with the CPU backend.
+    #[default]
+    Fp32,
+    /// Activations and their gradients stored as bf16 (half the memory and traffic);
+    /// products with bf16 operands and fp32 accumulation (tensor-core arithmetic);
+    /// elementwise arithmetic in fp32. fp32 master weights, effective weights, weight
+    /// gradients and optimizer state; the network input x and output D stay fp32.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision '{s}' (expected fp32 or bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
 /// Which device a command runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Device {

@@ -205,7 +205,7 @@ pub fn run(a: Args) -> Result<()> {
 fn bench_cuda(a: &Args) -> Result<()> {
     use edm2::backend::gpu::{kernels, Gpu, GpuParams};
     let gpu = Gpu::open(0)?;
-    gpu.set_precision(if a.precision == "bf16" { edm2::backend::gpu::Precision::Bf16 } else { edm2::backend::gpu::Precision::Fp32 });
+    gpu.set_precision(a.precision.parse().map_err(anyhow::Error::msg)?);
     let Setup { cfg, net, params, images, labels, sigma, noisy, mut rng } = setup(a)?;
     let n = a.batch;
     let mut gp = GpuParams::upload(&gpu, &params)?;

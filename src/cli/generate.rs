@@ -73,6 +73,10 @@ pub struct Args {
     /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// Arithmetic of the CUDA backend: fp32, or bf16 (activations stored as bf16, products
+    /// with fp32 accumulation; the sampler's state, x and D stay fp32). The CPU is fp32.
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    pub precision: String,
 }
 
 /// "0-63,100" → [0..=63, 100].
@@ -103,6 +107,7 @@ fn image_path(outdir: &Path, name: u64, subdirs: bool, ext: &str) -> PathBuf {
 
 pub fn run(a: Args) -> Result<()> {
     let device = resolve_device(a.device)?;
+    anyhow::ensure!(a.precision == "fp32" || device == Device::Cuda, "--precision {} is a CUDA setting; the CPU backend computes in fp32", a.precision);
     if a.guidance != 1.0 && a.gnet.is_none() {
         bail!("--guidance {} needs a guiding network (--gnet); guidance 1 means no guidance", a.guidance);
     }
@@ -167,8 +172,9 @@ pub fn run(a: Args) -> Result<()> {
         bail!("cannot write {ch}-channel images as PNG (1 or 3 channels, or 4-channel latents)");
     }
     // The networks on the chosen device, weights uploaded once.
-    let on_net = edm2::api::DeviceNet::new(&net, device)?;
-    let on_gnet = gnet.as_ref().map(|g| edm2::api::DeviceNet::new(g, device)).transpose()?;
+    let precision: edm2::backend::Precision = a.precision.parse().map_err(anyhow::Error::msg)?;
+    let on_net = edm2::api::DeviceNet::with_precision(&net, device, precision)?;
+    let on_gnet = gnet.as_ref().map(|g| edm2::api::DeviceNet::with_precision(g, device, precision)).transpose()?;
     let mut raw = Vec::new();
     let mut grid_px = Vec::new();
     let nbatches = names.len().div_ceil(a.batch);

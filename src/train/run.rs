@@ -375,11 +375,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     let gpu = match opts.device {
         crate::backend::Device::Cuda => {
             let g = crate::backend::gpu::Gpu::open(0)?;
-            g.set_precision(match opts.precision.as_str() {
-                "fp32" => crate::backend::gpu::Precision::Fp32,
-                "bf16" => crate::backend::gpu::Precision::Bf16,
-                p => return Err(Error::Input(format!("precision {p:?}: expected fp32 or bf16"))),
-            });
+            g.set_precision(opts.precision.parse().map_err(Error::Input)?);
             Some(g)
         }
         _ => None,

@@ -63,18 +63,7 @@ pub(crate) fn check(kernel: &str, rc: i32) -> Result<()> {
     }
 }
 
-/// Storage and arithmetic of the activations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// Everything fp32: the mode for exact comparison with the CPU backend.
-    #[default]
-    Fp32,
-    /// Activations and their gradients stored as bf16 (half the memory and traffic);
-    /// products with bf16 operands and fp32 accumulation (tensor-core arithmetic);
-    /// elementwise arithmetic in fp32. fp32 master weights, effective weights, weight
-    /// gradients and optimizer state.
-    Bf16,
-}
+pub use crate::backend::Precision;
 
 impl Precision {
     /// The storage type of activations in this mode.
