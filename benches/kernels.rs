@@ -108,9 +108,37 @@ fn cuda(c: &mut Criterion) {
         Ok(gpu) => {
             eprintln!("kernels on {}", gpu.name());
             families(c, "cuda", &gpu, |p| GpuParams::upload(&gpu, p).unwrap());
+            conv_bf16(c, &gpu);
         }
         Err(e) => eprintln!("cuda benchmarks skipped: {e}"),
     }
+}
+
+/// The 3x3 conv forward with bf16 activations: the SIMT kernel (conv.cu) and the
+/// tensor-core kernel (conv_tc.cu), same shapes as the families above.
+#[cfg(feature = "cuda")]
+fn conv_bf16(c: &mut Criterion, gpu: &edm2::backend::gpu::Gpu) {
+    use edm2::backend::gpu::{GpuParams, Precision};
+    #[allow(non_snake_case)]
+    let N: usize = std::env::var("EDM2_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(8);
+    let mut rng = Rng::new(2);
+    let s = Nhwc { n: N, h: RES, w: RES, c: CH };
+    let g3 = ConvGeom { out_ch: CH, in_ch: CH, k: 3 };
+    let spec = ParamSpec { name: "w".into(), shape: vec![CH, CH, 3, 3], kind: ParamKind::Param, is_mp_weight: true };
+    let p = GpuParams::upload(gpu, &Params { values: vec![rng.normal_vec(spec.numel())] }).unwrap();
+    gpu.set_precision(Precision::Bf16);
+    let eff = gpu.effective(&p, 0, g3, 1.0).unwrap();
+    let x = gpu.upload_act(&rng.normal_vec(s.numel())).unwrap();
+    let mut y = gpu.alloc_act(s.numel()).unwrap();
+    let mut g = group(c, &format!("cuda/conv3x3_b{N}_{RES}x{RES}_{CH}_bf16"));
+    g.throughput(Throughput::Elements((s.pixels() * g3.numel()) as u64));
+    for (label, tc) in [("forward_simt", false), ("forward_tensor_core", true)] {
+        gpu.set_tensor_core_conv(tc);
+        g.bench_function(label, |b| b.iter(|| { gpu.conv_forward(&eff, &x, s, &mut y).unwrap(); gpu.synchronize().unwrap(); }));
+    }
+    g.finish();
+    gpu.set_tensor_core_conv(false);
+    gpu.set_precision(Precision::Fp32);
 }
 
 #[cfg(not(feature = "cuda"))]

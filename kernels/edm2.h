@@ -67,6 +67,11 @@ int edm2_conv_backward_data(const void *dy, const float *w, void *dx, int n, int
 int edm2_conv_backward_weight(const void *x, const void *dy, float *dw, int n, int h, int wd, int cin, int cout, int k, int dtype,
                               cudaStream_t stream);
 
+/* conv_tc.cu: the forward of edm2_conv_forward on tensor cores, bf16 activations only (x and
+ * y bf16 bits; same shapes, same rounding). */
+int edm2_conv_forward_tc(const uint16_t *x, const float *w, uint16_t *y, int n, int h, int wd, int cin, int cout, int k,
+                         cudaStream_t stream);
+
 /* attention.cu: qkv [N, P, 3C] → y [N, P, C] (activations of `dtype`); fp32 workspace qn/kn/vn
  * [N, heads, P, C/heads], w and dl [N, heads, P, P]; backward overwrites dqkv (and the
  * dqn/dkn/dvn/dl scratch). */

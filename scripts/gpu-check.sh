@@ -105,6 +105,9 @@ bench cpu-s32-b32-cuda-bf16 --device cuda --config cpu-s32 --batch 32 --iters 5 
 bench cpu-s32-b32-cpu16 --device cpu --config cpu-s32 --batch 32 --iters 3
 BENCH_TIMEOUT=90 bench xs-b32-cuda-fp32 --device cuda --config edm2-img512-xs --batch 32 --iters 2
 BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16 --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16
+# The tensor-core conv forward (kernels/conv_tc.cu; opt-in until measured here).
+EDM2_TENSOR_CORE_CONV=1 bench cpu-s32-b32-cuda-bf16-tc --device cuda --config cpu-s32 --batch 32 --iters 5 --precision bf16 --sampling
+EDM2_TENSOR_CORE_CONV=1 BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16-tc --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16
 
 # 2a. End to end: `train --device cuda` on the built-in dataset (cpu-fmnist, batch 64, one
 # pass and two accumulated passes per step): img/s over the whole run, data loading,

@@ -356,10 +356,12 @@ fn conv_kernels_match_the_cpu_backend() {
         (Nhwc { n: 2, h: 5, w: 7, c: 20 }, 36, 1),
         (Nhwc { n: 3, h: 1, w: 1, c: 24 }, 17, 0),
         (Nhwc { n: 1, h: 4, w: 4, c: 33 }, 3, 3),
+        // Several 64x64 tiles of the tensor-core kernel, K over many steps of 32.
+        (Nhwc { n: 2, h: 9, w: 8, c: 40 }, 72, 3),
     ];
-    let mut runs = 0;
+    let mut dtypes = Vec::new();
     each_mode(&gpu, |sched| {
-        runs += 1;
+        dtypes.push(gpu.act_dtype());
         for (s, o, kk) in cases {
             let geom = ConvGeom { out_ch: o, in_ch: s.c, k: kk };
             let w = random(geom.numel(), 300 + o as u64);
@@ -388,6 +390,15 @@ fn conv_kernels_match_the_cpu_backend() {
             let de = down32(&gpu, &de);
             close_in(&gpu, &format!("conv_backward_weight {what}"), &de, &de_cpu);
             if gpu.act_dtype() == Dtype::Bf16 {
+                // The tensor-core forward (kernels/conv_tc.cu): the same products in
+                // another order — within the bf16 bound of the CPU, and all but a few
+                // last-place roundings equal to the SIMT kernel's.
+                let mut yt = act(&gpu, y_cpu.len());
+                k::conv_forward_tensor_core(&gpu, &eff, &xb, s, &mut yt).unwrap();
+                let yt = down(&gpu, &yt);
+                close_in(&gpu, &format!("conv_forward_tensor_core {what}"), &yt, &y_cpu);
+                let e = rel_l2(&yt, &y);
+                assert!(e < 4e-3, "tensor-core vs SIMT bf16 forward {what}: rel L2 {e:.2e}");
                 // bf16 operands: visibly not fp32 arithmetic, within the bf16 bound; the
                 // weight gradient holds values no bf16 can.
                 for (name, got, want) in [("forward", &y, &y_cpu), ("data grad", &dx, &dx_cpu), ("weight grad", &de, &de_cpu)] {
@@ -397,7 +408,7 @@ fn conv_kernels_match_the_cpu_backend() {
             }
         }
     });
-    assert_eq!(runs % 2, 0, "both precisions ran");
+    assert!(dtypes.contains(&Dtype::F32) && dtypes.contains(&Dtype::Bf16), "both precisions ran: {dtypes:?}");
     // Shapes that do not fit are errors, not crashes.
     let geom = ConvGeom { out_ch: 4, in_ch: 3, k: 3 };
     let eff = k::effective_weight(&gpu, &up32(&gpu, &random(geom.numel(), 1)), geom, 1.0).unwrap();

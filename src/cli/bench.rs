@@ -227,7 +227,6 @@ fn bench_cuda(a: &Args) -> Result<()> {
         let g = net.backward_on(&gpu, gp, out.cache.expect("a training forward records"), &dd, &dlogvar, &mode)?;
         step += 1;
         // Adam on the device for every parameter, the gains included.
-        gp.scalars_to_device(&gpu)?;
         let mut nonfinite = gpu.alloc_zeros::<u32>(1)?;
         for (i, s) in net.specs.iter().enumerate() {
             if s.kind == edm2::nn::params::ParamKind::Param {
@@ -240,7 +239,8 @@ fn bench_cuda(a: &Args) -> Result<()> {
         let loss = gpu.download(&per_sample)?;
         Ok(loss.iter().sum::<f32>() / loss.len() as f32)
     };
-    eprintln!("bench {} batch {n} on {} ({})", a.config, gpu.name(), a.precision);
+    let tc = gpu.tensor_core_conv() && a.precision == "bf16";
+    eprintln!("bench {} batch {n} on {} ({}{})", a.config, gpu.name(), a.precision, if tc { ", tensor-core conv forward" } else { "" });
     let mut train_ms = Vec::new();
     for i in 0..=a.iters {
         if a.only == "forward" {
@@ -311,7 +311,7 @@ fn bench_cuda(a: &Args) -> Result<()> {
         let (t, f) = ((!train_ms.is_empty()).then(|| median(&mut train_ms)), (!fwd_ms.is_empty()).then(|| median(&mut fwd_ms)));
         println!(
             "{}",
-            serde_json::json!({"device": gpu.name(), "precision": a.precision, "train_step_ms": t, "forward_ms": f,
+            serde_json::json!({"device": gpu.name(), "precision": a.precision, "tensor_core_conv": tc, "train_step_ms": t, "forward_ms": f,
                 "images_per_s_train": t.map(ips), "images_per_s_forward": f.map(ips),
                 "images_per_s_sampling": sampling_ips, "device_memory_bytes": memory})
         );

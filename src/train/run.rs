@@ -723,7 +723,6 @@ mod device {
             // Adam with non-finite zeroing on every parameter, the gains included.
             let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
             st.adam.t += 1;
-            self.params.scalars_to_device(gpu)?;
             let mut count = gpu.alloc_zeros::<u32>(1)?;
             for (i, s) in specs.iter().enumerate() {
                 if s.kind == ParamKind::Param {

@@ -1,8 +1,9 @@
 //! [`Backend`] on the CUDA device (or the simulated one): the network description runs
 //! its ops as our kernels on device buffers. Activations ([`GpuAct`]) are fp32 or bf16 by
 //! the device's [`super::Precision`]; parameters, gradients and effective weights are fp32.
-//! First version: correct and simple — buffers come from the pool per op, and the gain
-//! gradient of each layer is read back to the host.
+//! First version: correct and simple — buffers come from the pool per op; nothing in a
+//! forward or backward is read back to the host (the gains' gradients are summed into
+//! their device buffers).
 
 use super::kernels::{self as k, GpuAttnCache, GpuEffWeight};
 use super::{Gpu, GpuAct, GpuBuf};
@@ -10,9 +11,11 @@ use crate::backend::{Backend, ConvGeom, Nhwc};
 use crate::error::Result;
 use crate::nn::params::{ParamId, Params};
 
-/// A parameter set on the device. Scalars (the gains) also live on the host: they are
-/// kernel arguments of the effective weight, and their gradients are sums the host adds
-/// up; for one-element tensors the host copy is the authoritative one.
+/// A parameter set on the device. The scalars of a parameter set (the gains) also live on
+/// the host, because they are kernel arguments of the effective weight: after a device op
+/// that changes them (Adam) read them back with [`GpuParams::scalars_from_device`]; after
+/// changing a host copy, write it with [`GpuParams::scalars_to_device`]. Gradients have
+/// no host copies (`scalars` all None).
 pub struct GpuParams {
     pub values: Vec<GpuBuf<f32>>,
     pub scalars: Vec<Option<f32>>,

@@ -535,8 +535,13 @@ fn conv_dims(kernel: &str, geom: ConvGeom, s: Nhwc) -> Result<(i32, i32, i32)> {
     Ok((int(kernel, s.n)?, int(kernel, s.h)?, int(kernel, s.w)?))
 }
 
-/// `y` `[n, h, w, O]` = conv(`x` `[n, h, w, I]`, eff) ('same', stride 1).
+/// `y` `[n, h, w, O]` = conv(`x` `[n, h, w, I]`, eff) ('same', stride 1). With bf16
+/// activations and [`Gpu::tensor_core_conv`] on, the tensor-core kernel runs it
+/// ([`conv_forward_tensor_core`]).
 pub fn conv_forward(gpu: &Gpu, eff: &GpuEffWeight, x: &dyn Values, s: Nhwc, y: &mut dyn Values) -> Result<()> {
+    if gpu.tensor_core_conv() && x.dtype() == Dtype::Bf16 && y.dtype() == Dtype::Bf16 {
+        return conv_forward_tensor_core(gpu, eff, x, s, y);
+    }
     let k = "conv_forward";
     let (n, h, w) = conv_dims(k, eff.geom, s)?;
     expect_len(k, "x", x.len(), s.numel())?;
@@ -545,6 +550,22 @@ pub fn conv_forward(gpu: &Gpu, eff: &GpuEffWeight, x: &dyn Values, s: Nhwc, y: &
     let dt = dtype_of(k, &[x.dtype(), y.dtype()])?;
     let st = gpu.stream()?;
     check(k, unsafe { ffi::edm2_conv_forward(x.vptr(gpu), eff.w.ptr(gpu), y.vptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, dt, st) })
+}
+
+/// [`conv_forward`] on tensor cores (kernels/conv_tc.cu): bf16 activations only.
+pub fn conv_forward_tensor_core(gpu: &Gpu, eff: &GpuEffWeight, x: &dyn Values, s: Nhwc, y: &mut dyn Values) -> Result<()> {
+    let k = "conv_forward_tensor_core";
+    let (n, h, w) = conv_dims(k, eff.geom, s)?;
+    expect_len(k, "x", x.len(), s.numel())?;
+    expect_len(k, "y", y.len(), s.pixels() * eff.geom.out_ch)?;
+    if dtype_of(k, &[x.dtype(), y.dtype()])? != Dtype::Bf16.code() {
+        return Err(Error::Input(format!("{k}: needs bf16 activations, got {:?}", x.dtype())));
+    }
+    let (i, o) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?);
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_conv_forward_tc(x.vptr(gpu) as *const u16, eff.w.ptr(gpu), y.vptr_mut(gpu) as *mut u16, n, h, w, i, o, eff.geom.k as i32, st)
+    })
 }
 
 /// Data gradient: `dx` (like `x`, shape `s`) from `dy`.

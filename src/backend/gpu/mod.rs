@@ -165,6 +165,8 @@ pub struct Gpu {
     pool: std::rc::Rc<Pool>,
     /// Downloads and synchronizations so far: each makes the host wait for the device.
     waits: std::cell::Cell<u64>,
+    /// Whether bf16 conv forwards run on the tensor-core kernel (see [`Gpu::tensor_core_conv`]).
+    tensor_core_conv: std::cell::Cell<bool>,
 }
 
 #[cfg(feature = "cuda")]
@@ -337,7 +339,16 @@ impl Gpu {
         };
         let poison = std::env::var_os("EDM2_POISON_DEVICE_MEMORY").is_some();
         let pool = std::rc::Rc::new(Pool { compute: Some(stream.clone()), ..Default::default() });
-        Ok(Gpu { stream, uploads, name, precision: Default::default(), poison: poison.into(), pool, waits: Default::default() })
+        Ok(Gpu {
+            stream,
+            uploads,
+            name,
+            precision: Default::default(),
+            poison: poison.into(),
+            pool,
+            waits: Default::default(),
+            tensor_core_conv: tensor_core_conv_from_env().into(),
+        })
     }
 
     /// A new event at the compute stream's current position.
@@ -382,6 +393,9 @@ impl Gpu {
             }
             None => {
                 let slot: Slot<T> = *list.remove(0).downcast().map_err(|_| wrong_type())?;
+                // More uploads of this size in flight than staging buffers: the host is
+                // that far ahead of the device and waits (counted in `waits`).
+                self.waited();
                 slot.1.synchronize().map_err(err("waiting for a staging buffer's copy"))?;
                 slot
             }
@@ -516,6 +530,7 @@ impl Gpu {
             poison: true.into(),
             pool: Default::default(),
             waits: Default::default(),
+            tensor_core_conv: tensor_core_conv_from_env().into(),
         })
     }
 
@@ -644,6 +659,17 @@ impl Gpu {
         PoolStats { reused: self.pool.hits.get(), allocated: self.pool.misses.get() }
     }
 
+    /// Whether the conv forward with bf16 activations runs on the tensor-core kernel
+    /// (kernels/conv_tc.cu). Off by default until it has been measured on a GPU; on with
+    /// EDM2_TENSOR_CORE_CONV=1 or [`Gpu::set_tensor_core_conv`].
+    pub fn tensor_core_conv(&self) -> bool {
+        self.tensor_core_conv.get()
+    }
+
+    pub fn set_tensor_core_conv(&self, on: bool) {
+        self.tensor_core_conv.set(on)
+    }
+
     /// How many times the host has waited for the device (downloads and synchronizations)
     /// since it was opened: the training step's passes should add none.
     pub fn waits(&self) -> u64 {
@@ -663,7 +689,9 @@ impl Gpu {
         self.precision.get()
     }
 
-    /// Sets the arithmetic of the kernels launched from now on.
+    /// Sets the storage type of the activations made from now on ([`Gpu::alloc_act`],
+    /// [`Gpu::upload_act`], the `Backend` ops' outputs); kernels follow the dtype of the
+    /// buffers they are given.
     pub fn set_precision(&self, p: Precision) {
         self.precision.set(p)
     }
@@ -717,6 +745,10 @@ impl Gpu {
             GpuAct::Bf16(b) => self.download(b)?.into_iter().map(bf16_value).collect(),
         })
     }
+}
+
+fn tensor_core_conv_from_env() -> bool {
+    std::env::var("EDM2_TENSOR_CORE_CONV").is_ok_and(|v| v == "1")
 }
 
 fn fits(name: &str, len: usize, offset: usize, capacity: usize) -> Result<()> {
