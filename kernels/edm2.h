@@ -30,8 +30,9 @@ int edm2_upsample2_backward(const void *dy, void *dx, int n, int h, int w, int c
 int edm2_mp_cat(const void *a, int na, const void *b, int nb, float ka, float kb, void *out, size_t pixels, int dtype, cudaStream_t stream);
 int edm2_mp_cat_backward(const void *dout, int na, int nb, float ka, float kb, void *da, void *db, size_t pixels, int dtype,
                          cudaStream_t stream);
-int edm2_modulate_silu(const void *h, const void *s, void *y, int n, size_t pixels, int c, int dtype, cudaStream_t stream);
-int edm2_modulate_silu_backward(const void *h, const void *s, const void *dy, void *dh, void *ds, int n, size_t pixels, int c, int dtype,
+/* modulate_silu: s and ds [n, c] are fp32 (the embedding path) in both precisions. */
+int edm2_modulate_silu(const void *h, const float *s, void *y, int n, size_t pixels, int c, int dtype, cudaStream_t stream);
+int edm2_modulate_silu_backward(const void *h, const float *s, const void *dy, void *dh, float *ds, int n, size_t pixels, int c, int dtype,
                                 cudaStream_t stream);
 int edm2_dropout(void *x, float p, uint64_t seed, size_t n, int dtype, cudaStream_t stream);
 int edm2_clip(void *x, uint8_t *mask, float limit, size_t n, int dtype, cudaStream_t stream);

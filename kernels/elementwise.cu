@@ -9,7 +9,8 @@
 //   downsample2: 2x2 average pooling → [N, H/2, W/2, C]; backward spreads dy/4 (a gather).
 //   upsample2: nearest 2x → [N, 2H, 2W, C]; backward sums the 4 copies (a gather).
 //   mp_cat (paper Eq. 103): out[p] = [ka·a[p], kb·b[p]] over channels; backward splits.
-//   modulate_silu (Block step 3): y[n, p, c] = mp_silu(h·s[n, c]); backward
+//   modulate_silu (Block step 3): y[n, p, c] = mp_silu(h·s[n, c]), s and ds fp32 in
+//     both precisions (the embedding path stays fp32, as in the official code); backward
 //     dh = dy·mp_silu'(u)·s and ds[n, c] = Σ_p dy·mp_silu'(u)·h (one thread per (n, c)
 //     loops over the pixels in order: deterministic).
 //   dropout: inverted dropout, kept where hash_uniform(seed, i) ≥ p (the CPU backend's
@@ -131,7 +132,7 @@ __global__ void mp_cat_backward_kernel(const T *__restrict__ dout, int na, int n
 }
 
 template <typename T>
-__global__ void modulate_silu_kernel(const T *__restrict__ h, const T *__restrict__ s, T *__restrict__ y, int c,
+__global__ void modulate_silu_kernel(const T *__restrict__ h, const float *__restrict__ s, T *__restrict__ y, int c,
                                      size_t pixels, size_t total) {
   EDM2_FOR(i, total) {
     size_t b = i / (pixels * c);
@@ -140,8 +141,8 @@ __global__ void modulate_silu_kernel(const T *__restrict__ h, const T *__restric
 }
 
 template <typename T>
-__global__ void modulate_silu_backward_kernel(const T *__restrict__ h, const T *__restrict__ s, const T *__restrict__ dy,
-                                              T *__restrict__ dh, T *__restrict__ ds, int c, size_t pixels, int n) {
+__global__ void modulate_silu_backward_kernel(const T *__restrict__ h, const float *__restrict__ s, const T *__restrict__ dy,
+                                              T *__restrict__ dh, float *__restrict__ ds, int c, size_t pixels, int n) {
   EDM2_FOR(j, (size_t)n * c) {
     size_t b = j / c;
     int ch = (int)(j % c);
@@ -279,12 +280,12 @@ extern "C" int edm2_mp_cat_backward(const void *dout, int na, int nb, float ka, 
                                     cudaStream_t stream) {
   EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_cat_backward_kernel<T>, pixels * (na + nb), RD(dout), na, nb, ka, kb, WR(da), WR(db), pixels));
 }
-extern "C" int edm2_modulate_silu(const void *h, const void *s, void *y, int n, size_t pixels, int c, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(modulate_silu_kernel<T>, (size_t)n * pixels * c, RD(h), RD(s), WR(y), c, pixels, (size_t)n * pixels * c));
+extern "C" int edm2_modulate_silu(const void *h, const float *s, void *y, int n, size_t pixels, int c, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(modulate_silu_kernel<T>, (size_t)n * pixels * c, RD(h), s, WR(y), c, pixels, (size_t)n * pixels * c));
 }
-extern "C" int edm2_modulate_silu_backward(const void *h, const void *s, const void *dy, void *dh, void *ds, int n, size_t pixels, int c,
+extern "C" int edm2_modulate_silu_backward(const void *h, const float *s, const void *dy, void *dh, float *ds, int n, size_t pixels, int c,
                                            int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(modulate_silu_backward_kernel<T>, (size_t)n * c, RD(h), RD(s), RD(dy), WR(dh), WR(ds), c, pixels, n));
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(modulate_silu_backward_kernel<T>, (size_t)n * c, RD(h), s, RD(dy), WR(dh), ds, c, pixels, n));
 }
 extern "C" int edm2_dropout(void *x, float p, uint64_t seed, size_t n, int dtype, cudaStream_t stream) {
   EDM2_BY_DTYPE(dtype, EW_LAUNCH(dropout_kernel<T>, n, WR(x), p, 1.0f / (1.0f - p), (unsigned long long)seed, n));

@@ -467,16 +467,19 @@ fn block_elementwise_kernels_match_the_cpu_backend() {
         let dy = random(s.numel(), 27);
         let mut want_m = vec![0.0; s.numel()];
         ops::modulate_silu(&x, &sc, s.c, pixels, &mut want_m);
-        let scb = up(&gpu, &sc);
+        let scb = up32(&gpu, &sc); // fp32 in both precisions (the embedding path)
         let mut ym = act(&gpu, s.numel());
         k::modulate_silu(&gpu, &xb, &scb, s.c, pixels, &mut ym).unwrap();
         close_in(&gpu, &format!("modulate_silu {sched}"), &down(&gpu, &ym), &want_m);
         let (mut dh_cpu, mut ds_cpu) = (vec![0.0; s.numel()], vec![0.0; sc.len()]);
         ops::modulate_silu_backward(&x, &sc, &dy, s.c, pixels, &mut dh_cpu, &mut ds_cpu);
-        let (mut dh, mut ds) = (act(&gpu, s.numel()), act(&gpu, sc.len()));
+        let (mut dh, mut ds) = (act(&gpu, s.numel()), gpu.alloc::<f32>(sc.len()).unwrap());
         k::modulate_silu_backward(&gpu, &xb, &scb, &up(&gpu, &dy), s.c, pixels, &mut dh, &mut ds).unwrap();
         close_in(&gpu, &format!("modulate_silu_backward dh {sched}"), &down(&gpu, &dh), &dh_cpu);
-        close_in(&gpu, &format!("modulate_silu_backward ds {sched}"), &down(&gpu, &ds), &ds_cpu);
+        close_in(&gpu, &format!("modulate_silu_backward ds {sched}"), &down32(&gpu, &ds), &ds_cpu);
+        if gpu.act_dtype() == Dtype::Bf16 {
+            assert!(k::modulate_silu(&gpu, &xb, &up(&gpu, &sc), s.c, pixels, &mut ym).is_err(), "a bf16 modulation is refused");
+        }
         // Dropout: the CPU backend's mask, bit for bit.
         // (Exact: on the stored inputs, rounded as the storage rounds.)
         let (xs, dys) = (stored(&gpu, &x), stored(&gpu, &dy));

@@ -81,13 +81,27 @@ pub trait Backend {
     fn zeros(&self, n: usize) -> crate::error::Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> crate::error::Result<Self::Buf>;
     fn download(&self, b: &Self::Buf) -> crate::error::Result<Vec<f32>>;
-    /// A copy of `b` in the backend's activation storage (with bf16 activations, a copy of
-    /// an fp32 buffer such as dD is rounded).
+    /// A copy of `b` (same storage type).
     fn copy(&self, b: &Self::Buf) -> crate::error::Result<Self::Buf>;
     /// A buffer of `n` values for the network output D: full precision on every backend (the
     /// official mixed precision also keeps D, like the input x, in fp32).
     fn alloc_output(&self, n: usize) -> crate::error::Result<Self::Buf> {
         self.alloc(n)
+    }
+    /// A buffer of `n` values of `like`'s storage type (contents unspecified). With bf16
+    /// activations the small per-image tensors of the embedding, the modulation and the
+    /// logvar head stay fp32, as in the official mixed precision: a layer's output takes
+    /// its input's storage type.
+    fn alloc_like(&self, _like: &Self::Buf, n: usize) -> crate::error::Result<Self::Buf> {
+        self.alloc(n)
+    }
+    /// `n` zeros of `like`'s storage type.
+    fn zeros_like(&self, _like: &Self::Buf, n: usize) -> crate::error::Result<Self::Buf> {
+        self.zeros(n)
+    }
+    /// `b` converted to `like`'s storage type (a copy when they match).
+    fn convert_like(&self, b: &Self::Buf, _like: &Self::Buf) -> crate::error::Result<Self::Buf> {
+        self.copy(b)
     }
     /// Waits until all queued work is done (timing; a no-op on synchronous backends).
     fn synchronize(&self) -> crate::error::Result<()> {

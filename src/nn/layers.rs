@@ -59,7 +59,7 @@ impl MpConv {
         let s = self.input_shape(x);
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap() = self.out_ch;
-        let mut y = be.alloc(s.pixels() * self.out_ch)?;
+        let mut y = be.alloc_like(&x.data, s.pixels() * self.out_ch)?;
         be.conv_forward(eff, &x.data, s, &mut y)?;
         Ok(Tensor::with_buf(&shape, y))
     }
@@ -79,7 +79,7 @@ impl MpConv {
         grads: &mut B::Params,
     ) -> Result<Option<Tensor<B::Buf>>> {
         let s = self.input_shape(x);
-        let mut dx = if want_dx { Some(be.alloc(s.numel())?) } else { None };
+        let mut dx = if want_dx { Some(be.alloc_like(&x.data, s.numel())?) } else { None };
         be.conv_backward(p, self.weight, eff, &x.data, s, &dy.data, dx.as_mut(), gain, grads)?;
         Ok(dx.map(|d| Tensor::with_buf(&x.shape, d)))
     }
@@ -432,7 +432,7 @@ impl Block {
         }
         let (_, hh, hw) = spatial(&c.h0);
         let mut dh0 = be.zeros(c.h0.len_of_shape())?;
-        let mut ds = be.zeros(c.s.len_of_shape())?;
+        let mut ds = be.zeros_like(&c.s.data, c.s.len_of_shape())?;
         be.modulate_silu_backward(&c.h0.data, &c.s.data, &dy1.data, self.out_ch, hh * hw, &mut dh0, &mut ds)?;
         let dh0 = Tensor::with_buf(&c.h0.shape, dh0);
         let ds = Tensor::with_buf(&[emb.shape[0], self.out_ch], ds);

@@ -328,8 +328,9 @@ impl Precond {
         let mut eff_label = None;
         if let Some(m) = &u.emb_label {
             let mut l = match labels {
-                Some(l) => copy(l)?,
-                None => Tensor::with_buf(&[n, cfg.label_dim], be.zeros(n * cfg.label_dim)?),
+                // In the embedding's storage type (fp32 in both precisions).
+                Some(l) => Tensor::with_buf(&l.shape, be.convert_like(&l.data, &emb_fourier.data)?),
+                None => Tensor::with_buf(&[n, cfg.label_dim], be.zeros_like(&emb_fourier.data, n * cfg.label_dim)?),
             };
             be.scale(&mut l.data, (cfg.label_dim as f32).sqrt())?;
             let e = m.effective(be, p, 1.0)?;
@@ -342,7 +343,7 @@ impl Precond {
             labels_scaled = Some(l);
             eff_label = Some(e);
         }
-        let mut emb = be.alloc(emb_pre.len_of_shape())?;
+        let mut emb = be.alloc_like(&emb_pre.data, emb_pre.len_of_shape())?;
         be.mp_silu(&emb_pre.data, &mut emb)?;
         let emb = Tensor::with_buf(&emb_pre.shape, emb);
         if collect_intermediates {
@@ -471,13 +472,14 @@ impl Precond {
         let c = cache;
         let n = dd.shape[0];
         // Uncertainty head.
-        let dlv = Tensor::with_buf(&[n, 1], be.copy(dlogvar)?);
+        let dlv = Tensor::with_buf(&[n, 1], be.convert_like(dlogvar, &c.logvar_fourier.data)?);
         self.logvar_linear.backward(be, p, &c.effs.logvar, &c.logvar_fourier, &dlv, false, None, &mut g)?;
         // dF = c_out·dD
-        let mut df = Tensor::with_buf(&dd.shape, be.copy(&dd.data)?);
+        // dD is fp32 like D; the U-Net's gradients are in its activations' storage type.
+        let mut df = Tensor::with_buf(&dd.shape, be.convert_like(&dd.data, &c.out_in.data)?);
         be.scale_images(&mut df.data, &c.c_out)?;
         let mut dh = u.out_conv.backward(be, p, &c.effs.out, &c.out_in, &df, true, Some(u.out_gain), &mut g)?.unwrap();
-        let mut demb = Tensor::with_buf(&c.emb.shape, be.zeros(c.emb.len_of_shape())?);
+        let mut demb = Tensor::with_buf(&c.emb.shape, be.zeros_like(&c.emb.data, c.emb.len_of_shape())?);
         // Decoder in reverse; skip gradients collected per encoder output.
         let mut dskips: Vec<Option<Tensor<B::Buf>>> = (0..u.enc.len()).map(|_| None).collect();
         let mut skip_idx = u.enc.len();
@@ -527,7 +529,7 @@ impl Precond {
             }
         }
         // Embedding: emb = mp_silu(mp_sum(emb_noise, emb_label, t)).
-        let mut de_pre = be.zeros(c.emb_pre.len_of_shape())?;
+        let mut de_pre = be.zeros_like(&c.emb_pre.data, c.emb_pre.len_of_shape())?;
         be.mp_silu_backward(&c.emb_pre.data, &demb.data, &mut de_pre)?;
         let de_pre = Tensor::with_buf(&c.emb_pre.shape, de_pre);
         let mut d_noise = Tensor::with_buf(&de_pre.shape, be.copy(&de_pre.data)?);

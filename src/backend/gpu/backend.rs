@@ -87,7 +87,19 @@ impl Backend for Gpu {
         self.download_act(b)
     }
     fn copy(&self, b: &GpuAct) -> Result<GpuAct> {
-        k::scaled_to(self, b, self.act_dtype(), 1.0)
+        k::scaled(self, b, 1.0)
+    }
+    fn alloc_like(&self, like: &GpuAct, n: usize) -> Result<GpuAct> {
+        self.alloc_dtype(like.dtype(), n)
+    }
+    fn zeros_like(&self, like: &GpuAct, n: usize) -> Result<GpuAct> {
+        Ok(match like.dtype() {
+            super::Dtype::F32 => GpuAct::F32(self.alloc_zeros(n)?),
+            super::Dtype::Bf16 => GpuAct::Bf16(self.alloc_zeros(n)?),
+        })
+    }
+    fn convert_like(&self, b: &GpuAct, like: &GpuAct) -> Result<GpuAct> {
+        k::scaled_to(self, b, like.dtype(), 1.0)
     }
     fn alloc_output(&self, n: usize) -> Result<GpuAct> {
         Ok(GpuAct::F32(Gpu::alloc(self, n)?))
@@ -236,7 +248,8 @@ impl Backend for Gpu {
     }
     fn mp_fourier(&self, x: &[f32], p: &GpuParams, freqs: ParamId, phases: ParamId) -> Result<GpuAct> {
         let xb = Gpu::upload(self, x)?;
-        let mut y = self.alloc_act(x.len() * p.values[freqs].len())?;
+        // fp32 in both precisions: the embedding and logvar paths start here.
+        let mut y = GpuAct::F32(Gpu::alloc(self, x.len() * p.values[freqs].len())?);
         k::mp_fourier(self, &xb, &p.values[freqs], &p.values[phases], &mut y)?;
         Ok(y)
     }

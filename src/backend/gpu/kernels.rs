@@ -50,6 +50,15 @@ impl Values for GpuBuf<f32> {
     }
 }
 
+/// Checks that buffer `name` is fp32 (a kernel argument that is fp32 in every precision).
+fn fp32(kernel: &str, name: &str, b: &dyn Values) -> Result<()> {
+    if b.dtype() == Dtype::F32 {
+        Ok(())
+    } else {
+        Err(Error::Input(format!("{kernel}: {name} must be fp32, got {:?}", b.dtype())))
+    }
+}
+
 /// The kernels' dtype code of a launch whose activations have these dtypes (all equal).
 fn dtype_of(kernel: &str, dtypes: &[Dtype]) -> Result<i32> {
     match dtypes.split_first() {
@@ -342,16 +351,18 @@ pub fn mp_cat_backward(
     })
 }
 
-/// `y[n, p, c] = mp_silu(h[n, p, c] · s[n, c])` for `h` `[n, pixels, c]`.
+/// `y[n, p, c] = mp_silu(h[n, p, c] · s[n, c])` for `h` `[n, pixels, c]`; `s` is fp32 in
+/// both precisions (the embedding path).
 pub fn modulate_silu(gpu: &Gpu, h: &dyn Values, s: &dyn Values, c: usize, pixels: usize, y: &mut dyn Values) -> Result<()> {
     let k = "modulate_silu";
     let n = if c == 0 { 0 } else { s.len() / c };
     expect_len(k, "s", s.len(), n * c)?;
     expect_len(k, "h", h.len(), n * pixels * c)?;
     expect_len(k, "y", y.len(), h.len())?;
-    let dt = dtype_of(k, &[h.dtype(), s.dtype(), y.dtype()])?;
+    let dt = dtype_of(k, &[h.dtype(), y.dtype()])?;
+    fp32(k, "s", s)?;
     let st = gpu.stream()?;
-    check(k, unsafe { ffi::edm2_modulate_silu(h.vptr(gpu), s.vptr(gpu), y.vptr_mut(gpu), int(k, n)?, pixels, int(k, c)?, dt, st) })
+    check(k, unsafe { ffi::edm2_modulate_silu(h.vptr(gpu), s.vptr(gpu) as *const f32, y.vptr_mut(gpu), int(k, n)?, pixels, int(k, c)?, dt, st) })
 }
 
 /// Gradient of [`modulate_silu`]: `dh` (like `h`) and `ds` (like `s`), both overwritten.
@@ -373,15 +384,17 @@ pub fn modulate_silu_backward(
     expect_len(k, "dy", dy.len(), h.len())?;
     expect_len(k, "dh", dh.len(), h.len())?;
     expect_len(k, "ds", ds.len(), s.len())?;
-    let dt = dtype_of(k, &[h.dtype(), s.dtype(), dy.dtype(), dh.dtype(), ds.dtype()])?;
+    let dt = dtype_of(k, &[h.dtype(), dy.dtype(), dh.dtype()])?;
+    fp32(k, "s", s)?;
+    fp32(k, "ds", ds)?;
     let st = gpu.stream()?;
     check(k, unsafe {
         ffi::edm2_modulate_silu_backward(
             h.vptr(gpu),
-            s.vptr(gpu),
+            s.vptr(gpu) as *const f32,
             dy.vptr(gpu),
             dh.vptr_mut(gpu),
-            ds.vptr_mut(gpu),
+            ds.vptr_mut(gpu) as *mut f32,
             int(k, n)?,
             pixels,
             int(k, c)?,
