@@ -21,26 +21,11 @@
 // weights). First version — correct, simple, deterministic; the tensor-core kernels of
 // the next issue replace it. Checked against the CPU backend in the simulation harness
 // (tests/gpu_kernels.rs).
-#include "common.cuh"
+#include "conv_shape.cuh"
 
 #define TILE 16
 
 enum { CONV_FWD = 0, CONV_DX = 1, CONV_DW = 2 };
-
-struct ConvShape {
-  int n, h, w, cin, cout, taps;
-};
-
-// The input pixel read by output pixel p through tap `tap` (sign +1) or the output pixel
-// that reads input pixel p through it (sign −1); -1 when outside the image.
-__device__ __forceinline__ long long conv_neighbor(const ConvShape &s, long long p, int tap, int sign) {
-  if (s.taps == 1) return p;
-  long long hw = (long long)s.h * s.w;
-  int b = (int)(p / hw), rem = (int)(p % hw);
-  int y = rem / s.w + sign * (tap / 3 - 1), x = rem % s.w + sign * (tap % 3 - 1);
-  if (y < 0 || y >= s.h || x < 0 || x >= s.w) return -1;
-  return (long long)b * hw + (long long)y * s.w + x;
-}
 
 // A(m, k) of each GEMM.
 template <typename T>

@@ -19,29 +19,14 @@
 // measured on a GPU yet (the next lent GPU: `bench --precision bf16` with and without
 // EDM2_TENSOR_CORE_CONV=1). Checked against the CPU backend and conv.cu's bf16 path in
 // the simulation harness (tests/gpu_kernels.rs).
-#include "common.cuh"
+#include "conv_shape.cuh"
 
 #define TC_BM 64
 #define TC_BN 64
 #define TC_BK 32
 #define TC_PAD 8
 
-struct TcShape {
-  int n, h, w, cin, cout, taps;
-};
-
-// The input pixel read by output pixel p through `tap`; -1 outside the image (conv.cu's
-// conv_neighbor with sign +1).
-__device__ __forceinline__ long long tc_neighbor(const TcShape &s, long long p, int tap) {
-  if (s.taps == 1) return p;
-  long long hw = (long long)s.h * s.w;
-  int b = (int)(p / hw), rem = (int)(p % hw);
-  int y = rem / s.w + (tap / 3 - 1), x = rem % s.w + (tap % 3 - 1);
-  if (y < 0 || y >= s.h || x < 0 || x >= s.w) return -1;
-  return (long long)b * hw + (long long)y * s.w + x;
-}
-
-__global__ void conv_forward_tc_kernel(TcShape s, const edm2_bf16 *__restrict__ x,
+__global__ void conv_forward_tc_kernel(ConvShape s, const edm2_bf16 *__restrict__ x,
                                                               const float *__restrict__ wt, edm2_bf16 *__restrict__ y, long long M,
                                                               int N, int K) {
   EDM2_SHARED(uint16_t, as, [TC_BM][TC_BK + TC_PAD]);
@@ -65,7 +50,7 @@ __global__ void conv_forward_tc_kernel(TcShape s, const edm2_bf16 *__restrict__ 
       uint16_t v = 0;
       if (am < M && k < K) {
         int tap = k / s.cin, i = k % s.cin;
-        long long q = tc_neighbor(s, am, tap);
+        long long q = conv_neighbor(s, am, tap, 1);
         if (q >= 0) v = x[q * s.cin + i].bits;
       }
       as[ar][ak + j] = v;
@@ -96,7 +81,7 @@ __global__ void conv_forward_tc_kernel(TcShape s, const edm2_bf16 *__restrict__ 
 
 extern "C" int edm2_conv_forward_tc(const uint16_t *x, const float *w, uint16_t *y, int n, int h, int wd, int cin, int cout, int k,
                                     cudaStream_t stream) {
-  TcShape s = {n, h, wd, cin, cout, k == 3 ? 9 : 1};
+  ConvShape s = {n, h, wd, cin, cout, k == 3 ? 9 : 1};
   long long M = (long long)n * h * wd;
   long long K = (long long)s.taps * cin;
   if (M == 0 || cout == 0) return 0;
