@@ -566,6 +566,11 @@ fn loss_kernel_matches_the_cpu_backend() {
             close_in(&gpu, &format!("loss per image {sched}"), &per_sample, &want.per_sample.iter().map(|&v| v as f32).collect::<Vec<_>>());
             close_in(&gpu, &format!("loss dlogvar {sched}"), &down(&gpu, &got.dlogvar), &want.dlogvar.iter().map(|v| v * scale).collect::<Vec<_>>());
             let tol = if gpu.act_dtype() == Dtype::Bf16 { 1e-2 } else { 1e-5 };
+            if gpu.act_dtype() == Dtype::Bf16 {
+                // A bf16 logvar is converted to fp32 first.
+                let g16 = k::edm2_loss(&gpu, &up(&gpu, &d), &up32(&gpu, &y), &up(&gpu, &logvar), &sigma, 0.5, scale).unwrap();
+                close_in(&gpu, &format!("loss dlogvar, bf16 logvar {sched}"), &down(&gpu, &g16.dlogvar), &down(&gpu, &got.dlogvar));
+            }
             let total = got.total(&gpu).unwrap();
             assert!((total - want.total).abs() <= tol * want.total.abs(), "total {total} vs {}", want.total);
         }

@@ -809,7 +809,12 @@ pub fn edm2_loss(
     expect_len(k, "images", images.len(), d.len())?;
     let per = images_of(k, d.len(), n)?;
     let sb = gpu.upload(sigma)?;
-    let logvar = scaled_to(gpu, logvar, Dtype::F32, 1.0)?;
+    // The kernel reads fp32 logvar (the network's is fp32 already; convert anything else).
+    let converted = if logvar.dtype() == Dtype::F32 { None } else { Some(scaled_to(gpu, logvar, Dtype::F32, 1.0)?) };
+    let logvar: &dyn Values = match &converted {
+        Some(c) => c,
+        None => logvar,
+    };
     let mut dd = gpu.alloc_dtype(d.dtype(), d.len())?;
     let mut per_sample = gpu.alloc::<f32>(n)?;
     let mut dlogvar = gpu.alloc::<f32>(n)?;
