@@ -87,7 +87,7 @@ int edm2_attention_backward(const void *qkv, const float *qn, const float *kn, c
 int edm2_loss(const void *d, const float *y, const float *sigma, float sigma_data, const float *logvar, void *dd, float *loss_sums,
               float *dlogvar, size_t n, size_t per, float dd_scale, float dlv_scale, int dtype, cudaStream_t stream);
 
-/* optim.cu: Adam with non-finite zeroing (adds the count to *nonfinite), EMA lerp. */
+/* optim.cu: Adam with non-finite zeroing (adds the count to nonfinite[0], and the entries it left non-finite to nonfinite[1]), EMA lerp. */
 int edm2_adam_f32(float *p, const float *g, float *m, float *v, float beta1, float beta2, float bc2_sqrt, float eps,
                   float step, size_t n, unsigned *nonfinite, cudaStream_t stream);
 int edm2_ema_lerp_f32(float *e, const float *p, float w, size_t n, cudaStream_t stream);

@@ -3,7 +3,9 @@
 // adam: non-finite gradient entries count as 0 (DESIGN.md §2), then PyTorch's Adam:
 //   m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  p ← p − step · m / (sqrt(v)/bc2 + ε)
 //   with step = lr/(1−β1ᵗ) and bc2 = sqrt(1−β2ᵗ) computed on the host in f64.
-//   Overwrites p, m, v; adds the number of non-finite entries to *nonfinite (atomic).
+//   Overwrites p, m, v; adds the number of non-finite gradient entries to nonfinite[0] and
+//   the number of entries whose updated p, m or v is non-finite (a diverged run: an
+//   overflowing update) to nonfinite[1] (atomic; the caller reads both once per step).
 // ema_lerp: e ← lerp(e, p, w) as PyTorch's kernel evaluates it (FMA, two branches on |w|):
 //   the power-function EMA update with w = 1 − β.
 // Variants: first versions; checked against the CPU backend in the simulation harness.
@@ -11,7 +13,7 @@
 
 __global__ void adam_kernel(float *__restrict__ p, const float *__restrict__ g, float *__restrict__ m, float *__restrict__ v,
                             float b1, float b2, float bc2, float eps, float step, size_t n, unsigned *__restrict__ nonfinite) {
-  unsigned bad = 0;
+  unsigned bad = 0, bad_out = 0;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     float gi = g[i];
     if (!isfinite(gi)) {
@@ -22,9 +24,12 @@ __global__ void adam_kernel(float *__restrict__ p, const float *__restrict__ g, 
     float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
     m[i] = mi;
     v[i] = vi;
-    p[i] -= step * mi / (sqrtf(vi) / bc2 + eps);
+    float pi = p[i] - step * mi / (sqrtf(vi) / bc2 + eps);
+    p[i] = pi;
+    if (!isfinite(pi) || !isfinite(mi) || !isfinite(vi)) bad_out++;
   }
   if (bad) atomicAdd(nonfinite, bad);
+  if (bad_out) atomicAdd(nonfinite + 1, bad_out);
 }
 
 __global__ void ema_lerp_kernel(float *__restrict__ e, const float *__restrict__ p, float w, size_t n) {

@@ -27,6 +27,10 @@ pub enum Error {
     /// A CUDA driver call or kernel launch failed (names the operation or kernel).
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A training run that cannot go on: its directory is in use, it has no valid state
+    /// to resume from, it does not fit in memory, or it diverged (the message says which).
+    #[error("{0}")]
+    Run(String),
     /// Bad training data: the message names the dataset and, where one is at fault, the file.
     #[error("dataset: {0}")]
     Data(String),

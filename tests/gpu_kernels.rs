@@ -250,10 +250,12 @@ fn adam_and_ema_kernels_match_the_cpu_backend() {
         let mut g = random(n, 10 + t);
         g[5] = f32::NAN;
         g[77] = f32::INFINITY;
-        // The counter accumulates: it starts at 5 here.
-        let mut count = gpu.upload(&[5u32]).unwrap();
+        // The counters accumulate: they start at 5 and 7 here.
+        let mut count = gpu.upload(&[5u32, 7]).unwrap();
         k::adam(&gpu, &mut p, &up32(&gpu, &g), &mut m, &mut v, 0.01, 0.9, 0.99, 1e-8, t, &mut count).unwrap();
-        let bad = gpu.download(&count).unwrap()[0] - 5;
+        let counts = gpu.download(&count).unwrap();
+        let bad = counts[0] - 5;
+        assert_eq!(counts[1], 7, "a finite update adds no non-finite results");
         let mut grads = Params { values: vec![g] };
         let cpu_bad = Adam::sanitize(&mut grads);
         cpu.step(&specs, &mut cpu_p, &grads, 0.01);
@@ -264,6 +266,16 @@ fn adam_and_ema_kernels_match_the_cpu_backend() {
     }
     // The power-function EMA update (both lerp branches).
     let pv = down32(&gpu, &p);
+    {
+        // An overflowing update (step size lr/(1−β1ᵗ) = inf in f32) is counted in the
+        // second counter: every entry of p goes non-finite.
+        let (mut p2, mut m2, mut v2) = (up32(&gpu, &pv), up32(&gpu, &down32(&gpu, &m)), up32(&gpu, &down32(&gpu, &v)));
+        let mut count = gpu.alloc_zeros::<u32>(2).unwrap();
+        k::adam(&gpu, &mut p2, &up32(&gpu, &random(n, 99)), &mut m2, &mut v2, 1e39, 0.9, 0.99, 1e-8, 4, &mut count).unwrap();
+        let bad_p = down32(&gpu, &p2).iter().filter(|x| !x.is_finite()).count();
+        assert_eq!(gpu.download(&count).unwrap(), vec![0, bad_p as u32]);
+        assert_eq!(bad_p, n);
+    }
     for w in [0.3f32, 0.9] {
         let e0 = random(n, 3);
         let want: Vec<f32> = e0.iter().zip(&pv).map(|(&a, &b)| edm2::train::ema::torch_lerp(a, b, w)).collect();

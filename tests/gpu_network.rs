@@ -354,7 +354,7 @@ fn a_repeated_training_step_allocates_no_device_memory() {
         let dd = Tensor::with_buf(&out.d.shape, l.dd);
         let g = net.backward_on(&gpu, &gp, out.cache.unwrap(), &dd, &l.dlogvar, &mode).unwrap();
         assert_eq!(gpu.waits(), waits, "forward, loss and backward read nothing back: the host never waits for the device in a pass");
-        let mut nonfinite = gpu.alloc_zeros::<u32>(1).unwrap();
+        let mut nonfinite = gpu.alloc_zeros::<u32>(2).unwrap();
         for (i, (m, v)) in moments.iter_mut().enumerate() {
             k::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-3, 0.9, 0.99, 1e-8, t, &mut nonfinite).unwrap();
         }

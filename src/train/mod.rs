@@ -4,7 +4,9 @@
 pub mod adam;
 pub mod ema;
 pub mod loss;
+pub mod memory;
 pub mod schedule;
 pub mod run;
+pub mod rundir;
 pub mod snapshot;
 pub mod state;

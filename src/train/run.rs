@@ -15,8 +15,10 @@
 use super::adam::Adam;
 use super::ema::{EmaOptions, EmaSet};
 use super::loss::edm2_loss;
+use super::memory::{host_available, StepMemory};
 use super::schedule::learning_rate;
 use super::snapshot::write_snapshot;
+use super::rundir::{newest_valid_state, remove_partial_files, RunDirLock};
 use super::state::{list_states, TrainState};
 use crate::config::NetConfig;
 use crate::data::loader::{Loader, StreamOptions};
@@ -256,9 +258,14 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     opts.validate()?;
     let io = |e, p: &Path| Error::Io { path: p.into(), err: e };
     std::fs::create_dir_all(run_dir).map_err(|e| io(e, run_dir))?;
+    // One run per directory; held until this function returns (or the process dies).
+    let _lock = RunDirLock::acquire(run_dir)?;
     let log_path = run_dir.join("log.txt");
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| io(e, &log_path))?;
     let mut log = Log { file: Some(file), ui };
+    for p in remove_partial_files(run_dir)? {
+        log.line(&format!("Removed {} (a partial file left by an interrupted write)", p.display()));
+    }
 
     let net = Precond::new(&opts.net)?;
     let specs = net.specs.clone();
@@ -274,10 +281,24 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         )));
     }
 
-    // Fresh start or resume from the newest state.
-    let mut st = match list_states(run_dir)?.pop() {
-        Some(path) => {
-            let st = TrainState::load(&path)?;
+    // Fresh start or resume from the newest valid state (newer corrupt ones set aside).
+    let resume = newest_valid_state(run_dir)?;
+    for (old, new, why) in &resume.set_aside {
+        log.line(&format!("warning: {} is corrupt, kept as {}: {why}", old.display(), new.display()));
+    }
+    if resume.state.is_none() && !resume.set_aside.is_empty() {
+        return Err(Error::Run(format!(
+            "{}: no valid training state to resume from ({} corrupt, kept as *.corrupt); \
+             running the same command again starts the run afresh",
+            run_dir.display(),
+            resume.set_aside.len()
+        )));
+    }
+    let mut st = match resume.state {
+        Some((path, st)) => {
+            if !resume.set_aside.is_empty() {
+                log.line(&format!("warning: resuming from the newest valid state {}", path.display()));
+            }
             if st.config != opts.net {
                 return Err(Error::Input(format!(
                     "{} holds a training state of a different network:\n  state:   {}\n  options: {}\n\
@@ -380,6 +401,25 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         }
         _ => None,
     };
+    // Refuse a step that cannot fit before taking any of it (an abort midway loses the
+    // step and names nothing).
+    let act_bytes = if opts.device == crate::backend::Device::Cuda && opts.precision == "bf16" { 2 } else { 4 };
+    let need = StepMemory::estimate(&net, opts.batch_gpu, st.ema.averages().len(), act_bytes);
+    log.line(&format!(
+        "Memory: about {:.2} GiB per step ({:.2} GiB of activations per pass, {:.2} GiB of weights and optimizer state)",
+        need.total() as f64 / (1u64 << 30) as f64,
+        need.activations as f64 / (1u64 << 30) as f64,
+        need.state as f64 / (1u64 << 30) as f64
+    ));
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    if let Some((free, total)) = gpu.as_ref().and_then(|g| g.memory_free()) {
+        need.check(free, &format!("device memory ({:.2} GiB in all on {})", total as f64 / (1u64 << 30) as f64, gpu.as_ref().unwrap().name()), opts.batch_gpu)?;
+    }
+    if opts.device != crate::backend::Device::Cuda {
+        if let Some(avail) = host_available() {
+            need.check(avail, "memory on this machine", opts.batch_gpu)?;
+        }
+    }
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     let mut dev = gpu.as_ref().map(|g| device::DeviceState::upload(g, &st)).transpose()?;
     let rounds = opts.batch / opts.batch_gpu;
@@ -532,7 +572,13 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         let scale = (opts.loss_scaling * opts.batch_gpu as f64 / opts.batch as f64) as f32;
         #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
         let device_step = match (dev.as_mut(), gpu.as_ref()) {
-            (Some(d), Some(g)) => Some(d.step(g, &net, &mut st, &loader, opts, scale)?),
+            (Some(d), Some(g)) => match d.step(g, &net, &mut st, &loader, opts, scale)? {
+                Ok(out) => Some(out),
+                Err((name, i)) => {
+                    let lr = learning_rate((st.nimg - opts.batch) as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
+                    return Err(diverged(run_dir, &st, &name, i, lr));
+                }
+            },
             _ => None,
         };
         #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
@@ -576,6 +622,11 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
                 st.adam.step(&specs, &mut st.params, &grads, lr);
                 st.nimg += opts.batch;
                 st.ema.update(&specs, &st.params, st.nimg, opts.batch);
+                // Gradients are sanitized, but the update itself can overflow (a huge
+                // learning rate, an exploding v): stop before anything non-finite is saved.
+                if let Some((name, i)) = st.first_nonfinite(&specs) {
+                    return Err(diverged(run_dir, &st, &name, i, lr));
+                }
                 StepOut { loss_sum, nonfinite, lr, fwd_bwd }
             }
         };
@@ -600,6 +651,23 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         summary.other_sec = (total_train_sec - total_fwd_bwd) / summary.steps as f64;
     }
     Ok(summary)
+}
+
+/// The error of a run whose state went non-finite at its last step: names the step, the
+/// tensor and the newest training state on disk (all of which are finite: every state is
+/// checked before it is written).
+fn diverged(run_dir: &Path, st: &TrainState, tensor: &str, index: usize, lr: f64) -> Error {
+    let last = list_states(run_dir).ok().and_then(|mut l| l.pop());
+    Error::Run(format!(
+        "training diverged at step {} ({} images): tensor '{tensor}' holds a non-finite value at flat index {index} after the \
+         optimizer update (learning rate {lr:.3e}); nothing of this step was saved. {}",
+        st.adam.t,
+        st.nimg,
+        match last {
+            Some(p) => format!("The newest training state, {}, is finite: resume from it with a lower --lr (or --ls).", p.display()),
+            None => "No training state had been written yet: start again with a lower --lr (or --ls).".into(),
+        }
+    ))
 }
 
 /// What one optimizer step reports.
@@ -668,8 +736,18 @@ mod device {
         }
 
         /// One optimizer step (gradient accumulation over `batch / batch_gpu` passes).
-        /// Advances `st.nimg` and `st.adam.t` as the host step does.
-        pub fn step(&mut self, gpu: &Gpu, net: &Precond, st: &mut TrainState, loader: &Loader, opts: &TrainOptions, scale: f32) -> Result<StepOut> {
+        /// Advances `st.nimg` and `st.adam.t` as the host step does. `Ok(Err((tensor,
+        /// index)))`: the update made that tensor non-finite (the host state then holds
+        /// the device's, for the error message).
+        pub fn step(
+            &mut self,
+            gpu: &Gpu,
+            net: &Precond,
+            st: &mut TrainState,
+            loader: &Loader,
+            opts: &TrainOptions,
+            scale: f32,
+        ) -> Result<std::result::Result<StepOut, (String, usize)>> {
             let specs = &net.specs;
             net.force_normalize_on(gpu, &mut self.params)?;
             let mut staging = 0.0f64;
@@ -723,7 +801,9 @@ mod device {
             // Adam with non-finite zeroing on every parameter, the gains included.
             let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
             st.adam.t += 1;
-            let mut count = gpu.alloc_zeros::<u32>(1)?;
+            // [non-finite gradient entries (zeroed), parameter/moment entries non-finite
+            // after the update]; the EMAs are lerps of finite weights, finite with them.
+            let mut count = gpu.alloc_zeros::<u32>(2)?;
             for (i, s) in specs.iter().enumerate() {
                 if s.kind == ParamKind::Param {
                     let (a, b) = (&st.adam, &mut self.m[i]);
@@ -731,8 +811,13 @@ mod device {
                 }
             }
             self.params.scalars_from_device(gpu)?;
-            let nonfinite = gpu.download(&count)?[0] as usize;
+            let counts = gpu.download(&count)?;
+            let nonfinite = counts[0] as usize;
             st.nimg += opts.batch;
+            if counts[1] > 0 {
+                self.download_into(gpu, st)?;
+                return Ok(Err(st.first_nonfinite(specs).unwrap_or_else(|| ("(a parameter)".into(), 0))));
+            }
             // The EMAs: the same lerp weights as the host's EmaSet (buffers never change).
             for (e, w) in self.emas.iter_mut().zip(st.ema.weights(st.nimg, opts.batch)) {
                 for (i, s) in specs.iter().enumerate() {
@@ -746,7 +831,7 @@ mod device {
                 }
             }
             gpu.synchronize()?;
-            Ok(StepOut { loss_sum, nonfinite, lr, fwd_bwd })
+            Ok(Ok(StepOut { loss_sum, nonfinite, lr, fwd_bwd }))
         }
     }
 }

@@ -34,29 +34,82 @@ pub fn state_name(nimg: u64) -> String {
     format!("training-state-{:07}.safetensors", nimg / 1000)
 }
 
-/// Training states in `dir`, oldest first (by the kimg in the name).
+/// `training-state-{kimg:07}-{nimg}.safetensors`: the name of a state whose plain name is
+/// already taken by a state of another image count (a run interrupted less than 1000
+/// images after a periodic checkpoint has the same kimg): no state ever replaces another.
+pub fn state_name_exact(nimg: u64) -> String {
+    format!("training-state-{:07}-{nimg}.safetensors", nimg / 1000)
+}
+
+/// (kimg, exact image count or 0) of a training-state file name; None for other files.
+fn parse_state_name(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("training-state-")?.strip_suffix(".safetensors")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match rest.split_once('-') {
+        None if digits(rest) => Some((rest.parse().ok()?, 0)),
+        Some((k, n)) if digits(k) && digits(n) => {
+            let (k, n): (u64, u64) = (k.parse().ok()?, n.parse().ok()?);
+            (n / 1000 == k).then_some((k, n))
+        }
+        _ => None,
+    }
+}
+
+/// Training states in `dir`, oldest first: by kimg, and within a kimg the plain name
+/// before the exact ones (those are written only when the plain name holds an earlier
+/// state, see [`state_name_exact`]).
 pub fn list_states(dir: &Path) -> Result<Vec<PathBuf>> {
     let rd = match std::fs::read_dir(dir) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::Io { path: dir.into(), err: e }),
     };
-    let mut out: Vec<(u64, PathBuf)> = Vec::new();
+    let mut out: Vec<((u64, u64), PathBuf)> = Vec::new();
     for ent in rd.flatten() {
-        let name = ent.file_name().to_string_lossy().into_owned();
-        if let Some(k) = name.strip_prefix("training-state-").and_then(|s| s.strip_suffix(".safetensors")) {
-            if let Ok(k) = k.parse::<u64>() {
-                out.push((k, ent.path()));
-            }
+        if let Some(key) = parse_state_name(&ent.file_name().to_string_lossy()) {
+            out.push((key, ent.path()));
         }
     }
     out.sort();
     Ok(out.into_iter().map(|(_, p)| p).collect())
 }
 
+/// The image count stored in a state file's metadata (None when it cannot be read).
+fn stored_nimg(path: &Path) -> Option<u64> {
+    safetensors::read_header(path).ok()?.metadata.get("edm2.nimg")?.parse().ok()
+}
+
+/// Where a state of `nimg` images goes in `dir`: its plain name, unless a state of
+/// another image count (or an unreadable file) has it.
+pub fn state_path(dir: &Path, nimg: u64) -> PathBuf {
+    let plain = dir.join(state_name(nimg));
+    if !plain.exists() || stored_nimg(&plain) == Some(nimg) {
+        plain
+    } else {
+        dir.join(state_name_exact(nimg))
+    }
+}
+
+/// Keeps a bad file under a new name (`NAME.corrupt`, `NAME.corrupt.1`, …) so that it is
+/// never read again as a state and never deleted. Returns the new path.
+pub fn set_aside(path: &Path) -> Result<PathBuf> {
+    let base = path.as_os_str().to_string_lossy().into_owned();
+    let mut k = 0;
+    loop {
+        let cand = PathBuf::from(if k == 0 { format!("{base}.corrupt") } else { format!("{base}.corrupt.{k}") });
+        if !cand.exists() {
+            std::fs::rename(path, &cand).map_err(|e| Error::Io { path: path.into(), err: e })?;
+            return Ok(cand);
+        }
+        k += 1;
+    }
+}
+
 impl TrainState {
+    /// Writes the state (atomically) to [`state_path`]: never over a state of another
+    /// image count.
     pub fn save(&self, specs: &[ParamSpec], dir: &Path) -> Result<PathBuf> {
-        let path = dir.join(state_name(self.nimg));
+        let path = state_path(dir, self.nimg);
         let mut names: Vec<String> = Vec::new();
         let mut refs: Vec<(usize, &[usize], &[f32])> = Vec::new();
         for (i, s) in specs.iter().enumerate() {
@@ -88,6 +141,25 @@ impl TrainState {
         meta.insert("edm2.elapsed_sec".into(), format!("{:.3}", self.elapsed_sec));
         safetensors::write(&path, &list, &meta, Dtype::F32)?;
         Ok(path)
+    }
+
+    /// The first tensor holding a NaN or ±inf: the weights, the Adam moments, then the
+    /// EMAs, as (name in the state file, flat index).
+    pub fn first_nonfinite(&self, specs: &[ParamSpec]) -> Option<(String, usize)> {
+        use rayon::prelude::*;
+        let find = |v: &[f32]| v.par_iter().position_first(|x| !x.is_finite());
+        let mut groups: Vec<(String, &Params)> = vec![("net/".into(), &self.params), ("optim/exp_avg/".into(), &self.adam.m), ("optim/exp_avg_sq/".into(), &self.adam.v)];
+        for (k, (_, e)) in self.ema.averages().into_iter().enumerate() {
+            groups.push((format!("ema/{k}/"), e));
+        }
+        for (prefix, p) in groups {
+            for (s, v) in specs.iter().zip(&p.values) {
+                if let Some(i) = find(v) {
+                    return Some((format!("{prefix}{}", s.name), i));
+                }
+            }
+        }
+        None
     }
 
     /// Loads a state written by [`TrainState::save`]; every missing piece is an error

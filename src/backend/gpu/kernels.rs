@@ -109,9 +109,10 @@ pub fn sum_into(gpu: &Gpu, x: &GpuBuf<f32>, out: &mut GpuBuf<f32>) -> Result<()>
 }
 
 /// One Adam step on a flat parameter (PyTorch's form, non-finite gradient entries as 0);
-/// `t` = the step number after this step. Adds the number of non-finite entries to the
-/// device counter `nonfinite` (one counter for all parameters of a step, read once: a
-/// download per parameter would stall the stream ~60 times a step).
+/// `t` = the step number after this step. Adds the number of non-finite gradient entries
+/// to the device counter `nonfinite[0]` and the number of entries whose updated weight or
+/// moment is non-finite (divergence) to `nonfinite[1]` (one pair for all parameters of a
+/// step, read once: a download per parameter would stall the stream ~60 times a step).
 #[allow(clippy::too_many_arguments)]
 pub fn adam(
     gpu: &Gpu,
@@ -126,7 +127,7 @@ pub fn adam(
     t: u64,
     nonfinite: &mut GpuBuf<u32>,
 ) -> Result<()> {
-    expect_len("adam", "nonfinite", nonfinite.len(), 1)?;
+    expect_len("adam", "nonfinite", nonfinite.len(), 2)?;
     for (name, l) in [("adam g", g.len()), ("adam m", m.len()), ("adam v", v.len())] {
         same_len(name, p.len(), l)?;
     }

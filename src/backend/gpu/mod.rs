@@ -432,10 +432,26 @@ impl Gpu {
         Ok(self.stream.cu_stream())
     }
 
-    /// New device memory for `n` elements (contents unspecified).
+    /// New device memory for `n` elements (contents unspecified). Out of memory is an
+    /// error naming the request and the free and total figures.
     fn raw_alloc<T: DeviceScalar>(&self, n: usize) -> Result<Storage<T>> {
         // SAFETY: every caller fills or writes the buffer before handing it out.
-        unsafe { self.stream.alloc::<T>(n) }.map_err(|e| driver_err("allocating device memory", e))
+        unsafe { self.stream.alloc::<T>(n) }.map_err(|e| {
+            if e.0 != cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                return driver_err("allocating device memory", e);
+            }
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let bytes = (n as u64).saturating_mul(std::mem::size_of::<T>() as u64);
+            let (free, total) = self.memory_free().unwrap_or((0, 0));
+            Error::Cuda(format!(
+                "{}: out of device memory allocating {:.3} GiB ({free} bytes = {:.2} GiB free of {:.2} GiB); \
+                 lower --batch-gpu (or --batch in generate and bench)",
+                self.name,
+                gib(bytes),
+                gib(free),
+                gib(total)
+            ))
+        })
     }
 
     /// Sets every byte of `b` to `byte` (stream-ordered).
@@ -473,8 +489,13 @@ impl Gpu {
     /// Device memory in use now, in bytes (all processes, the CUDA context included). Our
     /// pool and the driver's keep freed buffers, so after a step this is its footprint.
     pub fn memory_in_use(&self) -> Option<u64> {
+        self.memory_free().map(|(free, total)| total - free)
+    }
+
+    /// (free, total) device memory now, bytes.
+    pub fn memory_free(&self) -> Option<(u64, u64)> {
         self.stream.context().bind_to_thread().ok()?;
-        cudarc::driver::result::mem_get_info().ok().map(|(free, total)| (total - free) as u64)
+        cudarc::driver::result::mem_get_info().ok().map(|(free, total)| (free as u64, total as u64))
     }
 }
 
@@ -590,6 +611,11 @@ impl Gpu {
 
     /// The simulated device has no memory of its own.
     pub fn memory_in_use(&self) -> Option<u64> {
+        None
+    }
+
+    /// The simulated device has no memory of its own (the host's is checked instead).
+    pub fn memory_free(&self) -> Option<(u64, u64)> {
         None
     }
 }

@@ -1,0 +1,126 @@
+//! Guarding a run directory: one `train` at a time (an advisory lock the kernel drops
+//! when its holder dies, so a killed run never leaves a stale lock), partial files of
+//! earlier runs cleared at start, and the newest *valid* training state found for resume
+//! (a corrupt one is set aside under a new name, never deleted).
+
+use super::state::{list_states, set_aside, TrainState};
+use crate::error::{Error, Result};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// The lock file's name inside the run directory.
+pub const LOCK_NAME: &str = "train.lock";
+
+/// Held for as long as a run writes to its directory; dropping it (or the process dying)
+/// releases the lock. The file itself stays: its content names the last holder.
+#[derive(Debug)]
+pub struct RunDirLock {
+    _file: std::fs::File,
+    pub path: PathBuf,
+}
+
+impl RunDirLock {
+    /// Takes the run directory's lock without waiting; if another process holds it the
+    /// error names that process (its pid, host and start time, as it wrote them).
+    pub fn acquire(run_dir: &Path) -> Result<RunDirLock> {
+        let path = run_dir.join(LOCK_NAME);
+        let io = |e| Error::Io { path: path.clone(), err: e };
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = f.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(Error::Run(format!(
+                    "{} is in use by another edm2 train ({}); wait for it to finish, stop it, or use another --outdir",
+                    run_dir.display(),
+                    if holder.is_empty() { "a process that has not written its pid yet".to_string() } else { holder.to_string() }
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        f.set_len(0).map_err(io)?;
+        f.rewind().map_err(io)?;
+        write!(f, "pid {} on host '{host}', since unix time {since}", std::process::id()).and_then(|_| f.flush()).map_err(io)?;
+        Ok(RunDirLock { _file: f, path })
+    }
+}
+
+/// Whether `name` is a temporary file of [`crate::io::write_atomic`]: `.{name}.tmp{pid}`.
+fn is_partial_file(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else { return false };
+    match rest.rsplit_once(".tmp") {
+        Some((base, pid)) => !base.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()),
+        None => false,
+    }
+}
+
+/// Removes the temporary files that an interrupted atomic write (SIGKILL, a full disk)
+/// left in the run directory. Only call with the directory's lock held: then no other
+/// writer is mid-write there. Returns the removed paths.
+pub fn remove_partial_files(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let io = |e, p: &Path| Error::Io { path: p.into(), err: e };
+    let mut removed = Vec::new();
+    for ent in std::fs::read_dir(run_dir).map_err(|e| io(e, run_dir))? {
+        let ent = ent.map_err(|e| io(e, run_dir))?;
+        let is_file = ent.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if is_file && is_partial_file(&ent.file_name().to_string_lossy()) {
+            let p = ent.path();
+            std::fs::remove_file(&p).map_err(|e| io(e, &p))?;
+            removed.push(p);
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// What [`newest_valid_state`] found.
+pub struct Resume {
+    /// The newest state that loads and holds only finite values, with its path.
+    pub state: Option<(PathBuf, TrainState)>,
+    /// Corrupt states set aside: (old path, new path, why).
+    pub set_aside: Vec<(PathBuf, PathBuf, String)>,
+}
+
+/// The newest training state of `run_dir` that loads and holds finite values; newer ones
+/// that do not are renamed to `*.corrupt` (kept for inspection) with the reason. A state
+/// that cannot be *read* (permissions, I/O) is an error, not corruption.
+pub fn newest_valid_state(run_dir: &Path) -> Result<Resume> {
+    let mut out = Resume { state: None, set_aside: Vec::new() };
+    for path in list_states(run_dir)?.into_iter().rev() {
+        let why = match TrainState::load(&path) {
+            Err(e @ Error::Io { .. }) => return Err(e),
+            Err(e) => e.to_string(),
+            Ok(st) => {
+                let net = crate::nn::Precond::new(&st.config)?;
+                match st.first_nonfinite(&net.specs) {
+                    None => {
+                        out.state = Some((path, st));
+                        return Ok(out);
+                    }
+                    Some((name, i)) => format!("{}: tensor '{name}' holds a non-finite value at flat index {i}", path.display()),
+                }
+            }
+        };
+        let new = set_aside(&path)?;
+        out.set_aside.push((path, new, why));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_partial_file;
+
+    #[test]
+    fn partial_file_names_are_those_of_write_atomic() {
+        assert!(is_partial_file(".training-state-0000064.safetensors.tmp1234"));
+        assert!(is_partial_file(".preview-0000001.png.tmp7"));
+        for keep in ["training-state-0000064.safetensors", ".tmp12", ".a.tmp", ".a.tmpx1", "a.tmp12", "log.txt", ".hidden"] {
+            assert!(!is_partial_file(keep), "{keep}");
+        }
+    }
+}
