@@ -20,6 +20,13 @@ pub struct LoadedNet {
 pub fn load_net(path: impl AsRef<Path>, config: Option<&NetConfig>) -> Result<LoadedNet> {
     let path = path.as_ref();
     let file = safetensors::read(path)?;
+    if file.metadata.get("edm2.format").map(String::as_str) == Some("training-state") {
+        return Err(Error::Input(format!(
+            "{} is a training state (weights, Adam moments and EMAs for resuming `edm2 train`), not a network; \
+             use an EMA snapshot of the run (network-snapshot-*.safetensors) or one made by `edm2 phema`",
+            path.display()
+        )));
+    }
     let cfg = match config {
         Some(c) => c.clone(),
         None => match file.metadata.get("edm2.config") {

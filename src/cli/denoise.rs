@@ -27,6 +27,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = resolve_device(a.device)?;
+    super::checks::output_file("output", std::path::Path::new(&a.output))?;
     let cfg = a.config.as_deref().map(NetConfig::resolve).transpose()?;
     let net = edm2::load_net(&a.net, cfg.as_ref())?;
     let inp = safetensors::read(&a.input)?;

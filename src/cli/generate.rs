@@ -17,6 +17,15 @@ use edm2::{NetConfig, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::checks::{finite, output_dir, output_file};
+
+/// Sampler steps accepted (the paper uses 32; a thousand is already far past any gain).
+const MAX_STEPS: usize = 10_000;
+
+fn precision_is_bf16(p: &str) -> bool {
+    p == "bf16"
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Network to sample from (snapshot, post-hoc reconstruction or any net file).
@@ -79,20 +88,37 @@ pub struct Args {
     pub precision: String,
 }
 
-/// "0-63,100" → [0..=63, 100].
+/// The most images one `generate` may name (a list of this many seeds is 128 MiB; a
+/// bigger run is split over invocations, e.g. by --seeds ranges across machines).
+pub const MAX_SEEDS: u64 = 1 << 24;
+
+/// "0-63,100" → [0..=63, 100]; at most [`MAX_SEEDS`] seeds, counted before any is listed.
 pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
-    let mut out = Vec::new();
+    let mut ranges = Vec::new();
+    let mut count = 0u64;
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
+        let (a, b): (u64, u64) = match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (u64, u64) = (a.parse().with_context(|| format!("bad seed range '{part}'"))?, b.parse().with_context(|| format!("bad seed range '{part}'"))?);
-                if b < a {
-                    bail!("bad seed range '{part}': end before start");
-                }
-                out.extend(a..=b);
+                let bad = || format!("--seeds: bad seed range '{part}' (expected START-END of non-negative integers)");
+                (a.trim().parse().with_context(bad)?, b.trim().parse().with_context(bad)?)
             }
-            None => out.push(part.parse().with_context(|| format!("bad seed '{part}'"))?),
+            None => {
+                let v = part.parse().with_context(|| format!("--seeds: bad seed '{part}'"))?;
+                (v, v)
+            }
+        };
+        if b < a {
+            bail!("--seeds: bad seed range '{part}': end before start");
         }
+        count = count.saturating_add((b - a).saturating_add(1));
+        if count > MAX_SEEDS {
+            bail!("--seeds '{s}' selects more than {MAX_SEEDS} images; split the work over several runs (e.g. 0-999999, 1000000-1999999)");
+        }
+        ranges.push((a, b));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for (a, b) in ranges {
+        out.extend(a..=b);
     }
     if out.is_empty() {
         bail!("--seeds selects no images");
@@ -108,10 +134,28 @@ fn image_path(outdir: &Path, name: u64, subdirs: bool, ext: &str) -> PathBuf {
 pub fn run(a: Args) -> Result<()> {
     let device = resolve_device(a.device)?;
     anyhow::ensure!(a.precision == "fp32" || device == Device::Cuda, "--precision {} is a CUDA setting; the CPU backend computes in fp32", a.precision);
+    // Every number and output path checked before a network is loaded.
+    finite("guidance", a.guidance as f64, None)?;
     if a.guidance != 1.0 && a.gnet.is_none() {
         bail!("--guidance {} needs a guiding network (--gnet); guidance 1 means no guidance", a.guidance);
     }
     anyhow::ensure!(a.batch > 0 && a.steps >= 2, "--batch must be positive and --steps at least 2");
+    anyhow::ensure!(a.steps <= MAX_STEPS, "--steps {} is more than {MAX_STEPS}", a.steps);
+    finite("S_churn", a.s_churn, Some(0.0))?;
+    finite("S_min", a.s_min, Some(0.0))?;
+    finite("S_noise", a.s_noise, Some(0.0))?;
+    // S_max may be +inf (the default: churn at every σ ≥ S_min), never NaN.
+    if a.s_max.is_nan() || a.s_max < a.s_min {
+        bail!("--S_max {} must be a number at least --S_min {}", a.s_max, a.s_min);
+    }
+    let seeds = if a.noise.is_none() { Some(parse_seeds(&a.seeds)?) } else { None };
+    output_dir("outdir", &a.outdir)?;
+    if let Some(g) = &a.grid {
+        output_file("grid", g)?;
+    }
+    if let Some(r) = &a.save_raw {
+        output_file("save-raw", r)?;
+    }
     let cfg = a.config.as_deref().map(NetConfig::resolve).transpose()?;
     let net = edm2::load_net(&a.net, cfg.as_ref())?;
     let gnet = match &a.gnet {
@@ -152,10 +196,34 @@ pub fn run(a: Args) -> Result<()> {
         }
         None => None,
     };
-    let names: Vec<u64> = match &given {
-        Some(f) => (0..f.require("noise")?.shape[0] as u64).collect(),
-        None => parse_seeds(&a.seeds)?,
+    let names: Vec<u64> = match (&given, seeds) {
+        (Some(f), _) => (0..f.require("noise")?.shape[0] as u64).collect(),
+        (None, Some(s)) => s,
+        (None, None) => unreachable!("seeds are parsed when no --noise is given"),
     };
+    // What must fit in memory: one batch of the sampler (and the network's activations),
+    // and everything kept to the end (the grid's pixels, the raw samples).
+    let batch = a.batch.min(names.len()) as u64;
+    let kept = names.len() as u64 * per as u64 * (a.grid.is_some() as u64 + 4 * a.save_raw.is_some() as u64);
+    let act_bytes = if precision_is_bf16(&a.precision) { 2 } else { 4 };
+    // An eval forward keeps about half of what a training pass records.
+    let need = batch * (net.net.activation_bytes_per_image(act_bytes) / 2 + 8 * 4 * per as u64) + kept;
+    if device != Device::Cuda {
+        if let Some(avail) = edm2::train::memory::host_available() {
+            if need > avail {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                bail!(
+                    "sampling needs about {:.2} GiB ({:.2} GiB for --batch {batch}{}), but only {:.2} GiB of memory is available; \
+                     lower --batch{}",
+                    gib(need),
+                    gib(need - kept),
+                    if kept > 0 { format!(", {:.2} GiB for the --grid/--save-raw images of all {} seeds", gib(kept), names.len()) } else { String::new() },
+                    gib(avail),
+                    if kept > 0 { ", or generate fewer seeds per run with --grid/--save-raw" } else { "" }
+                );
+            }
+        }
+    }
     let opts = SamplerOpts {
         num_steps: a.steps,
         guidance: a.guidance,

@@ -1,6 +1,7 @@
 //! Command-line interface. Flags use the official EDM2 spellings where one exists.
 
 pub mod bench;
+pub mod checks;
 pub mod denoise;
 pub mod generate;
 pub mod info;

@@ -44,6 +44,12 @@ pub fn run(a: Args) -> Result<()> {
     if !a.list && a.outdir.is_none() {
         bail!("--outdir is required (or --list to only print the coefficients)");
     }
+    if let Some(d) = &a.outdir {
+        super::checks::output_dir("outdir", d)?;
+    }
+    if let Some(j) = &a.json {
+        super::checks::output_file("json", j)?;
+    }
     let plan = reconstruct::plan(&a.indir, &stds, a.outkimg)?;
     eprintln!(
         "{} snapshots used, reconstructing σ_rel {:?} at kimg {} (nimg {})",

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 const DEFAULT_PRESET: &str = "cpu-fmnist";
+/// Images in a preview grid at most.
+const MAX_PREVIEW: usize = 1024;
 
 #[derive(clap::Args)]
 #[command(after_long_help = "Image counts (--duration, --batch, --status, ...) are images: a plain integer or with the \
@@ -327,6 +329,11 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
     };
     if a.preview > 0 && a.preview_steps < 2 {
         bail!("--preview-steps must be at least 2");
+    }
+    // The preview grid is sampled in one batch at each checkpoint: bound it before the
+    // run, not when the first checkpoint is due.
+    if a.preview > MAX_PREVIEW || a.preview_steps > 10_000 {
+        bail!("--preview {} / --preview-steps {}: at most {MAX_PREVIEW} images and 10000 steps", a.preview, a.preview_steps);
     }
     let opts = TrainOptions {
         preset: preset_name.clone(),
