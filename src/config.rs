@@ -174,14 +174,14 @@ impl NetConfig {
     }
 
     pub fn cblock(&self) -> Vec<usize> {
-        self.channel_mult.iter().map(|m| m * self.model_channels).collect()
+        self.channel_mult.iter().map(|m| m.saturating_mul(self.model_channels)).collect()
     }
     pub fn cnoise(&self) -> usize {
-        self.channel_mult_noise.map(|m| m * self.model_channels).unwrap_or(self.cblock()[0])
+        self.channel_mult_noise.map(|m| m.saturating_mul(self.model_channels)).unwrap_or(self.cblock()[0])
     }
     pub fn cemb(&self) -> usize {
         self.channel_mult_emb
-            .map(|m| m * self.model_channels)
+            .map(|m| m.saturating_mul(self.model_channels))
             .unwrap_or_else(|| *self.cblock().iter().max().unwrap())
     }
 
@@ -195,6 +195,23 @@ impl NetConfig {
         }
         if self.model_channels == 0 || self.channels_per_head == 0 || self.logvar_channels == 0 {
             return bad("model_channels, channels_per_head and logvar_channels must be positive".into());
+        }
+        // Bounds far past any EDM2 network (XXL: 448 channels x 4, 512 px), so that every
+        // size computed from a config fits in 64 bits and a typo is an error here, not an
+        // allocation of exabytes.
+        let widest = self.cblock().into_iter().chain([self.cnoise(), self.cemb(), self.logvar_channels]).max().unwrap_or(0);
+        let limits = [
+            ("img_resolution", self.img_resolution, 8192),
+            ("img_channels", self.img_channels, 64),
+            ("label_dim", self.label_dim, 100_000),
+            ("the widest layer (model_channels x channel_mult)", widest, 1 << 16),
+            ("num_blocks", self.num_blocks, 64),
+            ("the number of levels (channel_mult)", self.channel_mult.len(), 12),
+        ];
+        for (what, v, max) in limits {
+            if v > max {
+                return bad(format!("{what} is {v}; at most {max} is supported"));
+            }
         }
         let levels = self.channel_mult.len();
         if self.img_resolution % (1 << (levels - 1)) != 0 {

@@ -309,3 +309,23 @@ fn a_training_state_given_as_a_network_says_so() {
     let o = edm2(&["generate", "--net", s(&snap), "--outdir", s(&d.join("img")), "--seeds", "0-1", "--steps", "2"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn sizes_from_arguments_and_configs_are_bounded_before_allocating() {
+    let d = tmp("sizes");
+    let t = std::time::Instant::now();
+    // A typo'd width: a config error, not an allocation of exabytes.
+    fails_with(&edm2(&["train", "--channels", "100000000", "--outdir", s(&d.join("a")), "--duration", "64"]), "at most 65536 is supported");
+    let cfg = d.join("huge.json");
+    std::fs::write(&cfg, r#"{"img_resolution": 32, "img_channels": 1, "label_dim": 0, "model_channels": 4000000000, "channel_mult": [1, 2]}"#).unwrap();
+    fails_with(&edm2(&["info", "--config", s(&cfg)]), "at most 65536 is supported");
+    std::fs::write(&cfg, r#"{"img_resolution": 1048576, "img_channels": 1, "label_dim": 0}"#).unwrap();
+    fails_with(&edm2(&["info", "--config", s(&cfg)]), "img_resolution is 1048576");
+    // Within the config bounds but far past this machine: refused with both figures.
+    let o = edm2(&["train", "--channels", "30000", "--outdir", s(&d.join("b")), "--duration", "64"]);
+    fails_with(&o, "of weights, gradients, Adam moments and EMAs), but only");
+    fails_with(&o, "not even one image per pass fits");
+    fails_with(&edm2(&["bench", "--batch", "100000000"]), "use --batch ");
+    fails_with(&edm2(&["train", "--preview", "100000", "--outdir", s(&d.join("c"))]), "--preview 100000");
+    assert!(t.elapsed().as_secs() < 30, "every refusal comes before the work");
+}

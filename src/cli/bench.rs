@@ -60,10 +60,22 @@ struct Setup {
 
 /// Fresh weights with every gain at 0.5 (so the whole network is exercised), random
 /// images, one label per image, log-normal σ and the noisy images.
-fn setup(a: &Args) -> Result<Setup> {
+/// `free`: the device's free memory when benchmarking there (else the host's is checked).
+fn setup(a: &Args, free: Option<u64>) -> Result<Setup> {
     anyhow::ensure!(a.batch > 0 && a.iters > 0, "--batch and --iters must be positive");
     let cfg = NetConfig::resolve(&a.config)?;
     let net = Precond::new(&cfg)?;
+    // The step must fit before anything of its size is allocated (here and on the device).
+    let act_bytes = if a.precision == "bf16" { 2 } else { 4 };
+    let need = edm2::train::memory::StepMemory::estimate(&net, a.batch as u64, 0, act_bytes);
+    match free {
+        Some(f) => need.check(f, "device memory", a.batch as u64, "batch")?,
+        None => {
+            if let Some(avail) = edm2::train::memory::host_available() {
+                need.check(avail, "memory on this machine", a.batch as u64, "batch")?;
+            }
+        }
+    }
     let mut params = net.init_params(0);
     for (s, v) in net.specs.iter().zip(params.values.iter_mut()) {
         if s.shape.is_empty() {
@@ -97,7 +109,7 @@ pub fn run(a: Args) -> Result<()> {
         return bench_cuda(&a);
     }
     anyhow::ensure!(a.precision == "fp32", "--precision {} is a CUDA setting; the CPU backend computes in fp32", a.precision);
-    let Setup { cfg, net, mut params, images, labels, sigma, noisy, mut rng } = setup(&a)?;
+    let Setup { cfg, net, mut params, images, labels, sigma, noisy, mut rng } = setup(&a, None)?;
     let (n, r, c) = (a.batch, cfg.img_resolution, cfg.img_channels);
     let mut adam = edm2::train::adam::Adam::new(&net.specs);
     let mut train_step = |params: &mut edm2::Params| {
@@ -206,7 +218,7 @@ fn bench_cuda(a: &Args) -> Result<()> {
     use edm2::backend::gpu::{kernels, Gpu, GpuParams};
     let gpu = Gpu::open(0)?;
     gpu.set_precision(a.precision.parse().map_err(anyhow::Error::msg)?);
-    let Setup { cfg, net, params, images, labels, sigma, noisy, mut rng } = setup(a)?;
+    let Setup { cfg, net, params, images, labels, sigma, noisy, mut rng } = setup(a, gpu.memory_free().map(|f| f.0))?;
     let n = a.batch;
     let mut gp = GpuParams::upload(&gpu, &params)?;
     let xd = Tensor::with_buf(&noisy.shape, gpu.upload_input(&noisy.data)?);
@@ -227,7 +239,7 @@ fn bench_cuda(a: &Args) -> Result<()> {
         let g = net.backward_on(&gpu, gp, out.cache.expect("a training forward records"), &dd, &dlogvar, &mode)?;
         step += 1;
         // Adam on the device for every parameter, the gains included.
-        let mut nonfinite = gpu.alloc_zeros::<u32>(1)?;
+        let mut nonfinite = gpu.alloc_zeros::<u32>(2)?;
         for (i, s) in net.specs.iter().enumerate() {
             if s.kind == edm2::nn::params::ParamKind::Param {
                 let (m, v) = &mut moments[i];

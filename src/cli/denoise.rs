@@ -36,6 +36,20 @@ pub fn run(a: Args) -> Result<()> {
     if st.shape.len() != 1 {
         anyhow::bail!("{}: sigma must be [N], got shape {:?}", a.input, st.shape);
     }
+    if device != Device::Cuda && xt.shape.len() == 4 {
+        // One eval forward over all N images at once: its activations must fit.
+        let n = xt.shape[0] as u64;
+        let need = n.saturating_mul(net.net.activation_bytes_per_image(4) / 2);
+        if let Some(avail) = edm2::train::memory::host_available() {
+            anyhow::ensure!(
+                need <= avail,
+                "{}: denoising its {n} images at once needs about {:.2} GiB, but only {:.2} GiB of memory is available; split the batch",
+                a.input,
+                need as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     let x = Tensor::from_vec(&xt.shape, xt.data.clone());
     let labels = inp.get("class_labels").map(|t| Tensor::from_vec(&t.shape, t.data.clone()));
     let (d, logvar) = edm2::api::denoise_on(&net, &x, &st.data, labels.as_ref(), device).with_context(|| format!("denoising {}", a.input))?;

@@ -675,14 +675,15 @@ impl Precond {
         let cfg = &self.config;
         let u = &self.unet;
         // Per block → (output resolution, activations, fp32 probabilities, mask bytes, widest).
-        let block = |b: &Block, res_in: usize| -> (usize, usize, usize, usize, usize) {
+        // In u128: a config at its size limits must not overflow (see NetConfig::validate).
+        let block = |b: &Block, res_in: usize| -> (usize, u128, u128, u128, u128) {
             let res = match b.resample {
                 Resample::Keep => res_in,
                 Resample::Down => res_in / 2,
                 Resample::Up => res_in * 2,
             };
-            let px = res * res;
-            let (ci, co, c0) = (b.in_ch, b.out_ch, b.conv_res0.in_ch);
+            let px = (res * res) as u128;
+            let (ci, co, c0) = (b.in_ch as u128, b.out_ch as u128, b.conv_res0.in_ch as u128);
             let mut e = 2 * c0 * px + 3 * co * px; // x_main, a0; h0, s, y1
             if b.flavor == Flavor::Enc {
                 e += co * px; // pixel-norm input
@@ -693,12 +694,12 @@ impl Precond {
             let mut f = 0;
             if b.attn_qkv.is_some() {
                 e += 5 * co * px; // x2, qkv, ya
-                f = b.num_heads * px * px;
+                f = b.num_heads as u128 * px * px;
             }
             let m = if b.clip_act.is_some() { co * px } else { 0 };
             (res, e, f, m, ci.max(co) * px)
         };
-        let (mut elems, mut fp32, mut mask, mut widest) = (0usize, 0usize, 0usize, 0usize);
+        let (mut elems, mut fp32, mut mask, mut widest) = (0u128, 0u128, 0u128, 0u128);
         let mut add = |res: &mut usize, b: &Block| {
             let (r, e, f, m, w) = block(b, *res);
             *res = r;
@@ -708,17 +709,17 @@ impl Precond {
             widest = widest.max(w);
         };
         let mut res = cfg.img_resolution;
-        let mut skips = 0usize;
-        let mut inputs = 0usize;
+        let mut skips = 0u128;
+        let mut inputs = 0u128;
         for (_, l) in &u.enc {
             match l {
                 EncLayer::Conv(m) => {
-                    inputs += m.in_ch * res * res;
-                    skips += m.out_ch * res * res;
+                    inputs += (m.in_ch * res * res) as u128;
+                    skips += (m.out_ch * res * res) as u128;
                 }
                 EncLayer::Block(b) => {
                     add(&mut res, b);
-                    skips += b.out_ch * res * res;
+                    skips += (b.out_ch * res * res) as u128;
                 }
             }
         }
@@ -729,8 +730,8 @@ impl Precond {
         // Encoder outputs for the skips and, in the backward, their gradients; four
         // tensors of the widest level live at once; x, the target, D and dD in fp32.
         elems += 2 * skips + 4 * widest;
-        let img = cfg.img_channels * cfg.img_resolution * cfg.img_resolution;
-        (elems * act_bytes + fp32 * 4 + mask + 4 * img * 4) as u64
+        let img = (cfg.img_channels * cfg.img_resolution * cfg.img_resolution) as u128;
+        u64::try_from(elems * act_bytes as u128 + fp32 * 4 + mask + 4 * img * 4).unwrap_or(u64::MAX)
     }
 
     /// Forward multiply-accumulates per image of the MP convolutions, linear layers and

@@ -31,8 +31,9 @@ impl StepMemory {
     }
 
     /// Refuses a step that needs more than `available` bytes of `what` (e.g. "memory on
-    /// this machine"), naming both figures and the way out.
-    pub fn check(&self, available: u64, what: &str, batch_gpu: u64) -> Result<()> {
+    /// this machine"), naming both figures and the way out: the images per pass `batch_gpu`
+    /// are set by the flag `--{flag}`.
+    pub fn check(&self, available: u64, what: &str, batch_gpu: u64, flag: &str) -> Result<()> {
         if self.total() <= available {
             return Ok(());
         }
@@ -40,15 +41,16 @@ impl StepMemory {
         let fits = ((available as f64 - self.state as f64) / per_image).floor();
         let hint = if fits >= 1.0 {
             format!(
-                "a pass of {} images fits: use --batch-gpu {} or smaller (gradient accumulation keeps --batch)",
+                "a pass of {} images fits: use --{flag} {} or smaller{}",
                 fits as u64,
-                largest_divisor_at_most(batch_gpu, fits as u64)
+                largest_divisor_at_most(batch_gpu, fits as u64),
+                if flag == "batch-gpu" { " (gradient accumulation keeps --batch)" } else { "" }
             )
         } else {
             "not even one image per pass fits: use a smaller network (--channels, a smaller preset) or a machine with more memory".into()
         };
         Err(Error::Run(format!(
-            "a training step needs about {:.2} GiB ({:.2} GiB of activations for --batch-gpu {batch_gpu} + {:.2} GiB of weights, \
+            "a training step needs about {:.2} GiB ({:.2} GiB of activations for --{flag} {batch_gpu} + {:.2} GiB of weights, \
              gradients, Adam moments and EMAs), but only {:.2} GiB of {what} is available; {hint}",
             self.total() as f64 / GIB,
             self.activations as f64 / GIB,
@@ -94,11 +96,11 @@ mod tests {
     #[test]
     fn refusal_names_both_figures_and_a_batch_gpu_that_fits() {
         let m = StepMemory { activations: 64 << 30, state: 1 << 30 };
-        assert!(m.check(66 << 30, "memory", 64).is_ok());
-        let e = m.check(17 << 30, "memory on this machine", 64).unwrap_err().to_string();
+        assert!(m.check(66 << 30, "memory", 64, "batch-gpu").is_ok());
+        let e = m.check(17 << 30, "memory on this machine", 64, "batch-gpu").unwrap_err().to_string();
         // 16 GiB left after the state: 16 images of 1 GiB; 16 divides 64.
         assert!(e.contains("65.00 GiB") && e.contains("17.00 GiB") && e.contains("--batch-gpu 16"), "{e}");
-        let e = m.check(1 << 29, "memory", 64).unwrap_err().to_string();
+        let e = m.check(1 << 29, "memory", 64, "batch").unwrap_err().to_string();
         assert!(e.contains("not even one image"), "{e}");
         assert_eq!(largest_divisor_at_most(96, 40), 32);
         assert_eq!(largest_divisor_at_most(7, 5), 1);

@@ -281,6 +281,25 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         )));
     }
 
+    // Refuse a step that cannot fit before building any of it (an abort midway names
+    // nothing). With the CUDA backend the host keeps only the state (weights, moments, EMAs).
+    let n_emas = match &opts.ema {
+        EmaOptions::Power { stds } => stds.len(),
+        EmaOptions::Traditional { .. } => 1,
+    };
+    let on_device = opts.device == crate::backend::Device::Cuda;
+    let need = StepMemory::estimate(&net, opts.batch_gpu, n_emas, if on_device && opts.precision == "bf16" { 2 } else { 4 });
+    log.line(&format!(
+        "Memory: about {:.2} GiB per step ({:.2} GiB of activations per pass, {:.2} GiB of weights and optimizer state)",
+        need.total() as f64 / (1u64 << 30) as f64,
+        need.activations as f64 / (1u64 << 30) as f64,
+        need.state as f64 / (1u64 << 30) as f64
+    ));
+    if let Some(avail) = host_available() {
+        let host = if on_device { StepMemory { activations: 0, state: net.num_params() as u64 * 4 * (3 + n_emas as u64) } } else { need };
+        host.check(avail, "memory on this machine", opts.batch_gpu, "batch-gpu")?;
+    }
+
     // Fresh start or resume from the newest valid state (newer corrupt ones set aside).
     let resume = newest_valid_state(run_dir)?;
     for (old, new, why) in &resume.set_aside {
@@ -401,24 +420,11 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         }
         _ => None,
     };
-    // Refuse a step that cannot fit before taking any of it (an abort midway loses the
-    // step and names nothing).
-    let act_bytes = if opts.device == crate::backend::Device::Cuda && opts.precision == "bf16" { 2 } else { 4 };
-    let need = StepMemory::estimate(&net, opts.batch_gpu, st.ema.averages().len(), act_bytes);
-    log.line(&format!(
-        "Memory: about {:.2} GiB per step ({:.2} GiB of activations per pass, {:.2} GiB of weights and optimizer state)",
-        need.total() as f64 / (1u64 << 30) as f64,
-        need.activations as f64 / (1u64 << 30) as f64,
-        need.state as f64 / (1u64 << 30) as f64
-    ));
+    // On the device: the step's memory against what the device has free (the host check
+    // was made before the state was built).
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     if let Some((free, total)) = gpu.as_ref().and_then(|g| g.memory_free()) {
-        need.check(free, &format!("device memory ({:.2} GiB in all on {})", total as f64 / (1u64 << 30) as f64, gpu.as_ref().unwrap().name()), opts.batch_gpu)?;
-    }
-    if opts.device != crate::backend::Device::Cuda {
-        if let Some(avail) = host_available() {
-            need.check(avail, "memory on this machine", opts.batch_gpu)?;
-        }
+        need.check(free, &format!("device memory ({:.2} GiB in all on {})", total as f64 / (1u64 << 30) as f64, gpu.as_ref().unwrap().name()), opts.batch_gpu, "batch-gpu")?;
     }
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     let mut dev = gpu.as_ref().map(|g| device::DeviceState::upload(g, &st)).transpose()?;
