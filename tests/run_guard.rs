@@ -109,8 +109,11 @@ fn partial_files_of_earlier_runs_are_removed_and_nothing_else() {
     let cfg = tiny_config(&d);
     let out = d.join("run");
     std::fs::create_dir_all(&out).unwrap();
-    let partial = [".training-state-0000001.safetensors.tmp4242", ".network-snapshot-0000001-0.100.safetensors.tmp7"];
-    let kept = ["notes.tmp1", ".hidden", "my.safetensors.tmp"];
+    // Writers that are gone: pids above the kernel's maximum (2^22) are never alive.
+    let partial = [".training-state-0000001.safetensors.tmp4194304", ".network-snapshot-0000001-0.100.safetensors.tmp4194399"];
+    // Not ours, or of a writer still alive (this test process).
+    let live = format!(".preview-0000002.png.tmp{}", std::process::id());
+    let kept = ["notes.tmp1", ".hidden", "my.safetensors.tmp", live.as_str()];
     for f in partial.iter().chain(&kept) {
         std::fs::write(out.join(f), b"partial bytes").unwrap();
     }

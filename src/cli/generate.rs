@@ -150,6 +150,16 @@ pub fn run(a: Args) -> Result<()> {
     }
     let seeds = if a.noise.is_none() { Some(parse_seeds(&a.seeds)?) } else { None };
     output_dir("outdir", &a.outdir)?;
+    // Partial images of an earlier, killed run (never those of a live one sharing the folder).
+    let mut dirs = vec![a.outdir.clone()];
+    if a.subdirs {
+        dirs.extend(std::fs::read_dir(&a.outdir)?.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+    }
+    for d in dirs {
+        for p in edm2::train::rundir::remove_partial_files(&d)? {
+            eprintln!("removed {} (a partial file left by an interrupted write)", p.display());
+        }
+    }
     if let Some(g) = &a.grid {
         output_file("grid", g)?;
     }

@@ -49,28 +49,39 @@ impl RunDirLock {
     }
 }
 
-/// Whether `name` is a temporary file of [`crate::io::write_atomic`]: `.{name}.tmp{pid}`.
-fn is_partial_file(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix('.') else { return false };
-    match rest.rsplit_once(".tmp") {
-        Some((base, pid)) => !base.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()),
-        None => false,
+/// The writer's pid if `name` is a temporary file of [`crate::io::write_atomic`]:
+/// `.{name}.tmp{pid}`.
+fn partial_file_pid(name: &str) -> Option<u32> {
+    let (base, pid) = name.strip_prefix('.')?.rsplit_once(".tmp")?;
+    (!base.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())).then(|| pid.parse().ok()).flatten()
+}
+
+/// Whether process `pid` is alive (Linux: /proc; elsewhere assumed alive, so that
+/// nothing another process may still be writing is removed).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") && Path::new("/proc/self").exists() {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
     }
 }
 
-/// Removes the temporary files that an interrupted atomic write (SIGKILL, a full disk)
-/// left in the run directory. Only call with the directory's lock held: then no other
-/// writer is mid-write there. Returns the removed paths.
-pub fn remove_partial_files(run_dir: &Path) -> Result<Vec<PathBuf>> {
+/// Removes the temporary files that interrupted atomic writes (SIGKILL, a full disk)
+/// left in `dir`: those whose writer process is gone (a live writer's file is mid-write,
+/// e.g. another `generate` sharing the folder). Returns the removed paths.
+pub fn remove_partial_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let io = |e, p: &Path| Error::Io { path: p.into(), err: e };
     let mut removed = Vec::new();
-    for ent in std::fs::read_dir(run_dir).map_err(|e| io(e, run_dir))? {
-        let ent = ent.map_err(|e| io(e, run_dir))?;
+    for ent in std::fs::read_dir(dir).map_err(|e| io(e, dir))? {
+        let ent = ent.map_err(|e| io(e, dir))?;
         let is_file = ent.file_type().map(|t| t.is_file()).unwrap_or(false);
-        if is_file && is_partial_file(&ent.file_name().to_string_lossy()) {
-            let p = ent.path();
-            std::fs::remove_file(&p).map_err(|e| io(e, &p))?;
-            removed.push(p);
+        match partial_file_pid(&ent.file_name().to_string_lossy()) {
+            Some(pid) if is_file && !process_alive(pid) => {
+                let p = ent.path();
+                std::fs::remove_file(&p).map_err(|e| io(e, &p))?;
+                removed.push(p);
+            }
+            _ => {}
         }
     }
     removed.sort();
@@ -113,14 +124,32 @@ pub fn newest_valid_state(run_dir: &Path) -> Result<Resume> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_partial_file;
+    use super::*;
 
     #[test]
     fn partial_file_names_are_those_of_write_atomic() {
-        assert!(is_partial_file(".training-state-0000064.safetensors.tmp1234"));
-        assert!(is_partial_file(".preview-0000001.png.tmp7"));
-        for keep in ["training-state-0000064.safetensors", ".tmp12", ".a.tmp", ".a.tmpx1", "a.tmp12", "log.txt", ".hidden"] {
-            assert!(!is_partial_file(keep), "{keep}");
+        assert_eq!(partial_file_pid(".training-state-0000064.safetensors.tmp1234"), Some(1234));
+        assert_eq!(partial_file_pid(".preview-0000001.png.tmp7"), Some(7));
+        for keep in ["training-state-0000064.safetensors", ".tmp12", ".a.tmp", ".a.tmpx1", "a.tmp12", "log.txt", ".hidden", ".a.tmp99999999999"] {
+            assert_eq!(partial_file_pid(keep), None, "{keep}");
         }
+    }
+
+    #[test]
+    fn only_files_of_dead_writers_are_removed() {
+        let d = std::env::temp_dir().join(format!("edm2-partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        // Our own pid is alive; a pid above the kernel's maximum (2^22) never is.
+        let live = format!(".a.png.tmp{}", std::process::id());
+        for f in [live.as_str(), ".b.png.tmp4194304", "c.png"] {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        let removed = remove_partial_files(&d).unwrap();
+        if cfg!(target_os = "linux") {
+            assert_eq!(removed, vec![d.join(".b.png.tmp4194304")]);
+            assert!(d.join(&live).exists() && d.join("c.png").exists());
+        }
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
