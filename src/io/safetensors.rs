@@ -68,49 +68,183 @@ fn malformed(path: &Path, reason: impl Into<String>) -> Error {
     Error::Malformed { path: path.into(), reason: reason.into() }
 }
 
+/// The reference library's cap on the JSON header: it is read whole before anything is
+/// validated, so its claimed length must be bounded before allocating.
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// One entry of the header as written, before validation.
+#[derive(serde::Deserialize)]
+struct RawInfo {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: (u64, u64),
+}
+
+/// The header in key order. serde_json's maps keep the last of two equal keys, so the
+/// maps are walked by hand to refuse duplicates (the format forbids them).
+struct RawHeader {
+    metadata: BTreeMap<String, String>,
+    tensors: Vec<(String, RawInfo)>,
+}
+
+/// A JSON object's entries in order, a repeated key refused.
+struct Unique<V>(Vec<(String, V)>);
+
+/// Walks an object's entries in order, refusing a key seen before; `value` reads each value.
+fn walk_map<'de, A, V>(mut map: A, mut value: impl FnMut(&str, &mut A) -> std::result::Result<V, A::Error>) -> std::result::Result<Vec<(String, V)>, A::Error>
+where
+    A: serde::de::MapAccess<'de>,
+{
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    while let Some(k) = map.next_key::<String>()? {
+        if !seen.insert(k.clone()) {
+            return Err(serde::de::Error::custom(format!("duplicate key '{k}'")));
+        }
+        let v = value(&k, &mut map)?;
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+impl<'de, V: serde::Deserialize<'de>> serde::Deserialize<'de> for Unique<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Vis<V>(std::marker::PhantomData<V>);
+        impl<'de, V: serde::Deserialize<'de>> serde::de::Visitor<'de> for Vis<V> {
+            type Value = Unique<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> std::result::Result<Unique<V>, A::Error> {
+                walk_map(map, |_, m| m.next_value()).map(Unique)
+            }
+        }
+        d.deserialize_map(Vis(std::marker::PhantomData))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RawHeader {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Vis;
+        impl<'de> serde::de::Visitor<'de> for Vis {
+            type Value = RawHeader;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> std::result::Result<RawHeader, A::Error> {
+                use serde::de::Error as _;
+                let mut metadata = None;
+                let entries = walk_map(map, |k, m| {
+                    if k == "__metadata__" {
+                        // null is accepted, as the reference does.
+                        let md: Option<Unique<String>> =
+                            m.next_value().map_err(|e| A::Error::custom(format!("__metadata__ must map strings to strings ({e})")))?;
+                        metadata = Some(md.map(|u| u.0).unwrap_or_default());
+                        Ok(None)
+                    } else {
+                        m.next_value::<RawInfo>().map(Some).map_err(|e| A::Error::custom(format!("tensor '{k}': {e}")))
+                    }
+                })?;
+                let tensors = entries.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
+                Ok(RawHeader { metadata: metadata.unwrap_or_default().into_iter().collect(), tensors })
+            }
+        }
+        d.deserialize_map(Vis)
+    }
+}
+
+/// A validated tensor entry: `[begin, end)` within the data section.
+struct Entry {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    begin: usize,
+    end: usize,
+}
+
+/// Checks the 8-byte prefix: the header length, bounded and within the file.
+fn header_len(path: &Path, prefix: &[u8], file_len: u64) -> Result<usize> {
+    if prefix.len() < 8 || file_len < 8 {
+        return Err(malformed(path, format!("file is {file_len} bytes, shorter than the 8-byte header length")));
+    }
+    let hlen = u64::from_le_bytes(prefix[..8].try_into().unwrap());
+    if hlen > MAX_HEADER_LEN {
+        return Err(malformed(path, format!("header length {hlen} exceeds the limit of {MAX_HEADER_LEN} bytes")));
+    }
+    if hlen > file_len - 8 {
+        return Err(malformed(path, format!("header length {hlen} exceeds the file size {file_len} (truncated?)")));
+    }
+    Ok(hlen as usize)
+}
+
+/// Parses and validates the JSON header against a data section of `data_len` bytes, as
+/// the reference library's `validate` does: every tensor's byte length is its element
+/// count times its dtype size, and the tensors, in offset order, tile the data section
+/// exactly — no gap, no overlap, no byte past the last one. Returns the entries in data
+/// order. Shared by [`read_header`] and [`parse`] so that the two cannot drift.
+fn parse_header(path: &Path, header: &[u8], data_len: usize) -> Result<(BTreeMap<String, String>, Vec<Entry>)> {
+    let text = std::str::from_utf8(header).map_err(|e| malformed(path, format!("header is not UTF-8: {e}")))?;
+    let raw: RawHeader = serde_json::from_str(text).map_err(|e| malformed(path, format!("header is not a valid JSON object: {e}")))?;
+    let mut entries = Vec::with_capacity(raw.tensors.len());
+    for (name, info) in raw.tensors {
+        let bad = |r: String| malformed(path, format!("tensor '{name}': {r}"));
+        let dtype = Dtype::parse(&info.dtype).ok_or_else(|| Error::Dtype { path: path.into(), name: name.clone(), dtype: info.dtype.clone() })?;
+        let shape: Vec<usize> = info.shape.iter().map(|&d| usize::try_from(d).ok()).collect::<Option<_>>().ok_or_else(|| bad(format!("shape {:?} overflows", info.shape)))?;
+        let nbytes = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+        let (a, b) = info.data_offsets;
+        if b < a || b - a != nbytes as u64 {
+            return Err(bad(format!("data_offsets [{a}, {b}] do not match shape {shape:?} of {} ({nbytes} bytes)", dtype.name())));
+        }
+        if b > data_len as u64 {
+            return Err(bad(format!("data ends at byte {b} but the file has {data_len} data bytes (truncated?)")));
+        }
+        entries.push(Entry { name, dtype, shape, begin: a as usize, end: b as usize });
+    }
+    // Data order; a zero-size tensor at k sorts before one that starts at k.
+    entries.sort_by_key(|e| (e.begin, e.end));
+    let mut at = 0usize;
+    let mut prev: Option<&str> = None;
+    for e in &entries {
+        if e.begin != at {
+            let what = if e.begin < at { "overlaps" } else { "leaves a gap after" };
+            let before = prev.map(|p| format!("tensor '{p}'")).unwrap_or_else(|| "the start of the data".into());
+            return Err(malformed(path, format!("tensor '{}' at data_offsets [{}, {}] {what} {before} (which ends at byte {at})", e.name, e.begin, e.end)));
+        }
+        at = e.end;
+        prev = Some(&e.name);
+    }
+    if at != data_len {
+        return Err(malformed(path, format!("{} bytes after the last tensor (the tensors cover {at} of the {data_len} data bytes)", data_len - at)));
+    }
+    Ok((raw.metadata, entries))
+}
+
 /// Reads only the header of a safetensors file: tensor names, dtypes and shapes (no
-/// data) and the `__metadata__` strings — for scanning many large files cheaply.
+/// data) and the `__metadata__` strings — for scanning many large files cheaply. The
+/// header is validated as fully as [`parse`] validates it.
 pub fn read_header(path: impl AsRef<Path>) -> Result<StFile> {
     use std::io::Read;
     let path = path.as_ref();
     let io = |e| Error::Io { path: path.into(), err: e };
     let mut f = std::fs::File::open(path).map_err(io)?;
     let size = f.metadata().map_err(io)?.len();
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|_| malformed(path, format!("file is {size} bytes, shorter than the 8-byte header length")))?;
-    let hlen = u64::from_le_bytes(len);
-    if hlen > size - 8 {
-        return Err(malformed(path, format!("header length {hlen} exceeds the file size {size} (truncated?)")));
+    let mut prefix = Vec::with_capacity(8);
+    (&mut f).take(8).read_to_end(&mut prefix).map_err(io)?;
+    let hlen = header_len(path, &prefix, size)?;
+    let mut header = Vec::new();
+    header.try_reserve_exact(hlen).map_err(|_| malformed(path, format!("no memory for a {hlen}-byte header")))?;
+    f.take(hlen as u64).read_to_end(&mut header).map_err(io)?;
+    if header.len() != hlen {
+        return Err(malformed(path, format!("file shrank while reading its {hlen}-byte header")));
     }
-    let mut header = vec![0u8; hlen as usize];
-    f.read_exact(&mut header).map_err(io)?;
-    // Parse as a file whose tensors hold no data: validate offsets against the real size.
-    let data_len = (size - 8 - hlen) as usize;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| malformed(path, format!("header is not valid JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| malformed(path, "header is not a JSON object"))?;
-    let mut out = StFile { path: path.into(), ..Default::default() };
-    for (name, v) in obj {
-        if name == "__metadata__" {
-            for (k, val) in v.as_object().ok_or_else(|| malformed(path, "__metadata__ is not an object"))? {
-                let s = val.as_str().ok_or_else(|| malformed(path, format!("metadata '{k}' is not a string")))?;
-                out.metadata.insert(k.clone(), s.to_string());
-            }
-            continue;
-        }
-        let dt = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
-        let dtype = Dtype::parse(dt).ok_or_else(|| Error::Dtype { path: path.into(), name: name.clone(), dtype: dt.into() })?;
-        let shape: Vec<usize> = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|x| x as usize)).collect())
-            .ok_or_else(|| malformed(path, format!("tensor '{name}': missing shape")))?;
-        let end = v.get("data_offsets").and_then(|o| o.get(1)).and_then(|e| e.as_u64()).unwrap_or(u64::MAX);
-        if end as usize > data_len {
-            return Err(malformed(path, format!("tensor '{name}' ends at byte {end} but the file has {data_len} data bytes (truncated?)")));
-        }
-        out.tensors.push((name.clone(), StTensor { shape, dtype, data: Vec::new() }));
-    }
-    Ok(out)
+    let data_len = usize::try_from(size - 8 - hlen as u64).map_err(|_| malformed(path, "data section too large"))?;
+    let (metadata, entries) = parse_header(path, &header, data_len)?;
+    let tensors = entries.into_iter().map(|e| (e.name, StTensor { shape: e.shape, dtype: e.dtype, data: Vec::new() })).collect();
+    Ok(StFile { path: path.into(), tensors, metadata })
 }
 
 /// Reads and validates a whole safetensors file.
@@ -120,68 +254,20 @@ pub fn read(path: impl AsRef<Path>) -> Result<StFile> {
     parse(path, &bytes)
 }
 
+/// Validates the bytes of a safetensors file and converts every tensor to f32, in data order.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<StFile> {
-    if bytes.len() < 8 {
-        return Err(malformed(path, format!("file is {} bytes, shorter than the 8-byte header length", bytes.len())));
-    }
-    let hlen = u64::from_le_bytes(bytes[..8].try_into().unwrap());
-    if hlen > (bytes.len() - 8) as u64 {
-        return Err(malformed(path, format!("header length {hlen} exceeds the file size {} (truncated?)", bytes.len())));
-    }
-    let hlen = hlen as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + hlen])
-        .map_err(|e| malformed(path, format!("header is not valid JSON: {e}")))?;
-    let obj = header.as_object().ok_or_else(|| malformed(path, "header is not a JSON object"))?;
+    let hlen = header_len(path, bytes, bytes.len() as u64)?;
     let data = &bytes[8 + hlen..];
-    let mut out = StFile { path: path.into(), ..Default::default() };
-    let mut entries = Vec::new();
-    for (name, v) in obj {
-        if name == "__metadata__" {
-            let m = v.as_object().ok_or_else(|| malformed(path, "__metadata__ is not an object"))?;
-            for (k, val) in m {
-                let s = val.as_str().ok_or_else(|| malformed(path, format!("metadata '{k}' is not a string")))?;
-                out.metadata.insert(k.clone(), s.to_string());
-            }
-            continue;
-        }
-        let bad = |r: &str| malformed(path, format!("tensor '{name}': {r}"));
-        let dt = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("missing dtype"))?;
-        let dtype = Dtype::parse(dt).ok_or_else(|| Error::Dtype { path: path.into(), name: name.clone(), dtype: dt.into() })?;
-        let shape: Vec<usize> = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| bad("missing shape"))?
-            .iter()
-            .map(|d| d.as_u64().map(|x| x as usize))
-            .collect::<Option<_>>()
-            .ok_or_else(|| bad("shape is not a list of non-negative integers"))?;
-        let offs = v.get("data_offsets").and_then(|s| s.as_array()).ok_or_else(|| bad("missing data_offsets"))?;
-        if offs.len() != 2 {
-            return Err(bad("data_offsets must have two entries"));
-        }
-        let (a, b) = match (offs[0].as_u64(), offs[1].as_u64()) {
-            (Some(a), Some(b)) => (a as usize, b as usize),
-            _ => return Err(bad("data_offsets are not integers")),
-        };
-        let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
-        if b < a || b - a != numel * dtype.size() {
-            return Err(bad(&format!("data_offsets [{a}, {b}] do not match shape {shape:?} of {}", dtype.name())));
-        }
-        if b > data.len() {
-            return Err(bad(&format!("data ends at byte {b} but the file has {} data bytes (truncated?)", data.len())));
-        }
-        entries.push((a, name.clone(), dtype, shape, b));
-    }
-    // File order = data order.
-    entries.sort_by_key(|e| e.0);
-    for (a, name, dtype, shape, b) in entries {
-        let raw = &data[a..b];
-        let vals: Vec<f32> = match dtype {
+    let (metadata, entries) = parse_header(path, &bytes[8..8 + hlen], data.len())?;
+    let mut out = StFile { path: path.into(), tensors: Vec::with_capacity(entries.len()), metadata };
+    for e in entries {
+        let raw = &data[e.begin..e.end];
+        let vals: Vec<f32> = match e.dtype {
             Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
             Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         };
-        out.tensors.push((name, StTensor { shape, dtype, data: vals }));
+        out.tensors.push((e.name, StTensor { shape: e.shape, dtype: e.dtype, data: vals }));
     }
     Ok(out)
 }
