@@ -86,16 +86,71 @@ fn data_err(m: impl Into<String>) -> Error {
     Error::Data(m.into())
 }
 
+/// Largest `dataset.json` read: the official tool's labels for ImageNet's 1.28M images
+/// are about 60 MB.
+pub const MAX_LABELS_JSON_BYTES: u64 = 256 << 20;
+/// Largest inflated IDX file (Fashion-MNIST's 60k training images are 47 MB).
+const MAX_IDX_BYTES: u64 = 256 << 20;
+
+/// Reads `r` to its end, refusing more than `cap` bytes: a stream that claims little and
+/// inflates to much (a zip or gzip bomb) stops at the cap instead of filling memory.
+/// `hint` (a size the input claims, at most `cap`) sizes the buffer up front; allocation
+/// failure is an error, not an abort.
+fn read_capped(r: impl Read, cap: u64, hint: u64, what: &str) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(hint.min(cap) as usize).map_err(|_| data_err(format!("{what}: cannot allocate {hint} bytes")))?;
+    r.take(cap + 1).read_to_end(&mut buf).map_err(|e| data_err(format!("{what}: {e}")))?;
+    if buf.len() as u64 > cap {
+        return Err(data_err(format!("{what}: more than {cap} bytes; refusing to read it into memory")));
+    }
+    Ok(buf)
+}
+
+/// A regular file read whole, after checking its size against `cap`.
+fn read_file_capped(p: &Path, cap: u64) -> Result<Vec<u8>> {
+    let io = |e| Error::Io { path: p.into(), err: e };
+    let f = std::fs::File::open(p).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    if len > cap {
+        return Err(data_err(format!("{}: {len} bytes, over the limit of {cap} for this file", p.display())));
+    }
+    read_capped(f, cap, len, &p.display().to_string())
+}
+
+/// A zip entry read whole: its declared size is checked against `cap` before inflating,
+/// and it may not inflate past what it declares.
+fn read_zip_entry(f: &mut zip::read::ZipFile<'_, std::fs::File>, cap: u64, what: &str) -> Result<Vec<u8>> {
+    let declared = f.size();
+    if declared > cap {
+        return Err(data_err(format!("{what}: zip entry declares {declared} bytes inflated, over the limit of {cap}")));
+    }
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(declared as usize).map_err(|_| data_err(format!("{what}: cannot allocate {declared} bytes")))?;
+    // One byte more than declared tells a lying size from an honest one.
+    f.take(declared + 1).read_to_end(&mut buf).map_err(|e| data_err(format!("{what}: {e}")))?;
+    if buf.len() as u64 > declared {
+        return Err(data_err(format!("{what}: zip entry inflates past its declared size of {declared} bytes (corrupt or a zip bomb)")));
+    }
+    if (buf.len() as u64) != declared {
+        return Err(data_err(format!("{what}: zip entry inflates to {} bytes, it declares {declared} (corrupt)", buf.len())));
+    }
+    Ok(buf)
+}
+
 /// Parses a gzip-compressed IDX file (MNIST format) → (dims, bytes).
 fn read_idx_gz(name: &str, gz: &[u8], expect_dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
     let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(gz).read_to_end(&mut raw).map_err(|e| data_err(format!("{name}: not a valid gzip file: {e}")))?;
+    let mut gz = flate2::read::GzDecoder::new(gz).take(MAX_IDX_BYTES + 1);
+    gz.read_to_end(&mut raw).map_err(|e| data_err(format!("{name}: not a valid gzip file: {e}")))?;
+    if raw.len() as u64 > MAX_IDX_BYTES {
+        return Err(data_err(format!("{name}: inflates to more than {MAX_IDX_BYTES} bytes")));
+    }
     if raw.len() < 4 + 4 * expect_dims || raw[0] != 0 || raw[1] != 0 || raw[2] != 8 || raw[3] as usize != expect_dims {
         return Err(data_err(format!("{name}: not an IDX file of {expect_dims}-d uint8 data")));
     }
     let dims: Vec<usize> = (0..expect_dims).map(|i| u32::from_be_bytes(raw[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
     let body = raw.split_off(4 + 4 * expect_dims);
-    if body.len() != dims.iter().product::<usize>() {
+    if Some(body.len()) != dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
         return Err(data_err(format!("{name}: truncated ({} bytes of data, the header says {:?})", body.len(), dims)));
     }
     Ok((dims, body))
@@ -188,6 +243,10 @@ fn parse_labels(json: &str, source: &str, names: &[String]) -> Result<Option<Vec
     Ok(Some(out))
 }
 
+fn json_text(bytes: Vec<u8>, source: &str) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| data_err(format!("{source}/dataset.json: not UTF-8: {e}")))
+}
+
 impl Dataset {
     /// Opens a dataset: `None` → the built-in Fashion-MNIST test split; `fashion-mnist` →
     /// the full 60k training split from Debian's package; otherwise a folder or `.zip`.
@@ -201,12 +260,13 @@ impl Dataset {
             Some("fashion-mnist") => {
                 let dir = Path::new(FMNIST_DEBIAN_DIR);
                 let read = |f: &str| {
-                    std::fs::read(dir.join(f)).map_err(|e| {
-                        data_err(format!(
-                            "{}: {e}; the full Fashion-MNIST split comes from Debian's dataset-fashion-mnist package \
+                    read_file_capped(&dir.join(f), MAX_IDX_BYTES).map_err(|e| match e {
+                        Error::Io { err, path } => data_err(format!(
+                            "{}: {err}; the full Fashion-MNIST split comes from Debian's dataset-fashion-mnist package \
                              (apt install dataset-fashion-mnist); without --data the built-in 10k split is used",
-                            dir.join(f).display()
-                        ))
+                            path.display()
+                        )),
+                        e => e,
                     })
                 };
                 let (px, lab) = fashion_mnist(&read("train-images-idx3-ubyte.gz")?, &read("train-labels-idx1-ubyte.gz")?, "Fashion-MNIST")?;
@@ -250,10 +310,10 @@ impl Dataset {
         }
         let (store, labels_json) = if path.is_dir() {
             let names = list_dir(path)?;
-            let json = match std::fs::read_to_string(path.join("dataset.json")) {
-                Ok(s) => Some(s),
+            let jp = path.join("dataset.json");
+            let json = match std::fs::symlink_metadata(&jp) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(Error::Io { path: path.join("dataset.json"), err: e }),
+                _ => Some(json_text(read_file_capped(&jp, MAX_LABELS_JSON_BYTES)?, &source)?),
             };
             (Store::Dir { root: path.to_path_buf(), names }, json)
         } else {
@@ -262,11 +322,7 @@ impl Dataset {
             let mut names: Vec<String> = z.file_names().map(|n| n.replace('\\', "/")).filter(|n| ext_of(n).is_some()).collect();
             names.sort();
             let json = match z.by_name("dataset.json") {
-                Ok(mut f) => {
-                    let mut s = String::new();
-                    f.read_to_string(&mut s).map_err(|e| data_err(format!("{source}: dataset.json: {e}")))?;
-                    Some(s)
-                }
+                Ok(mut f) => Some(json_text(read_zip_entry(&mut f, MAX_LABELS_JSON_BYTES, &format!("{source}:dataset.json"))?, &source)?),
                 Err(zip::result::ZipError::FileNotFound) => None,
                 Err(e) => return Err(data_err(format!("{source}: dataset.json: {e}"))),
             };
@@ -295,7 +351,7 @@ impl Dataset {
             raw_len: names.len(),
         };
         // The first item fixes the geometry (as in the official dataset class).
-        let (item, c, h, w) = ds.load_checked_shape(0)?;
+        let (item, c, h, w) = ds.load_checked_shape(0, None)?;
         if h != w {
             return Err(data_err(format!("{}: {}x{} is not square", ds.item_name(0), w, h)));
         }
@@ -357,10 +413,7 @@ impl Dataset {
     fn read_bytes(&self, i: usize) -> Result<Vec<u8>> {
         match &self.store {
             Store::Memory(_) => unreachable!(),
-            Store::Dir { root, names } => {
-                let p = root.join(&names[i]);
-                std::fs::read(&p).map_err(|e| Error::Io { path: p, err: e })
-            }
+            Store::Dir { root, names } => read_file_capped(&root.join(&names[i]), decode::MAX_ITEM_FILE_BYTES),
             Store::Zip { path, names, pool } => {
                 let taken = pool.lock().unwrap().pop();
                 let mut z = match taken {
@@ -370,31 +423,33 @@ impl Dataset {
                         zip::ZipArchive::new(f).map_err(|e| data_err(format!("{}: {e}", path.display())))?
                     }
                 };
-                let mut buf = Vec::new();
                 let r = match z.by_name(&names[i]) {
-                    Ok(mut f) => f.read_to_end(&mut buf).map(|_| ()).map_err(|e| data_err(format!("{}: {e}", self.item_name(i)))),
+                    Ok(mut f) => read_zip_entry(&mut f, decode::MAX_ITEM_FILE_BYTES, &self.item_name(i)),
                     Err(e) => Err(data_err(format!("{}: {e}", self.item_name(i)))),
                 };
                 pool.lock().unwrap().push(z);
-                r.map(|_| buf)
+                r
             }
         }
     }
 
-    /// Decodes stored item `i` (< raw_len) → (data CHW, C, H, W).
-    fn load_checked_shape(&self, i: usize) -> Result<(RawItem, usize, usize, usize)> {
+    /// Decodes stored item `i` (< raw_len) → (data CHW, C, H, W); with `expect`, a header
+    /// claiming another geometry is refused before decoding.
+    fn load_checked_shape(&self, i: usize, expect: Option<&decode::Expect>) -> Result<(RawItem, usize, usize, usize)> {
         if let Store::Memory(px) = &self.store {
             let per = self.raw_channels * self.resolution * self.resolution;
             return Ok((RawItem::U8(px[i * per..(i + 1) * per].to_vec()), self.raw_channels, self.resolution, self.resolution));
         }
         let bytes = self.read_bytes(i)?;
         let name = self.item_name(i);
-        decode::decode_item(&bytes, &name)
+        decode::decode_expecting(&bytes, &name, expect)
     }
 
     /// Stored item `i` (< raw_len), checked against the dataset's geometry.
     pub fn load_raw(&self, i: usize) -> Result<RawItem> {
-        let (item, c, h, w) = self.load_checked_shape(i)?;
+        let first = self.item_name(0);
+        let expect = decode::Expect { channels: self.raw_channels, resolution: self.resolution, encoding: self.encoding, first: &first };
+        let (item, c, h, w) = self.load_checked_shape(i, Some(&expect))?;
         if (c, h, w) != (self.raw_channels, self.resolution, self.resolution) {
             return Err(data_err(format!(
                 "{}: {c}x{h}x{w} (CxHxW), but the dataset's first item {} is {}x{}x{}; all items must have the same size and channels",
