@@ -114,8 +114,9 @@ fn cuda(c: &mut Criterion) {
     }
 }
 
-/// The 3x3 conv forward with bf16 activations: the SIMT kernel (conv.cu) and the
-/// tensor-core kernel (conv_tc.cu), same shapes as the families above.
+/// The 3x3 conv with bf16 activations in all three directions: the SIMT kernels (conv.cu)
+/// and the tensor-core ones (conv_tc.cu, conv_tc_backward.cu), same shapes as the
+/// families above.
 #[cfg(feature = "cuda")]
 fn conv_bf16(c: &mut Criterion, gpu: &edm2::backend::gpu::Gpu) {
     use edm2::backend::gpu::{GpuParams, Precision};
@@ -136,8 +137,22 @@ fn conv_bf16(c: &mut Criterion, gpu: &edm2::backend::gpu::Gpu) {
         gpu.set_tensor_core_conv(tc);
         g.bench_function(label, |b| b.iter(|| { gpu.conv_forward(&eff, &x, s, &mut y).unwrap(); gpu.synchronize().unwrap(); }));
     }
+    // Both gradients, each kernel family called directly (kernels/conv.cu against
+    // kernels/conv_tc_backward.cu).
+    use edm2::backend::gpu::kernels as k;
+    let dy = gpu.upload_act(&rng.normal_vec(s.pixels() * CH)).unwrap();
+    let mut dx = gpu.alloc_act(s.numel()).unwrap();
+    let mut de = gpu.alloc::<f32>(g3.numel()).unwrap();
+    g.bench_function("data_grad_simt", |b| b.iter(|| { k::conv_backward_data_simt(gpu, &eff, &dy, s, &mut dx).unwrap(); gpu.synchronize().unwrap(); }));
+    g.bench_function("data_grad_tensor_core", |b| {
+        b.iter(|| { k::conv_backward_data_tensor_core(gpu, &eff, &dy, s, &mut dx).unwrap(); gpu.synchronize().unwrap(); })
+    });
+    g.bench_function("weight_grad_simt", |b| b.iter(|| { k::conv_backward_weight_simt(gpu, g3, &x, s, &dy, &mut de).unwrap(); gpu.synchronize().unwrap(); }));
+    g.bench_function("weight_grad_tensor_core", |b| {
+        b.iter(|| { k::conv_backward_weight_tensor_core(gpu, g3, &x, s, &dy, &mut de).unwrap(); gpu.synchronize().unwrap(); })
+    });
     g.finish();
-    gpu.set_tensor_core_conv(false);
+    gpu.set_tensor_core_conv(true);
     gpu.set_precision(Precision::Fp32);
 }
 

@@ -73,6 +73,17 @@ int edm2_conv_backward_weight(const void *x, const void *dy, float *dw, int n, i
 int edm2_conv_forward_tc(const uint16_t *x, const float *w, uint16_t *y, int n, int h, int wd, int cin, int cout, int k,
                          cudaStream_t stream);
 
+/* conv_tc_backward.cu: the gradients of edm2_conv_backward_data/_weight on tensor cores (bf16
+ * activations). The data gradient is edm2_conv_forward_tc of dy with wf = edm2_conv_weight_flip(w)
+ * (fp32 [cin, taps, cout], taps flipped) and cin/cout swapped. The weight gradient splits the
+ * pixels over `splits` slices (edm2_conv_wgrad_tc_splits) with an fp32 workspace ws of
+ * splits * cout * taps * cin floats (unused, may be NULL, when splits = 1), reduced in a fixed
+ * order; overwrites dw. */
+int edm2_conv_weight_flip(const float *w, float *wf, int cin, int cout, int k, cudaStream_t stream);
+int edm2_conv_wgrad_tc_splits(int n, int h, int wd, int cin, int cout, int k);
+int edm2_conv_backward_weight_tc(const uint16_t *x, const uint16_t *dy, float *dw, float *ws, int splits, int n, int h, int wd,
+                                 int cin, int cout, int k, cudaStream_t stream);
+
 /* attention.cu: qkv [N, P, 3C] → y [N, P, C] (activations of `dtype`); fp32 workspace qn/kn/vn
  * [N, heads, P, C/heads], w and dl [N, heads, P, P]; backward overwrites dqkv (and the
  * dqn/dkn/dvn/dl scratch). */

@@ -101,13 +101,14 @@ bench() { # name, extra args...
     fi
 }
 bench cpu-s32-b32-cuda-fp32 --device cuda --config cpu-s32 --batch 32 --iters 5 --sampling
-bench cpu-s32-b32-cuda-bf16 --device cuda --config cpu-s32 --batch 32 --iters 5 --precision bf16
 bench cpu-s32-b32-cpu16 --device cpu --config cpu-s32 --batch 32 --iters 3
 BENCH_TIMEOUT=90 bench xs-b32-cuda-fp32 --device cuda --config edm2-img512-xs --batch 32 --iters 2
-BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16 --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16
-# The tensor-core conv forward (kernels/conv_tc.cu; opt-in until measured here).
-EDM2_TENSOR_CORE_CONV=1 bench cpu-s32-b32-cuda-bf16-tc --device cuda --config cpu-s32 --batch 32 --iters 5 --precision bf16 --sampling
-EDM2_TENSOR_CORE_CONV=1 BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16-tc --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16
+# bf16: the tensor-core convolutions (the default: conv_tc.cu forward, conv_tc_backward.cu
+# gradients) against conv.cu's SIMT kernels (EDM2_TENSOR_CORE_CONV=0), same run.
+bench cpu-s32-b32-cuda-bf16-tc --device cuda --config cpu-s32 --batch 32 --iters 5 --precision bf16 --sampling
+EDM2_TENSOR_CORE_CONV=0 bench cpu-s32-b32-cuda-bf16-simt --device cuda --config cpu-s32 --batch 32 --iters 5 --precision bf16
+BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16-tc --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16
+EDM2_TENSOR_CORE_CONV=0 BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16-simt --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16
 
 # 2a. End to end: `train --device cuda` on the built-in dataset (cpu-fmnist, batch 64, one
 # pass and two accumulated passes per step): img/s over the whole run, data loading,

@@ -370,6 +370,9 @@ fn conv_kernels_match_the_cpu_backend() {
         (Nhwc { n: 1, h: 4, w: 4, c: 33 }, 3, 3),
         // Several 64x64 tiles of the tensor-core kernel, K over many steps of 32.
         (Nhwc { n: 2, h: 9, w: 8, c: 40 }, 72, 3),
+        // 270 pixels: the tensor-core weight gradient splits them into 2 slices of
+        // whole K steps (160 + 110), the last one partial.
+        (Nhwc { n: 1, h: 10, w: 27, c: 4 }, 8, 3),
     ];
     let mut dtypes = Vec::new();
     each_mode(&gpu, |sched| {
@@ -411,6 +414,25 @@ fn conv_kernels_match_the_cpu_backend() {
                 close_in(&gpu, &format!("conv_forward_tensor_core {what}"), &yt, &y_cpu);
                 let e = rel_l2(&yt, &y);
                 assert!(e < 4e-3, "tensor-core vs SIMT bf16 forward {what}: rel L2 {e:.2e}");
+                // The tensor-core gradients (kernels/conv_tc_backward.cu): the data
+                // gradient through the forward kernel on the flipped weight, the weight
+                // gradient with split-K — against the CPU and the SIMT kernels, and the
+                // split-K reduction the same bit for bit run to run.
+                let mut dxt = act(&gpu, x.len());
+                k::conv_backward_data_tensor_core(&gpu, &eff, &dyb, s, &mut dxt).unwrap();
+                let dxt = down(&gpu, &dxt);
+                close_in(&gpu, &format!("conv_backward_data_tensor_core {what}"), &dxt, &dx_cpu);
+                let e = rel_l2(&dxt, &dx);
+                assert!(e < 4e-3, "tensor-core vs SIMT bf16 data gradient {what}: rel L2 {e:.2e}");
+                let mut det = gpu.alloc(w.len()).unwrap();
+                k::conv_backward_weight_tensor_core(&gpu, geom, &xb, s, &dyb, &mut det).unwrap();
+                let det = down32(&gpu, &det);
+                close_in(&gpu, &format!("conv_backward_weight_tensor_core {what}"), &det, &de_cpu);
+                let e = rel_l2(&det, &de);
+                assert!(e < 1e-4, "tensor-core vs SIMT weight gradient {what}: rel L2 {e:.2e}");
+                let mut again = gpu.alloc(w.len()).unwrap();
+                k::conv_backward_weight_tensor_core(&gpu, geom, &xb, s, &dyb, &mut again).unwrap();
+                assert!(down32(&gpu, &again).iter().zip(&det).all(|(a, b)| a.to_bits() == b.to_bits()), "split-K is deterministic");
                 // bf16 operands: visibly not fp32 arithmetic, within the bf16 bound; the
                 // weight gradient holds values no bf16 can.
                 for (name, got, want) in [("forward", &y, &y_cpu), ("data grad", &dx, &dx_cpu), ("weight grad", &de, &de_cpu)] {

@@ -582,8 +582,17 @@ pub fn conv_forward_tensor_core(gpu: &Gpu, eff: &GpuEffWeight, x: &dyn Values, s
     })
 }
 
-/// Data gradient: `dx` (like `x`, shape `s`) from `dy`.
+/// Data gradient: `dx` (like `x`, shape `s`) from `dy`. With bf16 activations and
+/// [`Gpu::tensor_core_conv`] on, it runs on tensor cores ([`conv_backward_data_tensor_core`]).
 pub fn conv_backward_data(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
+    if gpu.tensor_core_conv() && dy.dtype() == Dtype::Bf16 && dx.dtype() == Dtype::Bf16 {
+        return conv_backward_data_tensor_core(gpu, eff, dy, s, dx);
+    }
+    conv_backward_data_simt(gpu, eff, dy, s, dx)
+}
+
+/// [`conv_backward_data`] on conv.cu's SIMT kernel (fp32 or bf16 activations).
+pub fn conv_backward_data_simt(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
     let k = "conv_backward_data";
     let (n, h, w) = conv_dims(k, eff.geom, s)?;
     expect_len(k, "dy", dy.len(), s.pixels() * eff.geom.out_ch)?;
@@ -596,8 +605,57 @@ pub fn conv_backward_data(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhw
     })
 }
 
-/// Weight gradient w.r.t. the effective weight: `d_eff` OHWI (overwritten).
+/// [`conv_backward_data`] on tensor cores: the forward kernel of conv_tc.cu on the
+/// flipped, transposed effective weight (kernels/conv_tc_backward.cu). bf16 only.
+pub fn conv_backward_data_tensor_core(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
+    let k = "conv_backward_data_tensor_core";
+    let (n, h, w) = conv_dims(k, eff.geom, s)?;
+    expect_len(k, "dy", dy.len(), s.pixels() * eff.geom.out_ch)?;
+    expect_len(k, "dx", dx.len(), s.numel())?;
+    if dtype_of(k, &[dy.dtype(), dx.dtype()])? != Dtype::Bf16.code() {
+        return Err(Error::Input(format!("{k}: needs bf16 activations, got {:?}", dy.dtype())));
+    }
+    let (i, o, kk) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?, eff.geom.k as i32);
+    let mut wf = gpu.alloc::<f32>(eff.geom.numel())?;
+    let st = gpu.stream()?;
+    check("conv_weight_flip", unsafe { ffi::edm2_conv_weight_flip(eff.w.ptr(gpu), wf.ptr_mut(gpu), i, o, kk, st) })?;
+    // The forward with cin = O and cout = I.
+    check(k, unsafe { ffi::edm2_conv_forward_tc(dy.vptr(gpu) as *const u16, wf.ptr(gpu), dx.vptr_mut(gpu) as *mut u16, n, h, w, o, i, kk, st) })
+}
+
+/// Weight gradient w.r.t. the effective weight: `d_eff` OHWI (overwritten). With bf16
+/// activations and [`Gpu::tensor_core_conv`] on, it runs on tensor cores
+/// ([`conv_backward_weight_tensor_core`]).
 pub fn conv_backward_weight(gpu: &Gpu, geom: ConvGeom, x: &dyn Values, s: Nhwc, dy: &dyn Values, d_eff: &mut GpuBuf<f32>) -> Result<()> {
+    if gpu.tensor_core_conv() && x.dtype() == Dtype::Bf16 && dy.dtype() == Dtype::Bf16 {
+        return conv_backward_weight_tensor_core(gpu, geom, x, s, dy, d_eff);
+    }
+    conv_backward_weight_simt(gpu, geom, x, s, dy, d_eff)
+}
+
+/// [`conv_backward_weight`] on tensor cores with split-K over the pixels into a pooled
+/// fp32 workspace, reduced in a fixed order (kernels/conv_tc_backward.cu). bf16 only.
+pub fn conv_backward_weight_tensor_core(gpu: &Gpu, geom: ConvGeom, x: &dyn Values, s: Nhwc, dy: &dyn Values, d_eff: &mut GpuBuf<f32>) -> Result<()> {
+    let k = "conv_backward_weight_tensor_core";
+    let (n, h, w) = conv_dims(k, geom, s)?;
+    expect_len(k, "x", x.len(), s.numel())?;
+    expect_len(k, "dy", dy.len(), s.pixels() * geom.out_ch)?;
+    expect_len(k, "d_eff", d_eff.len(), geom.numel())?;
+    if dtype_of(k, &[x.dtype(), dy.dtype()])? != Dtype::Bf16.code() {
+        return Err(Error::Input(format!("{k}: needs bf16 activations, got {:?}", x.dtype())));
+    }
+    let (i, o, kk) = (int(k, geom.in_ch)?, int(k, geom.out_ch)?, geom.k as i32);
+    let splits = unsafe { ffi::edm2_conv_wgrad_tc_splits(n, h, w, i, o, kk) }.max(1);
+    let mut ws = (splits > 1).then(|| gpu.alloc::<f32>(splits as usize * geom.numel())).transpose()?;
+    let ws_ptr = ws.as_mut().map_or(std::ptr::null_mut(), |b| b.ptr_mut(gpu));
+    let st = gpu.stream()?;
+    check(k, unsafe {
+        ffi::edm2_conv_backward_weight_tc(x.vptr(gpu) as *const u16, dy.vptr(gpu) as *const u16, d_eff.ptr_mut(gpu), ws_ptr, splits, n, h, w, i, o, kk, st)
+    })
+}
+
+/// [`conv_backward_weight`] on conv.cu's SIMT kernel (fp32 or bf16 activations).
+pub fn conv_backward_weight_simt(gpu: &Gpu, geom: ConvGeom, x: &dyn Values, s: Nhwc, dy: &dyn Values, d_eff: &mut GpuBuf<f32>) -> Result<()> {
     let k = "conv_backward_weight";
     let (n, h, w) = conv_dims(k, geom, s)?;
     expect_len(k, "x", x.len(), s.numel())?;
