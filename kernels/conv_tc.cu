@@ -5,13 +5,10 @@
 // forward: x and y NHWC bf16, the effective weight OHWI fp32 (rounded to bf16 on load,
 // as conv.cu does), fp32 accumulation, y rounded to bf16 on store; overwrites y.
 //
-// Kernel: a 64x64 output tile per block of 128 threads (4 warps, 2x2, each 32x32 =
-// 2 m16 × 4 n8 mma tiles), K in steps of 32. Each step gathers A (64 pixels × 32 k,
-// implicit im2col, zero outside the image and past K) and B (32 k × 64 outputs) into
-// shared memory as bf16 bits, then each warp loads its fragments with ldmatrix (A: x4;
-// B: x2.trans over the row-major [k][n] tile — the layouts the harness self-tests check,
-// and that matched an H200) and issues 2 k16 × 8 mma. Rows are padded by 8 elements
-// (16 bytes) so the ldmatrix rows stay 16-byte aligned and spread over the banks.
+// Kernel: the 64x64 block tile of tc_tile.cuh (128 threads, 4 warps of 32x32, K in steps
+// of 32). Each step gathers A (64 pixels × 32 k, implicit im2col, zero outside the image
+// and past K) and B (32 k × 64 outputs) into shared memory as bf16 bits, then each warp
+// loads its fragments with ldmatrix and issues 2 k16 × 8 mma.
 // Partial tiles anywhere: loads outside M, N or K read 0; stores are bounds-checked.
 // Deterministic (a fixed order within each mma and across K steps).
 //
@@ -20,25 +17,18 @@
 // EDM2_TENSOR_CORE_CONV=1). Checked against the CPU backend and conv.cu's bf16 path in
 // the simulation harness (tests/gpu_kernels.rs).
 #include "conv_shape.cuh"
+#include "tc_tile.cuh"
 
-#define TC_BM 64
-#define TC_BN 64
-#define TC_BK 32
-#define TC_PAD 8
-
-__global__ void conv_forward_tc_kernel(ConvShape s, const edm2_bf16 *__restrict__ x,
-                                                              const float *__restrict__ wt, edm2_bf16 *__restrict__ y, long long M,
-                                                              int N, int K) {
+__global__ void conv_forward_tc_kernel(ConvShape s, const edm2_bf16 *__restrict__ x, const float *__restrict__ wt,
+                                       edm2_bf16 *__restrict__ y, long long M, int N, int K) {
   EDM2_SHARED(uint16_t, as, [TC_BM][TC_BK + TC_PAD]);
   EDM2_SHARED(uint16_t, bs, [TC_BK][TC_BN + TC_PAD]);
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int wm = warp / 2, wn = warp % 2, g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x;
+  const TcWarp w = tc_warp(tid);
   const long long m0 = (long long)blockIdx.y * TC_BM;
   const int n0 = blockIdx.x * TC_BN;
   float acc[2][4][4];
-  for (int mi = 0; mi < 2; mi++)
-    for (int ni = 0; ni < 4; ni++)
-      for (int r = 0; r < 4; r++) acc[mi][ni][r] = 0.0f;
+  tc_zero(acc);
   // This thread's share of the gathers: A row ar, k from ak (16 values); B row bk, n from
   // bn (16 values).
   const int ar = tid / 2, ak = (tid % 2) * 16;
@@ -60,23 +50,10 @@ __global__ void conv_forward_tc_kernel(ConvShape s, const edm2_bf16 *__restrict_
       bs[bk][bn + j] = (k < K && n < N) ? edm2_bf16_bits(wt[(long long)n * K + k]) : (uint16_t)0;
     }
     __syncthreads();
-    for (int ks = 0; ks < TC_BK; ks += 16) {
-      unsigned af[2][4], bf[4][2];
-      for (int mi = 0; mi < 2; mi++) edm2_ldmatrix_x4(af[mi], &as[wm * 32 + mi * 16 + lane % 16][ks + 8 * (lane / 16)]);
-      for (int ni = 0; ni < 4; ni++) edm2_ldmatrix_x2_trans(bf[ni], &bs[ks + lane % 16][wn * 32 + ni * 8]);
-      for (int mi = 0; mi < 2; mi++)
-        for (int ni = 0; ni < 4; ni++) edm2_mma_m16n8k16_bf16(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
-    }
+    tc_mma_k_step(acc, as, bs, w);
     __syncthreads();  // the tiles are overwritten by the next step
   }
-  // C fragment: element r at row g + 8(r >> 1), column 2t + (r & 1) of the 16x8 tile.
-  for (int mi = 0; mi < 2; mi++)
-    for (int ni = 0; ni < 4; ni++)
-      for (int r = 0; r < 4; r++) {
-        long long m = m0 + wm * 32 + mi * 16 + g + 8 * (r >> 1);
-        int n = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
-        if (m < M && n < N) y[m * N + n] = acc[mi][ni][r];
-      }
+  tc_store(y, M, N, m0, n0, acc, w);
 }
 
 extern "C" int edm2_conv_forward_tc(const uint16_t *x, const float *w, uint16_t *y, int n, int h, int wd, int cin, int cout, int k,

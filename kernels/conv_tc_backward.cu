@@ -11,22 +11,16 @@
 //   `splits` slices — blockIdx.z — each writing an fp32 partial tile to a workspace
 //   [splits][M][N]; conv_wgrad_reduce then sums the slices in slice order: the same result
 //   bit for bit on every run). With one slice the kernel writes dW directly.
-//   Tile as conv_tc.cu: 64x64 per block of 128 threads (4 warps, 2x2, each 32x32 = 2 m16 ×
-//   4 n8 mma.m16n8k16 tiles), K steps of 32. A (64 outputs o × 32 pixels) is gathered
+//   The block tile of tc_tile.cuh, as conv_tc.cu. A (64 outputs o × 32 pixels) is gathered
 //   transposed from dy (threads 0..63 read 64 consecutive o of one pixel: coalesced), B
-//   (32 pixels × 64 of tap·I) by implicit im2col of x (zero outside the image). Rows
-//   padded by 8 elements (16 bytes) for ldmatrix. Partial tiles: loads outside M, N or
-//   the slice read 0; stores are bounds-checked.
+//   (32 pixels × 64 of tap·I) by implicit im2col of x (zero outside the image). Partial
+//   tiles: loads outside M, N or the slice read 0; stores are bounds-checked.
 //
 // Variant: first tensor-core versions (scalar gathers, no cp.async pipeline), checked in
 // the simulation harness against the CPU backend and conv.cu's bf16 path
 // (tests/gpu_kernels.rs); not yet timed on a GPU. ptxas (sm_90): see scripts/check-kernels.sh.
 #include "conv_shape.cuh"
-
-#define WG_BM 64
-#define WG_BN 64
-#define WG_BK 32
-#define WG_PAD 8
+#include "tc_tile.cuh"
 
 __global__ void conv_weight_flip_kernel(const float *__restrict__ w, float *__restrict__ wf, int cin, int cout, int taps) {
   long long total = (long long)cout * taps * cin;
@@ -41,21 +35,19 @@ __global__ void conv_weight_flip_kernel(const float *__restrict__ w, float *__re
 
 __global__ void conv_wgrad_tc_kernel(ConvShape s, const edm2_bf16 *__restrict__ x, const edm2_bf16 *__restrict__ dy,
                                      float *__restrict__ out, int M, int N, long long K, long long kchunk) {
-  EDM2_SHARED(uint16_t, as, [WG_BM][WG_BK + WG_PAD]);
-  EDM2_SHARED(uint16_t, bs, [WG_BK][WG_BN + WG_PAD]);
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int wm = warp / 2, wn = warp % 2, g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.y * WG_BM, n0 = blockIdx.x * WG_BN;
+  EDM2_SHARED(uint16_t, as, [TC_BM][TC_BK + TC_PAD]);
+  EDM2_SHARED(uint16_t, bs, [TC_BK][TC_BN + TC_PAD]);
+  const int tid = threadIdx.x;
+  const TcWarp w = tc_warp(tid);
+  const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
   const long long kbeg = (long long)blockIdx.z * kchunk;
   const long long kend = kbeg + kchunk < K ? kbeg + kchunk : K;
   float acc[2][4][4];
-  for (int mi = 0; mi < 2; mi++)
-    for (int ni = 0; ni < 4; ni++)
-      for (int r = 0; r < 4; r++) acc[mi][ni][r] = 0.0f;
-  // This thread's share: A row (output channel) am, pixels from ak (16); B row bk, n from bn (16).
+  tc_zero(acc);
+  // This thread's share: A row (output channel) ar, pixels from ak (16); B row bk, n from bn (16).
   const int ar = tid % 64, ak = (tid / 64) * 16;
   const int bk = tid / 4, bn = (tid % 4) * 16;
-  for (long long k0 = kbeg; k0 < kend; k0 += WG_BK) {
+  for (long long k0 = kbeg; k0 < kend; k0 += TC_BK) {
     for (int j = 0; j < 16; j++) {
       long long p = k0 + ak + j;
       int o = m0 + ar;
@@ -73,24 +65,10 @@ __global__ void conv_wgrad_tc_kernel(ConvShape s, const edm2_bf16 *__restrict__ 
       bs[bk][bn + j] = v;
     }
     __syncthreads();
-    for (int ks = 0; ks < WG_BK; ks += 16) {
-      unsigned af[2][4], bf[4][2];
-      for (int mi = 0; mi < 2; mi++) edm2_ldmatrix_x4(af[mi], &as[wm * 32 + mi * 16 + lane % 16][ks + 8 * (lane / 16)]);
-      for (int ni = 0; ni < 4; ni++) edm2_ldmatrix_x2_trans(bf[ni], &bs[ks + lane % 16][wn * 32 + ni * 8]);
-      for (int mi = 0; mi < 2; mi++)
-        for (int ni = 0; ni < 4; ni++) edm2_mma_m16n8k16_bf16(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
-    }
+    tc_mma_k_step(acc, as, bs, w);
     __syncthreads();  // the tiles are overwritten by the next step
   }
-  float *dst = out + (long long)blockIdx.z * M * N;
-  // C fragment: element r at row g + 8(r >> 1), column 2t + (r & 1) of the 16x8 tile.
-  for (int mi = 0; mi < 2; mi++)
-    for (int ni = 0; ni < 4; ni++)
-      for (int r = 0; r < 4; r++) {
-        int m = m0 + wm * 32 + mi * 16 + g + 8 * (r >> 1);
-        int n = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
-        if (m < M && n < N) dst[(long long)m * N + n] = acc[mi][ni][r];
-      }
+  tc_store(out + (long long)blockIdx.z * M * N, M, N, m0, n0, acc, w);
 }
 
 // dw[j] = Σ_{z < splits} ws[z][j], in slice order (deterministic).
@@ -114,12 +92,12 @@ extern "C" int edm2_conv_weight_flip(const float *w, float *wf, int cin, int cou
 extern "C" int edm2_conv_wgrad_tc_splits(int n, int h, int wd, int cin, int cout, int k) {
   long long M = cout, N = (long long)conv_taps_tc(k) * cin, K = (long long)n * h * wd;
   if (M <= 0 || N <= 0 || K <= 0) return 1;
-  long long tiles = ((M + WG_BM - 1) / WG_BM) * ((N + WG_BN - 1) / WG_BN);
+  long long tiles = ((M + TC_BM - 1) / TC_BM) * ((N + TC_BN - 1) / TC_BN);
   // Enough blocks to fill a big GPU twice over (~264 SMs' worth), each slice at least 4
   // K steps (binds only for tiny inputs: a 64x64 level at batch 8 already has 1024 steps),
   // and the workspace at most 2^26 floats (256 MiB).
   long long want = (2 * 264 + tiles - 1) / tiles;
-  long long by_k = K / (4 * WG_BK);
+  long long by_k = K / (4 * TC_BK);
   long long by_ws = (1LL << 26) / (M * N);
   long long s = want;
   if (s > by_k) s = by_k;
@@ -134,11 +112,11 @@ extern "C" int edm2_conv_backward_weight_tc(const uint16_t *x, const uint16_t *d
   long long M = cout, N = (long long)s.taps * cin, K = (long long)n * h * wd;
   if (M == 0 || N == 0) return 0;
   if (splits < 1 || (splits > 1 && ws == nullptr)) return 1;  // cudaErrorInvalidValue
-  if ((N + WG_BN - 1) / WG_BN > 0x7fffffffLL || (M + WG_BM - 1) / WG_BM > 65535 || splits > 65535 || N > 0x7fffffffLL) return 9;
+  if ((N + TC_BN - 1) / TC_BN > 0x7fffffffLL || (M + TC_BM - 1) / TC_BM > 65535 || splits > 65535 || N > 0x7fffffffLL) return 9;
   // Slices of whole K steps; the last ones may be empty (they write zero partials).
   long long kchunk = (K + splits - 1) / splits;
-  kchunk = (kchunk + WG_BK - 1) / WG_BK * WG_BK;
-  dim3 grid((unsigned)((N + WG_BN - 1) / WG_BN), (unsigned)((M + WG_BM - 1) / WG_BM), (unsigned)splits);
+  kchunk = (kchunk + TC_BK - 1) / TC_BK * TC_BK;
+  dim3 grid((unsigned)((N + TC_BN - 1) / TC_BN), (unsigned)((M + TC_BM - 1) / TC_BM), (unsigned)splits);
   float *out = splits == 1 ? dw : ws;
   EDM2_LAUNCH(conv_wgrad_tc_kernel, grid, 128, 0, stream, s, (const edm2_bf16 *)x, (const edm2_bf16 *)dy, out, (int)M, (int)N, K, kchunk);
   int rc = (int)cudaGetLastError();
