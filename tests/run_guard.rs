@@ -161,16 +161,47 @@ fn a_corrupt_newest_state_is_set_aside_and_the_run_resumes_from_the_newest_valid
     let now: Vec<u64> = list_states(&out).unwrap().iter().map(|p| nimg_of(p)).collect();
     assert_eq!(now, vec![1024, 2048, 3072, 4096]);
 
-    // Every state corrupt: an error that says so (exit 1), the files kept; the next
-    // invocation starts afresh.
+    // Every state corrupt: an error that says so (exit 1), the files kept, and again on
+    // the next invocation (a fresh run would overwrite the snapshots) until they are moved.
     for p in list_states(&out).unwrap() {
         std::fs::write(&p, b"garbage").unwrap();
     }
     let o = train(&cfg, &out, "4096", &[]);
-    fails_with(&o, "no valid training state to resume from (4 corrupt");
+    fails_with(&o, "no valid training state to resume from (6 corrupt");
     assert_eq!(names(&out).iter().filter(|n| n.contains(".corrupt")).count(), 6);
+    fails_with(&train(&cfg, &out, "4096", &[]), "use another --outdir, or move the .corrupt files away");
+    let aside = d.join("aside");
+    std::fs::create_dir_all(&aside).unwrap();
+    for n in names(&out).iter().filter(|n| n.contains(".corrupt")) {
+        std::fs::rename(out.join(n), aside.join(n)).unwrap();
+    }
     let o = train(&cfg, &out, "1024", &[]);
     assert!(o.status.success() && !text(&o).contains("Resuming"), "{}", text(&o));
+
+    // A well-formed state of another network is an error naming it, never set aside.
+    let other = d.join("other");
+    let o = train(&cfg, &other, "1024", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let st = other.join("training-state-0000001.safetensors");
+    let f = safetensors::read(&st).unwrap();
+    let mut meta = f.metadata.clone();
+    meta.insert("edm2.ema".into(), r#"{"kind":"power","stds":[0.05,0.1,0.2]}"#.into());
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = f.tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone(), t.data.clone())).collect();
+    let refs: Vec<(&str, &[usize], &[f32])> = tensors.iter().map(|(n, sh, v)| (n.as_str(), sh.as_slice(), v.as_slice())).collect();
+    safetensors::write(&st, &refs, &meta, Dtype::F32).unwrap();
+    // (Metadata that disagrees with the tensors is damage: set aside, with the counts.)
+    let o = train(&cfg, &other, "2048", &[]);
+    fails_with(&o, "no valid training state");
+    assert!(text(&o).contains("3 EMA(s)"), "{}", text(&o));
+    std::fs::rename(format!("{}.corrupt", st.display()), &st).unwrap();
+    let mut cfg2: serde_json::Value = serde_json::from_str(&f.metadata["edm2.config"]).unwrap();
+    cfg2["model_channels"] = serde_json::json!(1_000_000);
+    let mut meta = f.metadata.clone();
+    meta.insert("edm2.config".into(), cfg2.to_string());
+    safetensors::write(&st, &refs, &meta, Dtype::F32).unwrap();
+    let o = train(&cfg, &other, "2048", &[]);
+    fails_with(&o, "cannot resume from");
+    assert!(st.exists(), "not renamed");
 }
 
 #[test]
@@ -311,6 +342,18 @@ fn a_training_state_given_as_a_network_says_so() {
     let snap = out.join("network-snapshot-0000001-0.100.safetensors");
     let o = edm2(&["generate", "--net", s(&snap), "--outdir", s(&d.join("img")), "--seeds", "0-1", "--steps", "2"]);
     assert!(o.status.success(), "{}", text(&o));
+    // A --noise file whose churn noise or labels have the wrong shape: named, not a panic.
+    let noise = d.join("noise.safetensors");
+    let z = vec![0.0f32; 2 * 32 * 32];
+    let bad_churn: &[(&str, &[usize], &[f32])] = &[("noise", &[2, 1, 32, 32], &z), ("churn_noise", &[3], &[0.0; 3])];
+    let bad_labels: &[(&str, &[usize], &[f32])] = &[("noise", &[2, 1, 32, 32], &z), ("class_labels", &[2, 3], &[0.0; 6])];
+    for (tensors, what) in [(bad_churn, "churn_noise has shape [3]"), (bad_labels, "class_labels has shape [2, 3], expected [2, 10]")] {
+        safetensors::write(&noise, tensors, &Default::default(), Dtype::F32).unwrap();
+        let o = edm2(&["generate", "--net", s(&snap), "--outdir", s(&d.join("img2")), "--noise", s(&noise), "--steps", "2"]);
+        fails_with(&o, what);
+        fails_with(&o, "noise.safetensors");
+    }
+    fails_with(&edm2(&["--threads", "100000000", "info"]), "--threads 100000000: at most");
 }
 
 #[test]

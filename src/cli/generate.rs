@@ -156,7 +156,8 @@ pub fn run(a: Args) -> Result<()> {
         dirs.extend(std::fs::read_dir(&a.outdir)?.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
     }
     for d in dirs {
-        for p in edm2::train::rundir::remove_partial_files(&d)? {
+        // (An hour old at least: the folder may be shared with generates on other machines.)
+        for p in edm2::train::rundir::remove_partial_files(&d, std::time::Duration::from_secs(3600))? {
             eprintln!("removed {} (a partial file left by an interrupted write)", p.display());
         }
     }
@@ -202,6 +203,16 @@ pub fn run(a: Args) -> Result<()> {
             if t.shape.len() != 4 || t.shape[1..] != [ch, r, r] {
                 bail!("{}: noise has shape {:?}, the network takes [N, {ch}, {r}, {r}]", p.display(), t.shape);
             }
+            if let Some(cn) = f.get("churn_noise") {
+                if cn.shape.len() != 5 || cn.shape[1..] != [t.shape[0], ch, r, r] {
+                    bail!("{}: churn_noise has shape {:?}, expected [K, {}, {ch}, {r}, {r}]", p.display(), cn.shape, t.shape[0]);
+                }
+            }
+            if let (Some(l), true) = (f.get("class_labels"), c.label_dim > 0) {
+                if l.shape != [t.shape[0], c.label_dim] {
+                    bail!("{}: class_labels has shape {:?}, expected [{}, {}]", p.display(), l.shape, t.shape[0], c.label_dim);
+                }
+            }
             Some(f)
         }
         None => None,
@@ -214,11 +225,14 @@ pub fn run(a: Args) -> Result<()> {
     // What must fit in memory: one batch of the sampler (and the network's activations),
     // and everything kept to the end (the grid's pixels, the raw samples).
     let batch = a.batch.min(names.len()) as u64;
-    let kept = names.len() as u64 * per as u64 * (a.grid.is_some() as u64 + 4 * a.save_raw.is_some() as u64);
+    let kept = (names.len() as u64).saturating_mul(per as u64 * (a.grid.is_some() as u64 + 4 * a.save_raw.is_some() as u64));
     let act_bytes = if precision_is_bf16(&a.precision) { 2 } else { 4 };
-    // An eval forward keeps about half of what a training pass records.
-    let need = batch * (net.net.activation_bytes_per_image(act_bytes) / 2 + 8 * 4 * per as u64) + kept;
-    if device != Device::Cuda {
+    // On the host: the sampler's batch buffers (noise, x, churn, output), the kept images,
+    // and on the CPU the network's activations (an eval forward keeps about half of what a
+    // training pass records). The device's share is checked by its allocator.
+    let activations = if device == Device::Cuda { 0 } else { net.net.activation_bytes_per_image(act_bytes) / 2 };
+    let need = batch.saturating_mul(activations.saturating_add(8 * 4 * per as u64)).saturating_add(kept);
+    {
         if let Some(avail) = edm2::train::memory::host_available() {
             if need > avail {
                 let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
@@ -275,9 +289,7 @@ pub fn run(a: Args) -> Result<()> {
                     let t = f.require("noise")?;
                     noise[i * per..(i + 1) * per].copy_from_slice(&t.data[s as usize * per..(s as usize + 1) * per]);
                     if let (Some(l), Some(gl)) = (labels.as_mut(), f.get("class_labels")) {
-                        if gl.shape != [t.shape[0], c.label_dim] {
-                            bail!("class_labels has shape {:?}, expected [{}, {}]", gl.shape, t.shape[0], c.label_dim);
-                        }
+                        // (Its shape was checked when the file was read.)
                         l.data[i * c.label_dim..(i + 1) * c.label_dim].copy_from_slice(&gl.data[s as usize * c.label_dim..(s as usize + 1) * c.label_dim]);
                         continue;
                     }

@@ -37,8 +37,12 @@ pub enum Command {
     Phema(phema::Args),
 }
 
+/// Worker threads at most (a thousand-core machine is far past any we run on).
+const MAX_THREADS: usize = 4096;
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(t) = cli.threads {
+        anyhow::ensure!(t <= MAX_THREADS, "--threads {t}: at most {MAX_THREADS}");
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }
     match cli.cmd {

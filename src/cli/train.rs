@@ -279,6 +279,9 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
         v.as_deref().map(|s| user_nimg(flag, s, m, zero)).transpose()
     };
     let batch = user("batch", &a.batch, &[], false)?.unwrap_or(tp.batch as u64);
+    if batch > 1 << 40 {
+        bail!("--batch {batch}: at most 2^40 images per step");
+    }
     let bm = [(batch, "the batch")];
     let bm1024 = [(batch, "the batch"), (1024, "1024")];
     let batch_gpu = match user("batch-gpu", &a.batch_gpu, &[], true)? {
@@ -386,7 +389,8 @@ fn newest_snapshot(dir: &std::path::Path) -> Option<PathBuf> {
         .filter(|n| n.starts_with("network-snapshot-") && n.ends_with(".safetensors"))
         .collect();
     // Newest kimg first; among equal kimg prefer σ_rel 0.100.
-    names.sort_by_key(|n| (std::cmp::Reverse(n[17..24].to_string()), !n.contains("-0.100.")));
+    // (`get`: a hostile name may be short or split a multi-byte character there.)
+    names.sort_by_key(|n| (std::cmp::Reverse(n.get(17..24).unwrap_or("").to_string()), !n.contains("-0.100.")));
     names.first().map(|n| dir.join(n))
 }
 
@@ -416,6 +420,11 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("note: --fp16: mixed precision on the CUDA backend is bf16 activations (--precision bf16)");
     }
     let tty = std::io::stderr().is_terminal();
+    // A run directory in use is refused before the (possibly long) dataset check; train()
+    // takes the lock again for the run itself.
+    if run_dir.is_dir() {
+        drop(edm2::train::rundir::RunDirLock::acquire(&run_dir)?);
+    }
     if opts.verify {
         let t = std::time::Instant::now();
         let n = ds.raw_len();

@@ -75,14 +75,30 @@ pub fn host_available() -> Option<u64> {
         l.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
     });
     let read_u64 = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
-    // cgroup v2 ("max" parses as None: no limit), then v1.
-    let cgroup = match (read_u64("/sys/fs/cgroup/memory.max"), read_u64("/sys/fs/cgroup/memory.current")) {
-        (Some(max), Some(cur)) => Some(max.saturating_sub(cur)),
-        _ => match (read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes"), read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes")) {
-            (Some(max), Some(cur)) if max < (1u64 << 60) => Some(max.saturating_sub(cur)),
-            _ => None,
-        },
-    };
+    // cgroup v2: this process's group (/proc/self/cgroup "0::/path") and every ancestor's
+    // limit apply ("max" parses as None: no limit); then v1's.
+    let mut cgroup: Option<u64> = None;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)));
+    let mut dir = own.unwrap_or_else(|| "/".into());
+    loop {
+        let base = format!("/sys/fs/cgroup{}", if dir == "/" { "" } else { dir.as_str() });
+        if let (Some(max), Some(cur)) = (read_u64(&format!("{base}/memory.max")), read_u64(&format!("{base}/memory.current"))) {
+            let room = max.saturating_sub(cur);
+            cgroup = Some(cgroup.map_or(room, |c| c.min(room)));
+        }
+        match dir.rfind('/') {
+            Some(0) | None if dir != "/" => dir = "/".into(),
+            Some(i) if i > 0 => dir.truncate(i),
+            _ => break,
+        }
+    }
+    if cgroup.is_none() {
+        if let (Some(max), Some(cur)) = (read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes"), read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes")) {
+            if max < (1u64 << 60) {
+                cgroup = Some(max.saturating_sub(cur));
+            }
+        }
+    }
     match (avail, cgroup) {
         (Some(a), Some(c)) => Some(a.min(c)),
         (a, c) => a.or(c),

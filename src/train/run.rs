@@ -259,11 +259,15 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     let io = |e, p: &Path| Error::Io { path: p.into(), err: e };
     std::fs::create_dir_all(run_dir).map_err(|e| io(e, run_dir))?;
     // One run per directory; held until this function returns (or the process dies).
-    let _lock = RunDirLock::acquire(run_dir)?;
+    let lock = RunDirLock::acquire(run_dir)?;
     let log_path = run_dir.join("log.txt");
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| io(e, &log_path))?;
     let mut log = Log { file: Some(file), ui };
-    for p in remove_partial_files(run_dir)? {
+    if !lock.held {
+        log.line(&format!("warning: {} cannot be locked (the filesystem has no flock): nothing stops a second train here", lock.path.display()));
+    }
+    // Under the lock no other train writes here: any dead writer's file goes.
+    for p in remove_partial_files(run_dir, std::time::Duration::ZERO)? {
         log.line(&format!("Removed {} (a partial file left by an interrupted write)", p.display()));
     }
 
@@ -298,6 +302,18 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     if let Some(avail) = host_available() {
         let host = if on_device { StepMemory { activations: 0, state: net.num_params() as u64 * 4 * (3 + n_emas as u64) } } else { need };
         host.check(avail, "memory on this machine", opts.batch_gpu, "batch-gpu")?;
+        // The preview grid is sampled on the host at each checkpoint, in one batch.
+        let per_image = (c.img_channels * c.img_resolution * c.img_resolution) as u64;
+        let preview = (opts.preview as u64).saturating_mul(net.activation_bytes_per_image(4) / 2 + 8 * 4 * per_image);
+        if opts.preview > 0 && preview.saturating_add(host.state) > avail {
+            return Err(Error::Run(format!(
+                "the preview grid of {} images needs about {:.2} GiB at each checkpoint, but only {:.2} GiB of memory is \
+                 available; lower --preview (0: none)",
+                opts.preview,
+                preview as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            )));
+        }
     }
 
     // Fresh start or resume from the newest valid state (newer corrupt ones set aside).
@@ -305,13 +321,25 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     for (old, new, why) in &resume.set_aside {
         log.line(&format!("warning: {} is corrupt, kept as {}: {why}", old.display(), new.display()));
     }
-    if resume.state.is_none() && !resume.set_aside.is_empty() {
-        return Err(Error::Run(format!(
-            "{}: no valid training state to resume from ({} corrupt, kept as *.corrupt); \
-             running the same command again starts the run afresh",
-            run_dir.display(),
-            resume.set_aside.len()
-        )));
+    if resume.state.is_none() {
+        // States were here but none is usable: a fresh run would overwrite the run's
+        // snapshots and previews under the same names. Refuse (every time, not only when
+        // the files are set aside) until the user chooses.
+        let corrupt: Vec<String> = std::fs::read_dir(run_dir)
+            .map_err(|e| io(e, run_dir))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("training-state-") && n.contains(".safetensors.corrupt"))
+            .collect();
+        if !corrupt.is_empty() {
+            return Err(Error::Run(format!(
+                "{}: no valid training state to resume from ({} corrupt, kept as *.corrupt: {}). A fresh run here would \
+                 overwrite this run's snapshots: use another --outdir, or move the .corrupt files away to start afresh here",
+                run_dir.display(),
+                corrupt.len(),
+                corrupt.join(", ")
+            )));
+        }
     }
     let mut st = match resume.state {
         Some((path, st)) => {
@@ -374,7 +402,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     let start_nimg = st.nimg;
     let mut stop_nimg = opts.duration;
     if let Some(s) = opts.slice {
-        stop_nimg = stop_nimg.min(start_nimg + s);
+        stop_nimg = stop_nimg.min(start_nimg.saturating_add(s));
     }
     let mut summary = Summary {
         reason: StopReason::AlreadyDone,

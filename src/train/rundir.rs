@@ -17,6 +17,9 @@ pub const LOCK_NAME: &str = "train.lock";
 pub struct RunDirLock {
     _file: std::fs::File,
     pub path: PathBuf,
+    /// False where the filesystem has no `flock` (some network and FUSE filesystems):
+    /// the run goes on unguarded, and says so.
+    pub held: bool,
 }
 
 impl RunDirLock {
@@ -38,6 +41,11 @@ impl RunDirLock {
                     if holder.is_empty() { "a process that has not written its pid yet".to_string() } else { holder.to_string() }
                 )));
             }
+            // ENOLCK, ENOSYS, EOPNOTSUPP: a filesystem without locks (NFS without lockd,
+            // Lustre without -o flock, some FUSE mounts) must not stop training.
+            Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported || matches!(e.raw_os_error(), Some(37 | 38 | 95)) => {
+                return Ok(RunDirLock { _file: f, path, held: false });
+            }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
@@ -45,7 +53,7 @@ impl RunDirLock {
         f.set_len(0).map_err(io)?;
         f.rewind().map_err(io)?;
         write!(f, "pid {} on host '{host}', since unix time {since}", std::process::id()).and_then(|_| f.flush()).map_err(io)?;
-        Ok(RunDirLock { _file: f, path })
+        Ok(RunDirLock { _file: f, path, held: true })
     }
 }
 
@@ -66,17 +74,24 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Time since a directory entry was last modified (zero when unknown: kept).
+fn age(ent: &std::fs::DirEntry) -> std::time::Duration {
+    ent.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).unwrap_or_default()
+}
+
 /// Removes the temporary files that interrupted atomic writes (SIGKILL, a full disk)
 /// left in `dir`: those whose writer process is gone (a live writer's file is mid-write,
-/// e.g. another `generate` sharing the folder). Returns the removed paths.
-pub fn remove_partial_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// e.g. another `generate` sharing the folder) and that are at least `min_age` old — a
+/// folder shared across machines can hold a live writer's file whose pid means nothing
+/// here; no writer keeps a temporary file for long. Returns the removed paths.
+pub fn remove_partial_files(dir: &Path, min_age: std::time::Duration) -> Result<Vec<PathBuf>> {
     let io = |e, p: &Path| Error::Io { path: p.into(), err: e };
     let mut removed = Vec::new();
     for ent in std::fs::read_dir(dir).map_err(|e| io(e, dir))? {
         let ent = ent.map_err(|e| io(e, dir))?;
         let is_file = ent.file_type().map(|t| t.is_file()).unwrap_or(false);
         match partial_file_pid(&ent.file_name().to_string_lossy()) {
-            Some(pid) if is_file && !process_alive(pid) => {
+            Some(pid) if is_file && !process_alive(pid) && age(&ent) >= min_age => {
                 let p = ent.path();
                 std::fs::remove_file(&p).map_err(|e| io(e, &p))?;
                 removed.push(p);
@@ -97,14 +112,23 @@ pub struct Resume {
 }
 
 /// The newest training state of `run_dir` that loads and holds finite values; newer ones
-/// that do not are renamed to `*.corrupt` (kept for inspection) with the reason. A state
-/// that cannot be *read* (permissions, I/O) is an error, not corruption.
+/// that are damaged (not a valid safetensors file, tensors that do not match its own
+/// metadata, non-finite values) are renamed to `*.corrupt` (kept for inspection) with the
+/// reason. Anything else is an error naming the file, never a rename: a state that cannot
+/// be *read* (permissions, I/O), or a well-formed one this program cannot take (another
+/// network or config schema, e.g. written by another version).
 pub fn newest_valid_state(run_dir: &Path) -> Result<Resume> {
     let mut out = Resume { state: None, set_aside: Vec::new() };
     for path in list_states(run_dir)?.into_iter().rev() {
         let why = match TrainState::load(&path) {
-            Err(e @ Error::Io { .. }) => return Err(e),
-            Err(e) => e.to_string(),
+            Err(e @ (Error::Malformed { .. } | Error::Dtype { .. })) => e.to_string(),
+            Err(e) => {
+                return Err(Error::Run(format!(
+                    "cannot resume from {}: {e}\n(a well-formed training state this run cannot take: another network, or \
+                     another edm2 version? Use another --outdir, or move the file away to resume from an older one)",
+                    path.display()
+                )))
+            }
             Ok(st) => {
                 let net = crate::nn::Precond::new(&st.config)?;
                 match st.first_nonfinite(&net.specs) {
@@ -145,7 +169,10 @@ mod tests {
         for f in [live.as_str(), ".b.png.tmp4194304", "c.png"] {
             std::fs::write(d.join(f), b"x").unwrap();
         }
-        let removed = remove_partial_files(&d).unwrap();
+        let removed = remove_partial_files(&d, std::time::Duration::ZERO).unwrap();
+        // Too young for a min_age: kept.
+        std::fs::write(d.join(".b.png.tmp4194304"), b"x").unwrap();
+        assert!(remove_partial_files(&d, std::time::Duration::from_secs(3600)).unwrap().is_empty());
         if cfg!(target_os = "linux") {
             assert_eq!(removed, vec![d.join(".b.png.tmp4194304")]);
             assert!(d.join(&live).exists() && d.join("c.png").exists());

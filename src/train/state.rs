@@ -176,45 +176,66 @@ impl TrainState {
         let ema_options: EmaOptions = serde_json::from_str(meta("edm2.ema")?).map_err(|e| bad(format!("edm2.ema: {e}")))?;
         let net = crate::nn::Precond::new(&config)?;
         let specs = &net.specs;
-        let take = |prefix: &str, s: &ParamSpec| -> Result<Vec<f32>> {
+        // The tensors the metadata implies, counted before anything is allocated from it
+        // (an `edm2.ema` listing millions of averages must not allocate millions of copies).
+        let n_emas = match &ema_options {
+            EmaOptions::Power { stds } => stds.len(),
+            EmaOptions::Traditional { .. } => 1,
+        };
+        if n_emas == 0 {
+            return Err(Error::Malformed { path: path.into(), reason: "edm2.ema lists no averages".into() });
+        }
+        let n_params = specs.iter().filter(|s| s.kind == ParamKind::Param).count();
+        let expected = specs.len() as u128 * (1 + n_emas as u128) + 2 * n_params as u128;
+        if f.tensors.len() as u128 != expected {
+            return Err(Error::Malformed {
+                path: path.into(),
+                reason: format!(
+                    "{} tensors, but its network and {n_emas} EMA(s) (edm2.config, edm2.ema) make {expected}",
+                    f.tensors.len()
+                ),
+            });
+        }
+        let (adam_step, nimg, seed) = (num("edm2.adam_step")?, num("edm2.nimg")?, num("edm2.seed")?);
+        let dataset = meta("edm2.dataset")?.clone();
+        let dataset_len = num("edm2.dataset_len")? as usize;
+        let elapsed_sec = meta("edm2.elapsed_sec")?.parse().unwrap_or(0.0);
+        // Tensors are moved out of the parsed file, not copied (a resume holds one state).
+        let mut tensors: std::collections::HashMap<String, safetensors::StTensor> = f.tensors.into_iter().collect();
+        let mut take = |prefix: &str, s: &ParamSpec| -> Result<Vec<f32>> {
             let name = format!("{prefix}{}", s.name);
-            let t = f.require(&name)?;
+            let t = tensors.remove(&name).ok_or_else(|| Error::MissingTensor { path: path.into(), name: name.clone() })?;
             if t.shape != s.shape {
-                return Err(Error::Shape { path: path.into(), name, expected: s.shape.clone(), found: t.shape.clone() });
+                return Err(Error::Shape { path: path.into(), name, expected: s.shape.clone(), found: t.shape });
             }
             if t.dtype != Dtype::F32 {
-                return Err(bad(format!("{name} is {}, training states are F32", t.dtype.name())));
+                return Err(Error::Malformed { path: path.into(), reason: format!("{name} is {}, training states are F32", t.dtype.name()) });
             }
-            Ok(t.data.clone())
+            Ok(t.data)
         };
-        let all = |prefix: &str| -> Result<Params> { Ok(Params { values: specs.iter().map(|s| take(prefix, s)).collect::<Result<_>>()? }) };
-        let moments = |prefix: &str| -> Result<Params> {
+        let mut all = |prefix: &str| -> Result<Params> { Ok(Params { values: specs.iter().map(|s| take(prefix, s)).collect::<Result<_>>()? }) };
+        let params = all("net/")?;
+        let mut emas = Vec::with_capacity(n_emas);
+        for k in 0..n_emas {
+            emas.push(all(&format!("ema/{k}/"))?);
+        }
+        let mut moments = |prefix: &str| -> Result<Params> {
             let values = specs
                 .iter()
                 .map(|s| if s.kind == ParamKind::Param { take(prefix, s) } else { Ok(vec![0.0; s.numel()]) })
                 .collect::<Result<_>>()?;
             Ok(Params { values })
         };
-        let params = all("net/")?;
         let mut adam = Adam::new(specs);
         adam.m = moments("optim/exp_avg/")?;
         adam.v = moments("optim/exp_avg_sq/")?;
-        adam.t = num("edm2.adam_step")?;
-        let mut ema = EmaSet::new(&ema_options, &params)?;
-        for (k, e) in ema.averages_mut().into_iter().enumerate() {
-            *e = all(&format!("ema/{k}/"))?;
+        adam.t = adam_step;
+        // The EMA set starts from the first average (cheap: a copy of one parameter set),
+        // then takes the file's.
+        let mut ema = EmaSet::new(&ema_options, &emas[0])?;
+        for (e, v) in ema.averages_mut().into_iter().zip(emas) {
+            *e = v;
         }
-        Ok(TrainState {
-            config,
-            params,
-            adam,
-            ema_options,
-            ema,
-            nimg: num("edm2.nimg")?,
-            seed: num("edm2.seed")?,
-            dataset: meta("edm2.dataset")?.clone(),
-            dataset_len: num("edm2.dataset_len")? as usize,
-            elapsed_sec: meta("edm2.elapsed_sec")?.parse().unwrap_or(0.0),
-        })
+        Ok(TrainState { config, params, adam, ema_options, ema, nimg, seed, dataset, dataset_len, elapsed_sec })
     }
 }
