@@ -122,7 +122,13 @@ pub fn run(a: Args) -> Result<()> {
         adam.step(&net.specs, params, &g, 1e-4);
         loss.total
     };
-    eprintln!("bench {} batch {n} on {} threads", a.config, rayon::current_num_threads());
+    eprintln!(
+        "bench {} batch {n} on {} threads, {} kernels ({})",
+        a.config,
+        rayon::current_num_threads(),
+        edm2::backend::cpu::simd::isa().name(),
+        edm2::backend::cpu::simd::cpu_model()
+    );
     edm2::profile::enable_from_env();
     let mut train_ms = Vec::new();
     let (do_train, do_fwd) = (a.only != "forward", a.only != "train");
@@ -194,10 +200,16 @@ pub fn run(a: Args) -> Result<()> {
         let g = 2.0 * macs * ips(f) / 1e9;
         println!("forward:    median {f:.1} ms (min {lo:.1}, max {hi:.1}) = {:.2} img/s, {g:.1} GFLOP/s", ips(f));
     }
+    // The machine's ceiling on this path, for the fraction the step reaches.
+    let peak = edm2::backend::cpu::simd::fma_peak_gflops(0.3);
+    if let (Some(p), Some((t, _, _))) = (peak, ts) {
+        println!("FMA peak of this machine ({} threads, {}): {p:.1} GFLOP/s; the train step reaches {:.1}% of it", rayon::current_num_threads(), edm2::backend::cpu::simd::isa().name(), 100.0 * 6.0 * macs * ips(t) / 1e9 / p);
+    }
     if a.json {
         println!(
             "{}",
             serde_json::json!({
+                "fma_peak_gflops": peak,
                 "train_step_ms": ts.map(|s| s.0), "forward_ms": fs.map(|s| s.0),
                 "images_per_s_train": ts.map(|s| ips(s.0)), "images_per_s_forward": fs.map(|s| ips(s.0)),
                 "gflops_per_s_train": ts.map(|s| 6.0 * macs * ips(s.0) / 1e9),
@@ -205,6 +217,8 @@ pub fn run(a: Args) -> Result<()> {
                 "forward_ms_min": fs.map(|s| s.1), "forward_ms_max": fs.map(|s| s.2),
                 "threads": rayon::current_num_threads(),
                 "images_per_s_sampling": sampling_ips,
+                "cpu_isa": edm2::backend::cpu::simd::isa().name(),
+                "cpu_model": edm2::backend::cpu::simd::cpu_model(),
             })
         );
     }

@@ -21,6 +21,11 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => bail!("give --config PRESET|FILE or --net FILE (presets: {})", edm2::config::preset_names().join(", ")),
     };
     let net = Precond::new(&cfg)?;
+    println!(
+        "cpu: {} ({} kernels; EDM2_CPU_ISA=avx512|avx2|portable overrides)",
+        edm2::backend::cpu::simd::cpu_model(),
+        edm2::backend::cpu::simd::isa().name()
+    );
     println!("config: {}", cfg.to_json());
     println!("module tree (official names):");
     let u = &net.unet;

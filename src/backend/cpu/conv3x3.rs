@@ -70,6 +70,9 @@ pub fn conv3x3_direct(x: &[f32], n: usize, h: usize, w: usize, cin: usize, packe
     assert_eq!(x.len(), n * h * w * cin);
     assert_eq!(packed.len(), 9 * cin * cout);
     assert_eq!(y.len(), n * h * w * cout);
+    if super::simd::avx512() {
+        return conv3x3_direct512(x, h, w, cin, packed, cout, y);
+    }
     let row_stride = w * cin;
     y.par_chunks_mut(w * cout).enumerate().for_each(|(row, yr)| {
         let (b, yy) = (row / h, row % h);
@@ -118,6 +121,107 @@ pub fn conv3x3_direct(x: &[f32], n: usize, h: usize, w: usize, cin: usize, packe
             }
         }
     });
+}
+
+/// [`conv3x3_direct`] on AVX-512 tiles: up to 12 pixels × 32 output channels (two
+/// 16-channel blocks of the same packing), the same products in the same order per
+/// output element as the AVX2 tile (bit-identical results).
+#[allow(clippy::too_many_arguments)]
+fn conv3x3_direct512(x: &[f32], h: usize, w: usize, cin: usize, packed: &[f32], cout: usize, y: &mut [f32]) {
+    use super::microkernel::MR512;
+    let row_stride = w * cin;
+    let (nb, panel) = (cout / NR, 9 * cin * NR);
+    y.par_chunks_mut(w * cout).enumerate().for_each(|(row, yr)| {
+        let (b, yy) = (row / h, row % h);
+        let ky0 = if yy == 0 { 1 } else { 0 };
+        let ky1 = if yy + 1 == h { 2 } else { 3 };
+        let base = (b * h + yy) * w * cin;
+        for ob in (0..nb).step_by(2) {
+            let two = ob + 1 < nb;
+            let bp = packed[ob * panel..].as_ptr();
+            let runs = w.div_ceil(MR512);
+            let (run_len, extra) = (w / runs, w % runs);
+            let mut x0 = 0;
+            for run in 0..runs {
+                let m = run_len + (run < extra) as usize;
+                let (left, right) = (x0 == 0, x0 + m == w);
+                let c = yr[x0 * cout + ob * NR..].as_mut_ptr();
+                let a = x[base + x0 * cin..].as_ptr();
+                let k = Taps { ky0, ky1, row_stride, cin };
+                // SAFETY: AVX-512F checked by `avx512()`. As the AVX2 tile; the second
+                // panel (when `two`) is the next 16-channel block of `packed` and of y.
+                unsafe {
+                    macro_rules! go {
+                        ($m:literal) => {
+                            match (two, left, right) {
+                                (true, false, false) => tile512::<$m, 2, false, false>(a, k, bp, panel, c, cout),
+                                (true, true, false) => tile512::<$m, 2, true, false>(a, k, bp, panel, c, cout),
+                                (true, false, true) => tile512::<$m, 2, false, true>(a, k, bp, panel, c, cout),
+                                (true, true, true) => tile512::<$m, 2, true, true>(a, k, bp, panel, c, cout),
+                                (false, false, false) => tile512::<$m, 1, false, false>(a, k, bp, panel, c, cout),
+                                (false, true, false) => tile512::<$m, 1, true, false>(a, k, bp, panel, c, cout),
+                                (false, false, true) => tile512::<$m, 1, false, true>(a, k, bp, panel, c, cout),
+                                (false, true, true) => tile512::<$m, 1, true, true>(a, k, bp, panel, c, cout),
+                            }
+                        };
+                    }
+                    match m {
+                        12 => go!(12),
+                        11 => go!(11),
+                        10 => go!(10),
+                        9 => go!(9),
+                        8 => go!(8),
+                        7 => go!(7),
+                        6 => go!(6),
+                        5 => go!(5),
+                        4 => go!(4),
+                        3 => go!(3),
+                        2 => go!(2),
+                        _ => go!(1),
+                    }
+                }
+                x0 += m;
+            }
+        }
+    });
+}
+
+/// One AVX-512 register tile: M consecutive pixels × P·16 output channels (panel `p` of
+/// the packed weight at `b + p·b_panel`). Otherwise as [`tile`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile512<const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(
+    a: *const f32,
+    k: Taps,
+    b: *const f32,
+    b_panel: usize,
+    c: *mut f32,
+    cstride: usize,
+) {
+    use super::microkernel::{fma_tile512, store_tile512};
+    use std::arch::x86_64::*;
+    let cin = k.cin;
+    let mut acc = [[_mm512_setzero_ps(); P]; M];
+    for ky in k.ky0..k.ky1 {
+        let row = a.offset((ky as isize - 1) * k.row_stride as isize);
+        let bp = b.add(ky * 3 * cin * NR);
+        fma_tile512::<M, P>(row.wrapping_sub(cin), cin, 1, bp, b_panel, NR, cin, LEFT, false, &mut acc);
+        fma_tile512::<M, P>(row, cin, 1, bp.add(cin * NR), b_panel, NR, cin, false, false, &mut acc);
+        fma_tile512::<M, P>(row.wrapping_add(cin), cin, 1, bp.add(2 * cin * NR), b_panel, NR, cin, false, RIGHT, &mut acc);
+    }
+    store_tile512::<M, P>(c, cstride, &acc);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile512<const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(
+    _: *const f32,
+    _: Taps,
+    _: *const f32,
+    _: usize,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("conv3x3 direct kernel needs x86-64")
 }
 
 /// The tap rows of a tile and the input strides.
@@ -171,40 +275,78 @@ pub fn conv_weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: 
     assert_eq!(x.len(), n * h * w * cin);
     assert_eq!(dy.len(), n * h * w * cout);
     assert_eq!(d_eff.len(), taps * cin * cout);
-    let cblocks = cin.div_ceil(MR);
-    // Tiles ordered (o-block, tap, ci-block); each has an MR x 16 accumulator.
-    let ntiles = (cout / NR) * taps * cblocks;
+    // Tile: `mr` input channels × `oc` output channels (AVX2 6x16; AVX-512 12x32, the
+    // last output block 16 wide when cout is an odd number of 16s).
+    let wide = super::simd::avx512();
+    let (mr, oc) = if wide { (super::microkernel::MR512, 2 * NR) } else { (MR, NR) };
+    let cblocks = cin.div_ceil(mr);
+    let oblocks = cout.div_ceil(oc);
+    // Tiles ordered (o-block, tap, ci-block); each has an mr x oc accumulator.
+    let ntiles = oblocks * taps * cblocks;
     let threads = rayon::current_num_threads().max(1).min(ntiles);
-    let mut acc = vec![0.0f32; ntiles * MR * NR];
+    let mut acc = vec![0.0f32; ntiles * mr * oc];
     let per = ntiles.div_ceil(threads);
     // Rows per chunk: as many pixels as keep the chunk's x and dy (~256 KB) in L2.
     let chunk_pixels = (65536 / (cin + cout)).clamp(16, 1024);
     let rows_per_chunk = (chunk_pixels / w).max(1);
-    acc.par_chunks_mut(per * MR * NR).enumerate().for_each(|(g, accg)| {
+    let tile_of = |t: usize| {
+        let (ob, rest) = (t / (taps * cblocks), t % (taps * cblocks));
+        (ob, rest / cblocks, rest % cblocks)
+    };
+    acc.par_chunks_mut(per * mr * oc).enumerate().for_each(|(g, accg)| {
         let t0 = g * per;
         let rows = n * h;
         let mut r0 = 0;
         while r0 < rows {
             let r1 = (r0 + rows_per_chunk).min(rows);
-            for (i, tacc) in accg.chunks_mut(MR * NR).enumerate() {
-                let t = t0 + i;
-                let (ob, rest) = (t / (taps * cblocks), t % (taps * cblocks));
-                let (tap, cb) = (rest / cblocks, rest % cblocks);
+            for (i, tacc) in accg.chunks_mut(mr * oc).enumerate() {
+                let (ob, tap, cb) = tile_of(t0 + i);
                 // A 1x1 convolution is the centre tap alone.
                 let (ky, kx) = if k == 3 { (tap / 3, tap % 3) } else { (1, 1) };
-                let ci0 = cb * MR;
-                let m = (cin - ci0).min(MR);
+                let ci0 = cb * mr;
+                let m = (cin - ci0).min(mr);
                 let (xlo, xhi) = (if kx == 0 { 1 } else { 0 }, if kx == 2 { w - 1 } else { w });
                 if xlo >= xhi {
                     continue;
                 }
-                let geo = DwRows { r0, r1, h, w, ky, kx, xlo, xhi, cin, cout, ci0, o0: ob * NR };
+                let geo = DwRows { r0, r1, h, w, ky, kx, xlo, xhi, cin, cout, ci0, o0: ob * oc };
+                let (xp, dp, ap) = (x.as_ptr(), dy.as_ptr(), tacc.as_mut_ptr());
+                if wide {
+                    let two = ob * oc + oc <= cout;
+                    // SAFETY: AVX-512F checked by `avx512()`; as below, with 16 or 32
+                    // output channels from o0 (inside dy: `two` only when o0 + 32 ≤ cout).
+                    unsafe {
+                        macro_rules! go {
+                            ($m:literal) => {
+                                if two {
+                                    dw_run512::<$m, 2>(xp, dp, &geo, ap)
+                                } else {
+                                    dw_run512::<$m, 1>(xp, dp, &geo, ap)
+                                }
+                            };
+                        }
+                        match m {
+                            12 => go!(12),
+                            11 => go!(11),
+                            10 => go!(10),
+                            9 => go!(9),
+                            8 => go!(8),
+                            7 => go!(7),
+                            6 => go!(6),
+                            5 => go!(5),
+                            4 => go!(4),
+                            3 => go!(3),
+                            2 => go!(2),
+                            _ => go!(1),
+                        }
+                    }
+                    continue;
+                }
                 // SAFETY: AVX2/FMA checked by `available()`; `dw_run` reads, for each
                 // chunk row whose source row is inside the image, pixels xlo..xhi of dy
                 // (16 channels from o0) and the matching source pixels of x (channels
                 // ci0..ci0+m), all inside the slices.
                 unsafe {
-                    let (xp, dp, ap) = (x.as_ptr(), dy.as_ptr(), tacc.as_mut_ptr());
                     match m {
                         6 => dw_run::<6>(xp, dp, &geo, ap),
                         5 => dw_run::<5>(xp, dp, &geo, ap),
@@ -218,14 +360,13 @@ pub fn conv_weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: 
             r0 = r1;
         }
     });
-    // Scatter the tiles into OHWI.
+    // Scatter the tiles (rows: input channels, stride oc) into OHWI.
     for t in 0..ntiles {
-        let (ob, rest) = (t / (taps * cblocks), t % (taps * cblocks));
-        let (tap, cb) = (rest / cblocks, rest % cblocks);
-        let ci0 = cb * MR;
-        for mi in 0..(cin - ci0).min(MR) {
-            for j in 0..NR {
-                d_eff[((ob * NR + j) * taps + tap) * cin + ci0 + mi] = acc[(t * MR + mi) * NR + j];
+        let (ob, tap, cb) = tile_of(t);
+        let ci0 = cb * mr;
+        for mi in 0..(cin - ci0).min(mr) {
+            for j in 0..oc.min(cout - ob * oc) {
+                d_eff[((ob * oc + j) * taps + tap) * cin + ci0 + mi] = acc[(t * mr + mi) * oc + j];
             }
         }
     }
@@ -272,6 +413,35 @@ unsafe fn dw_run<const M: usize>(x: *const f32, dy: *const f32, g: &DwRows, acc:
         fma_tile::<M>(xp, 1, cin, dp, cout, len, false, false, &mut a0, &mut a1);
     }
     store_tile::<M>(acc, NR, &a0, &a1);
+}
+
+/// [`dw_run`] on an AVX-512 tile of M input channels × P·16 output channels, stored at
+/// `acc` with row stride 32 (the tile buffer of the AVX-512 path).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_run512<const M: usize, const P: usize>(x: *const f32, dy: *const f32, g: &DwRows, acc: *mut f32) {
+    use super::microkernel::{fma_tile512, load_tile512, store_tile512};
+    use std::arch::x86_64::*;
+    let (cin, cout) = (g.cin, g.cout);
+    let mut a = [[_mm512_setzero_ps(); P]; M];
+    load_tile512::<M, P>(acc, 2 * NR, &mut a);
+    let len = g.xhi - g.xlo;
+    for r in g.r0..g.r1 {
+        let (b, yy) = (r / g.h, r % g.h);
+        let sy = yy as isize + g.ky as isize - 1;
+        if sy < 0 || sy >= g.h as isize {
+            continue;
+        }
+        let xp = x.add(((b * g.h + sy as usize) * g.w + g.xlo + g.kx - 1) * cin + g.ci0);
+        let dp = dy.add((r * g.w + g.xlo) * cout + g.o0);
+        fma_tile512::<M, P>(xp, 1, cin, dp, NR, cout, len, false, false, &mut a);
+    }
+    store_tile512::<M, P>(acc, 2 * NR, &a);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dw_run512<const M: usize, const P: usize>(_: *const f32, _: *const f32, _: &DwRows, _: *mut f32) {
+    unreachable!("conv3x3 direct kernel needs x86-64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

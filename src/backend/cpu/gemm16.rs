@@ -51,6 +51,9 @@ pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c
         return;
     }
     assert!(a.len() >= (m - 1) * lda + k && c.len() >= (m - 1) * ldc + n);
+    if super::simd::avx512() {
+        return gemm16_512(m, n, k, a, lda, bp, c, ldc, parallel);
+    }
     // Row blocks of 96 (16 tiles of 6) per task.
     let rows_per_task = 96;
     let body = |(t, cc): (usize, &mut [f32])| {
@@ -89,6 +92,78 @@ pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c
     } else {
         c.chunks_mut(rows_per_task * ldc).enumerate().for_each(body);
     }
+}
+
+/// [`gemm16`] on AVX-512 tiles of 12 rows × 32 columns (two packed panels; a last odd
+/// panel alone), the same products in the same order per element (bit-identical).
+#[allow(clippy::too_many_arguments)]
+fn gemm16_512(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c: &mut [f32], ldc: usize, parallel: bool) {
+    use super::microkernel::MR512;
+    let rows_per_task = 96; // 8 tiles of 12
+    let nb = n / NR;
+    let body = |(t, cc): (usize, &mut [f32])| {
+        let r0 = t * rows_per_task;
+        let r1 = (r0 + rows_per_task).min(m);
+        let mut r = r0;
+        while r < r1 {
+            let mm = (r1 - r).min(MR512);
+            let ap = a[r * lda..].as_ptr();
+            for pb in (0..nb).step_by(2) {
+                let two = pb + 1 < nb;
+                let b = bp[pb * k * NR..].as_ptr();
+                let cp = cc[(r - r0) * ldc + pb * NR..].as_mut_ptr();
+                // SAFETY: AVX-512F present (`avx512()`); reads rows r..r+mm of A and the
+                // one or two k×16 panels from pb, writes those columns of this task's rows.
+                unsafe {
+                    macro_rules! go {
+                        ($m:literal) => {
+                            if two {
+                                kern512::<$m, 2>(ap, lda, k, b, k * NR, cp, ldc)
+                            } else {
+                                kern512::<$m, 1>(ap, lda, k, b, k * NR, cp, ldc)
+                            }
+                        };
+                    }
+                    match mm {
+                        12 => go!(12),
+                        11 => go!(11),
+                        10 => go!(10),
+                        9 => go!(9),
+                        8 => go!(8),
+                        7 => go!(7),
+                        6 => go!(6),
+                        5 => go!(5),
+                        4 => go!(4),
+                        3 => go!(3),
+                        2 => go!(2),
+                        _ => go!(1),
+                    }
+                }
+            }
+            r += mm;
+        }
+    };
+    let c = &mut c[..(m - 1) * ldc + n];
+    if parallel {
+        c.par_chunks_mut(rows_per_task * ldc).enumerate().for_each(body);
+    } else {
+        c.chunks_mut(rows_per_task * ldc).enumerate().for_each(body);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kern512<const M: usize, const P: usize>(a: *const f32, lda: usize, k: usize, b: *const f32, b_panel: usize, c: *mut f32, ldc: usize) {
+    use super::microkernel::{fma_tile512, store_tile512};
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); P]; M];
+    fma_tile512::<M, P>(a, lda, 1, b, b_panel, NR, k, false, false, &mut acc);
+    store_tile512::<M, P>(c, ldc, &acc);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kern512<const M: usize, const P: usize>(_: *const f32, _: usize, _: usize, _: *const f32, _: usize, _: *mut f32, _: usize) {
+    unreachable!("gemm16 needs x86-64")
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -1,8 +1,10 @@
-//! The one register tile every hand-written CPU kernel here is built on (x86-64
-//! AVX2 + FMA): `M` rows × 16 columns of f32 accumulators in 2·M ymm registers, fed per
-//! reduction step by two 8-wide loads of B and `M` broadcasts of A — the BLIS "6x16"
-//! shape (12 accumulators hide the FMA latency with 2 FMA pipes). Users: the direct 3x3
-//! convolution (forward, data and weight gradients) and the 1x1 GEMM.
+//! The register tiles every hand-written CPU kernel here is built on (x86-64). AVX2 +
+//! FMA: `M` rows × 16 columns of f32 accumulators in 2·M ymm registers, fed per reduction
+//! step by two 8-wide loads of B and `M` broadcasts of A — the BLIS "6x16" shape (12
+//! accumulators hide the FMA latency with 2 FMA pipes). AVX-512F: `M` rows × `P` panels
+//! of 16 in M·P zmm registers (12x32: 24 accumulators), same packing, same order of
+//! products per output element (the two paths give the same bits). Users: the direct
+//! 3x3 convolution (forward, data and weight gradients) and the 1x1 GEMM.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -72,5 +74,78 @@ pub unsafe fn store_tile<const M: usize>(c: *mut f32, ldc: usize, acc0: &[__m256
     for m in 0..M {
         _mm256_storeu_ps(c.add(m * ldc), acc0[m]);
         _mm256_storeu_ps(c.add(m * ldc + 8), acc1[m]);
+    }
+}
+
+/// Rows of a full AVX-512 tile: 12 rows × 2 panels of 16 = 24 zmm accumulators, plus 2 B
+/// loads and a broadcast, of the 32 registers.
+pub const MR512: usize = 12;
+
+/// The AVX-512 form of [`fma_tile`]: `M` rows × `P` panels of 16 columns (one zmm per
+/// row and panel). Panel `p` of B is read at `b.add(p·b_panel + k·b_k)`, so the panels
+/// of a packed `[N/16][K][16]` weight (or two halves of a 32-wide row) feed one tile
+/// with the same packing as the AVX2 path. Per output element the products are
+/// accumulated in the same order as [`fma_tile`], so both paths give the same bits.
+/// Must be inlined into a function compiled with `avx512f`.
+///
+/// # Safety
+/// Every address read must be valid; the CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn fma_tile512<const M: usize, const P: usize>(
+    a: *const f32,
+    a_row: usize,
+    a_k: usize,
+    b: *const f32,
+    b_panel: usize,
+    b_k: usize,
+    len: usize,
+    skip_first: bool,
+    skip_last: bool,
+    acc: &mut [[__m512; P]; M],
+) {
+    for k in 0..len {
+        let mut bv = [_mm512_setzero_ps(); P];
+        for (p, v) in bv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(b.add(p * b_panel + k * b_k));
+        }
+        for m in 0..M {
+            if (skip_first && m == 0) || (skip_last && m == M - 1) {
+                continue;
+            }
+            let av = _mm512_set1_ps(*a.add(m * a_row + k * a_k));
+            for p in 0..P {
+                acc[m][p] = _mm512_fmadd_ps(av, bv[p], acc[m][p]);
+            }
+        }
+    }
+}
+
+/// Loads an `M` × `P`·16 tile from `c` (row stride `ldc`, panel `p` at `c + 16p`).
+///
+/// # Safety
+/// `c` must hold the tile; AVX-512F required.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn load_tile512<const M: usize, const P: usize>(c: *const f32, ldc: usize, acc: &mut [[__m512; P]; M]) {
+    for (m, row) in acc.iter_mut().enumerate() {
+        for (p, v) in row.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(c.add(m * ldc + p * NR));
+        }
+    }
+}
+
+/// Stores an `M` × `P`·16 tile to `c` (row stride `ldc`, panel `p` at `c + 16p`).
+///
+/// # Safety
+/// `c` must hold the tile; AVX-512F required.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn store_tile512<const M: usize, const P: usize>(c: *mut f32, ldc: usize, acc: &[[__m512; P]; M]) {
+    for (m, row) in acc.iter().enumerate() {
+        for (p, v) in row.iter().enumerate() {
+            _mm512_storeu_ps(c.add(m * ldc + p * NR), *v);
+        }
     }
 }

@@ -3,22 +3,87 @@
 //! time with AVX2 + FMA enabled and picks that copy when the CPU has them, which lets
 //! LLVM vectorize it 8 lanes wide (e.g. SiLU with [`super::ops::fast_exp`]).
 
-/// True when the CPU has AVX2 and FMA (checked once). Setting the environment variable
-/// `EDM2_DISABLE_AVX2=1` forces the portable paths (CI runs the parity tests both ways).
-pub fn avx2_fma() -> bool {
+/// The instruction-set path of the CPU kernels, chosen once per process: the best the
+/// CPU has, unless `EDM2_CPU_ISA=avx512|avx2|portable` asks for another (a path the CPU
+/// lacks falls back to the best it has, with a warning) or `EDM2_DISABLE_AVX2=1` asks for
+/// the portable one (CI runs the parity tests on every path the machine has).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuIsa {
+    /// Plain Rust loops (x86-64 baseline or any other architecture).
+    Portable,
+    /// 8-wide AVX2 + FMA register tiles.
+    Avx2,
+    /// 16-wide AVX-512F register tiles (32 zmm registers: 12x32 tiles).
+    Avx512,
+}
+
+impl CpuIsa {
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuIsa::Portable => "portable",
+            CpuIsa::Avx2 => "avx2",
+            CpuIsa::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The best path this CPU supports.
+pub fn best_isa() -> CpuIsa {
     #[cfg(target_arch = "x86_64")]
     {
-        static AVAIL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAIL.get_or_init(|| {
-            std::env::var("EDM2_DISABLE_AVX2").map(|v| v == "0").unwrap_or(true)
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-        })
+        let v3 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if v3 && is_x86_feature_detected!("avx512f") {
+            return CpuIsa::Avx512;
+        }
+        if v3 {
+            return CpuIsa::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    CpuIsa::Portable
+}
+
+/// The path in use (see [`CpuIsa`]).
+pub fn isa() -> CpuIsa {
+    static ISA: std::sync::OnceLock<CpuIsa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = best_isa();
+        if std::env::var("EDM2_DISABLE_AVX2").is_ok_and(|v| v != "0") {
+            return CpuIsa::Portable;
+        }
+        let want = match std::env::var("EDM2_CPU_ISA").as_deref() {
+            Ok("avx512") => CpuIsa::Avx512,
+            Ok("avx2") => CpuIsa::Avx2,
+            Ok("portable") => CpuIsa::Portable,
+            Ok(other) => {
+                eprintln!("warning: EDM2_CPU_ISA={other} is not avx512, avx2 or portable; using {}", best.name());
+                best
+            }
+            Err(_) => best,
+        };
+        if want > best {
+            eprintln!("warning: EDM2_CPU_ISA={} but this CPU supports at most {}; using {}", want.name(), best.name(), best.name());
+            return best;
+        }
+        want
+    })
+}
+
+/// True when the AVX2+FMA kernels (or better) are in use.
+pub fn avx2_fma() -> bool {
+    isa() >= CpuIsa::Avx2
+}
+
+/// True when the AVX-512 kernels are in use.
+pub fn avx512() -> bool {
+    isa() == CpuIsa::Avx512
+}
+
+/// The CPU's model name (Linux: /proc/cpuinfo), for reports.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 /// `multiversion! { pub fn name(a: T, ...) -> R { body } }` defines `name`, which runs
@@ -42,4 +107,80 @@ macro_rules! multiversion {
             imp($($arg),*)
         }
     };
+}
+
+/// The machine's measured FMA rate, GFLOP/s over all worker threads, with the widest
+/// vectors of the path in use ([`isa`]): 16 independent FMA chains per thread (enough to
+/// cover the latency of two FMA pipes) for about `seconds`. None on the portable path.
+/// The ceiling the kernels' GFLOP/s are reported against.
+pub fn fma_peak_gflops(seconds: f64) -> Option<f64> {
+    use rayon::prelude::*;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (lanes, run): (usize, unsafe fn(u64) -> f32) = match isa() {
+            CpuIsa::Avx512 => (16, fma_chains512),
+            CpuIsa::Avx2 => (8, fma_chains256),
+            CpuIsa::Portable => return None,
+        };
+        // Calibrate the iteration count on one thread, then run it on all of them.
+        let mut iters = 1u64 << 16;
+        loop {
+            let t = std::time::Instant::now();
+            // SAFETY: the CPU supports the path `isa()` chose.
+            std::hint::black_box(unsafe { run(iters) });
+            let dt = t.elapsed().as_secs_f64();
+            if dt > 0.02 || iters > 1 << 34 {
+                iters = ((iters as f64) * (seconds / dt.max(1e-9))).max(1.0) as u64;
+                break;
+            }
+            iters *= 4;
+        }
+        let threads = rayon::current_num_threads();
+        let t = std::time::Instant::now();
+        let sink: f32 = (0..threads).into_par_iter().map(|_| unsafe { run(iters) }).sum();
+        std::hint::black_box(sink);
+        let flops = 2.0 * 16.0 * lanes as f64 * iters as f64 * threads as f64;
+        Some(flops / t.elapsed().as_secs_f64() / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = seconds;
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains512(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    let mut acc = [_mm512_set1_ps(1.0); 16];
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            *r = _mm512_fmadd_ps(*r, a, b);
+        }
+    }
+    acc.iter().map(|v| _mm512_reduce_add_ps(*v)).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains256(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    let mut acc = [_mm256_set1_ps(1.0); 16];
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            *r = _mm256_fmadd_ps(*r, a, b);
+        }
+    }
+    let mut out = [0.0f32; 8];
+    for v in acc {
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        for (o, l) in out.iter_mut().zip(lanes) {
+            *o += l;
+        }
+    }
+    out.iter().sum()
 }
