@@ -70,21 +70,25 @@ pub fn conv3x3_direct(x: &[f32], n: usize, h: usize, w: usize, cin: usize, packe
     assert_eq!(x.len(), n * h * w * cin);
     assert_eq!(packed.len(), 9 * cin * cout);
     assert_eq!(y.len(), n * h * w * cout);
-    if super::simd::avx512() {
-        return conv3x3_direct512(x, h, w, cin, packed, cout, y);
-    }
+    // AVX2: tiles of up to 6 pixels × 16 channels; AVX-512: up to 12 pixels × 32 channels
+    // (two 16-channel blocks of the same packing, the same products in the same order per
+    // output element: bit-identical results).
+    let wide = super::simd::avx512();
+    let (mr, step) = if wide { (super::microkernel::MR512, 2) } else { (MR, 1) };
     let row_stride = w * cin;
+    let (nb, panel) = (cout / NR, 9 * cin * NR);
     y.par_chunks_mut(w * cout).enumerate().for_each(|(row, yr)| {
         let (b, yy) = (row / h, row % h);
         // Rows of taps inside the image.
         let ky0 = if yy == 0 { 1 } else { 0 };
         let ky1 = if yy + 1 == h { 2 } else { 3 };
         let base = (b * h + yy) * w * cin;
-        for ob in 0..cout / NR {
-            let bp = &packed[ob * 9 * cin * NR..(ob + 1) * 9 * cin * NR];
-            // Split the row into ceil(w/6) near-equal runs (32 → 6,6,5,5,5,5; 8 → 4,4):
-            // a short remainder tile has too few accumulators to hide the FMA latency.
-            let runs = w.div_ceil(MR);
+        for ob in (0..nb).step_by(step) {
+            let two = wide && ob + 1 < nb;
+            let bp = packed[ob * panel..].as_ptr();
+            // Split the row into ceil(w/mr) near-equal runs (AVX2, 32 → 6,6,5,5,5,5; 8 →
+            // 4,4): a short remainder tile has too few accumulators to hide the FMA latency.
+            let runs = w.div_ceil(mr);
             let (run_len, extra) = (w / runs, w % runs);
             let mut x0 = 0;
             for run in 0..runs {
@@ -93,28 +97,17 @@ pub fn conv3x3_direct(x: &[f32], n: usize, h: usize, w: usize, cin: usize, packe
                 let c = yr[x0 * cout + ob * NR..].as_mut_ptr();
                 let a = x[base + x0 * cin..].as_ptr();
                 let k = Taps { ky0, ky1, row_stride, cin };
-                // SAFETY: AVX2/FMA checked by `available()`. The tile reads pixel
-                // (yy + ky − 1, x0 + i + kx − 1) only where it lies inside the image
-                // (rows ky0..ky1; the first/last column of taps is skipped for the
-                // pixel on the left/right image edge) and writes m pixels of this row.
+                // SAFETY: AVX2/FMA checked by `available()` (AVX-512F by `avx512()` when
+                // wide). The tile reads pixel (yy + ky − 1, x0 + i + kx − 1) only where it
+                // lies inside the image (rows ky0..ky1; the first/last column of taps is
+                // skipped for the pixel on the left/right image edge) and writes m pixels
+                // of this row; the second panel (when `two`) is the next 16-channel block
+                // of `packed` and of y.
                 unsafe {
-                    macro_rules! go {
-                        ($m:literal) => {
-                            match (left, right) {
-                                (false, false) => tile::<$m, false, false>(a, k, bp.as_ptr(), c, cout),
-                                (true, false) => tile::<$m, true, false>(a, k, bp.as_ptr(), c, cout),
-                                (false, true) => tile::<$m, false, true>(a, k, bp.as_ptr(), c, cout),
-                                (true, true) => tile::<$m, true, true>(a, k, bp.as_ptr(), c, cout),
-                            }
-                        };
-                    }
-                    match m {
-                        6 => go!(6),
-                        5 => go!(5),
-                        4 => go!(4),
-                        3 => go!(3),
-                        2 => go!(2),
-                        _ => go!(1),
+                    if wide {
+                        run512(m, two, left, right, a, k, bp, panel, c, cout)
+                    } else {
+                        run256(m, left, right, a, k, bp, c, cout)
                     }
                 }
                 x0 += m;
@@ -123,67 +116,40 @@ pub fn conv3x3_direct(x: &[f32], n: usize, h: usize, w: usize, cin: usize, packe
     });
 }
 
-/// [`conv3x3_direct`] on AVX-512 tiles: up to 12 pixels × 32 output channels (two
-/// 16-channel blocks of the same packing), the same products in the same order per
-/// output element as the AVX2 tile (bit-identical results).
+/// [`tile`] with its compile-time parameters from run-time ones (m ≤ 6).
 #[allow(clippy::too_many_arguments)]
-fn conv3x3_direct512(x: &[f32], h: usize, w: usize, cin: usize, packed: &[f32], cout: usize, y: &mut [f32]) {
-    use super::microkernel::MR512;
-    let row_stride = w * cin;
-    let (nb, panel) = (cout / NR, 9 * cin * NR);
-    y.par_chunks_mut(w * cout).enumerate().for_each(|(row, yr)| {
-        let (b, yy) = (row / h, row % h);
-        let ky0 = if yy == 0 { 1 } else { 0 };
-        let ky1 = if yy + 1 == h { 2 } else { 3 };
-        let base = (b * h + yy) * w * cin;
-        for ob in (0..nb).step_by(2) {
-            let two = ob + 1 < nb;
-            let bp = packed[ob * panel..].as_ptr();
-            let runs = w.div_ceil(MR512);
-            let (run_len, extra) = (w / runs, w % runs);
-            let mut x0 = 0;
-            for run in 0..runs {
-                let m = run_len + (run < extra) as usize;
-                let (left, right) = (x0 == 0, x0 + m == w);
-                let c = yr[x0 * cout + ob * NR..].as_mut_ptr();
-                let a = x[base + x0 * cin..].as_ptr();
-                let k = Taps { ky0, ky1, row_stride, cin };
-                // SAFETY: AVX-512F checked by `avx512()`. As the AVX2 tile; the second
-                // panel (when `two`) is the next 16-channel block of `packed` and of y.
-                unsafe {
-                    macro_rules! go {
-                        ($m:literal) => {
-                            match (two, left, right) {
-                                (true, false, false) => tile512::<$m, 2, false, false>(a, k, bp, panel, c, cout),
-                                (true, true, false) => tile512::<$m, 2, true, false>(a, k, bp, panel, c, cout),
-                                (true, false, true) => tile512::<$m, 2, false, true>(a, k, bp, panel, c, cout),
-                                (true, true, true) => tile512::<$m, 2, true, true>(a, k, bp, panel, c, cout),
-                                (false, false, false) => tile512::<$m, 1, false, false>(a, k, bp, panel, c, cout),
-                                (false, true, false) => tile512::<$m, 1, true, false>(a, k, bp, panel, c, cout),
-                                (false, false, true) => tile512::<$m, 1, false, true>(a, k, bp, panel, c, cout),
-                                (false, true, true) => tile512::<$m, 1, true, true>(a, k, bp, panel, c, cout),
-                            }
-                        };
-                    }
-                    match m {
-                        12 => go!(12),
-                        11 => go!(11),
-                        10 => go!(10),
-                        9 => go!(9),
-                        8 => go!(8),
-                        7 => go!(7),
-                        6 => go!(6),
-                        5 => go!(5),
-                        4 => go!(4),
-                        3 => go!(3),
-                        2 => go!(2),
-                        _ => go!(1),
-                    }
-                }
-                x0 += m;
+unsafe fn run256(m: usize, left: bool, right: bool, a: *const f32, k: Taps, bp: *const f32, c: *mut f32, cout: usize) {
+    macro_rules! go {
+        ($m:literal) => {
+            match (left, right) {
+                (false, false) => tile::<$m, false, false>(a, k, bp, c, cout),
+                (true, false) => tile::<$m, true, false>(a, k, bp, c, cout),
+                (false, true) => tile::<$m, false, true>(a, k, bp, c, cout),
+                (true, true) => tile::<$m, true, true>(a, k, bp, c, cout),
             }
-        }
-    });
+        };
+    }
+    crate::rows_dispatch!(m, go, 6)
+}
+
+/// [`tile512`] with its compile-time parameters from run-time ones (m ≤ 12).
+#[allow(clippy::too_many_arguments)]
+unsafe fn run512(m: usize, two: bool, left: bool, right: bool, a: *const f32, k: Taps, bp: *const f32, panel: usize, c: *mut f32, cout: usize) {
+    macro_rules! go {
+        ($m:literal) => {
+            match (two, left, right) {
+                (true, false, false) => tile512::<$m, 2, false, false>(a, k, bp, panel, c, cout),
+                (true, true, false) => tile512::<$m, 2, true, false>(a, k, bp, panel, c, cout),
+                (true, false, true) => tile512::<$m, 2, false, true>(a, k, bp, panel, c, cout),
+                (true, true, true) => tile512::<$m, 2, true, true>(a, k, bp, panel, c, cout),
+                (false, false, false) => tile512::<$m, 1, false, false>(a, k, bp, panel, c, cout),
+                (false, true, false) => tile512::<$m, 1, true, false>(a, k, bp, panel, c, cout),
+                (false, false, true) => tile512::<$m, 1, false, true>(a, k, bp, panel, c, cout),
+                (false, true, true) => tile512::<$m, 1, true, true>(a, k, bp, panel, c, cout),
+            }
+        };
+    }
+    crate::rows_dispatch!(m, go, 12)
 }
 
 /// One AVX-512 register tile: M consecutive pixels × P·16 output channels (panel `p` of
@@ -325,20 +291,7 @@ pub fn conv_weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: 
                                 }
                             };
                         }
-                        match m {
-                            12 => go!(12),
-                            11 => go!(11),
-                            10 => go!(10),
-                            9 => go!(9),
-                            8 => go!(8),
-                            7 => go!(7),
-                            6 => go!(6),
-                            5 => go!(5),
-                            4 => go!(4),
-                            3 => go!(3),
-                            2 => go!(2),
-                            _ => go!(1),
-                        }
+                        crate::rows_dispatch!(m, go, 12)
                     }
                     continue;
                 }
@@ -347,14 +300,12 @@ pub fn conv_weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: 
                 // (16 channels from o0) and the matching source pixels of x (channels
                 // ci0..ci0+m), all inside the slices.
                 unsafe {
-                    match m {
-                        6 => dw_run::<6>(xp, dp, &geo, ap),
-                        5 => dw_run::<5>(xp, dp, &geo, ap),
-                        4 => dw_run::<4>(xp, dp, &geo, ap),
-                        3 => dw_run::<3>(xp, dp, &geo, ap),
-                        2 => dw_run::<2>(xp, dp, &geo, ap),
-                        _ => dw_run::<1>(xp, dp, &geo, ap),
+                    macro_rules! go {
+                        ($m:literal) => {
+                            dw_run::<$m>(xp, dp, &geo, ap)
+                        };
                     }
+                    crate::rows_dispatch!(m, go, 6)
                 }
             }
             r0 = r1;

@@ -51,34 +51,50 @@ pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c
         return;
     }
     assert!(a.len() >= (m - 1) * lda + k && c.len() >= (m - 1) * ldc + n);
-    if super::simd::avx512() {
-        return gemm16_512(m, n, k, a, lda, bp, c, ldc, parallel);
-    }
-    // Row blocks of 96 (16 tiles of 6) per task.
+    // AVX2: tiles of up to 6 rows × 16 columns; AVX-512: up to 12 rows × 32 columns (two
+    // packed panels; a last odd panel alone), the same products in the same order per
+    // element (bit-identical).
+    let wide = super::simd::avx512();
+    let (mr, step) = if wide { (super::microkernel::MR512, 2) } else { (MR, 1) };
+    let nb = n / NR;
+    // Row blocks of 96 (16 tiles of 6, 8 of 12) per task.
     let rows_per_task = 96;
     let body = |(t, cc): (usize, &mut [f32])| {
         let r0 = t * rows_per_task;
         let r1 = (r0 + rows_per_task).min(m);
-        // Row tiles outer, column panels inner: the 6×K slice of A stays in L1 while
+        // Row tiles outer, column panels inner: the mr×K slice of A stays in L1 while
         // the packed B panels stream from L2.
         let mut r = r0;
         while r < r1 {
-            let mm = (r1 - r).min(MR);
+            let mm = (r1 - r).min(mr);
             let ap = a[r * lda..].as_ptr();
-            for nb in 0..n / NR {
-                let b = &bp[nb * k * NR..(nb + 1) * k * NR];
-                let cp = cc[(r - r0) * ldc + nb * NR..].as_mut_ptr();
-                // SAFETY: AVX2/FMA present (`usable`); reads rows r..r+mm of A (k
-                // elements each, inside `a` by the assert above) and the k×16 panel,
-                // writes rows r..r+mm, columns nb·16..nb·16+16 of this task's C rows.
+            for pb in (0..nb).step_by(step) {
+                let two = wide && pb + 1 < nb;
+                let b = bp[pb * k * NR..].as_ptr();
+                let cp = cc[(r - r0) * ldc + pb * NR..].as_mut_ptr();
+                // SAFETY: AVX2/FMA present (`usable`; AVX-512F by `avx512()` when wide);
+                // reads rows r..r+mm of A (k elements each, inside `a` by the assert
+                // above) and the one or two k×16 panels from pb, writes those columns of
+                // this task's C rows.
                 unsafe {
-                    match mm {
-                        6 => kern::<6>(ap, lda, k, b.as_ptr(), cp, ldc),
-                        5 => kern::<5>(ap, lda, k, b.as_ptr(), cp, ldc),
-                        4 => kern::<4>(ap, lda, k, b.as_ptr(), cp, ldc),
-                        3 => kern::<3>(ap, lda, k, b.as_ptr(), cp, ldc),
-                        2 => kern::<2>(ap, lda, k, b.as_ptr(), cp, ldc),
-                        _ => kern::<1>(ap, lda, k, b.as_ptr(), cp, ldc),
+                    if wide {
+                        macro_rules! go {
+                            ($m:literal) => {
+                                if two {
+                                    kern512::<$m, 2>(ap, lda, k, b, k * NR, cp, ldc)
+                                } else {
+                                    kern512::<$m, 1>(ap, lda, k, b, k * NR, cp, ldc)
+                                }
+                            };
+                        }
+                        crate::rows_dispatch!(mm, go, 12)
+                    } else {
+                        macro_rules! go {
+                            ($m:literal) => {
+                                kern::<$m>(ap, lda, k, b, cp, ldc)
+                            };
+                        }
+                        crate::rows_dispatch!(mm, go, 6)
                     }
                 }
             }
@@ -86,63 +102,6 @@ pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c
         }
     };
     // Each task owns `rows_per_task` rows of C (the last one possibly fewer).
-    let c = &mut c[..(m - 1) * ldc + n];
-    if parallel {
-        c.par_chunks_mut(rows_per_task * ldc).enumerate().for_each(body);
-    } else {
-        c.chunks_mut(rows_per_task * ldc).enumerate().for_each(body);
-    }
-}
-
-/// [`gemm16`] on AVX-512 tiles of 12 rows × 32 columns (two packed panels; a last odd
-/// panel alone), the same products in the same order per element (bit-identical).
-#[allow(clippy::too_many_arguments)]
-fn gemm16_512(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c: &mut [f32], ldc: usize, parallel: bool) {
-    use super::microkernel::MR512;
-    let rows_per_task = 96; // 8 tiles of 12
-    let nb = n / NR;
-    let body = |(t, cc): (usize, &mut [f32])| {
-        let r0 = t * rows_per_task;
-        let r1 = (r0 + rows_per_task).min(m);
-        let mut r = r0;
-        while r < r1 {
-            let mm = (r1 - r).min(MR512);
-            let ap = a[r * lda..].as_ptr();
-            for pb in (0..nb).step_by(2) {
-                let two = pb + 1 < nb;
-                let b = bp[pb * k * NR..].as_ptr();
-                let cp = cc[(r - r0) * ldc + pb * NR..].as_mut_ptr();
-                // SAFETY: AVX-512F present (`avx512()`); reads rows r..r+mm of A and the
-                // one or two k×16 panels from pb, writes those columns of this task's rows.
-                unsafe {
-                    macro_rules! go {
-                        ($m:literal) => {
-                            if two {
-                                kern512::<$m, 2>(ap, lda, k, b, k * NR, cp, ldc)
-                            } else {
-                                kern512::<$m, 1>(ap, lda, k, b, k * NR, cp, ldc)
-                            }
-                        };
-                    }
-                    match mm {
-                        12 => go!(12),
-                        11 => go!(11),
-                        10 => go!(10),
-                        9 => go!(9),
-                        8 => go!(8),
-                        7 => go!(7),
-                        6 => go!(6),
-                        5 => go!(5),
-                        4 => go!(4),
-                        3 => go!(3),
-                        2 => go!(2),
-                        _ => go!(1),
-                    }
-                }
-            }
-            r += mm;
-        }
-    };
     let c = &mut c[..(m - 1) * ldc + n];
     if parallel {
         c.par_chunks_mut(rows_per_task * ldc).enumerate().for_each(body);

@@ -9,6 +9,33 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+/// `rows_dispatch!(m, go, 6)` (or `12`) expands to `match m { 6 => go!(6), …, _ => go!(1) }`:
+/// the compile-time row count of a tile from a run-time one.
+#[macro_export]
+macro_rules! rows_dispatch {
+    ($m:expr, $go:ident, 6) => {
+        match $m {
+            6 => $go!(6),
+            5 => $go!(5),
+            4 => $go!(4),
+            3 => $go!(3),
+            2 => $go!(2),
+            _ => $go!(1),
+        }
+    };
+    ($m:expr, $go:ident, 12) => {
+        match $m {
+            12 => $go!(12),
+            11 => $go!(11),
+            10 => $go!(10),
+            9 => $go!(9),
+            8 => $go!(8),
+            7 => $go!(7),
+            m => $crate::rows_dispatch!(m, $go, 6),
+        }
+    };
+}
+
 /// Columns of the tile.
 pub const NR: usize = 16;
 /// Rows of a full tile.
