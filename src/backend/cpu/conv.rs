@@ -56,15 +56,18 @@ pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: 
         // Straight into the packed layout [O/16][9][I][16].
         let mut packed = vec![0.0f32; w.len()];
         packed.par_chunks_mut(16 * fan).zip(denom.par_chunks_mut(16)).enumerate().for_each(|(ob, (dst, dens))| {
-            for j in 0..16 {
-                let o = ob * 16 + j;
-                let src = &w[o * fan..(o + 1) * fan];
-                let d = norm_denom(src);
-                dens[j] = d;
-                for ci in 0..in_ch {
-                    for tap in 0..9 {
+            let rows = &w[ob * 16 * fan..(ob + 1) * 16 * fan];
+            for (j, d) in dens.iter_mut().enumerate() {
+                *d = norm_denom(&rows[j * fan..(j + 1) * fan]);
+            }
+            // Each packed row of 16 written whole (the 16 source rows are read as 16
+            // streams): a strided store per element cost twice as much on big layers.
+            for ci in 0..in_ch {
+                for tap in 0..9 {
+                    let out = &mut dst[(tap * in_ch + ci) * 16..(tap * in_ch + ci + 1) * 16];
+                    for (j, v) in out.iter_mut().enumerate() {
                         // Same operation order as the official code: normalize, then scale.
-                        dst[(tap * in_ch + ci) * 16 + j] = (src[ci * 9 + tap] / d) * scale_g;
+                        *v = (rows[j * fan + ci * 9 + tap] / dens[j]) * scale_g;
                     }
                 }
             }
