@@ -17,13 +17,14 @@
 //! a pure function of (seed, target, iteration), so a failure's printed seed and
 //! iteration reproduce it.
 
+mod common;
 use edm2::data::decode::{decode_expecting, Expect, MAX_DECODED_BYTES, MAX_SIDE};
 use edm2::data::{DataOptions, Dataset, Encoding, RawItem};
 use edm2::io::safetensors::{self, Dtype};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -563,7 +564,7 @@ fn png_encode(w: u32, h: u32, color: png::ColorType, depth: png::BitDepth, data:
 }
 
 fn jpeg(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jpeg").join(name)).unwrap()
+    std::fs::read(common::test_data("jpeg").join(name)).unwrap()
 }
 
 fn image_seeds() -> Vec<Vec<u8>> {

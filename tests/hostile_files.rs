@@ -2,6 +2,7 @@
 //! file claims, and every bad file is an error (never a panic or an abort) that names it —
 //! for datasets, the item — also through the `edm2` binary (exit code 1).
 
+mod common;
 use edm2::data::decode::{decode_item, MAX_DECODED_BYTES, MAX_SIDE};
 use edm2::data::{DataOptions, Dataset};
 use edm2::error::Error;
@@ -173,7 +174,7 @@ fn safetensors_writer_output_and_golden_files_pass() {
         assert_eq!(f.require("y").unwrap().data, [2.0]);
         assert_eq!(f.metadata["k"], "v");
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden");
+    let dir = common::test_data("golden");
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap() {
         let p = e.unwrap().path();
@@ -263,7 +264,7 @@ fn png_claiming(mut b: Vec<u8>, w: u32, h: u32) -> Vec<u8> {
 }
 
 fn jpeg(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/jpeg").join(name)).unwrap()
+    std::fs::read(common::test_data("jpeg").join(name)).unwrap()
 }
 
 /// The JPEG with its frame header (SOF0/SOF2) claiming `w`x`h`.

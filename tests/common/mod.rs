@@ -7,8 +7,23 @@ use edm2::io::safetensors::{self, StFile};
 use edm2::{NetConfig, Params, Precond, Tensor};
 use std::path::PathBuf;
 
+/// `tests/data/<rel>`, found where the test runs: `$EDM2_TEST_DATA/<rel>` when set, else
+/// `tests/data` under the current directory (a test binary carried to another machine,
+/// e.g. a GPU one, runs from a copy of the repository), else the source tree it was
+/// compiled from.
+pub fn test_data(rel: &str) -> PathBuf {
+    if let Some(d) = std::env::var_os("EDM2_TEST_DATA") {
+        return PathBuf::from(d).join(rel);
+    }
+    let here = PathBuf::from("tests/data");
+    if here.is_dir() {
+        return here.join(rel);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
+}
+
 pub fn golden_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden").join(name)
+    test_data("golden").join(name)
 }
 
 pub fn golden(name: &str) -> StFile {
