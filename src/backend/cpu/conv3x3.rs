@@ -339,6 +339,21 @@ struct DwRows {
     o0: usize,
 }
 
+impl DwRows {
+    /// For each chunk row whose source row is inside the image: the element offsets of its
+    /// first source pixel in x (channel ci0) and of its first output pixel in dy (channel
+    /// o0). Output pixel xx reads source pixel (sy, xx + kx − 1): a tile's rows are input
+    /// channels (stride 1), its reduction runs over pixels (stride cin in x, cout in dy).
+    fn rows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (self.r0..self.r1).filter_map(move |r| {
+            let (b, yy) = (r / self.h, r % self.h);
+            let sy = (yy + self.ky).checked_sub(1).filter(|&sy| sy < self.h)?;
+            let xo = ((b * self.h + sy) * self.w + self.xlo + self.kx - 1) * self.cin + self.ci0;
+            Some((xo, (r * self.w + self.xlo) * self.cout + self.o0))
+        })
+    }
+}
+
 /// Accumulates the chunk's pixels into an M x 16 tile stored at `acc` (`[M][16]`),
 /// keeping the tile in registers over all rows of the chunk.
 #[cfg(target_arch = "x86_64")]
@@ -351,17 +366,8 @@ unsafe fn dw_run<const M: usize>(x: *const f32, dy: *const f32, g: &DwRows, acc:
     let mut a1 = [_mm256_setzero_ps(); M];
     load_tile::<M>(acc, NR, &mut a0, &mut a1);
     let len = g.xhi - g.xlo;
-    for r in g.r0..g.r1 {
-        let (b, yy) = (r / g.h, r % g.h);
-        let sy = yy as isize + g.ky as isize - 1;
-        if sy < 0 || sy >= g.h as isize {
-            continue;
-        }
-        // Output pixel xx reads source pixel (sy, xx + kx − 1): rows of the tile are input
-        // channels (stride 1), the reduction runs over pixels (stride cin in x, cout in dy).
-        let xp = x.add(((b * g.h + sy as usize) * g.w + g.xlo + g.kx - 1) * cin + g.ci0);
-        let dp = dy.add((r * g.w + g.xlo) * cout + g.o0);
-        fma_tile::<M>(xp, 1, cin, dp, cout, len, false, false, &mut a0, &mut a1);
+    for (xo, dyo) in g.rows() {
+        fma_tile::<M>(x.add(xo), 1, cin, dy.add(dyo), cout, len, false, false, &mut a0, &mut a1);
     }
     store_tile::<M>(acc, NR, &a0, &a1);
 }
@@ -377,15 +383,8 @@ unsafe fn dw_run512<const M: usize, const P: usize>(x: *const f32, dy: *const f3
     let mut a = [[_mm512_setzero_ps(); P]; M];
     load_tile512::<M, P>(acc, 2 * NR, &mut a);
     let len = g.xhi - g.xlo;
-    for r in g.r0..g.r1 {
-        let (b, yy) = (r / g.h, r % g.h);
-        let sy = yy as isize + g.ky as isize - 1;
-        if sy < 0 || sy >= g.h as isize {
-            continue;
-        }
-        let xp = x.add(((b * g.h + sy as usize) * g.w + g.xlo + g.kx - 1) * cin + g.ci0);
-        let dp = dy.add((r * g.w + g.xlo) * cout + g.o0);
-        fma_tile512::<M, P>(xp, 1, cin, dp, NR, cout, len, false, false, &mut a);
+    for (xo, dyo) in g.rows() {
+        fma_tile512::<M, P>(x.add(xo), 1, cin, dy.add(dyo), NR, cout, len, false, false, &mut a);
     }
     store_tile512::<M, P>(acc, 2 * NR, &a);
 }
