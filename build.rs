@@ -230,6 +230,8 @@ mod sim {
                 // Same arithmetic order as written.
                 .flag("-ffp-contract=off")
                 .warnings(true)
+                // `#pragma unroll` is for nvcc.
+                .flag("-Wno-unknown-pragmas")
                 .opt_level(2)
                 .compile(&format!("edm2sim_{stem}"));
         }

@@ -115,44 +115,123 @@ fn cuda(c: &mut Criterion) {
 }
 
 /// The 3x3 conv with bf16 activations in all three directions: the SIMT kernels (conv.cu)
-/// and the tensor-core ones (conv_tc.cu, conv_tc_backward.cu), same shapes as the
-/// families above.
+/// and the tensor-core ones (conv_tc.cu, conv_tc_backward.cu) with each tile
+/// (`EDM2_CONV_TC_TILE`), at the families' shape above and at an EDM2-XS 64x64 level
+/// (batch 32, 128 channels: a launch big enough to fill the card).
 #[cfg(feature = "cuda")]
 fn conv_bf16(c: &mut Criterion, gpu: &edm2::backend::gpu::Gpu) {
-    use edm2::backend::gpu::{GpuParams, Precision};
     #[allow(non_snake_case)]
-    let N: usize = std::env::var("EDM2_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(8);
+    let N: usize = std::env::var("EDM2_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(8);
+    conv_bf16_at(
+        c,
+        gpu,
+        Nhwc {
+            n: N,
+            h: RES,
+            w: RES,
+            c: CH,
+        },
+        true,
+    );
+    conv_bf16_at(
+        c,
+        gpu,
+        Nhwc {
+            n: 32,
+            h: 64,
+            w: 64,
+            c: 128,
+        },
+        false,
+    );
+}
+
+#[cfg(feature = "cuda")]
+fn conv_bf16_at(c: &mut Criterion, gpu: &edm2::backend::gpu::Gpu, s: Nhwc, simt: bool) {
+    use edm2::backend::gpu::kernels::{self as k, TcTile};
+    use edm2::backend::gpu::{GpuParams, Precision};
     let mut rng = Rng::new(2);
-    let s = Nhwc { n: N, h: RES, w: RES, c: CH };
-    let g3 = ConvGeom { out_ch: CH, in_ch: CH, k: 3 };
-    let spec = ParamSpec { name: "w".into(), shape: vec![CH, CH, 3, 3], kind: ParamKind::Param, is_mp_weight: true };
-    let p = GpuParams::upload(gpu, &Params { values: vec![rng.normal_vec(spec.numel())] }).unwrap();
+    let g3 = ConvGeom {
+        out_ch: s.c,
+        in_ch: s.c,
+        k: 3,
+    };
+    let spec = ParamSpec {
+        name: "w".into(),
+        shape: vec![s.c, s.c, 3, 3],
+        kind: ParamKind::Param,
+        is_mp_weight: true,
+    };
+    let p = GpuParams::upload(
+        gpu,
+        &Params {
+            values: vec![rng.normal_vec(spec.numel())],
+        },
+    )
+    .unwrap();
     gpu.set_precision(Precision::Bf16);
     let eff = gpu.effective(&p, 0, g3, 1.0).unwrap();
     let x = gpu.upload_act(&rng.normal_vec(s.numel())).unwrap();
     let mut y = gpu.alloc_act(s.numel()).unwrap();
-    let mut g = group(c, &format!("cuda/conv3x3_b{N}_{RES}x{RES}_{CH}_bf16"));
-    g.throughput(Throughput::Elements((s.pixels() * g3.numel()) as u64));
-    for (label, tc) in [("forward_simt", false), ("forward_tensor_core", true)] {
-        gpu.set_tensor_core_conv(tc);
-        g.bench_function(label, |b| b.iter(|| { gpu.conv_forward(&eff, &x, s, &mut y).unwrap(); gpu.synchronize().unwrap(); }));
-    }
-    // Both gradients, each kernel family called directly (kernels/conv.cu against
-    // kernels/conv_tc_backward.cu).
-    use edm2::backend::gpu::kernels as k;
-    let dy = gpu.upload_act(&rng.normal_vec(s.pixels() * CH)).unwrap();
+    let dy = gpu.upload_act(&rng.normal_vec(s.pixels() * s.c)).unwrap();
     let mut dx = gpu.alloc_act(s.numel()).unwrap();
     let mut de = gpu.alloc::<f32>(g3.numel()).unwrap();
-    g.bench_function("data_grad_simt", |b| b.iter(|| { k::conv_backward_data_simt(gpu, &eff, &dy, s, &mut dx).unwrap(); gpu.synchronize().unwrap(); }));
-    g.bench_function("data_grad_tensor_core", |b| {
-        b.iter(|| { k::conv_backward_data_tensor_core(gpu, &eff, &dy, s, &mut dx).unwrap(); gpu.synchronize().unwrap(); })
-    });
-    g.bench_function("weight_grad_simt", |b| b.iter(|| { k::conv_backward_weight_simt(gpu, g3, &x, s, &dy, &mut de).unwrap(); gpu.synchronize().unwrap(); }));
-    g.bench_function("weight_grad_tensor_core", |b| {
-        b.iter(|| { k::conv_backward_weight_tensor_core(gpu, g3, &x, s, &dy, &mut de).unwrap(); gpu.synchronize().unwrap(); })
-    });
+    let mut g = group(
+        c,
+        &format!("cuda/conv3x3_b{}_{}x{}_{}_bf16", s.n, s.h, s.w, s.c),
+    );
+    g.throughput(Throughput::Elements((s.pixels() * g3.numel()) as u64));
+    let sync = || gpu.synchronize().unwrap();
+    if simt {
+        gpu.set_tensor_core_conv(false);
+        g.bench_function("forward_simt", |b| {
+            b.iter(|| {
+                gpu.conv_forward(&eff, &x, s, &mut y).unwrap();
+                sync();
+            })
+        });
+        gpu.set_tensor_core_conv(true);
+        g.bench_function("data_grad_simt", |b| {
+            b.iter(|| {
+                k::conv_backward_data_simt(gpu, &eff, &dy, s, &mut dx).unwrap();
+                sync();
+            })
+        });
+        g.bench_function("weight_grad_simt", |b| {
+            b.iter(|| {
+                k::conv_backward_weight_simt(gpu, g3, &x, s, &dy, &mut de).unwrap();
+                sync();
+            })
+        });
+    }
+    for tile in TcTile::ALL {
+        g.bench_function(format!("forward_tc_{}", tile.name()), |b| {
+            b.iter(|| {
+                k::conv_forward_tensor_core_tile(gpu, &eff, &x, s, &mut y, tile).unwrap();
+                sync();
+            })
+        });
+        g.bench_function(format!("data_grad_tc_{}", tile.name()), |b| {
+            b.iter(|| {
+                k::conv_backward_data_tensor_core_tile(gpu, &eff, &dy, s, &mut dx, tile).unwrap();
+                sync();
+            })
+        });
+    }
+    for tile in TcTile::ALL {
+        g.bench_function(format!("weight_grad_tc_{}", tile.name()), |b| {
+            b.iter(|| {
+                k::conv_backward_weight_tensor_core_tile(gpu, g3, &x, s, &dy, &mut de, tile)
+                    .unwrap();
+                sync();
+            })
+        });
+    }
     g.finish();
-    gpu.set_tensor_core_conv(true);
     gpu.set_precision(Precision::Fp32);
 }
 

@@ -54,6 +54,13 @@ __device__ __forceinline__ void edm2_cp_async_16(void *smem_dst, const void *gme
   unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src) : "memory");
 }
+// The same with zero fill: copies src_bytes (0 or 16) and fills the rest of the 16 bytes
+// with zeros (PTX cp.async's src-size operand); with 0, nothing is read from src (which
+// must still be a valid address). The padding of implicit-GEMM gathers.
+__device__ __forceinline__ void edm2_cp_async_16_zfill(void *smem_dst, const void *gmem_src, int src_bytes) {
+  unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gmem_src), "r"(src_bytes) : "memory");
+}
 __device__ __forceinline__ void edm2_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void edm2_cp_async_wait_group() {

@@ -73,6 +73,13 @@ int edm2_conv_backward_weight(const void *x, const void *dy, float *dw, int n, i
 int edm2_conv_forward_tc(const uint16_t *x, const float *w, uint16_t *y, int n, int h, int wd, int cin, int cout, int k,
                          cudaStream_t stream);
 
+/* conv_tc.cu, pipelined (kernels/tc_pipe.cuh): the same forward for cin a multiple of 32 with
+ * the weight given as bf16 bits wb [cout][taps·cin] (edm2_scaled of the OHWI weight). variant:
+ * 0 = chosen from the shape, 1 = 128x128 tiles, 2 = 128x64, 3 = 64x64. Returns 1 (invalid
+ * value) for a shape it does not take (cin not a multiple of 32) or an unknown variant. */
+int edm2_conv_forward_tc_pipe(const uint16_t *x, const uint16_t *wb, uint16_t *y, int n, int h, int wd, int cin, int cout, int k,
+                              int variant, cudaStream_t stream);
+
 /* conv_tc_backward.cu: the gradients of edm2_conv_backward_data/_weight on tensor cores (bf16
  * activations). The data gradient is edm2_conv_forward_tc of dy with wf = edm2_conv_weight_flip(w)
  * (fp32 [cin, taps, cout], taps flipped) and cin/cout swapped. The weight gradient splits the
@@ -83,6 +90,13 @@ int edm2_conv_weight_flip(const float *w, float *wf, int cin, int cout, int k, c
 int edm2_conv_wgrad_tc_splits(int n, int h, int wd, int cin, int cout, int k);
 int edm2_conv_backward_weight_tc(const uint16_t *x, const uint16_t *dy, float *dw, float *ws, int splits, int n, int h, int wd,
                                  int cin, int cout, int k, cudaStream_t stream);
+
+/* conv_tc_backward.cu, pipelined (kernels/tc_pipe.cuh): the weight gradient for cin and cout
+ * multiples of 8, the same split-K contract with its own slice count; variant as
+ * edm2_conv_forward_tc_pipe's (0 = from the shape). Returns 1 for a shape it does not take. */
+int edm2_conv_wgrad_tc_pipe_splits(int n, int h, int wd, int cin, int cout, int k, int variant);
+int edm2_conv_backward_weight_tc_pipe(const uint16_t *x, const uint16_t *dy, float *dw, float *ws, int splits, int n, int h, int wd,
+                                      int cin, int cout, int k, int variant, cudaStream_t stream);
 
 /* attention.cu: qkv [N, P, 3C] → y [N, P, C] (activations of `dtype`); fp32 workspace qn/kn/vn
  * [N, heads, P, C/heads], w and dl [N, heads, P, P]; backward overwrites dqkv (and the

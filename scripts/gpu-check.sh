@@ -6,12 +6,15 @@
 #       1. the kernel and whole-network parity tests against the CPU backend, with
 #          EDM2_REQUIRE_GPU=1 (a missing GPU is a failure, not a skip);
 #       2. edm2 bench --device cuda in fp32 and bf16 (training step, forward, one sampling
-#          run on the small config) and cpu-s32 on the CPU;
-#          `train --device cuda` on the built-in dataset, and the per-kernel criterion
-#          benchmarks on the GPU;
+#          run on the small config; EDM2-XS and -S at batch 128, the tensor-core
+#          convolutions against the SIMT ones), a per-kernel profile of an XS step
+#          (EDM2_PROFILE=1), `train --device cuda` on the built-in dataset, and the
+#          per-kernel criterion benchmarks on the GPU;
 #       3. the official PyTorch code's img/s on the same card when .official/ (a fetched
 #          NVlabs/edm2 checkout: training/, torch_utils/, dnnlib/) is carried too;
-#       4. compute-sanitizer memcheck and racecheck on the kernel tests;
+#       4. compute-sanitizer memcheck on the kernel tests, racecheck on the conv tests;
+#       GPU_CHECK_FULL=1 adds the rest (fp32 XS, the CPU bench, more official configs,
+#       racecheck on every kernel test) for a lease with time to spare.
 #       then prints a short table last. OUTDIR (default: $OUT or ./gpu-check-out) receives
 #       summary.txt and gpu-check-logs.tgz (every log).
 #
@@ -67,7 +70,7 @@ export PYTHONUNBUFFERED=1
 declare -a rows
 status=0
 t0=$(date +%s)
-row() { rows+=("$(printf '%-40s %s' "$1" "$2")"); echo "[$(( $(date +%s) - t0 )) s] $1: $2"; }
+row() { rows+=("$(printf '%-40s %s' "$1" "$2")"); echo "[$(( $(date +%s) - t0 )) s] $1: $2" | tee -a "$final/progress.txt"; }
 # Steps past this many seconds are skipped (the lease is short): correctness and our own
 # numbers first, then the official code's, then the sanitizers.
 budget=${GPU_CHECK_BUDGET_S:-470}
@@ -101,14 +104,27 @@ bench() { # name, extra args...
     fi
 }
 bench cpu-s32-b32-cuda-fp32 --device cuda --config cpu-s32 --batch 32 --iters 5 --sampling
-bench cpu-s32-b32-cpu16 --device cpu --config cpu-s32 --batch 32 --iters 3
-BENCH_TIMEOUT=90 bench xs-b32-cuda-fp32 --device cuda --config edm2-img512-xs --batch 32 --iters 2
 # bf16: the tensor-core convolutions (the default: conv_tc.cu forward, conv_tc_backward.cu
 # gradients) against conv.cu's SIMT kernels (EDM2_TENSOR_CORE_CONV=0), same run.
 bench cpu-s32-b32-cuda-bf16-tc --device cuda --config cpu-s32 --batch 32 --iters 5 --precision bf16 --sampling
-EDM2_TENSOR_CORE_CONV=0 bench cpu-s32-b32-cuda-bf16-simt --device cuda --config cpu-s32 --batch 32 --iters 5 --precision bf16
 BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16-tc --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16
 EDM2_TENSOR_CORE_CONV=0 BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16-simt --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16
+# The headline shapes of the issue: batch 128, against the official code's fp16 step below.
+BENCH_TIMEOUT=90 bench xs-b128-cuda-bf16-tc --device cuda --config edm2-img512-xs --batch 128 --iters 3 --precision bf16 --only train
+BENCH_TIMEOUT=90 bench s-b128-cuda-bf16-tc --device cuda --config edm2-img512-s --batch 128 --iters 2 --precision bf16 --only train
+# Where the step goes: EDM2_PROFILE=1 waits for every kernel and books its time (the
+# per-kernel table goes to profile-xs-b128.txt and the summary).
+if have "profile xs-b128"; then
+    timeout 120 env -u EDM2_POISON_DEVICE_MEMORY EDM2_PROFILE=1 "$bin/edm2" bench --device cuda --config edm2-img512-xs \
+        --batch 128 --iters 1 --precision bf16 --only train > "$out/profile-xs-b128.log" 2>&1 || status=1
+    sed -n '/^profile of/,$p' "$out/profile-xs-b128.log" | head -40 > "$out/profile-xs-b128.txt"
+    row "profile xs-b128" "$(sed -n '3,$p' "$out/profile-xs-b128.txt" | grep -v '^total:' | head -4 | awk '{ printf "%s %s ms; ", $1, $2 }')"
+fi
+[ -n "${GPU_CHECK_FULL:-}" ] && {
+    bench cpu-s32-b32-cpu16 --device cpu --config cpu-s32 --batch 32 --iters 3
+    BENCH_TIMEOUT=90 bench xs-b32-cuda-fp32 --device cuda --config edm2-img512-xs --batch 32 --iters 2
+    EDM2_TENSOR_CORE_CONV=0 bench cpu-s32-b32-cuda-bf16-simt --device cuda --config cpu-s32 --batch 32 --iters 5 --precision bf16
+}
 
 # 2a. End to end: `train --device cuda` on the built-in dataset (cpu-fmnist, batch 64, one
 # pass and two accumulated passes per step): img/s over the whole run, data loading,
@@ -126,13 +142,12 @@ train_row() { # name, extra args...
     fi
     rm -rf "$out/run-$name"
 }
-train_row cpu-fmnist-b64
-train_row cpu-fmnist-b64-2passes --batch-gpu 32
 train_row cpu-fmnist-b64-bf16 --precision bf16
+[ -n "${GPU_CHECK_FULL:-}" ] && { train_row cpu-fmnist-b64; train_row cpu-fmnist-b64-2passes --batch-gpu 32; }
 
 # 2b. Per-kernel benchmarks (criterion) at batch 64 of an EDM2-S 16x16 level.
 if [ -x "$bin/kernels" ] && have "kernel benchmarks"; then
-    if EDM2_BENCH_BATCH=64 timeout 150 env -u EDM2_POISON_DEVICE_MEMORY "$bin/kernels" --bench cuda/ \
+    if EDM2_BENCH_BATCH=64 timeout 150 env -u EDM2_POISON_DEVICE_MEMORY "$bin/kernels" --bench "${KERNEL_BENCH_FILTER:-cuda/}" \
         --warm-up-time 0.5 --measurement-time 1 --noplot > "$out/kernels.log" 2>&1; then
         # "name  time: [lo median hi]" (criterion puts long names on their own line).
         awk '/^cuda\// { name = $1 } /time:/ { printf "%-40s %s %s\n", "kernel " name, $(NF-3), $(NF-2) }' "$out/kernels.log" > "$out/kernels.txt"
@@ -159,9 +174,12 @@ if [ -d .official/training ] && command -v python3 >/dev/null; then
         done < "$log"
         grep -q '^{' "$log" || row "official $name" "FAIL: $(tail -2 "$log" | tr '\n' ' ' | cut -c1-200)"
     }
-    off b32-fp32 --config cpu-s32,edm2-img512-xs --batch 32 --iters 5 --sampling --sampling-batch 32
-    off b64-fp16 --config edm2-img512-xs,edm2-img512-s --batch 64 --iters 10 --fp16 --sampling --sampling-batch 32
-    off b32-fp16-guided --config edm2-img512-xs,edm2-img512-s --batch 32 --iters 5 --fp16 --only forward --sampling --sampling-batch 32 --guidance
+    off b128-fp16 --config edm2-img512-xs,edm2-img512-s --batch 128 --iters 10 --fp16 --only train
+    [ -n "${GPU_CHECK_FULL:-}" ] && {
+        off b32-fp32 --config cpu-s32,edm2-img512-xs --batch 32 --iters 5 --sampling --sampling-batch 32
+        off b64-fp16 --config edm2-img512-xs,edm2-img512-s --batch 64 --iters 10 --fp16 --sampling --sampling-batch 32
+        off b32-fp16-guided --config edm2-img512-xs,edm2-img512-s --batch 32 --iters 5 --fp16 --only forward --sampling --sampling-batch 32 --guidance
+    }
 else
     row "official PyTorch" "skipped (no .official/ checkout carried, or no python3)"
 fi
@@ -173,6 +191,9 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
         # racecheck instruments every access: the upload-ordering stress test (thousands of
         # 16 MB launches, no shared memory) ran past 150 s under it on an H200; memcheck runs it.
         skip=(); [ "$tool" = racecheck ] && skip=(--skip uploads_are_ordered_against_the_compute_stream)
+        # Without GPU_CHECK_FULL, racecheck covers the tests that use shared memory most
+        # (convolutions and tensor-core fragments); memcheck runs them all.
+        [ "$tool" = racecheck ] && [ -z "${GPU_CHECK_FULL:-}" ] && skip=(conv)
         if timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin/gpu_kernels" --test-threads=1 "${skip[@]}" > "$out/sanitizer-$tool.log" 2>&1; then
             row "compute-sanitizer $tool" "PASS"
         else

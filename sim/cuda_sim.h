@@ -74,7 +74,7 @@ enum class St { Ready, AtBlockBarrier, AtWarpBarrier, Done };
 // A cp.async copy issued but not yet performed (see cp_async_16).
 struct AsyncCopy {
   void *dst;
-  const void *src;
+  const void *src;  // nullptr: zero fill
 };
 
 struct Tls {
@@ -364,6 +364,15 @@ inline void cp_async_16(void *dst, const void *src) {
   }
   cur->cp_open.push_back(AsyncCopy{dst, src});
 }
+// cp.async with src-size 0 or 16: 0 reads nothing and writes zeros (when the copy is performed).
+inline void cp_async_16_zfill(void *dst, const void *src, int src_bytes) {
+  if (src_bytes != 0 && src_bytes != 16) {
+    std::fprintf(stderr, "cuda_sim: cp.async zfill with src-size %d (only 0 or 16 are used)\n", src_bytes);
+    std::abort();
+  }
+  cp_async_16(dst, src);
+  if (src_bytes == 0) cur->cp_open.back().src = nullptr;
+}
 inline void cp_async_commit() {
   cur->cp_groups.push_back(std::move(cur->cp_open));
   cur->cp_open.clear();
@@ -371,7 +380,12 @@ inline void cp_async_commit() {
 inline void cp_async_wait_group(size_t pending) {
   auto &gs = cur->cp_groups;
   while (gs.size() > pending) {
-    for (const AsyncCopy &c : gs.front()) std::memcpy(c.dst, c.src, 16);
+    for (const AsyncCopy &c : gs.front()) {
+      if (c.src)
+        std::memcpy(c.dst, c.src, 16);
+      else
+        std::memset(c.dst, 0, 16);
+    }
     gs.erase(gs.begin());
   }
 }
@@ -583,6 +597,7 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
 
 #define __global__
 #define __device__
+#define __launch_bounds__(...)
 #define __host__
 #define __forceinline__ inline
 #define __restrict__
@@ -625,6 +640,7 @@ inline void edm2_ldmatrix_x4_trans(uint32_t r[4], const void *row) { edm2sim::ld
 inline void edm2_ldmatrix_x2(uint32_t r[2], const void *row) { edm2sim::ldmatrix<2>(r, row, false); }
 inline void edm2_ldmatrix_x2_trans(uint32_t r[2], const void *row) { edm2sim::ldmatrix<2>(r, row, true); }
 inline void edm2_cp_async_16(void *dst, const void *src) { edm2sim::cp_async_16(dst, src); }
+inline void edm2_cp_async_16_zfill(void *dst, const void *src, int src_bytes) { edm2sim::cp_async_16_zfill(dst, src, src_bytes); }
 inline void edm2_cp_async_commit() { edm2sim::cp_async_commit(); }
 template <int N>
 inline void edm2_cp_async_wait_group() {

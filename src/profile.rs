@@ -44,7 +44,36 @@ impl Drop for Scope {
     }
 }
 
+/// Whether profiling is on (for callers that must do extra work to be measured, such as
+/// the GPU backend, which waits for each kernel when it is).
+#[inline]
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+thread_local! {
+    static LAST_MARK: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Adds the time since this thread's previous mark (or since [`reset`]) to `label`. The GPU
+/// backend marks after waiting for each kernel, so a label's total is that kernel's device
+/// time plus the host work that led up to its launch: a per-kernel profile without a
+/// profiler on the machine. Does nothing when profiling is off.
+pub fn mark(label: &'static str) {
+    if !enabled() {
+        return;
+    }
+    let now = Instant::now();
+    if let Some(prev) = LAST_MARK.with(|m| m.replace(Some(now))) {
+        let mut t = TOTALS.lock().unwrap();
+        let e = t.entry(label).or_insert((0.0, 0));
+        e.0 += (now - prev).as_secs_f64();
+        e.1 += 1;
+    }
+}
+
 pub fn reset() {
+    LAST_MARK.with(|m| m.set(Some(Instant::now())));
     TOTALS.lock().unwrap().clear();
 }
 

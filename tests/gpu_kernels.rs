@@ -356,6 +356,19 @@ fn normalize_rows_and_weight_norm_match_the_cpu_backend() {
     });
 }
 
+/// The tensor-core tiles the conv test runs: all of them, or under ThreadSanitizer (where a
+/// simulated thread is an instrumented OS thread: with the 8-warp 128x128 tile as well the
+/// conv test took 685 s there) `auto` alone — the 64x64 pipelined tile at the test's
+/// sizes (the same template as the others), and the simple kernel where the channels do
+/// not suit it.
+fn tiles_to_check() -> Vec<k::TcTile> {
+    if cfg!(feature = "cuda-sim-tsan") {
+        vec![k::TcTile::Auto]
+    } else {
+        k::TcTile::ALL.to_vec()
+    }
+}
+
 #[test]
 fn conv_kernels_match_the_cpu_backend() {
     use edm2::backend::cpu::conv;
@@ -364,21 +377,122 @@ fn conv_kernels_match_the_cpu_backend() {
     let Some(gpu) = device() else { return };
     // Partial 16x16 tiles everywhere: 70 pixels, 20 → 36 channels, 3x3 K = 180.
     let cases = [
-        (Nhwc { n: 2, h: 5, w: 7, c: 20 }, 36usize, 3usize),
-        (Nhwc { n: 2, h: 5, w: 7, c: 20 }, 36, 1),
-        (Nhwc { n: 3, h: 1, w: 1, c: 24 }, 17, 0),
-        (Nhwc { n: 1, h: 4, w: 4, c: 33 }, 3, 3),
+        (
+            Nhwc {
+                n: 2,
+                h: 5,
+                w: 7,
+                c: 20,
+            },
+            36usize,
+            3usize,
+        ),
+        (
+            Nhwc {
+                n: 2,
+                h: 5,
+                w: 7,
+                c: 20,
+            },
+            36,
+            1,
+        ),
+        (
+            Nhwc {
+                n: 3,
+                h: 1,
+                w: 1,
+                c: 24,
+            },
+            17,
+            0,
+        ),
+        (
+            Nhwc {
+                n: 1,
+                h: 4,
+                w: 4,
+                c: 33,
+            },
+            3,
+            3,
+        ),
         // Several 64x64 tiles of the tensor-core kernel, K over many steps of 32.
-        (Nhwc { n: 2, h: 9, w: 8, c: 40 }, 72, 3),
+        (
+            Nhwc {
+                n: 2,
+                h: 9,
+                w: 8,
+                c: 40,
+            },
+            72,
+            3,
+        ),
         // 270 pixels: the tensor-core weight gradient splits them into 2 slices of
         // whole K steps (160 + 110), the last one partial.
-        (Nhwc { n: 1, h: 10, w: 27, c: 4 }, 8, 3),
+        (
+            Nhwc {
+                n: 1,
+                h: 10,
+                w: 27,
+                c: 4,
+            },
+            8,
+            3,
+        ),
+        // Input channels a multiple of 32: the pipelined tensor-core kernels (tc_pipe.cuh)
+        // take them — 3 taps-aligned K steps a tap, partial pixel and channel tiles, an odd
+        // output width (no paired stores), 1x1 and linear; 288 pixels = 3 tiles of 128.
+        (
+            Nhwc {
+                n: 2,
+                h: 12,
+                w: 12,
+                c: 64,
+            },
+            96,
+            3,
+        ),
+        (
+            Nhwc {
+                n: 2,
+                h: 5,
+                w: 7,
+                c: 32,
+            },
+            35,
+            3,
+        ),
+        (
+            Nhwc {
+                n: 1,
+                h: 9,
+                w: 8,
+                c: 64,
+            },
+            64,
+            1,
+        ),
+        (
+            Nhwc {
+                n: 3,
+                h: 1,
+                w: 1,
+                c: 32,
+            },
+            32,
+            0,
+        ),
     ];
     let mut dtypes = Vec::new();
     each_mode(&gpu, |sched| {
         dtypes.push(gpu.act_dtype());
         for (s, o, kk) in cases {
-            let geom = ConvGeom { out_ch: o, in_ch: s.c, k: kk };
+            let geom = ConvGeom {
+                out_ch: o,
+                in_ch: s.c,
+                k: kk,
+            };
             let w = random(geom.numel(), 300 + o as u64);
             let x = random(s.numel(), 301 + kk as u64);
             let dy = random(s.pixels() * o, 302);
@@ -408,45 +522,110 @@ fn conv_kernels_match_the_cpu_backend() {
                 // The tensor-core forward (kernels/conv_tc.cu): the same products in
                 // another order — within the bf16 bound of the CPU, and all but a few
                 // last-place roundings equal to the SIMT kernel's.
-                let mut yt = act(&gpu, y_cpu.len());
-                k::conv_forward_tensor_core(&gpu, &eff, &xb, s, &mut yt).unwrap();
-                let yt = down(&gpu, &yt);
-                close_in(&gpu, &format!("conv_forward_tensor_core {what}"), &yt, &y_cpu);
-                let e = rel_l2(&yt, &y);
-                assert!(e < 4e-3, "tensor-core vs SIMT bf16 forward {what}: rel L2 {e:.2e}");
-                // The tensor-core gradients (kernels/conv_tc_backward.cu): the data
-                // gradient through the forward kernel on the flipped weight, the weight
-                // gradient with split-K — against the CPU and the SIMT kernels, and the
-                // split-K reduction the same bit for bit run to run.
-                let mut dxt = act(&gpu, x.len());
-                k::conv_backward_data_tensor_core(&gpu, &eff, &dyb, s, &mut dxt).unwrap();
-                let dxt = down(&gpu, &dxt);
-                close_in(&gpu, &format!("conv_backward_data_tensor_core {what}"), &dxt, &dx_cpu);
-                let e = rel_l2(&dxt, &dx);
-                assert!(e < 4e-3, "tensor-core vs SIMT bf16 data gradient {what}: rel L2 {e:.2e}");
-                let mut det = gpu.alloc(w.len()).unwrap();
-                k::conv_backward_weight_tensor_core(&gpu, geom, &xb, s, &dyb, &mut det).unwrap();
-                let det = down32(&gpu, &det);
-                close_in(&gpu, &format!("conv_backward_weight_tensor_core {what}"), &det, &de_cpu);
-                let e = rel_l2(&det, &de);
-                assert!(e < 1e-4, "tensor-core vs SIMT weight gradient {what}: rel L2 {e:.2e}");
-                let mut again = gpu.alloc(w.len()).unwrap();
-                k::conv_backward_weight_tensor_core(&gpu, geom, &xb, s, &dyb, &mut again).unwrap();
-                assert!(down32(&gpu, &again).iter().zip(&det).all(|(a, b)| a.to_bits() == b.to_bits()), "split-K is deterministic");
+                // Every tile: the simple kernel and each pipelined one (which fall back to
+                // the simple kernel where the channels do not suit them); the data gradient
+                // is the forward kernel on the flipped weight (kernels/conv_tc_backward.cu).
+                for tile in tiles_to_check() {
+                    let mut yt = act(&gpu, y_cpu.len());
+                    k::conv_forward_tensor_core_tile(&gpu, &eff, &xb, s, &mut yt, tile).unwrap();
+                    let yt = down(&gpu, &yt);
+                    close_in(
+                        &gpu,
+                        &format!("conv_forward_tensor_core {tile:?} {what}"),
+                        &yt,
+                        &y_cpu,
+                    );
+                    let e = rel_l2(&yt, &y);
+                    assert!(
+                        e < 4e-3,
+                        "tensor-core ({tile:?}) vs SIMT bf16 forward {what}: rel L2 {e:.2e}"
+                    );
+                    let mut dxt = act(&gpu, x.len());
+                    k::conv_backward_data_tensor_core_tile(&gpu, &eff, &dyb, s, &mut dxt, tile)
+                        .unwrap();
+                    let dxt = down(&gpu, &dxt);
+                    close_in(
+                        &gpu,
+                        &format!("conv_backward_data_tensor_core {tile:?} {what}"),
+                        &dxt,
+                        &dx_cpu,
+                    );
+                    let e = rel_l2(&dxt, &dx);
+                    assert!(
+                        e < 4e-3,
+                        "tensor-core ({tile:?}) vs SIMT bf16 data gradient {what}: rel L2 {e:.2e}"
+                    );
+                }
+                // The weight gradient on every tile (the pipelined ones take channels in
+                // multiples of 8), against the CPU and the SIMT kernel, and its split-K
+                // reduction the same bit for bit run to run.
+                for tile in tiles_to_check() {
+                    let mut det = gpu.alloc(w.len()).unwrap();
+                    k::conv_backward_weight_tensor_core_tile(
+                        &gpu, geom, &xb, s, &dyb, &mut det, tile,
+                    )
+                    .unwrap();
+                    let det = down32(&gpu, &det);
+                    close_in(
+                        &gpu,
+                        &format!("conv_backward_weight_tensor_core {tile:?} {what}"),
+                        &det,
+                        &de_cpu,
+                    );
+                    let e = rel_l2(&det, &de);
+                    assert!(
+                        e < 1e-4,
+                        "tensor-core ({tile:?}) vs SIMT weight gradient {what}: rel L2 {e:.2e}"
+                    );
+                    let mut again = gpu.alloc(w.len()).unwrap();
+                    k::conv_backward_weight_tensor_core_tile(
+                        &gpu, geom, &xb, s, &dyb, &mut again, tile,
+                    )
+                    .unwrap();
+                    assert!(
+                        down32(&gpu, &again)
+                            .iter()
+                            .zip(&det)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "split-K is deterministic"
+                    );
+                }
                 // bf16 operands: visibly not fp32 arithmetic, within the bf16 bound; the
                 // weight gradient holds values no bf16 can.
-                for (name, got, want) in [("forward", &y, &y_cpu), ("data grad", &dx, &dx_cpu), ("weight grad", &de, &de_cpu)] {
-                    assert!(rel_l2(got, want) > 1e-5, "bf16 conv {name} {what}: as exact as fp32?");
+                for (name, got, want) in [
+                    ("forward", &y, &y_cpu),
+                    ("data grad", &dx, &dx_cpu),
+                    ("weight grad", &de, &de_cpu),
+                ] {
+                    assert!(
+                        rel_l2(got, want) > 1e-5,
+                        "bf16 conv {name} {what}: as exact as fp32?"
+                    );
                 }
-                assert!(de.iter().any(|v| v.to_bits() & 0xFFFF != 0), "the weight gradient stays fp32");
+                assert!(
+                    de.iter().any(|v| v.to_bits() & 0xFFFF != 0),
+                    "the weight gradient stays fp32"
+                );
             }
         }
     });
-    assert!(dtypes.contains(&Dtype::F32) && dtypes.contains(&Dtype::Bf16), "both precisions ran: {dtypes:?}");
+    assert!(
+        dtypes.contains(&Dtype::F32) && dtypes.contains(&Dtype::Bf16),
+        "both precisions ran: {dtypes:?}"
+    );
     // Shapes that do not fit are errors, not crashes.
-    let geom = ConvGeom { out_ch: 4, in_ch: 3, k: 3 };
+    let geom = ConvGeom {
+        out_ch: 4,
+        in_ch: 3,
+        k: 3,
+    };
     let eff = k::effective_weight(&gpu, &up32(&gpu, &random(geom.numel(), 1)), geom, 1.0).unwrap();
-    let s = Nhwc { n: 1, h: 2, w: 2, c: 5 };
+    let s = Nhwc {
+        n: 1,
+        h: 2,
+        w: 2,
+        c: 5,
+    };
     let mut y = act(&gpu, 16);
     assert!(k::conv_forward(&gpu, &eff, &up(&gpu, &random(20, 2)), s, &mut y).is_err());
 }

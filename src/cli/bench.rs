@@ -267,6 +267,9 @@ fn bench_cuda(a: &Args) -> Result<()> {
     };
     let tc = gpu.tensor_core_conv() && a.precision == "bf16";
     eprintln!("bench {} batch {n} on {} ({}{})", a.config, gpu.name(), a.precision, if tc { ", tensor-core conv forward" } else { "" });
+    // EDM2_PROFILE=1: the GPU backend waits for every kernel and books its time
+    // (backend::gpu::check), so the table below is a per-kernel profile of the steps.
+    edm2::profile::enable_from_env();
     let mut train_ms = Vec::new();
     for i in 0..=a.iters {
         if a.only == "forward" {
@@ -278,7 +281,13 @@ fn bench_cuda(a: &Args) -> Result<()> {
         eprintln!("  train step {i}: {ms:.1} ms (loss {l:.4}){}", if i == 0 { " [warm-up]" } else { "" });
         if i > 0 {
             train_ms.push(ms);
+        } else {
+            edm2::profile::reset();
         }
+    }
+    if edm2::profile::enabled() && !train_ms.is_empty() {
+        eprintln!("profile of {} training steps:\n{}", a.iters, edm2::profile::report());
+        edm2::profile::reset();
     }
     let mut fwd_ms = Vec::new();
     for i in 0..=a.iters {

@@ -566,25 +566,161 @@ pub fn conv_forward(gpu: &Gpu, eff: &GpuEffWeight, x: &dyn Values, s: Nhwc, y: &
     check(k, unsafe { ffi::edm2_conv_forward(x.vptr(gpu), eff.w.ptr(gpu), y.vptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, dt, st) })
 }
 
-/// [`conv_forward`] on tensor cores (kernels/conv_tc.cu): bf16 activations only.
-pub fn conv_forward_tensor_core(gpu: &Gpu, eff: &GpuEffWeight, x: &dyn Values, s: Nhwc, y: &mut dyn Values) -> Result<()> {
+/// The block tile of the tensor-core convolutions (forward and data gradient): `simple`
+/// is conv_tc.cu's first kernel (any shape); the others are its pipelined kernel
+/// (kernels/tc_pipe.cuh; input channels a multiple of 32, else `simple` runs), `auto`
+/// picks the tile from the shape. Set by `EDM2_CONV_TC_TILE` = auto | simple | 128x128 |
+/// 128x64 | 64x64 (the benchmarks time each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcTile {
+    Auto,
+    Simple,
+    T128x128,
+    T128x64,
+    T64x64,
+}
+
+impl TcTile {
+    pub const ALL: [TcTile; 5] = [
+        TcTile::Auto,
+        TcTile::Simple,
+        TcTile::T128x128,
+        TcTile::T128x64,
+        TcTile::T64x64,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TcTile::Auto => "auto",
+            TcTile::Simple => "simple",
+            TcTile::T128x128 => "128x128",
+            TcTile::T128x64 => "128x64",
+            TcTile::T64x64 => "64x64",
+        }
+    }
+
+    /// `EDM2_CONV_TC_TILE`, or `auto` when unset; an unknown value is an error naming it.
+    pub fn from_env() -> Result<TcTile> {
+        match std::env::var("EDM2_CONV_TC_TILE") {
+            Err(_) => Ok(TcTile::Auto),
+            Ok(v) => TcTile::ALL.into_iter().find(|t| t.name() == v).ok_or_else(|| {
+                Error::Input(format!("EDM2_CONV_TC_TILE={v:?}: expected one of auto, simple, 128x128, 128x64, 64x64"))
+            }),
+        }
+    }
+
+    /// The pipelined kernel's `variant` argument (None: the simple kernel).
+    fn pipe_variant(self) -> Option<i32> {
+        match self {
+            TcTile::Simple => None,
+            TcTile::Auto => Some(0),
+            TcTile::T128x128 => Some(1),
+            TcTile::T128x64 => Some(2),
+            TcTile::T64x64 => Some(3),
+        }
+    }
+}
+
+/// [`conv_forward`] on tensor cores (kernels/conv_tc.cu): bf16 activations only; the tile
+/// from `EDM2_CONV_TC_TILE` ([`TcTile`]).
+pub fn conv_forward_tensor_core(
+    gpu: &Gpu,
+    eff: &GpuEffWeight,
+    x: &dyn Values,
+    s: Nhwc,
+    y: &mut dyn Values,
+) -> Result<()> {
+    conv_forward_tensor_core_tile(gpu, eff, x, s, y, TcTile::from_env()?)
+}
+
+/// [`conv_forward_tensor_core`] with the tile given.
+pub fn conv_forward_tensor_core_tile(
+    gpu: &Gpu,
+    eff: &GpuEffWeight,
+    x: &dyn Values,
+    s: Nhwc,
+    y: &mut dyn Values,
+    tile: TcTile,
+) -> Result<()> {
     let k = "conv_forward_tensor_core";
     let (n, h, w) = conv_dims(k, eff.geom, s)?;
     expect_len(k, "x", x.len(), s.numel())?;
     expect_len(k, "y", y.len(), s.pixels() * eff.geom.out_ch)?;
     if dtype_of(k, &[x.dtype(), y.dtype()])? != Dtype::Bf16.code() {
-        return Err(Error::Input(format!("{k}: needs bf16 activations, got {:?}", x.dtype())));
+        return Err(Error::Input(format!(
+            "{k}: needs bf16 activations, got {:?}",
+            x.dtype()
+        )));
     }
     let (i, o) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?);
+    if let Some(variant) = tile
+        .pipe_variant()
+        .filter(|_| eff.geom.in_ch % 32 == 0 && pipe_aligned(gpu, x, y))
+    {
+        let wb = scaled_to(gpu, &eff.w, Dtype::Bf16, 1.0)?;
+        return conv_forward_pipe(gpu, x, &wb, y, (n, h, w, i, o, eff.geom.k as i32), variant);
+    }
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_conv_forward_tc(x.vptr(gpu) as *const u16, eff.w.ptr(gpu), y.vptr_mut(gpu) as *mut u16, n, h, w, i, o, eff.geom.k as i32, st)
+        ffi::edm2_conv_forward_tc(
+            x.vptr(gpu) as *const u16,
+            eff.w.ptr(gpu),
+            y.vptr_mut(gpu) as *mut u16,
+            n,
+            h,
+            w,
+            i,
+            o,
+            eff.geom.k as i32,
+            st,
+        )
+    })
+}
+
+/// Whether the pipelined kernel may read `x` with 16-byte copies and store `y` in pairs
+/// (true of every buffer we allocate; a view at an odd offset takes the simple kernel).
+fn pipe_aligned(gpu: &Gpu, x: &dyn Values, y: &mut dyn Values) -> bool {
+    (x.vptr(gpu) as usize) % 16 == 0 && (y.vptr_mut(gpu) as usize) % 4 == 0
+}
+
+/// The pipelined tensor-core forward (kernels/conv_tc.cu) with a bf16 weight `wb`
+/// `[cout][taps·cin]`; dims = (n, h, w, cin, cout, k), checked by the caller.
+fn conv_forward_pipe(
+    gpu: &Gpu,
+    x: &dyn Values,
+    wb: &GpuAct,
+    y: &mut dyn Values,
+    dims: (i32, i32, i32, i32, i32, i32),
+    variant: i32,
+) -> Result<()> {
+    let (n, h, w, i, o, kk) = dims;
+    let st = gpu.stream()?;
+    check("conv_forward_tc_pipe", unsafe {
+        ffi::edm2_conv_forward_tc_pipe(
+            x.vptr(gpu) as *const u16,
+            wb.vptr(gpu) as *const u16,
+            y.vptr_mut(gpu) as *mut u16,
+            n,
+            h,
+            w,
+            i,
+            o,
+            kk,
+            variant,
+            st,
+        )
     })
 }
 
 /// Data gradient: `dx` (like `x`, shape `s`) from `dy`. With bf16 activations and
 /// [`Gpu::tensor_core_conv`] on, it runs on tensor cores ([`conv_backward_data_tensor_core`]).
-pub fn conv_backward_data(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
+pub fn conv_backward_data(
+    gpu: &Gpu,
+    eff: &GpuEffWeight,
+    dy: &dyn Values,
+    s: Nhwc,
+    dx: &mut dyn Values,
+) -> Result<()> {
     if gpu.tensor_core_conv() && dy.dtype() == Dtype::Bf16 && dx.dtype() == Dtype::Bf16 {
         return conv_backward_data_tensor_core(gpu, eff, dy, s, dx);
     }
@@ -592,7 +728,13 @@ pub fn conv_backward_data(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhw
 }
 
 /// [`conv_backward_data`] on conv.cu's SIMT kernel (fp32 or bf16 activations).
-pub fn conv_backward_data_simt(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
+pub fn conv_backward_data_simt(
+    gpu: &Gpu,
+    eff: &GpuEffWeight,
+    dy: &dyn Values,
+    s: Nhwc,
+    dx: &mut dyn Values,
+) -> Result<()> {
     let k = "conv_backward_data";
     let (n, h, w) = conv_dims(k, eff.geom, s)?;
     expect_len(k, "dy", dy.len(), s.pixels() * eff.geom.out_ch)?;
@@ -601,32 +743,99 @@ pub fn conv_backward_data_simt(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s
     let dt = dtype_of(k, &[dy.dtype(), dx.dtype()])?;
     let st = gpu.stream()?;
     check(k, unsafe {
-        ffi::edm2_conv_backward_data(dy.vptr(gpu), eff.w.ptr(gpu), dx.vptr_mut(gpu), n, h, w, i, o, eff.geom.k as i32, dt, st)
+        ffi::edm2_conv_backward_data(
+            dy.vptr(gpu),
+            eff.w.ptr(gpu),
+            dx.vptr_mut(gpu),
+            n,
+            h,
+            w,
+            i,
+            o,
+            eff.geom.k as i32,
+            dt,
+            st,
+        )
     })
 }
 
 /// [`conv_backward_data`] on tensor cores: the forward kernel of conv_tc.cu on the
-/// flipped, transposed effective weight (kernels/conv_tc_backward.cu). bf16 only.
-pub fn conv_backward_data_tensor_core(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
+/// flipped, transposed effective weight (kernels/conv_tc_backward.cu). bf16 only; the tile
+/// from `EDM2_CONV_TC_TILE` ([`TcTile`]).
+pub fn conv_backward_data_tensor_core(
+    gpu: &Gpu,
+    eff: &GpuEffWeight,
+    dy: &dyn Values,
+    s: Nhwc,
+    dx: &mut dyn Values,
+) -> Result<()> {
+    conv_backward_data_tensor_core_tile(gpu, eff, dy, s, dx, TcTile::from_env()?)
+}
+
+/// [`conv_backward_data_tensor_core`] with the tile given.
+pub fn conv_backward_data_tensor_core_tile(
+    gpu: &Gpu,
+    eff: &GpuEffWeight,
+    dy: &dyn Values,
+    s: Nhwc,
+    dx: &mut dyn Values,
+    tile: TcTile,
+) -> Result<()> {
     let k = "conv_backward_data_tensor_core";
     let (n, h, w) = conv_dims(k, eff.geom, s)?;
     expect_len(k, "dy", dy.len(), s.pixels() * eff.geom.out_ch)?;
     expect_len(k, "dx", dx.len(), s.numel())?;
     if dtype_of(k, &[dy.dtype(), dx.dtype()])? != Dtype::Bf16.code() {
-        return Err(Error::Input(format!("{k}: needs bf16 activations, got {:?}", dy.dtype())));
+        return Err(Error::Input(format!(
+            "{k}: needs bf16 activations, got {:?}",
+            dy.dtype()
+        )));
     }
-    let (i, o, kk) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?, eff.geom.k as i32);
+    let (i, o, kk) = (
+        int(k, eff.geom.in_ch)?,
+        int(k, eff.geom.out_ch)?,
+        eff.geom.k as i32,
+    );
     let mut wf = gpu.alloc::<f32>(eff.geom.numel())?;
     let st = gpu.stream()?;
-    check("conv_weight_flip", unsafe { ffi::edm2_conv_weight_flip(eff.w.ptr(gpu), wf.ptr_mut(gpu), i, o, kk, st) })?;
+    check("conv_weight_flip", unsafe {
+        ffi::edm2_conv_weight_flip(eff.w.ptr(gpu), wf.ptr_mut(gpu), i, o, kk, st)
+    })?;
     // The forward with cin = O and cout = I.
-    check(k, unsafe { ffi::edm2_conv_forward_tc(dy.vptr(gpu) as *const u16, wf.ptr(gpu), dx.vptr_mut(gpu) as *mut u16, n, h, w, o, i, kk, st) })
+    if let Some(variant) = tile
+        .pipe_variant()
+        .filter(|_| eff.geom.out_ch % 32 == 0 && pipe_aligned(gpu, dy, dx))
+    {
+        let wb = scaled_to(gpu, &wf, Dtype::Bf16, 1.0)?;
+        return conv_forward_pipe(gpu, dy, &wb, dx, (n, h, w, o, i, kk), variant);
+    }
+    check(k, unsafe {
+        ffi::edm2_conv_forward_tc(
+            dy.vptr(gpu) as *const u16,
+            wf.ptr(gpu),
+            dx.vptr_mut(gpu) as *mut u16,
+            n,
+            h,
+            w,
+            o,
+            i,
+            kk,
+            st,
+        )
+    })
 }
 
 /// Weight gradient w.r.t. the effective weight: `d_eff` OHWI (overwritten). With bf16
 /// activations and [`Gpu::tensor_core_conv`] on, it runs on tensor cores
 /// ([`conv_backward_weight_tensor_core`]).
-pub fn conv_backward_weight(gpu: &Gpu, geom: ConvGeom, x: &dyn Values, s: Nhwc, dy: &dyn Values, d_eff: &mut GpuBuf<f32>) -> Result<()> {
+pub fn conv_backward_weight(
+    gpu: &Gpu,
+    geom: ConvGeom,
+    x: &dyn Values,
+    s: Nhwc,
+    dy: &dyn Values,
+    d_eff: &mut GpuBuf<f32>,
+) -> Result<()> {
     if gpu.tensor_core_conv() && x.dtype() == Dtype::Bf16 && dy.dtype() == Dtype::Bf16 {
         return conv_backward_weight_tensor_core(gpu, geom, x, s, dy, d_eff);
     }
@@ -634,24 +843,95 @@ pub fn conv_backward_weight(gpu: &Gpu, geom: ConvGeom, x: &dyn Values, s: Nhwc, 
 }
 
 /// [`conv_backward_weight`] on tensor cores with split-K over the pixels into a pooled
-/// fp32 workspace, reduced in a fixed order (kernels/conv_tc_backward.cu). bf16 only.
-pub fn conv_backward_weight_tensor_core(gpu: &Gpu, geom: ConvGeom, x: &dyn Values, s: Nhwc, dy: &dyn Values, d_eff: &mut GpuBuf<f32>) -> Result<()> {
+/// fp32 workspace, reduced in a fixed order (kernels/conv_tc_backward.cu). bf16 only; the
+/// tile from `EDM2_CONV_TC_TILE` ([`TcTile`]).
+pub fn conv_backward_weight_tensor_core(
+    gpu: &Gpu,
+    geom: ConvGeom,
+    x: &dyn Values,
+    s: Nhwc,
+    dy: &dyn Values,
+    d_eff: &mut GpuBuf<f32>,
+) -> Result<()> {
+    conv_backward_weight_tensor_core_tile(gpu, geom, x, s, dy, d_eff, TcTile::from_env()?)
+}
+
+/// [`conv_backward_weight_tensor_core`] with the tile given: the pipelined kernel where the
+/// channels are multiples of 8 (and the pixels fit its int indices), else the simple one.
+pub fn conv_backward_weight_tensor_core_tile(
+    gpu: &Gpu,
+    geom: ConvGeom,
+    x: &dyn Values,
+    s: Nhwc,
+    dy: &dyn Values,
+    d_eff: &mut GpuBuf<f32>,
+    tile: TcTile,
+) -> Result<()> {
     let k = "conv_backward_weight_tensor_core";
     let (n, h, w) = conv_dims(k, geom, s)?;
     expect_len(k, "x", x.len(), s.numel())?;
     expect_len(k, "dy", dy.len(), s.pixels() * geom.out_ch)?;
     expect_len(k, "d_eff", d_eff.len(), geom.numel())?;
     if dtype_of(k, &[x.dtype(), dy.dtype()])? != Dtype::Bf16.code() {
-        return Err(Error::Input(format!("{k}: needs bf16 activations, got {:?}", x.dtype())));
+        return Err(Error::Input(format!(
+            "{k}: needs bf16 activations, got {:?}",
+            x.dtype()
+        )));
     }
     let (i, o, kk) = (int(k, geom.in_ch)?, int(k, geom.out_ch)?, geom.k as i32);
-    let splits = unsafe { ffi::edm2_conv_wgrad_tc_splits(n, h, w, i, o, kk) }.max(1);
-    let mut ws = (splits > 1).then(|| gpu.alloc::<f32>(splits as usize * geom.numel())).transpose()?;
+    let aligned = (x.vptr(gpu) as usize) % 16 == 0 && (dy.vptr(gpu) as usize) % 16 == 0;
+    let pipe = tile.pipe_variant().filter(|_| {
+        geom.in_ch % 8 == 0
+            && geom.out_ch % 8 == 0
+            && s.pixels() < (i32::MAX as usize) / 2
+            && aligned
+    });
+    let splits = match pipe {
+        Some(v) => unsafe { ffi::edm2_conv_wgrad_tc_pipe_splits(n, h, w, i, o, kk, v) },
+        None => unsafe { ffi::edm2_conv_wgrad_tc_splits(n, h, w, i, o, kk) },
+    }
+    .max(1);
+    let mut ws = (splits > 1)
+        .then(|| gpu.alloc::<f32>(splits as usize * geom.numel()))
+        .transpose()?;
     let ws_ptr = ws.as_mut().map_or(std::ptr::null_mut(), |b| b.ptr_mut(gpu));
+    let (xp, dyp) = (x.vptr(gpu) as *const u16, dy.vptr(gpu) as *const u16);
     let st = gpu.stream()?;
-    check(k, unsafe {
-        ffi::edm2_conv_backward_weight_tc(x.vptr(gpu) as *const u16, dy.vptr(gpu) as *const u16, d_eff.ptr_mut(gpu), ws_ptr, splits, n, h, w, i, o, kk, st)
-    })
+    match pipe {
+        Some(v) => check("conv_backward_weight_tc_pipe", unsafe {
+            ffi::edm2_conv_backward_weight_tc_pipe(
+                xp,
+                dyp,
+                d_eff.ptr_mut(gpu),
+                ws_ptr,
+                splits,
+                n,
+                h,
+                w,
+                i,
+                o,
+                kk,
+                v,
+                st,
+            )
+        }),
+        None => check(k, unsafe {
+            ffi::edm2_conv_backward_weight_tc(
+                xp,
+                dyp,
+                d_eff.ptr_mut(gpu),
+                ws_ptr,
+                splits,
+                n,
+                h,
+                w,
+                i,
+                o,
+                kk,
+                st,
+            )
+        }),
+    }
 }
 
 /// [`conv_backward_weight`] on conv.cu's SIMT kernel (fp32 or bf16 activations).

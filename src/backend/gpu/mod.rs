@@ -55,8 +55,15 @@ fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
 }
 
 /// Turns a launcher's return code (cudaError_t) into a typed error naming the kernel.
-pub(crate) fn check(kernel: &str, rc: i32) -> Result<()> {
+/// With `EDM2_PROFILE` set, waits for the kernel and books its time under its name
+/// ([`crate::profile::mark`]): slower, but a per-kernel table from `edm2 bench`.
+pub(crate) fn check(kernel: &'static str, rc: i32) -> Result<()> {
     if rc == 0 {
+        if crate::profile::enabled() {
+            #[cfg(feature = "cuda")]
+            cudarc::driver::result::ctx::synchronize().map_err(|e| driver_err("synchronizing for the profile", e))?;
+            crate::profile::mark(kernel);
+        }
         Ok(())
     } else {
         Err(Error::Cuda(format!("kernel {kernel} failed to launch: cudaError_t {rc}")))
