@@ -13,8 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// A fresh directory for one call: tests run in parallel threads of one process and several
+/// of them write through the same helper (`st_err`), so the name carries a per-call counter —
+/// a name shared by two threads let one delete the other's file between write and read.
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edm2-hostile-{}-{name}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("edm2-hostile-{}-{n}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -58,6 +63,7 @@ fn st_err(name: &str, bytes: &[u8]) -> String {
     let h = err_naming(safetensors::read_header(&p), &format!("{name}.safetensors"));
     assert_eq!(m, r);
     assert_eq!(m, h, "read_header and parse validate alike");
+    let _ = std::fs::remove_dir_all(&d);
     m
 }
 
