@@ -215,6 +215,40 @@ pub trait Backend {
     fn precond_output(&self, x: &Self::Buf, f: &Self::Buf, c_skip: &[f32], c_out: &[f32], d: &mut Self::Buf) -> crate::error::Result<()>;
 }
 
+/// The forward operations of ordinary (not magnitude-preserving) convolutional networks
+/// that the EDM2 network does not use: the Stability VAE (`nn::vae`) runs on them plus
+/// [`Backend`]'s convolutions, upsampling and sums. Forward only (the VAE is not trained
+/// here). Per-channel vectors (biases, GroupNorm scale and shift) are backend buffers.
+pub trait VaeOps: Backend {
+    /// An ordinary conv / linear weight (`[O, I, k, k]` or `[O, I]`, values as given) in
+    /// the layout [`Backend::conv_forward`] reads.
+    fn plain_weight(&self, w: &[f32], geom: ConvGeom) -> crate::error::Result<Self::Eff>;
+    /// `y[p, c] += bias[c]` over rows of `c` channels.
+    fn add_channel_bias(&self, y: &mut Self::Buf, bias: &Self::Buf, c: usize) -> crate::error::Result<()>;
+    /// GroupNorm of `x` (shape `s`): per image and group of `s.c / groups` consecutive
+    /// channels, `(x − mean)/sqrt(var + eps)·gamma[c] + beta[c]` (biased variance over the
+    /// group's channels and pixels, as torch), then SiLU `v·sigmoid(v)` when `silu`.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm(
+        &self,
+        x: &Self::Buf,
+        s: Nhwc,
+        groups: usize,
+        eps: f32,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        silu: bool,
+        y: &mut Self::Buf,
+    ) -> crate::error::Result<()>;
+    /// `y[n, i, j, c] = x[n, 2i+1, 2j+1, c]`, `y` of shape `[n, h/2, w/2, c]`: a 'same'
+    /// 3x3 convolution sampled this way is the stride-2 convolution with one zero row and
+    /// column padded after the image (diffusers' `Downsample2D`, padding (0, 1, 0, 1)).
+    fn subsample2_odd(&self, x: &Self::Buf, s: Nhwc, y: &mut Self::Buf) -> crate::error::Result<()>;
+    /// Single-head dot-product attention: `qkv` `[n, p, 3c]` (q ‖ k ‖ v per pixel) →
+    /// `y[n, i, :] = Σ_j softmax_j(q_i·k_j / sqrt(c)) v_j`, `y` `[n, p, c]`.
+    fn dot_attention(&self, qkv: &Self::Buf, n: usize, p: usize, c: usize, y: &mut Self::Buf) -> crate::error::Result<()>;
+}
+
 /// Storage and arithmetic of the activations on the CUDA backend (the CPU backend is
 /// always fp32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

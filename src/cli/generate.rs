@@ -86,6 +86,15 @@ pub struct Args {
     /// with fp32 accumulation; the sampler's state, x and D stay fp32). The CPU is fp32.
     #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
     pub precision: String,
+    /// For latent networks (4 channels, e.g. the ImageNet-512 ones): decode the samples to
+    /// PNG images with this VAE (a diffusers model directory such as
+    /// stabilityai/sd-vae-ft-mse, or its .safetensors file with config.json beside it).
+    /// Without it latents are written as .npy (`edm2 decode` turns them into PNGs later).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// With --vae: also keep each image's latents as {seed:06d}.npy.
+    #[arg(long)]
+    pub latents: bool,
 }
 
 /// The most images one `generate` may name (a list of this many seeds is 128 MiB; a
@@ -225,7 +234,9 @@ pub fn run(a: Args) -> Result<()> {
     // What must fit in memory: one batch of the sampler (and the network's activations),
     // and everything kept to the end (the grid's pixels, the raw samples).
     let batch = a.batch.min(names.len()) as u64;
-    let kept = (names.len() as u64).saturating_mul(per as u64 * (a.grid.is_some() as u64 + 4 * a.save_raw.is_some() as u64));
+    // (A grid of decoded latents holds 3 bytes per pixel of 8x the latent's side.)
+    let grid_per = if a.vae.is_some() && ch == 4 { 3 * 64 * per / 4 } else { per } as u64;
+    let kept = (names.len() as u64).saturating_mul(grid_per * a.grid.is_some() as u64 + 4 * per as u64 * a.save_raw.is_some() as u64);
     let act_bytes = if precision_is_bf16(&a.precision) { 2 } else { 4 };
     // On the host: the sampler's batch buffers (noise, x, churn, output), the kept images,
     // and on the CPU the network's activations (an eval forward keeps about half of what a
@@ -257,12 +268,27 @@ pub fn run(a: Args) -> Result<()> {
         s_noise: a.s_noise,
         ..Default::default()
     };
-    let ext = if ch == 4 { "npy" } else { "png" };
-    if ch == 4 {
-        eprintln!("note: 4-channel latents are written as .npy; decoding them to pixels needs the VAE (not part of edm2)");
-    } else if ch != 1 && ch != 3 {
+    // Latent networks: the VAE decoder (loaded before any sampling, so a bad --vae costs
+    // nothing) or .npy latents.
+    let decoder = match (&a.vae, ch) {
+        (Some(v), 4) => Some(super::vae::Decoder::load(v, device)?),
+        (Some(v), _) => bail!("--vae {}: the network makes {ch}-channel images, not 4-channel latents", v.display()),
+        (None, _) => None,
+    };
+    anyhow::ensure!(!a.latents || decoder.is_some(), "--latents keeps the latents next to the decoded images; it needs --vae");
+    let ext = if ch == 4 && decoder.is_none() { "npy" } else { "png" };
+    if ch == 4 && decoder.is_none() {
+        eprintln!("note: 4-channel latents are written as .npy; --vae DIR decodes them to PNG (or `edm2 decode` later)");
+    } else if ch != 1 && ch != 3 && ch != 4 {
         bail!("cannot write {ch}-channel images as PNG (1 or 3 channels, or 4-channel latents)");
     }
+    // What a written image is: (channels, side).
+    let (img_ch, img_side) = match &decoder {
+        Some(d) => (3, r * d.factor()),
+        None => (ch, r),
+    };
+    let mut decode_time = std::time::Duration::ZERO;
+    let t_start = std::time::Instant::now();
     // The networks on the chosen device, weights uploaded once.
     let precision: edm2::backend::Precision = a.precision.parse().map_err(anyhow::Error::msg)?;
     let on_net = edm2::api::DeviceNet::with_precision(&net, device, precision)?;
@@ -329,11 +355,36 @@ pub fn run(a: Args) -> Result<()> {
         })?
         .nhwc_to_nchw();
         eprintln!();
+        let decoded = match &decoder {
+            Some(d) => {
+                let t = std::time::Instant::now();
+                let mut px = Vec::with_capacity(n * 3 * img_side * img_side);
+                let sub = d.batch_size(r, r, None);
+                for (k, part) in x.data.chunks(sub * per).enumerate() {
+                    eprint!("\r  decoding {}/{n}", (k * sub + part.len() / per).min(n));
+                    px.extend(d.decode(part, part.len() / per, r, r)?);
+                }
+                eprintln!();
+                decode_time += t.elapsed();
+                Some(px)
+            }
+            None => None,
+        };
         for (i, &s) in todo.iter().enumerate() {
             let img = &x.data[i * per..(i + 1) * per];
             let path = image_path(&a.outdir, s, a.subdirs, ext);
             std::fs::create_dir_all(path.parent().unwrap()).with_context(|| format!("creating {}", path.parent().unwrap().display()))?;
-            if ch == 4 {
+            if let Some(px) = &decoded {
+                let one = 3 * img_side * img_side;
+                let px = px[i * one..(i + 1) * one].to_vec();
+                write_png(&path, &px, 3, img_side, img_side)?;
+                if a.latents {
+                    edm2::io::npy::write(&path.with_extension("npy"), img, &[ch, r, r])?;
+                }
+                if a.grid.is_some() {
+                    grid_px.push(px);
+                }
+            } else if ch == 4 {
                 edm2::io::npy::write(&path, img, &[ch, r, r])?;
             } else {
                 let px = to_pixels(img, ch, r, r);
@@ -352,8 +403,13 @@ pub fn run(a: Args) -> Result<()> {
         safetensors::write(p, &[("samples", &[n, ch, r, r], &raw)], &BTreeMap::new(), Dtype::F32)?;
     }
     if let (Some(p), false) = (&a.grid, grid_px.is_empty()) {
-        let (g, gh, gw) = grid(&grid_px, ch, r);
-        write_png(p, &g, ch, gh, gw)?;
+        let (g, gh, gw) = grid(&grid_px, img_ch, img_side);
+        write_png(p, &g, img_ch, gh, gw)?;
+    }
+    if decoder.is_some() {
+        let total = t_start.elapsed().as_secs_f64();
+        let dec = decode_time.as_secs_f64();
+        eprintln!("time: sampling {:.1} s, VAE decoding {dec:.1} s ({:.0}% of the run)", total - dec, 100.0 * dec / total.max(1e-9));
     }
     eprintln!("done: {} images in {}", names.len(), a.outdir.display());
     Ok(())

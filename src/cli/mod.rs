@@ -7,6 +7,7 @@ pub mod generate;
 pub mod info;
 pub mod phema;
 pub mod train;
+pub mod vae;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,12 @@ pub enum Command {
     Generate(generate::Args),
     /// Post-hoc EMA: reconstruct networks of any EMA length from training snapshots.
     Phema(phema::Args),
+    /// Decode latents (.npy, as latent networks sample them) to PNG images with the
+    /// Stability VAE (the official StabilityVAEEncoder.decode).
+    Decode(vae::DecodeArgs),
+    /// Encode an image dataset into a latent dataset (the official dataset_tool encode
+    /// layout) with the Stability VAE, so latent networks can be trained on it.
+    Encode(vae::EncodeArgs),
 }
 
 /// Worker threads at most (a thousand-core machine is far past any we run on).
@@ -52,5 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Phema(a) => phema::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Decode(a) => vae::run_decode(a),
+        Command::Encode(a) => vae::run_encode(a),
     }
 }

@@ -4,6 +4,7 @@
 pub mod layers;
 pub mod params;
 pub mod unet;
+pub mod vae;
 
 pub use layers::{Mode, MpConv};
 pub use params::{ParamKind, ParamSpec, Params};

@@ -47,10 +47,25 @@ impl EffWeight {
 /// Effective weight from the stored parameter `w` (`[O, I, k, k]` or `[O, I]`).
 pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: f32) -> EffWeight {
     let _prof = crate::profile::scope("weight_norm");
+    let fan = in_ch * k.max(1) * k.max(1);
+    arrange_weight(w, out_ch, in_ch, k, gain, Some(gain / (fan as f32).sqrt()))
+}
+
+/// An ordinary (not magnitude-preserving) convolution's weight `w` (`[O, I, k, k]` or
+/// `[O, I]`) in the layout the convolutions read, values unchanged (the VAE's layers).
+pub fn plain_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize) -> EffWeight {
+    arrange_weight(w, out_ch, in_ch, k, 1.0, None)
+}
+
+/// `w` rearranged from OIHW into the conv layout; with `normalize = Some(scale)` each row
+/// becomes `(row / (eps + rms(row)))·scale` (paper Eq. 47), with None it is copied as is.
+fn arrange_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: f32, normalize: Option<f32>) -> EffWeight {
     let kk = k.max(1) * k.max(1);
     let fan = in_ch * kk;
     assert_eq!(w.len(), out_ch * fan);
-    let scale_g = gain / (fan as f32).sqrt();
+    // Without normalization the denominator and the scale are 1: `(v / 1)·1` is `v` exactly.
+    let scale_g = normalize.unwrap_or(1.0);
+    let denom_of = |row: &[f32]| if normalize.is_some() { norm_denom(row) } else { 1.0 };
     let mut denom = vec![0.0f32; out_ch];
     if k == 3 && conv3x3::available() && out_ch % 16 == 0 {
         // Straight into the packed layout [O/16][9][I][16].
@@ -58,7 +73,7 @@ pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: 
         packed.par_chunks_mut(16 * fan).zip(denom.par_chunks_mut(16)).enumerate().for_each(|(ob, (dst, dens))| {
             let rows = &w[ob * 16 * fan..(ob + 1) * 16 * fan];
             for (j, d) in dens.iter_mut().enumerate() {
-                *d = norm_denom(&rows[j * fan..(j + 1) * fan]);
+                *d = denom_of(&rows[j * fan..(j + 1) * fan]);
             }
             // Each packed row of 16 written whole (the 16 source rows are read as 16
             // streams): a strided store per element cost twice as much on big layers.
@@ -77,7 +92,7 @@ pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: 
     let mut eff = vec![0.0f32; w.len()];
     eff.par_chunks_mut(fan).zip(denom.par_iter_mut()).enumerate().for_each(|(o, (row, d))| {
         let src = &w[o * fan..(o + 1) * fan];
-        *d = norm_denom(src);
+        *d = denom_of(src);
         for ci in 0..in_ch {
             for tap in 0..kk {
                 // Same operation order as the official code: normalize, then scale.

@@ -13,3 +13,4 @@ pub mod microkernel;
 #[macro_use]
 pub mod simd;
 pub mod ops;
+pub mod vae_ops;

@@ -1,0 +1,325 @@
+//! The Stability VAE's commands (`nn::vae`, the official `StabilityVAEEncoder`):
+//! `edm2 encode` (an image dataset → a latent dataset in the official layout),
+//! `edm2 decode` (latent `.npy` files → PNG images) and the decoder of `generate --vae`.
+
+use anyhow::{bail, Context, Result};
+use edm2::backend::cpu::Cpu;
+use edm2::backend::{resolve_device, Device};
+use edm2::data::decode::{decode_npy, MAX_ITEM_FILE_BYTES};
+use edm2::data::RawItem;
+use edm2::io::image::write_png;
+use edm2::nn::vae::{LatentCodec, Parts, Vae};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::checks::output_dir;
+
+/// Images encoded or decoded at once at most (the automatic batch is also bounded by memory).
+const MAX_DECODE_BATCH: usize = 64;
+
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    /// The VAE: a diffusers model directory (diffusion_pytorch_model.safetensors +
+    /// config.json, e.g. stabilityai/sd-vae-ft-mse) or a .safetensors file with its
+    /// config.json (or <stem>.config.json) beside it.
+    #[arg(long)]
+    pub vae: PathBuf,
+    /// A latent .npy file ([4, h, w] float32, the final latents a latent network samples,
+    /// as `generate` writes them) or a directory of them.
+    #[arg(long)]
+    pub source: PathBuf,
+    /// Output directory: one PNG per latent file, with the same name.
+    #[arg(long)]
+    pub dest: PathBuf,
+    /// Images decoded at once (default: as many as fit in half the available memory, at
+    /// most 64).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Redo images whose PNG already exists (by default they are skipped, so an
+    /// interrupted run resumes).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// cpu, or auto. The VAE runs on the CPU backend (its CUDA kernels are not written yet).
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+}
+
+/// The VAE's decoder, loaded once, with the official latent normalization.
+pub struct Decoder {
+    vae: Vae<Cpu>,
+    codec: LatentCodec,
+}
+
+impl Decoder {
+    /// Loads the decoder half of the VAE at `path` (`--vae`). `device` is the command's
+    /// device: the VAE runs on the CPU (said once when the command runs on CUDA).
+    pub fn load(path: &Path, device: Device) -> Result<Decoder> {
+        if device == Device::Cuda {
+            eprintln!("note: the VAE decoder runs on the CPU backend (no CUDA kernels for it yet)");
+        }
+        let vae = Vae::load(&Cpu, path, Parts { encoder: false, decoder: true }).with_context(|| format!("--vae {}", path.display()))?;
+        let codec = LatentCodec::default();
+        anyhow::ensure!(
+            vae.config.latent_channels == codec.scale.len() && vae.config.out_channels == 3,
+            "--vae {}: {} latent and {} image channels; the official latent normalization is for 4 latent channels and RGB",
+            path.display(),
+            vae.config.latent_channels,
+            vae.config.out_channels
+        );
+        Ok(Decoder { vae, codec })
+    }
+
+    /// Latent channels the decoder takes.
+    pub fn latent_channels(&self) -> usize {
+        self.vae.config.latent_channels
+    }
+
+    /// Image side per latent side.
+    pub fn factor(&self) -> usize {
+        self.vae.config.downscale()
+    }
+
+    /// Images of `h x w` latents decoded at once: `requested`, else what fits in half the
+    /// available memory (at least 1, at most [`MAX_DECODE_BATCH`]).
+    pub fn batch_size(&self, h: usize, w: usize, requested: Option<usize>) -> usize {
+        if let Some(b) = requested {
+            return b.max(1);
+        }
+        // The largest activations are at the decoder's last levels: after each 2x
+        // upsampling, (side·2)² pixels of that level's width; about five such tensors are
+        // alive at once in a ResNet block.
+        let mut peak = 0;
+        for (i, &c) in self.vae.config.block_out_channels.iter().rev().enumerate() {
+            let side = 1 << i; // this level's resolution over the latent's
+            let last = i + 1 == self.vae.config.block_out_channels.len();
+            let out_side = if last { side } else { 2 * side };
+            peak = peak.max(h * out_side * w * out_side * c);
+        }
+        let per_image = (5 * peak * 4) as u64;
+        let avail = edm2::train::memory::host_available().unwrap_or(4 << 30) / 2;
+        ((avail / per_image.max(1)) as usize).clamp(1, MAX_DECODE_BATCH)
+    }
+
+    /// Decodes final latents NCHW `[n, 4, h, w]` → uint8 images `[n, f·h, f·w, 3]` (HWC
+    /// per image, as PNGs store them).
+    pub fn decode(&self, latents: &[f32], n: usize, h: usize, w: usize) -> Result<Vec<u8>> {
+        let chw = self.codec.decode(&Cpu, &self.vae, latents, n, h, w)?.0;
+        let (c, hw) = (self.vae.config.out_channels, h * w * self.factor() * self.factor());
+        let mut hwc = vec![0u8; chw.len()];
+        for (src, dst) in chw.chunks_exact(c * hw).zip(hwc.chunks_exact_mut(c * hw)) {
+            for ch in 0..c {
+                for p in 0..hw {
+                    dst[p * c + ch] = src[ch * hw + p];
+                }
+            }
+        }
+        Ok(hwc)
+    }
+}
+
+/// Reads one latent `.npy` (`[C, h, w]` float32; size bounded like dataset items).
+pub fn read_latent(path: &Path) -> Result<(Vec<f32>, usize, usize, usize)> {
+    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_ITEM_FILE_BYTES + 1).read_to_end(&mut bytes).with_context(|| format!("{}: cannot read", path.display()))?;
+    if bytes.len() as u64 > MAX_ITEM_FILE_BYTES {
+        bail!("{}: larger than the limit of {} MiB for one latent", path.display(), MAX_ITEM_FILE_BYTES >> 20);
+    }
+    let name = path.display().to_string();
+    match decode_npy(&bytes, &name)? {
+        (RawItem::F32(v), c, h, w) => Ok((v, c, h, w)),
+        _ => bail!("{name}: not float32 latents"),
+    }
+}
+
+pub fn run_decode(a: DecodeArgs) -> Result<()> {
+    let device = resolve_device(a.device)?;
+    anyhow::ensure!(a.batch != Some(0), "--batch must be at least 1");
+    edm2::nn::vae::locate(&a.vae)?;
+    let mut files: Vec<PathBuf> = if a.source.is_dir() {
+        let rd = std::fs::read_dir(&a.source).with_context(|| format!("--source {}: cannot list", a.source.display()))?;
+        let mut v = Vec::new();
+        for e in rd {
+            let p = e.with_context(|| format!("--source {}: cannot list", a.source.display()))?.path();
+            if p.extension().and_then(|x| x.to_str()) == Some("npy") {
+                v.push(p);
+            }
+        }
+        v
+    } else if a.source.is_file() {
+        vec![a.source.clone()]
+    } else {
+        bail!("--source {}: no such file or directory", a.source.display());
+    };
+    files.sort();
+    anyhow::ensure!(!files.is_empty(), "--source {}: no .npy latents found", a.source.display());
+    output_dir("dest", &a.dest)?;
+    let out_of = |p: &Path| a.dest.join(Path::new(p.file_name().unwrap()).with_extension("png"));
+    let todo: Vec<&PathBuf> = files.iter().filter(|p| a.overwrite || !out_of(p).exists()).collect();
+    if todo.len() < files.len() {
+        eprintln!("{} of {} images exist already (--overwrite redoes them)", files.len() - todo.len(), files.len());
+    }
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let dec = Decoder::load(&a.vae, device)?;
+    // Latents are grouped into batches of equal shape, in file order.
+    let first = read_latent(todo[0])?;
+    let batch = dec.batch_size(first.2, first.3, a.batch);
+    eprintln!("decoding {} latents of {}x{} in batches of {batch}", todo.len(), first.2, first.3);
+    let t0 = std::time::Instant::now();
+    let mut done = 0;
+    for chunk in todo.chunks(batch) {
+        let mut data = Vec::new();
+        let mut shape = None;
+        for p in chunk {
+            let (v, c, h, w) = read_latent(p)?;
+            anyhow::ensure!(c == dec.latent_channels(), "{}: {c} channels; the VAE takes {}", p.display(), dec.latent_channels());
+            match shape {
+                None => shape = Some((h, w)),
+                Some(s) => anyhow::ensure!(s == (h, w), "{}: {h}x{w} latents among {}x{} ones; decode them separately", p.display(), s.0, s.1),
+            }
+            data.extend(v);
+        }
+        let (h, w) = shape.unwrap();
+        let px = dec.decode(&data, chunk.len(), h, w)?;
+        let (ih, iw) = (h * dec.factor(), w * dec.factor());
+        let per = 3 * ih * iw;
+        for (i, p) in chunk.iter().enumerate() {
+            write_png(&out_of(p), &px[i * per..(i + 1) * per], 3, ih, iw)?;
+        }
+        done += chunk.len();
+        eprintln!("  {done}/{} images ({:.2} s per image)", todo.len(), t0.elapsed().as_secs_f64() / done as f64);
+    }
+    eprintln!("done: {} images in {}", todo.len(), a.dest.display());
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct EncodeArgs {
+    /// The VAE (as for `decode`: a diffusers model directory or a .safetensors file with
+    /// its config.json beside it).
+    #[arg(long)]
+    pub vae: PathBuf,
+    /// Image dataset: a folder or .zip of RGB PNG/JPEG images of one size, a multiple of 8
+    /// (e.g. the official dataset_tool's 512x512 ImageNet, made with
+    /// --transform=center-crop-dhariwal), with its dataset.json labels if any.
+    #[arg(long)]
+    pub source: String,
+    /// Latent dataset to write: a folder, or a .zip (written at the end from a resumable
+    /// working folder DEST.partial beside it). Layout of the official dataset_tool encode:
+    /// `{idx/1000:05}/img-mean-std-{idx:08}.npy` (float32 [8, h, w]: posterior mean ‖ std)
+    /// and dataset.json with the labels carried over.
+    #[arg(long)]
+    pub dest: PathBuf,
+    /// Encode only the first N images.
+    #[arg(long = "max-images")]
+    pub max_images: Option<usize>,
+    /// Images encoded at once (default: by available memory, at most 64).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// cpu, or auto. The VAE runs on the CPU backend (its CUDA kernels are not written yet).
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+}
+
+/// The official name of item `idx` in a latent dataset.
+pub fn latent_item_name(idx: usize) -> String {
+    let s = format!("{idx:08}");
+    format!("{}/img-mean-std-{s}.npy", &s[..5])
+}
+
+pub fn run_encode(a: EncodeArgs) -> Result<()> {
+    let device = resolve_device(a.device)?;
+    if device == Device::Cuda {
+        eprintln!("note: the VAE encoder runs on the CPU backend (no CUDA kernels for it yet)");
+    }
+    anyhow::ensure!(a.batch != Some(0), "--batch must be at least 1");
+    edm2::nn::vae::locate(&a.vae)?;
+    let ds = edm2::data::Dataset::open(Some(&a.source), &edm2::data::DataOptions { xflip: false, max_size: a.max_images })
+        .with_context(|| format!("--source {}", a.source))?;
+    anyhow::ensure!(ds.raw_channels == 3, "--source {}: {}-channel images; the VAE encodes RGB", a.source, ds.raw_channels);
+    let vae = Vae::load(&Cpu, &a.vae, Parts { encoder: true, decoder: false }).with_context(|| format!("--vae {}", a.vae.display()))?;
+    let f = vae.config.downscale();
+    let r = ds.resolution;
+    anyhow::ensure!(r % f == 0, "--source {}: {r}x{r} images; the VAE needs sides that are multiples of {f}", a.source);
+    let to_zip = a.dest.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("zip"));
+    let work = if to_zip { PathBuf::from(format!("{}.partial", a.dest.display())) } else { a.dest.clone() };
+    output_dir("dest", &work)?;
+    let n = ds.raw_len();
+    let todo: Vec<usize> = (0..n).filter(|&i| !work.join(latent_item_name(i)).exists()).collect();
+    if todo.len() < n {
+        eprintln!("{} of {n} latents exist in {} already; encoding the other {}", n - todo.len(), work.display(), todo.len());
+    }
+    // Peak memory of the encoder: its first level, at full resolution, about five tensors
+    // of that level's width alive at once.
+    let per_image = (5 * r * r * vae.config.block_out_channels[0] * 4) as u64;
+    let batch = a.batch.unwrap_or_else(|| {
+        let avail = edm2::train::memory::host_available().unwrap_or(4 << 30) / 2;
+        ((avail / per_image.max(1)) as usize).clamp(1, MAX_DECODE_BATCH)
+    });
+    eprintln!("encoding {} images of {r}x{r} into {} in batches of {batch}", todo.len(), work.display());
+    let codec = LatentCodec::default();
+    let t0 = std::time::Instant::now();
+    let mut done = 0;
+    for chunk in todo.chunks(batch) {
+        let mut px = Vec::with_capacity(chunk.len() * 3 * r * r);
+        for &i in chunk {
+            match ds.load_raw(i)? {
+                RawItem::U8(v) => px.extend(v),
+                RawItem::F32(_) => bail!("--source {}: holds latents already", a.source),
+            }
+        }
+        let raw = codec.encode_pixels(&Cpu, &vae, &px, chunk.len(), r, r)?;
+        let per = raw.len() / chunk.len();
+        let (c, h) = (2 * vae.config.latent_channels, r / f);
+        for (k, &i) in chunk.iter().enumerate() {
+            let p = work.join(latent_item_name(i));
+            std::fs::create_dir_all(p.parent().unwrap()).with_context(|| format!("creating {}", p.parent().unwrap().display()))?;
+            edm2::io::npy::write(&p, &raw[k * per..(k + 1) * per], &[c, h, h])?;
+        }
+        done += chunk.len();
+        eprintln!("  {done}/{} images ({:.2} s per image)", todo.len(), t0.elapsed().as_secs_f64() / done as f64);
+    }
+    // dataset.json: the labels in item order, as the official tool writes them (null
+    // when the source has none).
+    let labels = if (0..n).all(|i| ds.label(i).is_some()) && n > 0 {
+        serde_json::Value::Array((0..n).map(|i| serde_json::json!([latent_item_name(i), ds.label(i).unwrap()])).collect())
+    } else {
+        serde_json::Value::Null
+    };
+    let meta = serde_json::json!({ "labels": labels });
+    edm2::io::write_atomic(work.join("dataset.json"), meta.to_string().as_bytes())?;
+    if to_zip {
+        write_zip_of(&work, n, &a.dest)?;
+        std::fs::remove_dir_all(&work).with_context(|| format!("removing the working folder {}", work.display()))?;
+    }
+    eprintln!("done: {n} latents in {}", a.dest.display());
+    Ok(())
+}
+
+/// `dest` (.zip, atomically) from the `n` items and dataset.json in `work`.
+fn write_zip_of(work: &Path, n: usize, dest: &Path) -> Result<()> {
+    let tmp = PathBuf::from(format!("{}.tmp{}", dest.display(), std::process::id()));
+    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut z = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let names = (0..n).map(latent_item_name).chain(std::iter::once("dataset.json".to_string()));
+    let res = (|| -> Result<()> {
+        for name in names {
+            let bytes = std::fs::read(work.join(&name)).with_context(|| format!("reading {}", work.join(&name).display()))?;
+            z.start_file(name.as_str(), opts)?;
+            std::io::Write::write_all(&mut z, &bytes)?;
+        }
+        let mut w = z.finish()?;
+        std::io::Write::flush(&mut w)?;
+        w.get_ref().sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("writing {}", dest.display())));
+    }
+    std::fs::rename(&tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    Ok(())
+}
