@@ -135,6 +135,17 @@ int edm2_selftest_ldmatrix(const uint16_t *a, const uint16_t *b, unsigned *regs,
 int edm2_selftest_shared_poison(float *out, cudaStream_t stream);
 int edm2_selftest_shared_increment(float *out, cudaStream_t stream);
 
+/* vae.cu: forward ops of the Stability VAE (see the file's header comment). NHWC
+ * activations of `dtype`; gamma, beta, bias fp32. group_norm's workspace: part of
+ * edm2_group_norm_part_len(n, groups) doubles, ao of 2·n·c floats; dot_attention's w of
+ * n·p·p floats. */
+size_t edm2_group_norm_part_len(int n, int groups);
+int edm2_group_norm(const void *x, void *y, const float *gamma, const float *beta, double *part, float *ao, int n, int hw, int c,
+                    int groups, float eps, int silu, int dtype, cudaStream_t stream);
+int edm2_add_channel_bias(void *y, const float *bias, size_t rows, int c, int dtype, cudaStream_t stream);
+int edm2_subsample2_odd(const void *x, void *y, int n, int h, int w, int c, int dtype, cudaStream_t stream);
+int edm2_dot_attention(const void *qkv, void *y, float *w, int n, int p, int c, int dtype, cudaStream_t stream);
+
 /* Simulation mode only: thread schedule of a block, 0 = forward, 1 = reverse. */
 void edm2_sim_set_schedule(int reverse);
 #ifdef __cplusplus

@@ -757,6 +757,52 @@ fn attention_kernels_match_the_cpu_backend() {
 }
 
 #[test]
+fn vae_kernels_match_the_cpu_backend() {
+    use edm2::backend::cpu::vae_ops;
+    use edm2::backend::{Backend, Nhwc, VaeOps};
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    // 2 images of 5x3 pixels, 16 channels in 8 groups; an offset mean, so the shifted
+    // sums of the GroupNorm statistics matter.
+    let s = Nhwc { n: 2, h: 5, w: 3, c: 16 };
+    let x: Vec<f32> = random(s.numel(), 51).iter().map(|v| 3.0 + v).collect();
+    let (gamma, beta) = (random(s.c, 52), random(s.c, 53));
+    let (n, p, c) = (2usize, 15usize, 16usize);
+    let qkv = random(n * p * 3 * c, 54);
+    each_mode(&gpu, |sched| {
+        let (xs, qs) = (stored(&gpu, &x), stored(&gpu, &qkv));
+        let xg = up(&gpu, &x);
+        let (gg, bg) = (gpu.upload_chan(&gamma).unwrap(), gpu.upload_chan(&beta).unwrap());
+        for silu in [false, true] {
+            let mut want = vec![0.0; s.numel()];
+            vae_ops::group_norm(&xs, s, 8, 1e-6, &gamma, &beta, silu, &mut want);
+            let mut y = act(&gpu, s.numel());
+            gpu.group_norm(&xg, s, 8, 1e-6, &gg, &bg, silu, &mut y).unwrap();
+            close_in(&gpu, &format!("group_norm silu={silu} {sched}"), &down(&gpu, &y), &want);
+        }
+        let mut want = xs.clone();
+        vae_ops::add_channel_bias(&mut want, &beta, s.c);
+        let mut y = Backend::copy(&gpu, &xg).unwrap();
+        gpu.add_channel_bias(&mut y, &bg, s.c).unwrap();
+        close_in(&gpu, &format!("add_channel_bias {sched}"), &down(&gpu, &y), &want);
+        let so = Nhwc { h: 2, w: 1, ..s };
+        let mut want = vec![0.0; so.numel()];
+        vae_ops::subsample2_odd(&xs, s, &mut want);
+        let mut y = act(&gpu, so.numel());
+        gpu.subsample2_odd(&xg, s, &mut y).unwrap();
+        assert_eq!(down(&gpu, &y), want, "subsample2_odd {sched}: a copy");
+        let mut want = vec![0.0; n * p * c];
+        vae_ops::dot_attention(&qs, n, p, c, &mut want);
+        let mut y = act(&gpu, n * p * c);
+        gpu.dot_attention(&up(&gpu, &qkv), n, p, c, &mut y).unwrap();
+        close_in(&gpu, &format!("dot_attention {sched}"), &down(&gpu, &y), &want);
+    });
+    let mut y = act(&gpu, s.numel());
+    let gg = gpu.upload_chan(&gamma).unwrap();
+    assert!(gpu.group_norm(&up(&gpu, &x), s, 5, 1e-6, &gg, &gg, false, &mut y).is_err(), "16 channels do not split into 5 groups");
+}
+
+#[test]
 fn loss_kernel_matches_the_cpu_backend() {
     use edm2::train::loss::edm2_loss;
     let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());

@@ -218,13 +218,17 @@ pub trait Backend {
 /// The forward operations of ordinary (not magnitude-preserving) convolutional networks
 /// that the EDM2 network does not use: the Stability VAE (`nn::vae`) runs on them plus
 /// [`Backend`]'s convolutions, upsampling and sums. Forward only (the VAE is not trained
-/// here). Per-channel vectors (biases, GroupNorm scale and shift) are backend buffers.
+/// here). Per-channel vectors (biases, GroupNorm scale and shift) are fp32 in every
+/// precision ([`VaeOps::Chan`]).
 pub trait VaeOps: Backend {
+    /// A per-channel fp32 vector (bias, GroupNorm scale or shift) on this backend.
+    type Chan;
+    fn upload_chan(&self, v: &[f32]) -> crate::error::Result<Self::Chan>;
     /// An ordinary conv / linear weight (`[O, I, k, k]` or `[O, I]`, values as given) in
     /// the layout [`Backend::conv_forward`] reads.
     fn plain_weight(&self, w: &[f32], geom: ConvGeom) -> crate::error::Result<Self::Eff>;
     /// `y[p, c] += bias[c]` over rows of `c` channels.
-    fn add_channel_bias(&self, y: &mut Self::Buf, bias: &Self::Buf, c: usize) -> crate::error::Result<()>;
+    fn add_channel_bias(&self, y: &mut Self::Buf, bias: &Self::Chan, c: usize) -> crate::error::Result<()>;
     /// GroupNorm of `x` (shape `s`): per image and group of `s.c / groups` consecutive
     /// channels, `(x − mean)/sqrt(var + eps)·gamma[c] + beta[c]` (biased variance over the
     /// group's channels and pixels, as torch), then SiLU `v·sigmoid(v)` when `silu`.
@@ -235,8 +239,8 @@ pub trait VaeOps: Backend {
         s: Nhwc,
         groups: usize,
         eps: f32,
-        gamma: &Self::Buf,
-        beta: &Self::Buf,
+        gamma: &Self::Chan,
+        beta: &Self::Chan,
         silu: bool,
         y: &mut Self::Buf,
     ) -> crate::error::Result<()>;

@@ -3,12 +3,11 @@
 //! `edm2 decode` (latent `.npy` files → PNG images) and the decoder of `generate --vae`.
 
 use anyhow::{bail, Context, Result};
-use edm2::backend::cpu::Cpu;
-use edm2::backend::{resolve_device, Device};
+use edm2::backend::{resolve_device, Device, Precision};
 use edm2::data::decode::{decode_npy, MAX_ITEM_FILE_BYTES};
 use edm2::data::RawItem;
 use edm2::io::image::write_png;
-use edm2::nn::vae::{LatentCodec, Parts, Vae};
+use edm2::nn::vae::{DeviceVae, LatentCodec, Parts};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -39,44 +38,45 @@ pub struct DecodeArgs {
     /// interrupted run resumes).
     #[arg(long)]
     pub overwrite: bool,
-    /// cpu, or auto. The VAE runs on the CPU backend (its CUDA kernels are not written yet).
+    /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// Arithmetic of the CUDA backend: fp32, or bf16 (activations stored as bf16, products
+    /// with fp32 accumulation). The CPU is fp32.
+    #[arg(long, default_value = "fp32")]
+    pub precision: Precision,
 }
 
 /// The VAE's decoder, loaded once, with the official latent normalization.
 pub struct Decoder {
-    vae: Vae<Cpu>,
+    vae: DeviceVae,
     codec: LatentCodec,
 }
 
 impl Decoder {
-    /// Loads the decoder half of the VAE at `path` (`--vae`). `device` is the command's
-    /// device: the VAE runs on the CPU (said once when the command runs on CUDA).
-    pub fn load(path: &Path, device: Device) -> Result<Decoder> {
-        if device == Device::Cuda {
-            eprintln!("note: the VAE decoder runs on the CPU backend (no CUDA kernels for it yet)");
-        }
-        let vae = Vae::load(&Cpu, path, Parts { encoder: false, decoder: true }).with_context(|| format!("--vae {}", path.display()))?;
+    /// Loads the decoder half of the VAE at `path` (`--vae`) on `device` (CUDA: with the
+    /// command's activation `precision`).
+    pub fn load(path: &Path, device: Device, precision: Precision) -> Result<Decoder> {
+        let vae = DeviceVae::load(path, Parts { encoder: false, decoder: true }, device, precision).with_context(|| format!("--vae {}", path.display()))?;
         let codec = LatentCodec::default();
         anyhow::ensure!(
-            vae.config.latent_channels == codec.scale.len() && vae.config.out_channels == 3,
+            vae.config().latent_channels == codec.scale.len() && vae.config().out_channels == 3,
             "--vae {}: {} latent and {} image channels; the official latent normalization is for 4 latent channels and RGB",
             path.display(),
-            vae.config.latent_channels,
-            vae.config.out_channels
+            vae.config().latent_channels,
+            vae.config().out_channels
         );
         Ok(Decoder { vae, codec })
     }
 
     /// Latent channels the decoder takes.
     pub fn latent_channels(&self) -> usize {
-        self.vae.config.latent_channels
+        self.vae.config().latent_channels
     }
 
     /// Image side per latent side.
     pub fn factor(&self) -> usize {
-        self.vae.config.downscale()
+        self.vae.config().downscale()
     }
 
     /// Images of `h x w` latents decoded at once: `requested`, else what fits in half the
@@ -89,13 +89,18 @@ impl Decoder {
         // upsampling, (side·2)² pixels of that level's width; about five such tensors are
         // alive at once in a ResNet block.
         let mut peak = 0;
-        for (i, &c) in self.vae.config.block_out_channels.iter().rev().enumerate() {
+        for (i, &c) in self.vae.config().block_out_channels.iter().rev().enumerate() {
             let side = 1 << i; // this level's resolution over the latent's
-            let last = i + 1 == self.vae.config.block_out_channels.len();
+            let last = i + 1 == self.vae.config().block_out_channels.len();
             let out_side = if last { side } else { 2 * side };
             peak = peak.max(h * out_side * w * out_side * c);
         }
         let per_image = (5 * peak * 4) as u64;
+        if !self.vae.on_cpu() {
+            // On a GPU: a 16 GiB budget (the device allocator refuses what does not fit,
+            // naming the size; --batch overrides).
+            return ((16u64 << 30) / per_image.max(1)).clamp(1, MAX_DECODE_BATCH as u64) as usize;
+        }
         let avail = edm2::train::memory::host_available().unwrap_or(4 << 30) / 2;
         ((avail / per_image.max(1)) as usize).clamp(1, MAX_DECODE_BATCH)
     }
@@ -103,8 +108,8 @@ impl Decoder {
     /// Decodes final latents NCHW `[n, 4, h, w]` → uint8 images `[n, f·h, f·w, 3]` (HWC
     /// per image, as PNGs store them).
     pub fn decode(&self, latents: &[f32], n: usize, h: usize, w: usize) -> Result<Vec<u8>> {
-        let chw = self.codec.decode(&Cpu, &self.vae, latents, n, h, w)?.0;
-        let (c, hw) = (self.vae.config.out_channels, h * w * self.factor() * self.factor());
+        let chw = self.vae.decode(&self.codec, latents, n, h, w)?.0;
+        let (c, hw) = (self.vae.config().out_channels, h * w * self.factor() * self.factor());
         let mut hwc = vec![0u8; chw.len()];
         for (src, dst) in chw.chunks_exact(c * hw).zip(hwc.chunks_exact_mut(c * hw)) {
             for ch in 0..c {
@@ -133,6 +138,7 @@ pub fn read_latent(path: &Path) -> Result<(Vec<f32>, usize, usize, usize)> {
 }
 
 pub fn run_decode(a: DecodeArgs) -> Result<()> {
+    edm2::profile::enable_from_env();
     let device = resolve_device(a.device)?;
     anyhow::ensure!(a.batch != Some(0), "--batch must be at least 1");
     edm2::nn::vae::locate(&a.vae)?;
@@ -162,7 +168,7 @@ pub fn run_decode(a: DecodeArgs) -> Result<()> {
     if todo.is_empty() {
         return Ok(());
     }
-    let dec = Decoder::load(&a.vae, device)?;
+    let dec = Decoder::load(&a.vae, device, a.precision)?;
     // Latents are grouped into batches of equal shape, in file order.
     let first = read_latent(todo[0])?;
     let batch = dec.batch_size(first.2, first.3, a.batch);
@@ -192,6 +198,9 @@ pub fn run_decode(a: DecodeArgs) -> Result<()> {
         eprintln!("  {done}/{} images ({:.2} s per image)", todo.len(), t0.elapsed().as_secs_f64() / done as f64);
     }
     eprintln!("done: {} images in {}", todo.len(), a.dest.display());
+    if edm2::profile::enabled() {
+        eprintln!("profile (EDM2_PROFILE):\n{}", edm2::profile::report());
+    }
     Ok(())
 }
 
@@ -218,9 +227,13 @@ pub struct EncodeArgs {
     /// Images encoded at once (default: by available memory, at most 64).
     #[arg(long)]
     pub batch: Option<usize>,
-    /// cpu, or auto. The VAE runs on the CPU backend (its CUDA kernels are not written yet).
+    /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// Arithmetic of the CUDA backend: fp32, or bf16 (activations stored as bf16, products
+    /// with fp32 accumulation). The CPU is fp32.
+    #[arg(long, default_value = "fp32")]
+    pub precision: Precision,
 }
 
 /// The official name of item `idx` in a latent dataset.
@@ -230,17 +243,16 @@ pub fn latent_item_name(idx: usize) -> String {
 }
 
 pub fn run_encode(a: EncodeArgs) -> Result<()> {
+    edm2::profile::enable_from_env();
     let device = resolve_device(a.device)?;
-    if device == Device::Cuda {
-        eprintln!("note: the VAE encoder runs on the CPU backend (no CUDA kernels for it yet)");
-    }
     anyhow::ensure!(a.batch != Some(0), "--batch must be at least 1");
     edm2::nn::vae::locate(&a.vae)?;
     let ds = edm2::data::Dataset::open(Some(&a.source), &edm2::data::DataOptions { xflip: false, max_size: a.max_images })
         .with_context(|| format!("--source {}", a.source))?;
     anyhow::ensure!(ds.raw_channels == 3, "--source {}: {}-channel images; the VAE encodes RGB", a.source, ds.raw_channels);
-    let vae = Vae::load(&Cpu, &a.vae, Parts { encoder: true, decoder: false }).with_context(|| format!("--vae {}", a.vae.display()))?;
-    let f = vae.config.downscale();
+    let vae = DeviceVae::load(&a.vae, Parts { encoder: true, decoder: false }, device, a.precision)
+        .with_context(|| format!("--vae {}", a.vae.display()))?;
+    let f = vae.config().downscale();
     let r = ds.resolution;
     anyhow::ensure!(r % f == 0, "--source {}: {r}x{r} images; the VAE needs sides that are multiples of {f}", a.source);
     let to_zip = a.dest.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("zip"));
@@ -253,7 +265,7 @@ pub fn run_encode(a: EncodeArgs) -> Result<()> {
     }
     // Peak memory of the encoder: its first level, at full resolution, about five tensors
     // of that level's width alive at once.
-    let per_image = (5 * r * r * vae.config.block_out_channels[0] * 4) as u64;
+    let per_image = (5 * r * r * vae.config().block_out_channels[0] * 4) as u64;
     let batch = a.batch.unwrap_or_else(|| {
         let avail = edm2::train::memory::host_available().unwrap_or(4 << 30) / 2;
         ((avail / per_image.max(1)) as usize).clamp(1, MAX_DECODE_BATCH)
@@ -270,9 +282,9 @@ pub fn run_encode(a: EncodeArgs) -> Result<()> {
                 RawItem::F32(_) => bail!("--source {}: holds latents already", a.source),
             }
         }
-        let raw = codec.encode_pixels(&Cpu, &vae, &px, chunk.len(), r, r)?;
+        let raw = vae.encode_pixels(&codec, &px, chunk.len(), r, r)?;
         let per = raw.len() / chunk.len();
-        let (c, h) = (2 * vae.config.latent_channels, r / f);
+        let (c, h) = (2 * vae.config().latent_channels, r / f);
         for (k, &i) in chunk.iter().enumerate() {
             let p = work.join(latent_item_name(i));
             std::fs::create_dir_all(p.parent().unwrap()).with_context(|| format!("creating {}", p.parent().unwrap().display()))?;
@@ -295,6 +307,9 @@ pub fn run_encode(a: EncodeArgs) -> Result<()> {
         std::fs::remove_dir_all(&work).with_context(|| format!("removing the working folder {}", work.display()))?;
     }
     eprintln!("done: {n} latents in {}", a.dest.display());
+    if edm2::profile::enabled() {
+        eprintln!("profile (EDM2_PROFILE):\n{}", edm2::profile::report());
+    }
     Ok(())
 }
 

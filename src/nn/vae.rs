@@ -194,7 +194,7 @@ impl Loader<'_> {
 /// A convolution or linear layer with a bias.
 struct Conv<B: VaeOps> {
     eff: B::Eff,
-    bias: B::Buf,
+    bias: B::Chan,
     geom: ConvGeom,
 }
 
@@ -206,7 +206,7 @@ impl<B: VaeOps> Conv<B> {
         let w = l.take(&format!("{name}.weight"), &shape)?;
         let b = l.take(&format!("{name}.bias"), &[out_ch])?;
         let geom = ConvGeom { out_ch, in_ch, k: k.max(1) };
-        Ok(Conv { eff: be.plain_weight(&w, geom)?, bias: be.upload(&b)?, geom })
+        Ok(Conv { eff: be.plain_weight(&w, geom)?, bias: be.upload_chan(&b)?, geom })
     }
 
     /// The q, k, v projections of an attention as one linear layer `[3C, C]`.
@@ -217,7 +217,7 @@ impl<B: VaeOps> Conv<B> {
             b.extend(l.take(&format!("{name}.{part}.bias"), &[c])?);
         }
         let geom = ConvGeom { out_ch: 3 * c, in_ch: c, k: 1 };
-        Ok(Conv { eff: be.plain_weight(&w, geom)?, bias: be.upload(&b)?, geom })
+        Ok(Conv { eff: be.plain_weight(&w, geom)?, bias: be.upload_chan(&b)?, geom })
     }
 
     /// `conv(x) + bias`, 'same' padding, stride 1.
@@ -244,8 +244,8 @@ impl<B: VaeOps> Conv<B> {
 
 /// GroupNorm's scale and shift.
 struct Norm<B: VaeOps> {
-    gamma: B::Buf,
-    beta: B::Buf,
+    gamma: B::Chan,
+    beta: B::Chan,
     groups: usize,
 }
 
@@ -253,7 +253,7 @@ impl<B: VaeOps> Norm<B> {
     fn load(be: &B, l: &mut Loader, name: &str, c: usize, groups: usize) -> Result<Self> {
         let g = l.take(&format!("{name}.weight"), &[c])?;
         let b = l.take(&format!("{name}.bias"), &[c])?;
-        Ok(Norm { gamma: be.upload(&g)?, beta: be.upload(&b)?, groups })
+        Ok(Norm { gamma: be.upload_chan(&g)?, beta: be.upload_chan(&b)?, groups })
     }
     fn forward(&self, be: &B, x: &B::Buf, s: Nhwc, silu: bool) -> Result<B::Buf> {
         let mut y = be.alloc_like(x, s.numel())?;
@@ -644,4 +644,67 @@ pub fn nhwc_to_nchw(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec<f3
         }
     }
     y
+}
+
+/// A VAE loaded onto a chosen device: the CPU backend, or the CUDA one (with the given
+/// activation precision) in a build that has it. What the commands use.
+pub enum DeviceVae {
+    Cpu(Vae<crate::backend::cpu::Cpu>),
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    Cuda(Box<crate::backend::gpu::Gpu>, Vae<crate::backend::gpu::Gpu>),
+}
+
+impl DeviceVae {
+    /// Loads `parts` of the VAE at `path` on `device` (`Auto` and `Cpu`: the CPU).
+    pub fn load(path: &Path, parts: Parts, device: crate::backend::Device, precision: crate::backend::Precision) -> Result<Self> {
+        use crate::backend::Device;
+        match device {
+            Device::Cpu | Device::Auto => {
+                if precision != crate::backend::Precision::Fp32 {
+                    return Err(Error::Input(format!("precision {precision} needs the CUDA backend; the CPU computes in fp32")));
+                }
+                Ok(DeviceVae::Cpu(Vae::load(&crate::backend::cpu::Cpu, path, parts)?))
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Device::Cuda => {
+                let gpu = crate::backend::gpu::Gpu::open(0)?;
+                gpu.set_precision(precision);
+                let vae = Vae::load(&gpu, path, parts)?;
+                Ok(DeviceVae::Cuda(Box::new(gpu), vae))
+            }
+            #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+            Device::Cuda => Err(Error::DeviceUnavailable("this edm2 was built without the CUDA backend; use the CPU".into())),
+        }
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        match self {
+            DeviceVae::Cpu(v) => &v.config,
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            DeviceVae::Cuda(_, v) => &v.config,
+        }
+    }
+
+    /// [`LatentCodec::encode_pixels`] on this device.
+    pub fn encode_pixels(&self, codec: &LatentCodec, pixels: &[u8], n: usize, h: usize, w: usize) -> Result<Vec<f32>> {
+        match self {
+            DeviceVae::Cpu(v) => codec.encode_pixels(&crate::backend::cpu::Cpu, v, pixels, n, h, w),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            DeviceVae::Cuda(g, v) => codec.encode_pixels(g.as_ref(), v, pixels, n, h, w),
+        }
+    }
+
+    /// [`LatentCodec::decode`] on this device.
+    pub fn decode(&self, codec: &LatentCodec, latents: &[f32], n: usize, h: usize, w: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+        match self {
+            DeviceVae::Cpu(v) => codec.decode(&crate::backend::cpu::Cpu, v, latents, n, h, w),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            DeviceVae::Cuda(g, v) => codec.decode(g.as_ref(), v, latents, n, h, w),
+        }
+    }
+
+    /// Whether it runs on the CPU (host memory bounds the batch there).
+    pub fn on_cpu(&self) -> bool {
+        matches!(self, DeviceVae::Cpu(_))
+    }
 }

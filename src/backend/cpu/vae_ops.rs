@@ -20,27 +20,54 @@ const GN_CHUNK_PIXELS: usize = 256;
 /// in one buffer: 64 × 4096 floats = 1 MiB at a 64x64 latent).
 const ATTN_ROWS: usize = 64;
 
-/// Per-channel `(Σx, Σx²)` of the rows of one image, in f64.
+crate::multiversion! {
+    /// Over the rows (`c` channels each) of one chunk, per channel: `s1[k] = Σ (x − shift[k])`,
+    /// `s2[k] = Σ (x − shift[k])²` in f32. The shift (a value of the channel) keeps the
+    /// squares at the scale of the variance, so f32 chunk sums lose nothing that matters.
+    fn shifted_channel_sums(x: &[f32], shift: &[f32], s1: &mut [f32], s2: &mut [f32]) {
+        s1.fill(0.0);
+        s2.fill(0.0);
+        for row in x.chunks_exact(shift.len()) {
+            for (((a, q), &v), &m) in s1.iter_mut().zip(s2.iter_mut()).zip(row).zip(shift) {
+                let d = v - m;
+                *a += d;
+                *q += d * d;
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// `y = x·a[k] + b[k]` per channel, then SiLU when `silu`.
+    fn scale_shift_silu(x: &[f32], a: &[f32], b: &[f32], silu: bool, y: &mut [f32]) {
+        for (xr, yr) in x.chunks_exact(a.len()).zip(y.chunks_exact_mut(a.len())) {
+            for (((o, &v), &ak), &bk) in yr.iter_mut().zip(xr).zip(a).zip(b) {
+                let t = v * ak + bk;
+                *o = if silu { t / (1.0 + fast_exp(-t)) } else { t };
+            }
+        }
+    }
+}
+
+/// Per-channel `(Σx, Σx²)` of the rows of one image, in f64: f32 sums of shifted values
+/// per chunk of [`GN_CHUNK_PIXELS`] rows, combined in f64 in chunk order.
 fn channel_sums(x: &[f32], c: usize) -> Vec<(f64, f64)> {
-    let parts: Vec<Vec<(f64, f64)>> = x
+    let shift = &x[..c];
+    let parts: Vec<(Vec<f32>, Vec<f32>, usize)> = x
         .par_chunks(GN_CHUNK_PIXELS * c)
         .map(|chunk| {
-            let mut acc = vec![(0.0f64, 0.0f64); c];
-            for row in chunk.chunks_exact(c) {
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    let v = v as f64;
-                    a.0 += v;
-                    a.1 += v * v;
-                }
-            }
-            acc
+            let (mut s1, mut s2) = (vec![0.0f32; c], vec![0.0f32; c]);
+            shifted_channel_sums(chunk, shift, &mut s1, &mut s2);
+            (s1, s2, chunk.len() / c)
         })
         .collect();
     let mut total = vec![(0.0f64, 0.0f64); c];
-    for part in parts {
-        for (t, p) in total.iter_mut().zip(part) {
-            t.0 += p.0;
-            t.1 += p.1;
+    for (s1, s2, rows) in parts {
+        for k in 0..c {
+            // Σx = Σ(x−m) + N·m; Σx² = Σ(x−m)² + 2m·Σ(x−m) + N·m².
+            let (a, q, m, n) = (s1[k] as f64, s2[k] as f64, shift[k] as f64, rows as f64);
+            total[k].0 += a + n * m;
+            total[k].1 += q + 2.0 * m * a + n * m * m;
         }
     }
     total
@@ -69,14 +96,9 @@ pub fn group_norm(x: &[f32], s: Nhwc, groups: usize, eps: f32, gamma: &[f32], be
                 b[ch] = (beta[ch] as f64 - mean * ak) as f32;
             }
         }
-        xi.par_chunks(GN_CHUNK_PIXELS * c).zip(yi.par_chunks_mut(GN_CHUNK_PIXELS * c)).for_each(|(xc, yc)| {
-            for (xr, yr) in xc.chunks_exact(c).zip(yc.chunks_exact_mut(c)) {
-                for k in 0..c {
-                    let v = xr[k] * a[k] + b[k];
-                    yr[k] = if silu { v / (1.0 + fast_exp(-v)) } else { v };
-                }
-            }
-        });
+        xi.par_chunks(GN_CHUNK_PIXELS * c)
+            .zip(yi.par_chunks_mut(GN_CHUNK_PIXELS * c))
+            .for_each(|(xc, yc)| scale_shift_silu(xc, &a, &b, silu, yc));
     }
 }
 
@@ -129,6 +151,10 @@ pub fn dot_attention(qkv: &[f32], n: usize, p: usize, c: usize, y: &mut [f32]) {
 }
 
 impl VaeOps for Cpu {
+    type Chan = Vec<f32>;
+    fn upload_chan(&self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
+    }
     fn plain_weight(&self, w: &[f32], geom: ConvGeom) -> Result<conv::EffWeight> {
         geom.validate("plain_weight")?;
         Ok(conv::plain_weight(w, geom.out_ch, geom.in_ch, geom.k))

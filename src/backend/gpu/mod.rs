@@ -15,6 +15,7 @@
 
 mod backend;
 pub mod kernels;
+mod vae;
 pub use backend::GpuParams;
 
 use crate::error::{Error, Result};
@@ -32,6 +33,7 @@ impl DeviceScalar for u32 {}
 impl DeviceScalar for u16 {}
 impl DeviceScalar for i32 {}
 impl DeviceScalar for u8 {}
+impl DeviceScalar for f64 {}
 mod private {
     pub trait Sealed {}
     impl Sealed for f32 {}
@@ -39,6 +41,7 @@ mod private {
     impl Sealed for u16 {}
     impl Sealed for i32 {}
     impl Sealed for u8 {}
+    impl Sealed for f64 {}
 }
 #[cfg(feature = "cuda")]
 pub trait DriverRepr: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
