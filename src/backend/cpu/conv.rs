@@ -26,7 +26,9 @@ pub struct EffWeight {
     /// Per output row `eps + rms(W_row)`.
     pub denom: Vec<f32>,
     pub gain: f32,
-    /// 3x3 weights packed for the direct kernel: `[O/16][9][I][16]`.
+    /// 3x3 weights packed for the direct kernel: `[O'/16][9][I][16]`, O' = O, or for a
+    /// plain weight with O not a multiple of 16 ([`plain_weight`], forward only) O rounded
+    /// up with zero rows.
     pub packed: Option<Vec<f32>>,
 }
 
@@ -38,8 +40,20 @@ impl EffWeight {
     /// The OHWI weight, unpacked from the kernel layout when that is all there is.
     pub fn ohwi(&self) -> std::borrow::Cow<'_, [f32]> {
         match &self.packed {
-            Some(p) if self.w.is_empty() => std::borrow::Cow::Owned(conv3x3::unpack_forward(p, self.out_ch, self.in_ch)),
+            Some(p) if self.w.is_empty() => {
+                let mut w = conv3x3::unpack_forward(p, self.packed_out(), self.in_ch);
+                w.truncate(self.out_ch * self.fan_in());
+                std::borrow::Cow::Owned(w)
+            }
             _ => std::borrow::Cow::Borrowed(&self.w),
+        }
+    }
+
+    /// Output channels of the packed 3x3 weight (more than `out_ch` when padded).
+    pub fn packed_out(&self) -> usize {
+        match &self.packed {
+            Some(p) => p.len() / (9 * self.in_ch),
+            None => self.out_ch,
         }
     }
 }
@@ -54,6 +68,18 @@ pub fn effective_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: 
 /// An ordinary (not magnitude-preserving) convolution's weight `w` (`[O, I, k, k]` or
 /// `[O, I]`) in the layout the convolutions read, values unchanged (the VAE's layers).
 pub fn plain_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize) -> EffWeight {
+    if k == 3 && conv3x3::available() && out_ch % 16 != 0 {
+        // A narrow output (the VAE's RGB conv_out): packed with zero rows up to a multiple
+        // of 16, so the direct kernel runs it instead of an im2col of the whole image (a
+        // 9·I-wide copy of every pixel: 1.2 GB for 128 channels at 512x512).
+        let padded = out_ch.next_multiple_of(16);
+        let mut wp = w.to_vec();
+        wp.resize(padded * in_ch * 9, 0.0);
+        let mut eff = arrange_weight(&wp, padded, in_ch, k, 1.0, None);
+        eff.out_ch = out_ch;
+        eff.denom.truncate(out_ch);
+        return eff;
+    }
     arrange_weight(w, out_ch, in_ch, k, 1.0, None)
 }
 
@@ -212,9 +238,17 @@ pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y:
             let _prof = crate::profile::scope(if eff.k == 0 { "linear" } else { "conv1x1.rowdot" });
             super::ops::rowdot_matmul(x, i, &eff.w, o, y);
         }
-        3 if eff.packed.is_some() => {
+        3 if eff.packed.is_some() && eff.packed_out() == o => {
             let _prof = crate::profile::scope("conv3x3.direct");
             conv3x3::conv3x3_direct(x, n, h, w, i, eff.packed.as_ref().unwrap(), o, y);
+        }
+        3 if eff.packed.is_some() => {
+            // Padded output channels: into a wider buffer, then the first `o` of each pixel.
+            let _prof = crate::profile::scope("conv3x3.direct_padded");
+            let po = eff.packed_out();
+            let mut wide = vec![0.0f32; pixels * po];
+            conv3x3::conv3x3_direct(x, n, h, w, i, eff.packed.as_ref().unwrap(), po, &mut wide);
+            y.par_chunks_mut(o).zip(wide.par_chunks(po)).for_each(|(d, s)| d.copy_from_slice(&s[..o]));
         }
         3 => {
             // Output widths the direct kernel does not take (e.g. the 3-channel out_conv):
@@ -270,7 +304,7 @@ pub fn conv_backward(
                 sgemm(pixels, i, o, MatRef::rm(dy, o), MatRef::rm(&eff.w, i), dx, false, true);
             }
         }
-        3 if eff.packed.is_some() && i % 16 == 0 => {
+        3 if eff.packed.is_some() && eff.packed_out() == o && i % 16 == 0 => {
             // The direct kernel wins when the pixel reduction is long relative to the
             // channel counts; with few pixels per weight (e.g. 8x8 at batch 4 with 512+
             // channels: 55–98 vs 169–173 GFLOP/s) im2col + GEMM wins
