@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod checks;
 pub mod denoise;
+pub mod dynamics;
 pub mod generate;
 pub mod info;
 pub mod phema;
@@ -42,6 +43,9 @@ pub enum Command {
     /// Encode an image dataset into a latent dataset (the official dataset_tool encode
     /// layout) with the Stability VAE, so latent networks can be trained on it.
     Encode(vae::EncodeArgs),
+    /// Per-layer activation and weight magnitudes and the loss by noise level of a saved
+    /// network on a fixed probe batch (the paper's training-dynamics view).
+    Dynamics(dynamics::Args),
 }
 
 /// Worker threads at most (a thousand-core machine is far past any we run on).
@@ -61,5 +65,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Decode(a) => vae::run_decode(a),
         Command::Encode(a) => vae::run_encode(a),
+        Command::Dynamics(a) => dynamics::run(a),
     }
 }

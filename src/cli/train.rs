@@ -140,6 +140,12 @@ pub struct Args {
     /// Accepted for official command lines (cuDNN benchmarking); no effect here.
     #[arg(long, value_name = "BOOL", value_parser = parse_bool, hide = true)]
     pub bench: Option<bool>,
+    /// Training dynamics (the paper's per-layer magnitudes): at every status line, measure
+    /// block activations, weight magnitudes, relative update sizes and the loss by noise
+    /// level on a fixed probe of the dataset's first N items and append them to
+    /// dynamics.jsonl in the run directory. N = the probe size; 0 turns it off.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub dynamics: usize,
     /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
     #[arg(long, default_value = "auto")]
     pub device: Device,
@@ -335,6 +341,9 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
     }
     // The preview grid is sampled in one batch at each checkpoint: bound it before the
     // run, not when the first checkpoint is due.
+    if a.dynamics > 256 {
+        bail!("--dynamics {}: at most 256 probe images", a.dynamics);
+    }
     if a.preview > MAX_PREVIEW || a.preview_steps > 10_000 {
         bail!("--preview {} / --preview-steps {}: at most {MAX_PREVIEW} images and 10000 steps", a.preview, a.preview_steps);
     }
@@ -370,6 +379,7 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
         preview_steps: a.preview_steps,
         verify: !a.no_verify,
         precision: "fp32".into(),
+        dynamics: a.dynamics,
         device: Device::Cpu,
     };
     if !opts.p_mean.is_finite() {

@@ -2,6 +2,7 @@
 //! traditional EMAs, snapshots, training-state checkpoints and the loop (`run`).
 
 pub mod adam;
+pub mod dynamics;
 pub mod ema;
 pub mod loss;
 pub mod memory;

@@ -21,6 +21,7 @@ use super::snapshot::write_snapshot;
 use super::rundir::{newest_valid_state, remove_partial_files, RunDirLock};
 use super::state::{list_states, TrainState};
 use crate::config::NetConfig;
+use crate::tensor::Tensor;
 use crate::data::loader::{Loader, StreamOptions};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -82,6 +83,10 @@ pub struct TrainOptions {
     /// optimizer state and EMAs are fp32 either way, so a run may switch on resume).
     #[serde(default = "fp32")]
     pub precision: String,
+    /// Probe images of the training-dynamics records (`dynamics.jsonl` at every status
+    /// line, `train::dynamics`); 0: none.
+    #[serde(default = "dynamics_probe")]
+    pub dynamics: usize,
     /// Where the forward and backward passes run (not part of the run's definition: a run
     /// may be resumed on another device).
     #[serde(skip)]
@@ -90,6 +95,10 @@ pub struct TrainOptions {
 
 fn fp32() -> String {
     "fp32".into()
+}
+
+fn dynamics_probe() -> usize {
+    16
 }
 
 impl TrainOptions {
@@ -474,6 +483,21 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     };
     extra.insert("edm2.encoder".to_string(), encoder.to_string());
     let mut stats_file: Option<std::fs::File> = None;
+    // Training dynamics: a fixed probe of the dataset's first items (seeded noise), the
+    // weights of the previous measurement for the relative update sizes.
+    let probe = if opts.dynamics > 0 {
+        let n = opts.dynamics.min(ds.raw_len());
+        let mut y = Vec::with_capacity(n * c.img_resolution * c.img_resolution * c.img_channels);
+        for i in 0..n {
+            y.extend(ds.encoded(i, opts.seed)?);
+        }
+        let shape = [n, c.img_resolution, c.img_resolution, c.img_channels];
+        Some(super::dynamics::Probe::new(Tensor::from_vec(&shape, y), label_dim, opts.seed))
+    } else {
+        None
+    };
+    let mut dyn_prev: Option<crate::nn::Params> = None;
+    let mut dyn_file: Option<std::fs::File> = None;
 
     // Per status tick.
     let mut tick_start = Instant::now();
@@ -502,6 +526,31 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
             let mean = tick_losses.iter().sum::<f64>() / n;
             let std = (tick_losses.iter().map(|l| (l - mean) * (l - mean)).sum::<f64>() / n).sqrt();
             let loss_s = if tick_losses.is_empty() { "-".to_string() } else { format!("{mean:.4}") };
+            // Training dynamics on the probe (its cost is in the status line and stats).
+            let mut dyn_sec = 0.0;
+            if let Some(probe) = &probe {
+                let t0 = Instant::now();
+                #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+                let device_params = match (dev.as_ref(), gpu.as_ref()) {
+                    (Some(d), Some(g)) => Some(d.download_params(g)?),
+                    _ => None,
+                };
+                #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+                let device_params: Option<crate::nn::Params> = None;
+                let params = device_params.as_ref().unwrap_or(&st.params);
+                let d = super::dynamics::measure(&net, params, probe, dyn_prev.as_ref());
+                let path = run_dir.join("dynamics.jsonl");
+                if dyn_file.is_none() {
+                    dyn_file = Some(std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io(e, &path))?);
+                }
+                let f = dyn_file.as_mut().unwrap();
+                writeln!(f, "{}", d.to_json(st.nimg as f64 / 1e3)).and_then(|_| f.flush()).map_err(|e| io(e, &path))?;
+                dyn_prev = Some(match device_params {
+                    Some(p) => p,
+                    None => st.params.clone(),
+                });
+                dyn_sec = t0.elapsed().as_secs_f64();
+            }
             let line = format!(
                 "Status: kimg {:<9.1} time {:<12} sec/kimg {:<7.3} img/s {:<7.1} loss {:<8} lr {:<9.3e} maintenance {:<6.2} cpumem {:<6.2}{}",
                 st.nimg as f64 / 1e3,
@@ -513,7 +562,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
                 tick_sec - tick_train_sec,
                 rss,
                 if tick_nonfinite > 0 { format!(" nonfinite-grads {tick_nonfinite}") } else { String::new() }
-            );
+            ) + &if probe.is_some() { format!(" dynamics {dyn_sec:.2}") } else { String::new() };
             log.line(&line);
             let mut rec = serde_json::Map::new();
             let mut put = |k: &str, v: f64| {
@@ -531,6 +580,9 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
             put("Timing/sec_per_tick", tick_sec);
             put("Timing/sec_per_kimg", sec_per_kimg);
             put("Timing/maintenance_sec", tick_sec - tick_train_sec);
+            if probe.is_some() {
+                put("Timing/dynamics_sec", dyn_sec);
+            }
             put("Resources/cpu_mem_gb", rss);
             put("Resources/peak_cpu_mem_gb", peak);
             put("timestamp", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
@@ -752,6 +804,11 @@ mod device {
                 v: up(&st.adam.v)?,
                 emas: st.ema.averages().iter().map(|(_, e)| GpuParams::upload(gpu, e)).collect::<Result<Vec<_>>>()?,
             })
+        }
+
+        /// The current weights (not the moments and EMAs) on the host.
+        pub fn download_params(&self, gpu: &Gpu) -> Result<crate::nn::Params> {
+            self.params.download(gpu)
         }
 
         /// Refreshes the host state (weights, Adam moments, EMAs) from the device.
