@@ -8,7 +8,6 @@ use common::cond16;
 use edm2::nn::layers::Mode;
 use edm2::train::dynamics::{measure, Probe, SIGMA_BUCKETS};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn rms(v: &[f32]) -> f64 {
     (v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
@@ -72,15 +71,11 @@ fn measurements_equal_direct_computation_and_repeat() {
 }
 
 fn edm2(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_edm2")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    common::edm2_bin(args)
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edm2-dyn-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch_dir("dyn", name)
 }
 
 fn s(p: &Path) -> &str {
@@ -103,6 +98,17 @@ fn train_records_dynamics_at_each_status_line_and_the_command_reads_networks() {
     assert!(recs[0].get("rel_update").is_none() && recs[1]["rel_update"].as_object().unwrap().len() > 4);
     let kimg: Vec<f64> = recs.iter().map(|r| r["kimg"].as_f64().unwrap()).collect();
     assert!(kimg.windows(2).all(|w| w[0] < w[1]), "{kimg:?}");
+    // Figures: train refreshed them at its snapshot; `edm2 plot` redraws them.
+    for name in ["loss", "activations", "weights", "updates", "loss_by_sigma"] {
+        let p = run.join("plots").join(format!("{name}.png"));
+        let r = png::Decoder::new(std::fs::File::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).read_info().unwrap();
+        assert_eq!((r.info().width, r.info().height), (1200, 800), "{name}");
+    }
+    let figs = d.join("figs");
+    let (ok, o, e) = edm2(&["plot", s(&run), "--out", s(&figs)]);
+    assert!(ok && o.lines().count() == 5 && figs.join("activations.png").exists(), "{o}\n{e}");
+    let (ok, _, e) = edm2(&["plot", s(&d)]);
+    assert!(!ok && e.contains("no stats.jsonl or dynamics.jsonl"), "{e}");
     // Off on request.
     let run2 = d.join("off");
     let (ok, o, e) = edm2(&["train", s(&cfg), "--outdir", s(&run2), "--batch", "16", "--duration", "32", "--status", "16", "--dynamics", "0"]);

@@ -8,18 +8,13 @@ use edm2::backend::cpu::Cpu;
 use edm2::data::{DataOptions, Dataset, RawItem};
 use edm2::nn::vae::{LatentCodec, Parts, Vae};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn edm2(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_edm2")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    common::edm2_bin(args)
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edm2-vae-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch_dir("vae", name)
 }
 
 fn s(p: &Path) -> &str {

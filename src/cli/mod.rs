@@ -7,6 +7,7 @@ pub mod dynamics;
 pub mod generate;
 pub mod info;
 pub mod phema;
+pub mod plot;
 pub mod train;
 pub mod vae;
 
@@ -46,6 +47,9 @@ pub enum Command {
     /// Per-layer activation and weight magnitudes and the loss by noise level of a saved
     /// network on a fixed probe batch (the paper's training-dynamics view).
     Dynamics(dynamics::Args),
+    /// Figures of a training run (loss, learning rate, per-block activation and weight
+    /// magnitudes, update sizes, loss by noise level) as PNGs in RUN_DIR/plots.
+    Plot(plot::Args),
 }
 
 /// Worker threads at most (a thousand-core machine is far past any we run on).
@@ -66,5 +70,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Decode(a) => vae::run_decode(a),
         Command::Encode(a) => vae::run_encode(a),
         Command::Dynamics(a) => dynamics::run(a),
+        Command::Plot(a) => plot::run(a),
     }
 }

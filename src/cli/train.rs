@@ -209,6 +209,13 @@ impl Reporter for Terminal {
         }
         println!("{s}");
     }
+    /// The run's figures (`edm2 plot`), refreshed at each snapshot and at the end; a
+    /// failure to draw them is a warning, never the end of a training run.
+    fn refresh_figures(&mut self, run_dir: &std::path::Path) {
+        if let Err(e) = super::plot::write_plots(run_dir, &run_dir.join("plots")) {
+            self.line(&format!("warning: the figures in {} were not refreshed: {e:#}", run_dir.join("plots").display()));
+        }
+    }
     fn progress(&mut self, p: &Progress) {
         if !self.bar {
             return;

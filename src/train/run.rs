@@ -157,6 +157,9 @@ pub struct Progress {
 pub trait Reporter {
     fn line(&mut self, s: &str);
     fn progress(&mut self, _p: &Progress) {}
+    /// After the EMA snapshots of an image count are written and when the run stops: the
+    /// program refreshes the run's figures here.
+    fn refresh_figures(&mut self, _run_dir: &Path) {}
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -614,6 +617,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
                 log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
                 summary.snapshots.push(p);
             }
+            log.ui.refresh_figures(run_dir);
         }
 
         // Training state, then the preview grid (from the EMA closest to σ_rel 0.100).
@@ -643,6 +647,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
         }
 
         if done {
+            log.ui.refresh_figures(run_dir);
             summary.reason = if interrupted && st.nimg < stop_nimg {
                 StopReason::Interrupted
             } else if st.nimg >= opts.duration {

@@ -91,3 +91,17 @@ pub fn device() -> Option<edm2::backend::gpu::Gpu> {
         Err(e) => panic!("EDM2_REQUIRE_GPU is set but the GPU cannot be opened: {e}"),
     }
 }
+
+/// Runs the `edm2` binary of this build → (success, stdout, stderr).
+pub fn edm2_bin(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edm2")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A fresh scratch directory `edm2-<prefix>-<pid>-<name>` under the system's temp dir.
+pub fn scratch_dir(prefix: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("edm2-{prefix}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
