@@ -28,6 +28,19 @@ fn measurements_equal_direct_computation_and_repeat() {
         assert_eq!(format!("act.{name}"), *full);
         assert_eq!(*v, rms(&t.data), "{name}");
     }
+    // Residual branches: one per block with a residual branch, and for the first encoder
+    // block (no resampling, no conv_skip, no attention) the mp_sum undone by hand:
+    // out = wa·normalize(in) + wb·branch (paper Eq. 88 with res_balance t).
+    assert!(d.branches.len() >= 6 && d.branches.iter().all(|(n, _)| d.activations.iter().any(|(a, _)| a == n)));
+    let inter = |n: &str| &out.intermediates.iter().find(|(m, _)| m == n).unwrap_or_else(|| panic!("{n}")).1;
+    let (xin, xout) = (inter("act.enc.16x16_conv"), inter("act.enc.16x16_block0"));
+    let c = *xin.shape.last().unwrap();
+    let mut xm = vec![0.0; xin.data.len()];
+    edm2::backend::cpu::ops::normalize_rows(&xin.data, c, &mut xm);
+    let (wa, wb) = edm2::backend::cpu::ops::mp_sum_coefs(net.config.res_balance);
+    let branch: Vec<f32> = xout.data.iter().zip(&xm).map(|(&o, &m)| (o - wa * m) / wb).collect();
+    let got = d.branches.iter().find(|(n, _)| n == "enc.16x16_block0").unwrap().1;
+    assert!((got - rms(&branch)).abs() < 1e-5 * got, "branch RMS {got} vs {}", rms(&branch));
     // Weights: every magnitude-preserving weight, its RMS.
     let mp: Vec<_> = net.specs.iter().enumerate().filter(|(_, s)| s.is_mp_weight).collect();
     assert_eq!(d.weights.len(), mp.len());
@@ -99,14 +112,14 @@ fn train_records_dynamics_at_each_status_line_and_the_command_reads_networks() {
     let kimg: Vec<f64> = recs.iter().map(|r| r["kimg"].as_f64().unwrap()).collect();
     assert!(kimg.windows(2).all(|w| w[0] < w[1]), "{kimg:?}");
     // Figures: train refreshed them at its snapshot; `edm2 plot` redraws them.
-    for name in ["loss", "activations", "weights", "updates", "loss_by_sigma"] {
+    for name in ["loss", "activations", "branches", "weights", "updates", "loss_by_sigma"] {
         let p = run.join("plots").join(format!("{name}.png"));
         let r = png::Decoder::new(std::fs::File::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).read_info().unwrap();
         assert_eq!((r.info().width, r.info().height), (1200, 800), "{name}");
     }
     let figs = d.join("figs");
     let (ok, o, e) = edm2(&["plot", s(&run), "--out", s(&figs)]);
-    assert!(ok && o.lines().count() == 5 && figs.join("activations.png").exists(), "{o}\n{e}");
+    assert!(ok && o.lines().count() == 6 && figs.join("branches.png").exists(), "{o}\n{e}");
     let (ok, _, e) = edm2(&["plot", s(&d)]);
     assert!(!ok && e.contains("no stats.jsonl or dynamics.jsonl"), "{e}");
     // Off on request.
@@ -133,5 +146,5 @@ fn train_records_dynamics_at_each_status_line_and_the_command_reads_networks() {
         .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("training-state-"))
         .expect("a training state");
     let (ok, o, e) = edm2(&["dynamics", "--net", s(&state), "--data", "builtin", "--probe", "8"]);
-    assert!(ok && o.contains("enc.32x32_block0") && o.contains("σ = 1"), "{o}\n{e}");
+    assert!(ok && o.contains("enc.32x32_block0") && o.contains("branch") && o.contains("σ = 1"), "{o}\n{e}");
 }

@@ -68,9 +68,12 @@ pub fn run(a: Args) -> Result<()> {
         println!("{}", d.to_json(kimg));
         return Ok(());
     }
-    println!("activation RMS per block (probe of {} images, σ buckets cyclic):", probe.sigma.len());
+    println!("RMS per block, output and residual branch (probe of {} images, σ buckets cyclic):", probe.sigma.len());
     for (name, v) in &d.activations {
-        println!("  {name:<28} {v:>9.4}");
+        match d.branches.iter().find(|(b, _)| b == name) {
+            Some((_, r)) => println!("  {name:<28} {v:>9.4}   branch {r:>9.4}"),
+            None => println!("  {name:<28} {v:>9.4}"),
+        }
     }
     println!("weight RMS (stored, magnitude-preserving layers):");
     for w in &d.weights {

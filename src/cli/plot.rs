@@ -1,6 +1,7 @@
 //! `edm2 plot RUN_DIR`: the figures of a training run as PNGs (plotters, with DejaVu Sans
 //! embedded so they render the same everywhere): the loss and learning rate from
-//! `stats.jsonl`, and from `dynamics.jsonl` the per-block activation magnitudes, the weight
+//! `stats.jsonl`, and from `dynamics.jsonl` the per-block activation and residual-branch
+//! magnitudes, the weight
 //! magnitudes and relative update sizes over training (the paper's Fig. 2/3 view, one line
 //! per block or tensor, colored by depth) and the loss by noise level. `train` refreshes
 //! them at every snapshot.
@@ -115,6 +116,12 @@ pub fn write_plots(run_dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         let p = out.join("activations.png");
         atomic_png(&p, |root| lines(root, "Activation magnitude per block (RMS of its output; blue: input side, red: output side)", "kimg", "RMS", &act, false))?;
         written.push(p);
+        let br = series("branch", &block_depth);
+        if br.iter().any(|s| !s.1.is_empty()) {
+            let p = out.join("branches.png");
+            atomic_png(&p, |root| lines(root, "Residual branch magnitude per block (RMS before the mp_sum; blue: input side, red: output side)", "kimg", "RMS", &br, false))?;
+            written.push(p);
+        }
         let wr = series("weight_rms", &tensor_depth);
         let p = out.join("weights.png");
         atomic_png(&p, |root| lines(root, "Weight magnitude per tensor (RMS of the stored weight; colored by depth)", "kimg", "RMS", &wr, false))?;

@@ -270,6 +270,21 @@ impl Block {
         emb: &Tensor<B::Buf>,
         mode: &Mode,
     ) -> Result<(Tensor<B::Buf>, Option<BlockCache<B>>)> {
+        self.forward_keeping_branch(be, p, x, emb, mode, None)
+    }
+
+    /// [`Block::forward`], also keeping a copy of the residual branch's output (`conv_res1`,
+    /// before the mp_sum with the skip) in `branch` when one is given: what the paper's
+    /// training-dynamics plots show next to the block output.
+    pub fn forward_keeping_branch<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Params,
+        x: &Tensor<B::Buf>,
+        emb: &Tensor<B::Buf>,
+        mode: &Mode,
+        branch: Option<&mut Option<Tensor<B::Buf>>>,
+    ) -> Result<(Tensor<B::Buf>, Option<BlockCache<B>>)> {
         let x_in_shape = x.shape.clone();
         let sx = nhwc(x);
         // 1. resample
@@ -320,6 +335,9 @@ impl Block {
         let y1 = Tensor::with_buf(&h0.shape, y1);
         let eff1 = self.conv_res1.effective(be, p, 1.0)?;
         let mut x2 = self.conv_res1.forward(be, &eff1, &y1)?;
+        if let Some(slot) = branch {
+            *slot = Some(Tensor::with_buf(&x2.shape, be.copy(&x2.data)?));
+        }
         // 4–5. x = mp_sum(skip(x), y, res_balance), computed into y's buffer (y itself is
         // not needed by the backward).
         let (wa, wb) = ops::mp_sum_coefs(self.res_balance);

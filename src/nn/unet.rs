@@ -380,9 +380,13 @@ impl Precond {
                     y
                 }
                 EncLayer::Block(b) => {
-                    let (y, c) = b.forward(be, p, input, &emb, mode)?;
+                    let mut branch = None;
+                    let (y, c) = b.forward_keeping_branch(be, p, input, &emb, mode, collect_intermediates.then_some(&mut branch))?;
                     if let Some(c) = c {
                         enc_caches.push(EncCache::Block(c));
+                    }
+                    if let Some(t) = branch {
+                        inter.push((format!("branch.enc.{name}"), t));
                     }
                     y
                 }
@@ -411,9 +415,13 @@ impl Precond {
                 split = Some((na, nb));
             }
             let input = h.as_ref().unwrap_or_else(|| skips.last().expect("encoder output"));
-            let (y, c) = b.forward(be, p, input, &emb, mode)?;
+            let mut branch = None;
+            let (y, c) = b.forward_keeping_branch(be, p, input, &emb, mode, collect_intermediates.then_some(&mut branch))?;
             if let Some(c) = c {
                 dec_caches.push((c, split));
+            }
+            if let Some(t) = branch {
+                inter.push((format!("branch.dec.{name}"), t));
             }
             if collect_intermediates {
                 inter.push((format!("act.dec.{name}"), copy(&y)?));

@@ -59,7 +59,8 @@ impl Probe {
 }
 
 /// One measurement: per block (official module names, encoder then decoder order), the
-/// RMS of its output; per magnitude-preserving weight tensor, the RMS of the stored
+/// RMS of its output and, for the residual blocks, of its residual branch (`conv_res1`'s
+/// output before the mp_sum with the skip); per magnitude-preserving weight tensor, the RMS of the stored
 /// weight and, against an earlier parameter set, `‖W − W_prev‖ / ‖W_prev‖`; per σ
 /// bucket, the EDM-weighted denoising error `λ(σ)·mean((D − y)²)`,
 /// `λ(σ) = (σ² + σ_data²)/(σ·σ_data)²` (1 for a perfect D, ≈ 1 for D = y·c_skip at
@@ -67,6 +68,7 @@ impl Probe {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dynamics {
     pub activations: Vec<(String, f64)>,
+    pub branches: Vec<(String, f64)>,
     pub weights: Vec<WeightStat>,
     pub loss_by_sigma: Vec<(f32, f64)>,
 }
@@ -86,11 +88,10 @@ fn rms(v: &[f32]) -> f64 {
 /// parameters of the previous measurement, for the relative update sizes.
 pub fn measure(net: &Precond, p: &Params, probe: &Probe, prev: Option<&Params>) -> Dynamics {
     let out = net.forward(p, &probe.x, &probe.sigma, probe.labels.as_ref(), &Mode::eval(), true);
-    let activations = out
-        .intermediates
-        .iter()
-        .filter_map(|(name, t)| name.strip_prefix("act.").map(|n| (n.to_string(), rms(&t.data))))
-        .collect();
+    let of = |prefix: &str| -> Vec<(String, f64)> {
+        out.intermediates.iter().filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n.to_string(), rms(&t.data)))).collect()
+    };
+    let (activations, branches) = (of("act."), of("branch."));
     let weights = net
         .specs
         .iter()
@@ -130,21 +131,23 @@ pub fn measure(net: &Precond, p: &Params, probe: &Probe, prev: Option<&Params>) 
             Some((s, lambda * mse))
         })
         .collect();
-    Dynamics { activations, weights, loss_by_sigma }
+    Dynamics { activations, branches, weights, loss_by_sigma }
 }
 
 impl Dynamics {
-    /// One JSON record (a line of `dynamics.jsonl`): `kimg`, `act` {block: rms},
-    /// `weight_rms` {tensor: rms}, `rel_update` {tensor: ratio} (when known) and
+    /// One JSON record (a line of `dynamics.jsonl`): `kimg`, `act` {block: rms}, `branch`
+    /// {block: rms of its residual branch}, `weight_rms` {tensor: rms}, `rel_update` {tensor: ratio} (when known) and
     /// `loss_by_sigma` [[σ, loss], ...].
     pub fn to_json(&self, kimg: f64) -> serde_json::Value {
-        let act: serde_json::Map<String, serde_json::Value> = self.activations.iter().map(|(n, v)| (n.clone(), serde_json::json!(v))).collect();
+        let map = |v: &[(String, f64)]| -> serde_json::Map<String, serde_json::Value> { v.iter().map(|(n, x)| (n.clone(), serde_json::json!(x))).collect() };
+        let (act, branch) = (map(&self.activations), map(&self.branches));
         let wr: serde_json::Map<String, serde_json::Value> = self.weights.iter().map(|w| (w.name.clone(), serde_json::json!(w.rms))).collect();
         let up: serde_json::Map<String, serde_json::Value> =
             self.weights.iter().filter_map(|w| w.rel_update.map(|u| (w.name.clone(), serde_json::json!(u)))).collect();
         let mut rec = serde_json::json!({
             "kimg": kimg,
             "act": act,
+            "branch": branch,
             "weight_rms": wr,
             "loss_by_sigma": self.loss_by_sigma.iter().map(|(s, l)| serde_json::json!([s, l])).collect::<Vec<_>>(),
         });
