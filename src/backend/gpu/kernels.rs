@@ -60,7 +60,7 @@ fn fp32(kernel: &str, name: &str, b: &dyn Values) -> Result<()> {
 }
 
 /// The kernels' dtype code of a launch whose activations have these dtypes (all equal).
-fn dtype_of(kernel: &str, dtypes: &[Dtype]) -> Result<i32> {
+pub(super) fn dtype_of(kernel: &str, dtypes: &[Dtype]) -> Result<i32> {
     match dtypes.split_first() {
         Some((d, rest)) if rest.iter().all(|r| r == d) => Ok(d.code()),
         Some(_) => Err(Error::Input(format!("{kernel}: activations of different dtypes {dtypes:?}"))),
@@ -235,7 +235,7 @@ pub fn set_reverse_schedule(reverse: bool) {
 }
 
 /// Checks that buffer `name` holds exactly `want` elements (`len` of them).
-fn expect_len(kernel: &str, name: &str, len: usize, want: usize) -> Result<()> {
+pub(super) fn expect_len(kernel: &str, name: &str, len: usize, want: usize) -> Result<()> {
     if len == want {
         Ok(())
     } else {
@@ -247,7 +247,7 @@ fn nhwc_ints(kernel: &str, s: Nhwc) -> Result<(i32, i32, i32, i32)> {
     Ok((int(kernel, s.n)?, int(kernel, s.h)?, int(kernel, s.w)?, int(kernel, s.c)?))
 }
 
-fn int(kernel: &str, v: usize) -> Result<i32> {
+pub(super) fn int(kernel: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Input(format!("{kernel}: dimension {v} too large")))
 }
 

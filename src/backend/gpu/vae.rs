@@ -2,30 +2,14 @@
 //! the kernels of `kernels/vae.cu`; its convolutions are the U-Net's (`conv_forward` with
 //! plain weights in the same OHWI layout the effective weights use).
 
-use super::kernels::GpuEffWeight;
+use super::kernels::{dtype_of, expect_len, int, GpuEffWeight};
 use super::{check, ffi, Gpu, GpuAct, GpuBuf};
 use crate::backend::{ConvGeom, Nhwc, VaeOps};
 use crate::error::{Error, Result};
 
-fn int(kernel: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::Input(format!("{kernel}: dimension {v} too large")))
-}
-
-fn expect_len(kernel: &str, name: &str, len: usize, want: usize) -> Result<()> {
-    if len == want {
-        Ok(())
-    } else {
-        Err(Error::Input(format!("{kernel}: {name} holds {len} elements, expected {want}")))
-    }
-}
-
 /// The dtype code shared by `a` and `b` (an error if they differ).
 fn dtype2(kernel: &str, a: &GpuAct, b: &GpuAct) -> Result<i32> {
-    if a.dtype() == b.dtype() {
-        Ok(a.dtype().code())
-    } else {
-        Err(Error::Input(format!("{kernel}: activations of different dtypes {:?} and {:?}", a.dtype(), b.dtype())))
-    }
+    dtype_of(kernel, &[a.dtype(), b.dtype()])
 }
 
 impl VaeOps for Gpu {
