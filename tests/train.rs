@@ -220,7 +220,7 @@ fn folder_zip_and_latent_datasets() {
     let zip = d.join("imgs.zip");
     zip_folder(&folder, &zip);
     let a = Dataset::open(Some(s(&folder)), &DataOptions::default()).unwrap();
-    let b = Dataset::open(Some(s(&zip)), &DataOptions { xflip: true, max_size: None }).unwrap();
+    let b = Dataset::open(Some(s(&zip)), &DataOptions { xflip: true, max_size: None, ..Default::default() }).unwrap();
     assert_eq!((a.len(), a.resolution, a.raw_channels, a.label_dim()), (6, 16, 3, 3));
     assert_eq!((b.len(), b.raw_len()), (12, 6));
     a.verify(&|_, _| {}).unwrap();
@@ -491,7 +491,7 @@ fn traditional_ema_option() {
 
 #[test]
 fn data_order_and_noise_are_functions_of_seed_and_image_index() {
-    let ds = Dataset::open(None, &DataOptions { xflip: false, max_size: Some(50) }).unwrap();
+    let ds = Dataset::open(None, &DataOptions { xflip: false, max_size: Some(50), ..Default::default() }).unwrap();
     let o = |batch| StreamOptions { seed: 3, batch, label_dim: 10, p_mean: -0.4, p_std: 1.0 };
     let mut order = epoch_order(50, 3, 0);
     assert_ne!(order, (0..50).collect::<Vec<u32>>(), "shuffled");

@@ -41,7 +41,7 @@ pub fn run(a: Args) -> Result<()> {
     let probe = match &a.data {
         None => Probe::synthetic(&net.net, a.probe, a.seed),
         Some(spec) => {
-            let ds = edm2::data::Dataset::open(Some(spec), &edm2::data::DataOptions { xflip: false, max_size: Some(a.probe) })
+            let ds = edm2::data::Dataset::open(Some(spec), &edm2::data::DataOptions { xflip: false, max_size: Some(a.probe), ..Default::default() })
                 .with_context(|| format!("--data {spec}"))?;
             anyhow::ensure!(
                 ds.resolution == c.img_resolution && ds.net_channels() == c.img_channels,

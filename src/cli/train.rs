@@ -413,7 +413,7 @@ fn newest_snapshot(dir: &std::path::Path) -> Option<PathBuf> {
 
 pub fn run(a: Args) -> Result<()> {
     let device = resolve_device(a.device)?;
-    let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size })?;
+    let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size, ..Default::default() })?;
     let (mut opts, run_name) = build_options(&a, &ds)?;
     opts.device = device;
     opts.precision = match (a.precision.as_deref(), a.fp16, device) {

@@ -210,9 +210,10 @@ pub struct EncodeArgs {
     /// its config.json beside it).
     #[arg(long)]
     pub vae: PathBuf,
-    /// Image dataset: a folder or .zip of RGB PNG/JPEG images of one size, a multiple of 8
-    /// (e.g. the official dataset_tool's 512x512 ImageNet, made with
-    /// --transform=center-crop-dhariwal), with its dataset.json labels if any.
+    /// Image dataset: a folder (searched recursively) or .zip of PNG/JPEG images, with its
+    /// dataset.json labels if any (a folder without them: labels from its top-level
+    /// folder names, as the official tool does, e.g. ImageNet's class folders). Without
+    /// --transform/--resolution all images must be square, of one size, a multiple of 8.
     #[arg(long)]
     pub source: String,
     /// Latent dataset to write: a folder, or a .zip (written at the end from a resumable
@@ -221,6 +222,16 @@ pub struct EncodeArgs {
     /// and dataset.json with the labels carried over.
     #[arg(long)]
     pub dest: PathBuf,
+    /// Crop/resize each image first, bit for bit as the official `dataset_tool.py convert
+    /// --transform=...` does (Pillow's resampling): center-crop-dhariwal is the one of
+    /// EDM2's ImageNet-512 data (`--transform center-crop-dhariwal --resolution 512x512`).
+    /// Grayscale images become RGB. Needs --resolution.
+    #[arg(long, value_enum)]
+    pub transform: Option<edm2::data::transform::Transform>,
+    /// Output size WxH of the transform; without --transform, images of another size are
+    /// resized to it (Lanczos), as the official tool does.
+    #[arg(long, value_parser = edm2::data::transform::parse_resolution)]
+    pub resolution: Option<(usize, usize)>,
     /// Encode only the first N images.
     #[arg(long = "max-images")]
     pub max_images: Option<usize>,
@@ -242,23 +253,69 @@ pub fn latent_item_name(idx: usize) -> String {
     format!("{}/img-mean-std-{s}.npy", &s[..5])
 }
 
+/// Labels from top-level folder names (the official tool's rule for a folder whose
+/// dataset.json gives none): the index of the item's first path component among the
+/// sorted distinct ones ('' for items at the root), when there are at least two.
+pub fn toplevel_labels(names: &[String]) -> Option<Vec<u32>> {
+    let top = |n: &str| n.split_once('/').map(|(t, _)| t.to_string()).unwrap_or_default();
+    let distinct: std::collections::BTreeSet<String> = names.iter().map(|n| top(n)).collect();
+    if distinct.len() < 2 {
+        return None;
+    }
+    let index: std::collections::HashMap<&String, u32> = distinct.iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
+    Some(names.iter().map(|n| index[&top(n)]).collect())
+}
+
+/// One source image, read and transformed → RGB CHW pixels and side, or None where the
+/// transform skips it.
+fn encode_input(ds: &edm2::data::Dataset, a: &EncodeArgs, i: usize) -> Result<Option<(Vec<u8>, usize)>> {
+    let (px, c, h, w) = ds.load_image(i)?;
+    let name = || ds.item_name(i);
+    anyhow::ensure!(c == 1 || c == 3, "{}: {c} channels; expected grayscale or RGB", name());
+    let Some((px, oh, ow)) = edm2::data::transform::apply(a.transform, a.resolution, &px, c, h, w).with_context(name)? else {
+        return Ok(None);
+    };
+    if oh != ow {
+        bail!("{}: {ow}x{oh} after the transform; the latent dataset needs square images (give --transform/--resolution)", name());
+    }
+    // Grayscale → RGB by repeating the plane (PIL's convert('RGB') of an 'L' image).
+    let rgb = if c == 1 { px.repeat(3) } else { px };
+    Ok(Some((rgb, oh)))
+}
+
 pub fn run_encode(a: EncodeArgs) -> Result<()> {
     edm2::profile::enable_from_env();
     let device = resolve_device(a.device)?;
     anyhow::ensure!(a.batch != Some(0), "--batch must be at least 1");
+    if a.transform.is_some() && a.resolution.is_none() {
+        bail!("--transform needs --resolution WxH (e.g. --resolution 512x512)");
+    }
     edm2::nn::vae::locate(&a.vae)?;
-    let ds = edm2::data::Dataset::open(Some(&a.source), &edm2::data::DataOptions { xflip: false, max_size: a.max_images })
-        .with_context(|| format!("--source {}", a.source))?;
-    anyhow::ensure!(ds.raw_channels == 3, "--source {}: {}-channel images; the VAE encodes RGB", a.source, ds.raw_channels);
+    let opts = edm2::data::DataOptions { xflip: false, max_size: a.max_images, any_size: true };
+    let ds = edm2::data::Dataset::open(Some(&a.source), &opts).with_context(|| format!("--source {}", a.source))?;
+    let n = ds.raw_len();
+    let labels = match (&ds.labels, ds.stored_names()) {
+        (Some(l), _) => Some(l.clone()),
+        (None, Some(names)) if Path::new(&a.source).is_dir() => toplevel_labels(&names[..n]),
+        _ => None,
+    };
     let vae = DeviceVae::load(&a.vae, Parts { encoder: true, decoder: false }, device, a.precision)
         .with_context(|| format!("--vae {}", a.vae.display()))?;
     let f = vae.config().downscale();
-    let r = ds.resolution;
+    // The first image the transform keeps fixes the side (as the official tool's first
+    // image fixes the dataset's attributes).
+    let mut r = None;
+    for i in 0..n {
+        if let Some((_, side)) = encode_input(&ds, &a, i)? {
+            r = Some(side);
+            break;
+        }
+    }
+    let Some(r) = r else { bail!("--source {}: the transform skips every image (too small for --resolution)", a.source) };
     anyhow::ensure!(r % f == 0, "--source {}: {r}x{r} images; the VAE needs sides that are multiples of {f}", a.source);
     let to_zip = a.dest.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("zip"));
     let work = if to_zip { PathBuf::from(format!("{}.partial", a.dest.display())) } else { a.dest.clone() };
     output_dir("dest", &work)?;
-    let n = ds.raw_len();
     let todo: Vec<usize> = (0..n).filter(|&i| !work.join(latent_item_name(i)).exists()).collect();
     if todo.len() < n {
         eprintln!("{} of {n} latents exist in {} already; encoding the other {}", n - todo.len(), work.display(), todo.len());
@@ -273,53 +330,73 @@ pub fn run_encode(a: EncodeArgs) -> Result<()> {
     eprintln!("encoding {} images of {r}x{r} into {} in batches of {batch}", todo.len(), work.display());
     let codec = LatentCodec::default();
     let t0 = std::time::Instant::now();
-    let mut done = 0;
+    let (mut done, mut skipped) = (0, std::collections::BTreeSet::new());
     for chunk in todo.chunks(batch) {
+        // Reading, decoding and transforming in parallel; the order stays the items'.
+        let inputs: Vec<Result<Option<(Vec<u8>, usize)>>> = {
+            use rayon::prelude::*;
+            chunk.par_iter().map(|&i| encode_input(&ds, &a, i)).collect()
+        };
         let mut px = Vec::with_capacity(chunk.len() * 3 * r * r);
-        for &i in chunk {
-            match ds.load_raw(i)? {
-                RawItem::U8(v) => px.extend(v),
-                RawItem::F32(_) => bail!("--source {}: holds latents already", a.source),
+        let mut kept = Vec::with_capacity(chunk.len());
+        for (&i, input) in chunk.iter().zip(inputs) {
+            match input? {
+                None => {
+                    skipped.insert(i);
+                }
+                Some((p, side)) => {
+                    if side != r {
+                        bail!("{}: {side}x{side} after the transform, but the first image is {r}x{r}; all must have one size (give --resolution)", ds.item_name(i));
+                    }
+                    px.extend(p);
+                    kept.push(i);
+                }
             }
         }
-        let raw = vae.encode_pixels(&codec, &px, chunk.len(), r, r)?;
-        let per = raw.len() / chunk.len();
+        done += chunk.len();
+        if kept.is_empty() {
+            continue;
+        }
+        let raw = vae.encode_pixels(&codec, &px, kept.len(), r, r)?;
+        let per = raw.len() / kept.len();
         let (c, h) = (2 * vae.config().latent_channels, r / f);
-        for (k, &i) in chunk.iter().enumerate() {
+        for (k, &i) in kept.iter().enumerate() {
             let p = work.join(latent_item_name(i));
             std::fs::create_dir_all(p.parent().unwrap()).with_context(|| format!("creating {}", p.parent().unwrap().display()))?;
             edm2::io::npy::write(&p, &raw[k * per..(k + 1) * per], &[c, h, h])?;
         }
-        done += chunk.len();
         eprintln!("  {done}/{} images ({:.2} s per image)", todo.len(), t0.elapsed().as_secs_f64() / done as f64);
     }
-    // dataset.json: the labels in item order, as the official tool writes them (null
-    // when the source has none).
-    let labels = if (0..n).all(|i| ds.label(i).is_some()) && n > 0 {
-        serde_json::Value::Array((0..n).map(|i| serde_json::json!([latent_item_name(i), ds.label(i).unwrap()])).collect())
-    } else {
-        serde_json::Value::Null
+    if !skipped.is_empty() {
+        eprintln!("skipped {} images the transform does not keep (as the official tool does)", skipped.len());
+    }
+    // The items written (this run's and earlier runs'), in order; dataset.json labels
+    // them as the official tool writes it (null when the source has none).
+    let items: Vec<usize> = (0..n).filter(|&i| work.join(latent_item_name(i)).exists()).collect();
+    let labels = match &labels {
+        Some(l) if !items.is_empty() => serde_json::Value::Array(items.iter().map(|&i| serde_json::json!([latent_item_name(i), l[i]])).collect()),
+        _ => serde_json::Value::Null,
     };
     let meta = serde_json::json!({ "labels": labels });
     edm2::io::write_atomic(work.join("dataset.json"), meta.to_string().as_bytes())?;
     if to_zip {
-        write_zip_of(&work, n, &a.dest)?;
+        write_zip_of(&work, &items, &a.dest)?;
         std::fs::remove_dir_all(&work).with_context(|| format!("removing the working folder {}", work.display()))?;
     }
-    eprintln!("done: {n} latents in {}", a.dest.display());
+    eprintln!("done: {} latents in {}", items.len(), a.dest.display());
     if edm2::profile::enabled() {
         eprintln!("profile (EDM2_PROFILE):\n{}", edm2::profile::report());
     }
     Ok(())
 }
 
-/// `dest` (.zip, atomically) from the `n` items and dataset.json in `work`.
-fn write_zip_of(work: &Path, n: usize, dest: &Path) -> Result<()> {
+/// `dest` (.zip, atomically) from the `items` and dataset.json in `work`.
+fn write_zip_of(work: &Path, items: &[usize], dest: &Path) -> Result<()> {
     let tmp = PathBuf::from(format!("{}.tmp{}", dest.display(), std::process::id()));
     let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut z = zip::ZipWriter::new(std::io::BufWriter::new(file));
     let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    let names = (0..n).map(latent_item_name).chain(std::iter::once("dataset.json".to_string()));
+    let names = items.iter().map(|&i| latent_item_name(i)).chain(std::iter::once("dataset.json".to_string()));
     let res = (|| -> Result<()> {
         for name in names {
             let bytes = std::fs::read(work.join(&name)).with_context(|| format!("reading {}", work.join(&name).display()))?;

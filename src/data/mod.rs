@@ -9,6 +9,7 @@
 
 pub mod decode;
 pub mod loader;
+pub mod transform;
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -58,6 +59,9 @@ pub struct DataOptions {
     pub xflip: bool,
     /// Use only the first N items (before x-flip).
     pub max_size: Option<usize>,
+    /// Images of any size and aspect (a source for `edm2 encode --transform`): the first
+    /// item fixes nothing and items are read with [`Dataset::load_image`] only.
+    pub any_size: bool,
 }
 
 pub struct Dataset {
@@ -272,7 +276,7 @@ impl Dataset {
                 let (px, lab) = fashion_mnist(&read("train-images-idx3-ubyte.gz")?, &read("train-labels-idx1-ubyte.gz")?, "Fashion-MNIST")?;
                 Self::memory("fmnist", &format!("Fashion-MNIST training split ({FMNIST_DEBIAN_DIR})"), px, lab)
             }
-            Some(p) => Self::open_path(Path::new(p))?,
+            Some(p) => Self::open_path(Path::new(p), opts.any_size)?,
         };
         if let Some(m) = opts.max_size {
             if m == 0 {
@@ -302,7 +306,7 @@ impl Dataset {
         }
     }
 
-    fn open_path(path: &Path) -> Result<Dataset> {
+    fn open_path(path: &Path, any_size: bool) -> Result<Dataset> {
         let source = path.display().to_string();
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
         if !path.exists() {
@@ -350,6 +354,9 @@ impl Dataset {
             store,
             raw_len: names.len(),
         };
+        if any_size {
+            return Ok(ds);
+        }
         // The first item fixes the geometry (as in the official dataset class).
         let (item, c, h, w) = ds.load_checked_shape(0, None)?;
         if h != w {
@@ -443,6 +450,23 @@ impl Dataset {
         let bytes = self.read_bytes(i)?;
         let name = self.item_name(i);
         decode::decode_expecting(&bytes, &name, expect)
+    }
+
+    /// Stored image `i` (< raw_len) of any size → (pixels CHW, C, H, W), within the
+    /// absolute limits of [`decode`] only (datasets opened with `any_size`).
+    pub fn load_image(&self, i: usize) -> Result<(Vec<u8>, usize, usize, usize)> {
+        match self.load_checked_shape(i, None)? {
+            (RawItem::U8(px), c, h, w) => Ok((px, c, h, w)),
+            (RawItem::F32(_), ..) => Err(data_err(format!("{}: a latent (.npy), not an image", self.item_name(i)))),
+        }
+    }
+
+    /// The stored items' names relative to the folder or zip (None for built-in data).
+    pub fn stored_names(&self) -> Option<&[String]> {
+        match &self.store {
+            Store::Dir { names, .. } | Store::Zip { names, .. } => Some(names),
+            Store::Memory(_) => None,
+        }
     }
 
     /// Stored item `i` (< raw_len), checked against the dataset's geometry.
