@@ -54,11 +54,11 @@ fn families<B: Backend>(c: &mut Criterion, name: &str, be: &B, upload_params: im
 
     let mut g = group(c, &format!("{name}/weight_norm"));
     g.throughput(Throughput::Elements(g3.numel() as u64));
-    g.bench_function("effective_3x3_128x128", |b| b.iter(|| { let e = be.effective(&p, w3, g3, 1.0).unwrap(); sync(); e }));
+    g.bench_function("effective_3x3_128x128", |b| b.iter(|| { let e = be.effective(&p, w3, g3, None).unwrap(); sync(); e }));
     g.finish();
 
-    let e3 = be.effective(&p, w3, g3, 1.0).unwrap();
-    let e1 = be.effective(&p, w1, g1, 1.0).unwrap();
+    let e3 = be.effective(&p, w3, g3, None).unwrap();
+    let e1 = be.effective(&p, w1, g1, None).unwrap();
     let mut y = be.alloc(s.numel()).unwrap();
     let mut dx = be.alloc(s.numel()).unwrap();
     let mut grads = be.zero_grads(&p).unwrap();
@@ -73,7 +73,7 @@ fn families<B: Backend>(c: &mut Criterion, name: &str, be: &B, upload_params: im
         g.finish();
     }
 
-    let eq = be.effective(&p, wqkv, ConvGeom { out_ch: 3 * CH, in_ch: CH, k: 1 }, 1.0).unwrap();
+    let eq = be.effective(&p, wqkv, ConvGeom { out_ch: 3 * CH, in_ch: CH, k: 1 }, None).unwrap();
     let mut qkv = be.alloc(s.numel() * 3).unwrap();
     be.conv_forward(&eq, &x, s, &mut qkv).unwrap();
     let px = RES * RES;
@@ -174,7 +174,7 @@ fn conv_bf16_at(c: &mut Criterion, gpu: &edm2::backend::gpu::Gpu, s: Nhwc, simt:
     )
     .unwrap();
     gpu.set_precision(Precision::Bf16);
-    let eff = gpu.effective(&p, 0, g3, 1.0).unwrap();
+    let eff = gpu.effective(&p, 0, g3, None).unwrap();
     let x = gpu.upload_act(&rng.normal_vec(s.numel())).unwrap();
     let mut y = gpu.alloc_act(s.numel()).unwrap();
     let dy = gpu.upload_act(&rng.normal_vec(s.pixels() * s.c)).unwrap();

@@ -4,7 +4,11 @@
 #pragma once
 #ifndef EDM2_SIM
 #include <cuda_runtime.h>
-#define EDM2_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define EDM2_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  do {                                                     \
+    edm2_count_launch();                                   \
+    kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__); \
+  } while (0)
 // Tensor cores: D = A·B + C for one warp, A 16x16 bf16 (row-major), B 16x8 bf16
 // (column-major), C/D 16x8 fp32, in the PTX ISA's register fragments (a[4], b[2] hold two
 // bf16 each, low half first; see sim/cuda_sim.h for the layout, which the harness
@@ -74,6 +78,12 @@ __device__ __forceinline__ void edm2_cp_async_wait_all() { asm volatile("cp.asyn
 #define EDM2_SHARED(type, name, dims) __shared__ __align__(16) type name dims
 #endif
 #include "edm2.h"
+
+// Every EDM2_LAUNCH counts itself here (host side, one counter for the process, read by
+// edm2_launch_count): `bench` reports launches per training step from it, the figure the
+// launch-overhead work is judged by. An inline variable: one object across all .cu files.
+inline unsigned long long edm2_launch_counter = 0;
+static inline void edm2_count_launch() { __atomic_fetch_add(&edm2_launch_counter, 1ull, __ATOMIC_RELAXED); }
 
 // Grid size for a grid-stride loop over n elements. The simulated device creates a
 // thread per CUDA thread of every block, so there the grid is capped at a few blocks:

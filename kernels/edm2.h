@@ -52,11 +52,17 @@ int edm2_mp_fourier(const float *x, const float *freqs, const float *phases, voi
  * `dtype`); effective weight OIHW → OHWI (taps = 9 for 3x3, 1 for 1x1/linear) with per-row
  * denominators; its backward. */
 int edm2_normalize_rows(const void *x, void *y, size_t rows, int k, int dtype, cudaStream_t stream);
+/* Rows of many fp32 tensors normalized in place, one launch: a multi-tensor table (see
+ * optim.cu's section below) whose chunks are rows, slot 0 the tensor, EDM2_MT_ARG its row
+ * length, n_rows the total. */
+int edm2_normalize_rows_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows, cudaStream_t stream);
 int edm2_normalize_rows_backward(const void *x, const void *dy, void *dx, size_t rows, int k, int dtype, cudaStream_t stream);
-int edm2_effective_weight_f32(const float *w, float *eff, float *denom, int out_ch, int in_ch, int taps, float gain,
+/* The gain is *gain_at where gain_at is not null (a gain parameter, read on the device),
+ * else `gain`. The backward adds into dw where `accumulate` is set (a gradient buffer). */
+int edm2_effective_weight_f32(const float *w, float *eff, float *denom, int out_ch, int in_ch, int taps, float gain, const float *gain_at,
                               cudaStream_t stream);
 int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, const float *denom, float *dw, float *row_dgain, int out_ch,
-                                       int in_ch, int taps, float gain, cudaStream_t stream);
+                                       int in_ch, int taps, float gain, const float *gain_at, int accumulate, cudaStream_t stream);
 
 /* conv.cu: NHWC activations of `dtype`, OHWI fp32 effective weight, k = 3 (3x3 'same'), 1 (1x1)
  * or 0 (linear, h = w = 1). All overwrite their output; the weight gradient is fp32. bf16
@@ -111,16 +117,36 @@ int edm2_attention_backward(const void *qkv, const float *qn, const float *kn, c
  * sigma and logvar (fp32, n each). d and dd are activations of `dtype`, the images y fp32. */
 int edm2_loss(const void *d, const float *y, const float *sigma, float sigma_data, const float *logvar, void *dd, float *loss_sums,
               float *dlogvar, size_t n, size_t per, float dd_scale, float dlv_scale, int dtype, cudaStream_t stream);
+/* out[0] += Σ loss_sums[0..n) (in order, f64); with counts, out[1..3) = counts[0..2). */
+int edm2_step_totals(const float *loss_sums, size_t n, const unsigned *counts, double *out, cudaStream_t stream);
 
 /* optim.cu: Adam with non-finite zeroing (adds the count to nonfinite[0], and the entries it left non-finite to nonfinite[1]), EMA lerp. */
 int edm2_adam_f32(float *p, const float *g, float *m, float *v, float beta1, float beta2, float bc2_sqrt, float eps,
                   float step, size_t n, unsigned *nonfinite, cudaStream_t stream);
 int edm2_ema_lerp_f32(float *e, const float *p, float w, size_t n, cudaStream_t stream);
+/* Multi-tensor forms: one launch for many tensors. `rows` (device memory) holds
+ * EDM2_MT_ROW u64 per tensor: the device addresses of its operands in slots 0-3 (adam: p,
+ * g, m, v; ema_lerp: e, p; add: a, b — a += b), its element count, the f32 bits of a
+ * per-tensor argument (ema_lerp: w) and the index of its first chunk: the number of
+ * `chunk`-element chunks of the tensors before it (n_chunks: of all). */
+#define EDM2_MT_ROW 8
+#define EDM2_MT_LEN 4
+#define EDM2_MT_ARG 5
+#define EDM2_MT_FIRST_CHUNK 6
+int edm2_adam_multi_f32(const unsigned long long *rows, int n_rows, long long n_chunks, int chunk, float beta1, float beta2, float bc2_sqrt,
+                        float eps, float step, unsigned *nonfinite, cudaStream_t stream);
+int edm2_ema_lerp_multi_f32(const unsigned long long *rows, int n_rows, long long n_chunks, int chunk, cudaStream_t stream);
+int edm2_add_multi_f32(const unsigned long long *rows, int n_rows, long long n_chunks, int chunk, cudaStream_t stream);
+/* The number of kernel launches this process has made (every launcher counts its own). */
+unsigned long long edm2_launch_count(void);
 
 /* reduce.cu: out[0] = sum of x (two launches: per-block partials into `partials`, which
  * must hold edm2_sum_partials(n) floats, then one block). */
 size_t edm2_sum_partials(size_t n);
 int edm2_sum_f32(const float *x, float *partials, float *out, size_t n, cudaStream_t stream);
+/* out[0] += the sum of x in one launch (one block; for short vectors such as a layer's
+ * per-row gain gradients). Deterministic: a fixed order. */
+int edm2_sum_add_f32(const float *x, float *out, size_t n, cudaStream_t stream);
 
 /* Harness self-tests (reduce.cu): a block sum in shared memory with the barrier between
  * tree levels optionally left out (skip_sync = 1, a deliberate bug the simulation must

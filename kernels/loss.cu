@@ -11,6 +11,9 @@
 //   dlogvar[b]   = dlv_scale·Σ (1 − l)                                    overwrites dlogvar
 // with dd_scale = 2/N and dlv_scale = 1/N (N images), both times the loss scaling.
 // One block of 256 threads per image, a fixed reduction tree: deterministic.
+// step_totals: what the host reads of a training step, in one f64 buffer (one download):
+//   out[0] += Σ_b loss_sums[b] (in order, in f64, as the host summed them), and, where
+//   counts is given, out[1], out[2] = Adam's two non-finite counts (exact in f64).
 // First version; checked against the CPU backend in the simulation harness.
 #include "common.cuh"
 
@@ -50,4 +53,20 @@ extern "C" int edm2_loss(const void *d, const float *y, const float *sigma, floa
   EDM2_BY_DTYPE(dtype, EDM2_LAUNCH(edm2_loss_kernel<T>, (unsigned)n, LOSS_THREADS, 0, stream, (const T *)d, y, sigma, sigma_data, logvar,
                                    (T *)dd, loss_sums, dlogvar, per, dd_scale, dlv_scale);
                 return (int)cudaGetLastError());
+}
+
+__global__ void step_totals_kernel(const float *__restrict__ loss_sums, size_t n, const unsigned *__restrict__ counts, double *out) {
+  double s = 0.0;
+  for (size_t b = 0; b < n; b++) s += (double)loss_sums[b];
+  if (n) out[0] += s;
+  if (counts) {
+    out[1] = (double)counts[0];
+    out[2] = (double)counts[1];
+  }
+}
+
+extern "C" int edm2_step_totals(const float *loss_sums, size_t n, const unsigned *counts, double *out, cudaStream_t stream) {
+  if (n == 0 && !counts) return 0;
+  EDM2_LAUNCH(step_totals_kernel, 1, 1, 0, stream, loss_sums, n, counts, out);
+  return (int)cudaGetLastError();
 }

@@ -1,6 +1,7 @@
 // reduce.cu — sums: a shared-memory tree within a block, then warp shuffles for the last
 // 32 values; two launches for a whole array (per-block partials, then one block).
 // Overwrites partials[0..edm2_sum_partials(n)) and out[0]. Deterministic: a fixed tree.
+// sum_add: out[0] += the sum, one block, one launch (short vectors: gain gradients).
 // Also the simulation harness's self-tests (a barrier that must not be left out, and a
 // warp-shuffle reduction).
 #include "common.cuh"
@@ -28,6 +29,28 @@ __global__ void block_sum_kernel(const float *__restrict__ x, float *__restrict_
     float w = warp_sum(s[threadIdx.x]);
     if (threadIdx.x == 0) out[blockIdx.x] = w;
   }
+}
+
+// out[0] += Σ x: one block strides over x, then the same fixed tree.
+__global__ void block_sum_add_kernel(const float *__restrict__ x, float *__restrict__ out, size_t n) {
+  EDM2_SHARED(float, s, [SUM_THREADS]);
+  float v = 0.0f;
+  for (size_t i = threadIdx.x; i < n; i += blockDim.x) v += x[i];
+  s[threadIdx.x] = v;
+  __syncthreads();
+  for (unsigned stride = blockDim.x / 2; stride >= 32; stride >>= 1) {
+    if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x < 32) {
+    float w = warp_sum(s[threadIdx.x]);
+    if (threadIdx.x == 0) out[0] += w;
+  }
+}
+
+extern "C" int edm2_sum_add_f32(const float *x, float *out, size_t n, cudaStream_t stream) {
+  EDM2_LAUNCH(block_sum_add_kernel, 1, SUM_THREADS, 0, stream, x, out, n);
+  return (int)cudaGetLastError();
 }
 
 extern "C" size_t edm2_sum_partials(size_t n) {

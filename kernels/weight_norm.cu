@@ -6,16 +6,21 @@
 //   - forced weight normalization of the fp32 master weights (in place: x == y allowed),
 //   - pixel norm over the channels of an NHWC activation (rows = pixels, k = C);
 //   backward: dx = dy/d − x·(Σ dy·x)/(d²·sqrt(k)·||x||) (0 subgradient at x = 0).
+//   normalize_rows_multi: the forced normalization of all weights in one launch.
 // effective weight: eff[o, tap, i] = normalize(W[o])[i, tap] · gain / sqrt(fan_in), from the
 //   stored OIHW parameter to the OHWI layout the conv kernels read (fan_in = I·taps);
-//   denom[o] keeps the row's denominator for the backward. Overwrites eff and denom.
-// effective weight backward: from d_eff (OHWI) to dW (OIHW, overwritten) and the per-row
-//   gain gradient row_dgain[o] = Σ d_eff·normalize(W)/sqrt(fan_in) (overwritten; the
-//   caller sums the rows with the deterministic edm2_sum_f32).
+//   denom[o] keeps the row's denominator for the backward. Overwrites eff and denom. A
+//   gain parameter is read on the device (gain_at): nothing goes back to the host when
+//   Adam changes it.
+// effective weight backward: from d_eff (OHWI) to dW (OIHW, overwritten, or added to the
+//   gradient buffer with `accumulate`: no separate add) and the per-row gain gradient
+//   row_dgain[o] = Σ d_eff·normalize(W)/sqrt(fan_in) (overwritten; the caller adds the
+//   rows up with the deterministic edm2_sum_add_f32).
 // One block of 128 threads per row (grid-stride over rows); block sums in a fixed tree,
 // so results are deterministic. Variants: first versions, correct before fast; checked
 // against the CPU backend in the simulation harness (tests/gpu_kernels.rs).
 #include "common.cuh"
+#include "multi_tensor.cuh"
 
 #define ROW_THREADS 128
 
@@ -30,6 +35,23 @@ __global__ void normalize_rows_kernel(const T *x, T *y, size_t rows, int k) {
     T *yr = y + r * k;
     for (int i = threadIdx.x; i < k; i += blockDim.x) yr[i] = xr[i] * inv;
     __syncthreads();  // in place: every read of this row is done before the next row
+  }
+}
+
+// Forced weight normalization of every weight of a network in one launch (in place):
+// the multi-tensor table's chunks are rows, EDM2_MT_ARG holds a tensor's row length. The
+// row work is normalize_rows_kernel's, so the bits are the same.
+__global__ void normalize_rows_multi_kernel(const unsigned long long *__restrict__ table, int n_tensors, long long n_rows) {
+  EDM2_SHARED(float, red, [ROW_THREADS]);
+  for (long long c = blockIdx.x; c < n_rows; c += gridDim.x) {
+    const unsigned long long *t = mt_row(table, n_tensors, c);
+    const int k = (int)t[EDM2_MT_ARG];
+    float *xr = (float *)t[0] + (size_t)(c - (long long)t[EDM2_MT_FIRST_CHUNK]) * (size_t)k;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) ss += xr[i] * xr[i];
+    float inv = 1.0f / edm2_norm_denom(edm2_block_sum(ss, red), k);
+    for (int i = threadIdx.x; i < k; i += blockDim.x) xr[i] = xr[i] * inv;
+    __syncthreads();  // every read of this row is done before the next row reuses `red`
   }
 }
 
@@ -54,9 +76,10 @@ __global__ void normalize_rows_backward_kernel(const T *__restrict__ x, const T 
 }
 
 __global__ void effective_weight_kernel(const float *__restrict__ w, float *__restrict__ eff, float *__restrict__ denom, int out_ch,
-                                        int in_ch, int taps, float scale_g) {
+                                        int in_ch, int taps, float gain, const float *__restrict__ gain_at) {
   EDM2_SHARED(float, red, [ROW_THREADS]);
   const int fan = in_ch * taps;
+  const float scale_g = (gain_at ? *gain_at : gain) / sqrtf((float)fan);
   for (int o = blockIdx.x; o < out_ch; o += gridDim.x) {
     const float *wr = w + (size_t)o * fan;
     float ss = 0.0f;
@@ -73,7 +96,9 @@ __global__ void effective_weight_kernel(const float *__restrict__ w, float *__re
 
 __global__ void effective_weight_backward_kernel(const float *__restrict__ w, const float *__restrict__ d_eff,
                                                  const float *__restrict__ denom, float *__restrict__ dw,
-                                                 float *__restrict__ row_dgain, int out_ch, int in_ch, int taps, float scale_g) {
+                                                 float *__restrict__ row_dgain, int out_ch, int in_ch, int taps, float gain,
+                                                 const float *__restrict__ gain_at, int accumulate) {
+  const float scale_g = (gain_at ? *gain_at : gain) / sqrtf((float)(in_ch * taps));
   EDM2_SHARED(float, red, [ROW_THREADS]);
   const int fan = in_ch * taps;
   const float inv_sqrt_fan = 1.0f / sqrtf((float)fan);
@@ -94,7 +119,11 @@ __global__ void effective_weight_backward_kernel(const float *__restrict__ w, co
     float inv = 1.0f / d;
     for (int i = threadIdx.x; i < fan; i += blockDim.x) {
       float g = gr[(i % taps) * in_ch + i / taps];
-      dw[(size_t)o * fan + i] = (g * scale_g) * inv - wr[i] * coef;
+      float v = (g * scale_g) * inv - wr[i] * coef;
+      if (accumulate)
+        dw[(size_t)o * fan + i] += v;
+      else
+        dw[(size_t)o * fan + i] = v;
     }
   }
 }
@@ -111,6 +140,12 @@ extern "C" int edm2_normalize_rows(const void *x, void *y, size_t rows, int k, i
                 return (int)cudaGetLastError());
 }
 
+extern "C" int edm2_normalize_rows_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows, cudaStream_t stream) {
+  if (n_tensors <= 0 || n_rows <= 0) return 0;
+  EDM2_LAUNCH(normalize_rows_multi_kernel, row_blocks((size_t)n_rows), ROW_THREADS, 0, stream, table, n_tensors, n_rows);
+  return (int)cudaGetLastError();
+}
+
 extern "C" int edm2_normalize_rows_backward(const void *x, const void *dy, void *dx, size_t rows, int k, int dtype, cudaStream_t stream) {
   if (rows == 0 || k <= 0) return 0;
   EDM2_BY_DTYPE(dtype,
@@ -120,18 +155,17 @@ extern "C" int edm2_normalize_rows_backward(const void *x, const void *dy, void 
 }
 
 extern "C" int edm2_effective_weight_f32(const float *w, float *eff, float *denom, int out_ch, int in_ch, int taps, float gain,
-                                         cudaStream_t stream) {
+                                         const float *gain_at, cudaStream_t stream) {
   if (out_ch <= 0) return 0;
-  float scale_g = gain / sqrtf((float)(in_ch * taps));
-  EDM2_LAUNCH(effective_weight_kernel, row_blocks(out_ch), ROW_THREADS, 0, stream, w, eff, denom, out_ch, in_ch, taps, scale_g);
+  EDM2_LAUNCH(effective_weight_kernel, row_blocks(out_ch), ROW_THREADS, 0, stream, w, eff, denom, out_ch, in_ch, taps, gain, gain_at);
   return (int)cudaGetLastError();
 }
 
 extern "C" int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, const float *denom, float *dw, float *row_dgain,
-                                                  int out_ch, int in_ch, int taps, float gain, cudaStream_t stream) {
+                                                  int out_ch, int in_ch, int taps, float gain, const float *gain_at, int accumulate,
+                                                  cudaStream_t stream) {
   if (out_ch <= 0) return 0;
-  float scale_g = gain / sqrtf((float)(in_ch * taps));
   EDM2_LAUNCH(effective_weight_backward_kernel, row_blocks(out_ch), ROW_THREADS, 0, stream, w, d_eff, denom, dw, row_dgain, out_ch,
-              in_ch, taps, scale_g);
+              in_ch, taps, gain, gain_at, accumulate);
   return (int)cudaGetLastError();
 }

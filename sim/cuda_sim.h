@@ -52,6 +52,12 @@ struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+// CUDA's 16-byte vector type: a float4 load or store must be 16-byte aligned on the device,
+// and here too (the aligned type lets the compiler use aligned vector moves, so a
+// misaligned access faults in the tests as it would on a GPU).
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 struct uint3 {
   unsigned x, y, z;
 };
@@ -689,6 +695,7 @@ inline cudaError_t cudaGetLastError() {
   do {                                                                                       \
     (void)(smem);                                                                            \
     (void)(stream);                                                                          \
+    edm2_count_launch();                                                                     \
     if (edm2sim::launch(dim3(grid), dim3(block), [&] { kernel(__VA_ARGS__); }) != cudaSuccess) \
       edm2sim::last_error() = cudaErrorInvalidConfiguration;                                 \
   } while (0)

@@ -285,6 +285,103 @@ fn adam_and_ema_kernels_match_the_cpu_backend() {
     }
 }
 
+#[test]
+fn multi_tensor_updates_equal_the_per_tensor_kernels_bit_for_bit() {
+    use edm2::backend::gpu::multi_tensor as mt;
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    // Odd lengths (the scalar tail after the float4s), a one-element gain, an empty tensor,
+    // tensors spanning many chunks; a small chunk so the blocks loop over many of them.
+    let sizes = [3001usize, 1, 0, 130, 4, 17, 1024];
+    let bits = |b: &GpuBuf<f32>| down32(&gpu, b).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let set = |seed: u64| -> Vec<GpuBuf<f32>> { sizes.iter().enumerate().map(|(i, &n)| up32(&gpu, &random(n, seed + i as u64))).collect() };
+    for chunk in [64usize, mt::CHUNK] {
+        each_schedule(|sched| {
+            let (mut p1, mut m1, mut v1) = (set(1), set(20), set(40));
+            for v in v1.iter_mut() {
+                let sq: Vec<f32> = down32(&gpu, v).iter().map(|x| x * x).collect();
+                *v = up32(&gpu, &sq);
+            }
+            let (mut p2, mut m2, mut v2) = (set(1), set(20), set(40));
+            for (a, b) in v2.iter_mut().zip(&v1) {
+                *a = up32(&gpu, &down32(&gpu, b));
+            }
+            let mut grads: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| random(n, 60 + i as u64)).collect();
+            grads[0][7] = f32::NAN;
+            grads[3][129] = f32::NEG_INFINITY;
+            let g: Vec<GpuBuf<f32>> = grads.iter().map(|x| up32(&gpu, x)).collect();
+            let mut c1 = gpu.alloc_zeros::<u32>(2).unwrap();
+            let mut c2 = gpu.alloc_zeros::<u32>(2).unwrap();
+            for t in 1..=2u64 {
+                for i in 0..sizes.len() {
+                    k::adam(&gpu, &mut p1[i], &g[i], &mut m1[i], &mut v1[i], 0.01, 0.9, 0.99, 1e-8, t, &mut c1).unwrap();
+                }
+                let tensors = p2
+                    .iter_mut()
+                    .zip(&g)
+                    .zip(m2.iter_mut().zip(v2.iter_mut()))
+                    .map(|((p, g), (m, v))| mt::AdamTensor { p, g, m, v })
+                    .collect();
+                mt::adam(&gpu, tensors, 0.01, 0.9, 0.99, 1e-8, t, &mut c2, chunk).unwrap();
+            }
+            for i in 0..sizes.len() {
+                assert_eq!(bits(&p2[i]), bits(&p1[i]), "adam_multi p[{i}] chunk {chunk} {sched}");
+                assert_eq!(bits(&m2[i]), bits(&m1[i]), "adam_multi m[{i}] chunk {chunk} {sched}");
+                assert_eq!(bits(&v2[i]), bits(&v1[i]), "adam_multi v[{i}] chunk {chunk} {sched}");
+            }
+            assert_eq!(gpu.download(&c2).unwrap(), gpu.download(&c1).unwrap());
+            assert_eq!(gpu.download(&c2).unwrap(), vec![4, 0], "two non-finite gradient entries, two steps");
+            // Two EMAs of the same weights with different w (both lerp branches), one launch.
+            let (mut e1, mut e2) = (set(80), set(90));
+            let (mut f1, mut f2) = (set(80), set(90));
+            for i in 0..sizes.len() {
+                k::ema_lerp(&gpu, &mut e1[i], &p1[i], 0.3).unwrap();
+                k::ema_lerp(&gpu, &mut e2[i], &p1[i], 0.7).unwrap();
+            }
+            let tensors = f1
+                .iter_mut()
+                .zip(&p1)
+                .map(|(e, p)| (e, p, 0.3f32))
+                .chain(f2.iter_mut().zip(&p1).map(|(e, p)| (e, p, 0.7f32)))
+                .collect();
+            mt::ema_lerp(&gpu, tensors, chunk).unwrap();
+            for i in 0..sizes.len() {
+                assert_eq!(bits(&f1[i]), bits(&e1[i]), "ema_lerp_multi w=0.3 [{i}] chunk {chunk} {sched}");
+                assert_eq!(bits(&f2[i]), bits(&e2[i]), "ema_lerp_multi w=0.7 [{i}] chunk {chunk} {sched}");
+            }
+            // Gradient accumulation.
+            let mut acc = set(100);
+            let want: Vec<Vec<f32>> = acc.iter().zip(&g).map(|(a, b)| down32(&gpu, a).iter().zip(&down32(&gpu, b)).map(|(x, y)| x + y).collect()).collect();
+            mt::add(&gpu, acc.iter_mut().zip(&g).collect(), chunk).unwrap();
+            for i in 0..sizes.len() {
+                let got = down32(&gpu, &acc[i]);
+                assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want[i].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "add_multi [{i}]");
+            }
+        });
+    }
+    // Forced weight normalization of several weights (rows of different lengths) at once.
+    each_schedule(|sched| {
+        let shapes = [(5usize, 7usize), (3, 1), (4, 144), (2, 1152), (9, 20)];
+        let ws: Vec<Vec<f32>> = shapes.iter().enumerate().map(|(i, &(r, kk))| random(r * kk, 500 + i as u64)).collect();
+        let mut one: Vec<GpuBuf<f32>> = ws.iter().map(|w| up32(&gpu, w)).collect();
+        let mut all: Vec<GpuBuf<f32>> = ws.iter().map(|w| up32(&gpu, w)).collect();
+        for (b, &(_, kk)) in one.iter_mut().zip(&shapes) {
+            k::normalize_rows_inplace(&gpu, b, kk).unwrap();
+        }
+        mt::normalize_rows(&gpu, all.iter_mut().zip(shapes.iter().map(|s| s.1)).collect()).unwrap();
+        for i in 0..shapes.len() {
+            assert_eq!(bits(&all[i]), bits(&one[i]), "normalize_rows_multi {:?} {sched}", shapes[i]);
+        }
+        assert!(mt::normalize_rows(&gpu, vec![(&mut all[0], 6)]).is_err(), "35 values are not rows of 6");
+    });
+    // One launch for all of them, and a chunk the float4 path cannot use is refused.
+    let (mut a, b) = (set(1), set(2));
+    let before = edm2::backend::gpu::launches();
+    mt::add(&gpu, a.iter_mut().zip(&b).collect(), mt::CHUNK).unwrap();
+    assert_eq!(edm2::backend::gpu::launches() - before, 1);
+    assert!(mt::add(&gpu, a.iter_mut().zip(&b).collect(), 6).is_err());
+}
+
 /// Tolerances against the CPU backend (relative L2), as the CUDA issue asks: fp32 mode
 /// 1e-5; bf16 activations 1e-2.
 const FP32_TOL: f64 = 1e-5;
@@ -341,16 +438,30 @@ fn normalize_rows_and_weight_norm_match_the_cpu_backend() {
             let w = random(geom.numel(), 100 + o as u64 + kk as u64);
             let cpu = conv::effective_weight(&w, o, i, kk, gain);
             let wb = up32(&gpu, &w);
-            let eff = k::effective_weight(&gpu, &wb, geom, gain).unwrap();
+            // The gain as a value, and as a parameter's device buffer: the same bits.
+            let gain_buf = up32(&gpu, &[gain]);
+            let eff = k::effective_weight(&gpu, &wb, geom, k::Gain::Value(gain)).unwrap();
+            let eff_at = k::effective_weight(&gpu, &wb, geom, k::Gain::At(&gain_buf)).unwrap();
             close(&format!("effective_weight {geom:?} {sched}"), &down32(&gpu, &eff.w), &cpu.ohwi());
+            assert_eq!(down32(&gpu, &eff_at.w), down32(&gpu, &eff.w), "effective_weight with the gain on the device {geom:?}");
             close(&format!("effective_weight denom {geom:?} {sched}"), &down32(&gpu, &eff.denom), &cpu.denom);
             let d_eff = random(geom.numel(), 200 + o as u64);
             let mut dw_cpu = vec![0.0; w.len()];
             let dgain_cpu = conv::effective_weight_backward(&w, &cpu, &d_eff, &mut dw_cpu);
             let (mut dw, mut rows) = (gpu.alloc(w.len()).unwrap(), gpu.alloc(o).unwrap());
-            k::effective_weight_backward(&gpu, &wb, &eff, &up32(&gpu, &d_eff), &mut dw, &mut rows).unwrap();
+            k::effective_weight_backward(&gpu, &wb, &eff, None, &up32(&gpu, &d_eff), &mut dw, &mut rows, false).unwrap();
             let dgain = k::sum(&gpu, &rows).unwrap();
             close(&format!("effective_weight_backward dW {geom:?} {sched}"), &down32(&gpu, &dw), &dw_cpu);
+            // Accumulating into a gradient buffer (gain on the device, rows summed into it).
+            let start = random(w.len(), 300 + o as u64);
+            let mut acc = up32(&gpu, &start);
+            let mut dgain_acc = up32(&gpu, &[0.25]);
+            k::effective_weight_backward(&gpu, &wb, &eff_at, Some(&gain_buf), &up32(&gpu, &d_eff), &mut acc, &mut rows, true).unwrap();
+            k::sum_add_into(&gpu, &rows, &mut dgain_acc).unwrap();
+            let want: Vec<f32> = start.iter().zip(&down32(&gpu, &dw)).map(|(a, b)| a + b).collect();
+            assert_eq!(down32(&gpu, &acc), want, "effective_weight_backward accumulate {geom:?}");
+            let dgain_added = down32(&gpu, &dgain_acc)[0] - 0.25;
+            assert!((dgain_added - dgain_cpu).abs() <= 2e-5 * dgain_cpu.abs().max(1.0), "sum_add dgain {geom:?}: {dgain_added} vs {dgain_cpu}");
             assert!((dgain - dgain_cpu).abs() <= 1e-5 * dgain_cpu.abs().max(1.0), "dgain {geom:?}: {dgain} vs {dgain_cpu}");
         }
     });
@@ -497,7 +608,7 @@ fn conv_kernels_match_the_cpu_backend() {
             let x = random(s.numel(), 301 + kk as u64);
             let dy = random(s.pixels() * o, 302);
             let cpu = conv::effective_weight(&w, o, s.c, kk, 1.0);
-            let eff = k::effective_weight(&gpu, &up32(&gpu, &w), geom, 1.0).unwrap();
+            let eff = k::effective_weight(&gpu, &up32(&gpu, &w), geom, k::Gain::Value(1.0)).unwrap();
             let xb = up(&gpu, &x);
             let mut y_cpu = vec![0.0; s.pixels() * o];
             conv::conv_forward(&cpu, &x, s.n, s.h, s.w, &mut y_cpu);
@@ -619,7 +730,7 @@ fn conv_kernels_match_the_cpu_backend() {
         in_ch: 3,
         k: 3,
     };
-    let eff = k::effective_weight(&gpu, &up32(&gpu, &random(geom.numel(), 1)), geom, 1.0).unwrap();
+    let eff = k::effective_weight(&gpu, &up32(&gpu, &random(geom.numel(), 1)), geom, k::Gain::Value(1.0)).unwrap();
     let s = Nhwc {
         n: 1,
         h: 2,

@@ -330,7 +330,7 @@ fn training_on_the_device_matches_the_cpu() {
 
 #[test]
 fn a_repeated_training_step_allocates_no_device_memory() {
-    use edm2::backend::gpu::kernels as k;
+    use edm2::backend::gpu::{kernels as k, multi_tensor as mt};
     let Some(gpu) = device() else { return };
     let net = Precond::new(&tiny()).unwrap();
     let params = net.init_params(31);
@@ -346,7 +346,9 @@ fn a_repeated_training_step_allocates_no_device_memory() {
         let xd = Tensor::with_buf(&x.shape, gpu.upload_input(&x.data).unwrap());
         let yd = gpu.upload(&x.data).unwrap();
         let ld = Tensor::with_buf(&labels.shape, gpu.upload_act(&labels.data).unwrap());
+        let launches = edm2::backend::gpu::launches();
         net.force_normalize_on(&gpu, &mut gp).unwrap();
+        assert_eq!(edm2::backend::gpu::launches() - launches, 1, "the forced weight normalization of all weights is one launch");
         let waits = gpu.waits();
         let mode = Mode::train(t);
         let out = net.forward_on(&gpu, &gp, &xd, &sigma, Some(&ld), &mode, false).unwrap();
@@ -355,9 +357,10 @@ fn a_repeated_training_step_allocates_no_device_memory() {
         let g = net.backward_on(&gpu, &gp, out.cache.unwrap(), &dd, &l.dlogvar, &mode).unwrap();
         assert_eq!(gpu.waits(), waits, "forward, loss and backward read nothing back: the host never waits for the device in a pass");
         let mut nonfinite = gpu.alloc_zeros::<u32>(2).unwrap();
-        for (i, (m, v)) in moments.iter_mut().enumerate() {
-            k::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-3, 0.9, 0.99, 1e-8, t, &mut nonfinite).unwrap();
-        }
+        let tensors = gp.values.iter_mut().zip(&g.values).zip(moments.iter_mut()).map(|((p, g), (m, v))| mt::AdamTensor { p, g, m, v }).collect();
+        let launches = edm2::backend::gpu::launches();
+        mt::adam(&gpu, tensors, 1e-3, 0.9, 0.99, 1e-8, t, &mut nonfinite, mt::CHUNK).unwrap();
+        assert_eq!(edm2::backend::gpu::launches() - launches, 1, "Adam on all parameters is one launch");
     };
     step(1);
     let first = gpu.pool_stats();
@@ -365,4 +368,28 @@ fn a_repeated_training_step_allocates_no_device_memory() {
     let second = gpu.pool_stats();
     assert!(first.allocated > 0 && second.reused > first.reused, "{first:?} -> {second:?}");
     assert_eq!(second.allocated, first.allocated, "the second step allocated device memory ({first:?} -> {second:?})");
+}
+
+#[test]
+fn a_device_training_step_waits_for_the_device_once() {
+    let Some(_gpu) = device() else { return };
+    let dir = std::env::temp_dir().join(format!("edm2-gpu-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("tiny.json");
+    std::fs::write(&cfg_path, tiny().to_json()).unwrap();
+    let bin = std::env::var("EDM2_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edm2").to_string());
+    let o = std::process::Command::new(bin)
+        .args(["bench", "--device", "cuda", "--config", cfg_path.to_str().unwrap(), "--batch", "2", "--iters", "1", "--only", "train", "--json"])
+        .output()
+        .unwrap();
+    let (so, se) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "bench failed:\n{so}\n{se}");
+    let json: serde_json::Value = serde_json::from_str(so.lines().last().unwrap()).unwrap();
+    // The loss and Adam's non-finite counts come back in one read at the end of the step;
+    // the gains stay on the device.
+    assert_eq!(json["host_waits_per_step"], 1, "{so}");
+    let launches = json["launches_per_step"].as_u64().unwrap();
+    eprintln!("tiny config, batch 2: {launches} launches per training step");
+    assert!(launches > 20, "launches are counted: {launches}");
+    std::fs::remove_dir_all(&dir).ok();
 }

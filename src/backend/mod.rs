@@ -108,15 +108,28 @@ pub trait Backend {
         Ok(())
     }
 
-    /// The value of a scalar parameter (a gain).
-    fn scalar(&self, p: &Self::Params, id: crate::nn::params::ParamId) -> f32;
     /// Zero gradients shaped like `p`.
     fn zero_grads(&self, p: &Self::Params) -> crate::error::Result<Self::Params>;
     /// Forced weight normalization of parameter `id` (rows of `row_len`), in place.
     fn force_normalize(&self, p: &mut Self::Params, id: crate::nn::params::ParamId, row_len: usize) -> crate::error::Result<()>;
+    /// [`Backend::force_normalize`] of every `(id, row_len)` of `weights` (the CUDA backend:
+    /// one launch for all of them).
+    fn force_normalize_all(&self, p: &mut Self::Params, weights: &[(crate::nn::params::ParamId, usize)]) -> crate::error::Result<()> {
+        for &(id, row_len) in weights {
+            self.force_normalize(p, id, row_len)?;
+        }
+        Ok(())
+    }
 
-    /// `normalize(W[id])·gain/sqrt(fan_in)`.
-    fn effective(&self, p: &Self::Params, id: crate::nn::params::ParamId, geom: ConvGeom, gain: f32) -> crate::error::Result<Self::Eff>;
+    /// `normalize(W[id])·gain/sqrt(fan_in)`, with the gain the scalar parameter `gain` (read
+    /// where the parameters live: on the CUDA backend, on the device) or 1.
+    fn effective(
+        &self,
+        p: &Self::Params,
+        id: crate::nn::params::ParamId,
+        geom: ConvGeom,
+        gain: Option<crate::nn::params::ParamId>,
+    ) -> crate::error::Result<Self::Eff>;
     /// `y = conv(x)` ('same', stride 1; linear layers are 1x1 images).
     fn conv_forward(&self, eff: &Self::Eff, x: &Self::Buf, s: Nhwc, y: &mut Self::Buf) -> crate::error::Result<()>;
     /// Backward of [`Backend::conv_forward`] and of the effective weight: writes `dx` if

@@ -229,7 +229,7 @@ pub fn run(a: Args) -> Result<()> {
 /// backward, Adam) and forward on the CUDA backend.
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn bench_cuda(a: &Args) -> Result<()> {
-    use edm2::backend::gpu::{kernels, Gpu, GpuParams};
+    use edm2::backend::gpu::{kernels, launches, multi_tensor, Gpu, GpuParams};
     let gpu = Gpu::open(0)?;
     gpu.set_precision(a.precision.parse().map_err(anyhow::Error::msg)?);
     let Setup { cfg, net, params, images, labels, sigma, noisy, mut rng } = setup(a, gpu.memory_free().map(|f| f.0))?;
@@ -249,21 +249,27 @@ fn bench_cuda(a: &Args) -> Result<()> {
         let mode = Mode::train(7);
         let out = net.forward_on(&gpu, gp, &xd, &sigma, ld.as_ref(), &mode, false)?;
         let kernels::GpuLoss { per_sample, dd, dlogvar } = kernels::edm2_loss(&gpu, &out.d.data, &yd, &out.logvar, &sigma, cfg.sigma_data, 1.0)?;
+        let mut totals = gpu.alloc_zeros::<f64>(3)?;
+        kernels::step_totals(&gpu, Some(&per_sample), None, &mut totals)?;
         let dd = Tensor::with_buf(&out.d.shape, dd);
         let g = net.backward_on(&gpu, gp, out.cache.expect("a training forward records"), &dd, &dlogvar, &mode)?;
         step += 1;
-        // Adam on the device for every parameter, the gains included.
+        // Adam on the device for every parameter, the gains included, in one launch (as
+        // `train` does; the EMAs are one more).
         let mut nonfinite = gpu.alloc_zeros::<u32>(2)?;
-        for (i, s) in net.specs.iter().enumerate() {
-            if s.kind == edm2::nn::params::ParamKind::Param {
-                let (m, v) = &mut moments[i];
-                kernels::adam(&gpu, &mut gp.values[i], &g.values[i], m, v, 1e-4, 0.9, 0.99, 1e-8, step, &mut nonfinite)?;
-            }
-        }
-        gp.scalars_from_device(&gpu)?;
-        // Reading the loss back waits for the step.
-        let loss = gpu.download(&per_sample)?;
-        Ok(loss.iter().sum::<f32>() / loss.len() as f32)
+        let tensors = gp
+            .values
+            .iter_mut()
+            .zip(&g.values)
+            .zip(moments.iter_mut())
+            .zip(&net.specs)
+            .filter(|(_, s)| s.kind == edm2::nn::params::ParamKind::Param)
+            .map(|(((p, g), (m, v)), _)| multi_tensor::AdamTensor { p, g, m, v })
+            .collect();
+        multi_tensor::adam(&gpu, tensors, 1e-4, 0.9, 0.99, 1e-8, step, &mut nonfinite, multi_tensor::CHUNK)?;
+        kernels::step_totals(&gpu, None, Some(&nonfinite), &mut totals)?;
+        // The one read-back of a step waits for all of it.
+        Ok((gpu.download(&totals)?[0] / n as f64) as f32)
     };
     let tc = gpu.tensor_core_conv() && a.precision == "bf16";
     eprintln!("bench {} batch {n} on {} ({}{})", a.config, gpu.name(), a.precision, if tc { ", tensor-core conv forward" } else { "" });
@@ -271,13 +277,16 @@ fn bench_cuda(a: &Args) -> Result<()> {
     // (backend::gpu::check), so the table below is a per-kernel profile of the steps.
     edm2::profile::enable_from_env();
     let mut train_ms = Vec::new();
+    // (kernel launches, host waits) of the last training step.
+    let mut step_counts: Option<(u64, u64)> = None;
     for i in 0..=a.iters {
         if a.only == "forward" {
             break;
         }
-        let t = Instant::now();
+        let (t, l0, w0) = (Instant::now(), launches(), gpu.waits());
         let l = train_step(&mut gp)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
+        step_counts = Some((launches() - l0, gpu.waits() - w0));
         eprintln!("  train step {i}: {ms:.1} ms (loss {l:.4}){}", if i == 0 { " [warm-up]" } else { "" });
         if i > 0 {
             train_ms.push(ms);
@@ -338,6 +347,9 @@ fn bench_cuda(a: &Args) -> Result<()> {
         let f = median(&mut fwd_ms);
         println!("forward:    median {f:.1} ms = {:.2} img/s, {:.1} GFLOP/s", ips(f), 2.0 * macs * ips(f) / 1e9);
     }
+    if let Some((l, w)) = step_counts {
+        println!("per training step: {l} kernel launches, {w} host waits");
+    }
     let memory = gpu.memory_in_use();
     if let Some(m) = memory {
         println!("device memory in use: {:.2} GiB (buffers kept for reuse, CUDA context included)", m as f64 / (1u64 << 30) as f64);
@@ -348,7 +360,8 @@ fn bench_cuda(a: &Args) -> Result<()> {
             "{}",
             serde_json::json!({"device": gpu.name(), "precision": a.precision, "tensor_core_conv": tc, "train_step_ms": t, "forward_ms": f,
                 "images_per_s_train": t.map(ips), "images_per_s_forward": f.map(ips),
-                "images_per_s_sampling": sampling_ips, "device_memory_bytes": memory})
+                "images_per_s_sampling": sampling_ips, "device_memory_bytes": memory,
+                "launches_per_step": step_counts.map(|c| c.0), "host_waits_per_step": step_counts.map(|c| c.1)})
         );
     }
     Ok(())

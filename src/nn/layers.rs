@@ -49,8 +49,9 @@ impl MpConv {
         ConvGeom { out_ch: self.out_ch, in_ch: self.in_ch, k: self.k }
     }
 
-    /// The effective weight `normalize(W)·gain/sqrt(fan_in)` (paper Eq. 47).
-    pub fn effective<B: Backend>(&self, be: &B, p: &B::Params, gain: f32) -> Result<B::Eff> {
+    /// The effective weight `normalize(W)·gain/sqrt(fan_in)` (paper Eq. 47); `gain`: the
+    /// layer's learned gain parameter, or None for 1.
+    pub fn effective<B: Backend>(&self, be: &B, p: &B::Params, gain: Option<ParamId>) -> Result<B::Eff> {
         be.effective(p, self.weight, self.geom(), gain)
     }
 
@@ -301,7 +302,7 @@ impl Block {
                 Act::Owned(Tensor::with_buf(&[sx.n, sx.h * 2, sx.w * 2, sx.c], y))
             }
         };
-        let eff_skip = self.conv_skip.as_ref().map(|m| m.effective(be, p, 1.0)).transpose()?;
+        let eff_skip = self.conv_skip.as_ref().map(|m| m.effective(be, p, None)).transpose()?;
         // 2. encoder: conv_skip then pixel norm. No activation is copied: each tensor is
         // either consumed or kept for the backward.
         let (x_main, pn_in, x_res): (Act<B::Buf>, _, _) = if self.flavor == Flavor::Enc {
@@ -321,9 +322,9 @@ impl Block {
         let mut a0 = be.alloc(xm.len_of_shape())?;
         be.mp_silu(&xm.data, &mut a0)?;
         let a0 = Tensor::with_buf(&xm.shape, a0);
-        let eff0 = self.conv_res0.effective(be, p, 1.0)?;
+        let eff0 = self.conv_res0.effective(be, p, None)?;
         let h0 = self.conv_res0.forward(be, &eff0, &a0)?;
-        let eff_emb = self.emb_linear.effective(be, p, be.scalar(p, self.emb_gain))?;
+        let eff_emb = self.emb_linear.effective(be, p, Some(self.emb_gain))?;
         let mut s = self.emb_linear.forward(be, &eff_emb, emb)?;
         be.add_scalar(&mut s.data, 1.0)?;
         let (_, hh, hw) = spatial(&h0);
@@ -333,7 +334,7 @@ impl Block {
             be.dropout(&mut y1, self.dropout, self.dropout_seed(mode))?;
         }
         let y1 = Tensor::with_buf(&h0.shape, y1);
-        let eff1 = self.conv_res1.effective(be, p, 1.0)?;
+        let eff1 = self.conv_res1.effective(be, p, None)?;
         let mut x2 = self.conv_res1.forward(be, &eff1, &y1)?;
         if let Some(slot) = branch {
             *slot = Some(Tensor::with_buf(&x2.shape, be.copy(&x2.data)?));
@@ -351,13 +352,13 @@ impl Block {
         // 6. attention, its mp_sum computed into the projection's buffer.
         let (mut x3, x2, qkv, attn, ya, eff_qkv, eff_proj) = if self.num_heads > 0 {
             let (mq, mp) = (self.attn_qkv.as_ref().unwrap(), self.attn_proj.as_ref().unwrap());
-            let eq = mq.effective(be, p, 1.0)?;
+            let eq = mq.effective(be, p, None)?;
             let qkv = mq.forward(be, &eq, &x2)?;
             let (an, ah, aw) = spatial(&x2);
             let mut ya = be.alloc(x2.len_of_shape())?;
             let cache = be.attention_forward(&qkv.data, an, ah * aw, self.out_ch, self.num_heads, &mut ya)?;
             let ya = Tensor::with_buf(&x2.shape, ya);
-            let ep = mp.effective(be, p, 1.0)?;
+            let ep = mp.effective(be, p, None)?;
             let mut x3 = mp.forward(be, &ep, &ya)?;
             let (wa, wb) = ops::mp_sum_coefs(self.attn_balance);
             be.axpby(&mut x3.data, &x2.data, wb, wa)?;

@@ -240,12 +240,8 @@ impl Precond {
     /// [`Precond::force_normalize`] on any backend.
     pub fn force_normalize_on<B: Backend>(&self, be: &B, p: &mut B::Params) -> Result<()> {
         let _prof = crate::profile::scope("force_normalize");
-        for (id, s) in self.specs.iter().enumerate() {
-            if s.is_mp_weight {
-                be.force_normalize(p, id, s.shape[1..].iter().product::<usize>())?;
-            }
-        }
-        Ok(())
+        let weights: Vec<_> = self.specs.iter().enumerate().filter(|(_, s)| s.is_mp_weight).map(|(id, s)| (id, s.shape[1..].iter().product::<usize>())).collect();
+        be.force_normalize_all(p, &weights)
     }
 
     /// Checks an NHWC input batch against the config.
@@ -321,7 +317,7 @@ impl Precond {
         let c_noise: Vec<f32> = coefs.iter().map(|c| c.3).collect();
         // Embedding.
         let emb_fourier = u.emb_fourier.forward(be, p, &c_noise)?;
-        let eff_noise = u.emb_noise.effective(be, p, 1.0)?;
+        let eff_noise = u.emb_noise.effective(be, p, None)?;
         let emb_noise = u.emb_noise.forward(be, &eff_noise, &emb_fourier)?;
         let mut emb_pre = copy(&emb_noise)?;
         let mut labels_scaled = None;
@@ -333,7 +329,7 @@ impl Precond {
                 None => Tensor::with_buf(&[n, cfg.label_dim], be.zeros_like(&emb_fourier.data, n * cfg.label_dim)?),
             };
             be.scale(&mut l.data, (cfg.label_dim as f32).sqrt())?;
-            let e = m.effective(be, p, 1.0)?;
+            let e = m.effective(be, p, None)?;
             let el = m.forward(be, &e, &l)?;
             if collect_intermediates {
                 inter.push(("emb_label".into(), copy(&el)?));
@@ -372,7 +368,7 @@ impl Precond {
             let input = skips.last().unwrap_or(&x_cat);
             let y = match layer {
                 EncLayer::Conv(m) => {
-                    let e = m.effective(be, p, 1.0)?;
+                    let e = m.effective(be, p, None)?;
                     let y = m.forward(be, &e, input)?;
                     if mode.record {
                         enc_caches.push(EncCache::Conv(e));
@@ -429,7 +425,7 @@ impl Precond {
             h = Some(y);
         }
         let h = h.expect("the decoder has blocks");
-        let eff_out = u.out_conv.effective(be, p, be.scalar(p, u.out_gain))?;
+        let eff_out = u.out_conv.effective(be, p, Some(u.out_gain))?;
         let f_x = u.out_conv.forward(be, &eff_out, &h)?;
         // D = c_skip·x + c_out·F
         let c_skip: Vec<f32> = coefs.iter().map(|c| c.0).collect();
@@ -439,7 +435,7 @@ impl Precond {
         let d = Tensor::with_buf(&x.shape, d);
         // Uncertainty head.
         let lf = self.logvar_fourier.forward(be, p, &c_noise)?;
-        let eff_lv = self.logvar_linear.effective(be, p, 1.0)?;
+        let eff_lv = self.logvar_linear.effective(be, p, None)?;
         let logvar = self.logvar_linear.forward(be, &eff_lv, &lf)?.data;
         if collect_intermediates {
             inter.push(("logvar_fourier".into(), copy(&lf)?));
@@ -474,19 +470,36 @@ impl Precond {
         dlogvar: &B::Buf,
         mode: &Mode,
     ) -> Result<B::Params> {
-        let _prof = crate::profile::scope("total:backward");
         let mut g = be.zero_grads(p)?;
+        self.backward_into(be, p, cache, dd, dlogvar, mode, &mut g)?;
+        Ok(g)
+    }
+
+    /// [`Precond::backward_on`] adding the gradients into `g` (every parameter's gradient is
+    /// added exactly once): gradient accumulation over passes without a separate sum.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Params,
+        cache: PrecondCache<B>,
+        dd: &Tensor<B::Buf>,
+        dlogvar: &B::Buf,
+        mode: &Mode,
+        g: &mut B::Params,
+    ) -> Result<()> {
+        let _prof = crate::profile::scope("total:backward");
         let u = &self.unet;
         let c = cache;
         let n = dd.shape[0];
         // Uncertainty head.
         let dlv = Tensor::with_buf(&[n, 1], be.convert_like(dlogvar, &c.logvar_fourier.data)?);
-        self.logvar_linear.backward(be, p, &c.effs.logvar, &c.logvar_fourier, &dlv, false, None, &mut g)?;
+        self.logvar_linear.backward(be, p, &c.effs.logvar, &c.logvar_fourier, &dlv, false, None, g)?;
         // dF = c_out·dD
         // dD is fp32 like D; the U-Net's gradients are in its activations' storage type.
         let mut df = Tensor::with_buf(&dd.shape, be.convert_like(&dd.data, &c.out_in.data)?);
         be.scale_images(&mut df.data, &c.c_out)?;
-        let mut dh = u.out_conv.backward(be, p, &c.effs.out, &c.out_in, &df, true, Some(u.out_gain), &mut g)?.unwrap();
+        let mut dh = u.out_conv.backward(be, p, &c.effs.out, &c.out_in, &df, true, Some(u.out_gain), g)?.unwrap();
         let mut demb = Tensor::with_buf(&c.emb.shape, be.zeros_like(&c.emb.data, c.emb.len_of_shape())?);
         // Decoder in reverse; skip gradients collected per encoder output.
         let mut dskips: Vec<Option<Tensor<B::Buf>>> = (0..u.enc.len()).map(|_| None).collect();
@@ -503,7 +516,7 @@ impl Precond {
         }
         for (i, (_, b, _)) in u.dec.iter().enumerate().rev() {
             let (bc, split) = dec_caches.pop().unwrap();
-            let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, &mut g)?;
+            let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, g)?;
             be.add(&mut demb.data, &de.data)?;
             dh = match split {
                 Some((na, nb)) => {
@@ -526,10 +539,10 @@ impl Precond {
             let lc = enc_caches.pop().unwrap();
             match (layer, lc) {
                 (EncLayer::Conv(m), EncCache::Conv(e)) => {
-                    m.backward(be, p, &e, &c.x_cat, &dh, false, None, &mut g)?;
+                    m.backward(be, p, &e, &c.x_cat, &dh, false, None, g)?;
                 }
                 (EncLayer::Block(b), EncCache::Block(bc)) => {
-                    let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, &mut g)?;
+                    let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, g)?;
                     be.add(&mut demb.data, &de.data)?;
                     dh = dx;
                 }
@@ -546,10 +559,10 @@ impl Precond {
             be.scale(&mut d_noise.data, wa)?;
             let mut d_label = de_pre;
             be.scale(&mut d_label.data, wb)?;
-            m.backward(be, p, e, l, &d_label, false, None, &mut g)?;
+            m.backward(be, p, e, l, &d_label, false, None, g)?;
         }
-        u.emb_noise.backward(be, p, &c.effs.emb_noise, &c.emb_fourier, &d_noise, false, None, &mut g)?;
-        Ok(g)
+        u.emb_noise.backward(be, p, &c.effs.emb_noise, &c.emb_fourier, &d_noise, false, None, g)?;
+        Ok(())
     }
 
     /// Forward cost per image in the convention of the official `count_flops.py` (and the

@@ -776,12 +776,12 @@ struct StepOut {
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 mod device {
     use super::{learning_rate, mix, StepOut, TrainOptions, DROPOUT};
-    use crate::backend::gpu::{kernels as k, Gpu, GpuAct, GpuBuf, GpuParams};
+    use crate::backend::gpu::{kernels as k, multi_tensor as mt, Gpu, GpuAct, GpuBuf, GpuParams};
+    use crate::backend::Backend;
     use crate::data::loader::Loader;
     use crate::error::Result;
     use crate::nn::{Mode, ParamKind, Precond};
     use crate::tensor::Tensor;
-    use crate::train::ema::torch_lerp;
     use crate::train::state::TrainState;
     use std::time::Instant;
 
@@ -847,9 +847,11 @@ mod device {
             let specs = &net.specs;
             net.force_normalize_on(gpu, &mut self.params)?;
             let mut staging = 0.0f64;
-            let mut grads: Option<GpuParams> = None;
-            // Per-image loss sums, added up over the passes on the device (read once a step).
-            let mut loss_acc: Option<GpuBuf<f32>> = None;
+            // The step's gradients: every pass adds into them (backward_into), the gains' too.
+            let mut grads = gpu.zero_grads(&self.params)?;
+            // [loss sum over the step's images, non-finite gradient entries, non-finite
+            // entries after the update]: the one thing the host reads back, once a step.
+            let mut totals = gpu.alloc_zeros::<f64>(3)?;
             // A pass's batch goes up on the upload stream while the kernels queued before it
             // run (the weight normalization, or the previous pass's backward).
             let upload = |b: crate::data::loader::Batch| -> Result<DeviceBatch> {
@@ -860,19 +862,17 @@ mod device {
             };
             let passes = opts.batch / opts.batch_gpu;
             let mut next = Some(upload(loader.next()?)?);
-            // No pass reads anything back: the host queues the passes back to back.
+            // Nothing is read back until the end: the host queues the passes, Adam and the
+            // EMAs back to back.
             let t1 = Instant::now();
             for pass in 0..passes {
                 let DeviceBatch { x: xd, y: yd, labels: ld, host: b } = next.take().expect("uploaded above");
                 let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
                 let out = net.forward_on(gpu, &self.params, &xd, &b.sigma, ld.as_ref(), &mode, false)?;
                 let k::GpuLoss { per_sample, dd, dlogvar } = k::edm2_loss(gpu, &out.d.data, &yd, &out.logvar, &b.sigma, opts.net.sigma_data, scale)?;
-                match &mut loss_acc {
-                    None => loss_acc = Some(per_sample),
-                    Some(acc) => k::axpby(gpu, acc, &per_sample, 1.0, 1.0)?,
-                }
+                k::step_totals(gpu, Some(&per_sample), None, &mut totals)?;
                 let dd = Tensor::with_buf(&out.d.shape, dd);
-                let g = net.backward_on(gpu, &self.params, out.cache.expect("training forward records"), &dd, &dlogvar, &mode)?;
+                net.backward_into(gpu, &self.params, out.cache.expect("training forward records"), &dd, &dlogvar, &mode, &mut grads)?;
                 if pass + 1 < passes {
                     // Waiting for the loader and staging the batch count as "other", as
                     // on the CPU path.
@@ -880,53 +880,47 @@ mod device {
                     next = Some(upload(loader.next()?)?);
                     staging += t2.elapsed().as_secs_f64();
                 }
-                // Gradients (the gains' too) are device buffers: accumulate on the device.
-                grads = Some(match grads {
-                    None => g,
-                    Some(mut acc) => {
-                        for (a, b) in acc.values.iter_mut().zip(&g.values) {
-                            k::axpby(gpu, a, b, 1.0, 1.0)?;
-                        }
-                        acc
-                    }
-                });
             }
-            let loss_sum: f64 = gpu.download(&loss_acc.expect("at least one pass"))?.iter().map(|&v| v as f64).sum();
-            let fwd_bwd = t1.elapsed().as_secs_f64() - staging;
-            let grads = grads.expect("at least one pass");
-            // Adam with non-finite zeroing on every parameter, the gains included.
+            // Adam with non-finite zeroing on every parameter, the gains included: one launch.
             let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
             st.adam.t += 1;
-            // [non-finite gradient entries (zeroed), parameter/moment entries non-finite
-            // after the update]; the EMAs are lerps of finite weights, finite with them.
             let mut count = gpu.alloc_zeros::<u32>(2)?;
-            for (i, s) in specs.iter().enumerate() {
-                if s.kind == ParamKind::Param {
-                    let (a, b) = (&st.adam, &mut self.m[i]);
-                    k::adam(gpu, &mut self.params.values[i], &grads.values[i], b, &mut self.v[i], lr, a.beta1, a.beta2, a.eps, a.t, &mut count)?;
-                }
-            }
-            self.params.scalars_from_device(gpu)?;
-            let counts = gpu.download(&count)?;
-            let nonfinite = counts[0] as usize;
+            let tensors = self
+                .params
+                .values
+                .iter_mut()
+                .zip(&grads.values)
+                .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+                .zip(specs)
+                .filter(|(_, s)| s.kind == ParamKind::Param)
+                .map(|(((p, g), (m, v)), _)| mt::AdamTensor { p, g, m, v })
+                .collect();
+            let a = &st.adam;
+            mt::adam(gpu, tensors, lr, a.beta1, a.beta2, a.eps, a.t, &mut count, mt::CHUNK)?;
             st.nimg += opts.batch;
-            if counts[1] > 0 {
+            // The EMAs, all of them in one launch: the same lerp weights as the host's EmaSet
+            // (buffers never change). Queued before the read-back: after a diverged update
+            // nothing of this step is saved, so the EMAs need not wait for the check.
+            let weights = st.ema.weights(st.nimg, opts.batch);
+            let params = &self.params.values;
+            let tensors = self
+                .emas
+                .iter_mut()
+                .zip(weights)
+                .flat_map(|(e, w)| e.values.iter_mut().zip(params).zip(specs).map(move |((e, p), s)| (e, p, w, s.kind)))
+                .filter(|t| t.3 != ParamKind::Buffer)
+                .map(|(e, p, w, _)| (e, p, w))
+                .collect();
+            mt::ema_lerp(gpu, tensors, mt::CHUNK)?;
+            k::step_totals(gpu, None, Some(&count), &mut totals)?;
+            let totals = gpu.download(&totals)?;
+            let (loss_sum, nonfinite) = (totals[0], totals[1] as usize);
+            // Forward, backward and the update (the read-back waits for all of it).
+            let fwd_bwd = t1.elapsed().as_secs_f64() - staging;
+            if totals[2] > 0.0 {
                 self.download_into(gpu, st)?;
                 return Ok(Err(st.first_nonfinite(specs).unwrap_or_else(|| ("(a parameter)".into(), 0))));
             }
-            // The EMAs: the same lerp weights as the host's EmaSet (buffers never change).
-            for (e, w) in self.emas.iter_mut().zip(st.ema.weights(st.nimg, opts.batch)) {
-                for (i, s) in specs.iter().enumerate() {
-                    if s.kind == ParamKind::Buffer {
-                        continue;
-                    }
-                    match (&mut e.scalars[i], self.params.scalars[i]) {
-                        (Some(x), Some(y)) => *x = torch_lerp(*x, y, w),
-                        _ => k::ema_lerp(gpu, &mut e.values[i], &self.params.values[i], w)?,
-                    }
-                }
-            }
-            gpu.synchronize()?;
             Ok(Ok(StepOut { loss_sum, nonfinite, lr, fwd_bwd }))
         }
     }

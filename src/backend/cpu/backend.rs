@@ -34,9 +34,6 @@ impl Backend for Cpu {
         Ok(b.clone())
     }
 
-    fn scalar(&self, p: &Params, id: ParamId) -> f32 {
-        p.scalar(id)
-    }
     fn zero_grads(&self, p: &Params) -> Result<Params> {
         Ok(Params { values: p.values.iter().map(|v| vec![0.0; v.len()]).collect() })
     }
@@ -45,7 +42,8 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn effective(&self, p: &Params, id: ParamId, geom: ConvGeom, gain: f32) -> Result<conv::EffWeight> {
+    fn effective(&self, p: &Params, id: ParamId, geom: ConvGeom, gain: Option<ParamId>) -> Result<conv::EffWeight> {
+        let gain = gain.map_or(1.0, |g| p.scalar(g));
         Ok(conv::effective_weight(&p.values[id], geom.out_ch, geom.in_ch, geom.k, gain))
     }
     fn conv_forward(&self, eff: &conv::EffWeight, x: &Vec<f32>, s: Nhwc, y: &mut Vec<f32>) -> Result<()> {

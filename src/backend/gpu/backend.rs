@@ -11,58 +11,21 @@ use crate::backend::{Backend, ConvGeom, Nhwc};
 use crate::error::Result;
 use crate::nn::params::{ParamId, Params};
 
-/// A parameter set on the device. The scalars of a parameter set (the gains) also live on
-/// the host, because they are kernel arguments of the effective weight: after a device op
-/// that changes them (Adam) read them back with [`GpuParams::scalars_from_device`]; after
-/// changing a host copy, write it with [`GpuParams::scalars_to_device`]. Gradients have
-/// no host copies (`scalars` all None).
+/// A parameter set on the device, the gains included: a gain is a one-element buffer that
+/// the effective-weight kernel reads on the device ([`k::Gain::At`]), so nothing of a
+/// training step goes back to the host for it.
 pub struct GpuParams {
     pub values: Vec<GpuBuf<f32>>,
-    pub scalars: Vec<Option<f32>>,
 }
 
 impl GpuParams {
     pub fn upload(gpu: &Gpu, p: &Params) -> Result<GpuParams> {
         let values = p.values.iter().map(|v| gpu.upload_once(v)).collect::<Result<Vec<_>>>()?;
-        let scalars = p.values.iter().map(|v| (v.len() == 1).then(|| v[0])).collect();
-        Ok(GpuParams { values, scalars })
-    }
-
-    /// Writes the host copies of the scalars into their device buffers (before a device
-    /// op that reads all values, e.g. the optimizer).
-    pub fn scalars_to_device(&mut self, gpu: &Gpu) -> Result<()> {
-        for (v, s) in self.values.iter_mut().zip(&self.scalars) {
-            if let Some(s) = s {
-                gpu.write(&[*s], v)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads the scalars back from their device buffers (after such an op), gathered into
-    /// one buffer: one wait for the device, not one per gain.
-    pub fn scalars_from_device(&mut self, gpu: &Gpu) -> Result<()> {
-        let ids: Vec<usize> = (0..self.values.len()).filter(|&i| self.scalars[i].is_some()).collect();
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut all = gpu.alloc::<f32>(ids.len())?;
-        for (slot, &i) in ids.iter().enumerate() {
-            gpu.copy_into(&self.values[i], &mut all, slot)?;
-        }
-        for (v, &i) in gpu.download(&all)?.into_iter().zip(&ids) {
-            self.scalars[i] = Some(v);
-        }
-        Ok(())
+        Ok(GpuParams { values })
     }
 
     pub fn download(&self, gpu: &Gpu) -> Result<Params> {
-        let mut values = self.values.iter().map(|v| gpu.download(v)).collect::<Result<Vec<_>>>()?;
-        for (v, s) in values.iter_mut().zip(&self.scalars) {
-            if let Some(s) = s {
-                v[0] = *s;
-            }
-        }
+        let values = self.values.iter().map(|v| gpu.download(v)).collect::<Result<Vec<_>>>()?;
         Ok(Params { values })
     }
 }
@@ -109,20 +72,26 @@ impl Backend for Gpu {
         Gpu::synchronize(self)
     }
 
-    fn scalar(&self, p: &GpuParams, id: ParamId) -> f32 {
-        p.scalars[id].expect("a scalar parameter")
-    }
     /// Gradients live on the device only, the gains' too (no host copies: a gain's gradient
     /// is summed into its one-element buffer by the kernels, without a round trip).
     fn zero_grads(&self, p: &GpuParams) -> Result<GpuParams> {
         let values = p.values.iter().map(|v| self.alloc_zeros(v.len())).collect::<Result<Vec<_>>>()?;
-        Ok(GpuParams { values, scalars: vec![None; p.scalars.len()] })
+        Ok(GpuParams { values })
     }
     fn force_normalize(&self, p: &mut GpuParams, id: ParamId, row_len: usize) -> Result<()> {
         k::normalize_rows_inplace(self, &mut p.values[id], row_len)
     }
+    fn force_normalize_all(&self, p: &mut GpuParams, weights: &[(ParamId, usize)]) -> Result<()> {
+        let mut row_len: Vec<Option<usize>> = vec![None; p.values.len()];
+        for &(id, k) in weights {
+            *row_len.get_mut(id).ok_or_else(|| crate::Error::Input(format!("force_normalize_all: no parameter {id}")))? = Some(k);
+        }
+        let tensors = p.values.iter_mut().zip(row_len).filter_map(|(w, k)| k.map(|k| (w, k))).collect();
+        super::multi_tensor::normalize_rows(self, tensors)
+    }
 
-    fn effective(&self, p: &GpuParams, id: ParamId, geom: ConvGeom, gain: f32) -> Result<GpuEffWeight> {
+    fn effective(&self, p: &GpuParams, id: ParamId, geom: ConvGeom, gain: Option<ParamId>) -> Result<GpuEffWeight> {
+        let gain = gain.map_or(k::Gain::Value(1.0), |g| k::Gain::At(&p.values[g]));
         k::effective_weight(self, &p.values[id], geom, gain)
     }
     fn conv_forward(&self, eff: &GpuEffWeight, x: &GpuAct, s: Nhwc, y: &mut GpuAct) -> Result<()> {
@@ -145,14 +114,13 @@ impl Backend for Gpu {
         if let Some(dx) = dx {
             k::conv_backward_data(self, eff, dy, s, dx)?;
         }
-        let mut dw = Gpu::alloc::<f32>(self, eff.geom.numel())?;
+        // The weight's gradient goes straight into its gradient buffer (accumulate), the
+        // gain's rows are summed into the gain's: no temporaries, no separate adds.
         let mut rows = Gpu::alloc::<f32>(self, eff.geom.out_ch)?;
-        k::effective_weight_backward(self, &p.values[id], eff, &d_eff, &mut dw, &mut rows)?;
-        k::axpby(self, &mut g.values[id], &dw, 1.0, 1.0)?;
+        let gain_at = gain.map(|gid| &p.values[gid]);
+        k::effective_weight_backward(self, &p.values[id], eff, gain_at, &d_eff, &mut g.values[id], &mut rows, true)?;
         if let Some(gid) = gain {
-            let mut dgain = Gpu::alloc::<f32>(self, 1)?;
-            k::sum_into(self, &rows, &mut dgain)?;
-            k::axpby(self, &mut g.values[gid], &dgain, 1.0, 1.0)?;
+            k::sum_add_into(self, &rows, &mut g.values[gid])?;
         }
         Ok(())
     }

@@ -100,6 +100,13 @@ pub fn sum(gpu: &Gpu, x: &GpuBuf<f32>) -> Result<f32> {
     Ok(gpu.download(&out)?[0])
 }
 
+/// `out[0] += ` the sum of `x`, one launch of one block (short vectors; deterministic).
+pub fn sum_add_into(gpu: &Gpu, x: &GpuBuf<f32>, out: &mut GpuBuf<f32>) -> Result<()> {
+    expect_len("sum_add", "out", out.len(), 1)?;
+    let s = gpu.stream()?;
+    check("sum_add", unsafe { ffi::edm2_sum_add_f32(x.ptr(gpu), out.ptr_mut(gpu), x.len(), s) })
+}
+
 /// `out[0]` = the sum of `x`, on the device (no wait).
 pub fn sum_into(gpu: &Gpu, x: &GpuBuf<f32>, out: &mut GpuBuf<f32>) -> Result<()> {
     expect_len("sum", "out", out.len(), 1)?;
@@ -131,8 +138,7 @@ pub fn adam(
     for (name, l) in [("adam g", g.len()), ("adam m", m.len()), ("adam v", v.len())] {
         same_len(name, p.len(), l)?;
     }
-    let step = (lr / (1.0 - beta1.powi(t as i32))) as f32;
-    let bc2 = (1.0 - beta2.powi(t as i32)).sqrt() as f32;
+    let (step, bc2) = adam_coefficients(lr, beta1, beta2, t);
     let s = gpu.stream()?;
     check("adam", unsafe {
         ffi::edm2_adam_f32(
@@ -150,6 +156,13 @@ pub fn adam(
             s,
         )
     })
+}
+
+/// Adam's step size `lr/(1−β1ᵗ)` and `sqrt(1−β2ᵗ)` (PyTorch's bias corrections), in f64
+/// on the host as PyTorch computes them, then rounded to the kernel's f32.
+pub(super) fn adam_coefficients(lr: f64, beta1: f64, beta2: f64, t: u64) -> (f32, f32) {
+    let t = t.min(i32::MAX as u64) as i32;
+    ((lr / (1.0 - beta1.powi(t))) as f32, (1.0 - beta2.powi(t)).sqrt() as f32)
 }
 
 /// `e ← lerp(e, p, w)` as PyTorch evaluates it (the power-function EMA update, w = 1 − β).
@@ -477,6 +490,8 @@ fn rows_of(kernel: &str, len: usize, k: usize) -> Result<usize> {
 }
 
 /// The effective weight on the device: OHWI `[O, taps, I]` and per-row denominators.
+/// `gain` is the fixed gain it was made with; one made from a gain parameter ([`Gain::At`])
+/// needs the same buffer again in [`effective_weight_backward`].
 pub struct GpuEffWeight {
     pub geom: ConvGeom,
     pub gain: f32,
@@ -484,11 +499,33 @@ pub struct GpuEffWeight {
     pub denom: GpuBuf<f32>,
 }
 
+/// The gain of an effective weight: a fixed value, or a gain parameter's one-element
+/// device buffer, read by the kernel (so Adam's update of a gain never goes back to the
+/// host before the next forward).
+#[derive(Clone, Copy)]
+pub enum Gain<'a> {
+    Value(f32),
+    At(&'a GpuBuf<f32>),
+}
+
+impl Gain<'_> {
+    fn split(self, kernel: &str, gpu: &Gpu) -> Result<(f32, *const f32)> {
+        match self {
+            Gain::Value(g) => Ok((g, std::ptr::null())),
+            Gain::At(b) => {
+                expect_len(kernel, "gain", b.len(), 1)?;
+                Ok((1.0, b.ptr(gpu)))
+            }
+        }
+    }
+}
+
 /// `normalize(W)·gain/sqrt(fan_in)` (paper Eq. 47) from the stored OIHW weight.
-pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: f32) -> Result<GpuEffWeight> {
+pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: Gain) -> Result<GpuEffWeight> {
     let k = "effective_weight";
     geom.validate(k)?;
     expect_len(k, "w", w.len(), geom.numel())?;
+    let (gain, gain_at) = gain.split(k, gpu)?;
     let mut eff = GpuEffWeight { geom, gain, w: gpu.alloc(geom.numel())?, denom: gpu.alloc(geom.out_ch)? };
     let st = gpu.stream()?;
     check(k, unsafe {
@@ -500,24 +537,30 @@ pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: f32) -
             int(k, geom.in_ch)?,
             int(k, geom.taps())?,
             gain,
+            gain_at,
             st,
         )
     })?;
     Ok(eff)
 }
 
-/// Gradient of [`effective_weight`]: `d_eff` (OHWI) → `dw` (OIHW, overwritten) and the
-/// gain's gradient per output row into `row_dgain` (overwritten; [`sum_into`] adds the rows
-/// up in a fixed order).
+/// Gradient of [`effective_weight`]: `d_eff` (OHWI) → `dw` (OIHW; overwritten, or added to
+/// with `accumulate`: a gradient buffer) and the gain's gradient per output row into
+/// `row_dgain` (overwritten; [`sum_add_into`] adds the rows up in a fixed order). `gain_at`:
+/// the gain parameter the effective weight was made with, if any.
+#[allow(clippy::too_many_arguments)]
 pub fn effective_weight_backward(
     gpu: &Gpu,
     w: &GpuBuf<f32>,
     eff: &GpuEffWeight,
+    gain_at: Option<&GpuBuf<f32>>,
     d_eff: &GpuBuf<f32>,
     dw: &mut GpuBuf<f32>,
     row_dgain: &mut GpuBuf<f32>,
+    accumulate: bool,
 ) -> Result<()> {
     let k = "effective_weight_backward";
+    let (gain, gain_at) = gain_at.map_or(Gain::Value(eff.gain), Gain::At).split(k, gpu)?;
     let g = eff.geom;
     expect_len(k, "w", w.len(), g.numel())?;
     expect_len(k, "d_eff", d_eff.len(), g.numel())?;
@@ -534,7 +577,9 @@ pub fn effective_weight_backward(
             int(k, g.out_ch)?,
             int(k, g.in_ch)?,
             int(k, g.taps())?,
-            eff.gain,
+            gain,
+            gain_at,
+            accumulate as i32,
             st,
         )
     })?;
@@ -1177,4 +1222,18 @@ pub fn edm2_loss(
         )
     })?;
     Ok(GpuLoss { per_sample, dd, dlogvar: GpuAct::F32(dlogvar) })
+}
+
+/// What the host reads of a training step, gathered into one f64 buffer `out` of 3 (one
+/// download a step): `out[0] +=` the sum of `loss_sums` (in order, in f64); with `counts`
+/// (Adam's two non-finite counters), `out[1]`, `out[2]` = those counts.
+pub fn step_totals(gpu: &Gpu, loss_sums: Option<&GpuBuf<f32>>, counts: Option<&GpuBuf<u32>>, out: &mut GpuBuf<f64>) -> Result<()> {
+    expect_len("step_totals", "out", out.len(), 3)?;
+    if let Some(c) = counts {
+        expect_len("step_totals", "counts", c.len(), 2)?;
+    }
+    let (l, n) = loss_sums.map_or((std::ptr::null(), 0), |b| (b.ptr(gpu), b.len()));
+    let c = counts.map_or(std::ptr::null(), |b| b.ptr(gpu));
+    let s = gpu.stream()?;
+    check("step_totals", unsafe { ffi::edm2_step_totals(l, n, c, out.ptr_mut(gpu), s) })
 }

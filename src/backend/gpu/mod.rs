@@ -15,6 +15,7 @@
 
 mod backend;
 pub mod kernels;
+pub mod multi_tensor;
 mod vae;
 pub use backend::GpuParams;
 
@@ -34,6 +35,7 @@ impl DeviceScalar for u16 {}
 impl DeviceScalar for i32 {}
 impl DeviceScalar for u8 {}
 impl DeviceScalar for f64 {}
+impl DeviceScalar for u64 {}
 mod private {
     pub trait Sealed {}
     impl Sealed for f32 {}
@@ -42,6 +44,7 @@ mod private {
     impl Sealed for i32 {}
     impl Sealed for u8 {}
     impl Sealed for f64 {}
+    impl Sealed for u64 {}
 }
 #[cfg(feature = "cuda")]
 pub trait DriverRepr: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
@@ -55,6 +58,12 @@ impl<T> DriverRepr for T {}
 #[cfg(feature = "cuda")]
 fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// The number of kernel launches this process has queued so far (every launcher counts
+/// its own; `bench` reports launches per training step from it).
+pub fn launches() -> u64 {
+    unsafe { ffi::edm2_launch_count() }
 }
 
 /// Turns a launcher's return code (cudaError_t) into a typed error naming the kernel.
