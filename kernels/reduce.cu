@@ -14,8 +14,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// One block's sum of x[i] for i = start + k·stride, into out[blockIdx.x].
-__global__ void block_sum_kernel(const float *__restrict__ x, float *__restrict__ out, size_t n) {
+// One block's sum of x[i] for i = start + k·stride, into out[blockIdx.x] (added to it with
+// `accumulate`).
+__global__ void block_sum_kernel(const float *__restrict__ x, float *__restrict__ out, size_t n, int accumulate) {
   EDM2_SHARED(float, s, [SUM_THREADS]);
   float v = 0.0f;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) v += x[i];
@@ -27,29 +28,12 @@ __global__ void block_sum_kernel(const float *__restrict__ x, float *__restrict_
   }
   if (threadIdx.x < 32) {
     float w = warp_sum(s[threadIdx.x]);
-    if (threadIdx.x == 0) out[blockIdx.x] = w;
-  }
-}
-
-// out[0] += Σ x: one block strides over x, then the same fixed tree.
-__global__ void block_sum_add_kernel(const float *__restrict__ x, float *__restrict__ out, size_t n) {
-  EDM2_SHARED(float, s, [SUM_THREADS]);
-  float v = 0.0f;
-  for (size_t i = threadIdx.x; i < n; i += blockDim.x) v += x[i];
-  s[threadIdx.x] = v;
-  __syncthreads();
-  for (unsigned stride = blockDim.x / 2; stride >= 32; stride >>= 1) {
-    if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x < 32) {
-    float w = warp_sum(s[threadIdx.x]);
-    if (threadIdx.x == 0) out[0] += w;
+    if (threadIdx.x == 0) out[blockIdx.x] = accumulate ? out[blockIdx.x] + w : w;
   }
 }
 
 extern "C" int edm2_sum_add_f32(const float *x, float *out, size_t n, cudaStream_t stream) {
-  EDM2_LAUNCH(block_sum_add_kernel, 1, SUM_THREADS, 0, stream, x, out, n);
+  EDM2_LAUNCH(block_sum_kernel, 1, SUM_THREADS, 0, stream, x, out, n, 1);
   return (int)cudaGetLastError();
 }
 
@@ -60,8 +44,8 @@ extern "C" size_t edm2_sum_partials(size_t n) {
 
 extern "C" int edm2_sum_f32(const float *x, float *partials, float *out, size_t n, cudaStream_t stream) {
   unsigned blocks = (unsigned)edm2_sum_partials(n);
-  EDM2_LAUNCH(block_sum_kernel, blocks, SUM_THREADS, 0, stream, x, partials, n);
-  EDM2_LAUNCH(block_sum_kernel, 1, SUM_THREADS, 0, stream, (const float *)partials, out, (size_t)blocks);
+  EDM2_LAUNCH(block_sum_kernel, blocks, SUM_THREADS, 0, stream, x, partials, n, 0);
+  EDM2_LAUNCH(block_sum_kernel, 1, SUM_THREADS, 0, stream, (const float *)partials, out, (size_t)blocks, 0);
   return (int)cudaGetLastError();
 }
 
