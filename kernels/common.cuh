@@ -79,11 +79,12 @@ __device__ __forceinline__ void edm2_cp_async_wait_all() { asm volatile("cp.asyn
 #endif
 #include "edm2.h"
 
-// Every EDM2_LAUNCH counts itself here (host side, one counter for the process, read by
+// Every EDM2_LAUNCH counts itself here (host side, per launching thread, read by
 // edm2_launch_count): `bench` reports launches per training step from it, the figure the
-// launch-overhead work is judged by. An inline variable: one object across all .cu files.
-inline unsigned long long edm2_launch_counter = 0;
-static inline void edm2_count_launch() { __atomic_fetch_add(&edm2_launch_counter, 1ull, __ATOMIC_RELAXED); }
+// launch-overhead work is judged by. Per thread, so that concurrent tests do not count
+// each other's launches. An inline variable: one object across all .cu files.
+inline thread_local unsigned long long edm2_launch_counter = 0;
+static inline void edm2_count_launch() { edm2_launch_counter++; }
 
 // Grid size for a grid-stride loop over n elements. The simulated device creates a
 // thread per CUDA thread of every block, so there the grid is capped at a few blocks:

@@ -137,7 +137,7 @@ int edm2_adam_multi_f32(const unsigned long long *rows, int n_rows, long long n_
                         float eps, float step, unsigned *nonfinite, cudaStream_t stream);
 int edm2_ema_lerp_multi_f32(const unsigned long long *rows, int n_rows, long long n_chunks, int chunk, cudaStream_t stream);
 int edm2_add_multi_f32(const unsigned long long *rows, int n_rows, long long n_chunks, int chunk, cudaStream_t stream);
-/* The number of kernel launches this process has made (every launcher counts its own). */
+/* The number of kernel launches the calling thread has made (every launcher counts its own). */
 unsigned long long edm2_launch_count(void);
 
 /* reduce.cu: out[0] = sum of x (two launches: per-block partials into `partials`, which

@@ -804,6 +804,22 @@ fn block_elementwise_kernels_match_the_cpu_backend() {
         if gpu.act_dtype() == Dtype::Bf16 {
             assert!(k::modulate_silu(&gpu, &xb, &up(&gpu, &sc), s.c, pixels, &mut ym).is_err(), "a bf16 modulation is refused");
         }
+        // Wider: two channel tiles (the second partial) and pixels not a multiple of the
+        // backward's eight lanes.
+        let (n2, px2, c2) = (3usize, 37usize, 40usize);
+        let (x2, sc2, dy2) = (random(n2 * px2 * c2, 28), random(n2 * c2, 29), random(n2 * px2 * c2, 30));
+        let mut want2 = vec![0.0; x2.len()];
+        ops::modulate_silu(&x2, &sc2, c2, px2, &mut want2);
+        let (x2b, sc2b) = (up(&gpu, &x2), up32(&gpu, &sc2));
+        let mut y2 = act(&gpu, x2.len());
+        k::modulate_silu(&gpu, &x2b, &sc2b, c2, px2, &mut y2).unwrap();
+        close_in(&gpu, &format!("modulate_silu c=40 {sched}"), &down(&gpu, &y2), &want2);
+        let (mut dh2_cpu, mut ds2_cpu) = (vec![0.0; x2.len()], vec![0.0; sc2.len()]);
+        ops::modulate_silu_backward(&x2, &sc2, &dy2, c2, px2, &mut dh2_cpu, &mut ds2_cpu);
+        let (mut dh2, mut ds2) = (act(&gpu, x2.len()), gpu.alloc::<f32>(sc2.len()).unwrap());
+        k::modulate_silu_backward(&gpu, &x2b, &sc2b, &up(&gpu, &dy2), c2, px2, &mut dh2, &mut ds2).unwrap();
+        close_in(&gpu, &format!("modulate_silu_backward dh c=40 {sched}"), &down(&gpu, &dh2), &dh2_cpu);
+        close_in(&gpu, &format!("modulate_silu_backward ds c=40 {sched}"), &down32(&gpu, &ds2), &ds2_cpu);
         // Dropout: the CPU backend's mask, bit for bit.
         // (Exact: on the stored inputs, rounded as the storage rounds.)
         let (xs, dys) = (stored(&gpu, &x), stored(&gpu, &dy));

@@ -60,8 +60,8 @@ fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{what}: {e:?}"))
 }
 
-/// The number of kernel launches this process has queued so far (every launcher counts
-/// its own; `bench` reports launches per training step from it).
+/// The number of kernel launches the calling thread has queued so far (every launcher
+/// counts its own; `bench` reports launches per training step from it).
 pub fn launches() -> u64 {
     unsafe { ffi::edm2_launch_count() }
 }
