@@ -20,6 +20,7 @@ use super::schedule::learning_rate;
 use super::snapshot::write_snapshot;
 use super::rundir::{newest_valid_state, remove_partial_files, RunDirLock};
 use super::state::{list_states, TrainState};
+use crate::backend::{cpu::Cpu, Backend};
 use crate::config::NetConfig;
 use crate::tensor::Tensor;
 use crate::data::loader::{Loader, StreamOptions};
@@ -679,7 +680,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
             None => {
                 let mut fwd_bwd = 0.0f64;
                 net.force_normalize(&mut st.params);
-                let mut grads: Option<Params> = None;
+                let mut grads = Cpu.zero_grads(&st.params)?;
                 let mut loss_sum = 0.0f64;
                 for _ in 0..rounds {
                     let b = loader.next()?;
@@ -695,19 +696,10 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
                         l.dlogvar.iter_mut().for_each(|v| *v *= scale);
                     }
                     loss_sum += l.per_sample.iter().sum::<f64>();
-                    let g = net.backward(&st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode);
-                    grads = Some(match grads {
-                        None => g,
-                        Some(mut acc) => {
-                            for (a, b) in acc.values.iter_mut().zip(&g.values) {
-                                crate::backend::cpu::ops::add_inplace(a, b);
-                            }
-                            acc
-                        }
-                    });
+                    // Each pass adds its gradients into the step's (as on the device).
+                    net.backward_into(&Cpu, &st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode, &mut grads)?;
                     fwd_bwd += t1.elapsed().as_secs_f64();
                 }
-                let mut grads = grads.expect("at least one pass");
                 let nonfinite = Adam::sanitize(&mut grads);
                 let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
                 st.adam.step(&specs, &mut st.params, &grads, lr);
