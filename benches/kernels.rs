@@ -83,7 +83,7 @@ fn families<B: Backend>(c: &mut Criterion, name: &str, be: &B, upload_params: im
     g.bench_function("forward", |b| b.iter(|| { let c = be.attention_forward(&qkv, N, px, CH, HEADS, &mut y).unwrap(); sync(); c }));
     let mut dqkv = be.alloc(s.numel() * 3).unwrap();
     g.bench_function("backward", |b| {
-        b.iter(|| { be.attention_backward(&qkv, &cache, &dy, N, px, CH, HEADS, &mut dqkv).unwrap(); sync(); })
+        b.iter(|| { be.attention_backward(&qkv, &cache, &y, &dy, N, px, CH, HEADS, &mut dqkv).unwrap(); sync(); })
     });
     g.finish();
 
@@ -109,9 +109,54 @@ fn cuda(c: &mut Criterion) {
             eprintln!("kernels on {}", gpu.name());
             families(c, "cuda", &gpu, |p| GpuParams::upload(&gpu, p).unwrap());
             conv_bf16(c, &gpu);
+            attention_bf16(c, &gpu);
         }
         Err(e) => eprintln!("cuda benchmarks skipped: {e}"),
     }
+}
+
+/// Attention with bf16 activations at EDM2's head width (64), both implementations: the
+/// flash kernels (attention_flash.cu, the default) and the fp32 softmax kernels
+/// (attention.cu, EDM2_FLASH_ATTENTION=0), at an EDM2-XS 16x16 level (256 pixels, 256
+/// channels, 4 heads) and its 8x8 level (64 pixels), batch EDM2_BENCH_BATCH (default 8).
+/// Throughput in multiply-accumulates of the two products (2·N·P²·C per direction).
+#[cfg(feature = "cuda")]
+fn attention_bf16(c: &mut Criterion, gpu: &edm2::backend::gpu::Gpu) {
+    use edm2::backend::gpu::Precision;
+    #[allow(non_snake_case)]
+    let N: usize = std::env::var("EDM2_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(8);
+    let mut rng = Rng::new(3);
+    gpu.set_precision(Precision::Bf16);
+    for (px, ch) in [(256usize, 256usize), (64, 256)] {
+        let heads = ch / 64;
+        let qkv = gpu.upload_act(&rng.normal_vec(N * px * 3 * ch)).unwrap();
+        let dy = gpu.upload_act(&rng.normal_vec(N * px * ch)).unwrap();
+        let mut y = gpu.alloc_act(N * px * ch).unwrap();
+        let mut dqkv = gpu.alloc_act(N * px * 3 * ch).unwrap();
+        let mut g = group(c, &format!("cuda/attention_b{N}_{px}px_{ch}ch_{heads}heads_bf16"));
+        g.throughput(Throughput::Elements((2 * N * px * px * ch) as u64));
+        let sync = || gpu.synchronize().unwrap();
+        for (label, flash) in [("flash", true), ("softmax", false)] {
+            gpu.set_flash_attention(flash);
+            let cache = gpu.attention_forward(&qkv, N, px, ch, heads, &mut y).unwrap();
+            g.bench_function(format!("forward_{label}"), |b| {
+                b.iter(|| {
+                    let c = gpu.attention_forward(&qkv, N, px, ch, heads, &mut y).unwrap();
+                    sync();
+                    c
+                })
+            });
+            g.bench_function(format!("backward_{label}"), |b| {
+                b.iter(|| {
+                    gpu.attention_backward(&qkv, &cache, &y, &dy, N, px, ch, heads, &mut dqkv).unwrap();
+                    sync();
+                })
+            });
+        }
+        gpu.set_flash_attention(true);
+        g.finish();
+    }
+    gpu.set_precision(Precision::Fp32);
 }
 
 /// The 3x3 conv with bf16 activations in all three directions: the SIMT kernels (conv.cu)

@@ -11,29 +11,10 @@
 // Kernels: one thread per output element or per row, no barriers, no atomics —
 // deterministic. Backward: dv = wᵀ·dy, dl = dy·vᵀ, softmax backward dl ← w·(dl − Σ w·dl)/sqrt(Ch),
 // dq = dl·k̂, dk = dlᵀ·q̂, then through the three normalizations into dqkv (overwritten).
-// First version — right before fast (O(P²) memory); the flash-style kernel of the next
-// issue replaces it. Checked against the CPU backend in the simulation harness.
-#include "common.cuh"
-
-struct AttnShape {
-  int n, p, c, heads;
-};
-
-// One thread per (image, head, pixel, s): gathers the Ch values and normalizes them.
-template <typename T>
-__global__ void attn_normalize_kernel(const T *__restrict__ qkv, float *__restrict__ qn, float *__restrict__ kn,
-                                      float *__restrict__ vn, AttnShape a) {
-  const int ch = a.c / a.heads;
-  EDM2_FOR(t, (size_t)a.n * a.heads * a.p * 3) {
-    int s = (int)(t % 3), i = (int)(t / 3 % a.p), head = (int)(t / 3 / a.p % a.heads), b = (int)(t / 3 / a.p / a.heads);
-    const T *src = qkv + ((size_t)b * a.p + i) * 3 * a.c + (size_t)head * ch * 3 + s;
-    float ss = 0.0f;
-    for (int c = 0; c < ch; c++) ss += src[3 * c] * src[3 * c];
-    float inv = 1.0f / edm2_norm_denom(ss, ch);
-    float *dst = (s == 0 ? qn : s == 1 ? kn : vn) + (((size_t)b * a.heads + head) * a.p + i) * ch;
-    for (int c = 0; c < ch; c++) dst[c] = src[3 * c] * inv;
-  }
-}
+// The fp32 path (exact against the CPU backend, O(P²) memory); bf16 activations take the
+// FlashAttention-2 kernels of attention_flash.cu (no P x P buffer, tensor cores).
+// Checked against the CPU backend in the simulation harness.
+#include "attention_norm.cuh"
 
 // One thread per (image·head, query i): the row of logits, then its softmax in place.
 __global__ void attn_softmax_kernel(const float *__restrict__ qn, const float *__restrict__ kn, float *__restrict__ w, AttnShape a) {
@@ -134,40 +115,11 @@ __global__ void attn_dqk_kernel(const float *__restrict__ dl, const float *__res
   }
 }
 
-// One thread per (image, head, pixel, s): through the normalization, into dqkv.
-template <typename T>
-__global__ void attn_denormalize_kernel(const T *__restrict__ qkv, const float *__restrict__ dqn, const float *__restrict__ dkn,
-                                        const float *__restrict__ dvn, T *__restrict__ dqkv, AttnShape a) {
-  const int ch = a.c / a.heads;
-  EDM2_FOR(t, (size_t)a.n * a.heads * a.p * 3) {
-    int s = (int)(t % 3), i = (int)(t / 3 % a.p), head = (int)(t / 3 / a.p % a.heads), b = (int)(t / 3 / a.p / a.heads);
-    size_t off = ((size_t)b * a.p + i) * 3 * a.c + (size_t)head * ch * 3 + s;
-    const T *x = qkv + off;
-    const float *g = (s == 0 ? dqn : s == 1 ? dkn : dvn) + (((size_t)b * a.heads + head) * a.p + i) * ch;
-    float ss = 0.0f, dot = 0.0f;
-    for (int c = 0; c < ch; c++) {
-      ss += x[3 * c] * x[3 * c];
-      dot += x[3 * c] * g[c];
-    }
-    float d = edm2_norm_denom(ss, ch), norm = sqrtf(ss);
-    float coef = norm > 0.0f ? dot / (d * d * sqrtf((float)ch) * norm) : 0.0f;
-    float inv = 1.0f / d;
-    for (int c = 0; c < ch; c++) dqkv[off + 3 * c] = g[c] * inv - x[3 * c] * coef;
-  }
-}
-
-#define ATT_LAUNCH(kernel, count, ...)                                                  \
-  do {                                                                                  \
-    EDM2_LAUNCH(kernel, edm2_blocks((count), 128), 128, 0, stream, __VA_ARGS__);        \
-    if (int e_ = (int)cudaGetLastError()) return e_;                                    \
-  } while (0)
-
-static int attn_check(AttnShape a) { return a.heads <= 0 || a.c % a.heads != 0 || a.n <= 0 || a.p <= 0; }
-
 template <typename T>
 static int attention_forward(const T *qkv, T *y, float *qn, float *kn, float *vn, float *w, AttnShape a, cudaStream_t stream) {
   size_t rows = (size_t)a.n * a.heads * a.p;
-  ATT_LAUNCH(attn_normalize_kernel<T>, rows * 3, qkv, qn, kn, vn, a);
+  auto normalize = attn_normalize_kernel<T, float>;
+  ATT_LAUNCH(normalize, rows * 3, qkv, qn, kn, vn, a);
   ATT_LAUNCH(attn_softmax_kernel, rows, qn, kn, w, a);
   ATT_LAUNCH(attn_pv_kernel<T>, (size_t)a.n * a.p * a.c, w, vn, y, a);
   return 0;

@@ -40,6 +40,7 @@ int edm2_clip_backward(void *dy, const uint8_t *mask, size_t n, int dtype, cudaS
 int edm2_add_scalar(void *a, float v, size_t n, int dtype, cudaStream_t stream);
 /* y (dtype) = k·x (x_dtype): also a dtype conversion. */
 int edm2_scaled(const void *x, int x_dtype, void *y, float k, size_t n, int dtype, cudaStream_t stream);
+int edm2_split_scaled(void *x, void *y, float ka, float kb, size_t n, int dtype, cudaStream_t stream);
 int edm2_scale_images(void *x, const float *k, size_t per, size_t n, int dtype, cudaStream_t stream);
 /* Preconditioning: the input x and the output d are of x_dtype, out and f of dtype. */
 int edm2_precond_input(const void *x, int x_dtype, const float *c_in, void *out, int c, size_t pixels_per_image, size_t images, int dtype,
@@ -111,6 +112,18 @@ int edm2_attention_forward(const void *qkv, void *y, float *qn, float *kn, float
                            cudaStream_t stream);
 int edm2_attention_backward(const void *qkv, const float *qn, const float *kn, const float *vn, const float *w, const void *dy, float *dl,
                             float *dqn, float *dkn, float *dvn, void *dqkv, int n, int p, int c, int heads, int dtype, cudaStream_t stream);
+
+/* attention_flash.cu: the same attention for bf16 activations (qkv, y, dy, dqkv as bf16 bits),
+ * FlashAttention-2 style on tensor cores, for head widths C/heads of 16, 32 or 64
+ * (edm2_flash_attention_supported). Workspace: qkvn 3·N·P·C bf16 (the normalized q, k, v,
+ * forward → backward), lse N·heads·P floats (forward → backward); backward scratch delta
+ * N·heads·P and dqn/dkn/dvn N·P·C floats. No P x P buffer. */
+int edm2_flash_attention_supported(int c, int heads);
+int edm2_flash_attention_forward(const uint16_t *qkv, uint16_t *y, uint16_t *qkvn, float *lse, int n, int p, int c, int heads,
+                                 cudaStream_t stream);
+int edm2_flash_attention_backward(const uint16_t *qkv, const uint16_t *qkvn, const float *lse, const uint16_t *y, const uint16_t *dy,
+                                  float *delta, float *dqn, float *dkn, float *dvn, uint16_t *dqkv, int n, int p, int c, int heads,
+                                  cudaStream_t stream);
 
 /* loss.cu: the EDM2 loss of n images of `per` values (see the file): overwrites dd,
  * loss_sums[b] = Σ(l + u_b) and dlogvar[b] = dlv_scale·Σ(1 − l); w_b = λ(σ_b)/exp(u_b) from

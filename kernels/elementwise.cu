@@ -19,7 +19,8 @@
 //   clip: x ← clamp(x, ±limit), mask[i] = |x| > limit before the clamp; backward zeroes
 //     dy where the mask is set.
 //   mp_fourier: y[i, j] = sqrt(2)·cos(freqs[j]·x[i] + phases[j]).
-// add_scalar: a ← a + v. scaled: y = k·x (k = 1: a copy).
+// add_scalar: a ← a + v. scaled: y = k·x (k = 1: a copy). split_scaled: y = kb·x and
+// x ← ka·x in one pass.
 // Preconditioning (DESIGN.md §1), per-image coefficients k[b] in device memory:
 //   scale_images: x[b, ...] ← k[b]·x[b, ...] (images of `per` values);
 //   precond_input: out [N, H, W, C+1] = [c_in[b]·x, 1] from x [N, H, W, C];
@@ -222,6 +223,17 @@ __global__ void scaled_kernel(const TX *__restrict__ x, T *__restrict__ y, float
   EDM2_FOR(i, n) y[i] = k * x[i];
 }
 
+// The two branches of an mp_sum's backward in one pass: y = kb·x and x ← ka·x (the same
+// products as scaled and scale, so the same bits).
+template <typename T>
+__global__ void split_scaled_kernel(T *__restrict__ x, T *__restrict__ y, float ka, float kb, size_t n) {
+  EDM2_FOR(i, n) {
+    float v = x[i];
+    y[i] = kb * v;
+    x[i] = ka * v;
+  }
+}
+
 template <typename T>
 __global__ void scale_images_kernel(T *__restrict__ x, const float *__restrict__ k, size_t per, size_t n) {
   EDM2_FOR(i, n) x[i] = x[i] * k[i / per];
@@ -333,6 +345,9 @@ extern "C" int edm2_add_scalar(void *a, float v, size_t n, int dtype, cudaStream
 }
 extern "C" int edm2_scaled(const void *x, int x_dtype, void *y, float k, size_t n, int dtype, cudaStream_t stream) {
   EDM2_BY_DTYPE_AS(x_dtype, TX, EDM2_BY_DTYPE(dtype, auto *kernel = &scaled_kernel<TX, T>; EW_LAUNCH(kernel, n, (const TX *)x, WR(y), k, n)));
+}
+extern "C" int edm2_split_scaled(void *x, void *y, float ka, float kb, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(split_scaled_kernel<T>, n, WR(x), WR(y), ka, kb, n));
 }
 extern "C" int edm2_scale_images(void *x, const float *k, size_t per, size_t n, int dtype, cudaStream_t stream) {
   if (per == 0) return 0;

@@ -97,7 +97,7 @@ bench() { # name, extra args...
     local log="$out/bench-$name.log"
     have "edm2 $name" || return 0
     if timeout "${BENCH_TIMEOUT:-120}" env -u EDM2_POISON_DEVICE_MEMORY "$bin/edm2" bench --json "$@" > "$log" 2>&1; then
-        row "edm2 $name" "train $(jget "$log" images_per_s_train) img/s, forward $(jget "$log" images_per_s_forward), sampling $(jget "$log" images_per_s_sampling); per step $(jget "$log" launches_per_step) launches, $(jget "$log" host_waits_per_step) host waits; $(jget "$log" device_memory_bytes) B device memory"
+        row "edm2 $name" "train $(jget "$log" images_per_s_train) img/s, forward $(jget "$log" images_per_s_forward), sampling $(jget "$log" images_per_s_sampling); per step $(jget "$log" launches_per_step) launches, $(jget "$log" host_waits_per_step) host waits; $(jget "$log" device_memory_bytes) B device memory, $(jget "$log" device_buffer_bytes) B in buffers"
     else
         row "edm2 $name" "FAIL (see $(basename "$log")): $(tail -2 "$log" | tr '\n' ' ' | cut -c1-200)"
         status=1

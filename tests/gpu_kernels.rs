@@ -853,6 +853,18 @@ fn block_elementwise_kernels_match_the_cpu_backend() {
         close_in(&gpu, &format!("axpby {sched}"), &down(&gpu, &a), &want_a);
         k::scale(&gpu, &mut a, 2.0).unwrap();
         close_in(&gpu, &format!("scale {sched}"), &down(&gpu, &a), &want_a.iter().map(|v| v * 2.0).collect::<Vec<_>>());
+        // split_scaled: the bits of scaled then scale, in one launch.
+        let (xa, xb) = (up(&gpu, &x), up(&gpu, &x));
+        let want_y = down(&gpu, &k::scaled(&gpu, &xa, -0.8).unwrap());
+        let mut want_x = xa;
+        k::scale(&gpu, &mut want_x, 0.6).unwrap();
+        let mut got_x = xb;
+        let before = edm2::backend::gpu::launches();
+        let got_y = k::split_scaled(&gpu, &mut got_x, 0.6, -0.8).unwrap();
+        assert_eq!(edm2::backend::gpu::launches() - before, 1, "split_scaled is one launch");
+        assert_eq!(down(&gpu, &got_y), want_y, "split_scaled y {sched}");
+        assert_eq!(down(&gpu, &got_x), down(&gpu, &want_x), "split_scaled x {sched}");
+        close_in(&gpu, &format!("split_scaled {sched}"), &want_y, &ops::scaled(&x, -0.8));
     });
 }
 
@@ -869,18 +881,60 @@ fn attention_kernels_match_the_cpu_backend() {
     let cache = attention::attention_forward(&qkv, n, p, c, heads, &mut y_cpu);
     let mut dqkv_cpu = vec![0.0; qkv.len()];
     attention::attention_backward(&qkv, &cache, &dy, n, p, c, heads, &mut dqkv_cpu);
-    each_mode(&gpu, |sched| {
-        let qb = up(&gpu, &qkv);
-        let mut y = act(&gpu, n * p * c);
-        let gc = k::attention_forward(&gpu, &qb, n, p, c, heads, &mut y).unwrap();
-        close_in(&gpu, &format!("attention_forward {sched}"), &down(&gpu, &y), &y_cpu);
-        close_in(&gpu, &format!("attention softmax {sched}"), &down32(&gpu, &gc.w), &cache.w);
-        let mut dq = act(&gpu, qkv.len());
-        k::attention_backward(&gpu, &qb, &gc, &up(&gpu, &dy), n, p, c, heads, &mut dq).unwrap();
-        close_in(&gpu, &format!("attention_backward {sched}"), &down(&gpu, &dq), &dqkv_cpu);
-    });
+    // bf16 runs both implementations (flash on and off); fp32 always the softmax kernels.
+    for flash in [true, false] {
+        gpu.set_flash_attention(flash);
+        each_mode(&gpu, |sched| {
+            let qb = up(&gpu, &qkv);
+            let mut y = act(&gpu, n * p * c);
+            let gc = k::attention_forward(&gpu, &qb, n, p, c, heads, &mut y).unwrap();
+            assert_eq!(gc.is_flash(), flash && gpu.act_dtype() == Dtype::Bf16, "which kernels ran ({sched})");
+            close_in(&gpu, &format!("attention_forward flash={flash} {sched}"), &down(&gpu, &y), &y_cpu);
+            if let Some(w) = gc.softmax() {
+                close_in(&gpu, &format!("attention softmax {sched}"), &down32(&gpu, w), &cache.w);
+            }
+            let mut dq = act(&gpu, qkv.len());
+            k::attention_backward(&gpu, &qb, &gc, &y, &up(&gpu, &dy), n, p, c, heads, &mut dq).unwrap();
+            close_in(&gpu, &format!("attention_backward flash={flash} {sched}"), &down(&gpu, &dq), &dqkv_cpu);
+        });
+    }
+    gpu.set_flash_attention(true);
     let mut y = act(&gpu, n * p * c);
     assert!(k::attention_forward(&gpu, &up(&gpu, &qkv), n, p, c, 3, &mut y).is_err(), "32 channels do not split into 3 heads");
+}
+
+/// The flash kernels at EDM2's head width (64) and at 32, with pixel counts that leave the
+/// last 64-row tile partial (70 = 64 + 6) or make one tile of a few rows, so the zero fill
+/// and the masks of queries and keys past P matter; their softmax scale differs from the
+/// test above's. Against the CPU backend on the bf16-rounded inputs.
+#[test]
+fn flash_attention_matches_the_cpu_backend_at_full_head_widths() {
+    use edm2::backend::cpu::attention;
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    gpu.set_precision(Precision::Bf16);
+    gpu.set_flash_attention(true);
+    for (n, p, c, heads, seed) in [(1usize, 70usize, 128usize, 2usize, 61u64), (2, 5, 64, 2, 62), (1, 130, 64, 1, 63)] {
+        // Magnitudes like the network's qkv; the logits of normalized rows stay within ±sqrt(Ch).
+        let qkv = stored(&gpu, &random(n * p * 3 * c, seed));
+        let dy = stored(&gpu, &random(n * p * c, seed + 100));
+        let mut y_cpu = vec![0.0; n * p * c];
+        let cache = attention::attention_forward(&qkv, n, p, c, heads, &mut y_cpu);
+        let mut dqkv_cpu = vec![0.0; qkv.len()];
+        attention::attention_backward(&qkv, &cache, &dy, n, p, c, heads, &mut dqkv_cpu);
+        each_schedule(|sched| {
+            let what = format!("flash n={n} p={p} c={c} heads={heads} {sched}");
+            let qb = up(&gpu, &qkv);
+            let mut y = act(&gpu, n * p * c);
+            let gc = k::attention_forward(&gpu, &qb, n, p, c, heads, &mut y).unwrap();
+            assert!(gc.is_flash() && gc.softmax().is_none(), "{what}: the flash kernels keep no softmax");
+            close_in(&gpu, &format!("{what} forward"), &down(&gpu, &y), &y_cpu);
+            let mut dq = act(&gpu, qkv.len());
+            k::attention_backward(&gpu, &qb, &gc, &y, &up(&gpu, &dy), n, p, c, heads, &mut dq).unwrap();
+            close_in(&gpu, &format!("{what} backward"), &down(&gpu, &dq), &dqkv_cpu);
+        });
+    }
+    gpu.set_precision(Precision::Fp32);
 }
 
 #[test]

@@ -163,6 +163,13 @@ pub trait Backend {
     fn scale(&self, a: &mut Self::Buf, k: f32) -> crate::error::Result<()>;
     /// `k·a` as a new buffer.
     fn scaled(&self, a: &Self::Buf, k: f32) -> crate::error::Result<Self::Buf>;
+    /// `kb·a` as a new buffer, and `a ← ka·a`: the two branches of an mp_sum's backward
+    /// (the bits of [`Backend::scaled`] then [`Backend::scale`]; a device does it in one pass).
+    fn split_scaled(&self, a: &mut Self::Buf, ka: f32, kb: f32) -> crate::error::Result<Self::Buf> {
+        let out = self.scaled(a, kb)?;
+        self.scale(a, ka)?;
+        Ok(out)
+    }
     /// `a ← a + v` for every element.
     fn add_scalar(&self, a: &mut Self::Buf, v: f32) -> crate::error::Result<()>;
     /// Pixel norm: `normalize` over rows of `k`.
@@ -195,11 +202,13 @@ pub trait Backend {
     /// Cosine attention `qkv` `[n, p, 3c]` → `y` `[n, p, c]`.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(&self, qkv: &Self::Buf, n: usize, p: usize, c: usize, heads: usize, y: &mut Self::Buf) -> crate::error::Result<Self::Attn>;
+    /// Its gradient into `dqkv` (overwritten); `y` is the forward's output.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         qkv: &Self::Buf,
         cache: &Self::Attn,
+        y: &Self::Buf,
         dy: &Self::Buf,
         n: usize,
         p: usize,

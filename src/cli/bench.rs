@@ -351,6 +351,8 @@ fn bench_cuda(a: &Args) -> Result<()> {
         println!("per training step: {l} kernel launches, {w} host waits");
     }
     let memory = gpu.memory_in_use();
+    let buffer_bytes = gpu.pool_stats().allocated_bytes;
+    println!("device buffers: {:.3} GiB allocated by the buffer pool", buffer_bytes as f64 / (1u64 << 30) as f64);
     if let Some(m) = memory {
         println!("device memory in use: {:.2} GiB (buffers kept for reuse, CUDA context included)", m as f64 / (1u64 << 30) as f64);
     }
@@ -360,7 +362,7 @@ fn bench_cuda(a: &Args) -> Result<()> {
             "{}",
             serde_json::json!({"device": gpu.name(), "precision": a.precision, "tensor_core_conv": tc, "train_step_ms": t, "forward_ms": f,
                 "images_per_s_train": t.map(ips), "images_per_s_forward": f.map(ips),
-                "images_per_s_sampling": sampling_ips, "device_memory_bytes": memory,
+                "images_per_s_sampling": sampling_ips, "device_memory_bytes": memory, "device_buffer_bytes": buffer_bytes,
                 "launches_per_step": step_counts.map(|c| c.0), "host_waits_per_step": step_counts.map(|c| c.1)})
         );
     }

@@ -415,25 +415,23 @@ impl Block {
         let mut dx2 = dy;
         if self.num_heads > 0 {
             let (wa, wb) = ops::mp_sum_coefs(self.attn_balance);
-            let dyp = Tensor::with_buf(&dx2.shape, be.scaled(&dx2.data, wb)?);
-            be.scale(&mut dx2.data, wa)?;
+            let dyp = Tensor::with_buf(&dx2.shape, be.split_scaled(&mut dx2.data, wa, wb)?);
             let (mq, mp) = (self.attn_qkv.as_ref().unwrap(), self.attn_proj.as_ref().unwrap());
             let ya = c.ya.as_ref().unwrap();
             let dya = mp.backward(be, p, c.effs.proj.as_ref().unwrap(), ya, &dyp, true, None, grads)?.unwrap();
             let qkv = c.qkv.as_ref().unwrap();
             let x2 = c.x2.as_ref().unwrap();
             let (an, ah, aw) = spatial(x2);
-            let mut dqkv = be.zeros(qkv.len_of_shape())?;
-            be.attention_backward(&qkv.data, c.attn.as_ref().unwrap(), &dya.data, an, ah * aw, self.out_ch, self.num_heads, &mut dqkv)?;
+            let mut dqkv = be.alloc(qkv.len_of_shape())?; // overwritten by the backward
+            be.attention_backward(&qkv.data, c.attn.as_ref().unwrap(), &ya.data, &dya.data, an, ah * aw, self.out_ch, self.num_heads, &mut dqkv)?;
             let dqkv = Tensor::with_buf(&qkv.shape, dqkv);
             let dxq = mq.backward(be, p, c.effs.qkv.as_ref().unwrap(), x2, &dqkv, true, None, grads)?;
             be.add(&mut dx2.data, &dxq.unwrap().data)?;
         }
         // 5. x2 = wa·skip(x_main) + wb·h1
         let (wa, wb) = ops::mp_sum_coefs(self.res_balance);
-        let dh1 = Tensor::with_buf(&dx2.shape, be.scaled(&dx2.data, wb)?);
         let mut dxs = dx2;
-        be.scale(&mut dxs.data, wa)?;
+        let dh1 = Tensor::with_buf(&dxs.shape, be.split_scaled(&mut dxs.data, wa, wb)?);
         // 4. decoder conv_skip
         let mut dx_main = if self.flavor == Flavor::Dec {
             match &self.conv_skip {

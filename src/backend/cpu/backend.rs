@@ -174,6 +174,7 @@ impl Backend for Cpu {
         &self,
         qkv: &Vec<f32>,
         cache: &attention::AttnCache,
+        _y: &Vec<f32>,
         dy: &Vec<f32>,
         n: usize,
         p: usize,

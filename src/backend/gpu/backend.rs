@@ -145,6 +145,9 @@ impl Backend for Gpu {
     fn scaled(&self, a: &GpuAct, kk: f32) -> Result<GpuAct> {
         k::scaled(self, a, kk)
     }
+    fn split_scaled(&self, a: &mut GpuAct, ka: f32, kb: f32) -> Result<GpuAct> {
+        k::split_scaled(self, a, ka, kb)
+    }
     fn add_scalar(&self, a: &mut GpuAct, v: f32) -> Result<()> {
         k::add_scalar(self, a, v)
     }
@@ -199,6 +202,7 @@ impl Backend for Gpu {
         &self,
         qkv: &GpuAct,
         cache: &GpuAttnCache,
+        y: &GpuAct,
         dy: &GpuAct,
         n: usize,
         p: usize,
@@ -206,7 +210,7 @@ impl Backend for Gpu {
         heads: usize,
         dqkv: &mut GpuAct,
     ) -> Result<()> {
-        k::attention_backward(self, qkv, cache, dy, n, p, c, heads, dqkv)
+        k::attention_backward(self, qkv, cache, y, dy, n, p, c, heads, dqkv)
     }
     fn mp_cat(&self, a: &GpuAct, na: usize, b: &GpuAct, nb: usize, t: f32, out: &mut GpuAct) -> Result<()> {
         k::mp_cat(self, a, na, b, nb, t, out)

@@ -4,6 +4,7 @@
 //! simulated device (feature `cuda-sim`).
 
 use super::{check, ffi, same_len, Dtype, Gpu, GpuAct, GpuBuf};
+pub use super::attention::{attention_backward, attention_forward, GpuAttnCache};
 pub use crate::backend::{ConvGeom, Nhwc};
 use crate::error::{Error, Result};
 
@@ -994,101 +995,6 @@ pub fn conv_backward_weight_simt(gpu: &Gpu, geom: ConvGeom, x: &dyn Values, s: N
     })
 }
 
-/// What the attention backward needs from the forward (device workspace).
-pub struct GpuAttnCache {
-    pub qn: GpuBuf<f32>,
-    pub kn: GpuBuf<f32>,
-    pub vn: GpuBuf<f32>,
-    /// The softmax `[N, heads, P, P]`.
-    pub w: GpuBuf<f32>,
-}
-
-fn attn_dims(kernel: &str, n: usize, p: usize, c: usize, heads: usize) -> Result<(i32, i32, i32, i32)> {
-    if heads == 0 || c % heads != 0 || n == 0 || p == 0 {
-        return Err(Error::Input(format!("{kernel}: {c} channels do not split into {heads} heads")));
-    }
-    Ok((int(kernel, n)?, int(kernel, p)?, int(kernel, c)?, int(kernel, heads)?))
-}
-
-/// Cosine attention: `qkv` `[n, p, 3c]` → `y` `[n, p, c]`.
-pub fn attention_forward(gpu: &Gpu, qkv: &dyn Values, n: usize, p: usize, c: usize, heads: usize, y: &mut dyn Values) -> Result<GpuAttnCache> {
-    let k = "attention_forward";
-    let (ni, pi, ci, hi) = attn_dims(k, n, p, c, heads)?;
-    expect_len(k, "qkv", qkv.len(), n * p * 3 * c)?;
-    expect_len(k, "y", y.len(), n * p * c)?;
-    let mut cache = GpuAttnCache {
-        qn: gpu.alloc(n * p * c)?,
-        kn: gpu.alloc(n * p * c)?,
-        vn: gpu.alloc(n * p * c)?,
-        w: gpu.alloc(n * heads * p * p)?,
-    };
-    let dt = dtype_of(k, &[qkv.dtype(), y.dtype()])?;
-    let st = gpu.stream()?;
-    check(k, unsafe {
-        ffi::edm2_attention_forward(
-            qkv.vptr(gpu),
-            y.vptr_mut(gpu),
-            cache.qn.ptr_mut(gpu),
-            cache.kn.ptr_mut(gpu),
-            cache.vn.ptr_mut(gpu),
-            cache.w.ptr_mut(gpu),
-            ni,
-            pi,
-            ci,
-            hi,
-            dt,
-            st,
-        )
-    })?;
-    Ok(cache)
-}
-
-/// Gradient of [`attention_forward`]: `dy` `[n, p, c]` → `dqkv` `[n, p, 3c]` (overwritten).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    gpu: &Gpu,
-    qkv: &dyn Values,
-    cache: &GpuAttnCache,
-    dy: &dyn Values,
-    n: usize,
-    p: usize,
-    c: usize,
-    heads: usize,
-    dqkv: &mut dyn Values,
-) -> Result<()> {
-    let k = "attention_backward";
-    let (ni, pi, ci, hi) = attn_dims(k, n, p, c, heads)?;
-    expect_len(k, "qkv", qkv.len(), n * p * 3 * c)?;
-    expect_len(k, "dy", dy.len(), n * p * c)?;
-    expect_len(k, "dqkv", dqkv.len(), n * p * 3 * c)?;
-    expect_len(k, "cache.w", cache.w.len(), n * heads * p * p)?;
-    let mut dl = gpu.alloc::<f32>(n * heads * p * p)?;
-    let (mut dq, mut dk, mut dv) = (gpu.alloc::<f32>(n * p * c)?, gpu.alloc::<f32>(n * p * c)?, gpu.alloc::<f32>(n * p * c)?);
-    let dt = dtype_of(k, &[qkv.dtype(), dy.dtype(), dqkv.dtype()])?;
-    let st = gpu.stream()?;
-    check(k, unsafe {
-        ffi::edm2_attention_backward(
-            qkv.vptr(gpu),
-            cache.qn.ptr(gpu),
-            cache.kn.ptr(gpu),
-            cache.vn.ptr(gpu),
-            cache.w.ptr(gpu),
-            dy.vptr(gpu),
-            dl.ptr_mut(gpu),
-            dq.ptr_mut(gpu),
-            dk.ptr_mut(gpu),
-            dv.ptr_mut(gpu),
-            dqkv.vptr_mut(gpu),
-            ni,
-            pi,
-            ci,
-            hi,
-            dt,
-            st,
-        )
-    })
-}
-
 /// `a ← a + v`.
 pub fn add_scalar(gpu: &Gpu, a: &mut dyn Values, v: f32) -> Result<()> {
     let st = gpu.stream()?;
@@ -1105,6 +1011,14 @@ pub fn scaled_to(gpu: &Gpu, x: &dyn Values, dtype: Dtype, k: f32) -> Result<GpuA
     let mut y = gpu.alloc_dtype(dtype, x.len())?;
     let st = gpu.stream()?;
     check("scaled", unsafe { ffi::edm2_scaled(x.vptr(gpu), x.dtype().code(), y.vptr_mut(gpu), k, x.len(), dtype.code(), st) })?;
+    Ok(y)
+}
+
+/// `kb·x` as a new buffer and `x ← ka·x`, in one launch (the bits of [`scaled`] and [`scale`]).
+pub fn split_scaled(gpu: &Gpu, x: &mut dyn Values, ka: f32, kb: f32) -> Result<GpuAct> {
+    let mut y = gpu.alloc_dtype(x.dtype(), x.len())?;
+    let st = gpu.stream()?;
+    check("split_scaled", unsafe { ffi::edm2_split_scaled(x.vptr_mut(gpu), y.vptr_mut(gpu), ka, kb, x.len(), x.dtype().code(), st) })?;
     Ok(y)
 }
 

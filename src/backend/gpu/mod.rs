@@ -13,6 +13,7 @@
 //! The same kernel wrappers, buffer handling and launch order run in both modes: the
 //! simulation tests exercise this whole path in CI, not just single kernels.
 
+mod attention;
 mod backend;
 pub mod kernels;
 pub mod multi_tensor;
@@ -186,6 +187,8 @@ pub struct Gpu {
     waits: std::cell::Cell<u64>,
     /// Whether bf16 conv forwards run on the tensor-core kernel (see [`Gpu::tensor_core_conv`]).
     tensor_core_conv: std::cell::Cell<bool>,
+    /// Whether bf16 attention runs on the flash kernels (see [`Gpu::flash_attention`]).
+    flash_attention: std::cell::Cell<bool>,
 }
 
 #[cfg(feature = "cuda")]
@@ -284,6 +287,8 @@ pub struct Pool {
     uploaded: std::cell::RefCell<std::collections::HashMap<(std::any::TypeId, usize), Vec<Box<dyn std::any::Any>>>>,
     hits: std::cell::Cell<u64>,
     misses: std::cell::Cell<u64>,
+    /// Bytes of the buffers behind `misses` (the pool keeps every buffer it allocated).
+    bytes: std::cell::Cell<u64>,
     #[cfg(feature = "cuda")]
     compute: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
 }
@@ -295,9 +300,18 @@ pub struct PoolStats {
     pub reused: u64,
     /// Allocations that needed new device memory.
     pub allocated: u64,
+    /// The bytes of those allocations: the device memory our buffers hold (the pool never
+    /// gives memory back), CUDA context and library workspaces not included. The same on
+    /// the simulated device as on a GPU, so memory work can be measured without one.
+    pub allocated_bytes: u64,
 }
 
 impl Pool {
+    /// Counts an allocation of `n` new `T`s.
+    fn missed<T: DeviceScalar>(&self, n: usize) {
+        self.misses.set(self.misses.get() + 1);
+        self.bytes.set(self.bytes.get() + (n * std::mem::size_of::<T>()) as u64);
+    }
     fn take<T: DeviceScalar>(&self, n: usize) -> Option<Storage<T>> {
         let b = self.free.borrow_mut().get_mut(&(std::any::TypeId::of::<T>(), n))?.pop()?;
         b.downcast::<Storage<T>>().ok().map(|b| *b)
@@ -367,6 +381,7 @@ impl Gpu {
             pool,
             waits: Default::default(),
             tensor_core_conv: tensor_core_conv_from_env().into(),
+            flash_attention: std::env::var("EDM2_FLASH_ATTENTION").map_or(true, |v| v != "0").into(),
         })
     }
 
@@ -425,7 +440,7 @@ impl Gpu {
                 x
             }
             None => {
-                self.pool.misses.set(self.pool.misses.get() + 1);
+                self.pool.missed::<T>(n);
                 // Allocated on the compute stream: the upload stream waits for the allocation.
                 let s = self.raw_alloc::<T>(n)?;
                 (s, self.compute_event()?)
@@ -571,6 +586,7 @@ impl Gpu {
             pool: Default::default(),
             waits: Default::default(),
             tensor_core_conv: tensor_core_conv_from_env().into(),
+            flash_attention: std::env::var("EDM2_FLASH_ATTENTION").map_or(true, |v| v != "0").into(),
         })
     }
 
@@ -616,7 +632,7 @@ impl Gpu {
                 s
             }
             None => {
-                self.pool.misses.set(self.pool.misses.get() + 1);
+                self.pool.missed::<T>(host.len());
                 host.to_vec()
             }
         };
@@ -658,7 +674,7 @@ impl Gpu {
                 s
             }
             None => {
-                self.pool.misses.set(self.pool.misses.get() + 1);
+                self.pool.missed::<T>(n);
                 self.raw_alloc::<T>(n)?
             }
         };
@@ -701,7 +717,7 @@ impl Gpu {
     /// How many allocations the pool served from freed buffers and how many needed new
     /// device memory, since the device was opened.
     pub fn pool_stats(&self) -> PoolStats {
-        PoolStats { reused: self.pool.hits.get(), allocated: self.pool.misses.get() }
+        PoolStats { reused: self.pool.hits.get(), allocated: self.pool.misses.get(), allocated_bytes: self.pool.bytes.get() }
     }
 
     /// Whether the convolutions with bf16 activations run on the tensor-core kernels
@@ -715,6 +731,19 @@ impl Gpu {
 
     pub fn set_tensor_core_conv(&self, on: bool) {
         self.tensor_core_conv.set(on)
+    }
+
+    /// Whether attention with bf16 activations runs on the FlashAttention-2 kernels
+    /// (kernels/attention_flash.cu: tensor cores, no `[N, heads, P, P]` softmax kept). On by
+    /// default (not yet timed on a GPU; the fp32 kernels it replaces measured 0.37 TMAC/s
+    /// on an H200). EDM2_FLASH_ATTENTION=0 or [`Gpu::set_flash_attention`] selects the fp32
+    /// kernels of attention.cu, which fp32 activations always use.
+    pub fn flash_attention(&self) -> bool {
+        self.flash_attention.get()
+    }
+
+    pub fn set_flash_attention(&self, on: bool) {
+        self.flash_attention.set(on)
     }
 
     /// How many times the host has waited for the device (downloads and synchronizations)
