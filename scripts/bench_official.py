@@ -61,6 +61,9 @@ def main():
     ap.add_argument("--config", default="cpu-s32", help="one or more of %s, comma-separated" % ", ".join(sorted(PRESETS)))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--fp16", action="store_true", help="use_fp16=True (the official training default; CUDA only)")
+    ap.add_argument("--autocast-bf16", action="store_true",
+                    help="run forward and backward under torch.autocast(dtype=torch.bfloat16) "
+                         "(PyTorch's CPU mixed precision; compare with `edm2 bench --precision bf16`)")
     ap.add_argument("--sampling", action="store_true", help="also time one whole sampling run (63 evaluations)")
     ap.add_argument("--sampling-batch", type=int, default=32)
     ap.add_argument("--guidance", action="store_true", help="sampling with an unconditional XS guiding network")
@@ -100,13 +103,20 @@ def bench(a, config):
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
     sd = 0.5
 
+    import contextlib
+    def amp():
+        if a.autocast_bf16:
+            return torch.autocast(device_type=a.device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def train_step():
         net.train()
         sigma = (torch.randn(n, 1, 1, 1, device=dev) * 1.2 - 0.4).exp()
         weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
         noise = torch.randn_like(images) * sigma
-        D, logvar = net(images + noise, sigma, labels, return_logvar=True)
-        loss = (weight / logvar.exp()) * ((D - images) ** 2) + logvar
+        with amp():
+            D, logvar = net(images + noise, sigma, labels, return_logvar=True)
+            loss = (weight / logvar.exp()) * ((D.float() - images) ** 2) + logvar.float()
         opt.zero_grad(set_to_none=True)
         loss.sum().mul(1 / n).backward()
         for p in net.parameters():
@@ -119,10 +129,10 @@ def bench(a, config):
 
     def forward():
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             net(x_f, sigma_f, labels)
 
-    out = {"config": config, "batch": n, "device": a.device, "fp16": a.fp16, "torch": torch.__version__}
+    out = {"config": config, "batch": n, "device": a.device, "fp16": a.fp16, "autocast_bf16": a.autocast_bf16, "torch": torch.__version__}
     if a.device == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
     else:

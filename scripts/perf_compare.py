@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--python", default=sys.executable, help="a Python with torch")
     ap.add_argument("--edm2-bin", default=os.path.join(here, "..", "target", "release", "edm2"))
     ap.add_argument("--cases", default=",".join(c[0] for c in CASES))
+    ap.add_argument("--bf16", action="store_true",
+                    help="ours with --precision bf16 against the official code under torch.autocast(bfloat16)")
     a = ap.parse_args()
     rows = []
     for name, batch, iters, rounds in CASES:
@@ -32,6 +34,9 @@ def main():
         ours_cmd = [a.edm2_bin, "bench", "--config", name, "--batch", str(batch), "--iters", str(iters), "--json"]
         torch_cmd = [a.python, os.path.join(here, "bench_official.py"), "--edm2-repo", a.edm2_repo,
                      "--config", name, "--batch", str(batch), "--iters", str(iters)]
+        if a.bf16:
+            ours_cmd += ["--precision", "bf16"]
+            torch_cmd += ["--autocast-bf16"]
         res = {"ours": [], "torch": []}
         for r in range(rounds):
             for who, cmd in (("ours", ours_cmd), ("torch", torch_cmd)):

@@ -86,7 +86,7 @@ pub struct DeviceNet<'a> {
 }
 
 enum Place {
-    Cpu,
+    Cpu(crate::backend::cpu::Cpu),
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     Cuda { gpu: crate::backend::gpu::Gpu, params: crate::backend::gpu::GpuParams },
 }
@@ -97,15 +97,13 @@ impl<'a> DeviceNet<'a> {
         Self::with_precision(net, device, crate::backend::Precision::Fp32)
     }
 
-    /// As [`DeviceNet::new`], in `precision` on the CUDA backend (bf16: bf16 activations;
-    /// the CPU computes in fp32 and refuses bf16).
+    /// As [`DeviceNet::new`], in `precision` (bf16: on the CUDA backend bf16 activations;
+    /// on the CPU bf16 products where the processor has AVX512-BF16, refused elsewhere).
     pub fn with_precision(net: &'a LoadedNet, device: crate::backend::Device, precision: crate::backend::Precision) -> Result<Self> {
-        let on_cpu = matches!(device, crate::backend::Device::Cpu | crate::backend::Device::Auto);
-        if on_cpu && precision != crate::backend::Precision::Fp32 {
-            return Err(Error::Input(format!("precision {precision} needs the CUDA backend; the CPU computes in fp32")));
-        }
         let place = match device {
-            crate::backend::Device::Cpu | crate::backend::Device::Auto => Place::Cpu,
+            crate::backend::Device::Cpu | crate::backend::Device::Auto => {
+                Place::Cpu(crate::backend::cpu::Cpu::for_precision(precision).map_err(Error::Input)?)
+            }
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             crate::backend::Device::Cuda => {
                 let gpu = crate::backend::gpu::Gpu::open(0)?;
@@ -124,8 +122,8 @@ impl<'a> DeviceNet<'a> {
     /// Eval-mode `D` (NHWC, on the host) and `logvar` for an NHWC batch.
     pub fn forward_nhwc(&self, x: &Tensor, sigma: &[f32], labels: Option<&Tensor>) -> Result<(Tensor, Vec<f32>)> {
         match &self.place {
-            Place::Cpu => {
-                let out = self.net.net.forward(&self.net.params, x, sigma, labels, &Mode::eval(), false);
+            Place::Cpu(cpu) => {
+                let out = self.net.net.forward_on(cpu, &self.net.params, x, sigma, labels, &Mode::eval(), false)?;
                 Ok((out.d, out.logvar))
             }
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]

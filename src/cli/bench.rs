@@ -25,9 +25,10 @@ pub struct Args {
     /// Also time one full sampling run (32 Heun steps = 63 evaluations) at this batch.
     #[arg(long)]
     pub sampling: bool,
-    /// Arithmetic of the CUDA backend: fp32 (exact comparison with the CPU), or bf16
-    /// (activations stored as bf16, products with fp32 accumulation; fp32 weights, input x
-    /// and output D). The CPU is always fp32.
+    /// Arithmetic: fp32 (exact comparison between the backends), or bf16. On the CUDA
+    /// backend bf16 stores activations as bf16, products with fp32 accumulation (fp32
+    /// weights, input x and output D); on a CPU with AVX512-BF16 it runs the convolutions'
+    /// products in bf16 with fp32 accumulation (activations fp32).
     #[arg(long, value_parser = ["fp32", "bf16"], default_value = "fp32")]
     pub precision: String,
     /// Measure only the training step or only the forward pass (e.g. for peak memory).
@@ -66,7 +67,8 @@ fn setup(a: &Args, free: Option<u64>) -> Result<Setup> {
     let cfg = NetConfig::resolve(&a.config)?;
     let net = Precond::new(&cfg)?;
     // The step must fit before anything of its size is allocated (here and on the device).
-    let act_bytes = if a.precision == "bf16" { 2 } else { 4 };
+    // (The CPU's bf16 mode keeps fp32 activations.)
+    let act_bytes = if a.precision == "bf16" && free.is_some() { 2 } else { 4 };
     let need = edm2::train::memory::StepMemory::estimate(&net, a.batch as u64, 0, act_bytes);
     match free {
         Some(f) => need.check(f, "device memory", a.batch as u64, "batch")?,
@@ -108,25 +110,26 @@ pub fn run(a: Args) -> Result<()> {
     if device == Device::Cuda {
         return bench_cuda(&a);
     }
-    anyhow::ensure!(a.precision == "fp32", "--precision {} is a CUDA setting; the CPU backend computes in fp32", a.precision);
+    let cpu = edm2::backend::cpu::Cpu::for_precision(a.precision.parse().map_err(anyhow::Error::msg)?).map_err(anyhow::Error::msg)?;
     let Setup { cfg, net, mut params, images, labels, sigma, noisy, mut rng } = setup(&a, None)?;
     let (n, r, c) = (a.batch, cfg.img_resolution, cfg.img_channels);
     let mut adam = edm2::train::adam::Adam::new(&net.specs);
-    let mut train_step = |params: &mut edm2::Params| {
+    let mut train_step = |params: &mut edm2::Params| -> Result<f64> {
         net.force_normalize(params);
         let mode = Mode::train(7);
-        let out = net.forward(params, &noisy, &sigma, labels.as_ref(), &mode, false);
+        let out = net.forward_on(&cpu, params, &noisy, &sigma, labels.as_ref(), &mode, false)?;
         let loss = edm2::train::loss::edm2_loss(&out.d, &out.logvar, &images, &sigma, cfg.sigma_data);
-        let mut g = net.backward(params, out.cache.unwrap(), &loss.dd, &loss.dlogvar, &mode);
+        let mut g = net.backward_on(&cpu, params, out.cache.unwrap(), &loss.dd, &loss.dlogvar, &mode)?;
         edm2::train::adam::Adam::sanitize(&mut g);
         adam.step(&net.specs, params, &g, 1e-4);
-        loss.total
+        Ok(loss.total)
     };
     eprintln!(
-        "bench {} batch {n} on {} threads, {} kernels ({})",
+        "bench {} batch {n} on {} threads, {} kernels{} ({})",
         a.config,
         rayon::current_num_threads(),
         edm2::backend::cpu::simd::isa().name(),
+        if cpu.bf16_products() { ", bf16 products (vdpbf16ps)" } else { "" },
         edm2::backend::cpu::simd::cpu_model()
     );
     edm2::profile::enable_from_env();
@@ -137,7 +140,7 @@ pub fn run(a: Args) -> Result<()> {
             break;
         }
         let t = Instant::now();
-        let l = train_step(&mut params);
+        let l = train_step(&mut params)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         eprintln!("  train step {i}: {ms:.1} ms (loss {l:.4}){}", if i == 0 { " [warm-up]" } else { "" });
         if i > 0 {
@@ -156,7 +159,7 @@ pub fn run(a: Args) -> Result<()> {
             break;
         }
         let t = Instant::now();
-        let out = net.forward(&params, &noisy, &sigma, labels.as_ref(), &Mode::eval(), false);
+        let out = net.forward_on(&cpu, &params, &noisy, &sigma, labels.as_ref(), &Mode::eval(), false)?;
         std::hint::black_box(&out.d);
         let ms = t.elapsed().as_secs_f64() * 1e3;
         eprintln!("  forward {i}: {ms:.1} ms{}", if i == 0 { " [warm-up]" } else { "" });
@@ -169,20 +172,25 @@ pub fn run(a: Args) -> Result<()> {
     if std::env::var("EDM2_PROFILE").is_ok() {
         eprintln!("profile of {} forward passes:\n{}", a.iters, edm2::profile::report());
     }
-    let sampling_ips = a.sampling.then(|| {
+    let sampling_ips = if a.sampling {
         let noise = Tensor::from_vec(&[n, r, r, c], rng.normal_vec(n * r * r * c));
         let t = Instant::now();
         let mut k = 0;
-        let x = edm2::sample::edm_sampler((&net, &params), None, &noise, labels.as_ref(), &Default::default(), &mut |_| unreachable!(), &mut |_| {
+        let mut eval = |x: &Tensor, sig: &[f32]| -> edm2::error::Result<Tensor> {
+            Ok(net.forward_on(&cpu, &params, x, sig, labels.as_ref(), &Mode::eval(), false)?.d)
+        };
+        let x = edm2::sample::edm_sampler_on(&mut eval, None, &noise, &Default::default(), &mut |_| unreachable!(), &mut |_| {
             k += 1;
             eprint!("\r  sampling: evaluation {k}/63");
-        });
+        })?;
         std::hint::black_box(&x);
         let s = t.elapsed().as_secs_f64();
         eprintln!();
         println!("sampling:   {:.1} s for {n} images (63 evaluations) = {:.3} img/s", s, n as f64 / s);
-        n as f64 / s
-    });
+        Some(n as f64 / s)
+    } else {
+        None
+    };
     let macs = net.macs_per_image() as f64;
     // (median, min, max) of a series, None when it was not measured.
     let stats = |v: &mut Vec<f64>| (!v.is_empty()).then(|| {
@@ -219,6 +227,7 @@ pub fn run(a: Args) -> Result<()> {
                 "images_per_s_sampling": sampling_ips,
                 "cpu_isa": edm2::backend::cpu::simd::isa().name(),
                 "cpu_model": edm2::backend::cpu::simd::cpu_model(),
+                "precision": a.precision,
             })
         );
     }

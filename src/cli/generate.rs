@@ -82,8 +82,10 @@ pub struct Args {
     /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
     #[arg(long, default_value = "auto")]
     pub device: Device,
-    /// Arithmetic of the CUDA backend: fp32, or bf16 (activations stored as bf16, products
-    /// with fp32 accumulation; the sampler's state, x and D stay fp32). The CPU is fp32.
+    /// Arithmetic: fp32, or bf16. On the CUDA backend bf16 stores activations as bf16,
+    /// products with fp32 accumulation (the sampler's state, x and D stay fp32). On a CPU
+    /// with AVX512-BF16 it runs the convolutions' products in bf16 with fp32 accumulation
+    /// (activations fp32); other CPUs refuse it.
     #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
     pub precision: String,
     /// For latent networks (4 channels, e.g. the ImageNet-512 ones): decode the samples to
@@ -142,7 +144,10 @@ fn image_path(outdir: &Path, name: u64, subdirs: bool, ext: &str) -> PathBuf {
 
 pub fn run(a: Args) -> Result<()> {
     let device = resolve_device(a.device)?;
-    anyhow::ensure!(a.precision == "fp32" || device == Device::Cuda, "--precision {} is a CUDA setting; the CPU backend computes in fp32", a.precision);
+    if precision_is_bf16(&a.precision) && device != Device::Cuda {
+        // bf16 products on a CPU with AVX512-BF16; refused (saying why) elsewhere.
+        edm2::backend::cpu::Cpu::with_bf16_products().map_err(anyhow::Error::msg)?;
+    }
     // Every number and output path checked before a network is loaded.
     finite("guidance", a.guidance as f64, None)?;
     if a.guidance != 1.0 && a.gnet.is_none() {
@@ -237,7 +242,8 @@ pub fn run(a: Args) -> Result<()> {
     // (A grid of decoded latents holds 3 bytes per pixel of 8x the latent's side.)
     let grid_per = if a.vae.is_some() && ch == 4 { 3 * 64 * per / 4 } else { per } as u64;
     let kept = (names.len() as u64).saturating_mul(grid_per * a.grid.is_some() as u64 + 4 * per as u64 * a.save_raw.is_some() as u64);
-    let act_bytes = if precision_is_bf16(&a.precision) { 2 } else { 4 };
+    // (The CPU's bf16 mode keeps fp32 activations.)
+    let act_bytes = if precision_is_bf16(&a.precision) && device == Device::Cuda { 2 } else { 4 };
     // On the host: the sampler's batch buffers (noise, x, churn, output), the kept images,
     // and on the CPU the network's activations (an eval forward keeps about half of what a
     // training pass records). The device's share is checked by its allocator.
@@ -271,7 +277,8 @@ pub fn run(a: Args) -> Result<()> {
     // Latent networks: the VAE decoder (loaded before any sampling, so a bad --vae costs
     // nothing) or .npy latents.
     let decoder = match (&a.vae, ch) {
-        (Some(v), 4) => Some(super::vae::Decoder::load(v, device, a.precision.parse().map_err(anyhow::Error::msg)?)?),
+        // The CPU decodes in fp32 (its bf16 mode is the U-Net's).
+        (Some(v), 4) => Some(super::vae::Decoder::load(v, device, if device == Device::Cuda { a.precision.parse().map_err(anyhow::Error::msg)? } else { Default::default() })?),
         (Some(v), _) => bail!("--vae {}: the network makes {ch}-channel images, not 4-channel latents", v.display()),
         (None, _) => None,
     };

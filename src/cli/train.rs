@@ -129,12 +129,14 @@ pub struct Args {
     #[arg(long = "no-verify")]
     pub no_verify: bool,
     /// Accepted for official command lines: mixed precision. On the CUDA backend it selects
-    /// --precision bf16; the CPU backend computes in fp32.
+    /// --precision bf16; the CPU backend computes in fp32 unless --precision bf16 is given.
     #[arg(long, value_name = "BOOL", value_parser = parse_bool, hide = true)]
     pub fp16: Option<bool>,
-    /// Arithmetic of the CUDA backend: fp32, or bf16 (activations and their gradients stored
-    /// as bf16, products with fp32 accumulation; fp32 master weights, optimizer state, EMAs,
-    /// input x and output D). The CPU backend is always fp32.
+    /// Arithmetic: fp32, or bf16. On the CUDA backend bf16 stores activations and their
+    /// gradients as bf16, products with fp32 accumulation (fp32 master weights, optimizer
+    /// state, EMAs, input x and output D). On a CPU with AVX512-BF16 it runs the
+    /// convolutions' products in bf16 with fp32 accumulation (activations, weights and
+    /// everything else fp32); other CPUs refuse it. Never the default on the CPU.
     #[arg(long, value_parser = ["fp32", "bf16"])]
     pub precision: Option<String>,
     /// Accepted for official command lines (cuDNN benchmarking); no effect here.
@@ -417,7 +419,11 @@ pub fn run(a: Args) -> Result<()> {
     let (mut opts, run_name) = build_options(&a, &ds)?;
     opts.device = device;
     opts.precision = match (a.precision.as_deref(), a.fp16, device) {
-        (Some("bf16"), _, Device::Cpu) => bail!("--precision bf16 is a CUDA setting; the CPU backend trains in fp32"),
+        (Some("bf16"), _, Device::Cpu) => {
+            // bf16 products on a CPU with AVX512-BF16; refused (saying why) elsewhere.
+            edm2::backend::cpu::Cpu::with_bf16_products().map_err(anyhow::Error::msg)?;
+            "bf16".into()
+        }
         (Some(p), _, _) => p.to_string(),
         (None, Some(true), Device::Cuda) => "bf16".into(),
         _ => "fp32".into(),

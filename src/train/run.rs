@@ -109,7 +109,8 @@ impl TrainOptions {
         let bad = |m: String| Err(Error::Input(m));
         match (self.precision.as_str(), self.device) {
             ("fp32", _) | ("bf16", crate::backend::Device::Cuda) => {}
-            ("bf16", _) => return bad("precision bf16 needs the CUDA backend; the CPU trains in fp32".into()),
+            // The CPU's bf16 products need AVX512-BF16: the reason in the error otherwise.
+            ("bf16", _) => Cpu::with_bf16_products().map(|_| ()).map_err(Error::Input)?,
             (p, _) => return bad(format!("precision {p:?}: expected fp32 or bf16")),
         }
         if self.batch == 0 || self.batch_gpu == 0 || self.batch % self.batch_gpu != 0 {
@@ -285,6 +286,8 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
     }
 
     let net = Precond::new(&opts.net)?;
+    // The host step's backend: fp32, or bf16 products (validated above).
+    let cpu = if opts.device == crate::backend::Device::Cuda { Cpu } else { Cpu::for_precision(opts.precision.parse().map_err(Error::Input)?).map_err(Error::Input)? };
     let specs = net.specs.clone();
     let label_dim = if opts.cond { opts.net.label_dim } else { 0 };
     if opts.cond && opts.net.label_dim == 0 {
@@ -680,13 +683,13 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
             None => {
                 let mut fwd_bwd = 0.0f64;
                 net.force_normalize(&mut st.params);
-                let mut grads = Cpu.zero_grads(&st.params)?;
+                let mut grads = cpu.zero_grads(&st.params)?;
                 let mut loss_sum = 0.0f64;
                 for _ in 0..rounds {
                     let b = loader.next()?;
                     let t1 = Instant::now();
                     let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
-                    let out = net.forward(&st.params, &b.noisy, &b.sigma, b.labels.as_ref(), &mode, false);
+                    let out = net.forward_on(&cpu, &st.params, &b.noisy, &b.sigma, b.labels.as_ref(), &mode, false)?;
                     let mut l = edm2_loss(&out.d, &out.logvar, &b.images, &b.sigma, c.sigma_data);
                     // edm2_loss divides by the pass size; the step's loss is the sum over the
                     // whole batch divided by the batch, times the loss scaling (official
@@ -697,7 +700,7 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
                     }
                     loss_sum += l.per_sample.iter().sum::<f64>();
                     // Each pass adds its gradients into the step's (as on the device).
-                    net.backward_into(&Cpu, &st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode, &mut grads)?;
+                    net.backward_into(&cpu, &st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode, &mut grads)?;
                     fwd_bwd += t1.elapsed().as_secs_f64();
                 }
                 let nonfinite = Adam::sanitize(&mut grads);

@@ -7,9 +7,47 @@ use crate::backend::{Backend, ConvGeom, Nhwc};
 use crate::error::Result;
 use crate::nn::params::{ParamId, Params};
 
-/// The CPU backend (rayon threads, fp32, the reference).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu;
+/// The CPU backend (rayon threads, fp32, the reference), or — made with
+/// [`Cpu::with_bf16_products`] — its bf16 mode: the convolutions' products in bf16 with
+/// fp32 accumulation ([`super::bf16`]), everything else fp32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cpu {
+    bf16: bool,
+}
+
+/// The fp32 CPU backend as a value: `&Cpu` reads as it did when `Cpu` was a unit struct
+/// (a braced struct leaves the value namespace free for this constant).
+#[allow(non_upper_case_globals)]
+pub const Cpu: Cpu = Cpu { bf16: false };
+
+impl Cpu {
+    /// The bf16 mode, or why this machine cannot run it (no AVX512-BF16, or the AVX-512
+    /// path is switched off by `EDM2_CPU_ISA`).
+    pub fn with_bf16_products() -> std::result::Result<Cpu, String> {
+        if super::bf16::available() {
+            Ok(Cpu { bf16: true })
+        } else {
+            Err(format!(
+                "--precision bf16 on the CPU needs AVX512-BF16 (vdpbf16ps) and the avx512 kernel path; this CPU ({}) runs the {} path without it",
+                super::simd::cpu_model(),
+                super::simd::isa().name()
+            ))
+        }
+    }
+
+    /// The backend for a precision: fp32, or bf16 where [`Cpu::with_bf16_products`] allows.
+    pub fn for_precision(p: crate::backend::Precision) -> std::result::Result<Cpu, String> {
+        match p {
+            crate::backend::Precision::Fp32 => Ok(Cpu),
+            crate::backend::Precision::Bf16 => Cpu::with_bf16_products(),
+        }
+    }
+
+    /// True in the bf16 mode.
+    pub fn bf16_products(&self) -> bool {
+        self.bf16
+    }
+}
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
@@ -44,7 +82,11 @@ impl Backend for Cpu {
 
     fn effective(&self, p: &Params, id: ParamId, geom: ConvGeom, gain: Option<ParamId>) -> Result<conv::EffWeight> {
         let gain = gain.map_or(1.0, |g| p.scalar(g));
-        Ok(conv::effective_weight(&p.values[id], geom.out_ch, geom.in_ch, geom.k, gain))
+        let mut eff = conv::effective_weight(&p.values[id], geom.out_ch, geom.in_ch, geom.k, gain);
+        if self.bf16 {
+            conv::add_bf16_products(&mut eff);
+        }
+        Ok(eff)
     }
     fn conv_forward(&self, eff: &conv::EffWeight, x: &Vec<f32>, s: Nhwc, y: &mut Vec<f32>) -> Result<()> {
         conv::conv_forward(eff, x, s.n, s.h, s.w, y);

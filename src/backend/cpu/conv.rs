@@ -30,6 +30,10 @@ pub struct EffWeight {
     /// plain weight with O not a multiple of 16 ([`plain_weight`], forward only) O rounded
     /// up with zero rows.
     pub packed: Option<Vec<f32>>,
+    /// The bf16 mode's forward operand ([`add_bf16_products`]): the weight of the 3x3
+    /// direct kernel or of the 1x1 GEMM as bf16 pairs over input channels; None in fp32
+    /// (and for layers the bf16 kernels do not take, which then run in fp32).
+    pub bf16: Option<Vec<u32>>,
 }
 
 impl EffWeight {
@@ -113,7 +117,7 @@ fn arrange_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: f32, n
                 }
             }
         });
-        return EffWeight { out_ch, in_ch, k, w: Vec::new(), denom, gain, packed: Some(packed) };
+        return EffWeight { out_ch, in_ch, k, w: Vec::new(), denom, gain, packed: Some(packed), bf16: None };
     }
     let mut eff = vec![0.0f32; w.len()];
     eff.par_chunks_mut(fan).zip(denom.par_iter_mut()).enumerate().for_each(|(o, (row, d))| {
@@ -126,7 +130,37 @@ fn arrange_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: f32, n
             }
         }
     });
-    EffWeight { out_ch, in_ch, k, w: eff, denom, gain, packed: None }
+    EffWeight { out_ch, in_ch, k, w: eff, denom, gain, packed: None, bf16: None }
+}
+
+/// Switches `eff` to bf16 products ([`super::bf16`]) where a bf16 kernel takes the layer:
+/// 3x3 convolutions on the direct kernel and 1x1 convolutions on [`gemm16`], with an even
+/// number of input channels (pairs). Other layers (linear, narrow outputs, the 5-channel
+/// input of a latent network) stay fp32.
+pub fn add_bf16_products(eff: &mut EffWeight) {
+    let _prof = crate::profile::scope("weight_norm.bf16");
+    let (o, i) = (eff.out_ch, eff.in_ch);
+    if !super::bf16::available() || i % 2 != 0 {
+        return;
+    }
+    eff.bf16 = match (eff.k, &eff.packed) {
+        (3, Some(p)) if eff.packed_out() == o => Some(super::bf16::pack_pairs(p, i)),
+        (1, _) if gemm16::usable(o) => Some(super::bf16::pack_pairs(&gemm16::pack_b_t(&eff.w, i, o), i)),
+        _ => None,
+    };
+}
+
+/// Whether the backward of a bf16 layer can run its weight gradient on the direct
+/// kernel's bf16 form (the same shapes as the fp32 direct kernel).
+fn direct_weight_grad(n: usize, h: usize, w: usize, i: usize, o: usize) -> bool {
+    // The direct kernel wins when the pixel reduction is long relative to the channel
+    // counts; with few pixels per weight (e.g. 8x8 at batch 4 with 512+ channels: 55–98
+    // vs 169–173 GFLOP/s) im2col + GEMM wins (measured on Zen 2, docs/perf.md). At 32→32
+    // and 64→64 with 4k–64k pixels the direct kernel is 1–2% faster per training step
+    // (cpu-fmnist b64: 1072 → 1055 ms; cpu-s32 b32: 2629 → 2598 ms, medians of
+    // interleaved runs), so only tiny channel counts use im2col.
+    let pixels = n * h * w;
+    o % 16 == 0 && pixels >= 4 * (i + o) && i + o >= 64
 }
 
 /// Backward of [`effective_weight`]: from `d_eff` (OHWI) to the gradient of the stored
@@ -226,6 +260,18 @@ pub fn col2im3(dpatches: &[f32], n: usize, h: usize, w: usize, c: usize, dx: &mu
 pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y: &mut [f32]) {
     let pixels = n * h * w;
     let (o, i) = (eff.out_ch, eff.in_ch);
+    if let Some(wb) = &eff.bf16 {
+        // bf16 products (`add_bf16_products` chose the layer): the input as channel pairs.
+        let xb = super::bf16::to_bf16_pairs(x);
+        if eff.k == 1 {
+            let _prof = crate::profile::scope("conv1x1.gemm16.bf16");
+            gemm16::gemm16_bf16(pixels, o, i / 2, &xb, i / 2, wb, y, o, true);
+        } else {
+            let _prof = crate::profile::scope("conv3x3.direct.bf16");
+            conv3x3::conv3x3_direct_bf16(&xb, n, h, w, i, wb, o, y);
+        }
+        return;
+    }
     match eff.k {
         1 if gemm16::usable(o) => {
             let _prof = crate::profile::scope("conv1x1.gemm16");
@@ -274,11 +320,14 @@ pub fn conv_backward(
     h: usize,
     w: usize,
     dy: &[f32],
-    dx: Option<&mut [f32]>,
+    mut dx: Option<&mut [f32]>,
     d_eff: &mut [f32],
 ) {
     let pixels = n * h * w;
     let (o, i) = (eff.out_ch, eff.in_ch);
+    if eff.bf16.is_some() && conv_backward_bf16(eff, x, n, h, w, dy, dx.as_deref_mut(), d_eff) {
+        return;
+    }
     match eff.k {
         1 if gemm16::usable(o) => {
             {
@@ -305,15 +354,7 @@ pub fn conv_backward(
             }
         }
         3 if eff.packed.is_some() && eff.packed_out() == o && i % 16 == 0 => {
-            // The direct kernel wins when the pixel reduction is long relative to the
-            // channel counts; with few pixels per weight (e.g. 8x8 at batch 4 with 512+
-            // channels: 55–98 vs 169–173 GFLOP/s) im2col + GEMM wins
-            // (measured on Zen 2, docs/perf.md).
-            // At 32→32 and 64→64 with 4k–64k pixels the direct kernel is 1–2% faster per
-            // training step (cpu-fmnist b64: 1072 → 1055 ms; cpu-s32 b32: 2629 → 2598 ms,
-            // medians of interleaved runs), so only tiny channel counts use im2col.
-            let pixels = n * h * w;
-            if o % 16 == 0 && pixels >= 4 * (i + o) && i + o >= 64 {
+            if direct_weight_grad(n, h, w, i, o) {
                 let _prof = crate::profile::scope("conv3x3.bwd_w.direct");
                 conv3x3::conv_weight_grad(3, x, n, h, w, i, dy, o, d_eff);
             } else {
@@ -345,6 +386,42 @@ pub fn conv_backward(
         }
         k => panic!("unsupported kernel size {k}"),
     }
+}
+
+/// [`conv_backward`] of a layer in bf16 products where its shapes allow the bf16 kernels
+/// (false, having done nothing, where they do not: the fp32 path runs instead). The
+/// weight gradient reduces over pixels of image pairs, the data gradient over output
+/// channel pairs.
+#[allow(clippy::too_many_arguments)]
+fn conv_backward_bf16(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, dy: &[f32], dx: Option<&mut [f32]>, d_eff: &mut [f32]) -> bool {
+    use super::bf16::{interleave_images, pack_pairs, to_bf16_pairs};
+    let (o, i, k) = (eff.out_ch, eff.in_ch, eff.k);
+    let ok = match k {
+        1 => gemm16::usable(o) && (dx.is_none() || gemm16::usable(i)),
+        3 => i % 16 == 0 && direct_weight_grad(n, h, w, i, o),
+        _ => false,
+    };
+    if !ok {
+        return false;
+    }
+    {
+        let _prof = crate::profile::scope(if k == 1 { "conv1x1.bwd_w.bf16" } else { "conv3x3.bwd_w.bf16" });
+        let (xi, dyi) = (interleave_images(x, n, h * w * i), interleave_images(dy, n, h * w * o));
+        conv3x3::conv_weight_grad_bf16(k, &xi, n.div_ceil(2), h, w, i, &dyi, o, d_eff);
+    }
+    if let Some(dx) = dx {
+        let dyb = to_bf16_pairs(dy);
+        if k == 1 {
+            let _prof = crate::profile::scope("conv1x1.bwd_x.bf16");
+            let bp = pack_pairs(&gemm16::pack_b_rm(&eff.w, o, i), o);
+            gemm16::gemm16_bf16(n * h * w, i, o / 2, &dyb, o / 2, &bp, dx, i, true);
+        } else {
+            let _prof = crate::profile::scope("conv3x3.bwd_x.bf16");
+            let packed = pack_pairs(&conv3x3::pack_backward_from_forward(eff.packed.as_ref().unwrap(), o, i), o);
+            conv3x3::conv3x3_direct_bf16(&dyb, n, h, w, o, &packed, i, dx);
+        }
+    }
+    true
 }
 
 /// Data gradient of a 3x3 conv with few output channels (the output conv):

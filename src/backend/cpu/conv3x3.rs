@@ -22,7 +22,7 @@
 
 use rayon::prelude::*;
 
-use super::microkernel::{MR, NR};
+use super::microkernel::{Bf16Dot, F32Fma, Mac512, MR, NR};
 
 /// True when the CPU has AVX2 and FMA (checked once).
 pub fn available() -> bool {
@@ -67,53 +67,86 @@ pub fn pack_backward_from_forward(pf: &[f32], cout: usize, cin: usize) -> Vec<f3
 /// `packed` in the forward packing (or [`pack_backward_from_forward`] for a data gradient).
 pub fn conv3x3_direct(x: &[f32], n: usize, h: usize, w: usize, cin: usize, packed: &[f32], cout: usize, y: &mut [f32]) {
     assert!(available() && cout % NR == 0);
-    assert_eq!(x.len(), n * h * w * cin);
-    assert_eq!(packed.len(), 9 * cin * cout);
-    assert_eq!(y.len(), n * h * w * cout);
     // AVX2: tiles of up to 6 pixels × 16 channels; AVX-512: up to 12 pixels × 32 channels
     // (two 16-channel blocks of the same packing, the same products in the same order per
     // output element: bit-identical results).
-    let wide = super::simd::avx512();
-    let (mr, step) = if wide { (super::microkernel::MR512, 2) } else { (MR, 1) };
+    if super::simd::avx512() {
+        direct_rows::<F32Fma>(x, n, h, w, cin, packed, cout, y);
+        return;
+    }
+    assert_eq!(x.len(), n * h * w * cin);
+    assert_eq!(packed.len(), 9 * cin * cout);
+    assert_eq!(y.len(), n * h * w * cout);
+    let row_stride = w * cin;
+    let panel = 9 * cin * NR;
+    y.par_chunks_mut(w * cout).enumerate().for_each(|(row, yr)| {
+        // Output-channel blocks outer: one block's weights stay in L2 over the row.
+        for ob in 0..cout / NR {
+            for_each_run(row, h, w, MR, |x0, m, left, right, k| {
+                let c = yr[x0 * cout + ob * NR..].as_mut_ptr();
+                let a = x[((row * w) + x0) * cin..].as_ptr();
+                // SAFETY: AVX2/FMA checked by `available()`. The tile reads pixel
+                // (yy + ky − 1, x0 + i + kx − 1) only where it lies inside the image (rows
+                // k.ky0..k.ky1; the first/last column of taps is skipped for the pixel on
+                // the left/right image edge) and writes m pixels of this row.
+                unsafe { run256(m, left, right, a, Taps { row_stride, cin, ..k }, packed[ob * panel..].as_ptr(), c, cout) }
+            });
+        }
+    });
+}
+
+/// [`conv3x3_direct`] with bf16 products ([`super::bf16`]): `xb` is the input as bf16
+/// channel pairs (`[N, H, W, cin/2]`, [`super::bf16::to_bf16_pairs`]) and `packed` the
+/// packing of [`conv3x3_direct`] as pairs over input channels
+/// ([`super::bf16::pack_pairs`]: `[cout/16][9][cin/2][16]`).
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_direct_bf16(xb: &[u32], n: usize, h: usize, w: usize, cin: usize, packed: &[u32], cout: usize, y: &mut [f32]) {
+    assert!(super::bf16::available() && cout % NR == 0 && cin % 2 == 0);
+    direct_rows::<Bf16Dot>(xb, n, h, w, cin / 2, packed, cout, y);
+}
+
+/// The AVX-512 driver of the direct convolution for either element kind: one image row
+/// per task, the row split into near-equal runs of ≤ 12 pixels, each run × 32 output
+/// channels one register tile. `cin` counts elements of `K` per pixel.
+#[allow(clippy::too_many_arguments)]
+fn direct_rows<K: ConvTile>(x: &[K::E], n: usize, h: usize, w: usize, cin: usize, packed: &[K::E], cout: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), n * h * w * cin);
+    assert_eq!(packed.len(), 9 * cin * cout);
+    assert_eq!(y.len(), n * h * w * cout);
     let row_stride = w * cin;
     let (nb, panel) = (cout / NR, 9 * cin * NR);
     y.par_chunks_mut(w * cout).enumerate().for_each(|(row, yr)| {
-        let (b, yy) = (row / h, row % h);
-        // Rows of taps inside the image.
-        let ky0 = if yy == 0 { 1 } else { 0 };
-        let ky1 = if yy + 1 == h { 2 } else { 3 };
-        let base = (b * h + yy) * w * cin;
-        for ob in (0..nb).step_by(step) {
-            let two = wide && ob + 1 < nb;
-            let bp = packed[ob * panel..].as_ptr();
-            // Split the row into ceil(w/mr) near-equal runs (AVX2, 32 → 6,6,5,5,5,5; 8 →
-            // 4,4): a short remainder tile has too few accumulators to hide the FMA latency.
-            let runs = w.div_ceil(mr);
-            let (run_len, extra) = (w / runs, w % runs);
-            let mut x0 = 0;
-            for run in 0..runs {
-                let m = run_len + (run < extra) as usize;
-                let (left, right) = (x0 == 0, x0 + m == w);
+        for ob in (0..nb).step_by(2) {
+            let two = ob + 1 < nb;
+            for_each_run(row, h, w, super::microkernel::MR512, |x0, m, left, right, k| {
                 let c = yr[x0 * cout + ob * NR..].as_mut_ptr();
-                let a = x[base + x0 * cin..].as_ptr();
-                let k = Taps { ky0, ky1, row_stride, cin };
-                // SAFETY: AVX2/FMA checked by `available()` (AVX-512F by `avx512()` when
-                // wide). The tile reads pixel (yy + ky − 1, x0 + i + kx − 1) only where it
-                // lies inside the image (rows ky0..ky1; the first/last column of taps is
-                // skipped for the pixel on the left/right image edge) and writes m pixels
-                // of this row; the second panel (when `two`) is the next 16-channel block
-                // of `packed` and of y.
-                unsafe {
-                    if wide {
-                        run512(m, two, left, right, a, k, bp, panel, c, cout)
-                    } else {
-                        run256(m, left, right, a, k, bp, c, cout)
-                    }
-                }
-                x0 += m;
-            }
+                let a = x[(row * w + x0) * cin..].as_ptr();
+                // SAFETY: the CPU has what `K` needs (checked by the callers). As in
+                // `conv3x3_direct`; the second panel (when `two`) is the next 16-channel
+                // block of `packed` and of y.
+                unsafe { run512::<K>(m, two, left, right, a, Taps { row_stride, cin, ..k }, packed[ob * panel..].as_ptr(), panel, c, cout) }
+            });
         }
     });
+}
+
+/// Calls `run(x0, m, left, right, taps)` for each run of output pixels of image row `row`
+/// (of `h` rows per image, `w` pixels per row): `ceil(w/mr)` near-equal runs (AVX2, 32 →
+/// 6,6,5,5,5,5; 8 → 4,4), since a short remainder tile has too few accumulators to hide
+/// the FMA latency; `taps` has the rows of taps inside the image (strides left to fill).
+fn for_each_run(row: usize, h: usize, w: usize, mr: usize, mut run: impl FnMut(usize, usize, bool, bool, Taps)) {
+    let yy = row % h;
+    let ky0 = if yy == 0 { 1 } else { 0 };
+    let ky1 = if yy + 1 == h { 2 } else { 3 };
+    let taps = Taps { ky0, ky1, row_stride: 0, cin: 0 };
+    let runs = w.div_ceil(mr);
+    let (run_len, extra) = (w / runs, w % runs);
+    let mut x0 = 0;
+    for r in 0..runs {
+        let m = run_len + (r < extra) as usize;
+        run(x0, m, x0 == 0, x0 + m == w, taps);
+        x0 += m;
+    }
 }
 
 /// [`tile`] with its compile-time parameters from run-time ones (m ≤ 6).
@@ -132,67 +165,100 @@ unsafe fn run256(m: usize, left: bool, right: bool, a: *const f32, k: Taps, bp: 
     crate::rows_dispatch!(m, go, 6)
 }
 
-/// [`tile512`] with its compile-time parameters from run-time ones (m ≤ 12).
+/// [`ConvTile::tile`] with its compile-time parameters from run-time ones (m ≤ 12).
 #[allow(clippy::too_many_arguments)]
-unsafe fn run512(m: usize, two: bool, left: bool, right: bool, a: *const f32, k: Taps, bp: *const f32, panel: usize, c: *mut f32, cout: usize) {
+unsafe fn run512<K: ConvTile>(m: usize, two: bool, left: bool, right: bool, a: *const K::E, k: Taps, bp: *const K::E, panel: usize, c: *mut f32, cout: usize) {
     macro_rules! go {
         ($m:literal) => {
             match (two, left, right) {
-                (true, false, false) => tile512::<$m, 2, false, false>(a, k, bp, panel, c, cout),
-                (true, true, false) => tile512::<$m, 2, true, false>(a, k, bp, panel, c, cout),
-                (true, false, true) => tile512::<$m, 2, false, true>(a, k, bp, panel, c, cout),
-                (true, true, true) => tile512::<$m, 2, true, true>(a, k, bp, panel, c, cout),
-                (false, false, false) => tile512::<$m, 1, false, false>(a, k, bp, panel, c, cout),
-                (false, true, false) => tile512::<$m, 1, true, false>(a, k, bp, panel, c, cout),
-                (false, false, true) => tile512::<$m, 1, false, true>(a, k, bp, panel, c, cout),
-                (false, true, true) => tile512::<$m, 1, true, true>(a, k, bp, panel, c, cout),
+                (true, false, false) => K::tile::<$m, 2, false, false>(a, k, bp, panel, c, cout),
+                (true, true, false) => K::tile::<$m, 2, true, false>(a, k, bp, panel, c, cout),
+                (true, false, true) => K::tile::<$m, 2, false, true>(a, k, bp, panel, c, cout),
+                (true, true, true) => K::tile::<$m, 2, true, true>(a, k, bp, panel, c, cout),
+                (false, false, false) => K::tile::<$m, 1, false, false>(a, k, bp, panel, c, cout),
+                (false, true, false) => K::tile::<$m, 1, true, false>(a, k, bp, panel, c, cout),
+                (false, false, true) => K::tile::<$m, 1, false, true>(a, k, bp, panel, c, cout),
+                (false, true, true) => K::tile::<$m, 1, true, true>(a, k, bp, panel, c, cout),
             }
         };
     }
     crate::rows_dispatch!(m, go, 12)
 }
 
+/// An element kind of the AVX-512 convolution tiles ([`Mac512`]: fp32 FMAs or bf16 pair
+/// dots), with the tile entry points of the 3x3 kernel, the weight gradient and the 1x1
+/// GEMM compiled for the CPU features that kind needs (the
+/// generic bodies are inlined into them, so the intrinsics inline too).
+pub trait ConvTile: Mac512 {
+    /// One register tile of the direct convolution: [`tile512`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(a: *const Self::E, k: Taps, b: *const Self::E, b_panel: usize, c: *mut f32, cstride: usize);
+    /// One weight-gradient tile over a chunk of rows: [`dw_run512`].
+    unsafe fn dw<const M: usize, const P: usize>(x: *const Self::E, dy: *const Self::E, g: &DwRows, acc: *mut f32);
+    /// One tile of the 1x1 GEMM: [`super::gemm16::kern512`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm<const M: usize, const P: usize>(a: *const Self::E, lda: usize, k: usize, b: *const Self::E, b_panel: usize, c: *mut f32, ldc: usize);
+}
+
+impl ConvTile for F32Fma {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(a: *const f32, k: Taps, b: *const f32, b_panel: usize, c: *mut f32, cstride: usize) {
+        tile512::<Self, M, P, LEFT, RIGHT>(a, k, b, b_panel, c, cstride)
+    }
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dw<const M: usize, const P: usize>(x: *const f32, dy: *const f32, g: &DwRows, acc: *mut f32) {
+        dw_run512::<Self, M, P>(x, dy, g, acc)
+    }
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gemm<const M: usize, const P: usize>(a: *const f32, lda: usize, k: usize, b: *const f32, b_panel: usize, c: *mut f32, ldc: usize) {
+        super::gemm16::kern512::<Self, M, P>(a, lda, k, b, b_panel, c, ldc)
+    }
+}
+
+impl ConvTile for Bf16Dot {
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile<const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(a: *const u32, k: Taps, b: *const u32, b_panel: usize, c: *mut f32, cstride: usize) {
+        tile512::<Self, M, P, LEFT, RIGHT>(a, k, b, b_panel, c, cstride)
+    }
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dw<const M: usize, const P: usize>(x: *const u32, dy: *const u32, g: &DwRows, acc: *mut f32) {
+        dw_run512::<Self, M, P>(x, dy, g, acc)
+    }
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn gemm<const M: usize, const P: usize>(a: *const u32, lda: usize, k: usize, b: *const u32, b_panel: usize, c: *mut f32, ldc: usize) {
+        super::gemm16::kern512::<Self, M, P>(a, lda, k, b, b_panel, c, ldc)
+    }
+}
+
 /// One AVX-512 register tile: M consecutive pixels × P·16 output channels (panel `p` of
-/// the packed weight at `b + p·b_panel`). Otherwise as [`tile`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile512<const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(
-    a: *const f32,
+/// the packed weight at `b + p·b_panel`), `k.cin` elements of `K` per pixel. Otherwise
+/// as [`tile`].
+#[inline(always)]
+unsafe fn tile512<K: Mac512, const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(
+    a: *const K::E,
     k: Taps,
-    b: *const f32,
+    b: *const K::E,
     b_panel: usize,
     c: *mut f32,
     cstride: usize,
 ) {
-    use super::microkernel::{fma_tile512, store_tile512};
+    use super::microkernel::{mac_tile512, store_tile512};
     use std::arch::x86_64::*;
     let cin = k.cin;
     let mut acc = [[_mm512_setzero_ps(); P]; M];
     for ky in k.ky0..k.ky1 {
         let row = a.offset((ky as isize - 1) * k.row_stride as isize);
         let bp = b.add(ky * 3 * cin * NR);
-        fma_tile512::<M, P>(row.wrapping_sub(cin), cin, 1, bp, b_panel, NR, cin, LEFT, false, &mut acc);
-        fma_tile512::<M, P>(row, cin, 1, bp.add(cin * NR), b_panel, NR, cin, false, false, &mut acc);
-        fma_tile512::<M, P>(row.wrapping_add(cin), cin, 1, bp.add(2 * cin * NR), b_panel, NR, cin, false, RIGHT, &mut acc);
+        mac_tile512::<K, M, P>(row.wrapping_sub(cin), cin, 1, bp, b_panel, NR, cin, LEFT, false, &mut acc);
+        mac_tile512::<K, M, P>(row, cin, 1, bp.add(cin * NR), b_panel, NR, cin, false, false, &mut acc);
+        mac_tile512::<K, M, P>(row.wrapping_add(cin), cin, 1, bp.add(2 * cin * NR), b_panel, NR, cin, false, RIGHT, &mut acc);
     }
     store_tile512::<M, P>(c, cstride, &acc);
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile512<const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(
-    _: *const f32,
-    _: Taps,
-    _: *const f32,
-    _: usize,
-    _: *mut f32,
-    _: usize,
-) {
-    unreachable!("conv3x3 direct kernel needs x86-64")
-}
-
 /// The tap rows of a tile and the input strides.
 #[derive(Clone, Copy)]
-struct Taps {
+pub struct Taps {
     ky0: usize,
     ky1: usize,
     row_stride: usize,
@@ -236,14 +302,31 @@ unsafe fn tile<const M: usize, const LEFT: bool, const RIGHT: bool>(_: *const f3
 /// does not depend on scheduling (nor on the thread count). Requires `cout % 16 == 0`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: usize, dy: &[f32], cout: usize, d_eff: &mut [f32]) {
-    assert!(available() && cout % NR == 0 && (k == 1 || k == 3));
+    assert!(available());
+    weight_grad::<F32Fma>(k, x, n, h, w, cin, dy, cout, d_eff, super::simd::avx512())
+}
+
+/// [`conv_weight_grad`] with bf16 products ([`super::bf16`]): `xi` and `dyi` are the
+/// input and output gradient as image pairs ([`super::bf16::interleave_images`]; `n2`
+/// pairs), so each `vdpbf16ps` lane reduces one pixel of two images.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_weight_grad_bf16(k: usize, xi: &[u32], n2: usize, h: usize, w: usize, cin: usize, dyi: &[u32], cout: usize, d_eff: &mut [f32]) {
+    assert!(super::bf16::available());
+    weight_grad::<Bf16Dot>(k, xi, n2, h, w, cin, dyi, cout, d_eff, true)
+}
+
+/// The weight-gradient driver for either element kind (`wide`: the AVX-512 tiles; the
+/// AVX2 ones, `!wide`, only for f32).
+#[allow(clippy::too_many_arguments)]
+fn weight_grad<K: ConvTile>(k: usize, x: &[K::E], n: usize, h: usize, w: usize, cin: usize, dy: &[K::E], cout: usize, d_eff: &mut [f32], wide: bool) {
+    assert!(cout % NR == 0 && (k == 1 || k == 3));
+    assert!(wide || std::any::type_name::<K::E>() == "f32");
     let taps = k * k;
     assert_eq!(x.len(), n * h * w * cin);
     assert_eq!(dy.len(), n * h * w * cout);
     assert_eq!(d_eff.len(), taps * cin * cout);
     // Tile: `mr` input channels × `oc` output channels (AVX2 6x16; AVX-512 12x32, the
     // last output block 16 wide when cout is an odd number of 16s).
-    let wide = super::simd::avx512();
     let (mr, oc) = if wide { (super::microkernel::MR512, 2 * NR) } else { (MR, NR) };
     let cblocks = cin.div_ceil(mr);
     let oblocks = cout.div_ceil(oc);
@@ -285,9 +368,9 @@ pub fn conv_weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: 
                         macro_rules! go {
                             ($m:literal) => {
                                 if two {
-                                    dw_run512::<$m, 2>(xp, dp, &geo, ap)
+                                    K::dw::<$m, 2>(xp, dp, &geo, ap)
                                 } else {
-                                    dw_run512::<$m, 1>(xp, dp, &geo, ap)
+                                    K::dw::<$m, 1>(xp, dp, &geo, ap)
                                 }
                             };
                         }
@@ -302,7 +385,8 @@ pub fn conv_weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: 
                 unsafe {
                     macro_rules! go {
                         ($m:literal) => {
-                            dw_run::<$m>(xp, dp, &geo, ap)
+                            // `!wide` only for f32 (asserted above).
+                            dw_run::<$m>(xp as *const f32, dp as *const f32, &geo, ap)
                         };
                     }
                     crate::rows_dispatch!(m, go, 6)
@@ -324,7 +408,7 @@ pub fn conv_weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: 
 }
 
 /// Which pixels a weight-gradient tile reduces over in one chunk.
-struct DwRows {
+pub struct DwRows {
     r0: usize,
     r1: usize,
     h: usize,
@@ -373,25 +457,19 @@ unsafe fn dw_run<const M: usize>(x: *const f32, dy: *const f32, g: &DwRows, acc:
 }
 
 /// [`dw_run`] on an AVX-512 tile of M input channels × P·16 output channels, stored at
-/// `acc` with row stride 32 (the tile buffer of the AVX-512 path).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dw_run512<const M: usize, const P: usize>(x: *const f32, dy: *const f32, g: &DwRows, acc: *mut f32) {
-    use super::microkernel::{fma_tile512, load_tile512, store_tile512};
+/// `acc` with row stride 32 (the tile buffer of the AVX-512 path), any [`Mac512`] kind.
+#[inline(always)]
+unsafe fn dw_run512<K: Mac512, const M: usize, const P: usize>(x: *const K::E, dy: *const K::E, g: &DwRows, acc: *mut f32) {
+    use super::microkernel::{load_tile512, mac_tile512, store_tile512};
     use std::arch::x86_64::*;
     let (cin, cout) = (g.cin, g.cout);
     let mut a = [[_mm512_setzero_ps(); P]; M];
     load_tile512::<M, P>(acc, 2 * NR, &mut a);
     let len = g.xhi - g.xlo;
     for (xo, dyo) in g.rows() {
-        fma_tile512::<M, P>(x.add(xo), 1, cin, dy.add(dyo), NR, cout, len, false, false, &mut a);
+        mac_tile512::<K, M, P>(x.add(xo), 1, cin, dy.add(dyo), NR, cout, len, false, false, &mut a);
     }
     store_tile512::<M, P>(acc, 2 * NR, &a);
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dw_run512<const M: usize, const P: usize>(_: *const f32, _: *const f32, _: &DwRows, _: *mut f32) {
-    unreachable!("conv3x3 direct kernel needs x86-64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -12,7 +12,8 @@
 use super::simd::avx2_fma;
 use rayon::prelude::*;
 
-use super::microkernel::{MR, NR};
+use super::conv3x3::ConvTile;
+use super::microkernel::{Bf16Dot, F32Fma, Mac512, MR, NR};
 
 /// Whether [`gemm16`] can run: AVX2+FMA present and `n % 16 == 0`.
 pub fn usable(n: usize) -> bool {
@@ -46,7 +47,25 @@ pub fn pack_b_t(bt: &[f32], k: usize, n: usize) -> Vec<f32> {
 /// split rows across the rayon pool (false inside an already parallel loop).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c: &mut [f32], ldc: usize, parallel: bool) {
-    assert!(usable(n) && lda >= k && ldc >= n && bp.len() == k * n);
+    assert!(usable(n));
+    gemm_rows::<F32Fma>(m, n, k, a, lda, bp, c, ldc, parallel, super::simd::avx512())
+}
+
+/// [`gemm16`] with bf16 products ([`super::bf16`]): `a` holds bf16 pairs along K (`k`
+/// counts pairs, `lda` is in pairs: [`super::bf16::to_bf16_pairs`]) and `bp` is the
+/// packing of [`gemm16`] as pairs over K ([`super::bf16::pack_pairs`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm16_bf16(m: usize, n: usize, k: usize, a: &[u32], lda: usize, bp: &[u32], c: &mut [f32], ldc: usize, parallel: bool) {
+    assert!(usable(n) && super::bf16::available());
+    gemm_rows::<Bf16Dot>(m, n, k, a, lda, bp, c, ldc, parallel, true)
+}
+
+/// The row-block driver for either element kind (`wide`: AVX-512 tiles; the AVX2 ones,
+/// `!wide`, only for f32).
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows<K: ConvTile>(m: usize, n: usize, k: usize, a: &[K::E], lda: usize, bp: &[K::E], c: &mut [f32], ldc: usize, parallel: bool, wide: bool) {
+    assert!(n % NR == 0 && lda >= k && ldc >= n && bp.len() == k * n);
+    assert!(wide || std::any::type_name::<K::E>() == "f32");
     if m == 0 {
         return;
     }
@@ -54,7 +73,6 @@ pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c
     // AVX2: tiles of up to 6 rows × 16 columns; AVX-512: up to 12 rows × 32 columns (two
     // packed panels; a last odd panel alone), the same products in the same order per
     // element (bit-identical).
-    let wide = super::simd::avx512();
     let (mr, step) = if wide { (super::microkernel::MR512, 2) } else { (MR, 1) };
     let nb = n / NR;
     // Row blocks of 96 (16 tiles of 6, 8 of 12) per task.
@@ -81,9 +99,9 @@ pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c
                         macro_rules! go {
                             ($m:literal) => {
                                 if two {
-                                    kern512::<$m, 2>(ap, lda, k, b, k * NR, cp, ldc)
+                                    K::gemm::<$m, 2>(ap, lda, k, b, k * NR, cp, ldc)
                                 } else {
-                                    kern512::<$m, 1>(ap, lda, k, b, k * NR, cp, ldc)
+                                    K::gemm::<$m, 1>(ap, lda, k, b, k * NR, cp, ldc)
                                 }
                             };
                         }
@@ -91,7 +109,8 @@ pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c
                     } else {
                         macro_rules! go {
                             ($m:literal) => {
-                                kern::<$m>(ap, lda, k, b, cp, ldc)
+                                // `!wide` only for f32 (asserted above).
+                                kern::<$m>(ap as *const f32, lda, k, b as *const f32, cp, ldc)
                             };
                         }
                         crate::rows_dispatch!(mm, go, 6)
@@ -110,19 +129,15 @@ pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn kern512<const M: usize, const P: usize>(a: *const f32, lda: usize, k: usize, b: *const f32, b_panel: usize, c: *mut f32, ldc: usize) {
-    use super::microkernel::{fma_tile512, store_tile512};
+/// One AVX-512 tile of `C = A · B` for any [`Mac512`] kind (inlined into
+/// [`ConvTile::gemm`], which carries the CPU features).
+#[inline(always)]
+pub(super) unsafe fn kern512<K: Mac512, const M: usize, const P: usize>(a: *const K::E, lda: usize, k: usize, b: *const K::E, b_panel: usize, c: *mut f32, ldc: usize) {
+    use super::microkernel::{mac_tile512, store_tile512};
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); P]; M];
-    fma_tile512::<M, P>(a, lda, 1, b, b_panel, NR, k, false, false, &mut acc);
+    mac_tile512::<K, M, P>(a, lda, 1, b, b_panel, NR, k, false, false, &mut acc);
     store_tile512::<M, P>(c, ldc, &acc);
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn kern512<const M: usize, const P: usize>(_: *const f32, _: usize, _: usize, _: *const f32, _: usize, _: *mut f32, _: usize) {
-    unreachable!("gemm16 needs x86-64")
 }
 
 #[cfg(target_arch = "x86_64")]

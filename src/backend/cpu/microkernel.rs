@@ -108,23 +108,82 @@ pub unsafe fn store_tile<const M: usize>(c: *mut f32, ldc: usize, acc0: &[__m256
 /// loads and a broadcast, of the 32 registers.
 pub const MR512: usize = 12;
 
-/// The AVX-512 form of [`fma_tile`]: `M` rows × `P` panels of 16 columns (one zmm per
-/// row and panel). Panel `p` of B is read at `b.add(p·b_panel + k·b_k)`, so the panels
-/// of a packed `[N/16][K][16]` weight (or two halves of a 32-wide row) feed one tile
-/// with the same packing as the AVX2 path. Per output element the products are
-/// accumulated in the same order as [`fma_tile`], so both paths give the same bits.
-/// Must be inlined into a function compiled with `avx512f`.
+/// What one AVX-512 reduction step multiplies: the element type of A and B, how it is
+/// loaded (16 lanes) and broadcast, and the multiply-accumulate into 16 f32 lanes.
+/// [`F32Fma`]: one f32 per lane, `vfmadd231ps` (the fp32 reference). [`Bf16Dot`]: one
+/// `u32` holding two bf16 per lane (the pair a `vdpbf16ps` lane reduces: low half first),
+/// i.e. twice the products per instruction; the CPU's `--precision bf16` mode.
+#[cfg(target_arch = "x86_64")]
+pub trait Mac512 {
+    type E: Copy + Send + Sync;
+    type V: Copy;
+    /// 16 lanes from `p`.
+    unsafe fn load(p: *const Self::E) -> Self::V;
+    /// `*p` in every lane.
+    unsafe fn bcast(p: *const Self::E) -> Self::V;
+    /// `acc + a · b` per lane (for bf16 pairs: `acc + a.lo·b.lo + a.hi·b.hi`).
+    unsafe fn mac(acc: __m512, a: Self::V, b: Self::V) -> __m512;
+}
+
+/// fp32 products on `vfmadd231ps` (see [`Mac512`]).
+pub struct F32Fma;
+/// bf16-pair products on `vdpbf16ps`, fp32 accumulation (see [`Mac512`]).
+pub struct Bf16Dot;
+
+#[cfg(target_arch = "x86_64")]
+impl Mac512 for F32Fma {
+    type E = f32;
+    type V = __m512;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn bcast(p: *const f32) -> __m512 {
+        _mm512_set1_ps(*p)
+    }
+    #[inline(always)]
+    unsafe fn mac(acc: __m512, a: __m512, b: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, acc)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Mac512 for Bf16Dot {
+    type E = u32;
+    type V = __m512bh;
+    #[inline(always)]
+    unsafe fn load(p: *const u32) -> __m512bh {
+        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const __m512i))
+    }
+    #[inline(always)]
+    unsafe fn bcast(p: *const u32) -> __m512bh {
+        std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*p as i32))
+    }
+    #[inline(always)]
+    unsafe fn mac(acc: __m512, a: __m512bh, b: __m512bh) -> __m512 {
+        _mm512_dpbf16_ps(acc, a, b)
+    }
+}
+
+/// The AVX-512 form of [`fma_tile`], for any [`Mac512`] element: `M` rows × `P` panels
+/// of 16 columns (one zmm accumulator per row and panel). Panel `p` of B is read at
+/// `b.add(p·b_panel + k·b_k)`, so the panels of a packed `[N/16][K][16]` weight (or two
+/// halves of a 32-wide row) feed one tile with the same packing as the AVX2 path. With
+/// [`F32Fma`] the products of an output element are accumulated in the same order as
+/// [`fma_tile`], so both fp32 paths give the same bits. Must be inlined into a function
+/// compiled with `avx512f` (and `avx512bf16` for [`Bf16Dot`]).
 ///
 /// # Safety
-/// Every address read must be valid; the CPU must support AVX-512F.
+/// Every address read must be valid; the CPU must support what `K` uses.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn fma_tile512<const M: usize, const P: usize>(
-    a: *const f32,
+pub unsafe fn mac_tile512<K: Mac512, const M: usize, const P: usize>(
+    a: *const K::E,
     a_row: usize,
     a_k: usize,
-    b: *const f32,
+    b: *const K::E,
     b_panel: usize,
     b_k: usize,
     len: usize,
@@ -133,17 +192,14 @@ pub unsafe fn fma_tile512<const M: usize, const P: usize>(
     acc: &mut [[__m512; P]; M],
 ) {
     for k in 0..len {
-        let mut bv = [_mm512_setzero_ps(); P];
-        for (p, v) in bv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(b.add(p * b_panel + k * b_k));
-        }
+        let bv: [K::V; P] = std::array::from_fn(|p| K::load(b.add(p * b_panel + k * b_k)));
         for m in 0..M {
             if (skip_first && m == 0) || (skip_last && m == M - 1) {
                 continue;
             }
-            let av = _mm512_set1_ps(*a.add(m * a_row + k * a_k));
+            let av = K::bcast(a.add(m * a_row + k * a_k));
             for p in 0..P {
-                acc[m][p] = _mm512_fmadd_ps(av, bv[p], acc[m][p]);
+                acc[m][p] = K::mac(acc[m][p], av, bv[p]);
             }
         }
     }

@@ -3,6 +3,7 @@
 //! arithmetic with deterministic reduction order.
 
 pub mod attention;
+pub mod bf16;
 mod backend;
 pub use backend::Cpu;
 pub mod conv;
