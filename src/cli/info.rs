@@ -22,9 +22,10 @@ pub fn run(a: Args) -> Result<()> {
     };
     let net = Precond::new(&cfg)?;
     println!(
-        "cpu: {} ({} kernels; EDM2_CPU_ISA=avx512|avx2|portable overrides)",
+        "cpu: {} ({} kernels{}; EDM2_CPU_ISA=avx512|avx2|portable overrides)",
         edm2::backend::cpu::simd::cpu_model(),
-        edm2::backend::cpu::simd::isa().name()
+        edm2::backend::cpu::simd::isa().name(),
+        if edm2::backend::cpu::bf16::available() { ", --precision bf16 available (AVX512-BF16)" } else { "" }
     );
     println!("config: {}", cfg.to_json());
     println!("module tree (official names):");
