@@ -5,6 +5,8 @@
 //!   weight gradient) computes exactly the products of the bf16-rounded operands: checked
 //!   element by element against an f64 sum of those products, within fp32 summation
 //!   error — so a wrong pairing of the bf16 halves, a dropped pair or a missing tap fails.
+//! * The attention's bf16 products (`A·Bᵀ`, `A·B`) likewise; the whole attention within
+//!   the bf16 bound of fp32.
 //! * The whole network's training step in bf16 stays within the GPU bf16 mode's bounds
 //!   against the fp32 CPU backend (D 2e-2, gradients 5e-2 relative L2), is not exact
 //!   (bf16 really ran), and gives the same bits twice.
@@ -114,6 +116,53 @@ fn bf16_convolutions_compute_the_products_of_the_rounded_operands() {
     layer(1, 3, 9, 13, 32, 48);
     // Even batch, 16 output channels only, wider input.
     layer(3, 4, 8, 12, 64, 16);
+}
+
+#[test]
+fn bf16_attention_products_are_the_products_of_the_rounded_operands() {
+    if !have_bf16() {
+        return;
+    }
+    use edm2::backend::cpu::{attention, gemm16};
+    let (m, n, k) = (37, 48, 64);
+    let mut rng = Rng::new(77);
+    let a = rng.normal_vec(m * k);
+    let bt = rng.normal_vec(n * k);
+    let b = rng.normal_vec(k * n);
+    // A·Bᵀ and A·B against f64 sums of the rounded products.
+    let (mut c1, mut c2) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+    gemm16::gemm_abt_bf16(m, n, k, &a, &bt, &mut c1);
+    gemm16::gemm_ab_bf16(m, n, k, &a, &b, &mut c2);
+    let mut want = [vec![0.0f64; m * n], vec![0.0f64; m * n]];
+    let mut scale = [vec![0.0f64; m * n], vec![0.0f64; m * n]];
+    for i in 0..m {
+        for j in 0..n {
+            for kk in 0..k {
+                let (t1, t2) = (r(a[i * k + kk]) * r(bt[j * k + kk]), r(a[i * k + kk]) * r(b[kk * n + j]));
+                want[0][i * n + j] += t1;
+                scale[0][i * n + j] += t1.abs();
+                want[1][i * n + j] += t2;
+                scale[1][i * n + j] += t2.abs();
+            }
+        }
+    }
+    check_exact("A·Bᵀ", &c1, &want[0], &scale[0]);
+    check_exact("A·B", &c2, &want[1], &scale[1]);
+    // The whole attention (2 images, 64 pixels, 2 heads of 32): within the bf16 bound of
+    // fp32, forward and backward, and not exact.
+    let (nn, p, c, heads) = (2, 64, 64, 2);
+    let qkv = rng.normal_vec(nn * p * 3 * c);
+    let dy = rng.normal_vec(nn * p * c);
+    let mut out = [vec![0.0f32; nn * p * c], vec![0.0f32; nn * p * c]];
+    let mut dqkv = [vec![0.0f32; nn * p * 3 * c], vec![0.0f32; nn * p * 3 * c]];
+    for (i, bf) in [false, true].into_iter().enumerate() {
+        let cache = attention::attention_forward_in(bf, &qkv, nn, p, c, heads, &mut out[i]);
+        attention::attention_backward_in(bf, &qkv, &cache, &dy, nn, p, c, heads, &mut dqkv[i]);
+    }
+    let (ey, eg) = (rel_l2(&out[1], &out[0]), rel_l2(&dqkv[1], &dqkv[0]));
+    eprintln!("bf16 attention: y {ey:.2e}, dqkv {eg:.2e} against fp32");
+    assert!(ey < 1e-2 && ey > 1e-6, "bf16 attention output: rel L2 {ey:.2e}");
+    assert!(eg < 2e-2 && eg > 1e-6, "bf16 attention gradient: rel L2 {eg:.2e}");
 }
 
 /// A net with every layer kind at widths where the bf16 kernels take both directions of

@@ -35,8 +35,21 @@ fn gather_normalized(qkv: &[f32], n_: usize, p: usize, c: usize, ch: usize, head
 }
 
 pub fn attention_forward(qkv: &[f32], n: usize, p: usize, c: usize, heads: usize, y: &mut [f32]) -> AttnCache {
+    attention_forward_in(false, qkv, n, p, c, heads, y)
+}
+
+/// Whether the attention's products run in bf16 ([`super::bf16`]): asked for, and the
+/// shapes the bf16 GEMMs take (pixels and head width multiples of 16).
+fn bf16_products(asked: bool, p: usize, ch: usize) -> bool {
+    asked && p % 16 == 0 && ch % 16 == 0 && super::bf16::available()
+}
+
+/// [`attention_forward`], with `bf16`: the two products (`q·kᵀ`, `w·v`) on bf16
+/// operands with fp32 accumulation (the CPU's bf16 mode); normalization and softmax fp32.
+pub fn attention_forward_in(bf16: bool, qkv: &[f32], n: usize, p: usize, c: usize, heads: usize, y: &mut [f32]) -> AttnCache {
     let _prof = crate::profile::scope("attention");
     let ch = c / heads;
+    let bf16 = bf16_products(bf16, p, ch);
     let nh = n * heads;
     let mut q = vec![0.0f32; nh * p * ch];
     let mut k = vec![0.0f32; nh * p * ch];
@@ -59,7 +72,11 @@ pub fn attention_forward(qkv: &[f32], n: usize, p: usize, c: usize, heads: usize
             drop(_g);
             // logits[i, j] = Σ_c q[i, c] k[j, c]
             let _g = crate::profile::scope("attention.qk");
-            sgemm(p, p, ch, MatRef::rm(qh, ch), MatRef::rm_t(kh, ch), wh, false, false);
+            if bf16 {
+                super::gemm16::gemm_abt_bf16(p, p, ch, qh, kh, wh);
+            } else {
+                sgemm(p, p, ch, MatRef::rm(qh, ch), MatRef::rm_t(kh, ch), wh, false, false);
+            }
             drop(_g);
             let _g = crate::profile::scope("attention.softmax");
             for row in wh.chunks_mut(p) {
@@ -67,7 +84,11 @@ pub fn attention_forward(qkv: &[f32], n: usize, p: usize, c: usize, heads: usize
             }
             drop(_g);
             let _g = crate::profile::scope("attention.pv");
-            sgemm(p, ch, p, MatRef::rm(wh, p), MatRef::rm(vh, ch), yhh, false, false);
+            if bf16 {
+                super::gemm16::gemm_ab_bf16(p, ch, p, wh, vh, yhh);
+            } else {
+                sgemm(p, ch, p, MatRef::rm(wh, p), MatRef::rm(vh, ch), yhh, false, false);
+            }
         });
     // Re-join heads: y[b, i, head·Ch + c].
     y.par_chunks_mut(p * c).enumerate().for_each(|(b, yb)| {
@@ -92,8 +113,26 @@ pub fn attention_backward(
     heads: usize,
     dqkv: &mut [f32],
 ) {
+    attention_backward_in(false, qkv, cache, dy, n, p, c, heads, dqkv)
+}
+
+/// [`attention_backward`], with `bf16`: `dy·vᵀ` and `dl·k` on bf16 operands (the two
+/// products with a transposed left operand, `wᵀ·dy` and `dlᵀ·q`, stay fp32).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_in(
+    bf16: bool,
+    qkv: &[f32],
+    cache: &AttnCache,
+    dy: &[f32],
+    n: usize,
+    p: usize,
+    c: usize,
+    heads: usize,
+    dqkv: &mut [f32],
+) {
     let _prof = crate::profile::scope("attention.bwd");
     let ch = c / heads;
+    let bf16 = bf16_products(bf16, p, ch);
     let scale = 1.0 / (ch as f32).sqrt();
     // Per (image, head): gradients of the normalized q, k, v, as [P, Ch] each.
     let mut dn = vec![0.0f32; n * heads * 3 * p * ch];
@@ -114,7 +153,11 @@ pub fn attention_backward(
         sgemm(p, ch, p, MatRef::rm_t(wh, p), MatRef::rm(&dyh, ch), dv, false, false);
         // dw[i, j] = Σ_c dy[i, c] v[j, c]
         let mut dl = vec![0.0f32; p * p];
-        sgemm(p, p, ch, MatRef::rm(&dyh, ch), MatRef::rm_t(vh, ch), &mut dl, false, false);
+        if bf16 {
+            super::gemm16::gemm_abt_bf16(p, p, ch, &dyh, vh, &mut dl);
+        } else {
+            sgemm(p, p, ch, MatRef::rm(&dyh, ch), MatRef::rm_t(vh, ch), &mut dl, false, false);
+        }
         // softmax backward, then the 1/sqrt(Ch) scale of the logits.
         for (dlr, wr) in dl.chunks_mut(p).zip(wh.chunks(p)) {
             let dot: f32 = dlr.iter().zip(wr).map(|(a, b)| a * b).sum();
@@ -123,7 +166,11 @@ pub fn attention_backward(
             }
         }
         // dq = dl · k, dk = dlᵀ · q
-        sgemm(p, ch, p, MatRef::rm(&dl, p), MatRef::rm(kh, ch), dq, false, false);
+        if bf16 {
+            super::gemm16::gemm_ab_bf16(p, ch, p, &dl, kh, dq);
+        } else {
+            sgemm(p, ch, p, MatRef::rm(&dl, p), MatRef::rm(kh, ch), dq, false, false);
+        }
         sgemm(p, ch, p, MatRef::rm_t(&dl, p), MatRef::rm(qh, ch), dk, false, false);
     });
     // Through the per-pixel normalizations, scattered back to the interleaved layout.

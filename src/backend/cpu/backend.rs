@@ -8,8 +8,8 @@ use crate::error::Result;
 use crate::nn::params::{ParamId, Params};
 
 /// The CPU backend (rayon threads, fp32, the reference), or — made with
-/// [`Cpu::with_bf16_products`] — its bf16 mode: the convolutions' products in bf16 with
-/// fp32 accumulation ([`super::bf16`]), everything else fp32.
+/// [`Cpu::with_bf16_products`] — its bf16 mode: the products of the convolutions and of
+/// the attention in bf16 with fp32 accumulation ([`super::bf16`]), everything else fp32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cpu {
     bf16: bool,
@@ -210,7 +210,7 @@ impl Backend for Cpu {
         Ok(())
     }
     fn attention_forward(&self, qkv: &Vec<f32>, n: usize, p: usize, c: usize, heads: usize, y: &mut Vec<f32>) -> Result<attention::AttnCache> {
-        Ok(attention::attention_forward(qkv, n, p, c, heads, y))
+        Ok(attention::attention_forward_in(self.bf16, qkv, n, p, c, heads, y))
     }
     fn attention_backward(
         &self,
@@ -224,7 +224,7 @@ impl Backend for Cpu {
         heads: usize,
         dqkv: &mut Vec<f32>,
     ) -> Result<()> {
-        attention::attention_backward(qkv, cache, dy, n, p, c, heads, dqkv);
+        attention::attention_backward_in(self.bf16, qkv, cache, dy, n, p, c, heads, dqkv);
         Ok(())
     }
     fn mp_cat(&self, a: &Vec<f32>, na: usize, b: &Vec<f32>, nb: usize, t: f32, out: &mut Vec<f32>) -> Result<()> {

@@ -54,17 +54,7 @@ pub fn to_bf16_pairs(x: &[f32]) -> Vec<u32> {
     assert!(x.len() % 2 == 0);
     let _prof = crate::profile::scope("bf16.convert");
     let mut out = vec![0u32; x.len() / 2];
-    out.par_chunks_mut(TASK / 2).zip(x.par_chunks(TASK)).for_each(|(d, s)| {
-        #[cfg(target_arch = "x86_64")]
-        if available() {
-            // SAFETY: AVX512-BF16/F checked by `available()`; `d` holds half of `s`.
-            unsafe { pairs_avx512(s, d) };
-            return;
-        }
-        for (o, p) in d.iter_mut().zip(s.chunks_exact(2)) {
-            *o = round(p[0]) as u32 | (round(p[1]) as u32) << 16;
-        }
-    });
+    out.par_chunks_mut(TASK / 2).zip(x.par_chunks(TASK)).for_each(|(d, s)| pairs_into(s, d));
     out
 }
 
@@ -81,6 +71,26 @@ unsafe fn pairs_avx512(s: &[f32], d: &mut [u32]) {
         _mm512_storeu_si512(d.as_mut_ptr().add(16 * i) as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(v));
     }
     for (o, p) in d[16 * full..].iter_mut().zip(s[32 * full..].chunks_exact(2)) {
+        *o = round(p[0]) as u32 | (round(p[1]) as u32) << 16;
+    }
+}
+
+/// [`to_bf16_pairs`] on the calling thread (for callers already inside a parallel loop).
+pub fn to_bf16_pairs_seq(x: &[f32]) -> Vec<u32> {
+    assert!(x.len() % 2 == 0);
+    let mut out = vec![0u32; x.len() / 2];
+    pairs_into(x, &mut out);
+    out
+}
+
+fn pairs_into(s: &[f32], d: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX512-BF16/F checked by `available()`; `d` holds half of `s`.
+        unsafe { pairs_avx512(s, d) };
+        return;
+    }
+    for (o, p) in d.iter_mut().zip(s.chunks_exact(2)) {
         *o = round(p[0]) as u32 | (round(p[1]) as u32) << 16;
     }
 }

@@ -155,3 +155,43 @@ unsafe fn kern<const M: usize>(a: *const f32, lda: usize, k: usize, b: *const f3
 unsafe fn kern<const M: usize>(_: *const f32, _: usize, _: usize, _: *const f32, _: *mut f32, _: usize) {
     unreachable!("gemm16 needs x86-64")
 }
+
+/// `C[M×N] = A · Bᵀ` with bf16 products (fp32 accumulation, one thread): `a` row-major
+/// `[M][K]`, `b` row-major `[N][K]`, K even, N a multiple of 16 (the attention's
+/// `q·kᵀ` and `dy·vᵀ`). Both operands are rounded to bf16 here.
+pub fn gemm_abt_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(k % 2 == 0 && a.len() == m * k && b.len() == n * k && c.len() == m * n);
+    let (ap, bp) = (super::bf16::to_bf16_pairs_seq(a), super::bf16::to_bf16_pairs_seq(b));
+    let kp = k / 2;
+    // Panels [N/16][K/2][16]: lane j of pair kk is row j of B, its pair kk.
+    let mut packed = vec![0u32; n * kp];
+    for (nb, panel) in packed.chunks_mut(kp * NR).enumerate() {
+        for kk in 0..kp {
+            for j in 0..NR {
+                panel[kk * NR + j] = bp[(nb * NR + j) * kp + kk];
+            }
+        }
+    }
+    gemm16_bf16(m, n, kp, &ap, kp, &packed, c, n, false);
+}
+
+/// `C[M×N] = A · B` with bf16 products (fp32 accumulation, one thread): `a` row-major
+/// `[M][K]`, `b` row-major `[K][N]`, K even, N a multiple of 16 (the attention's `w·v`
+/// and `dl·k`).
+pub fn gemm_ab_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(k % 2 == 0 && a.len() == m * k && b.len() == k * n && c.len() == m * n);
+    let ap = super::bf16::to_bf16_pairs_seq(a);
+    let kp = k / 2;
+    let r = super::bf16::round;
+    // Panels [N/16][K/2][16]: lane j of pair kk holds rows 2kk and 2kk + 1 of column j.
+    let mut packed = vec![0u32; n * kp];
+    for (nb, panel) in packed.chunks_mut(kp * NR).enumerate() {
+        for kk in 0..kp {
+            let (r0, r1) = (&b[2 * kk * n + nb * NR..][..NR], &b[(2 * kk + 1) * n + nb * NR..][..NR]);
+            for j in 0..NR {
+                panel[kk * NR + j] = r(r0[j]) as u32 | (r(r1[j]) as u32) << 16;
+            }
+        }
+    }
+    gemm16_bf16(m, n, kp, &ap, kp, &packed, c, n, false);
+}
