@@ -151,6 +151,30 @@ unsafe fn interleave_avx512(a: &[f32], b: &[f32], d: &mut [u32]) {
     }
 }
 
+/// Both bf16 forms of `x` (`n` images of `per_image` values, `per_image` even) from one
+/// pass over it: ([`to_bf16_pairs`], [`interleave_images`]), for an output gradient that
+/// feeds both the data gradient and the weight gradient (a third less memory traffic
+/// than two passes).
+pub fn pairs_and_interleave(x: &[f32], n: usize, per_image: usize) -> (Vec<u32>, Vec<u32>) {
+    assert!(x.len() == n * per_image && per_image % 2 == 0);
+    let _prof = crate::profile::scope("bf16.convert2");
+    let mut pairs = vec![0u32; x.len() / 2];
+    let mut inter = vec![0u32; n.div_ceil(2) * per_image];
+    // One task per image pair: its two images' pairs (per_image u32) and its interleaved
+    // block (per_image u32).
+    pairs.par_chunks_mut(per_image).zip(inter.par_chunks_mut(per_image)).enumerate().for_each(|(j, (pd, id))| {
+        let a = &x[2 * j * per_image..][..per_image];
+        let b = (2 * j + 1 < n).then(|| &x[(2 * j + 1) * per_image..][..per_image]);
+        let (pa, pb) = pd.split_at_mut((per_image / 2).min(pd.len()));
+        pairs_into(a, pa);
+        if let Some(b) = b {
+            pairs_into(b, pb);
+        }
+        interleave_run(a, b, id);
+    });
+    (pairs, inter)
+}
+
 /// A panel-packed weight `[G][K][16]` (f32, K even) as `[G][K/2][16]` bf16 pairs: lane
 /// `j` of pair `k` holds rows `2k` (low) and `2k + 1` (high) of column `j` — the operand
 /// layout of [`super::microkernel::Bf16Dot`] for a reduction over K.
@@ -191,6 +215,10 @@ mod tests {
             assert_eq!((*v & 0xffff) as u16, round(x[2 * i]), "pair {i}");
             assert_eq!((*v >> 16) as u16, round(x[2 * i + 1]), "pair {i}");
         }
+        // Both forms in one pass: the same values as the two separate passes.
+        let (pp, ii) = pairs_and_interleave(&x[..5 * 32], 5, 32);
+        assert_eq!(pp, to_bf16_pairs(&x[..5 * 32]));
+        assert_eq!(ii, interleave_images(&x[..5 * 32], 5, 32));
         // Three images of 37 values: two pairs, the second with a zero high half.
         let per = 37;
         let x = &x[..3 * per];

@@ -394,7 +394,7 @@ pub fn conv_backward(
 /// channel pairs.
 #[allow(clippy::too_many_arguments)]
 fn conv_backward_bf16(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, dy: &[f32], dx: Option<&mut [f32]>, d_eff: &mut [f32]) -> bool {
-    use super::bf16::{interleave_images, pack_pairs, to_bf16_pairs};
+    use super::bf16::{interleave_images, pack_pairs, pairs_and_interleave};
     let (o, i, k) = (eff.out_ch, eff.in_ch, eff.k);
     let ok = match k {
         1 => gemm16::usable(o) && (dx.is_none() || gemm16::usable(i)),
@@ -404,13 +404,20 @@ fn conv_backward_bf16(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, 
     if !ok {
         return false;
     }
+    // dy in both bf16 forms from one pass when both gradients are wanted.
+    let (dyb, dyi) = match dx {
+        Some(_) => {
+            let (p, i) = pairs_and_interleave(dy, n, h * w * o);
+            (Some(p), i)
+        }
+        None => (None, interleave_images(dy, n, h * w * o)),
+    };
     {
         let _prof = crate::profile::scope(if k == 1 { "conv1x1.bwd_w.bf16" } else { "conv3x3.bwd_w.bf16" });
-        let (xi, dyi) = (interleave_images(x, n, h * w * i), interleave_images(dy, n, h * w * o));
+        let xi = interleave_images(x, n, h * w * i);
         conv3x3::conv_weight_grad_bf16(k, &xi, n.div_ceil(2), h, w, i, &dyi, o, d_eff);
     }
-    if let Some(dx) = dx {
-        let dyb = to_bf16_pairs(dy);
+    if let (Some(dx), Some(dyb)) = (dx, dyb) {
         if k == 1 {
             let _prof = crate::profile::scope("conv1x1.bwd_x.bf16");
             let bp = pack_pairs(&gemm16::pack_b_rm(&eff.w, o, i), o);
