@@ -37,7 +37,9 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--work", default="/tmp/edm2-vae-compare")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="both sides on this device")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="edm2's activation storage on CUDA")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="edm2's --precision (CUDA: bf16 activations; CPU: bf16 products); with bf16 "
+                         "diffusers runs under torch.autocast(bfloat16), its mixed precision")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.makedirs(a.work, exist_ok=True)
@@ -69,7 +71,9 @@ def main():
     x = x.to(a.device)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     t_torch = []
-    with torch.no_grad():
+    import contextlib
+    amp = torch.autocast(device_type=a.device, dtype=torch.bfloat16) if a.precision == "bf16" else contextlib.nullcontext()
+    with torch.no_grad(), amp:
         for r in range(a.rounds):
             sync()
             t0 = time.perf_counter()
@@ -77,7 +81,7 @@ def main():
             sync()
             t_torch.append((time.perf_counter() - t0) / a.batch)
             print(f"diffusers round {r}: {t_torch[-1]:.2f} s per image", flush=True)
-    ref = y.clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    ref = y.float().clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     t_ours = []
     out_dir = os.path.join(a.work, "out")
@@ -103,6 +107,7 @@ def main():
         "threads": a.threads,
         "device": a.device,
         "edm2_precision": a.precision,
+        "diffusers_autocast_bf16": a.precision == "bf16",
         "torch": torch.__version__,
         "diffusers_s_per_image": [med(t_torch), min(t_torch), max(t_torch)],
         "edm2_s_per_image": [med(t_ours), min(t_ours), max(t_ours)],

@@ -277,8 +277,7 @@ pub fn run(a: Args) -> Result<()> {
     // Latent networks: the VAE decoder (loaded before any sampling, so a bad --vae costs
     // nothing) or .npy latents.
     let decoder = match (&a.vae, ch) {
-        // The CPU decodes in fp32 (its bf16 mode is the U-Net's).
-        (Some(v), 4) => Some(super::vae::Decoder::load(v, device, if device == Device::Cuda { a.precision.parse().map_err(anyhow::Error::msg)? } else { Default::default() })?),
+        (Some(v), 4) => Some(super::vae::Decoder::load(v, device, a.precision.parse().map_err(anyhow::Error::msg)?)?),
         (Some(v), _) => bail!("--vae {}: the network makes {ch}-channel images, not 4-channel latents", v.display()),
         (None, _) => None,
     };

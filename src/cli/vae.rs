@@ -41,8 +41,9 @@ pub struct DecodeArgs {
     /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
     #[arg(long, default_value = "auto")]
     pub device: Device,
-    /// Arithmetic of the CUDA backend: fp32, or bf16 (activations stored as bf16, products
-    /// with fp32 accumulation). The CPU is fp32.
+    /// Arithmetic: fp32, or bf16 (on the CUDA backend activations stored as bf16, products
+    /// with fp32 accumulation; on a CPU with AVX512-BF16 the convolutions' products in
+    /// bf16, activations fp32; refused on other CPUs).
     #[arg(long, default_value = "fp32")]
     pub precision: Precision,
 }
@@ -241,8 +242,9 @@ pub struct EncodeArgs {
     /// cpu, cuda, or auto (cuda when this build has the CUDA backend and a GPU is present).
     #[arg(long, default_value = "auto")]
     pub device: Device,
-    /// Arithmetic of the CUDA backend: fp32, or bf16 (activations stored as bf16, products
-    /// with fp32 accumulation). The CPU is fp32.
+    /// Arithmetic: fp32, or bf16 (on the CUDA backend activations stored as bf16, products
+    /// with fp32 accumulation; on a CPU with AVX512-BF16 the convolutions' products in
+    /// bf16, activations fp32; refused on other CPUs).
     #[arg(long, default_value = "fp32")]
     pub precision: Precision,
 }

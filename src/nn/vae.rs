@@ -649,7 +649,8 @@ pub fn nhwc_to_nchw(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec<f3
 /// A VAE loaded onto a chosen device: the CPU backend, or the CUDA one (with the given
 /// activation precision) in a build that has it. What the commands use.
 pub enum DeviceVae {
-    Cpu(Vae<crate::backend::cpu::Cpu>),
+    /// The CPU backend (fp32, or its bf16 products) and the VAE on it.
+    Cpu(crate::backend::cpu::Cpu, Vae<crate::backend::cpu::Cpu>),
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     Cuda(Box<crate::backend::gpu::Gpu>, Vae<crate::backend::gpu::Gpu>),
 }
@@ -660,10 +661,9 @@ impl DeviceVae {
         use crate::backend::Device;
         match device {
             Device::Cpu | Device::Auto => {
-                if precision != crate::backend::Precision::Fp32 {
-                    return Err(Error::Input(format!("precision {precision} needs the CUDA backend; the CPU computes in fp32")));
-                }
-                Ok(DeviceVae::Cpu(Vae::load(&crate::backend::cpu::Cpu, path, parts)?))
+                // bf16: the convolutions' products in bf16 where the CPU has AVX512-BF16.
+                let cpu = crate::backend::cpu::Cpu::for_precision(precision).map_err(Error::Input)?;
+                Ok(DeviceVae::Cpu(cpu, Vae::load(&cpu, path, parts)?))
             }
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             Device::Cuda => {
@@ -679,7 +679,7 @@ impl DeviceVae {
 
     pub fn config(&self) -> &VaeConfig {
         match self {
-            DeviceVae::Cpu(v) => &v.config,
+            DeviceVae::Cpu(_, v) => &v.config,
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             DeviceVae::Cuda(_, v) => &v.config,
         }
@@ -688,7 +688,7 @@ impl DeviceVae {
     /// [`LatentCodec::encode_pixels`] on this device.
     pub fn encode_pixels(&self, codec: &LatentCodec, pixels: &[u8], n: usize, h: usize, w: usize) -> Result<Vec<f32>> {
         match self {
-            DeviceVae::Cpu(v) => codec.encode_pixels(&crate::backend::cpu::Cpu, v, pixels, n, h, w),
+            DeviceVae::Cpu(cpu, v) => codec.encode_pixels(cpu, v, pixels, n, h, w),
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             DeviceVae::Cuda(g, v) => codec.encode_pixels(g.as_ref(), v, pixels, n, h, w),
         }
@@ -697,7 +697,7 @@ impl DeviceVae {
     /// [`LatentCodec::decode`] on this device.
     pub fn decode(&self, codec: &LatentCodec, latents: &[f32], n: usize, h: usize, w: usize) -> Result<(Vec<u8>, Vec<f32>)> {
         match self {
-            DeviceVae::Cpu(v) => codec.decode(&crate::backend::cpu::Cpu, v, latents, n, h, w),
+            DeviceVae::Cpu(cpu, v) => codec.decode(cpu, v, latents, n, h, w),
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             DeviceVae::Cuda(g, v) => codec.decode(g.as_ref(), v, latents, n, h, w),
         }
@@ -705,6 +705,6 @@ impl DeviceVae {
 
     /// Whether it runs on the CPU (host memory bounds the batch there).
     pub fn on_cpu(&self) -> bool {
-        matches!(self, DeviceVae::Cpu(_))
+        matches!(self, DeviceVae::Cpu(..))
     }
 }

@@ -105,3 +105,19 @@ pub fn scratch_dir(prefix: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A tensor of the VAE golden io file (`vae/vae_tiny.io.safetensors`) as (shape, f32):
+/// the uint8 ones (pixels, the official uint8 decode) widened, read raw because the
+/// library's reader takes float tensors only.
+pub fn vae_io(name: &str) -> (Vec<usize>, Vec<f32>) {
+    let b = std::fs::read(golden_path("vae/vae_tiny.io.safetensors")).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let t = &h[name];
+    let shape = t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+    let off = t["data_offsets"].as_array().unwrap();
+    let (a, e) = (off[0].as_u64().unwrap() as usize, off[1].as_u64().unwrap() as usize);
+    let data = &b[8 + n + a..8 + n + e];
+    let v = if t["dtype"] == "U8" { data.iter().map(|&x| x as f32).collect() } else { data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    (shape, v)
+}

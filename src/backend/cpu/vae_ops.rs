@@ -157,7 +157,11 @@ impl VaeOps for Cpu {
     }
     fn plain_weight(&self, w: &[f32], geom: ConvGeom) -> Result<conv::EffWeight> {
         geom.validate("plain_weight")?;
-        Ok(conv::plain_weight(w, geom.out_ch, geom.in_ch, geom.k))
+        let mut eff = conv::plain_weight(w, geom.out_ch, geom.in_ch, geom.k);
+        if self.bf16_products() {
+            conv::add_bf16_products(&mut eff);
+        }
+        Ok(eff)
     }
     fn add_channel_bias(&self, y: &mut Vec<f32>, bias: &Vec<f32>, c: usize) -> Result<()> {
         add_channel_bias(y, bias, c);
