@@ -5,7 +5,7 @@
 //!   weight gradient) computes exactly the products of the bf16-rounded operands: checked
 //!   element by element against an f64 sum of those products, within fp32 summation
 //!   error — so a wrong pairing of the bf16 halves, a dropped pair or a missing tap fails.
-//! * The attention's bf16 products (`A·Bᵀ`, `A·B`) likewise; the whole attention within
+//! * The attention's bf16 products (`A·Bᵀ`, `A·B`, `Aᵀ·B`) likewise; the whole attention within
 //!   the bf16 bound of fp32.
 //! * The whole network's training step in bf16 stays within the GPU bf16 mode's bounds
 //!   against the fp32 CPU backend (D 2e-2, gradients 5e-2 relative L2), is not exact
@@ -130,24 +130,31 @@ fn bf16_attention_products_are_the_products_of_the_rounded_operands() {
     let bt = rng.normal_vec(n * k);
     let b = rng.normal_vec(k * n);
     // A·Bᵀ and A·B against f64 sums of the rounded products.
-    let (mut c1, mut c2) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+    let at = rng.normal_vec(k * m);
+    let (mut c1, mut c2, mut c3) = (vec![0.0f32; m * n], vec![0.0f32; m * n], vec![0.0f32; m * n]);
     gemm16::gemm_abt_bf16(m, n, k, &a, &bt, &mut c1);
     gemm16::gemm_ab_bf16(m, n, k, &a, &b, &mut c2);
-    let mut want = [vec![0.0f64; m * n], vec![0.0f64; m * n]];
-    let mut scale = [vec![0.0f64; m * n], vec![0.0f64; m * n]];
+    gemm16::gemm_atb_bf16(m, n, k, &at, &b, &mut c3);
+    let mut want = [vec![0.0f64; m * n], vec![0.0f64; m * n], vec![0.0f64; m * n]];
+    let mut scale = want.clone();
     for i in 0..m {
         for j in 0..n {
             for kk in 0..k {
-                let (t1, t2) = (r(a[i * k + kk]) * r(bt[j * k + kk]), r(a[i * k + kk]) * r(b[kk * n + j]));
-                want[0][i * n + j] += t1;
-                scale[0][i * n + j] += t1.abs();
-                want[1][i * n + j] += t2;
-                scale[1][i * n + j] += t2.abs();
+                let t = [
+                    r(a[i * k + kk]) * r(bt[j * k + kk]),
+                    r(a[i * k + kk]) * r(b[kk * n + j]),
+                    r(at[kk * m + i]) * r(b[kk * n + j]),
+                ];
+                for v in 0..3 {
+                    want[v][i * n + j] += t[v];
+                    scale[v][i * n + j] += t[v].abs();
+                }
             }
         }
     }
     check_exact("A·Bᵀ", &c1, &want[0], &scale[0]);
     check_exact("A·B", &c2, &want[1], &scale[1]);
+    check_exact("Aᵀ·B", &c3, &want[2], &scale[2]);
     // The whole attention (2 images, 64 pixels, 2 heads of 32): within the bf16 bound of
     // fp32, forward and backward, and not exact.
     let (nn, p, c, heads) = (2, 64, 64, 2);

@@ -116,8 +116,8 @@ pub fn attention_backward(
     attention_backward_in(false, qkv, cache, dy, n, p, c, heads, dqkv)
 }
 
-/// [`attention_backward`], with `bf16`: `dy·vᵀ` and `dl·k` on bf16 operands (the two
-/// products with a transposed left operand, `wᵀ·dy` and `dlᵀ·q`, stay fp32).
+/// [`attention_backward`], with `bf16`: its four products (`wᵀ·dy`, `dy·vᵀ`, `dl·k`,
+/// `dlᵀ·q`) on bf16 operands with fp32 accumulation.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_in(
     bf16: bool,
@@ -150,7 +150,11 @@ pub fn attention_backward_in(
         let (dq, rest) = dnh.split_at_mut(p * ch);
         let (dk, dv) = rest.split_at_mut(p * ch);
         // dv[j, c] = Σ_i w[i, j] dy[i, c]
-        sgemm(p, ch, p, MatRef::rm_t(wh, p), MatRef::rm(&dyh, ch), dv, false, false);
+        if bf16 {
+            super::gemm16::gemm_atb_bf16(p, ch, p, wh, &dyh, dv);
+        } else {
+            sgemm(p, ch, p, MatRef::rm_t(wh, p), MatRef::rm(&dyh, ch), dv, false, false);
+        }
         // dw[i, j] = Σ_c dy[i, c] v[j, c]
         let mut dl = vec![0.0f32; p * p];
         if bf16 {
@@ -171,7 +175,11 @@ pub fn attention_backward_in(
         } else {
             sgemm(p, ch, p, MatRef::rm(&dl, p), MatRef::rm(kh, ch), dq, false, false);
         }
-        sgemm(p, ch, p, MatRef::rm_t(&dl, p), MatRef::rm(qh, ch), dk, false, false);
+        if bf16 {
+            super::gemm16::gemm_atb_bf16(p, ch, p, &dl, qh, dk);
+        } else {
+            sgemm(p, ch, p, MatRef::rm_t(&dl, p), MatRef::rm(qh, ch), dk, false, false);
+        }
     });
     // Through the per-pixel normalizations, scattered back to the interleaved layout.
     dqkv.par_chunks_mut(p * 3 * c).enumerate().for_each(|(b, db)| {

@@ -120,6 +120,13 @@ pub fn interleave_images(x: &[f32], n: usize, per_image: usize) -> Vec<u32> {
     out
 }
 
+/// `d[j]` = the bf16 pair (`a[j]` low, `b[j]` high): two rows of a matrix as pairs along
+/// its columns (one thread).
+pub fn interleave_rows(a: &[f32], b: &[f32], d: &mut [u32]) {
+    assert!(a.len() == d.len() && b.len() == d.len());
+    interleave_run(a, Some(b), d)
+}
+
 fn interleave_run(a: &[f32], b: Option<&[f32]>, d: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if let (Some(b), true) = (b, available()) {

@@ -175,15 +175,31 @@ pub fn gemm_abt_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut
     gemm16_bf16(m, n, kp, &ap, kp, &packed, c, n, false);
 }
 
-/// `C[M×N] = A · B` with bf16 products (fp32 accumulation, one thread): `a` row-major
-/// `[M][K]`, `b` row-major `[K][N]`, K even, N a multiple of 16 (the attention's `w·v`
-/// and `dl·k`).
-pub fn gemm_ab_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    assert!(k % 2 == 0 && a.len() == m * k && b.len() == k * n && c.len() == m * n);
-    let ap = super::bf16::to_bf16_pairs_seq(a);
+/// `C[M×N] = Aᵀ · B` with bf16 products (fp32 accumulation, one thread): `a` row-major
+/// `[K][M]` (A transposed), `b` row-major `[K][N]`, K even, N a multiple of 16 (the
+/// attention's `wᵀ·dy` and `dlᵀ·q`).
+pub fn gemm_atb_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(k % 2 == 0 && a.len() == k * m && b.len() == k * n && c.len() == m * n);
     let kp = k / 2;
+    // Rows 2kk and 2kk + 1 of `a` as pairs along its columns: `[K/2][M]`, then transposed
+    // to the row-major `[M][K/2]` the tile broadcasts from.
+    let mut at = vec![0u32; kp * m];
+    for (kk, row) in at.chunks_mut(m).enumerate() {
+        super::bf16::interleave_rows(&a[2 * kk * m..][..m], &a[(2 * kk + 1) * m..][..m], row);
+    }
+    let mut ap = vec![0u32; m * kp];
+    for (kk, row) in at.chunks(m).enumerate() {
+        for (i, v) in row.iter().enumerate() {
+            ap[i * kp + kk] = *v;
+        }
+    }
+    gemm16_bf16(m, n, kp, &ap, kp, &pack_rows_paired(b, kp, n), c, n, false);
+}
+
+/// A row-major `[K][N]` (K = 2·`kp`) as the panels of [`gemm16_bf16`], `[N/16][K/2][16]`:
+/// lane j of pair kk holds rows 2kk and 2kk + 1 of column j.
+fn pack_rows_paired(b: &[f32], kp: usize, n: usize) -> Vec<u32> {
     let r = super::bf16::round;
-    // Panels [N/16][K/2][16]: lane j of pair kk holds rows 2kk and 2kk + 1 of column j.
     let mut packed = vec![0u32; n * kp];
     for (nb, panel) in packed.chunks_mut(kp * NR).enumerate() {
         for kk in 0..kp {
@@ -193,5 +209,15 @@ pub fn gemm_ab_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut 
             }
         }
     }
-    gemm16_bf16(m, n, kp, &ap, kp, &packed, c, n, false);
+    packed
+}
+
+/// `C[M×N] = A · B` with bf16 products (fp32 accumulation, one thread): `a` row-major
+/// `[M][K]`, `b` row-major `[K][N]`, K even, N a multiple of 16 (the attention's `w·v`
+/// and `dl·k`).
+pub fn gemm_ab_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(k % 2 == 0 && a.len() == m * k && b.len() == k * n && c.len() == m * n);
+    let ap = super::bf16::to_bf16_pairs_seq(a);
+    let kp = k / 2;
+    gemm16_bf16(m, n, kp, &ap, kp, &pack_rows_paired(b, kp, n), c, n, false);
 }
