@@ -200,6 +200,21 @@ pub trait ConvTile: Mac512 {
     unsafe fn gemm<const M: usize, const P: usize>(a: *const Self::E, lda: usize, k: usize, b: *const Self::E, b_panel: usize, c: *mut f32, ldc: usize);
 }
 
+// Elsewhere the AVX-512 tiles are never selected (`simd::avx512()` is false).
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Mac512> ConvTile for T {
+    unsafe fn tile<const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(_: *const T::E, _: Taps, _: *const T::E, _: usize, _: *mut f32, _: usize) {
+        unreachable!("the AVX-512 tiles need x86-64")
+    }
+    unsafe fn dw<const M: usize, const P: usize>(_: *const T::E, _: *const T::E, _: &DwRows, _: *mut f32) {
+        unreachable!("the AVX-512 tiles need x86-64")
+    }
+    unsafe fn gemm<const M: usize, const P: usize>(_: *const T::E, _: usize, _: usize, _: *const T::E, _: usize, _: *mut f32, _: usize) {
+        unreachable!("the AVX-512 tiles need x86-64")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 impl ConvTile for F32Fma {
     #[target_feature(enable = "avx512f")]
     unsafe fn tile<const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(a: *const f32, k: Taps, b: *const f32, b_panel: usize, c: *mut f32, cstride: usize) {
@@ -215,6 +230,7 @@ impl ConvTile for F32Fma {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 impl ConvTile for Bf16Dot {
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile<const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(a: *const u32, k: Taps, b: *const u32, b_panel: usize, c: *mut f32, cstride: usize) {
@@ -233,6 +249,7 @@ impl ConvTile for Bf16Dot {
 /// One AVX-512 register tile: M consecutive pixels × P·16 output channels (panel `p` of
 /// the packed weight at `b + p·b_panel`), `k.cin` elements of `K` per pixel. Otherwise
 /// as [`tile`].
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn tile512<K: Mac512, const M: usize, const P: usize, const LEFT: bool, const RIGHT: bool>(
     a: *const K::E,
@@ -458,6 +475,7 @@ unsafe fn dw_run<const M: usize>(x: *const f32, dy: *const f32, g: &DwRows, acc:
 
 /// [`dw_run`] on an AVX-512 tile of M input channels × P·16 output channels, stored at
 /// `acc` with row stride 32 (the tile buffer of the AVX-512 path), any [`Mac512`] kind.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn dw_run512<K: Mac512, const M: usize, const P: usize>(x: *const K::E, dy: *const K::E, g: &DwRows, acc: *mut f32) {
     use super::microkernel::{load_tile512, mac_tile512, store_tile512};

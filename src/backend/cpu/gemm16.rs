@@ -131,6 +131,7 @@ fn gemm_rows<K: ConvTile>(m: usize, n: usize, k: usize, a: &[K::E], lda: usize, 
 
 /// One AVX-512 tile of `C = A · B` for any [`Mac512`] kind (inlined into
 /// [`ConvTile::gemm`], which carries the CPU features).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) unsafe fn kern512<K: Mac512, const M: usize, const P: usize>(a: *const K::E, lda: usize, k: usize, b: *const K::E, b_panel: usize, c: *mut f32, ldc: usize) {
     use super::microkernel::{mac_tile512, store_tile512};

@@ -125,6 +125,20 @@ pub trait Mac512 {
     unsafe fn mac(acc: __m512, a: Self::V, b: Self::V) -> __m512;
 }
 
+/// Elsewhere only the element types (the AVX-512 tiles never run there).
+#[cfg(not(target_arch = "x86_64"))]
+pub trait Mac512 {
+    type E: Copy + Send + Sync;
+}
+#[cfg(not(target_arch = "x86_64"))]
+impl Mac512 for F32Fma {
+    type E = f32;
+}
+#[cfg(not(target_arch = "x86_64"))]
+impl Mac512 for Bf16Dot {
+    type E = u32;
+}
+
 /// fp32 products on `vfmadd231ps` (see [`Mac512`]).
 pub struct F32Fma;
 /// bf16-pair products on `vdpbf16ps`, fp32 accumulation (see [`Mac512`]).
