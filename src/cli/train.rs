@@ -6,7 +6,7 @@ use edm2::backend::{resolve_device, Device};
 use edm2::config::{preset, preset_names, NetConfig, TrainPreset};
 use edm2::data::{DataOptions, Dataset};
 use edm2::train::ema::EmaOptions;
-use edm2::train::run::{format_time, train, Progress, Reporter, StopReason, TrainOptions};
+use edm2::train::run::{format_time, train_holding, Progress, Reporter, StopReason, TrainOptions};
 use edm2::train::snapshot::parse_nimg;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -443,11 +443,10 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("note: --fp16: mixed precision on the CUDA backend is bf16 activations (--precision bf16)");
     }
     let tty = std::io::stderr().is_terminal();
-    // A run directory in use is refused before the (possibly long) dataset check; train()
-    // takes the lock again for the run itself.
-    if run_dir.is_dir() {
-        drop(edm2::train::rundir::RunDirLock::acquire(&run_dir)?);
-    }
+    // A run directory in use is refused before the (possibly long) dataset check; the lock
+    // taken here is kept for the run itself (dropping and re-taking it left a window in
+    // which the lock file named us but the lock was free).
+    let held = if run_dir.is_dir() { Some(edm2::train::rundir::RunDirLock::acquire(&run_dir)?) } else { None };
     if opts.verify {
         let t = std::time::Instant::now();
         let n = ds.raw_len();
@@ -473,7 +472,7 @@ pub fn run(a: Args) -> Result<()> {
         });
     }
     let mut ui = Terminal { bar: tty, shown: false };
-    let s = train(&opts, Arc::new(ds), &run_dir, &stop, &mut ui)?;
+    let s = train_holding(&opts, Arc::new(ds), &run_dir, held, &stop, &mut ui)?;
     let what = match s.reason {
         StopReason::Finished => "Training finished",
         StopReason::Sliced => "Slice done (run the same command again to continue)",

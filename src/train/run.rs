@@ -269,11 +269,22 @@ pub fn write_preview(net: &Precond, ema: &Params, dir: &Path, nimg: u64, n: usiz
 /// Runs (or resumes) training in `run_dir` until `duration`, the end of `--slice`, or
 /// `stop` is set (the current step finishes and a checkpoint is written first).
 pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &AtomicBool, ui: &mut dyn Reporter) -> Result<Summary> {
+    train_holding(opts, ds, run_dir, None, stop, ui)
+}
+
+/// [`train`] with the run directory's lock already taken by the caller (`held`, e.g. the
+/// command's early check before a long dataset verification): kept from there to the end
+/// of the run, so no other train can slip in between, and a process watching the lock
+/// file never sees our pid while the lock is free.
+pub fn train_holding(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, held: Option<RunDirLock>, stop: &AtomicBool, ui: &mut dyn Reporter) -> Result<Summary> {
     opts.validate()?;
     let io = |e, p: &Path| Error::Io { path: p.into(), err: e };
     std::fs::create_dir_all(run_dir).map_err(|e| io(e, run_dir))?;
     // One run per directory; held until this function returns (or the process dies).
-    let lock = RunDirLock::acquire(run_dir)?;
+    let lock = match held {
+        Some(l) => l,
+        None => RunDirLock::acquire(run_dir)?,
+    };
     let log_path = run_dir.join("log.txt");
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| io(e, &log_path))?;
     let mut log = Log { file: Some(file), ui };
