@@ -37,6 +37,18 @@ crate::multiversion! {
     }
 }
 
+/// One average's update `ema ← lerp(ema, net, w)` (w = 1 − β) over the trained tensors;
+/// buffers are copied from the net.
+pub fn lerp_params(specs: &[ParamSpec], ema: &mut Params, net: &Params, w: f32) {
+    for ((e, n), s) in ema.values.iter_mut().zip(&net.values).zip(specs) {
+        if s.kind == ParamKind::Buffer {
+            e.copy_from_slice(n);
+        } else {
+            lerp_slice(e, n, w);
+        }
+    }
+}
+
 impl PowerEma {
     /// EMAs starting from `init` (the official code starts them as copies of the net).
     pub fn new(stds: &[f64], init: &Params) -> Result<Self> {
@@ -50,14 +62,7 @@ impl PowerEma {
         let mut betas = Vec::with_capacity(self.emas.len());
         for (ema, &g) in self.emas.iter_mut().zip(&self.exps) {
             let beta = phema::power_function_beta(g, cur_nimg as f64, batch_size as f64);
-            let w = (1.0 - beta) as f32;
-            for ((e, n), s) in ema.values.iter_mut().zip(&net.values).zip(specs) {
-                if s.kind == ParamKind::Buffer {
-                    e.copy_from_slice(n);
-                    continue;
-                }
-                lerp_slice(e, n, w);
-            }
+            lerp_params(specs, ema, net, (1.0 - beta) as f32);
             betas.push(beta);
         }
         betas
@@ -84,14 +89,7 @@ impl TraditionalEma {
 
     pub fn update(&mut self, specs: &[ParamSpec], net: &Params, cur_nimg: u64, batch_size: u64) -> f64 {
         let beta = self.beta(cur_nimg, batch_size);
-        let w = (1.0 - beta) as f32;
-        for ((e, n), s) in self.ema.values.iter_mut().zip(&net.values).zip(specs) {
-            if s.kind == ParamKind::Buffer {
-                e.copy_from_slice(n);
-            } else {
-                lerp_slice(e, n, w);
-            }
-        }
+        lerp_params(specs, &mut self.ema, net, (1.0 - beta) as f32);
         beta
     }
 }

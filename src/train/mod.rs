@@ -11,3 +11,4 @@ pub mod run;
 pub mod rundir;
 pub mod snapshot;
 pub mod state;
+pub mod step;

@@ -14,20 +14,20 @@
 
 use super::adam::Adam;
 use super::ema::{EmaOptions, EmaSet};
-use super::loss::edm2_loss;
+use super::step::{train_step, StateRefs, StepOut, StepPlan};
 use super::memory::{host_available, StepMemory};
 use super::schedule::learning_rate;
 use super::snapshot::write_snapshot;
 use super::rundir::{newest_valid_state, remove_partial_files, RunDirLock};
 use super::state::{list_states, TrainState};
-use crate::backend::{cpu::Cpu, Backend};
+use crate::backend::cpu::Cpu;
 use crate::config::NetConfig;
 use crate::tensor::Tensor;
 use crate::data::loader::{Loader, StreamOptions};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::io::safetensors::Dtype;
-use crate::nn::{Mode, Params, Precond};
+use crate::nn::{Params, Precond};
 use crate::rng::mix;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -297,29 +297,160 @@ pub fn train_holding(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, held
     }
 
     let net = Precond::new(&opts.net)?;
-    // The host step's backend: fp32, or bf16 products (validated above).
-    let cpu = if opts.device == crate::backend::Device::Cuda { Cpu } else { Cpu::for_precision(opts.precision.parse().map_err(Error::Input)?).map_err(Error::Input)? };
-    let specs = net.specs.clone();
-    let label_dim = if opts.cond { opts.net.label_dim } else { 0 };
-    if opts.cond && opts.net.label_dim == 0 {
+    let c = &opts.net;
+    if opts.cond && c.label_dim == 0 {
         return Err(Error::Input("conditional training needs a network with label_dim > 0".into()));
     }
-    let c = &opts.net;
     if (ds.resolution, ds.net_channels()) != (c.img_resolution, c.img_channels) {
         return Err(Error::Input(format!(
             "the dataset has {}x{}x{} items, the network takes {}x{}x{}",
             ds.resolution, ds.resolution, ds.net_channels(), c.img_resolution, c.img_resolution, c.img_channels
         )));
     }
+    let need = check_memory(opts, &net, &mut log)?;
+    let mut st = resume_or_start(opts, &net, &ds, run_dir, &mut log)?;
+    let options_json = serde_json::to_string_pretty(opts).expect("options serialize");
+    crate::io::write_atomic(run_dir.join("training_options.json"), options_json.as_bytes())?;
 
-    // Refuse a step that cannot fit before building any of it (an abort midway names
-    // nothing). With the CUDA backend the host keeps only the state (weights, moments, EMAs).
+    let start_nimg = st.nimg;
+    let mut stop_nimg = opts.duration;
+    if let Some(s) = opts.slice {
+        stop_nimg = stop_nimg.min(start_nimg.saturating_add(s));
+    }
+    let mut summary = Summary {
+        reason: StopReason::AlreadyDone,
+        start_nimg,
+        nimg: start_nimg,
+        snapshots: vec![],
+        checkpoints: vec![],
+        previews: vec![],
+        img_per_sec: 0.0,
+        fwd_bwd_sec: 0.0,
+        other_sec: 0.0,
+        steps: 0,
+    };
+    if start_nimg >= stop_nimg {
+        log.line(&format!("Nothing to train: {} images seen, the duration is {}", start_nimg, opts.duration));
+        return Ok(summary);
+    }
+    log.line(&format!(
+        "Dataset: {} ({} items, {}x{}x{}{}); network {}: {:.2} M parameters; {} images per step ({} per pass)",
+        ds.source,
+        ds.len(),
+        ds.resolution,
+        ds.resolution,
+        ds.net_channels(),
+        if opts.cond { format!(", {} classes", c.label_dim) } else { ", unconditional".into() },
+        opts.preset,
+        net.num_params() as f64 / 1e6,
+        opts.batch,
+        opts.batch_gpu
+    ));
+    log.line(&format!("Training from {} kimg to {} kimg:", start_nimg / 1000, stop_nimg / 1000));
+
+    // Data: every draw a function of (seed, images seen), prefetched on threads.
+    let label_dim = if opts.cond { c.label_dim } else { 0 };
+    let stream = StreamOptions { seed: opts.seed, batch: opts.batch_gpu as usize, label_dim, p_mean: opts.p_mean, p_std: opts.p_std };
+    let loader = Loader::start(ds.clone(), stream, start_nimg, 2);
+    let mut engine = Engine::open(opts, &st, &need)?;
+    let outputs = Outputs::new(opts, &net, &ds, run_dir);
+    let mut status = Status::new(opts, &net, &ds, run_dir, start_nimg)?;
+    let per_image = (c.img_channels * c.img_resolution * c.img_resolution) as f64;
+    let mut recent_rate = 0.0f64;
+    let (mut total_train_sec, mut total_fwd_bwd) = (0.0f64, 0.0f64);
+
+    // Wall time of the whole run across invocations (stored in the training state).
+    let (session_start, elapsed_before) = (Instant::now(), st.elapsed_sec);
+    loop {
+        st.elapsed_sec = elapsed_before + session_start.elapsed().as_secs_f64();
+        let interrupted = stop.load(Ordering::SeqCst);
+        let done = st.nimg >= stop_nimg || interrupted;
+
+        // Maintenance: the status line, snapshots, the checkpoint and its preview.
+        if opts.status > 0 && (done || st.nimg % opts.status == 0) && (st.nimg != start_nimg || start_nimg == 0) {
+            status.report(&mut log, &st, &net, &engine)?;
+        }
+        let snapshot_due = opts.snapshot > 0 && st.nimg % opts.snapshot == 0 && (st.nimg != start_nimg || start_nimg == 0);
+        let checkpoint_due = (done || (opts.checkpoint > 0 && st.nimg % opts.checkpoint == 0)) && st.nimg != start_nimg;
+        if snapshot_due || checkpoint_due {
+            // The host copy of the state is what snapshots, checkpoints and previews read.
+            engine.refresh(&mut st)?;
+        }
+        if snapshot_due {
+            outputs.snapshots(&mut log, &st, &mut summary)?;
+        }
+        if checkpoint_due {
+            outputs.checkpoint(&mut log, &st, &net, &mut summary)?;
+        }
+        if done {
+            log.ui.refresh_figures(run_dir);
+            summary.reason = if interrupted && st.nimg < stop_nimg {
+                StopReason::Interrupted
+            } else if st.nimg >= opts.duration {
+                StopReason::Finished
+            } else {
+                StopReason::Sliced
+            };
+            break;
+        }
+
+        // One optimizer step, wherever the state lives.
+        let t0 = Instant::now();
+        let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
+        let plan = StepPlan {
+            passes: (opts.batch / opts.batch_gpu) as usize,
+            seed: opts.seed,
+            sigma_data: c.sigma_data,
+            loss_scale: (opts.loss_scaling * opts.batch_gpu as f64 / opts.batch as f64) as f32,
+            adam: st.adam.hyper(lr),
+            ema_weights: st.ema.weights(st.nimg + opts.batch, opts.batch),
+        };
+        let out = engine.step(&net, &mut st, &loader, &plan)?;
+        st.adam.t = plan.adam.t;
+        st.nimg += opts.batch;
+        if out.diverged > 0 {
+            // Stop before anything non-finite is saved; name the tensor from the host copy.
+            engine.refresh(&mut st)?;
+            let (name, i) = st.first_nonfinite(&net.specs).unwrap_or_else(|| ("(a parameter)".into(), 0));
+            return Err(diverged(run_dir, &st, &name, i, lr));
+        }
+
+        let step_sec = t0.elapsed().as_secs_f64();
+        total_train_sec += step_sec;
+        total_fwd_bwd += out.fwd_bwd;
+        summary.steps += 1;
+        let loss = out.loss_sum / (opts.batch as f64 * per_image);
+        status.record(step_sec, loss, out.nonfinite, lr);
+        let rate = opts.batch as f64 / step_sec;
+        recent_rate = if recent_rate == 0.0 { rate } else { 0.9 * recent_rate + 0.1 * rate };
+        log.ui.progress(&Progress { nimg: st.nimg, start_nimg, stop_nimg, img_per_sec: recent_rate, loss });
+    }
+    summary.nimg = st.nimg;
+    if summary.steps > 0 {
+        summary.img_per_sec = (summary.nimg - start_nimg) as f64 / total_train_sec;
+        summary.fwd_bwd_sec = total_fwd_bwd / summary.steps as f64;
+        summary.other_sec = (total_train_sec - total_fwd_bwd) / summary.steps as f64;
+    }
+    Ok(summary)
+}
+
+/// The seed of a pass's dropout masks: a function of the run's seed and the pass's first
+/// image, so a resumed run draws the same masks.
+pub(crate) fn dropout_seed(seed: u64, first_image: u64) -> u64 {
+    mix(seed ^ DROPOUT, first_image)
+}
+
+/// Refuses a step that cannot fit before building any of it (an abort midway names
+/// nothing). With the CUDA backend the host keeps only the state (weights, moments, EMAs);
+/// the device's part is checked when the device is opened ([`Engine::open`]).
+fn check_memory(opts: &TrainOptions, net: &Precond, log: &mut Log) -> Result<StepMemory> {
+    let c = &opts.net;
     let n_emas = match &opts.ema {
         EmaOptions::Power { stds } => stds.len(),
         EmaOptions::Traditional { .. } => 1,
     };
     let on_device = opts.device == crate::backend::Device::Cuda;
-    let need = StepMemory::estimate(&net, opts.batch_gpu, n_emas, if on_device && opts.precision == "bf16" { 2 } else { 4 });
+    let need = StepMemory::estimate(net, opts.batch_gpu, n_emas, if on_device && opts.precision == "bf16" { 2 } else { 4 });
     log.line(&format!(
         "Memory: about {:.2} GiB per step ({:.2} GiB of activations per pass, {:.2} GiB of weights and optimizer state)",
         need.total() as f64 / (1u64 << 30) as f64,
@@ -342,8 +473,13 @@ pub fn train_holding(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, held
             )));
         }
     }
+    Ok(need)
+}
 
-    // Fresh start or resume from the newest valid state (newer corrupt ones set aside).
+/// The state to train from: the newest valid training state in `run_dir` (newer corrupt
+/// ones set aside, a mismatching network or EMA set refused), or a fresh one.
+fn resume_or_start(opts: &TrainOptions, net: &Precond, ds: &Dataset, run_dir: &Path, log: &mut Log) -> Result<TrainState> {
+    let io = |e, p: &Path| Error::Io { path: p.into(), err: e };
     let resume = newest_valid_state(run_dir)?;
     for (old, new, why) in &resume.set_aside {
         log.line(&format!("warning: {} is corrupt, kept as {}: {why}", old.display(), new.display()));
@@ -407,7 +543,7 @@ pub fn train_holding(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, held
             let ema = EmaSet::new(&opts.ema, &params)?;
             TrainState {
                 config: opts.net.clone(),
-                adam: Adam::new(&specs),
+                adam: Adam::new(&net.specs),
                 params,
                 ema_options: opts.ema.clone(),
                 ema,
@@ -422,332 +558,316 @@ pub fn train_holding(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, held
     st.seed = opts.seed;
     st.dataset = ds.source.clone();
     st.dataset_len = ds.len();
+    Ok(st)
+}
 
-    let options_json = serde_json::to_string_pretty(opts).expect("options serialize");
-    crate::io::write_atomic(run_dir.join("training_options.json"), options_json.as_bytes())?;
-
-    let start_nimg = st.nimg;
-    let mut stop_nimg = opts.duration;
-    if let Some(s) = opts.slice {
-        stop_nimg = stop_nimg.min(start_nimg.saturating_add(s));
-    }
-    let mut summary = Summary {
-        reason: StopReason::AlreadyDone,
-        start_nimg,
-        nimg: start_nimg,
-        snapshots: vec![],
-        checkpoints: vec![],
-        previews: vec![],
-        img_per_sec: 0.0,
-        fwd_bwd_sec: 0.0,
-        other_sec: 0.0,
-        steps: 0,
-    };
-    if start_nimg >= stop_nimg {
-        log.line(&format!("Nothing to train: {} images seen, the duration is {}", start_nimg, opts.duration));
-        return Ok(summary);
-    }
-    log.line(&format!(
-        "Dataset: {} ({} items, {}x{}x{}{}); network {}: {:.2} M parameters; {} images per step ({} per pass)",
-        ds.source,
-        ds.len(),
-        ds.resolution,
-        ds.resolution,
-        ds.net_channels(),
-        if opts.cond { format!(", {} classes", c.label_dim) } else { ", unconditional".into() },
-        opts.preset,
-        net.num_params() as f64 / 1e6,
-        opts.batch,
-        opts.batch_gpu
-    ));
-    log.line(&format!("Training from {} kimg to {} kimg:", start_nimg / 1000, stop_nimg / 1000));
-
-    let stream = StreamOptions { seed: opts.seed, batch: opts.batch_gpu as usize, label_dim, p_mean: opts.p_mean, p_std: opts.p_std };
-    let loader = Loader::start(ds.clone(), stream, start_nimg, 2);
-    // On the CUDA backend the weights, Adam moments and EMAs live on the device; the host
-    // copy in `st` is refreshed for snapshots, checkpoints and previews.
+/// Where the training state lives while the loop runs, and the backend its steps run on:
+/// the host's [`TrainState`] itself, or a copy on the CUDA device (weights, Adam moments,
+/// EMAs), refreshed into the host's for snapshots, checkpoints, previews and errors.
+enum Engine {
+    Host(Cpu),
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-    let gpu = match opts.device {
-        crate::backend::Device::Cuda => {
-            let g = crate::backend::gpu::Gpu::open(0)?;
-            g.set_precision(opts.precision.parse().map_err(Error::Input)?);
-            Some(g)
+    Device(crate::backend::gpu::Gpu, DeviceState),
+}
+
+impl Engine {
+    fn open(opts: &TrainOptions, st: &TrainState, need: &StepMemory) -> Result<Engine> {
+        let precision = opts.precision.parse().map_err(Error::Input)?;
+        if opts.device != crate::backend::Device::Cuda {
+            // fp32, or bf16 products (validated with the options).
+            return Ok(Engine::Host(Cpu::for_precision(precision).map_err(Error::Input)?));
         }
-        _ => None,
-    };
-    // On the device: the step's memory against what the device has free (the host check
-    // was made before the state was built).
-    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-    if let Some((free, total)) = gpu.as_ref().and_then(|g| g.memory_free()) {
-        need.check(free, &format!("device memory ({:.2} GiB in all on {})", total as f64 / (1u64 << 30) as f64, gpu.as_ref().unwrap().name()), opts.batch_gpu, "batch-gpu")?;
-    }
-    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-    let mut dev = gpu.as_ref().map(|g| device::DeviceState::upload(g, &st)).transpose()?;
-    let rounds = opts.batch / opts.batch_gpu;
-    let per_image = (c.img_channels * c.img_resolution * c.img_resolution) as f64;
-    let dtype = if opts.snapshot_dtype == "f32" { Dtype::F32 } else { Dtype::F16 };
-    let mut extra = BTreeMap::new();
-    extra.insert("edm2.dataset".to_string(), ds.source.clone());
-    // How data maps to the network's input (DESIGN.md §5), so outputs can be decoded.
-    let encoder = match ds.encoding {
-        crate::data::Encoding::Pixels => serde_json::json!({"class": "StandardRGBEncoder", "scale": 1.0 / 127.5, "bias": -1.0}),
-        crate::data::Encoding::Latents => serde_json::json!({
-            "class": "StabilityVAEEncoder",
-            "raw_mean": crate::data::LATENT_RAW_MEAN,
-            "raw_std": crate::data::LATENT_RAW_STD,
-            "final_mean": 0.0,
-            "final_std": 0.5,
-        }),
-    };
-    extra.insert("edm2.encoder".to_string(), encoder.to_string());
-    let mut stats_file: Option<std::fs::File> = None;
-    // Training dynamics: a fixed probe of the dataset's first items (seeded noise), the
-    // weights of the previous measurement for the relative update sizes.
-    let probe = if opts.dynamics > 0 {
-        let n = opts.dynamics.min(ds.raw_len());
-        let mut y = Vec::with_capacity(n * c.img_resolution * c.img_resolution * c.img_channels);
-        for i in 0..n {
-            y.extend(ds.encoded(i, opts.seed)?);
-        }
-        let shape = [n, c.img_resolution, c.img_resolution, c.img_channels];
-        Some(super::dynamics::Probe::new(Tensor::from_vec(&shape, y), label_dim, opts.seed))
-    } else {
-        None
-    };
-    let mut dyn_prev: Option<crate::nn::Params> = None;
-    let mut dyn_file: Option<std::fs::File> = None;
-
-    // Per status tick.
-    let mut tick_start = Instant::now();
-    let mut tick_nimg = start_nimg;
-    let mut tick_train_sec = 0.0f64;
-    let (mut tick_losses, mut tick_nonfinite) = (Vec::<f64>::new(), 0u64);
-    let mut last_lr = 0.0;
-    let mut recent_rate = 0.0f64;
-    let (mut total_train_sec, mut total_fwd_bwd) = (0.0f64, 0.0f64);
-
-    // Wall time of the whole run across invocations (stored in the training state).
-    let (session_start, elapsed_before) = (Instant::now(), st.elapsed_sec);
-    loop {
-        st.elapsed_sec = elapsed_before + session_start.elapsed().as_secs_f64();
-        let interrupted = stop.load(Ordering::SeqCst);
-        let done = st.nimg >= stop_nimg || interrupted;
-
-        // Status line and stats.jsonl.
-        if opts.status > 0 && (done || st.nimg % opts.status == 0) && (st.nimg != start_nimg || start_nimg == 0) {
-            let now = Instant::now();
-            let tick_sec = now.duration_since(tick_start).as_secs_f64();
-            let (rss, peak) = memory_gib();
-            let kimg_done = (st.nimg - tick_nimg) as f64 / 1e3;
-            let sec_per_kimg = if kimg_done > 0.0 { tick_train_sec / kimg_done } else { 0.0 };
-            let n = tick_losses.len().max(1) as f64;
-            let mean = tick_losses.iter().sum::<f64>() / n;
-            let std = (tick_losses.iter().map(|l| (l - mean) * (l - mean)).sum::<f64>() / n).sqrt();
-            let loss_s = if tick_losses.is_empty() { "-".to_string() } else { format!("{mean:.4}") };
-            // Training dynamics on the probe (its cost is in the status line and stats).
-            let mut dyn_sec = 0.0;
-            if let Some(probe) = &probe {
-                let t0 = Instant::now();
-                #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-                let device_params = match (dev.as_ref(), gpu.as_ref()) {
-                    (Some(d), Some(g)) => Some(d.download_params(g)?),
-                    _ => None,
-                };
-                #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
-                let device_params: Option<crate::nn::Params> = None;
-                let params = device_params.as_ref().unwrap_or(&st.params);
-                let d = super::dynamics::measure(&net, params, probe, dyn_prev.as_ref());
-                let path = run_dir.join("dynamics.jsonl");
-                if dyn_file.is_none() {
-                    dyn_file = Some(std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io(e, &path))?);
-                }
-                let f = dyn_file.as_mut().unwrap();
-                writeln!(f, "{}", d.to_json(st.nimg as f64 / 1e3)).and_then(|_| f.flush()).map_err(|e| io(e, &path))?;
-                dyn_prev = Some(match device_params {
-                    Some(p) => p,
-                    None => st.params.clone(),
-                });
-                dyn_sec = t0.elapsed().as_secs_f64();
-            }
-            let line = format!(
-                "Status: kimg {:<9.1} time {:<12} sec/kimg {:<7.3} img/s {:<7.1} loss {:<8} lr {:<9.3e} maintenance {:<6.2} cpumem {:<6.2}{}",
-                st.nimg as f64 / 1e3,
-                format_time(st.elapsed_sec),
-                sec_per_kimg,
-                if tick_train_sec > 0.0 { (st.nimg - tick_nimg) as f64 / tick_train_sec } else { 0.0 },
-                loss_s,
-                last_lr,
-                tick_sec - tick_train_sec,
-                rss,
-                if tick_nonfinite > 0 { format!(" nonfinite-grads {tick_nonfinite}") } else { String::new() }
-            ) + &if probe.is_some() { format!(" dynamics {dyn_sec:.2}") } else { String::new() };
-            log.line(&line);
-            let mut rec = serde_json::Map::new();
-            let mut put = |k: &str, v: f64| {
-                rec.insert(k.into(), if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null });
-            };
-            put("Progress/kimg", st.nimg as f64 / 1e3);
-            put("Progress/nimg", st.nimg as f64);
-            if !tick_losses.is_empty() {
-                put("Loss/loss", mean);
-                put("Loss/loss_std", std);
-            }
-            put("Loss/learning_rate", last_lr);
-            put("Loss/nonfinite_grads", tick_nonfinite as f64);
-            put("Timing/total_sec", st.elapsed_sec);
-            put("Timing/sec_per_tick", tick_sec);
-            put("Timing/sec_per_kimg", sec_per_kimg);
-            put("Timing/maintenance_sec", tick_sec - tick_train_sec);
-            if probe.is_some() {
-                put("Timing/dynamics_sec", dyn_sec);
-            }
-            put("Resources/cpu_mem_gb", rss);
-            put("Resources/peak_cpu_mem_gb", peak);
-            put("timestamp", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
-            let stats_path = run_dir.join("stats.jsonl");
-            if stats_file.is_none() {
-                stats_file = Some(std::fs::OpenOptions::new().create(true).append(true).open(&stats_path).map_err(|e| io(e, &stats_path))?);
-            }
-            let f = stats_file.as_mut().unwrap();
-            writeln!(f, "{}", serde_json::Value::Object(rec)).and_then(|_| f.flush()).map_err(|e| io(e, &stats_path))?;
-            tick_start = now;
-            tick_nimg = st.nimg;
-            tick_train_sec = 0.0;
-            tick_losses.clear();
-            tick_nonfinite = 0;
-        }
-
-        // The host copy of the state is needed for snapshots, checkpoints and previews.
-        let snapshot_due = opts.snapshot > 0 && st.nimg % opts.snapshot == 0 && (st.nimg != start_nimg || start_nimg == 0);
-        let checkpoint_due = (done || (opts.checkpoint > 0 && st.nimg % opts.checkpoint == 0)) && st.nimg != start_nimg;
         #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-        if let (Some(d), Some(g), true) = (dev.as_mut(), gpu.as_ref(), snapshot_due || checkpoint_due) {
-            d.download_into(g, &mut st)?;
-        }
-
-        // EMA snapshots.
-        if snapshot_due {
-            for (std, ema) in st.ema.averages() {
-                let p = write_snapshot(run_dir, &specs, ema, &opts.net, st.nimg, std, dtype, &extra)?;
-                log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
-                summary.snapshots.push(p);
+        {
+            let gpu = crate::backend::gpu::Gpu::open(0)?;
+            gpu.set_precision(precision);
+            // The step's memory against what the device has free (the host's was checked
+            // before the state was built).
+            if let Some((free, total)) = gpu.memory_free() {
+                let what = format!("device memory ({:.2} GiB in all on {})", total as f64 / (1u64 << 30) as f64, gpu.name());
+                need.check(free, &what, opts.batch_gpu, "batch-gpu")?;
             }
-            log.ui.refresh_figures(run_dir);
+            let state = DeviceState::upload(&gpu, st)?;
+            Ok(Engine::Device(gpu, state))
         }
-
-        // Training state, then the preview grid (from the EMA closest to σ_rel 0.100).
-        if checkpoint_due {
-            let p = st.save(&specs, run_dir)?;
-            log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
-            summary.checkpoints.push(p);
-            if opts.keep > 0 {
-                let states = list_states(run_dir)?;
-                for old in states.iter().take(states.len().saturating_sub(opts.keep)) {
-                    std::fs::remove_file(old).map_err(|e| io(e, old))?;
-                }
-            }
-            let avgs = st.ema.averages();
-            let pick = avgs
-                .iter()
-                .min_by(|a, b| {
-                    let d = |x: Option<f64>| (x.unwrap_or(0.1) - 0.1).abs();
-                    d(a.0).partial_cmp(&d(b.0)).unwrap()
-                })
-                .map(|a| a.1)
-                .unwrap();
-            if let Some(p) = write_preview(&net, pick, run_dir, st.nimg, opts.preview, opts.preview_steps)? {
-                log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
-                summary.previews.push(p);
-            }
-        }
-
-        if done {
-            log.ui.refresh_figures(run_dir);
-            summary.reason = if interrupted && st.nimg < stop_nimg {
-                StopReason::Interrupted
-            } else if st.nimg >= opts.duration {
-                StopReason::Finished
-            } else {
-                StopReason::Sliced
-            };
-            break;
-        }
-
-        // One optimizer step: on the device when one is in use, else here.
-        let t0 = Instant::now();
-        let scale = (opts.loss_scaling * opts.batch_gpu as f64 / opts.batch as f64) as f32;
-        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-        let device_step = match (dev.as_mut(), gpu.as_ref()) {
-            (Some(d), Some(g)) => match d.step(g, &net, &mut st, &loader, opts, scale)? {
-                Ok(out) => Some(out),
-                Err((name, i)) => {
-                    let lr = learning_rate((st.nimg - opts.batch) as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
-                    return Err(diverged(run_dir, &st, &name, i, lr));
-                }
-            },
-            _ => None,
-        };
         #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
-        let device_step: Option<StepOut> = None;
-        let StepOut { loss_sum, nonfinite, lr, fwd_bwd } = match device_step {
-            Some(out) => out,
-            None => {
-                let mut fwd_bwd = 0.0f64;
-                net.force_normalize(&mut st.params);
-                let mut grads = cpu.zero_grads(&st.params)?;
-                let mut loss_sum = 0.0f64;
-                for _ in 0..rounds {
-                    let b = loader.next()?;
-                    let t1 = Instant::now();
-                    let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
-                    let out = net.forward_on(&cpu, &st.params, &b.noisy, &b.sigma, b.labels.as_ref(), &mode, false)?;
-                    let mut l = edm2_loss(&out.d, &out.logvar, &b.images, &b.sigma, c.sigma_data);
-                    // edm2_loss divides by the pass size; the step's loss is the sum over the
-                    // whole batch divided by the batch, times the loss scaling (official
-                    // `loss_scaling`).
-                    if scale != 1.0 {
-                        crate::backend::cpu::ops::scale_inplace(&mut l.dd.data, scale);
-                        l.dlogvar.iter_mut().for_each(|v| *v *= scale);
-                    }
-                    loss_sum += l.per_sample.iter().sum::<f64>();
-                    // Each pass adds its gradients into the step's (as on the device).
-                    net.backward_into(&cpu, &st.params, out.cache.expect("training forward records"), &l.dd, &l.dlogvar, &mode, &mut grads)?;
-                    fwd_bwd += t1.elapsed().as_secs_f64();
-                }
-                let nonfinite = Adam::sanitize(&mut grads);
-                let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
-                st.adam.step(&specs, &mut st.params, &grads, lr);
-                st.nimg += opts.batch;
-                st.ema.update(&specs, &st.params, st.nimg, opts.batch);
-                // Gradients are sanitized, but the update itself can overflow (a huge
-                // learning rate, an exploding v): stop before anything non-finite is saved.
-                if let Some((name, i)) = st.first_nonfinite(&specs) {
-                    return Err(diverged(run_dir, &st, &name, i, lr));
-                }
-                StepOut { loss_sum, nonfinite, lr, fwd_bwd }
-            }
-        };
+        {
+            let _ = (st, need);
+            Err(Error::Input("this build has no CUDA backend (build with --features cuda)".into()))
+        }
+    }
 
-        let step_sec = t0.elapsed().as_secs_f64();
-        tick_train_sec += step_sec;
-        total_train_sec += step_sec;
-        total_fwd_bwd += fwd_bwd;
-        summary.steps += 1;
-        last_lr = lr;
-        let last_loss = loss_sum / (opts.batch as f64 * per_image);
-        tick_losses.push(last_loss);
-        tick_nonfinite += nonfinite as u64;
-        let rate = opts.batch as f64 / step_sec;
-        recent_rate = if recent_rate == 0.0 { rate } else { 0.9 * recent_rate + 0.1 * rate };
-        log.ui.progress(&Progress { nimg: st.nimg, start_nimg, stop_nimg, img_per_sec: recent_rate, loss: last_loss });
+    /// One optimizer step ([`train_step`]) on the state where it lives.
+    fn step(&mut self, net: &Precond, st: &mut TrainState, loader: &Loader, plan: &StepPlan) -> Result<StepOut> {
+        match self {
+            Engine::Host(cpu) => {
+                let refs = StateRefs { params: &mut st.params, m: &mut st.adam.m, v: &mut st.adam.v, emas: st.ema.averages_mut() };
+                train_step(cpu, net, refs, loader, plan)
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Engine::Device(gpu, d) => {
+                let refs = StateRefs { params: &mut d.params, m: &mut d.m, v: &mut d.v, emas: d.emas.iter_mut().collect() };
+                train_step(gpu, net, refs, loader, plan)
+            }
+        }
     }
-    summary.nimg = st.nimg;
-    if summary.steps > 0 {
-        summary.img_per_sec = (summary.nimg - start_nimg) as f64 / total_train_sec;
-        summary.fwd_bwd_sec = total_fwd_bwd / summary.steps as f64;
-        summary.other_sec = (total_train_sec - total_fwd_bwd) / summary.steps as f64;
+
+    /// Brings the host's state up to date (weights, moments, EMAs); nothing on the host.
+    fn refresh(&self, st: &mut TrainState) -> Result<()> {
+        match self {
+            Engine::Host(_) => {
+                let _ = st;
+                Ok(())
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Engine::Device(gpu, d) => d.download_into(gpu, st),
+        }
     }
-    Ok(summary)
+
+    /// The current weights when they are not the host state's (None: read `st.params`).
+    fn device_params(&self) -> Result<Option<Params>> {
+        match self {
+            Engine::Host(_) => Ok(None),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Engine::Device(gpu, d) => d.params.download(gpu).map(Some),
+        }
+    }
+}
+
+/// The training state on the device: weights (the gains included), Adam's moments, every
+/// average.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+struct DeviceState {
+    params: crate::backend::gpu::GpuParams,
+    m: crate::backend::gpu::GpuParams,
+    v: crate::backend::gpu::GpuParams,
+    emas: Vec<crate::backend::gpu::GpuParams>,
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+impl DeviceState {
+    fn upload(gpu: &crate::backend::gpu::Gpu, st: &TrainState) -> Result<DeviceState> {
+        use crate::backend::gpu::GpuParams;
+        Ok(DeviceState {
+            params: GpuParams::upload(gpu, &st.params)?,
+            m: GpuParams::upload(gpu, &st.adam.m)?,
+            v: GpuParams::upload(gpu, &st.adam.v)?,
+            emas: st.ema.averages().iter().map(|(_, e)| GpuParams::upload(gpu, e)).collect::<Result<Vec<_>>>()?,
+        })
+    }
+
+    fn download_into(&self, gpu: &crate::backend::gpu::Gpu, st: &mut TrainState) -> Result<()> {
+        st.params = self.params.download(gpu)?;
+        st.adam.m = self.m.download(gpu)?;
+        st.adam.v = self.v.download(gpu)?;
+        for (dst, src) in st.ema.averages_mut().into_iter().zip(&self.emas) {
+            *dst = src.download(gpu)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the loop writes besides status: EMA snapshots, training states and previews.
+struct Outputs<'a> {
+    opts: &'a TrainOptions,
+    run_dir: &'a Path,
+    dtype: Dtype,
+    /// Snapshot metadata: the dataset and how data maps to the network's input.
+    extra: BTreeMap<String, String>,
+    specs: Vec<crate::nn::params::ParamSpec>,
+}
+
+impl<'a> Outputs<'a> {
+    fn new(opts: &'a TrainOptions, net: &Precond, ds: &Dataset, run_dir: &'a Path) -> Outputs<'a> {
+        let mut extra = BTreeMap::new();
+        extra.insert("edm2.dataset".to_string(), ds.source.clone());
+        // How data maps to the network's input (DESIGN.md §5), so outputs can be decoded.
+        let encoder = match ds.encoding {
+            crate::data::Encoding::Pixels => serde_json::json!({"class": "StandardRGBEncoder", "scale": 1.0 / 127.5, "bias": -1.0}),
+            crate::data::Encoding::Latents => serde_json::json!({
+                "class": "StabilityVAEEncoder",
+                "raw_mean": crate::data::LATENT_RAW_MEAN,
+                "raw_std": crate::data::LATENT_RAW_STD,
+                "final_mean": 0.0,
+                "final_std": 0.5,
+            }),
+        };
+        extra.insert("edm2.encoder".to_string(), encoder.to_string());
+        let dtype = if opts.snapshot_dtype == "f32" { Dtype::F32 } else { Dtype::F16 };
+        Outputs { opts, run_dir, dtype, extra, specs: net.specs.clone() }
+    }
+
+    /// One snapshot per average at the current image count.
+    fn snapshots(&self, log: &mut Log, st: &TrainState, summary: &mut Summary) -> Result<()> {
+        for (std, ema) in st.ema.averages() {
+            let p = write_snapshot(self.run_dir, &self.specs, ema, &self.opts.net, st.nimg, std, self.dtype, &self.extra)?;
+            log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
+            summary.snapshots.push(p);
+        }
+        log.ui.refresh_figures(self.run_dir);
+        Ok(())
+    }
+
+    /// The training state (older ones beyond --keep removed), then the preview grid from
+    /// the average closest to σ_rel 0.100.
+    fn checkpoint(&self, log: &mut Log, st: &TrainState, net: &Precond, summary: &mut Summary) -> Result<()> {
+        let p = st.save(&self.specs, self.run_dir)?;
+        log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
+        summary.checkpoints.push(p);
+        if self.opts.keep > 0 {
+            let states = list_states(self.run_dir)?;
+            for old in states.iter().take(states.len().saturating_sub(self.opts.keep)) {
+                std::fs::remove_file(old).map_err(|e| Error::Io { path: old.clone(), err: e })?;
+            }
+        }
+        let avgs = st.ema.averages();
+        let pick = avgs
+            .iter()
+            .min_by(|a, b| {
+                let d = |x: Option<f64>| (x.unwrap_or(0.1) - 0.1).abs();
+                d(a.0).partial_cmp(&d(b.0)).unwrap()
+            })
+            .map(|a| a.1)
+            .unwrap();
+        if let Some(p) = write_preview(net, pick, self.run_dir, st.nimg, self.opts.preview, self.opts.preview_steps)? {
+            log.line(&format!("Saved {}", p.file_name().unwrap().to_string_lossy()));
+            summary.previews.push(p);
+        }
+        Ok(())
+    }
+}
+
+/// The status line, `stats.jsonl` and `dynamics.jsonl`: what the steps since the last
+/// line did.
+struct Status<'a> {
+    run_dir: &'a Path,
+    tick_start: Instant,
+    tick_nimg: u64,
+    train_sec: f64,
+    losses: Vec<f64>,
+    nonfinite: u64,
+    last_lr: f64,
+    stats_file: Option<std::fs::File>,
+    /// Training dynamics: a fixed probe of the dataset's first items (seeded noise), the
+    /// weights of the previous measurement for the relative update sizes, the file.
+    probe: Option<super::dynamics::Probe>,
+    dyn_prev: Option<Params>,
+    dyn_file: Option<std::fs::File>,
+}
+
+impl<'a> Status<'a> {
+    fn new(opts: &TrainOptions, net: &Precond, ds: &Dataset, run_dir: &'a Path, start_nimg: u64) -> Result<Status<'a>> {
+        let c = &net.config;
+        let probe = if opts.dynamics > 0 {
+            let n = opts.dynamics.min(ds.raw_len());
+            let mut y = Vec::with_capacity(n * c.img_resolution * c.img_resolution * c.img_channels);
+            for i in 0..n {
+                y.extend(ds.encoded(i, opts.seed)?);
+            }
+            let shape = [n, c.img_resolution, c.img_resolution, c.img_channels];
+            let label_dim = if opts.cond { c.label_dim } else { 0 };
+            Some(super::dynamics::Probe::new(Tensor::from_vec(&shape, y), label_dim, opts.seed))
+        } else {
+            None
+        };
+        Ok(Status {
+            run_dir,
+            tick_start: Instant::now(),
+            tick_nimg: start_nimg,
+            train_sec: 0.0,
+            losses: vec![],
+            nonfinite: 0,
+            last_lr: 0.0,
+            stats_file: None,
+            probe,
+            dyn_prev: None,
+            dyn_file: None,
+        })
+    }
+
+    /// A step's numbers: its time, mean loss per element, non-finite gradient entries and
+    /// learning rate.
+    fn record(&mut self, step_sec: f64, loss: f64, nonfinite: usize, lr: f64) {
+        self.train_sec += step_sec;
+        self.losses.push(loss);
+        self.nonfinite += nonfinite as u64;
+        self.last_lr = lr;
+    }
+
+    fn append(file: &mut Option<std::fs::File>, path: &Path, line: &str) -> Result<()> {
+        let io = |e| Error::Io { path: path.into(), err: e };
+        if file.is_none() {
+            *file = Some(std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?);
+        }
+        let f = file.as_mut().unwrap();
+        writeln!(f, "{line}").and_then(|_| f.flush()).map_err(io)
+    }
+
+    /// Writes the line and the records, and starts the next tick.
+    fn report(&mut self, log: &mut Log, st: &TrainState, net: &Precond, engine: &Engine) -> Result<()> {
+        let now = Instant::now();
+        let tick_sec = now.duration_since(self.tick_start).as_secs_f64();
+        let (rss, peak) = memory_gib();
+        let kimg_done = (st.nimg - self.tick_nimg) as f64 / 1e3;
+        let sec_per_kimg = if kimg_done > 0.0 { self.train_sec / kimg_done } else { 0.0 };
+        let n = self.losses.len().max(1) as f64;
+        let mean = self.losses.iter().sum::<f64>() / n;
+        let std = (self.losses.iter().map(|l| (l - mean) * (l - mean)).sum::<f64>() / n).sqrt();
+        let loss_s = if self.losses.is_empty() { "-".to_string() } else { format!("{mean:.4}") };
+        // Training dynamics on the probe (its cost is in the status line and stats).
+        let mut dyn_sec = 0.0;
+        if let Some(probe) = &self.probe {
+            let t0 = Instant::now();
+            let device_params = engine.device_params()?;
+            let params = device_params.as_ref().unwrap_or(&st.params);
+            let d = super::dynamics::measure(net, params, probe, self.dyn_prev.as_ref());
+            Self::append(&mut self.dyn_file, &self.run_dir.join("dynamics.jsonl"), &d.to_json(st.nimg as f64 / 1e3).to_string())?;
+            self.dyn_prev = Some(device_params.unwrap_or_else(|| st.params.clone()));
+            dyn_sec = t0.elapsed().as_secs_f64();
+        }
+        let line = format!(
+            "Status: kimg {:<9.1} time {:<12} sec/kimg {:<7.3} img/s {:<7.1} loss {:<8} lr {:<9.3e} maintenance {:<6.2} cpumem {:<6.2}{}",
+            st.nimg as f64 / 1e3,
+            format_time(st.elapsed_sec),
+            sec_per_kimg,
+            if self.train_sec > 0.0 { (st.nimg - self.tick_nimg) as f64 / self.train_sec } else { 0.0 },
+            loss_s,
+            self.last_lr,
+            tick_sec - self.train_sec,
+            rss,
+            if self.nonfinite > 0 { format!(" nonfinite-grads {}", self.nonfinite) } else { String::new() }
+        ) + &if self.probe.is_some() { format!(" dynamics {dyn_sec:.2}") } else { String::new() };
+        log.line(&line);
+        let mut rec = serde_json::Map::new();
+        let mut put = |k: &str, v: f64| {
+            rec.insert(k.into(), if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null });
+        };
+        put("Progress/kimg", st.nimg as f64 / 1e3);
+        put("Progress/nimg", st.nimg as f64);
+        if !self.losses.is_empty() {
+            put("Loss/loss", mean);
+            put("Loss/loss_std", std);
+        }
+        put("Loss/learning_rate", self.last_lr);
+        put("Loss/nonfinite_grads", self.nonfinite as f64);
+        put("Timing/total_sec", st.elapsed_sec);
+        put("Timing/sec_per_tick", tick_sec);
+        put("Timing/sec_per_kimg", sec_per_kimg);
+        put("Timing/maintenance_sec", tick_sec - self.train_sec);
+        if self.probe.is_some() {
+            put("Timing/dynamics_sec", dyn_sec);
+        }
+        put("Resources/cpu_mem_gb", rss);
+        put("Resources/peak_cpu_mem_gb", peak);
+        put("timestamp", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+        Self::append(&mut self.stats_file, &self.run_dir.join("stats.jsonl"), &serde_json::Value::Object(rec).to_string())?;
+        self.tick_start = now;
+        self.tick_nimg = st.nimg;
+        self.train_sec = 0.0;
+        self.losses.clear();
+        self.nonfinite = 0;
+        Ok(())
+    }
 }
 
 /// The error of a run whose state went non-finite at its last step: names the step, the
@@ -765,169 +885,4 @@ fn diverged(run_dir: &Path, st: &TrainState, tensor: &str, index: usize, lr: f64
             None => "No training state had been written yet: start again with a lower --lr (or --ls).".into(),
         }
     ))
-}
-
-/// What one optimizer step reports.
-struct StepOut {
-    /// Sum of the per-image losses over the batch (times the loss scaling).
-    loss_sum: f64,
-    nonfinite: usize,
-    lr: f64,
-    /// Seconds in the forward/backward passes.
-    fwd_bwd: f64,
-}
-
-/// The training step on the CUDA backend: the state lives on the device; each pass
-/// (forward, loss, backward) and the optimizer and EMA updates run there.
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-mod device {
-    use super::{learning_rate, mix, StepOut, TrainOptions, DROPOUT};
-    use crate::backend::gpu::{kernels as k, multi_tensor as mt, Gpu, GpuAct, GpuBuf, GpuParams};
-    use crate::backend::Backend;
-    use crate::data::loader::Loader;
-    use crate::error::Result;
-    use crate::nn::{Mode, ParamKind, Precond};
-    use crate::tensor::Tensor;
-    use crate::train::state::TrainState;
-    use std::time::Instant;
-
-    /// A batch on the device (and its host side: σ, first image index).
-    struct DeviceBatch {
-        x: Tensor<GpuAct>,
-        y: GpuBuf<f32>,
-        labels: Option<Tensor<GpuAct>>,
-        host: crate::data::loader::Batch,
-    }
-
-    pub struct DeviceState {
-        params: GpuParams,
-        m: Vec<GpuBuf<f32>>,
-        v: Vec<GpuBuf<f32>>,
-        emas: Vec<GpuParams>,
-    }
-
-    impl DeviceState {
-        pub fn upload(gpu: &Gpu, st: &TrainState) -> Result<DeviceState> {
-            let up = |p: &crate::nn::Params| p.values.iter().map(|v| gpu.upload_once(v)).collect::<Result<Vec<_>>>();
-            Ok(DeviceState {
-                params: GpuParams::upload(gpu, &st.params)?,
-                m: up(&st.adam.m)?,
-                v: up(&st.adam.v)?,
-                emas: st.ema.averages().iter().map(|(_, e)| GpuParams::upload(gpu, e)).collect::<Result<Vec<_>>>()?,
-            })
-        }
-
-        /// The current weights (not the moments and EMAs) on the host.
-        pub fn download_params(&self, gpu: &Gpu) -> Result<crate::nn::Params> {
-            self.params.download(gpu)
-        }
-
-        /// Refreshes the host state (weights, Adam moments, EMAs) from the device.
-        pub fn download_into(&self, gpu: &Gpu, st: &mut TrainState) -> Result<()> {
-            st.params = self.params.download(gpu)?;
-            for (dst, src) in st.adam.m.values.iter_mut().zip(&self.m) {
-                *dst = gpu.download(src)?;
-            }
-            for (dst, src) in st.adam.v.values.iter_mut().zip(&self.v) {
-                *dst = gpu.download(src)?;
-            }
-            for (dst, src) in st.ema.averages_mut().into_iter().zip(&self.emas) {
-                *dst = src.download(gpu)?;
-            }
-            Ok(())
-        }
-
-        /// One optimizer step (gradient accumulation over `batch / batch_gpu` passes).
-        /// Advances `st.nimg` and `st.adam.t` as the host step does. `Ok(Err((tensor,
-        /// index)))`: the update made that tensor non-finite (the host state then holds
-        /// the device's, for the error message).
-        pub fn step(
-            &mut self,
-            gpu: &Gpu,
-            net: &Precond,
-            st: &mut TrainState,
-            loader: &Loader,
-            opts: &TrainOptions,
-            scale: f32,
-        ) -> Result<std::result::Result<StepOut, (String, usize)>> {
-            let specs = &net.specs;
-            net.force_normalize_on(gpu, &mut self.params)?;
-            let mut staging = 0.0f64;
-            // The step's gradients: every pass adds into them (backward_into), the gains' too.
-            let mut grads = gpu.zero_grads(&self.params)?;
-            // [loss sum over the step's images, non-finite gradient entries, non-finite
-            // entries after the update]: the one thing the host reads back, once a step.
-            let mut totals = gpu.alloc_zeros::<f64>(3)?;
-            // A pass's batch goes up on the upload stream while the kernels queued before it
-            // run (the weight normalization, or the previous pass's backward).
-            let upload = |b: crate::data::loader::Batch| -> Result<DeviceBatch> {
-                let x = Tensor::with_buf(&b.noisy.shape, gpu.upload_input(&b.noisy.data)?);
-                let y = gpu.upload(&b.images.data)?;
-                let labels = b.labels.as_ref().map(|l| gpu.upload_act(&l.data).map(|d| Tensor::with_buf(&l.shape, d))).transpose()?;
-                Ok(DeviceBatch { x, y, labels, host: b })
-            };
-            let passes = opts.batch / opts.batch_gpu;
-            let mut next = Some(upload(loader.next()?)?);
-            // Nothing is read back until the end: the host queues the passes, Adam and the
-            // EMAs back to back.
-            let t1 = Instant::now();
-            for pass in 0..passes {
-                let DeviceBatch { x: xd, y: yd, labels: ld, host: b } = next.take().expect("uploaded above");
-                let mode = Mode::train(mix(opts.seed ^ DROPOUT, b.start));
-                let out = net.forward_on(gpu, &self.params, &xd, &b.sigma, ld.as_ref(), &mode, false)?;
-                let k::GpuLoss { per_sample, dd, dlogvar } = k::edm2_loss(gpu, &out.d.data, &yd, &out.logvar, &b.sigma, opts.net.sigma_data, scale)?;
-                k::step_totals(gpu, Some(&per_sample), None, &mut totals)?;
-                let dd = Tensor::with_buf(&out.d.shape, dd);
-                net.backward_into(gpu, &self.params, out.cache.expect("training forward records"), &dd, &dlogvar, &mode, &mut grads)?;
-                if pass + 1 < passes {
-                    // Waiting for the loader and staging the batch count as "other", as
-                    // on the CPU path.
-                    let t2 = Instant::now();
-                    next = Some(upload(loader.next()?)?);
-                    staging += t2.elapsed().as_secs_f64();
-                }
-            }
-            // Adam with non-finite zeroing on every parameter, the gains included: one launch.
-            let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
-            st.adam.t += 1;
-            let mut count = gpu.alloc_zeros::<u32>(2)?;
-            let tensors = self
-                .params
-                .values
-                .iter_mut()
-                .zip(&grads.values)
-                .zip(self.m.iter_mut().zip(self.v.iter_mut()))
-                .zip(specs)
-                .filter(|(_, s)| s.kind == ParamKind::Param)
-                .map(|(((p, g), (m, v)), _)| mt::AdamTensor { p, g, m, v })
-                .collect();
-            let a = &st.adam;
-            mt::adam(gpu, tensors, lr, a.beta1, a.beta2, a.eps, a.t, &mut count, mt::CHUNK)?;
-            st.nimg += opts.batch;
-            // The EMAs, all of them in one launch: the same lerp weights as the host's EmaSet
-            // (buffers never change). Queued before the read-back: after a diverged update
-            // nothing of this step is saved, so the EMAs need not wait for the check.
-            let weights = st.ema.weights(st.nimg, opts.batch);
-            let params = &self.params.values;
-            let tensors = self
-                .emas
-                .iter_mut()
-                .zip(weights)
-                .flat_map(|(e, w)| e.values.iter_mut().zip(params).zip(specs).map(move |((e, p), s)| (e, p, w, s.kind)))
-                .filter(|t| t.3 != ParamKind::Buffer)
-                .map(|(e, p, w, _)| (e, p, w))
-                .collect();
-            mt::ema_lerp(gpu, tensors, mt::CHUNK)?;
-            k::step_totals(gpu, None, Some(&count), &mut totals)?;
-            let totals = gpu.download(&totals)?;
-            let (loss_sum, nonfinite) = (totals[0], totals[1] as usize);
-            // Forward, backward and the update (the read-back waits for all of it).
-            let fwd_bwd = t1.elapsed().as_secs_f64() - staging;
-            if totals[2] > 0.0 {
-                self.download_into(gpu, st)?;
-                return Ok(Err(st.first_nonfinite(specs).unwrap_or_else(|| ("(a parameter)".into(), 0))));
-            }
-            Ok(Ok(StepOut { loss_sum, nonfinite, lr, fwd_bwd }))
-        }
-    }
 }
