@@ -20,6 +20,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod io;
 pub mod nn;

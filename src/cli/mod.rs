@@ -6,6 +6,7 @@ pub mod denoise;
 pub mod dynamics;
 pub mod generate;
 pub mod info;
+pub mod launch;
 pub mod phema;
 pub mod plot;
 pub mod train;
@@ -61,7 +62,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }
     match cli.cmd {
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(a, cli.threads.is_some()),
         Command::Info(a) => info::run(a),
         Command::Denoise(a) => denoise::run(a),
         Command::Bench(a) => bench::run(a),

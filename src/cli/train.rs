@@ -6,7 +6,7 @@ use edm2::backend::{resolve_device, Device};
 use edm2::config::{preset, preset_names, NetConfig, TrainPreset};
 use edm2::data::{DataOptions, Dataset};
 use edm2::train::ema::EmaOptions;
-use edm2::train::run::{format_time, train_holding, Progress, Reporter, StopReason, TrainOptions};
+use edm2::train::run::{format_time, train_ranked, Progress, Reporter, StopReason, TrainOptions};
 use edm2::train::snapshot::parse_nimg;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -154,6 +154,13 @@ pub struct Args {
     /// Print the training options and the run directory, and exit.
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
+    /// Data-parallel training in N processes on this machine (CPU: MPI, build with
+    /// `--features mpi`; started with Open MPI's mpirun). --batch is the global batch:
+    /// each process runs --batch-gpu images per pass, batch / (batch-gpu x N) passes per
+    /// step; the result equals one process's up to summation order. Processes started by
+    /// mpirun or srun join their job without this flag.
+    #[arg(long = "nproc-per-node", value_name = "N", default_value_t = 1)]
+    pub nproc_per_node: usize,
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {
@@ -399,6 +406,37 @@ pub fn build_options(a: &Args, ds: &Dataset) -> Result<(TrainOptions, String)> {
     Ok((opts, run_name))
 }
 
+/// Ctrl-C and termination signals set [`STOP`] (a second Ctrl-C exits at once), and so
+/// does SIGUSR1.
+fn catch_stop_signals(talk: bool) {
+    let _ = ctrlc::set_handler(move || {
+        if STOP.swap(true, Ordering::SeqCst) {
+            if talk {
+                eprintln!("\nSecond interrupt: exiting without a checkpoint.");
+            }
+            std::process::exit(130);
+        }
+        if talk {
+            eprintln!("\nInterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit now).");
+        }
+    });
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        signal(super::launch::SIGUSR1, stop_on_signal as *const () as usize);
+    }
+}
+
+/// A rank other than 0: the same training, no output but errors (rank 0 verifies the
+/// dataset, takes the run directory's lock and writes everything).
+fn run_quiet_rank(opts: &TrainOptions, ds: Dataset, run_dir: &std::path::Path, comm: &dyn edm2::dist::Collective) -> Result<()> {
+    catch_stop_signals(false);
+    train_ranked(opts, Arc::new(ds), run_dir, None, comm, &STOP, &mut edm2::train::run::Quiet)?;
+    Ok(())
+}
+
 /// The newest EMA snapshot in a run directory (the 0.100 one where there are several).
 fn newest_snapshot(dir: &std::path::Path) -> Option<PathBuf> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -413,7 +451,28 @@ fn newest_snapshot(dir: &std::path::Path) -> Option<PathBuf> {
     names.first().map(|n| dir.join(n))
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// Ctrl-C, SIGTERM/SIGHUP, and SIGUSR1 (what the `--nproc-per-node` launcher sends the
+/// workers through mpirun) ask the run to stop after the current step.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn stop_on_signal(_sig: i32) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+pub fn run(a: Args, threads_given: bool) -> Result<()> {
+    if a.nproc_per_node == 0 || a.nproc_per_node > 4096 {
+        bail!("--nproc-per-node {}: 1 to 4096 processes", a.nproc_per_node);
+    }
+    let launched = edm2::dist::launch_from_env(&|k| std::env::var(k).ok())?;
+    if a.nproc_per_node > 1 && !a.dry_run {
+        if let Some(l) = launched {
+            bail!("--nproc-per-node {}: this process is already rank {} of {} ({}); start the workers one way", a.nproc_per_node, l.rank, l.world, l.by);
+        }
+        return super::launch::run_workers(a.nproc_per_node, threads_given);
+    }
+    // Rank 0 of several (or the only process) talks; the others train quietly.
+    let comm = edm2::dist::join()?;
+    let rank0 = comm.rank() == 0;
     let device = resolve_device(a.device)?;
     let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size, ..Default::default() })?;
     let (mut opts, run_name) = build_options(&a, &ds)?;
@@ -429,6 +488,9 @@ pub fn run(a: Args) -> Result<()> {
         _ => "fp32".into(),
     };
     let run_dir = a.outdir.clone().unwrap_or_else(|| PathBuf::from("training-runs").join(run_name));
+    if !rank0 {
+        return run_quiet_rank(&opts, ds, &run_dir, comm.as_ref());
+    }
     println!("Run directory: {}", run_dir.display());
     if a.dry_run {
         println!("{}", serde_json::to_string_pretty(&opts)?);
@@ -460,19 +522,9 @@ pub fn run(a: Args) -> Result<()> {
         }
         println!("Verified {n} items in {:.1}s", t.elapsed().as_secs_f64());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                eprintln!("\nSecond interrupt: exiting without a checkpoint.");
-                std::process::exit(130);
-            }
-            eprintln!("\nInterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit now).");
-        });
-    }
+    catch_stop_signals(true);
     let mut ui = Terminal { bar: tty, shown: false };
-    let s = train_holding(&opts, Arc::new(ds), &run_dir, held, &stop, &mut ui)?;
+    let s = train_ranked(&opts, Arc::new(ds), &run_dir, held, comm.as_ref(), &STOP, &mut ui)?;
     let what = match s.reason {
         StopReason::Finished => "Training finished",
         StopReason::Sliced => "Slice done (run the same command again to continue)",

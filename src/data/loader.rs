@@ -99,6 +99,8 @@ pub fn make_batch(ds: &Dataset, o: &StreamOptions, start: u64, order_cache: &mut
 }
 
 /// Passes from `start` on, `batch` images each, prepared `depth` passes ahead on a thread.
+/// A rank of a data-parallel run takes every `world`-th pass from the `rank`-th on
+/// ([`Loader::start_rank`]): the passes one process would run, dealt out in turn.
 pub struct Loader {
     rx: Receiver<Result<Batch>>,
     _thread: std::thread::JoinHandle<()>,
@@ -106,19 +108,24 @@ pub struct Loader {
 
 impl Loader {
     pub fn start(ds: Arc<Dataset>, o: StreamOptions, start: u64, depth: usize) -> Loader {
+        Loader::start_rank(ds, o, start, depth, 0, 1)
+    }
+
+    /// The passes of rank `rank` of `world`: those starting at `start + (rank + k·world)·batch`.
+    pub fn start_rank(ds: Arc<Dataset>, o: StreamOptions, start: u64, depth: usize, rank: usize, world: usize) -> Loader {
         let (tx, rx) = sync_channel(depth.max(1));
         let thread = std::thread::Builder::new()
             .name("edm2-loader".into())
             .spawn(move || {
                 let mut cache = None;
-                let mut g = start;
+                let mut g = start + (rank * o.batch) as u64;
                 loop {
                     let b = make_batch(&ds, &o, g, &mut cache);
                     let failed = b.is_err();
                     if tx.send(b).is_err() || failed {
                         return; // the trainer is gone, or the error is delivered
                     }
-                    g += o.batch as u64;
+                    g += (world.max(1) * o.batch) as u64;
                 }
             })
             .expect("spawning the loader thread");

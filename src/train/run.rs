@@ -25,6 +25,7 @@ use crate::config::NetConfig;
 use crate::tensor::Tensor;
 use crate::data::loader::{Loader, StreamOptions};
 use crate::data::Dataset;
+use crate::dist::{Collective, Solo};
 use crate::error::{Error, Result};
 use crate::io::safetensors::Dtype;
 use crate::nn::{Params, Precond};
@@ -277,23 +278,59 @@ pub fn train(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, stop: &Atomi
 /// of the run, so no other train can slip in between, and a process watching the lock
 /// file never sees our pid while the lock is free.
 pub fn train_holding(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, held: Option<RunDirLock>, stop: &AtomicBool, ui: &mut dyn Reporter) -> Result<Summary> {
+    train_ranked(opts, ds, run_dir, held, &Solo, stop, ui)
+}
+
+/// [`train_holding`] as one rank of a data-parallel run (issue 20): each rank runs its
+/// share of every step's passes (`batch = batch_gpu × passes × world`, the passes one
+/// process would run dealt out in turn), the gradients and the loss are summed over the
+/// ranks, and every rank applies the same update. Rank 0 alone takes the lock and writes
+/// (log, stats, snapshots, states, previews); the others train quietly. A stop on any rank
+/// stops all after the same step.
+#[allow(clippy::too_many_arguments)]
+pub fn train_ranked(
+    opts: &TrainOptions,
+    ds: Arc<Dataset>,
+    run_dir: &Path,
+    held: Option<RunDirLock>,
+    comm: &dyn Collective,
+    stop: &AtomicBool,
+    ui: &mut dyn Reporter,
+) -> Result<Summary> {
     opts.validate()?;
+    let (rank, world) = (comm.rank(), comm.world());
+    if opts.batch % (opts.batch_gpu * world as u64) != 0 {
+        return Err(Error::Input(format!(
+            "--batch {} must be a multiple of --batch-gpu {} times the {world} processes (the global batch is batch-gpu x passes x processes)",
+            opts.batch, opts.batch_gpu
+        )));
+    }
     let io = |e, p: &Path| Error::Io { path: p.into(), err: e };
-    std::fs::create_dir_all(run_dir).map_err(|e| io(e, run_dir))?;
-    // One run per directory; held until this function returns (or the process dies).
-    let lock = match held {
-        Some(l) => l,
-        None => RunDirLock::acquire(run_dir)?,
+    let mut quiet = Quiet;
+    let (lock, mut log) = if rank == 0 {
+        std::fs::create_dir_all(run_dir).map_err(|e| io(e, run_dir))?;
+        // One run per directory; held until this function returns (or the process dies).
+        let lock = match held {
+            Some(l) => l,
+            None => RunDirLock::acquire(run_dir)?,
+        };
+        let log_path = run_dir.join("log.txt");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| io(e, &log_path))?;
+        (Some(lock), Log { file: Some(file), ui })
+    } else {
+        (None, Log { file: None, ui: &mut quiet })
     };
-    let log_path = run_dir.join("log.txt");
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| io(e, &log_path))?;
-    let mut log = Log { file: Some(file), ui };
-    if !lock.held {
+    if let Some(lock) = lock.as_ref().filter(|l| !l.held) {
         log.line(&format!("warning: {} cannot be locked (the filesystem has no flock): nothing stops a second train here", lock.path.display()));
     }
-    // Under the lock no other train writes here: any dead writer's file goes.
-    for p in remove_partial_files(run_dir, std::time::Duration::ZERO)? {
-        log.line(&format!("Removed {} (a partial file left by an interrupted write)", p.display()));
+    if rank == 0 {
+        // Under the lock no other train writes here: any dead writer's file goes.
+        for p in remove_partial_files(run_dir, std::time::Duration::ZERO)? {
+            log.line(&format!("Removed {} (a partial file left by an interrupted write)", p.display()));
+        }
+    }
+    if world > 1 {
+        roll_call(comm, &mut log)?;
     }
 
     let net = Precond::new(&opts.net)?;
@@ -308,9 +345,11 @@ pub fn train_holding(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, held
         )));
     }
     let need = check_memory(opts, &net, &mut log)?;
-    let mut st = resume_or_start(opts, &net, &ds, run_dir, &mut log)?;
-    let options_json = serde_json::to_string_pretty(opts).expect("options serialize");
-    crate::io::write_atomic(run_dir.join("training_options.json"), options_json.as_bytes())?;
+    let mut st = state_on_every_rank(opts, &net, &ds, run_dir, &mut log, comm)?;
+    if rank == 0 {
+        let options_json = serde_json::to_string_pretty(opts).expect("options serialize");
+        crate::io::write_atomic(run_dir.join("training_options.json"), options_json.as_bytes())?;
+    }
 
     let start_nimg = st.nimg;
     let mut stop_nimg = opts.duration;
@@ -351,8 +390,8 @@ pub fn train_holding(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, held
     // Data: every draw a function of (seed, images seen), prefetched on threads.
     let label_dim = if opts.cond { c.label_dim } else { 0 };
     let stream = StreamOptions { seed: opts.seed, batch: opts.batch_gpu as usize, label_dim, p_mean: opts.p_mean, p_std: opts.p_std };
-    let loader = Loader::start(ds.clone(), stream, start_nimg, 2);
-    let mut engine = Engine::open(opts, &st, &need)?;
+    let loader = Loader::start_rank(ds.clone(), stream, start_nimg, 2, rank, world);
+    let mut engine = Engine::open(opts, &st, &need, world)?;
     let outputs = Outputs::new(opts, &net, &ds, run_dir);
     let mut status = Status::new(opts, &net, &ds, run_dir, start_nimg)?;
     let per_image = (c.img_channels * c.img_resolution * c.img_resolution) as f64;
@@ -363,15 +402,16 @@ pub fn train_holding(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, held
     let (session_start, elapsed_before) = (Instant::now(), st.elapsed_sec);
     loop {
         st.elapsed_sec = elapsed_before + session_start.elapsed().as_secs_f64();
-        let interrupted = stop.load(Ordering::SeqCst);
+        // A stop asked of any rank stops every rank before the same step.
+        let interrupted = if world > 1 { comm.any(stop.load(Ordering::SeqCst))? } else { stop.load(Ordering::SeqCst) };
         let done = st.nimg >= stop_nimg || interrupted;
 
-        // Maintenance: the status line, snapshots, the checkpoint and its preview.
-        if opts.status > 0 && (done || st.nimg % opts.status == 0) && (st.nimg != start_nimg || start_nimg == 0) {
+        // Maintenance (rank 0): the status line, snapshots, the checkpoint and its preview.
+        if rank == 0 && opts.status > 0 && (done || st.nimg % opts.status == 0) && (st.nimg != start_nimg || start_nimg == 0) {
             status.report(&mut log, &st, &net, &engine)?;
         }
-        let snapshot_due = opts.snapshot > 0 && st.nimg % opts.snapshot == 0 && (st.nimg != start_nimg || start_nimg == 0);
-        let checkpoint_due = (done || (opts.checkpoint > 0 && st.nimg % opts.checkpoint == 0)) && st.nimg != start_nimg;
+        let snapshot_due = rank == 0 && opts.snapshot > 0 && st.nimg % opts.snapshot == 0 && (st.nimg != start_nimg || start_nimg == 0);
+        let checkpoint_due = rank == 0 && (done || (opts.checkpoint > 0 && st.nimg % opts.checkpoint == 0)) && st.nimg != start_nimg;
         if snapshot_due || checkpoint_due {
             // The host copy of the state is what snapshots, checkpoints and previews read.
             engine.refresh(&mut st)?;
@@ -398,14 +438,14 @@ pub fn train_holding(opts: &TrainOptions, ds: Arc<Dataset>, run_dir: &Path, held
         let t0 = Instant::now();
         let lr = learning_rate(st.nimg as f64, opts.batch as f64, opts.lr, opts.decay, opts.rampup_mimg);
         let plan = StepPlan {
-            passes: (opts.batch / opts.batch_gpu) as usize,
+            passes: (opts.batch / (opts.batch_gpu * world as u64)) as usize,
             seed: opts.seed,
             sigma_data: c.sigma_data,
             loss_scale: (opts.loss_scaling * opts.batch_gpu as f64 / opts.batch as f64) as f32,
             adam: st.adam.hyper(lr),
             ema_weights: st.ema.weights(st.nimg + opts.batch, opts.batch),
         };
-        let out = engine.step(&net, &mut st, &loader, &plan)?;
+        let out = engine.step(&net, &mut st, &loader, &plan, comm)?;
         st.adam.t = plan.adam.t;
         st.nimg += opts.batch;
         if out.diverged > 0 {
@@ -478,7 +518,7 @@ fn check_memory(opts: &TrainOptions, net: &Precond, log: &mut Log) -> Result<Ste
 
 /// The state to train from: the newest valid training state in `run_dir` (newer corrupt
 /// ones set aside, a mismatching network or EMA set refused), or a fresh one.
-fn resume_or_start(opts: &TrainOptions, net: &Precond, ds: &Dataset, run_dir: &Path, log: &mut Log) -> Result<TrainState> {
+fn resume_or_start(opts: &TrainOptions, net: &Precond, ds: &Dataset, run_dir: &Path, log: &mut Log) -> Result<(TrainState, Option<PathBuf>)> {
     let io = |e, p: &Path| Error::Io { path: p.into(), err: e };
     let resume = newest_valid_state(run_dir)?;
     for (old, new, why) in &resume.set_aside {
@@ -504,7 +544,7 @@ fn resume_or_start(opts: &TrainOptions, net: &Precond, ds: &Dataset, run_dir: &P
             )));
         }
     }
-    let mut st = match resume.state {
+    let (mut st, from) = match resume.state {
         Some((path, st)) => {
             if !resume.set_aside.is_empty() {
                 log.line(&format!("warning: resuming from the newest valid state {}", path.display()));
@@ -536,29 +576,87 @@ fn resume_or_start(opts: &TrainOptions, net: &Precond, ds: &Dataset, run_dir: &P
             if st.dataset_len != ds.len() {
                 log.line(&format!("warning: the state was trained on {} items, the dataset now has {}", st.dataset_len, ds.len()));
             }
-            st
+            (st, Some(path))
         }
-        None => {
-            let params = net.init_params(opts.seed);
-            let ema = EmaSet::new(&opts.ema, &params)?;
-            TrainState {
-                config: opts.net.clone(),
-                adam: Adam::new(&net.specs),
-                params,
-                ema_options: opts.ema.clone(),
-                ema,
-                nimg: 0,
-                seed: opts.seed,
-                dataset: ds.source.clone(),
-                dataset_len: ds.len(),
-                elapsed_sec: 0.0,
-            }
-        }
+        None => (fresh_state(opts, net, ds)?, None),
+    };
+    st.seed = opts.seed;
+    st.dataset = ds.source.clone();
+    st.dataset_len = ds.len();
+    Ok((st, from))
+}
+
+/// The state of a new run (a function of the options: every rank builds the same one).
+fn fresh_state(opts: &TrainOptions, net: &Precond, ds: &Dataset) -> Result<TrainState> {
+    let params = net.init_params(opts.seed);
+    let ema = EmaSet::new(&opts.ema, &params)?;
+    Ok(TrainState {
+        config: opts.net.clone(),
+        adam: Adam::new(&net.specs),
+        params,
+        ema_options: opts.ema.clone(),
+        ema,
+        nimg: 0,
+        seed: opts.seed,
+        dataset: ds.source.clone(),
+        dataset_len: ds.len(),
+        elapsed_sec: 0.0,
+    })
+}
+
+/// [`resume_or_start`] decided by rank 0 (which alone sets corrupt states aside and
+/// checks the state against the options) and told to the others, which load the same
+/// state file or build the same fresh state. An error on rank 0 is an error on every rank.
+fn state_on_every_rank(opts: &TrainOptions, net: &Precond, ds: &Dataset, run_dir: &Path, log: &mut Log, comm: &dyn Collective) -> Result<TrainState> {
+    if comm.world() == 1 {
+        return resume_or_start(opts, net, ds, run_dir, log).map(|(st, _)| st);
+    }
+    // Rank 0's word: "F" (fresh), "R<path>" (resume from it) or "E<error>".
+    let mut word = Vec::new();
+    let mine = if comm.rank() == 0 {
+        let r = resume_or_start(opts, net, ds, run_dir, log);
+        word = match &r {
+            Ok((_, Some(p))) => [b"R".as_slice(), p.to_string_lossy().as_bytes()].concat(),
+            Ok((_, None)) => b"F".to_vec(),
+            Err(e) => [b"E".as_slice(), e.to_string().as_bytes()].concat(),
+        };
+        Some(r)
+    } else {
+        None
+    };
+    comm.broadcast(&mut word)?;
+    if let Some(r) = mine {
+        return r.map(|(st, _)| st);
+    }
+    let text = String::from_utf8_lossy(word.get(1..).unwrap_or_default()).into_owned();
+    let mut st = match word.first() {
+        Some(b'F') => fresh_state(opts, net, ds)?,
+        Some(b'R') => TrainState::load(Path::new(&text))?,
+        Some(b'E') => return Err(Error::Run(format!("rank 0 could not start the run: {text}"))),
+        _ => return Err(Error::Run("rank 0 sent no word on the run's state".into())),
     };
     st.seed = opts.seed;
     st.dataset = ds.source.clone();
     st.dataset_len = ds.len();
     Ok(st)
+}
+
+/// Every rank says where it runs; rank 0 writes who joined.
+fn roll_call(comm: &dyn Collective, log: &mut Log) -> Result<()> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let me = format!("{} (pid {}, {} threads)", host.trim(), std::process::id(), rayon::current_num_threads());
+    let all = comm.gather(me.as_bytes())?;
+    if comm.rank() == 0 {
+        let list: Vec<String> = all.iter().enumerate().map(|(r, b)| format!("rank {r} on {}", String::from_utf8_lossy(b))).collect();
+        log.line(&format!("Ranks joined ({}, {} processes): {}", comm.engine(), comm.world(), list.join("; ")));
+    }
+    Ok(())
+}
+
+/// The reporter of ranks other than 0: they train without output.
+pub struct Quiet;
+impl Reporter for Quiet {
+    fn line(&mut self, _s: &str) {}
 }
 
 /// Where the training state lives while the loop runs, and the backend its steps run on:
@@ -571,8 +669,13 @@ enum Engine {
 }
 
 impl Engine {
-    fn open(opts: &TrainOptions, st: &TrainState, need: &StepMemory) -> Result<Engine> {
+    fn open(opts: &TrainOptions, st: &TrainState, need: &StepMemory, world: usize) -> Result<Engine> {
         let precision = opts.precision.parse().map_err(Error::Input)?;
+        if opts.device == crate::backend::Device::Cuda && world > 1 {
+            return Err(Error::Input(format!(
+                "--device cuda with {world} processes: summing gradients across GPUs needs NCCL, which is not built yet (train on one GPU,                  or on CPU processes)"
+            )));
+        }
         if opts.device != crate::backend::Device::Cuda {
             // fp32, or bf16 products (validated with the options).
             return Ok(Engine::Host(Cpu::for_precision(precision).map_err(Error::Input)?));
@@ -598,16 +701,16 @@ impl Engine {
     }
 
     /// One optimizer step ([`train_step`]) on the state where it lives.
-    fn step(&mut self, net: &Precond, st: &mut TrainState, loader: &Loader, plan: &StepPlan) -> Result<StepOut> {
+    fn step(&mut self, net: &Precond, st: &mut TrainState, loader: &Loader, plan: &StepPlan, comm: &dyn Collective) -> Result<StepOut> {
         match self {
             Engine::Host(cpu) => {
                 let refs = StateRefs { params: &mut st.params, m: &mut st.adam.m, v: &mut st.adam.v, emas: st.ema.averages_mut() };
-                train_step(cpu, net, refs, loader, plan)
+                train_step(cpu, net, refs, loader, plan, comm)
             }
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             Engine::Device(gpu, d) => {
                 let refs = StateRefs { params: &mut d.params, m: &mut d.m, v: &mut d.v, emas: d.emas.iter_mut().collect() };
-                train_step(gpu, net, refs, loader, plan)
+                train_step(gpu, net, refs, loader, plan, comm)
             }
         }
     }

@@ -13,6 +13,7 @@ use super::loss::edm2_loss;
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::data::loader::{Batch, Loader};
+use crate::dist::Collective;
 use crate::error::Result;
 use crate::nn::params::{ParamSpec, Params};
 use crate::nn::{Mode, Precond};
@@ -111,11 +112,15 @@ pub trait StepOps: Backend {
     fn ema_update(&self, specs: &[ParamSpec], emas: Vec<&mut Self::Params>, params: &Self::Params, weights: &[f32]) -> Result<()>;
     /// Waits for the step and returns [loss sum, non-finite gradient entries, diverged entries].
     fn read_totals(&self, totals: Self::Totals) -> Result<[f64; 3]>;
+    /// Every gradient ← its sum over the ranks of a data-parallel run.
+    fn sum_over_ranks(&self, grads: &mut Self::Params, comm: &dyn Collective) -> Result<()>;
 }
 
-/// One optimizer step on `be`: `plan.passes` passes from `loader`, Adam, the EMAs. The
-/// caller advances the images seen and Adam's step count (the plan holds the new ones).
-pub fn train_step<B: StepOps>(be: &B, net: &Precond, s: StateRefs<'_, B>, loader: &Loader, plan: &StepPlan) -> Result<StepOut> {
+/// One optimizer step on `be`: `plan.passes` passes from `loader`, the gradients summed
+/// over the ranks of `comm`, Adam, the EMAs. The caller advances the images seen and
+/// Adam's step count (the plan holds the new ones). Every rank ends the step with the
+/// same state and the same totals.
+pub fn train_step<B: StepOps>(be: &B, net: &Precond, s: StateRefs<'_, B>, loader: &Loader, plan: &StepPlan, comm: &dyn Collective) -> Result<StepOut> {
     let StateRefs { params, m, v, emas } = s;
     net.force_normalize_on(be, params)?;
     // The step's gradients: every pass adds into them (backward_into), the gains' too.
@@ -137,13 +142,24 @@ pub fn train_step<B: StepOps>(be: &B, net: &Precond, s: StateRefs<'_, B>, loader
             next = Some(be.upload_batch(loader.next()?)?);
         }
     }
+    // Each pass's loss was scaled by its share of the global batch: the sum over ranks is
+    // the one-process gradient (up to summation order).
+    if comm.world() > 1 {
+        be.sum_over_ranks(&mut grads, comm)?;
+    }
     be.adam(&net.specs, params, &mut grads, m, v, &plan.adam, &mut totals)?;
     // Queued before the read-back: after a diverged update nothing of this step is saved,
     // so the EMAs need not wait for the check.
     be.ema_update(&net.specs, emas, params, &plan.ema_weights)?;
     let t = Instant::now();
-    let [loss_sum, nonfinite, diverged] = be.read_totals(totals)?;
+    let [mut loss_sum, nonfinite, diverged] = be.read_totals(totals)?;
     fwd_bwd += t.elapsed().as_secs_f64();
+    // The non-finite counts are the same on every rank (the same summed gradients).
+    if comm.world() > 1 {
+        let mut l = [loss_sum];
+        comm.sum_f64(&mut l)?;
+        loss_sum = l[0];
+    }
     Ok(StepOut { loss_sum, nonfinite: nonfinite as usize, diverged: diverged as usize, fwd_bwd })
 }
 
@@ -203,11 +219,18 @@ impl StepOps for Cpu {
     fn read_totals(&self, totals: HostTotals) -> Result<[f64; 3]> {
         Ok(totals.0)
     }
+    fn sum_over_ranks(&self, grads: &mut Params, comm: &dyn Collective) -> Result<()> {
+        for g in grads.values.iter_mut() {
+            comm.sum_f32(g)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 mod device {
     use super::{AdamHyper, StepBatch, StepOps};
+    use crate::dist::Collective;
     use crate::backend::gpu::{kernels as k, multi_tensor as mt, Gpu, GpuAct, GpuBuf, GpuParams};
     use crate::data::loader::Batch;
     use crate::error::Result;
@@ -291,6 +314,12 @@ mod device {
             k::step_totals(self, None, totals.counts.as_ref(), &mut totals.sums)?;
             let t = self.download(&totals.sums)?;
             Ok([t[0], t[1], t[2]])
+        }
+        fn sum_over_ranks(&self, _grads: &mut GpuParams, comm: &dyn Collective) -> Result<()> {
+            Err(crate::Error::Input(format!(
+                "--device cuda with {} processes: summing gradients across GPUs needs NCCL, which is not built yet",
+                comm.world()
+            )))
         }
     }
 }

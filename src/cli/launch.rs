@@ -1,0 +1,112 @@
+//! `edm2 train --nproc-per-node N`: N worker processes of this program on this machine,
+//! started by Open MPI's `mpirun` (the engine of the CPU path, `edm2::dist`), and waited
+//! for. The workers read their rank from mpirun's environment.
+//!
+//! Signals: mpirun ends the whole job on SIGINT/SIGTERM, without the checkpoint a Ctrl-C
+//! promises. So mpirun runs in its own process group (the terminal's Ctrl-C reaches only
+//! this launcher), and the launcher turns a first Ctrl-C or SIGTERM into SIGUSR1, which
+//! mpirun forwards to every worker: each finishes the step, rank 0 writes the checkpoint.
+//! A second one ends the job at once.
+
+use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+/// SIGUSR1 on Linux (x86-64 and arm64).
+pub const SIGUSR1: i32 = 10;
+const SIGTERM: i32 = 15;
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+    fn geteuid() -> u32;
+}
+
+/// The command line without `--nproc-per-node N` / `--nproc-per-node=N`.
+pub fn worker_args(args: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        let s = a.to_string_lossy();
+        if s == "--nproc-per-node" {
+            skip = true;
+        } else if !s.starts_with("--nproc-per-node=") {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// Starts `n` workers (this program, these arguments) under mpirun and returns when they
+/// are done: Ok when all of them exited 0.
+pub fn run_workers(n: usize, threads_given: bool) -> Result<()> {
+    if !cfg!(feature = "mpi") {
+        bail!(
+            "--nproc-per-node {n}: this edm2 was built without MPI; build it with `cargo build --release --features mpi` \
+             (Debian: apt-get install libopenmpi-dev openmpi-bin)"
+        );
+    }
+    let exe = std::env::current_exe().context("finding this program's path for the workers")?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mpirun = std::env::var_os("EDM2_MPIRUN").unwrap_or_else(|| "mpirun".into());
+    let mut cmd = std::process::Command::new(&mpirun);
+    cmd.arg("-np").arg(n.to_string()).args(["--oversubscribe", "--bind-to", "none"]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { geteuid() } == 0 {
+        // Open MPI refuses root unless told (containers and CI run as root).
+        cmd.arg("--allow-run-as-root");
+    }
+    // The cores shared out among the workers, unless the user chose a count.
+    if !threads_given && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+        cmd.env("RAYON_NUM_THREADS", (cores / n).max(1).to_string()).args(["-x", "RAYON_NUM_THREADS"]);
+    }
+    cmd.arg(&exe).args(worker_args(&args));
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("--nproc-per-node {n} starts the workers with Open MPI's mpirun, which is not installed (Debian: apt-get install openmpi-bin)")
+        }
+        Err(e) => return Err(e).with_context(|| format!("starting {}", mpirun.to_string_lossy())),
+    };
+    static PID: AtomicI32 = AtomicI32::new(0);
+    static ASKED: AtomicBool = AtomicBool::new(false);
+    PID.store(child.id() as i32, Ordering::SeqCst);
+    let _ = ctrlc::set_handler(|| {
+        let pid = PID.load(Ordering::SeqCst);
+        if ASKED.swap(true, Ordering::SeqCst) {
+            eprintln!("\nSecond interrupt: ending the workers without a checkpoint.");
+            // SAFETY: signals mpirun, our child.
+            unsafe { kill(pid, SIGTERM) };
+        } else {
+            eprintln!("\nInterrupt: the workers finish this step and write a checkpoint (Ctrl-C again to quit now).");
+            // SAFETY: as above; mpirun forwards SIGUSR1 to every worker.
+            unsafe { kill(pid, SIGUSR1) };
+        }
+    });
+    let status = child.wait().context("waiting for mpirun")?;
+    if !status.success() {
+        bail!("the {n} workers did not all finish: mpirun ended with {status} (the failing rank's error is above)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_args;
+    use std::ffi::OsString;
+
+    #[test]
+    fn the_workers_get_the_command_line_without_the_process_count() {
+        let v = |s: &[&str]| s.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(worker_args(&v(&["train", "--nproc-per-node", "4", "--batch", "64"])), v(&["train", "--batch", "64"]));
+        assert_eq!(worker_args(&v(&["--threads", "1", "train", "--nproc-per-node=2"])), v(&["--threads", "1", "train"]));
+    }
+}

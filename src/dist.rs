@@ -1,0 +1,259 @@
+//! The process group of a data-parallel run (issue 20): which rank this process is, and the
+//! few collective operations training needs — the sum of the step's gradients and loss
+//! over ranks, the stop vote, rank 0's choices broadcast, the start-up roll call.
+//!
+//! One process per device. On CPUs the engine is MPI (Open MPI through the `mpi` crate,
+//! cargo feature `mpi`): `edm2 train --nproc-per-node N` starts N workers with `mpirun`,
+//! and a worker started by `mpirun` or by `srun` (Slurm with PMIx) joins its job. Without
+//! a launcher's environment a process trains alone ([`Solo`]) and nothing here costs
+//! anything.
+
+use crate::error::{Error, Result};
+
+/// The ranks of a run and their collective operations. Every rank must call the
+/// collective methods in the same order.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// `x` ← the elementwise sum of every rank's `x` (the same bits on every rank).
+    fn sum_f32(&self, x: &mut [f32]) -> Result<()>;
+    fn sum_f64(&self, x: &mut [f64]) -> Result<()>;
+    /// Rank 0's `bytes` on every rank.
+    fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()>;
+    /// Every rank's `bytes` (at most [`RECORD`] of them) on rank 0, in rank order; empty
+    /// elsewhere.
+    fn gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>>;
+    /// The engine's name, for the log.
+    fn engine(&self) -> &'static str;
+
+    /// Whether any rank says yes (a stop request on one rank stops all after the same step).
+    fn any(&self, yes: bool) -> Result<bool> {
+        let mut v = [yes as u8 as f64];
+        self.sum_f64(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+}
+
+/// Bytes of one rank's [`Collective::gather`] record.
+pub const RECORD: usize = 256;
+
+/// A run of one process.
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn sum_f32(&self, _x: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn sum_f64(&self, _x: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&self, _bytes: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
+    fn gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![bytes[..bytes.len().min(RECORD)].to_vec()])
+    }
+    fn engine(&self) -> &'static str {
+        "none"
+    }
+}
+
+/// What the launcher's environment says about this process: None when no launcher of
+/// several processes started it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launch {
+    pub rank: usize,
+    pub world: usize,
+    /// Which launcher's variables said so.
+    pub by: &'static str,
+}
+
+/// Reads the launchers' variables: Open MPI's `OMPI_COMM_WORLD_{RANK,SIZE}`, Slurm's
+/// `SLURM_PROCID`/`SLURM_STEP_NUM_TASKS` (inside an `srun` step), torchrun's
+/// `RANK`/`WORLD_SIZE`. A partial or inconsistent set is an error naming the variables.
+pub fn launch_from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
+    let sets: [(&'static str, &str, &str); 3] =
+        [("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("Slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"), ("torchrun", "RANK", "WORLD_SIZE")];
+    for (by, rank_var, size_var) in sets {
+        let (r, n) = (get(rank_var), get(size_var));
+        if r.is_none() && n.is_none() {
+            continue;
+        }
+        let num = |var: &str, v: Option<String>| -> Result<usize> {
+            let v = v.ok_or_else(|| Error::Input(format!("{by}: {var} is not set but {} is", if var == rank_var { size_var } else { rank_var })))?;
+            v.trim().parse::<usize>().map_err(|_| Error::Input(format!("{by}: {var}={v:?} is not a process count or index")))
+        };
+        let (rank, world) = (num(rank_var, r)?, num(size_var, n)?);
+        if world == 0 || rank >= world {
+            return Err(Error::Input(format!("{by}: {rank_var}={rank} is not a rank of {size_var}={world}")));
+        }
+        if world == 1 {
+            return Ok(None);
+        }
+        return Ok(Some(Launch { rank, world, by }));
+    }
+    Ok(None)
+}
+
+/// The process group this process belongs to: [`Solo`] without a launcher, else the
+/// engine's (an error when this build or this launcher has none).
+pub fn join() -> Result<Box<dyn Collective>> {
+    let Some(l) = launch_from_env(&|k| std::env::var(k).ok())? else { return Ok(Box::new(Solo)) };
+    if l.by == "torchrun" {
+        return Err(Error::Input(format!(
+            "torchrun started this process as rank {} of {}: its environment is for the GPU (NCCL) path, which is not built yet; \
+             on CPUs launch with `edm2 train --nproc-per-node N`, `mpirun -np N edm2 train ...` or `srun`",
+            l.rank, l.world
+        )));
+    }
+    #[cfg(feature = "mpi")]
+    {
+        let g = mpi_group::MpiGroup::init()?;
+        if (g.rank(), g.world()) != (l.rank, l.world) {
+            return Err(Error::Input(format!(
+                "{} says rank {} of {}, but MPI says rank {} of {}: the launcher and the MPI library disagree",
+                l.by,
+                l.rank,
+                l.world,
+                g.rank(),
+                g.world()
+            )));
+        }
+        Ok(Box::new(g))
+    }
+    #[cfg(not(feature = "mpi"))]
+    Err(Error::Input(format!(
+        "{} started this process as rank {} of {}, but this edm2 was built without MPI: build it with `cargo build --release \
+         --features mpi` (Debian: apt-get install libopenmpi-dev openmpi-bin)",
+        l.by, l.rank, l.world
+    )))
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_group {
+    use super::{Collective, RECORD};
+    use crate::error::{Error, Result};
+    use mpi::collective::SystemOperation;
+    use mpi::topology::{Communicator, SimpleCommunicator};
+    use mpi::traits::*;
+
+    /// Elements per all-reduce call: bounds the scratch buffer of a large tensor.
+    const BUCKET: usize = 1 << 22;
+
+    pub struct MpiGroup {
+        // Dropped last: finalizes MPI.
+        world: SimpleCommunicator,
+        _universe: mpi::environment::Universe,
+    }
+
+    impl MpiGroup {
+        pub fn init() -> Result<MpiGroup> {
+            let universe = mpi::initialize().ok_or_else(|| Error::Run("MPI was initialized twice in this process".into()))?;
+            Ok(MpiGroup { world: universe.world(), _universe: universe })
+        }
+    }
+
+    fn sum<T: Equivalence + Copy + Default>(world: &SimpleCommunicator, x: &mut [T]) {
+        let mut out = vec![T::default(); x.len().min(BUCKET)];
+        for chunk in x.chunks_mut(BUCKET) {
+            let out = &mut out[..chunk.len()];
+            world.all_reduce_into(&*chunk, out, SystemOperation::sum());
+            chunk.copy_from_slice(out);
+        }
+    }
+
+    impl Collective for MpiGroup {
+        fn rank(&self) -> usize {
+            self.world.rank() as usize
+        }
+        fn world(&self) -> usize {
+            self.world.size() as usize
+        }
+        fn sum_f32(&self, x: &mut [f32]) -> Result<()> {
+            sum(&self.world, x);
+            Ok(())
+        }
+        fn sum_f64(&self, x: &mut [f64]) -> Result<()> {
+            sum(&self.world, x);
+            Ok(())
+        }
+        fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()> {
+            let root = self.world.process_at_rank(0);
+            let mut n = bytes.len() as u64;
+            root.broadcast_into(&mut n);
+            bytes.resize(n as usize, 0);
+            root.broadcast_into(&mut bytes[..]);
+            Ok(())
+        }
+        fn gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+            // Fixed records: two length bytes, then the bytes.
+            let n = bytes.len().min(RECORD);
+            let mut rec = vec![0u8; RECORD + 2];
+            rec[..2].copy_from_slice(&(n as u16).to_le_bytes());
+            rec[2..2 + n].copy_from_slice(&bytes[..n]);
+            let root = self.world.process_at_rank(0);
+            if self.rank() != 0 {
+                root.gather_into(&rec[..]);
+                return Ok(vec![]);
+            }
+            let mut all = vec![0u8; (RECORD + 2) * self.world()];
+            root.gather_into_root(&rec[..], &mut all[..]);
+            Ok(all
+                .chunks(RECORD + 2)
+                .map(|r| {
+                    let n = u16::from_le_bytes([r[0], r[1]]) as usize;
+                    r[2..2 + n.min(RECORD)].to_vec()
+                })
+                .collect())
+        }
+        fn engine(&self) -> &'static str {
+            "MPI"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<Option<Launch>> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        launch_from_env(&move |k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn launcher_environments_are_read_and_bad_ones_refused() {
+        assert_eq!(env(&[]).unwrap(), None);
+        assert_eq!(env(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "4")]).unwrap(), Some(Launch { rank: 1, world: 4, by: "Open MPI" }));
+        assert_eq!(env(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "2")]).unwrap(), Some(Launch { rank: 0, world: 2, by: "Slurm" }));
+        assert_eq!(env(&[("RANK", "3"), ("WORLD_SIZE", "8")]).unwrap(), Some(Launch { rank: 3, world: 8, by: "torchrun" }));
+        // One process is no group.
+        assert_eq!(env(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap(), None);
+        for (bad, says) in [
+            (vec![("RANK", "4"), ("WORLD_SIZE", "4")], "RANK=4 is not a rank of WORLD_SIZE=4"),
+            (vec![("WORLD_SIZE", "4")], "RANK is not set but WORLD_SIZE is"),
+            (vec![("OMPI_COMM_WORLD_RANK", "x"), ("OMPI_COMM_WORLD_SIZE", "2")], "OMPI_COMM_WORLD_RANK=\"x\""),
+            (vec![("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "0")], "is not a rank of"),
+        ] {
+            let e = env(&bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn one_process_collectives_are_identities() {
+        let s = Solo;
+        let mut x = [1.5f32, -2.0];
+        s.sum_f32(&mut x).unwrap();
+        assert_eq!(x, [1.5, -2.0]);
+        assert!(s.any(true).unwrap() && !s.any(false).unwrap());
+        assert_eq!(s.gather(b"abc").unwrap(), vec![b"abc".to_vec()]);
+    }
+}

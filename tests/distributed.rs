@@ -1,0 +1,201 @@
+//! Data-parallel training across CPU processes on MPI (issue 20), end to end through
+//! `edm2 train --nproc-per-node N`: 2 and 4 processes at global batch B train as one
+//! process at batch B (same images, noise, σ and dropout masks; gradients summed over the
+//! ranks), a run resumes at another world size, a stop asked of one rank stops all after
+//! the same step with one checkpoint, a killed rank ends the run with an error.
+//! Needs the `mpi` feature and Open MPI's mpirun (CI installs both).
+#![cfg(feature = "mpi")]
+
+use edm2::io::safetensors;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("edm2-dist-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny labelled net with attention and dropout (so the dropout masks' seeds matter).
+fn tiny_config(dir: &Path) -> String {
+    let p = dir.join("tiny.json");
+    std::fs::write(
+        &p,
+        r#"{"img_resolution": 32, "img_channels": 1, "label_dim": 10, "model_channels": 8, "channel_mult": [1, 2],
+            "num_blocks": 1, "attn_resolutions": [16], "channels_per_head": 8, "dropout": 0.1, "use_fp16": false}"#,
+    )
+    .unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+const COMMON: &[&str] = &[
+    "--max-size", "500", "--batch", "32", "--batch-gpu", "8", "--status", "32", "--snapshot", "0", "--checkpoint", "0", "--preview", "0",
+    "--dynamics", "0", "--seed", "3", "--lr", "0.01", "--rampup", "0", "--decay", "0", "--no-verify",
+];
+
+fn train(cfg: &str, dir: &Path, nproc: usize, extra: &[&str]) -> String {
+    let n = nproc.to_string();
+    let mut args = vec!["train", cfg, "--outdir", dir.to_str().unwrap(), "--nproc-per-node", &n];
+    args.extend_from_slice(COMMON);
+    args.extend_from_slice(extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_edm2")).args(&args).output().unwrap();
+    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{nproc} processes: {o}\n{e}");
+    o.into_owned()
+}
+
+/// The largest relative L2 difference over the tensors of two training states.
+fn max_rel_l2(a: &Path, b: &Path) -> (f64, String) {
+    let (fa, fb) = (safetensors::read(a).unwrap(), safetensors::read(b).unwrap());
+    assert_eq!(fa.tensors.len(), fb.tensors.len());
+    for k in ["edm2.nimg", "edm2.adam_step"] {
+        assert_eq!(fa.metadata[k], fb.metadata[k], "{k}");
+    }
+    let mut worst = (0.0f64, String::new());
+    for ((na, ta), (nb, tb)) in fa.tensors.iter().zip(&fb.tensors) {
+        assert_eq!(na, nb);
+        let (mut d, mut n) = (0.0f64, 0.0f64);
+        for (x, y) in ta.data.iter().zip(&tb.data) {
+            d += (*x as f64 - *y as f64).powi(2);
+            n += (*x as f64).powi(2);
+        }
+        let r = if n > 0.0 { (d / n).sqrt() } else { d.sqrt() };
+        if r > worst.0 || worst.1.is_empty() {
+            worst = (r, na.clone());
+        }
+    }
+    worst
+}
+
+#[test]
+fn two_and_four_processes_train_as_one_and_resume_at_another_world_size() {
+    let d = tmp("equal");
+    let cfg = tiny_config(&d);
+    // The newest training state (a resumed run below 1 kimg adds the images to the name).
+    let state = |dir: &Path| edm2::train::state::list_states(dir).unwrap().pop().unwrap();
+    // 4 steps of 32 images: 4 passes of 8 per step, dealt out over the ranks.
+    let one = d.join("one");
+    train(&cfg, &one, 1, &["--duration", "128"]);
+    for n in [2, 4] {
+        let dir = d.join(format!("n{n}"));
+        let out = train(&cfg, &dir, n, &["--duration", "128"]);
+        assert!(out.contains(&format!("Ranks joined (MPI, {n} processes)")), "{out}");
+        // Rank 0 alone writes: one log, one state.
+        let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
+        assert_eq!(log.matches("Saved training-state-0000000").count(), 1, "{log}");
+        let (r, name) = max_rel_l2(&state(&one), &state(&dir));
+        assert!(r <= 1e-5, "{n} processes: relative L2 difference {r:.2e} in {name}");
+        // Summation order differs, so the bits may too, but not the images: a run that
+        // saw other images would differ by far more.
+        eprintln!("{n} processes against one: max relative L2 {r:.2e} ({name})");
+    }
+    // The loss in the status lines is the global batch's (summed over the ranks).
+    let loss = |dir: &Path| -> Vec<f64> {
+        let stats = std::fs::read_to_string(dir.join("stats.jsonl")).unwrap();
+        stats.lines().filter_map(|l| l.split("\"Loss/loss\":").nth(1).map(|v| v.split([',', '}']).next().unwrap().parse().unwrap())).collect()
+    };
+    let (l1, l2) = (loss(&one), loss(&d.join("n2")));
+    assert_eq!(l1.len(), 4);
+    assert!(l1.iter().zip(&l2).all(|(a, b)| (a - b).abs() <= 1e-5 * a.abs()), "{l1:?} vs {l2:?}");
+
+    // Resume at another world size: 2 steps on 2 processes, 2 more on 4 (then on 1),
+    // against one process straight through.
+    let mixed = d.join("mixed");
+    let out = train(&cfg, &mixed, 2, &["--duration", "128", "--slice", "64"]);
+    assert!(out.contains("Slice done"), "{out}");
+    let out = train(&cfg, &mixed, 4, &["--duration", "128"]);
+    assert!(out.contains("Resuming from") && out.contains("Training finished"), "{out}");
+    let (r, name) = max_rel_l2(&state(&one), &state(&mixed));
+    assert!(r <= 1e-5, "resumed at another world size: relative L2 difference {r:.2e} in {name}");
+
+    // A global batch that does not split is refused before any work, naming the numbers.
+    let out = Command::new(env!("CARGO_BIN_EXE_edm2"))
+        .args(["train", &cfg, "--outdir", d.join("bad").to_str().unwrap(), "--nproc-per-node", "3"])
+        .args(COMMON)
+        .args(["--duration", "128"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--batch 32 must be a multiple of --batch-gpu 8 times the 3 processes"), "{err}");
+}
+
+/// The pid of rank `r` from rank 0's roll call in log.txt (waits for it).
+fn rank_pid(dir: &Path, r: usize) -> i32 {
+    let t = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(dir.join("log.txt")).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| l.starts_with("Ranks joined")) {
+            let part = line.split(&format!("rank {r} on ")).nth(1).unwrap();
+            return part.split("(pid ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no roll call in {}", dir.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the run has trained at least one step (a status line past kimg 0).
+fn wait_for_steps(dir: &Path) {
+    let t = Instant::now();
+    while std::fs::read_to_string(dir.join("stats.jsonl")).unwrap_or_default().lines().count() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(120), "no training in {}", dir.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: signals a process this test started (or its worker).
+    assert_eq!(unsafe { kill(pid, sig) }, 0);
+}
+
+fn spawn(cfg: &str, dir: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_edm2"))
+        .args(["train", cfg, "--outdir", dir.to_str().unwrap(), "--nproc-per-node", "2", "--duration", "100Ki"])
+        .args(COMMON)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: std::process::Child, limit: Duration) -> (bool, String) {
+    let t = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(t.elapsed() < limit, "the run took {:?} to end", t.elapsed());
+    (out.status.success(), format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn a_stop_on_one_rank_or_at_the_launcher_stops_all_with_one_checkpoint_and_a_killed_rank_ends_the_run() {
+    let d = tmp("signals");
+    let cfg = tiny_config(&d);
+    // SIGUSR1 (the launcher's word for Ctrl-C) to rank 1 only; then Ctrl-C at the launcher.
+    for (case, by_launcher) in [("rank1", false), ("launcher", true)] {
+        let dir = d.join(case);
+        let child = spawn(&cfg, &dir);
+        wait_for_steps(&dir);
+        if by_launcher {
+            signal(child.id() as i32, 2);
+        } else {
+            signal(rank_pid(&dir, 1), 10);
+        }
+        let (ok, out) = finish(child, Duration::from_secs(120));
+        assert!(ok && out.contains("Interrupted"), "{case}: {out}");
+        let states: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("training-state-")).collect();
+        assert_eq!(states.len(), 1, "{case}: one checkpoint");
+        let st = safetensors::read(states[0].path()).unwrap();
+        let nimg: u64 = st.metadata["edm2.nimg"].parse().unwrap();
+        assert!(nimg > 0 && nimg % 32 == 0, "{case}: stopped after a whole step ({nimg})");
+    }
+    // A killed rank: the run ends with an error, not a hang.
+    let dir = d.join("killed");
+    let child = spawn(&cfg, &dir);
+    wait_for_steps(&dir);
+    signal(rank_pid(&dir, 1), 9);
+    let (ok, out) = finish(child, Duration::from_secs(120));
+    assert!(!ok && out.contains("workers did not all finish"), "{out}");
+}
