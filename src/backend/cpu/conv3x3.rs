@@ -337,7 +337,7 @@ pub fn conv_weight_grad_bf16(k: usize, xi: &[u32], n2: usize, h: usize, w: usize
 #[allow(clippy::too_many_arguments)]
 fn weight_grad<K: ConvTile>(k: usize, x: &[K::E], n: usize, h: usize, w: usize, cin: usize, dy: &[K::E], cout: usize, d_eff: &mut [f32], wide: bool) {
     assert!(cout % NR == 0 && (k == 1 || k == 3));
-    assert!(wide || std::any::type_name::<K::E>() == "f32");
+    assert!(wide || K::F32_ELEMENTS);
     let taps = k * k;
     assert_eq!(x.len(), n * h * w * cin);
     assert_eq!(dy.len(), n * h * w * cout);

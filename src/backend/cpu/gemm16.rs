@@ -65,7 +65,7 @@ pub fn gemm16_bf16(m: usize, n: usize, k: usize, a: &[u32], lda: usize, bp: &[u3
 #[allow(clippy::too_many_arguments)]
 fn gemm_rows<K: ConvTile>(m: usize, n: usize, k: usize, a: &[K::E], lda: usize, bp: &[K::E], c: &mut [f32], ldc: usize, parallel: bool, wide: bool) {
     assert!(n % NR == 0 && lda >= k && ldc >= n && bp.len() == k * n);
-    assert!(wide || std::any::type_name::<K::E>() == "f32");
+    assert!(wide || K::F32_ELEMENTS);
     if m == 0 {
         return;
     }

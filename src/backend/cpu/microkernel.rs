@@ -116,6 +116,9 @@ pub const MR512: usize = 12;
 #[cfg(target_arch = "x86_64")]
 pub trait Mac512 {
     type E: Copy + Send + Sync;
+    /// Whether `E` is f32: only then may a driver hand the same slices to the AVX2 tiles
+    /// (which take f32) on a machine without AVX-512.
+    const F32_ELEMENTS: bool;
     type V: Copy;
     /// 16 lanes from `p`.
     unsafe fn load(p: *const Self::E) -> Self::V;
@@ -129,14 +132,18 @@ pub trait Mac512 {
 #[cfg(not(target_arch = "x86_64"))]
 pub trait Mac512 {
     type E: Copy + Send + Sync;
+    /// As on x86-64.
+    const F32_ELEMENTS: bool;
 }
 #[cfg(not(target_arch = "x86_64"))]
 impl Mac512 for F32Fma {
     type E = f32;
+    const F32_ELEMENTS: bool = true;
 }
 #[cfg(not(target_arch = "x86_64"))]
 impl Mac512 for Bf16Dot {
     type E = u32;
+    const F32_ELEMENTS: bool = false;
 }
 
 /// fp32 products on `vfmadd231ps` (see [`Mac512`]).
@@ -147,6 +154,7 @@ pub struct Bf16Dot;
 #[cfg(target_arch = "x86_64")]
 impl Mac512 for F32Fma {
     type E = f32;
+    const F32_ELEMENTS: bool = true;
     type V = __m512;
     #[inline(always)]
     unsafe fn load(p: *const f32) -> __m512 {
@@ -165,6 +173,7 @@ impl Mac512 for F32Fma {
 #[cfg(target_arch = "x86_64")]
 impl Mac512 for Bf16Dot {
     type E = u32;
+    const F32_ELEMENTS: bool = false;
     type V = __m512bh;
     #[inline(always)]
     unsafe fn load(p: *const u32) -> __m512bh {
