@@ -2,6 +2,10 @@
 
 use anyhow::Result;
 use edm2::backend::{resolve_device, Device};
+use edm2::data::loader::Batch;
+use edm2::dist::Solo;
+use edm2::train::adam::AdamHyper;
+use edm2::train::step::{train_step, SameBatch, StateRefs, StepOps, StepOut, StepPlan};
 use edm2::{Mode, NetConfig, Precond, Tensor};
 use std::time::Instant;
 
@@ -105,6 +109,26 @@ fn setup(a: &Args, free: Option<u64>) -> Result<Setup> {
     Ok(Setup { cfg, net, params, images, labels, sigma, noisy, rng })
 }
 
+/// The benchmark's inputs as the one pass of every step.
+fn fixed_batch(images: &Tensor, noisy: &Tensor, sigma: &[f32], labels: &Option<Tensor>) -> SameBatch {
+    SameBatch(Batch { start: 0, images: images.clone(), noisy: noisy.clone(), sigma: sigma.to_vec(), labels: labels.clone() })
+}
+
+/// `train`'s optimizer step (`train::step::train_step`: forced weight norm, forward, loss,
+/// backward, Adam with the non-finite counts, the one read of the totals) on fixed inputs:
+/// one pass, no EMAs, lr 1e-4, Adam step `t`.
+fn bench_step<B: StepOps>(be: &B, net: &Precond, params: &mut B::Params, m: &mut B::Params, v: &mut B::Params, batch: &SameBatch, t: u64) -> Result<StepOut> {
+    let plan = StepPlan {
+        passes: 1,
+        seed: 7,
+        sigma_data: net.config.sigma_data,
+        loss_scale: 1.0,
+        adam: AdamHyper { lr: 1e-4, beta1: 0.9, beta2: 0.99, eps: 1e-8, t },
+        ema_weights: vec![],
+    };
+    Ok(train_step(be, net, StateRefs { params, m, v, emas: vec![] }, batch, &plan, &Solo)?)
+}
+
 pub fn run(a: Args) -> Result<()> {
     let device = resolve_device(a.device)?;
     if device == Device::Cuda {
@@ -113,16 +137,12 @@ pub fn run(a: Args) -> Result<()> {
     let cpu = edm2::backend::cpu::Cpu::for_precision(a.precision.parse().map_err(anyhow::Error::msg)?).map_err(anyhow::Error::msg)?;
     let Setup { cfg, net, mut params, images, labels, sigma, noisy, mut rng } = setup(&a, None)?;
     let (n, r, c) = (a.batch, cfg.img_resolution, cfg.img_channels);
-    let mut adam = edm2::train::adam::Adam::new(&net.specs);
+    let batch = fixed_batch(&images, &noisy, &sigma, &labels);
+    let (mut m, mut v) = (edm2::Params::zeros(&net.specs), edm2::Params::zeros(&net.specs));
+    let mut t = 0;
     let mut train_step = |params: &mut edm2::Params| -> Result<f64> {
-        net.force_normalize(params);
-        let mode = Mode::train(7);
-        let out = net.forward_on(&cpu, params, &noisy, &sigma, labels.as_ref(), &mode, false)?;
-        let loss = edm2::train::loss::edm2_loss(&out.d, &out.logvar, &images, &sigma, cfg.sigma_data);
-        let mut g = net.backward_on(&cpu, params, out.cache.unwrap(), &loss.dd, &loss.dlogvar, &mode)?;
-        edm2::train::adam::Adam::sanitize(&mut g);
-        adam.step(&net.specs, params, &g, 1e-4);
-        Ok(loss.total)
+        t += 1;
+        Ok(bench_step(&cpu, &net, params, &mut m, &mut v, &batch, t)?.loss_sum / n as f64)
     };
     eprintln!(
         "bench {} batch {n} on {} threads, {} kernels{} ({})",
@@ -238,47 +258,22 @@ pub fn run(a: Args) -> Result<()> {
 /// backward, Adam) and forward on the CUDA backend.
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn bench_cuda(a: &Args) -> Result<()> {
-    use edm2::backend::gpu::{kernels, launches, multi_tensor, Gpu, GpuParams};
+    use edm2::backend::gpu::{launches, Gpu, GpuParams};
+    use edm2::backend::Backend;
     let gpu = Gpu::open(0)?;
     gpu.set_precision(a.precision.parse().map_err(anyhow::Error::msg)?);
     let Setup { cfg, net, params, images, labels, sigma, noisy, mut rng } = setup(a, gpu.memory_free().map(|f| f.0))?;
     let n = a.batch;
     let mut gp = GpuParams::upload(&gpu, &params)?;
     let xd = Tensor::with_buf(&noisy.shape, gpu.upload_input(&noisy.data)?);
-    let yd = gpu.upload(&images.data)?;
     let ld = labels.as_ref().map(|l| gpu.upload_act(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
-    let mut moments = gp
-        .values
-        .iter()
-        .map(|v| Ok((gpu.alloc_zeros::<f32>(v.len())?, gpu.alloc_zeros::<f32>(v.len())?)))
-        .collect::<edm2::error::Result<Vec<_>>>()?;
-    let mut step = 0u64;
+    // `train`'s step, the batch's upload included (the EMAs, one more launch, aside).
+    let batch = fixed_batch(&images, &noisy, &sigma, &labels);
+    let (mut m, mut v) = (gpu.zero_grads(&gp)?, gpu.zero_grads(&gp)?);
+    let mut t = 0;
     let mut train_step = |gp: &mut GpuParams| -> Result<f32> {
-        net.force_normalize_on(&gpu, gp)?;
-        let mode = Mode::train(7);
-        let out = net.forward_on(&gpu, gp, &xd, &sigma, ld.as_ref(), &mode, false)?;
-        let kernels::GpuLoss { per_sample, dd, dlogvar } = kernels::edm2_loss(&gpu, &out.d.data, &yd, &out.logvar, &sigma, cfg.sigma_data, 1.0)?;
-        let mut totals = gpu.alloc_zeros::<f64>(3)?;
-        kernels::step_totals(&gpu, Some(&per_sample), None, &mut totals)?;
-        let dd = Tensor::with_buf(&out.d.shape, dd);
-        let g = net.backward_on(&gpu, gp, out.cache.expect("a training forward records"), &dd, &dlogvar, &mode)?;
-        step += 1;
-        // Adam on the device for every parameter, the gains included, in one launch (as
-        // `train` does; the EMAs are one more).
-        let mut nonfinite = gpu.alloc_zeros::<u32>(2)?;
-        let tensors = gp
-            .values
-            .iter_mut()
-            .zip(&g.values)
-            .zip(moments.iter_mut())
-            .zip(&net.specs)
-            .filter(|(_, s)| s.kind == edm2::nn::params::ParamKind::Param)
-            .map(|(((p, g), (m, v)), _)| multi_tensor::AdamTensor { p, g, m, v })
-            .collect();
-        multi_tensor::adam(&gpu, tensors, 1e-4, 0.9, 0.99, 1e-8, step, &mut nonfinite, multi_tensor::CHUNK)?;
-        kernels::step_totals(&gpu, None, Some(&nonfinite), &mut totals)?;
-        // The one read-back of a step waits for all of it.
-        Ok((gpu.download(&totals)?[0] / n as f64) as f32)
+        t += 1;
+        Ok((bench_step(&gpu, &net, gp, &mut m, &mut v, &batch, t)?.loss_sum / n as f64) as f32)
     };
     let tc = gpu.tensor_core_conv() && a.precision == "bf16";
     eprintln!("bench {} batch {n} on {} ({}{})", a.config, gpu.name(), a.precision, if tc { ", tensor-core conv forward" } else { "" });

@@ -21,6 +21,7 @@ const NOISE: u64 = 0x5EED_0F_5160_0000;
 const LATENT: u64 = 0x1A7E_1A7E_1A7E_1A7E;
 
 /// One forward/backward pass worth of training examples.
+#[derive(Clone, Debug)]
 pub struct Batch {
     /// Global index of the first image (images seen before it).
     pub start: u64,

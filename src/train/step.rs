@@ -59,6 +59,28 @@ pub struct StepOut {
     pub fwd_bwd: f64,
 }
 
+/// Where a step's passes come from: the training run's [`Loader`], or one batch again and
+/// again ([`SameBatch`], for benchmarks).
+pub trait Passes {
+    /// The next pass (blocks until it is ready).
+    fn next_pass(&self) -> Result<Batch>;
+}
+
+impl Passes for Loader {
+    fn next_pass(&self) -> Result<Batch> {
+        self.next()
+    }
+}
+
+/// Every pass is this batch (a benchmark's fixed inputs).
+pub struct SameBatch(pub Batch);
+
+impl Passes for SameBatch {
+    fn next_pass(&self) -> Result<Batch> {
+        Ok(self.0.clone())
+    }
+}
+
 /// One pass's data on a backend.
 pub struct StepBatch<B: StepOps> {
     pub x: Tensor<B::Buf>,
@@ -120,7 +142,7 @@ pub trait StepOps: Backend {
 /// over the ranks of `comm`, Adam, the EMAs. The caller advances the images seen and
 /// Adam's step count (the plan holds the new ones). Every rank ends the step with the
 /// same state and the same totals.
-pub fn train_step<B: StepOps>(be: &B, net: &Precond, s: StateRefs<'_, B>, loader: &Loader, plan: &StepPlan, comm: &dyn Collective) -> Result<StepOut> {
+pub fn train_step<B: StepOps>(be: &B, net: &Precond, s: StateRefs<'_, B>, loader: &dyn Passes, plan: &StepPlan, comm: &dyn Collective) -> Result<StepOut> {
     let StateRefs { params, m, v, emas } = s;
     net.force_normalize_on(be, params)?;
     // The step's gradients: every pass adds into them (backward_into), the gains' too.
@@ -129,7 +151,7 @@ pub fn train_step<B: StepOps>(be: &B, net: &Precond, s: StateRefs<'_, B>, loader
     let mut fwd_bwd = 0.0f64;
     // The next pass's batch is moved to the backend while the work queued before it runs
     // (on a device: the weight normalization, or the previous pass's backward).
-    let mut next = Some(be.upload_batch(loader.next()?)?);
+    let mut next = Some(be.upload_batch(loader.next_pass()?)?);
     for pass in 0..plan.passes {
         let b = next.take().expect("uploaded before the pass");
         let t = Instant::now();
@@ -139,7 +161,7 @@ pub fn train_step<B: StepOps>(be: &B, net: &Precond, s: StateRefs<'_, B>, loader
         net.backward_into(be, params, out.cache.expect("training forward records"), &dd, &dlogvar, &mode, &mut grads)?;
         fwd_bwd += t.elapsed().as_secs_f64();
         if pass + 1 < plan.passes {
-            next = Some(be.upload_batch(loader.next()?)?);
+            next = Some(be.upload_batch(loader.next_pass()?)?);
         }
     }
     // Each pass's loss was scaled by its share of the global batch: the sum over ranks is
