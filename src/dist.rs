@@ -25,6 +25,9 @@ pub trait Collective {
     fn gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>>;
     /// The engine's name, for the log.
     fn engine(&self) -> &'static str;
+    /// Ends every rank now with `code` (after an error on this one: the others may be
+    /// waiting in a collective, and an orderly shutdown would wait for them forever).
+    fn abort(&self, code: i32) -> !;
 
     /// Whether any rank says yes (a stop request on one rank stops all after the same step).
     fn any(&self, yes: bool) -> Result<bool> {
@@ -61,6 +64,9 @@ impl Collective for Solo {
     }
     fn engine(&self) -> &'static str {
         "none"
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
     }
 }
 
@@ -147,15 +153,26 @@ mod mpi_group {
     const BUCKET: usize = 1 << 22;
 
     pub struct MpiGroup {
-        // Dropped last: finalizes MPI.
         world: SimpleCommunicator,
-        _universe: mpi::environment::Universe,
+        // Dropping it finalizes MPI, which waits for every rank: not while unwinding.
+        universe: std::mem::ManuallyDrop<mpi::environment::Universe>,
     }
 
     impl MpiGroup {
         pub fn init() -> Result<MpiGroup> {
             let universe = mpi::initialize().ok_or_else(|| Error::Run("MPI was initialized twice in this process".into()))?;
-            Ok(MpiGroup { world: universe.world(), _universe: universe })
+            Ok(MpiGroup { world: universe.world(), universe: std::mem::ManuallyDrop::new(universe) })
+        }
+    }
+
+    impl Drop for MpiGroup {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                // A panic on one rank while the others wait in a collective: end them all.
+                self.world.abort(101);
+            }
+            // SAFETY: dropped once, here, and not used after.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.universe) };
         }
     }
 
@@ -214,6 +231,9 @@ mod mpi_group {
         }
         fn engine(&self) -> &'static str {
             "MPI"
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.world.abort(code)
         }
     }
 }

@@ -152,21 +152,37 @@ fn signal(pid: i32, sig: i32) {
     assert_eq!(unsafe { kill(pid, sig) }, 0);
 }
 
+/// A long 2-process run in `dir`, its output (both streams) going to `dir`.out.
 fn spawn(cfg: &str, dir: &Path) -> std::process::Child {
+    let out = std::fs::File::create(dir.with_extension("out")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_edm2"))
         .args(["train", cfg, "--outdir", dir.to_str().unwrap(), "--nproc-per-node", "2", "--duration", "100Ki"])
         .args(COMMON)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
         .spawn()
         .unwrap()
 }
 
-fn finish(child: std::process::Child, limit: Duration) -> (bool, String) {
+/// Waits for the run to end (success, output); a run still going after `limit` is a hang:
+/// it is ended (two SIGTERMs to the launcher: the second ends mpirun's job) and the test
+/// fails.
+fn finish(mut child: std::process::Child, dir: &Path, limit: Duration) -> (bool, String) {
     let t = Instant::now();
-    let out = child.wait_with_output().unwrap();
-    assert!(t.elapsed() < limit, "the run took {:?} to end", t.elapsed());
-    (out.status.success(), format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > limit {
+            signal(child.id() as i32, 15);
+            std::thread::sleep(Duration::from_secs(1));
+            signal(child.id() as i32, 15);
+            let _ = child.wait();
+            panic!("the run in {} did not end within {limit:?}: {}", dir.display(), std::fs::read_to_string(dir.with_extension("out")).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (status.success(), std::fs::read_to_string(dir.with_extension("out")).unwrap())
 }
 
 #[test]
@@ -183,7 +199,7 @@ fn a_stop_on_one_rank_or_at_the_launcher_stops_all_with_one_checkpoint_and_a_kil
         } else {
             signal(rank_pid(&dir, 1), 10);
         }
-        let (ok, out) = finish(child, Duration::from_secs(120));
+        let (ok, out) = finish(child, &dir, Duration::from_secs(120));
         assert!(ok && out.contains("Interrupted"), "{case}: {out}");
         let states: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("training-state-")).collect();
         assert_eq!(states.len(), 1, "{case}: one checkpoint");
@@ -191,11 +207,19 @@ fn a_stop_on_one_rank_or_at_the_launcher_stops_all_with_one_checkpoint_and_a_kil
         let nimg: u64 = st.metadata["edm2.nimg"].parse().unwrap();
         assert!(nimg > 0 && nimg % 32 == 0, "{case}: stopped after a whole step ({nimg})");
     }
+    // An error on one rank (here rank 0: the run directory is in use) ends every rank at
+    // once with that error, while the others wait for it in a collective: no hang.
+    let dir = d.join("locked");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lock = edm2::train::rundir::RunDirLock::acquire(&dir).unwrap();
+    let (ok, out) = finish(spawn(&cfg, &dir), &dir, Duration::from_secs(60));
+    assert!(!ok && out.contains("error (rank 0 of 2)") && out.contains("is in use by another edm2 train"), "{out}");
+    drop(lock);
     // A killed rank: the run ends with an error, not a hang.
     let dir = d.join("killed");
     let child = spawn(&cfg, &dir);
     wait_for_steps(&dir);
     signal(rank_pid(&dir, 1), 9);
-    let (ok, out) = finish(child, Duration::from_secs(120));
+    let (ok, out) = finish(child, &dir, Duration::from_secs(120));
     assert!(!ok && out.contains("workers did not all finish"), "{out}");
 }

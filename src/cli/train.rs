@@ -470,8 +470,21 @@ pub fn run(a: Args, threads_given: bool) -> Result<()> {
         }
         return super::launch::run_workers(a.nproc_per_node, threads_given);
     }
+    if a.nproc_per_node > 1 && a.device == Device::Cuda {
+        bail!("--nproc-per-node {} --device cuda: summing gradients across GPUs needs NCCL, which is not built yet", a.nproc_per_node);
+    }
     // Rank 0 of several (or the only process) talks; the others train quietly.
     let comm = edm2::dist::join()?;
+    let r = run_rank(a, comm.as_ref());
+    if let (Err(e), true) = (&r, comm.world() > 1) {
+        // The other ranks may be waiting for this one in a collective: end them all, now.
+        eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.world());
+        comm.abort(1);
+    }
+    r
+}
+
+fn run_rank(a: Args, comm: &dyn edm2::dist::Collective) -> Result<()> {
     let rank0 = comm.rank() == 0;
     let device = resolve_device(a.device)?;
     let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size, ..Default::default() })?;
@@ -489,7 +502,7 @@ pub fn run(a: Args, threads_given: bool) -> Result<()> {
     };
     let run_dir = a.outdir.clone().unwrap_or_else(|| PathBuf::from("training-runs").join(run_name));
     if !rank0 {
-        return run_quiet_rank(&opts, ds, &run_dir, comm.as_ref());
+        return run_quiet_rank(&opts, ds, &run_dir, comm);
     }
     println!("Run directory: {}", run_dir.display());
     if a.dry_run {
@@ -524,7 +537,7 @@ pub fn run(a: Args, threads_given: bool) -> Result<()> {
     }
     catch_stop_signals(true);
     let mut ui = Terminal { bar: tty, shown: false };
-    let s = train_ranked(&opts, Arc::new(ds), &run_dir, held, comm.as_ref(), &STOP, &mut ui)?;
+    let s = train_ranked(&opts, Arc::new(ds), &run_dir, held, comm, &STOP, &mut ui)?;
     let what = match s.reason {
         StopReason::Finished => "Training finished",
         StopReason::Sliced => "Slice done (run the same command again to continue)",
