@@ -145,3 +145,59 @@ fn fast_exp_accuracy() {
     assert_eq!(ops::fast_exp(200.0), f32::INFINITY);
     assert_eq!(ops::fast_exp(0.0), 1.0);
 }
+
+/// The attention's fp32 products on the register tiles (`gemm16::gemm_ab`, `gemm_abt`,
+/// `gemm_atb`) against f64 sums: ragged shapes (37 rows: tiles of 12 and a remainder;
+/// 48 columns: a two-panel and a one-panel tile; K = 40, not a multiple of 16, and the
+/// transpose of A in 16x16 blocks with partial blocks). Within fp32 rounding of the sum
+/// of |products|; skipped without AVX2 (the `gemm` crate runs them there).
+#[test]
+fn fp32_tile_products_match_f64_sums() {
+    use edm2::backend::cpu::gemm16;
+    if !gemm16::usable(16) {
+        eprintln!("skipped: no AVX2");
+        return;
+    }
+    let (m, n, k) = (37, 48, 40);
+    let mut rng = Rng::new(91);
+    let (a, bt, b, at) = (rng.normal_vec(m * k), rng.normal_vec(n * k), rng.normal_vec(k * n), rng.normal_vec(k * m));
+    let mut c = [vec![0.0f32; m * n], vec![0.0f32; m * n], vec![0.0f32; m * n]];
+    gemm16::gemm_abt(m, n, k, &a, &bt, &mut c[0]);
+    gemm16::gemm_ab(m, n, k, &a, &b, &mut c[1]);
+    gemm16::gemm_atb(m, n, k, &at, &b, &mut c[2]);
+    for i in 0..m {
+        for j in 0..n {
+            let mut want = [0.0f64; 3];
+            let mut scale = [0.0f64; 3];
+            for kk in 0..k {
+                let t = [
+                    a[i * k + kk] as f64 * bt[j * k + kk] as f64,
+                    a[i * k + kk] as f64 * b[kk * n + j] as f64,
+                    at[kk * m + i] as f64 * b[kk * n + j] as f64,
+                ];
+                for v in 0..3 {
+                    want[v] += t[v];
+                    scale[v] += t[v].abs();
+                }
+            }
+            for v in 0..3 {
+                let got = c[v][i * n + j] as f64;
+                assert!((got - want[v]).abs() <= 1e-6 * scale[v], "product {v} [{i},{j}]: {got} vs {}", want[v]);
+            }
+        }
+    }
+}
+
+/// `cpu::zeroed` (parallel writes of large buffers) gives zeros also in memory that held
+/// other values before (the binary reuses freed memory), for f32 and u32, large and small.
+#[test]
+fn zeroed_buffers_are_zero_after_reuse() {
+    for n in [7, 1 << 16, (1 << 20) + 3] {
+        drop(vec![1.5f32; n]);
+        let z: Vec<f32> = edm2::backend::cpu::zeroed(n);
+        assert!(z.len() == n && z.iter().all(|v| v.to_bits() == 0), "f32, n = {n}");
+        drop(vec![u32::MAX; n]);
+        let z: Vec<u32> = edm2::backend::cpu::zeroed(n);
+        assert!(z.len() == n && z.iter().all(|v| *v == 0), "u32, n = {n}");
+    }
+}

@@ -19,17 +19,26 @@ pub struct AttnCache {
     pub w: Vec<f32>,
 }
 
-fn gather_normalized(qkv: &[f32], n_: usize, p: usize, c: usize, ch: usize, head: usize, s: usize, out: &mut [f32]) {
-    let b = n_;
-    let mut tmp = vec![0.0f32; ch];
+/// q, k and v of one (image `b`, head) as `[P, Ch]` rows each, normalized per pixel
+/// (`x / norm_denom(x)`). Per pixel the head's 3·Ch interleaved channels are one
+/// contiguous run of `qkv`, read once for all three (de-interleaved into the rows, then
+/// scaled in place), instead of three strided passes.
+#[allow(clippy::too_many_arguments)]
+fn gather_normalized(qkv: &[f32], b: usize, p: usize, c: usize, ch: usize, head: usize, q: &mut [f32], k: &mut [f32], v: &mut [f32]) {
     for i in 0..p {
-        let base = (b * p + i) * 3 * c;
-        for cc in 0..ch {
-            tmp[cc] = qkv[base + (head * ch + cc) * 3 + s];
+        let base = (b * p + i) * 3 * c + head * ch * 3;
+        let src = &qkv[base..base + 3 * ch];
+        let (qr, kr, vr) = (&mut q[i * ch..(i + 1) * ch], &mut k[i * ch..(i + 1) * ch], &mut v[i * ch..(i + 1) * ch]);
+        for (cc, t) in src.chunks_exact(3).enumerate() {
+            qr[cc] = t[0];
+            kr[cc] = t[1];
+            vr[cc] = t[2];
         }
-        let inv = 1.0 / norm_denom(&tmp);
-        for cc in 0..ch {
-            out[i * ch + cc] = tmp[cc] * inv;
+        for r in [qr, kr, vr] {
+            let inv = 1.0 / norm_denom(r);
+            for x in r.iter_mut() {
+                *x *= inv;
+            }
         }
     }
 }
@@ -38,10 +47,57 @@ pub fn attention_forward(qkv: &[f32], n: usize, p: usize, c: usize, heads: usize
     attention_forward_in(false, qkv, n, p, c, heads, y)
 }
 
-/// Whether the attention's products run in bf16 ([`super::bf16`]): asked for, and the
-/// shapes the bf16 GEMMs take (pixels and head width multiples of 16).
-fn bf16_products(asked: bool, p: usize, ch: usize) -> bool {
-    asked && p % 16 == 0 && ch % 16 == 0 && super::bf16::available()
+/// Where the attention's six products run: bf16 pairs on `vdpbf16ps` (asked for, the
+/// processor has it, pixels and head width multiples of 16), the fp32 register tiles of
+/// [`super::gemm16`] (pixels and head width multiples of 16, AVX2 present), or the `gemm`
+/// crate (any other shape or processor). The tiles over the crate: on these small
+/// products (P = 64–256, Ch = 64) the crate packs both operands per call and ran at
+/// 110–145 GFLOP/s on 2 AVX-512 Xeon cores (docs/perf.md).
+#[derive(Clone, Copy)]
+enum Products {
+    Bf16,
+    Tiles,
+    Crate,
+}
+
+impl Products {
+    fn choose(bf16: bool, p: usize, ch: usize) -> Self {
+        let shapes = p % 16 == 0 && ch % 16 == 0;
+        if bf16 && shapes && super::bf16::available() {
+            Products::Bf16
+        } else if shapes && super::gemm16::usable(p) {
+            Products::Tiles
+        } else {
+            Products::Crate
+        }
+    }
+
+    /// `c[m×n] = a[m×k] · b[k×n]` (all row-major, overwritten).
+    fn ab(self, m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+        match self {
+            Products::Bf16 => super::gemm16::gemm_ab_bf16(m, n, k, a, b, c),
+            Products::Tiles => super::gemm16::gemm_ab(m, n, k, a, b, c),
+            Products::Crate => sgemm(m, n, k, MatRef::rm(a, k), MatRef::rm(b, n), c, false, false),
+        }
+    }
+
+    /// `c[m×n] = a[m×k] · bᵀ` for a row-major `b` `[n][k]`.
+    fn abt(self, m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+        match self {
+            Products::Bf16 => super::gemm16::gemm_abt_bf16(m, n, k, a, b, c),
+            Products::Tiles => super::gemm16::gemm_abt(m, n, k, a, b, c),
+            Products::Crate => sgemm(m, n, k, MatRef::rm(a, k), MatRef::rm_t(b, k), c, false, false),
+        }
+    }
+
+    /// `c[m×n] = aᵀ · b` for a row-major `a` `[k][m]`.
+    fn atb(self, m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+        match self {
+            Products::Bf16 => super::gemm16::gemm_atb_bf16(m, n, k, a, b, c),
+            Products::Tiles => super::gemm16::gemm_atb(m, n, k, a, b, c),
+            Products::Crate => sgemm(m, n, k, MatRef::rm_t(a, m), MatRef::rm(b, n), c, false, false),
+        }
+    }
 }
 
 /// [`attention_forward`], with `bf16`: the two products (`q·kᵀ`, `w·v`) on bf16
@@ -49,13 +105,13 @@ fn bf16_products(asked: bool, p: usize, ch: usize) -> bool {
 pub fn attention_forward_in(bf16: bool, qkv: &[f32], n: usize, p: usize, c: usize, heads: usize, y: &mut [f32]) -> AttnCache {
     let _prof = crate::profile::scope("attention");
     let ch = c / heads;
-    let bf16 = bf16_products(bf16, p, ch);
+    let products = Products::choose(bf16, p, ch);
     let nh = n * heads;
-    let mut q = vec![0.0f32; nh * p * ch];
-    let mut k = vec![0.0f32; nh * p * ch];
-    let mut v = vec![0.0f32; nh * p * ch];
-    let mut w = vec![0.0f32; nh * p * p];
-    let mut yh = vec![0.0f32; nh * p * ch];
+    let mut q = super::zeroed(nh * p * ch);
+    let mut k = super::zeroed(nh * p * ch);
+    let mut v = super::zeroed(nh * p * ch);
+    let mut w = super::zeroed(nh * p * p);
+    let mut yh = super::zeroed(nh * p * ch);
     let scale = 1.0 / (ch as f32).sqrt();
     q.par_chunks_mut(p * ch)
         .zip(k.par_chunks_mut(p * ch))
@@ -66,17 +122,11 @@ pub fn attention_forward_in(bf16: bool, qkv: &[f32], n: usize, p: usize, c: usiz
         .for_each(|(idx, ((((qh, kh), vh), wh), yhh))| {
             let (b, head) = (idx / heads, idx % heads);
             let _g = crate::profile::scope("attention.gather");
-            gather_normalized(qkv, b, p, c, ch, head, 0, qh);
-            gather_normalized(qkv, b, p, c, ch, head, 1, kh);
-            gather_normalized(qkv, b, p, c, ch, head, 2, vh);
+            gather_normalized(qkv, b, p, c, ch, head, qh, kh, vh);
             drop(_g);
             // logits[i, j] = Σ_c q[i, c] k[j, c]
             let _g = crate::profile::scope("attention.qk");
-            if bf16 {
-                super::gemm16::gemm_abt_bf16(p, p, ch, qh, kh, wh);
-            } else {
-                sgemm(p, p, ch, MatRef::rm(qh, ch), MatRef::rm_t(kh, ch), wh, false, false);
-            }
+            products.abt(p, p, ch, qh, kh, wh);
             drop(_g);
             let _g = crate::profile::scope("attention.softmax");
             for row in wh.chunks_mut(p) {
@@ -84,11 +134,7 @@ pub fn attention_forward_in(bf16: bool, qkv: &[f32], n: usize, p: usize, c: usiz
             }
             drop(_g);
             let _g = crate::profile::scope("attention.pv");
-            if bf16 {
-                super::gemm16::gemm_ab_bf16(p, ch, p, wh, vh, yhh);
-            } else {
-                sgemm(p, ch, p, MatRef::rm(wh, p), MatRef::rm(vh, ch), yhh, false, false);
-            }
+            products.ab(p, ch, p, wh, vh, yhh);
         });
     // Re-join heads: y[b, i, head·Ch + c].
     y.par_chunks_mut(p * c).enumerate().for_each(|(b, yb)| {
@@ -132,10 +178,10 @@ pub fn attention_backward_in(
 ) {
     let _prof = crate::profile::scope("attention.bwd");
     let ch = c / heads;
-    let bf16 = bf16_products(bf16, p, ch);
+    let products = Products::choose(bf16, p, ch);
     let scale = 1.0 / (ch as f32).sqrt();
     // Per (image, head): gradients of the normalized q, k, v, as [P, Ch] each.
-    let mut dn = vec![0.0f32; n * heads * 3 * p * ch];
+    let mut dn = super::zeroed(n * heads * 3 * p * ch);
     dn.par_chunks_mut(3 * p * ch).enumerate().for_each(|(idx, dnh)| {
         let (b, head) = (idx / heads, idx % heads);
         let off = idx * p * ch;
@@ -150,18 +196,10 @@ pub fn attention_backward_in(
         let (dq, rest) = dnh.split_at_mut(p * ch);
         let (dk, dv) = rest.split_at_mut(p * ch);
         // dv[j, c] = Σ_i w[i, j] dy[i, c]
-        if bf16 {
-            super::gemm16::gemm_atb_bf16(p, ch, p, wh, &dyh, dv);
-        } else {
-            sgemm(p, ch, p, MatRef::rm_t(wh, p), MatRef::rm(&dyh, ch), dv, false, false);
-        }
+        products.atb(p, ch, p, wh, &dyh, dv);
         // dw[i, j] = Σ_c dy[i, c] v[j, c]
         let mut dl = vec![0.0f32; p * p];
-        if bf16 {
-            super::gemm16::gemm_abt_bf16(p, p, ch, &dyh, vh, &mut dl);
-        } else {
-            sgemm(p, p, ch, MatRef::rm(&dyh, ch), MatRef::rm_t(vh, ch), &mut dl, false, false);
-        }
+        products.abt(p, p, ch, &dyh, vh, &mut dl);
         // softmax backward, then the 1/sqrt(Ch) scale of the logits.
         for (dlr, wr) in dl.chunks_mut(p).zip(wh.chunks(p)) {
             let dot: f32 = dlr.iter().zip(wr).map(|(a, b)| a * b).sum();
@@ -170,33 +208,34 @@ pub fn attention_backward_in(
             }
         }
         // dq = dl · k, dk = dlᵀ · q
-        if bf16 {
-            super::gemm16::gemm_ab_bf16(p, ch, p, &dl, kh, dq);
-        } else {
-            sgemm(p, ch, p, MatRef::rm(&dl, p), MatRef::rm(kh, ch), dq, false, false);
-        }
-        if bf16 {
-            super::gemm16::gemm_atb_bf16(p, ch, p, &dl, qh, dk);
-        } else {
-            sgemm(p, ch, p, MatRef::rm_t(&dl, p), MatRef::rm(qh, ch), dk, false, false);
-        }
+        products.ab(p, ch, p, &dl, kh, dq);
+        products.atb(p, ch, p, &dl, qh, dk);
     });
-    // Through the per-pixel normalizations, scattered back to the interleaved layout.
+    // Through the per-pixel normalizations, scattered back to the interleaved layout: per
+    // pixel and head, the 3·Ch interleaved channels are one contiguous run of qkv and of
+    // dqkv (read and written once for q, k and v together).
     dqkv.par_chunks_mut(p * 3 * c).enumerate().for_each(|(b, db)| {
-        let mut raw = vec![0.0f32; ch];
-        let mut dr = vec![0.0f32; ch];
-        for head in 0..heads {
-            let idx = b * heads + head;
-            for s in 0..3 {
-                let g = &dn[(idx * 3 + s) * p * ch..(idx * 3 + s + 1) * p * ch];
-                for i in 0..p {
-                    let base = (b * p + i) * 3 * c;
-                    for cc in 0..ch {
-                        raw[cc] = qkv[base + (head * ch + cc) * 3 + s];
+        let mut raw = vec![0.0f32; 3 * ch];
+        let mut dr = vec![0.0f32; 3 * ch];
+        for i in 0..p {
+            for head in 0..heads {
+                let idx = b * heads + head;
+                let at = (b * p + i) * 3 * c + head * ch * 3;
+                let src = &qkv[at..at + 3 * ch];
+                for (cc, t) in src.chunks_exact(3).enumerate() {
+                    for s in 0..3 {
+                        raw[s * ch + cc] = t[s];
                     }
-                    normalize_row_backward(&raw, norm_denom(&raw), &g[i * ch..(i + 1) * ch], &mut dr);
-                    for cc in 0..ch {
-                        db[i * 3 * c + (head * ch + cc) * 3 + s] = dr[cc];
+                }
+                for s in 0..3 {
+                    let g = &dn[(idx * 3 + s) * p * ch + i * ch..][..ch];
+                    let x = &raw[s * ch..(s + 1) * ch];
+                    normalize_row_backward(x, norm_denom(x), g, &mut dr[s * ch..(s + 1) * ch]);
+                }
+                let dst = &mut db[i * 3 * c + head * ch * 3..][..3 * ch];
+                for (cc, t) in dst.chunks_exact_mut(3).enumerate() {
+                    for s in 0..3 {
+                        t[s] = dr[s * ch + cc];
                     }
                 }
             }
@@ -204,33 +243,48 @@ pub fn attention_backward_in(
     });
 }
 
-crate::multiversion! {
-    /// In place: `row ← softmax(row · scale)`. The max and the sum run over 8 interleaved
-    /// partial lanes combined in a fixed order (vectorizable, deterministic).
-    pub fn softmax_row(row: &mut [f32], scale: f32) {
-        let mut mx = [f32::NEG_INFINITY; 8];
-        let mut chunks = row.chunks_exact_mut(8);
-        for ch in &mut chunks {
-            for j in 0..8 {
-                ch[j] *= scale;
-                mx[j] = mx[j].max(ch[j]);
+/// The largest element of `row` (NaNs skipped), on 8 lanes of `vmaxps` where AVX2 is
+/// present: neither `f32::max` nor a compare-select loop vectorizes (they compiled to
+/// scalar `vmaxss`).
+fn row_max(row: &[f32]) -> f32 {
+    let fold = |a: f32, &b: &f32| if b > a { b } else { a };
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::avx2_fma() {
+        #[target_feature(enable = "avx2")]
+        unsafe fn lanes(row: &[f32]) -> [f32; 8] {
+            use std::arch::x86_64::*;
+            let mut acc = _mm256_set1_ps(f32::NEG_INFINITY);
+            for c in row.chunks_exact(8) {
+                // vmaxps returns its second operand when either is NaN: a NaN is skipped.
+                acc = _mm256_max_ps(_mm256_loadu_ps(c.as_ptr()), acc);
             }
+            let mut l = [0.0f32; 8];
+            _mm256_storeu_ps(l.as_mut_ptr(), acc);
+            l
         }
-        for (j, l) in chunks.into_remainder().iter_mut().enumerate() {
-            *l *= scale;
-            mx[j] = mx[j].max(*l);
-        }
-        let m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        // SAFETY: AVX2 checked above; the loads stay inside `row`'s whole chunks.
+        let l = unsafe { lanes(row) };
+        return l.iter().chain(row.chunks_exact(8).remainder()).fold(f32::NEG_INFINITY, fold);
+    }
+    row.iter().fold(f32::NEG_INFINITY, fold)
+}
+
+crate::multiversion! {
+    /// In place: `row ← softmax(row · scale)` for `scale > 0`, as `exp((x − max)·scale)`
+    /// over their sum ([`row_max`]), the sum over 8 lanes combined in a fixed order
+    /// (vectorizable, deterministic).
+    pub fn softmax_row(row: &mut [f32], scale: f32) {
+        let m = row_max(row);
         let mut sums = [0.0f32; 8];
         let mut chunks = row.chunks_exact_mut(8);
         for ch in &mut chunks {
             for j in 0..8 {
-                ch[j] = super::ops::fast_exp(ch[j] - m);
+                ch[j] = super::ops::fast_exp((ch[j] - m) * scale);
                 sums[j] += ch[j];
             }
         }
         for (j, l) in chunks.into_remainder().iter_mut().enumerate() {
-            *l = super::ops::fast_exp(*l - m);
+            *l = super::ops::fast_exp((*l - m) * scale);
             sums[j] += *l;
         }
         let inv = 1.0 / sums.iter().sum::<f32>();

@@ -57,10 +57,10 @@ impl Backend for Cpu {
     type Mask = Vec<bool>;
 
     fn alloc(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; n])
+        Ok(super::zeroed(n))
     }
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; n])
+        Ok(super::zeroed(n))
     }
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
         Ok(host.to_vec())

@@ -53,7 +53,7 @@ const TASK: usize = 1 << 16;
 pub fn to_bf16_pairs(x: &[f32]) -> Vec<u32> {
     assert!(x.len() % 2 == 0);
     let _prof = crate::profile::scope("bf16.convert");
-    let mut out = vec![0u32; x.len() / 2];
+    let mut out = super::zeroed(x.len() / 2);
     out.par_chunks_mut(TASK / 2).zip(x.par_chunks(TASK)).for_each(|(d, s)| pairs_into(s, d));
     out
 }
@@ -101,7 +101,7 @@ fn pairs_into(s: &[f32], d: &mut [u32]) {
 pub fn interleave_images(x: &[f32], n: usize, per_image: usize) -> Vec<u32> {
     assert_eq!(x.len(), n * per_image);
     let _prof = crate::profile::scope("bf16.interleave");
-    let mut out = vec![0u32; n.div_ceil(2) * per_image];
+    let mut out = super::zeroed(n.div_ceil(2) * per_image);
     out.par_chunks_mut(TASK / 2).enumerate().for_each(|(t, d)| {
         // This task's elements, possibly across a pair boundary: split there.
         let mut e = t * (TASK / 2);
@@ -165,8 +165,8 @@ unsafe fn interleave_avx512(a: &[f32], b: &[f32], d: &mut [u32]) {
 pub fn pairs_and_interleave(x: &[f32], n: usize, per_image: usize) -> (Vec<u32>, Vec<u32>) {
     assert!(x.len() == n * per_image && per_image % 2 == 0);
     let _prof = crate::profile::scope("bf16.convert2");
-    let mut pairs = vec![0u32; x.len() / 2];
-    let mut inter = vec![0u32; n.div_ceil(2) * per_image];
+    let mut pairs = super::zeroed(x.len() / 2);
+    let mut inter = super::zeroed(n.div_ceil(2) * per_image);
     // One task per image pair: its two images' pairs (per_image u32) and its interleaved
     // block (per_image u32).
     pairs.par_chunks_mut(per_image).zip(inter.par_chunks_mut(per_image)).enumerate().for_each(|(j, (pd, id))| {
@@ -187,7 +187,7 @@ pub fn pairs_and_interleave(x: &[f32], n: usize, per_image: usize) -> (Vec<u32>,
 /// layout of [`super::microkernel::Bf16Dot`] for a reduction over K.
 pub fn pack_pairs(packed: &[f32], k: usize) -> Vec<u32> {
     assert!(k % 2 == 0 && packed.len() % (16 * k) == 0);
-    let mut out = vec![0u32; packed.len() / 2];
+    let mut out = super::zeroed(packed.len() / 2);
     out.par_chunks_mut(8 * k).zip(packed.par_chunks(16 * k)).for_each(|(d, s)| {
         for kp in 0..k / 2 {
             for j in 0..16 {

@@ -222,3 +222,43 @@ pub fn gemm_ab_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut 
     let kp = k / 2;
     gemm16_bf16(m, n, kp, &ap, kp, &pack_rows_paired(b, kp, n), c, n, false);
 }
+
+/// `C[M×N] = A · Bᵀ` in fp32 on the register tiles (one thread): `a` row-major `[M][K]`,
+/// `b` row-major `[N][K]`, N a multiple of 16 (the attention's `q·kᵀ` and `dy·vᵀ`).
+pub fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() == m * k && b.len() == n * k && c.len() == m * n);
+    gemm16(m, n, k, a, k, &pack_b_t(b, k, n), c, n, false);
+}
+
+/// `C[M×N] = Aᵀ · B` in fp32 on the register tiles (one thread): `a` row-major `[K][M]`
+/// (A transposed; copied to `[M][K]` so each tile row broadcasts from contiguous memory:
+/// M·K moves against 2·M·N·K FLOPs), `b` row-major `[K][N]`, N a multiple of 16 (the
+/// attention's `wᵀ·dy` and `dlᵀ·q`).
+pub fn gemm_atb(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() == k * m && b.len() == k * n && c.len() == m * n);
+    let mut at = vec![0.0f32; m * k];
+    transpose(a, k, m, &mut at);
+    gemm16(m, n, k, &at, k, &pack_b_rm(b, k, n), c, n, false);
+}
+
+/// `C[M×N] = A · B` in fp32 on the register tiles (one thread): `a` row-major `[M][K]`,
+/// `b` row-major `[K][N]`, N a multiple of 16 (the attention's `w·v` and `dl·k`).
+pub fn gemm_ab(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n);
+    gemm16(m, n, k, a, k, &pack_b_rm(b, k, n), c, n, false);
+}
+
+/// `t[c][r] = s[r][c]` for a row-major `s` `[rows][cols]`, in 16x16 blocks (both sides
+/// touch whole cache lines).
+fn transpose(s: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
+    const B: usize = 16;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    t[c * rows + r] = s[r * cols + c];
+                }
+            }
+        }
+    }
+}

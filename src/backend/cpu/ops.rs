@@ -417,7 +417,7 @@ pub fn scale_inplace(a: &mut [f32], k: f32) {
 
 /// `k·a` as a new buffer (one pass, no copy-then-scale).
 pub fn scaled(a: &[f32], k: f32) -> Vec<f32> {
-    let mut out = vec![0.0f32; a.len()];
+    let mut out = super::zeroed(a.len());
     out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, i)| {
         for (x, y) in o.iter_mut().zip(i) {
             *x = k * y;
