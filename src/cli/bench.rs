@@ -233,11 +233,21 @@ pub fn run(a: Args) -> Result<()> {
     if let (Some(p), Some((t, _, _))) = (peak, ts) {
         println!("FMA peak of this machine ({} threads, {}): {p:.1} GFLOP/s; the train step reaches {:.1}% of it", rayon::current_num_threads(), edm2::backend::cpu::simd::isa().name(), 100.0 * 6.0 * macs * ips(t) / 1e9 / p);
     }
+    // In the bf16 mode the convolutions' ceiling is the bf16 dot rate instead.
+    let bf16_peak = if a.precision == "bf16" { edm2::backend::cpu::simd::bf16_dot_peak_gflops(0.3) } else { None };
+    if let (Some(p), Some((t, _, _))) = (bf16_peak, ts) {
+        println!(
+            "bf16 dot peak of this machine (vdpbf16ps): {p:.1} GFLOP/s ({:.2}x the FMA peak); the train step reaches {:.1}% of it",
+            p / peak.unwrap_or(p),
+            100.0 * 6.0 * macs * ips(t) / 1e9 / p
+        );
+    }
     if a.json {
         println!(
             "{}",
             serde_json::json!({
                 "fma_peak_gflops": peak,
+                "bf16_dot_peak_gflops": bf16_peak,
                 "train_step_ms": ts.map(|s| s.0), "forward_ms": fs.map(|s| s.0),
                 "images_per_s_train": ts.map(|s| ips(s.0)), "images_per_s_forward": fs.map(|s| ips(s.0)),
                 "gflops_per_s_train": ts.map(|s| 6.0 * macs * ips(s.0) / 1e9),

@@ -35,6 +35,23 @@ impl Cpu {
         }
     }
 
+    /// A note for the user where the bf16 mode will not pay on this processor: its
+    /// measured bf16 dot rate (`vdpbf16ps`) under 1.2x its fp32 FMA rate (the bf16 mode's
+    /// conversions cost ~10% of a step, so below that it is no faster). Measured on the
+    /// worker threads in about 0.1 s. None where it pays or cannot run. Seen on a 2-core
+    /// AVX-512 Xeon without AMX (2026-12-07): 0.49x, the bf16 mode 1.5x slower than fp32.
+    pub fn bf16_slower_note() -> Option<String> {
+        let bf = super::simd::bf16_dot_peak_gflops(0.03)?;
+        let f = super::simd::fma_peak_gflops(0.03)?;
+        (bf < 1.2 * f).then(|| {
+            format!(
+                "note: this processor runs bf16 dot products (vdpbf16ps) at {bf:.0} GFLOP/s against {f:.0} GFLOP/s of fp32 FMAs ({:.2}x, measured just now): --precision bf16 will be {} fp32 here",
+                bf / f,
+                if bf < f { "slower than" } else { "no faster than" }
+            )
+        })
+    }
+
     /// The backend for a precision: fp32, or bf16 where [`Cpu::with_bf16_products`] allows.
     pub fn for_precision(p: crate::backend::Precision) -> std::result::Result<Cpu, String> {
         match p {

@@ -114,39 +114,80 @@ macro_rules! multiversion {
 /// cover the latency of two FMA pipes) for about `seconds`. None on the portable path.
 /// The ceiling the kernels' GFLOP/s are reported against.
 pub fn fma_peak_gflops(seconds: f64) -> Option<f64> {
-    use rayon::prelude::*;
     #[cfg(target_arch = "x86_64")]
     {
-        let (lanes, run): (usize, unsafe fn(u64) -> f32) = match isa() {
-            CpuIsa::Avx512 => (16, fma_chains512),
-            CpuIsa::Avx2 => (8, fma_chains256),
+        // FLOPs per call iteration: 16 chains × lanes × 2 (multiply and add).
+        let (flops, run): (f64, unsafe fn(u64) -> f32) = match isa() {
+            CpuIsa::Avx512 => (16.0 * 16.0 * 2.0, fma_chains512),
+            CpuIsa::Avx2 => (16.0 * 8.0 * 2.0, fma_chains256),
             CpuIsa::Portable => return None,
         };
-        // Calibrate the iteration count on one thread, then run it on all of them.
-        let mut iters = 1u64 << 16;
-        loop {
-            let t = std::time::Instant::now();
-            // SAFETY: the CPU supports the path `isa()` chose.
-            std::hint::black_box(unsafe { run(iters) });
-            let dt = t.elapsed().as_secs_f64();
-            if dt > 0.02 || iters > 1 << 34 {
-                iters = ((iters as f64) * (seconds / dt.max(1e-9))).max(1.0) as u64;
-                break;
-            }
-            iters *= 4;
-        }
-        let threads = rayon::current_num_threads();
-        let t = std::time::Instant::now();
-        let sink: f32 = (0..threads).into_par_iter().map(|_| unsafe { run(iters) }).sum();
-        std::hint::black_box(sink);
-        let flops = 2.0 * 16.0 * lanes as f64 * iters as f64 * threads as f64;
-        Some(flops / t.elapsed().as_secs_f64() / 1e9)
+        // SAFETY: the CPU supports the path `isa()` chose.
+        Some(unsafe { peak_gflops(seconds, flops, run) })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = seconds;
         None
     }
+}
+
+/// The machine's measured rate of bf16 pair dot products (`vdpbf16ps` on zmm, the
+/// CPU's `--precision bf16` mode), GFLOP/s over all worker threads (4 FLOPs per lane: two
+/// products and two additions), measured like [`fma_peak_gflops`]. None where the mode
+/// cannot run. Twice the FMA peak when the processor runs `vdpbf16ps` at the rate of
+/// `vfmadd231ps`; on some (an AVX-512 Xeon without AMX, 2026-12-07) it is lower, and
+/// the bf16 mode is slower than fp32 there.
+pub fn bf16_dot_peak_gflops(seconds: f64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if super::bf16::available() {
+        // SAFETY: AVX512-BF16 checked just above.
+        return Some(unsafe { peak_gflops(seconds, 16.0 * 16.0 * 4.0, bf16_chains512) });
+    }
+    let _ = seconds;
+    None
+}
+
+/// Runs `run` (FLOPs `flops` per iteration) on every worker thread for about `seconds`
+/// after calibrating the iteration count on one; GFLOP/s over all threads.
+///
+/// # Safety
+/// The CPU must support what `run` uses.
+#[cfg(target_arch = "x86_64")]
+unsafe fn peak_gflops(seconds: f64, flops: f64, run: unsafe fn(u64) -> f32) -> f64 {
+    use rayon::prelude::*;
+    let mut iters = 1u64 << 16;
+    loop {
+        let t = std::time::Instant::now();
+        std::hint::black_box(run(iters));
+        let dt = t.elapsed().as_secs_f64();
+        if dt > 0.02 || iters > 1 << 34 {
+            iters = ((iters as f64) * (seconds / dt.max(1e-9))).max(1.0) as u64;
+            break;
+        }
+        iters *= 4;
+    }
+    let threads = rayon::current_num_threads();
+    let t = std::time::Instant::now();
+    // SAFETY: as for the caller.
+    let sink: f32 = (0..threads).into_par_iter().map(|_| unsafe { run(iters) }).sum();
+    std::hint::black_box(sink);
+    flops * iters as f64 * threads as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_chains512(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    // Tiny bf16 pairs (0x3400 ≈ 1.2e-7): the accumulators stay finite for any count.
+    let ab = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3400_3400));
+    let mut acc = [_mm512_set1_ps(1.0); 16];
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            *r = _mm512_dpbf16_ps(*r, ab, ab);
+        }
+    }
+    acc.iter().map(|v| _mm512_reduce_add_ps(*v)).sum()
 }
 
 #[cfg(target_arch = "x86_64")]
