@@ -223,3 +223,45 @@ fn a_stop_on_one_rank_or_at_the_launcher_stops_all_with_one_checkpoint_and_a_kil
     let (ok, out) = finish(child, &dir, Duration::from_secs(120));
     assert!(!ok && out.contains("workers did not all finish"), "{out}");
 }
+
+/// Ranks that read different data (here: rank 1 started with another `--max-size`, as a
+/// different folder behind the same path on another machine would be) are refused at
+/// the roll call, with both datasets named, and the job ends instead of training on
+/// other images. Started as an MPMD `mpirun` (one program line per rank).
+#[test]
+fn ranks_reading_different_data_are_refused() {
+    let d = tmp("data-differs");
+    let cfg = tiny_config(&d);
+    let run = d.join("run");
+    let line = |max_size: &'static str| -> Vec<String> {
+        let mut a: Vec<String> = vec![env!("CARGO_BIN_EXE_edm2").into(), "train".into(), cfg.clone(), "--outdir".into(), run.to_str().unwrap().into()];
+        let mut it = COMMON.iter();
+        while let Some(x) = it.next() {
+            if *x == "--max-size" {
+                it.next();
+                continue;
+            }
+            a.push(x.to_string());
+        }
+        a.extend(["--max-size".to_string(), max_size.to_string(), "--threads".into(), "1".into()]);
+        a
+    };
+    let mut args: Vec<String> = vec!["--oversubscribe".into(), "--bind-to".into(), "none".into(), "-np".into(), "1".into()];
+    args.extend(line("500"));
+    args.extend([":".into(), "-np".into(), "1".into()]);
+    args.extend(line("400"));
+    let out = std::fs::File::create(run.with_extension("out")).unwrap();
+    let child = Command::new("mpirun")
+        .args(&args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap();
+    let (ok, text) = finish(child, &run, Duration::from_secs(60));
+    assert!(!ok, "the run should fail: {text}");
+    assert!(text.contains("the ranks read different data"), "{text}");
+    assert!(text.contains("rank 0 reads 500 items") && text.contains("rank 1 reads 400 items"), "{text}");
+    assert!(!run.join("training-state-0000000.safetensors").exists(), "no training state may be written");
+}

@@ -336,6 +336,12 @@ impl std::str::FromStr for Device {
 /// reason; `auto` falls back to the CPU. With the `cuda-sim` feature, `cuda` is the
 /// simulated device (for tests; `auto` never picks it).
 pub fn resolve_device(device: Device) -> Result<Device, crate::Error> {
+    resolve_device_saying(device, true)
+}
+
+/// [`resolve_device`], saying which device was chosen only when `say` (the ranks other
+/// than 0 of a data-parallel run stay quiet).
+pub fn resolve_device_saying(device: Device, say: bool) -> Result<Device, crate::Error> {
     let (chosen, name) = match device {
         Device::Cpu => (Device::Cpu, None),
         Device::Cuda => (Device::Cuda, Some(cuda_device_name()?)),
@@ -344,7 +350,7 @@ pub fn resolve_device(device: Device) -> Result<Device, crate::Error> {
             _ => (Device::Cpu, None),
         },
     };
-    if device != Device::Cpu {
+    if device != Device::Cpu && say {
         match name {
             Some(n) => eprintln!("device: cuda ({n})"),
             None => eprintln!("device: cpu ({} threads)", rayon::current_num_threads()),

@@ -2,7 +2,7 @@
 //! (`train_edm2.py`), resumable run directories and the built-in Fashion-MNIST data.
 
 use anyhow::{bail, Context, Result};
-use edm2::backend::{resolve_device, Device};
+use edm2::backend::Device;
 use edm2::config::{preset, preset_names, NetConfig, TrainPreset};
 use edm2::data::{DataOptions, Dataset};
 use edm2::train::ema::EmaOptions;
@@ -56,7 +56,8 @@ pub struct Args {
     /// Total batch size (images per optimizer step).
     #[arg(long, value_name = "NIMG")]
     pub batch: Option<String>,
-    /// Limit the images per forward/backward pass (gradient accumulation; 0 = the batch).
+    /// Limit the images per forward/backward pass (gradient accumulation; 0 = the batch,
+    /// or with N processes the batch / N).
     #[arg(long = "batch-gpu", value_name = "NIMG")]
     pub batch_gpu: Option<String>,
     /// Channel multiplier (model_channels).
@@ -486,9 +487,18 @@ pub fn run(a: Args, threads_given: bool) -> Result<()> {
 
 fn run_rank(a: Args, comm: &dyn edm2::dist::Collective) -> Result<()> {
     let rank0 = comm.rank() == 0;
-    let device = resolve_device(a.device)?;
+    let device = edm2::backend::resolve_device_saying(a.device, rank0)?;
     let ds = Dataset::open(a.data.as_deref(), &DataOptions { xflip: a.xflip, max_size: a.max_size, ..Default::default() })?;
     let (mut opts, run_name) = build_options(&a, &ds)?;
+    let world = comm.world() as u64;
+    if world > 1 && matches!(a.batch_gpu.as_deref(), None | Some("0")) {
+        // The default share of each process, as the official code's batch_gpu: the whole
+        // global batch split over the processes in one pass each.
+        if opts.batch % world != 0 {
+            bail!("--batch {} is not a multiple of the {world} processes (the global batch is split over them)", opts.batch);
+        }
+        opts.batch_gpu = opts.batch / world;
+    }
     opts.device = device;
     opts.precision = match (a.precision.as_deref(), a.fp16, device) {
         (Some("bf16"), _, Device::Cpu) => {

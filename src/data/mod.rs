@@ -394,6 +394,44 @@ impl Dataset {
         self.raw_len
     }
 
+    /// A short identity of what the training reads, for checking that the ranks of a
+    /// data-parallel run read the same data (their paths may differ between machines):
+    /// the geometry, the item count, x-flip, a 64-bit FNV-1a hash of every label and of the
+    /// contents of the first and last stored items, e.g.
+    /// `1000 items (500 stored, x-flip), 3x32x32 pixels, hash 9f…`.
+    pub fn identity(&self) -> Result<String> {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                h = (h ^ *b as u64).wrapping_mul(PRIME);
+            }
+        };
+        for l in self.labels.iter().flatten() {
+            eat(&l.to_le_bytes());
+        }
+        for i in [0, self.raw_len.saturating_sub(1)].into_iter().filter(|_| self.raw_len > 0) {
+            match self.load_raw(i)? {
+                RawItem::U8(px) => eat(&px),
+                RawItem::F32(v) => v.iter().for_each(|x| eat(&x.to_le_bytes())),
+            }
+        }
+        let kind = match self.encoding {
+            Encoding::Pixels => "pixels",
+            Encoding::Latents => "latents",
+        };
+        Ok(format!(
+            "{} items ({} stored{}), {}x{}x{} {kind}, {} labels, hash {h:016x}",
+            self.len(),
+            self.raw_len,
+            if self.xflip { ", x-flip" } else { "" },
+            self.raw_channels,
+            self.resolution,
+            self.resolution,
+            if self.labels.is_some() { "with" } else { "no" }
+        ))
+    }
+
     /// Channels the network sees (latents: half of the stored mean ‖ std).
     pub fn net_channels(&self) -> usize {
         match self.encoding {

@@ -330,7 +330,7 @@ pub fn train_ranked(
         }
     }
     if world > 1 {
-        roll_call(comm, &mut log)?;
+        roll_call(comm, &ds, &mut log)?;
     }
 
     let net = Precond::new(&opts.net)?;
@@ -642,13 +642,32 @@ fn state_on_every_rank(opts: &TrainOptions, net: &Precond, ds: &Dataset, run_dir
 }
 
 /// Every rank says where it runs; rank 0 writes who joined.
-fn roll_call(comm: &dyn Collective, log: &mut Log) -> Result<()> {
+/// Every rank says where it runs and what data it reads; rank 0 lists the ranks and
+/// refuses to start when a rank's data differs from its own (a different folder behind
+/// the same path on another machine would silently train on other images).
+fn roll_call(comm: &dyn Collective, ds: &Dataset, log: &mut Log) -> Result<()> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let me = format!("{} (pid {}, {} threads)", host.trim(), std::process::id(), rayon::current_num_threads());
+    let me = format!("{} (pid {}, {} threads)\n{}", host.trim(), std::process::id(), rayon::current_num_threads(), ds.identity()?);
     let all = comm.gather(me.as_bytes())?;
     if comm.rank() == 0 {
-        let list: Vec<String> = all.iter().enumerate().map(|(r, b)| format!("rank {r} on {}", String::from_utf8_lossy(b))).collect();
+        let split: Vec<(String, String)> = all
+            .iter()
+            .map(|b| {
+                let t = String::from_utf8_lossy(b);
+                let (who, data) = t.split_once('\n').unwrap_or((&t, ""));
+                (who.to_string(), data.to_string())
+            })
+            .collect();
+        let list: Vec<String> = split.iter().enumerate().map(|(r, (who, _))| format!("rank {r} on {who}")).collect();
         log.line(&format!("Ranks joined ({}, {} processes): {}", comm.engine(), comm.world(), list.join("; ")));
+        let ours = &split[0].1;
+        let differ: Vec<String> = split.iter().enumerate().filter(|(_, (_, d))| d != ours).map(|(r, (_, d))| format!("rank {r} reads {d}")).collect();
+        if !differ.is_empty() {
+            return Err(Error::Input(format!(
+                "the ranks read different data: rank 0 reads {ours}; {} (every rank must read the same dataset)",
+                differ.join("; ")
+            )));
+        }
     }
     Ok(())
 }
@@ -673,7 +692,7 @@ impl Engine {
         let precision = opts.precision.parse().map_err(Error::Input)?;
         if opts.device == crate::backend::Device::Cuda && world > 1 {
             return Err(Error::Input(format!(
-                "--device cuda with {world} processes: summing gradients across GPUs needs NCCL, which is not built yet (train on one GPU,                  or on CPU processes)"
+                "--device cuda with {world} processes: summing gradients across GPUs needs NCCL, which is not built yet (train on one GPU, or on CPU processes)"
             )));
         }
         if opts.device != crate::backend::Device::Cuda {
