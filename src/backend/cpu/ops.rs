@@ -144,7 +144,7 @@ pub fn mp_silu_grad_scalar(x: f32) -> f32 {
     s * (1.0 + x * (1.0 - s)) / MP_SILU_SCALE
 }
 
-crate::multiversion! {
+crate::multiversion_wide! {
     fn mp_silu_kernel(xc: &[f32], yc: &mut [f32]) {
         for (o, &v) in yc.iter_mut().zip(xc) {
             *o = mp_silu_scalar(v);
@@ -163,7 +163,7 @@ pub fn mp_silu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((dc, xc), gc)| mp_silu_bwd_kernel(xc, gc, dc));
 }
 
-crate::multiversion! {
+crate::multiversion_wide! {
     fn mp_silu_bwd_kernel(xc: &[f32], gc: &[f32], dc: &mut [f32]) {
         for ((o, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
             *o = g * mp_silu_grad_scalar(v);
@@ -401,7 +401,7 @@ pub fn axpby(a: &mut [f32], b: &[f32], wa: f32, wb: f32) {
     a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(ac, bc)| axpby_kernel(ac, bc, wa, wb));
 }
 
-crate::multiversion! {
+crate::multiversion_wide! {
     /// `a ← wa·a + wb·b`.
     pub fn axpby_kernel(a: &mut [f32], b: &[f32], wa: f32, wb: f32) {
         for (x, &y) in a.iter_mut().zip(b) {
@@ -441,7 +441,7 @@ pub fn mp_silu_backward_acc(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((dc, xc), gc)| mp_silu_bwd_acc_kernel(xc, gc, dc));
 }
 
-crate::multiversion! {
+crate::multiversion_wide! {
     fn mp_silu_bwd_acc_kernel(xc: &[f32], gc: &[f32], dc: &mut [f32]) {
         for ((o, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
             *o += g * mp_silu_grad_scalar(v);
