@@ -90,34 +90,29 @@ pub fn cpu_model() -> String {
 /// `body` compiled for AVX2+FMA when available and for the baseline otherwise.
 #[macro_export]
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn imp($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                if $crate::backend::cpu::simd::avx2_fma() {
-                    // SAFETY: the CPU supports the features v3 was compiled for.
-                    return unsafe { v3($($arg),*) };
-                }
-            }
-            imp($($arg),*)
-        }
+    ($($t:tt)*) => {
+        $crate::multiversion_copies!(false, $($t)*);
     };
 }
 
 /// [`multiversion!`] with a third copy compiled for AVX-512 (16 lanes), picked on the
 /// avx512 path. Not for every loop: measured per op on a cpu-s32 training step (AVX-512
 /// Xeon, 2026-12-07), the flat SiLU loops ran 1.2–1.5x faster with it (mp_silu 48 → 33–38
-/// ms, its backward 57 → 46–50 ms), while the modulation loops over 64–128 channels per
-/// pixel ran 1.3–1.5x *slower* (53 → 78–83 ms) and the softmax did not change. The same
+/// ms, its backward 57 → 46–50 ms), while the modulation loops (then indexing 64–128
+/// channels per pixel) ran 1.3–1.5x *slower* and the softmax did not change. The same
 /// operations per element in the same order: the same bits as the AVX2 copy.
 #[macro_export]
 macro_rules! multiversion_wide {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($($t:tt)*) => {
+        $crate::multiversion_copies!(true, $($t)*);
+    };
+}
+
+/// The body of [`multiversion!`] (`wide` false) and [`multiversion_wide!`] (true).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! multiversion_copies {
+    ($wide:literal, $(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
@@ -126,7 +121,7 @@ macro_rules! multiversion_wide {
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                if $crate::backend::cpu::simd::avx512() {
+                if $wide && $crate::backend::cpu::simd::avx512() {
                     // SAFETY: the CPU supports the features v4 was compiled for.
                     return unsafe { v4($($arg),*) };
                 }
