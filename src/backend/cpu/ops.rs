@@ -194,32 +194,49 @@ pub fn mp_cat(a: &[f32], na: usize, b: &[f32], nb: usize, t: f32, out: &mut [f32
     let _prof = crate::profile::scope("mp_cat");
     let (ka, kb) = mp_cat_coefs(na, nb, t);
     let nc = na + nb;
-    out.par_chunks_mut(nc * 64).enumerate().for_each(|(ci, oc)| {
-        let p0 = ci * 64;
-        for (i, row) in oc.chunks_mut(nc).enumerate() {
-            let p = p0 + i;
-            for c in 0..na {
-                row[c] = ka * a[p * na + c];
+    if na == 0 || nb == 0 {
+        // One side empty: a scaled copy of the other.
+        let (k, src) = if na == 0 { (kb, b) } else { (ka, a) };
+        out.iter_mut().zip(src).for_each(|(o, &v)| *o = k * v);
+        return;
+    }
+    // Tasks of 64 pixels; zipped rows (no indexing) so the scaling loops vectorize.
+    out.par_chunks_mut(nc * 64).zip(a.par_chunks(na * 64)).zip(b.par_chunks(nb * 64)).for_each(|((oc, ac), bc)| {
+        for ((row, ar), br) in oc.chunks_exact_mut(nc).zip(ac.chunks_exact(na)).zip(bc.chunks_exact(nb)) {
+            let (ra, rb) = row.split_at_mut(na);
+            for (o, &v) in ra.iter_mut().zip(ar) {
+                *o = ka * v;
             }
-            for c in 0..nb {
-                row[na + c] = kb * b[p * nb + c];
+            for (o, &v) in rb.iter_mut().zip(br) {
+                *o = kb * v;
             }
         }
     });
 }
 
+/// Backward of [`mp_cat`]: each half of `dout`'s channels scaled back into `da` / `db`
+/// (overwritten). In parallel over tasks of 64 pixels (it ran on one thread before: 13 ms
+/// of a cpu-s32 step with the other worker idle).
 pub fn mp_cat_backward(dout: &[f32], na: usize, nb: usize, t: f32, da: &mut [f32], db: &mut [f32]) {
     let _prof = crate::profile::scope("mp_cat.bwd");
     let (ka, kb) = mp_cat_coefs(na, nb, t);
     let nc = na + nb;
-    for (p, row) in dout.chunks(nc).enumerate() {
-        for c in 0..na {
-            da[p * na + c] = ka * row[c];
-        }
-        for c in 0..nb {
-            db[p * nb + c] = kb * row[na + c];
-        }
+    if na == 0 || nb == 0 {
+        let (k, dst) = if na == 0 { (kb, db) } else { (ka, da) };
+        dst.iter_mut().zip(dout).for_each(|(o, &v)| *o = k * v);
+        return;
     }
+    dout.par_chunks(nc * 64).zip(da.par_chunks_mut(na * 64)).zip(db.par_chunks_mut(nb * 64)).for_each(|((dc, ac), bc)| {
+        for ((row, ar), br) in dc.chunks_exact(nc).zip(ac.chunks_exact_mut(na)).zip(bc.chunks_exact_mut(nb)) {
+            let (ra, rb) = row.split_at(na);
+            for (o, &v) in ar.iter_mut().zip(ra) {
+                *o = ka * v;
+            }
+            for (o, &v) in br.iter_mut().zip(rb) {
+                *o = kb * v;
+            }
+        }
+    });
 }
 
 /// 2x2 average pooling, stride 2, NHWC `[n, h, w, c]` → `[n, h/2, w/2, c]`.
