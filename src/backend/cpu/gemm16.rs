@@ -189,11 +189,7 @@ pub fn gemm_atb_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut
         super::bf16::interleave_rows(&a[2 * kk * m..][..m], &a[(2 * kk + 1) * m..][..m], row);
     }
     let mut ap = vec![0u32; m * kp];
-    for (kk, row) in at.chunks(m).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            ap[i * kp + kk] = *v;
-        }
-    }
+    transpose(&at, kp, m, &mut ap);
     gemm16_bf16(m, n, kp, &ap, kp, &pack_rows_paired(b, kp, n), c, n, false);
 }
 
@@ -250,7 +246,7 @@ pub fn gemm_ab(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]
 
 /// `t[c][r] = s[r][c]` for a row-major `s` `[rows][cols]`, in 16x16 blocks (both sides
 /// touch whole cache lines).
-fn transpose(s: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
+fn transpose<T: Copy>(s: &[T], rows: usize, cols: usize, t: &mut [T]) {
     const B: usize = 16;
     for r0 in (0..rows).step_by(B) {
         for c0 in (0..cols).step_by(B) {
