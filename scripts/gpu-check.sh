@@ -112,6 +112,14 @@ EDM2_TENSOR_CORE_CONV=0 BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16-simt --device cu
 # The headline shapes of the issue: batch 128, against the official code's fp16 step below.
 BENCH_TIMEOUT=90 bench xs-b128-cuda-bf16-tc --device cuda --config edm2-img512-xs --batch 128 --iters 3 --precision bf16 --only train
 BENCH_TIMEOUT=90 bench s-b128-cuda-bf16-tc --device cuda --config edm2-img512-s --batch 128 --iters 2 --precision bf16 --only train
+# Which kernel the first step's tuning kept for each conv shape and direction, with every
+# variant's time (EDM2_CONV_ALGO=tune, the default on a GPU; src/backend/gpu/conv_algo.rs).
+for name in xs-b128-cuda-bf16-tc s-b128-cuda-bf16-tc; do
+    log="$out/bench-$name.log"
+    [ -f "$log" ] || continue
+    sed -n '/^convolution kernels/,/^device buffers/p' "$log" | grep -v '^device buffers' > "$out/conv-algos-$name.txt"
+    row "conv kernels $name" "$(awk 'NR > 1 { n[$7]++ } END { for (a in n) printf "%s x%d; ", a, n[a] }' "$out/conv-algos-$name.txt")"
+done
 # Where the step goes: EDM2_PROFILE=1 waits for every kernel and books its time (the
 # per-kernel table goes to profile-xs-b128.txt and the summary).
 if have "profile xs-b128"; then

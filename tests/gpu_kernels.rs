@@ -472,6 +472,112 @@ fn normalize_rows_and_weight_norm_match_the_cpu_backend() {
     });
 }
 
+/// Tuning (conv_algo.rs): the first call of a shape in each direction times every variant
+/// that applies and keeps the fastest; later calls run that one alone and give the same
+/// bits; a forced variant runs where it applies and the heuristic's elsewhere; fp32
+/// activations have the SIMT kernel only. (Host logic over kernels the conv test checks:
+/// not repeated under ThreadSanitizer.)
+#[cfg(not(feature = "cuda-sim-tsan"))]
+#[test]
+fn conv_kernels_are_tuned_once_per_shape_and_direction() {
+    use edm2::backend::gpu::conv_algo::{ConvAlgo, ConvDir, ConvPolicy, TUNE_REPS};
+    use edm2::backend::gpu::kernels::{ConvGeom, Nhwc};
+    use edm2::backend::gpu::launches;
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    gpu.set_precision(Precision::Bf16);
+    // 32 -> 32 channels: every pipelined tile applies in every direction.
+    let s = Nhwc { n: 2, h: 6, w: 5, c: 32 };
+    let geom = ConvGeom { out_ch: 32, in_ch: 32, k: 3 };
+    let eff = k::effective_weight(&gpu, &up32(&gpu, &random(geom.numel(), 41)), geom, k::Gain::Value(1.0)).unwrap();
+    let (xb, dyb) = (up(&gpu, &random(s.numel(), 42)), up(&gpu, &random(s.pixels() * 32, 43)));
+    let all = |gpu: &Gpu| {
+        let mut y = act(gpu, s.pixels() * 32);
+        k::conv_forward(gpu, &eff, &xb, s, &mut y).unwrap();
+        let mut dx = act(gpu, s.numel());
+        k::conv_backward_data(gpu, &eff, &dyb, s, &mut dx).unwrap();
+        let mut de = gpu.alloc(geom.numel()).unwrap();
+        k::conv_backward_weight(gpu, geom, &xb, s, &dyb, &mut de).unwrap();
+        [down(gpu, &y), down(gpu, &dx), down32(gpu, &de)]
+    };
+    gpu.set_conv_policy(ConvPolicy::Tune);
+    let first = all(&gpu);
+    let tuned = gpu.conv_choices();
+    let names = ["simt", "tc-simple", "tc-128x128", "tc-128x64", "tc-64x64"];
+    assert_eq!(tuned.iter().map(|c| c.key.dir).collect::<Vec<_>>(), [ConvDir::Forward, ConvDir::Data, ConvDir::Weight]);
+    for c in &tuned {
+        assert_eq!(c.timings_ms.iter().map(|t| t.0.name()).collect::<Vec<_>>(), names, "{:?}: every applicable variant timed", c.key);
+        assert!(c.timings_ms.iter().all(|t| t.1.is_finite() && t.1 > 0.0), "{c:?}");
+        let best = c.timings_ms.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+        assert_eq!(c.algo, best.0, "{c:?}: the fastest is kept");
+        assert_eq!((c.key.n, c.key.h, c.key.w, c.key.cin, c.key.cout, c.key.k, c.key.bf16), (2, 6, 5, 32, 32, 3, true));
+    }
+    // Later calls: no more timing, the kept variant alone (as many launches as calling it
+    // directly), the same bits as the first call's result.
+    let l0 = launches();
+    let again = all(&gpu);
+    let dispatched = launches() - l0;
+    assert_eq!(gpu.conv_choices().len(), 3);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (a, b) in first.iter().zip(&again) {
+        assert_eq!(bits(a), bits(b), "a tuned shape runs the same kernel every call");
+    }
+    let l0 = launches();
+    let tile = |i: usize| tuned[i].algo.tile();
+    let mut y = act(&gpu, s.pixels() * 32);
+    match tile(0) {
+        None => k::conv_forward_simt(&gpu, &eff, &xb, s, &mut y).unwrap(),
+        Some(t) => k::conv_forward_tensor_core_tile(&gpu, &eff, &xb, s, &mut y, t).unwrap(),
+    }
+    let mut dx = act(&gpu, s.numel());
+    match tile(1) {
+        None => k::conv_backward_data_simt(&gpu, &eff, &dyb, s, &mut dx).unwrap(),
+        Some(t) => k::conv_backward_data_tensor_core_tile(&gpu, &eff, &dyb, s, &mut dx, t).unwrap(),
+    }
+    let mut de = gpu.alloc(geom.numel()).unwrap();
+    match tile(2) {
+        None => k::conv_backward_weight_simt(&gpu, geom, &xb, s, &dyb, &mut de).unwrap(),
+        Some(t) => k::conv_backward_weight_tensor_core_tile(&gpu, geom, &xb, s, &dyb, &mut de, t).unwrap(),
+    }
+    assert_eq!(launches() - l0, dispatched, "a tuned call launches what its variant does, nothing more");
+    for (a, b) in [down(&gpu, &y), down(&gpu, &dx), down32(&gpu, &de)].iter().zip(&first) {
+        assert_eq!(bits(a), bits(b), "the first call's result is the kept variant's");
+    }
+    assert!(TUNE_REPS >= 1);
+
+    // Forced: where it applies, else the heuristic's kernel (the simple tile for 20 input
+    // channels, which the pipelined forward cannot take); fp32 activations: SIMT only.
+    gpu.set_conv_policy(ConvPolicy::Forced(ConvAlgo::Tc64x64));
+    let mut y = act(&gpu, s.pixels() * 32);
+    k::conv_forward(&gpu, &eff, &xb, s, &mut y).unwrap();
+    let s20 = Nhwc { c: 20, ..s };
+    let g20 = ConvGeom { in_ch: 20, ..geom };
+    let eff20 = k::effective_weight(&gpu, &up32(&gpu, &random(g20.numel(), 44)), g20, k::Gain::Value(1.0)).unwrap();
+    let mut y20 = act(&gpu, s.pixels() * 32);
+    k::conv_forward(&gpu, &eff20, &up(&gpu, &random(s20.numel(), 45)), s20, &mut y20).unwrap();
+    gpu.set_precision(Precision::Fp32);
+    let mut y32 = act(&gpu, s.pixels() * 32);
+    k::conv_forward(&gpu, &eff, &up(&gpu, &random(s.numel(), 46)), s, &mut y32).unwrap();
+    let forced: Vec<_> = gpu.conv_choices().iter().map(|c| (c.key.cin, c.key.bf16, c.algo, c.timings_ms.len())).collect();
+    assert_eq!(
+        forced,
+        [(32, true, ConvAlgo::Tc64x64, 0), (20, true, ConvAlgo::TcSimple, 0), (32, false, ConvAlgo::Simt, 0)]
+    );
+    gpu.set_conv_policy(ConvPolicy::Tune);
+    let mut y32 = act(&gpu, s.pixels() * 32);
+    k::conv_forward(&gpu, &eff, &up(&gpu, &random(s.numel(), 46)), s, &mut y32).unwrap();
+    let c = &gpu.conv_choices()[0];
+    assert_eq!((c.algo, c.timings_ms.len()), (ConvAlgo::Simt, 0), "one candidate: nothing to time");
+
+    // EDM2_CONV_ALGO's values; a wrong one names the variable and the accepted ones.
+    assert_eq!(ConvPolicy::parse("tc-128x64", k::TcTile::Auto).unwrap(), ConvPolicy::Forced(ConvAlgo::Tc128x64));
+    assert_eq!(ConvPolicy::parse("tune", k::TcTile::Auto).unwrap(), ConvPolicy::Tune);
+    assert_eq!(ConvPolicy::parse("heuristic", k::TcTile::Simple).unwrap(), ConvPolicy::Heuristic(k::TcTile::Simple));
+    let e = ConvPolicy::parse("tc-64x65", k::TcTile::Auto).unwrap_err().to_string();
+    assert!(e.contains("EDM2_CONV_ALGO") && e.contains("tc-64x64") && e.contains("tune"), "{e}");
+    gpu.set_conv_policy(ConvPolicy::from_env().unwrap());
+}
+
 /// The tensor-core tiles the conv test runs: all of them, or under ThreadSanitizer (where a
 /// simulated thread is an instrumented OS thread: with the 8-warp 128x128 tile as well the
 /// conv test took 685 s there) `auto` alone — the 64x64 pipelined tile at the test's

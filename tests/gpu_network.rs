@@ -357,7 +357,10 @@ fn a_repeated_training_step_allocates_no_device_memory() {
         let l = k::edm2_loss(&gpu, &out.d.data, &yd, &out.logvar, &sigma, 0.5, 1.0).unwrap();
         let dd = Tensor::with_buf(&out.d.shape, l.dd);
         let g = net.backward_on(&gpu, &gp, out.cache.unwrap(), &dd, &l.dlogvar, &mode).unwrap();
-        assert_eq!(gpu.waits(), waits, "forward, loss and backward read nothing back: the host never waits for the device in a pass");
+        // (The first pass of a tuned device times the conv variants of each shape: it waits.)
+        if t > 1 || gpu.conv_policy() != edm2::backend::gpu::conv_algo::ConvPolicy::Tune {
+            assert_eq!(gpu.waits(), waits, "forward, loss and backward read nothing back: the host never waits for the device in a pass");
+        }
         let mut nonfinite = gpu.alloc_zeros::<u32>(2).unwrap();
         let tensors = gp.values.iter_mut().zip(&g.values).zip(moments.iter_mut()).map(|((p, g), (m, v))| mt::AdamTensor { p, g, m, v }).collect();
         let launches = edm2::backend::gpu::launches();

@@ -364,6 +364,7 @@ fn bench_cuda(a: &Args) -> Result<()> {
     if let Some((l, w)) = step_counts {
         println!("per training step: {l} kernel launches, {w} host waits");
     }
+    let convs = conv_choices_report(&gpu);
     let memory = gpu.memory_in_use();
     let buffer_bytes = gpu.pool_stats().allocated_bytes;
     println!("device buffers: {:.3} GiB allocated by the buffer pool", buffer_bytes as f64 / (1u64 << 30) as f64);
@@ -377,10 +378,35 @@ fn bench_cuda(a: &Args) -> Result<()> {
             serde_json::json!({"device": gpu.name(), "precision": a.precision, "tensor_core_conv": tc, "train_step_ms": t, "forward_ms": f,
                 "images_per_s_train": t.map(ips), "images_per_s_forward": f.map(ips),
                 "images_per_s_sampling": sampling_ips, "device_memory_bytes": memory, "device_buffer_bytes": buffer_bytes,
-                "launches_per_step": step_counts.map(|c| c.0), "host_waits_per_step": step_counts.map(|c| c.1)})
+                "launches_per_step": step_counts.map(|c| c.0), "host_waits_per_step": step_counts.map(|c| c.1),
+                "conv_policy": gpu.conv_policy().name(), "conv_algos": convs})
         );
     }
     Ok(())
+}
+
+/// Prints which kernel ran each convolution shape (and, where tuned, every variant's time
+/// and rate) and returns the same as JSON rows for `bench --json`.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn conv_choices_report(gpu: &edm2::backend::gpu::Gpu) -> Vec<serde_json::Value> {
+    let choices = gpu.conv_choices();
+    if !choices.is_empty() {
+        println!("convolution kernels (EDM2_CONV_ALGO policy: {}):", gpu.conv_policy().name());
+    }
+    let tflops = |macs: f64, ms: f64| 2.0 * macs / (ms * 1e-3) / 1e12;
+    choices
+        .iter()
+        .map(|c| {
+            let k = &c.key;
+            let shape = format!("n{} {}x{} {}->{} k{}{}", k.n, k.h, k.w, k.cin, k.cout, k.k, if k.bf16 { " bf16" } else { " fp32" });
+            let times: Vec<String> =
+                c.timings_ms.iter().map(|&(a, ms)| format!("{} {:.3} ms ({:.1} TFLOP/s)", a.name(), ms, tflops(k.macs(), ms))).collect();
+            println!("  {:<7} {shape:<32} {:<10} {}", k.dir.name(), c.algo.name(), times.join(", "));
+            serde_json::json!({"direction": k.dir.name(), "n": k.n, "h": k.h, "w": k.w, "cin": k.cin, "cout": k.cout, "k": k.k,
+                "bf16": k.bf16, "algo": c.algo.name(),
+                "timings_ms": c.timings_ms.iter().map(|&(a, ms)| (a.name().to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>()})
+        })
+        .collect()
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]

@@ -3,6 +3,7 @@
 //! compute stream of `gpu`. The same code runs on a real GPU (feature `cuda`) and on the
 //! simulated device (feature `cuda-sim`).
 
+use super::conv_algo::{candidates, ConvAlgo, ConvDir, ConvKey};
 use super::{check, ffi, same_len, Dtype, Gpu, GpuAct, GpuBuf};
 pub use super::attention::{attention_backward, attention_forward, GpuAttnCache};
 pub use crate::backend::{ConvGeom, Nhwc};
@@ -595,13 +596,23 @@ fn conv_dims(kernel: &str, geom: ConvGeom, s: Nhwc) -> Result<(i32, i32, i32)> {
     Ok((int(kernel, s.n)?, int(kernel, s.h)?, int(kernel, s.w)?))
 }
 
-/// `y` `[n, h, w, O]` = conv(`x` `[n, h, w, I]`, eff) ('same', stride 1). With bf16
-/// activations and [`Gpu::tensor_core_conv`] on, the tensor-core kernel runs it
-/// ([`conv_forward_tensor_core`]).
+/// `y` `[n, h, w, O]` = conv(`x` `[n, h, w, I]`, eff) ('same', stride 1), on the kernel
+/// [`Gpu::conv_algo`] picks for the shape (conv_algo.rs).
 pub fn conv_forward(gpu: &Gpu, eff: &GpuEffWeight, x: &dyn Values, s: Nhwc, y: &mut dyn Values) -> Result<()> {
-    if gpu.tensor_core_conv() && x.dtype() == Dtype::Bf16 && y.dtype() == Dtype::Bf16 {
-        return conv_forward_tensor_core(gpu, eff, x, s, y);
-    }
+    let bf16 = x.dtype() == Dtype::Bf16 && y.dtype() == Dtype::Bf16;
+    let key = ConvKey::new(ConvDir::Forward, eff.geom, s, bf16);
+    let pipe_ok = pipe_ok(gpu, eff.geom.in_ch, x, y);
+    let cands = candidates(&key, gpu.tensor_core_conv(), pipe_ok);
+    let mut run = |a: ConvAlgo| match a.tile() {
+        None => conv_forward_simt(gpu, eff, x, s, y),
+        Some(tile) => conv_forward_tensor_core_tile(gpu, eff, x, s, y, tile),
+    };
+    let algo = gpu.conv_algo(key, &cands, pipe_ok, &mut run)?;
+    run(algo)
+}
+
+/// [`conv_forward`] on conv.cu's SIMT kernel (fp32 or bf16 activations).
+pub fn conv_forward_simt(gpu: &Gpu, eff: &GpuEffWeight, x: &dyn Values, s: Nhwc, y: &mut dyn Values) -> Result<()> {
     let k = "conv_forward";
     let (n, h, w) = conv_dims(k, eff.geom, s)?;
     expect_len(k, "x", x.len(), s.numel())?;
@@ -667,19 +678,9 @@ impl TcTile {
     }
 }
 
-/// [`conv_forward`] on tensor cores (kernels/conv_tc.cu): bf16 activations only; the tile
-/// from `EDM2_CONV_TC_TILE` ([`TcTile`]).
-pub fn conv_forward_tensor_core(
-    gpu: &Gpu,
-    eff: &GpuEffWeight,
-    x: &dyn Values,
-    s: Nhwc,
-    y: &mut dyn Values,
-) -> Result<()> {
-    conv_forward_tensor_core_tile(gpu, eff, x, s, y, TcTile::from_env()?)
-}
-
-/// [`conv_forward_tensor_core`] with the tile given.
+/// [`conv_forward`] on tensor cores (kernels/conv_tc.cu) with the tile given: bf16
+/// activations only; the pipelined tiles where the input channels are a multiple of 32
+/// (and the buffers aligned), else the simple kernel.
 pub fn conv_forward_tensor_core_tile(
     gpu: &Gpu,
     eff: &GpuEffWeight,
@@ -701,7 +702,7 @@ pub fn conv_forward_tensor_core_tile(
     let (i, o) = (int(k, eff.geom.in_ch)?, int(k, eff.geom.out_ch)?);
     if let Some(variant) = tile
         .pipe_variant()
-        .filter(|_| eff.geom.in_ch % 32 == 0 && pipe_aligned(gpu, x, y))
+        .filter(|_| pipe_ok(gpu, eff.geom.in_ch, x, y))
     {
         let wb = scaled_to(gpu, &eff.w, Dtype::Bf16, 1.0)?;
         return conv_forward_pipe(gpu, x, &wb, y, (n, h, w, i, o, eff.geom.k as i32), variant);
@@ -723,10 +724,12 @@ pub fn conv_forward_tensor_core_tile(
     })
 }
 
-/// Whether the pipelined kernel may read `x` with 16-byte copies and store `y` in pairs
-/// (true of every buffer we allocate; a view at an odd offset takes the simple kernel).
-fn pipe_aligned(gpu: &Gpu, x: &dyn Values, y: &mut dyn Values) -> bool {
-    (x.vptr(gpu) as usize) % 16 == 0 && (y.vptr_mut(gpu) as usize) % 4 == 0
+/// Whether the pipelined forward kernel can run a convolution of `cin` input channels
+/// from `x` into `y`: `cin` a multiple of its 32-channel K step, `x` read with 16-byte
+/// copies and `y` stored in pairs (true of every buffer we allocate; a view at an odd
+/// offset takes the simple kernel).
+fn pipe_ok(gpu: &Gpu, cin: usize, x: &dyn Values, y: &mut dyn Values) -> bool {
+    cin % 32 == 0 && (x.vptr(gpu) as usize) % 16 == 0 && (y.vptr_mut(gpu) as usize) % 4 == 0
 }
 
 /// The pipelined tensor-core forward (kernels/conv_tc.cu) with a bf16 weight `wb`
@@ -758,8 +761,8 @@ fn conv_forward_pipe(
     })
 }
 
-/// Data gradient: `dx` (like `x`, shape `s`) from `dy`. With bf16 activations and
-/// [`Gpu::tensor_core_conv`] on, it runs on tensor cores ([`conv_backward_data_tensor_core`]).
+/// Data gradient: `dx` (like `x`, shape `s`, overwritten) from `dy`, on the kernel
+/// [`Gpu::conv_algo`] picks for the shape (conv_algo.rs).
 pub fn conv_backward_data(
     gpu: &Gpu,
     eff: &GpuEffWeight,
@@ -767,10 +770,16 @@ pub fn conv_backward_data(
     s: Nhwc,
     dx: &mut dyn Values,
 ) -> Result<()> {
-    if gpu.tensor_core_conv() && dy.dtype() == Dtype::Bf16 && dx.dtype() == Dtype::Bf16 {
-        return conv_backward_data_tensor_core(gpu, eff, dy, s, dx);
-    }
-    conv_backward_data_simt(gpu, eff, dy, s, dx)
+    let bf16 = dy.dtype() == Dtype::Bf16 && dx.dtype() == Dtype::Bf16;
+    let key = ConvKey::new(ConvDir::Data, eff.geom, s, bf16);
+    let pipe_ok = pipe_ok(gpu, eff.geom.out_ch, dy, dx);
+    let cands = candidates(&key, gpu.tensor_core_conv(), pipe_ok);
+    let mut run = |a: ConvAlgo| match a.tile() {
+        None => conv_backward_data_simt(gpu, eff, dy, s, dx),
+        Some(tile) => conv_backward_data_tensor_core_tile(gpu, eff, dy, s, dx, tile),
+    };
+    let algo = gpu.conv_algo(key, &cands, pipe_ok, &mut run)?;
+    run(algo)
 }
 
 /// [`conv_backward_data`] on conv.cu's SIMT kernel (fp32 or bf16 activations).
@@ -805,20 +814,9 @@ pub fn conv_backward_data_simt(
     })
 }
 
-/// [`conv_backward_data`] on tensor cores: the forward kernel of conv_tc.cu on the
-/// flipped, transposed effective weight (kernels/conv_tc_backward.cu). bf16 only; the tile
-/// from `EDM2_CONV_TC_TILE` ([`TcTile`]).
-pub fn conv_backward_data_tensor_core(
-    gpu: &Gpu,
-    eff: &GpuEffWeight,
-    dy: &dyn Values,
-    s: Nhwc,
-    dx: &mut dyn Values,
-) -> Result<()> {
-    conv_backward_data_tensor_core_tile(gpu, eff, dy, s, dx, TcTile::from_env()?)
-}
-
-/// [`conv_backward_data_tensor_core`] with the tile given.
+/// [`conv_backward_data`] on tensor cores with the tile given: the forward kernel of
+/// conv_tc.cu on the flipped, transposed effective weight (kernels/conv_tc_backward.cu).
+/// bf16 only; the pipelined tiles where the output channels are a multiple of 32.
 pub fn conv_backward_data_tensor_core_tile(
     gpu: &Gpu,
     eff: &GpuEffWeight,
@@ -850,7 +848,7 @@ pub fn conv_backward_data_tensor_core_tile(
     // The forward with cin = O and cout = I.
     if let Some(variant) = tile
         .pipe_variant()
-        .filter(|_| eff.geom.out_ch % 32 == 0 && pipe_aligned(gpu, dy, dx))
+        .filter(|_| pipe_ok(gpu, eff.geom.out_ch, dy, dx))
     {
         let wb = scaled_to(gpu, &wf, Dtype::Bf16, 1.0)?;
         return conv_forward_pipe(gpu, dy, &wb, dx, (n, h, w, o, i, kk), variant);
@@ -871,9 +869,8 @@ pub fn conv_backward_data_tensor_core_tile(
     })
 }
 
-/// Weight gradient w.r.t. the effective weight: `d_eff` OHWI (overwritten). With bf16
-/// activations and [`Gpu::tensor_core_conv`] on, it runs on tensor cores
-/// ([`conv_backward_weight_tensor_core`]).
+/// Weight gradient w.r.t. the effective weight: `d_eff` OHWI (overwritten), on the kernel
+/// [`Gpu::conv_algo`] picks for the shape (conv_algo.rs).
 pub fn conv_backward_weight(
     gpu: &Gpu,
     geom: ConvGeom,
@@ -882,28 +879,31 @@ pub fn conv_backward_weight(
     dy: &dyn Values,
     d_eff: &mut GpuBuf<f32>,
 ) -> Result<()> {
-    if gpu.tensor_core_conv() && x.dtype() == Dtype::Bf16 && dy.dtype() == Dtype::Bf16 {
-        return conv_backward_weight_tensor_core(gpu, geom, x, s, dy, d_eff);
-    }
-    conv_backward_weight_simt(gpu, geom, x, s, dy, d_eff)
+    let bf16 = x.dtype() == Dtype::Bf16 && dy.dtype() == Dtype::Bf16;
+    let key = ConvKey::new(ConvDir::Weight, geom, s, bf16);
+    let pipe_ok = wgrad_pipe_ok(gpu, geom, x, s, dy);
+    let cands = candidates(&key, gpu.tensor_core_conv(), pipe_ok);
+    let mut run = |a: ConvAlgo| match a.tile() {
+        None => conv_backward_weight_simt(gpu, geom, x, s, dy, d_eff),
+        Some(tile) => conv_backward_weight_tensor_core_tile(gpu, geom, x, s, dy, d_eff, tile),
+    };
+    let algo = gpu.conv_algo(key, &cands, pipe_ok, &mut run)?;
+    run(algo)
 }
 
-/// [`conv_backward_weight`] on tensor cores with split-K over the pixels into a pooled
-/// fp32 workspace, reduced in a fixed order (kernels/conv_tc_backward.cu). bf16 only; the
-/// tile from `EDM2_CONV_TC_TILE` ([`TcTile`]).
-pub fn conv_backward_weight_tensor_core(
-    gpu: &Gpu,
-    geom: ConvGeom,
-    x: &dyn Values,
-    s: Nhwc,
-    dy: &dyn Values,
-    d_eff: &mut GpuBuf<f32>,
-) -> Result<()> {
-    conv_backward_weight_tensor_core_tile(gpu, geom, x, s, dy, d_eff, TcTile::from_env()?)
+/// Whether the pipelined weight-gradient kernel can run: channels multiples of 8, the
+/// pixels within its int indices, both operands 16-byte aligned.
+fn wgrad_pipe_ok(gpu: &Gpu, geom: ConvGeom, x: &dyn Values, s: Nhwc, dy: &dyn Values) -> bool {
+    geom.in_ch % 8 == 0
+        && geom.out_ch % 8 == 0
+        && s.pixels() < (i32::MAX as usize) / 2
+        && (x.vptr(gpu) as usize) % 16 == 0
+        && (dy.vptr(gpu) as usize) % 16 == 0
 }
 
-/// [`conv_backward_weight_tensor_core`] with the tile given: the pipelined kernel where the
-/// channels are multiples of 8 (and the pixels fit its int indices), else the simple one.
+/// [`conv_backward_weight`] on tensor cores with the tile given, split-K over the pixels
+/// into a pooled fp32 workspace, reduced in a fixed order (kernels/conv_tc_backward.cu);
+/// bf16 only. The pipelined kernel where [`wgrad_pipe_ok`], else the simple one.
 pub fn conv_backward_weight_tensor_core_tile(
     gpu: &Gpu,
     geom: ConvGeom,
@@ -925,13 +925,7 @@ pub fn conv_backward_weight_tensor_core_tile(
         )));
     }
     let (i, o, kk) = (int(k, geom.in_ch)?, int(k, geom.out_ch)?, geom.k as i32);
-    let aligned = (x.vptr(gpu) as usize) % 16 == 0 && (dy.vptr(gpu) as usize) % 16 == 0;
-    let pipe = tile.pipe_variant().filter(|_| {
-        geom.in_ch % 8 == 0
-            && geom.out_ch % 8 == 0
-            && s.pixels() < (i32::MAX as usize) / 2
-            && aligned
-    });
+    let pipe = tile.pipe_variant().filter(|_| wgrad_pipe_ok(gpu, geom, x, s, dy));
     let splits = match pipe {
         Some(v) => unsafe { ffi::edm2_conv_wgrad_tc_pipe_splits(n, h, w, i, o, kk, v) },
         None => unsafe { ffi::edm2_conv_wgrad_tc_splits(n, h, w, i, o, kk) },

@@ -15,6 +15,7 @@
 
 mod attention;
 mod backend;
+pub mod conv_algo;
 pub mod kernels;
 pub mod multi_tensor;
 mod vae;
@@ -189,6 +190,9 @@ pub struct Gpu {
     tensor_core_conv: std::cell::Cell<bool>,
     /// Whether bf16 attention runs on the flash kernels (see [`Gpu::flash_attention`]).
     flash_attention: std::cell::Cell<bool>,
+    /// How convolution kernels are chosen, and what was chosen per shape (conv_algo.rs).
+    conv_policy: std::cell::Cell<conv_algo::ConvPolicy>,
+    conv_choices: std::cell::RefCell<conv_algo::ConvChoices>,
 }
 
 #[cfg(feature = "cuda")]
@@ -382,7 +386,25 @@ impl Gpu {
             waits: Default::default(),
             tensor_core_conv: tensor_core_conv_from_env().into(),
             flash_attention: std::env::var("EDM2_FLASH_ATTENTION").map_or(true, |v| v != "0").into(),
+            conv_policy: conv_algo::ConvPolicy::from_env()?.into(),
+            conv_choices: Default::default(),
         })
+    }
+
+    /// The device time `f`'s launches take, in ms (CUDA events around them; the host waits
+    /// for the end event).
+    pub(crate) fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let event = |what| {
+            self.stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| driver_err(what, e))
+        };
+        let start = event("recording a timing event")?;
+        f()?;
+        let end = event("recording a timing event")?;
+        self.waited();
+        let ms = start.elapsed_ms(&end).map_err(|e| driver_err("reading a timing event", e))?;
+        Ok(ms as f64)
     }
 
     /// A new event at the compute stream's current position.
@@ -587,11 +609,20 @@ impl Gpu {
             waits: Default::default(),
             tensor_core_conv: tensor_core_conv_from_env().into(),
             flash_attention: std::env::var("EDM2_FLASH_ATTENTION").map_or(true, |v| v != "0").into(),
+            conv_policy: conv_algo::ConvPolicy::from_env()?.into(),
+            conv_choices: Default::default(),
         })
     }
 
     pub(crate) fn stream(&self) -> Result<ffi::cudaStream_t> {
         Ok(std::ptr::null_mut())
+    }
+
+    /// The host time `f`'s launches take, in ms (simulated launches are synchronous).
+    pub(crate) fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let t = std::time::Instant::now();
+        f()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
     }
 
     fn raw_alloc<T: DeviceScalar>(&self, n: usize) -> Result<Storage<T>> {
