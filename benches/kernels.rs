@@ -110,6 +110,7 @@ fn cuda(c: &mut Criterion) {
             families(c, "cuda", &gpu, |p| GpuParams::upload(&gpu, p).unwrap());
             conv_bf16(c, &gpu);
             attention_bf16(c, &gpu);
+            conv_shapes(c, &gpu);
         }
         Err(e) => eprintln!("cuda benchmarks skipped: {e}"),
     }
@@ -275,6 +276,68 @@ fn conv_bf16_at(c: &mut Criterion, gpu: &edm2::backend::gpu::Gpu, s: Nhwc, simt:
                 sync();
             })
         });
+    }
+    g.finish();
+    gpu.set_precision(Precision::Fp32);
+}
+
+/// `cuda/conv_shapes/`: every convolution shape and direction of EDM2-XS at batch
+/// EDM2_CONV_SHAPES_BATCH (default 128), bf16 — ours (the variant the tuning keeps)
+/// against cuBLAS's bf16 GEMM of the same M, N, K (src/backend/gpu/conv_bench.rs; the same
+/// table as `edm2 bench --vs-cublas`). The shapes come from one forward and backward of
+/// the network on the device, which also tunes them. Heavy (the XS step at batch 128:
+/// ~25 GB), so it runs only when the filter names it:
+/// `cargo bench --features cuda --bench kernels -- cuda/conv_shapes`.
+/// Criterion times each shape with CUDA events around back-to-back launches.
+#[cfg(feature = "cuda")]
+fn conv_shapes(c: &mut Criterion, gpu: &edm2::backend::gpu::Gpu) {
+    use edm2::backend::gpu::conv_bench::{compare_with_cublas, print_table};
+    use edm2::backend::gpu::{kernels as k, GpuParams, Precision};
+    use edm2::nn::layers::Mode;
+    use edm2::{NetConfig, Precond, Tensor};
+    if !std::env::args().any(|a| a.contains("conv_shapes")) {
+        return;
+    }
+    let n: usize = std::env::var("EDM2_CONV_SHAPES_BATCH").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(128);
+    gpu.set_precision(Precision::Bf16);
+    let cfg = NetConfig::resolve("edm2-img512-xs").unwrap();
+    let net = Precond::new(&cfg).unwrap();
+    let gp = GpuParams::upload(gpu, &net.init_params(1)).unwrap();
+    let mut rng = Rng::new(4);
+    let (r, ch) = (cfg.img_resolution, cfg.img_channels);
+    let shape = [n, r, r, ch];
+    let x = rng.normal_vec(n * r * r * ch);
+    let xd = Tensor::with_buf(&shape, gpu.upload_input(&x).unwrap());
+    let yd = gpu.upload(&x).unwrap();
+    let labels: Vec<f32> = (0..n * cfg.label_dim).map(|i| (i % cfg.label_dim.max(1) == (i / cfg.label_dim.max(1)) % cfg.label_dim.max(1)) as u8 as f32).collect();
+    let ld = (cfg.label_dim > 0).then(|| Tensor::with_buf(&[n, cfg.label_dim], gpu.upload_act(&labels).unwrap()));
+    let sigma: Vec<f32> = (0..n).map(|i| 0.05 + 0.3 * i as f32).collect();
+    let mode = Mode::train(1);
+    {
+        let out = net.forward_on(gpu, &gp, &xd, &sigma, ld.as_ref(), &mode, false).unwrap();
+        let l = k::edm2_loss(gpu, &out.d.data, &yd, &out.logvar, &sigma, 0.5, 1.0).unwrap();
+        let dd = Tensor::with_buf(&out.d.shape, l.dd);
+        net.backward_on(gpu, &gp, out.cache.unwrap(), &dd, &l.dlogvar, &mode).unwrap();
+    }
+    let keys: Vec<_> = gpu.conv_choices().iter().map(|c| c.key).collect();
+    let mut g = c.benchmark_group("cuda/conv_shapes");
+    g.sample_size(10).measurement_time(Duration::from_millis(500)).warm_up_time(Duration::from_millis(200));
+    let timed = |launch: &mut dyn FnMut() -> edm2::error::Result<()>, iters: u64| {
+        let ms = gpu.time_ms(&mut || (0..iters).try_for_each(|_| launch())).unwrap();
+        Duration::from_secs_f64(ms / 1e3)
+    };
+    let mut visit = |key: &edm2::backend::gpu::conv_algo::ConvKey,
+                     ours: &mut dyn FnMut() -> edm2::error::Result<()>,
+                     cublas: &mut dyn FnMut() -> edm2::error::Result<()>| {
+        let id = format!("{}_n{}_{}x{}_{}to{}_k{}", key.dir.name(), key.n, key.h, key.w, key.cin, key.cout, key.k);
+        g.throughput(Throughput::Elements(key.macs() as u64));
+        g.bench_function(format!("{id}/ours"), |b| b.iter_custom(|iters| timed(&mut *ours, iters)));
+        g.bench_function(format!("{id}/cublas"), |b| b.iter_custom(|iters| timed(&mut *cublas, iters)));
+        Ok(())
+    };
+    match compare_with_cublas(gpu, &keys, 10, Some(&mut visit)) {
+        Ok(rows) => print_table(&rows, 10, 790.0),
+        Err(e) => eprintln!("cuda/conv_shapes skipped: {e}"),
     }
     g.finish();
     gpu.set_precision(Precision::Fp32);

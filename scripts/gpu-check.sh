@@ -112,6 +112,14 @@ EDM2_TENSOR_CORE_CONV=0 BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16-simt --device cu
 # The headline shapes of the issue: batch 128, against the official code's fp16 step below.
 BENCH_TIMEOUT=90 bench xs-b128-cuda-bf16-tc --device cuda --config edm2-img512-xs --batch 128 --iters 3 --precision bf16 --only train
 BENCH_TIMEOUT=90 bench s-b128-cuda-bf16-tc --device cuda --config edm2-img512-s --batch 128 --iters 2 --precision bf16 --only train
+# Our convolutions against cuBLAS's bf16 GEMM on every XS b128 shape (issue 14's table;
+# bench --vs-cublas: ms, TFLOP/s, % of 790, speed, rel L2 for the 1x1 ones).
+if have "vs-cublas xs-b128"; then
+    timeout 150 env -u EDM2_POISON_DEVICE_MEMORY "$bin/edm2" bench --device cuda --config edm2-img512-xs --batch 128 \
+        --iters 1 --precision bf16 --only train --vs-cublas > "$out/vs-cublas-xs-b128.log" 2>&1 || status=1
+    sed -n '/^ours against cuBLAS/,/every shape once/p' "$out/vs-cublas-xs-b128.log" > "$out/vs-cublas-xs-b128.txt"
+    row "vs-cublas xs-b128" "$(grep 'every shape once' "$out/vs-cublas-xs-b128.txt" || tail -1 "$out/vs-cublas-xs-b128.log")"
+fi
 # Which kernel the first step's tuning kept for each conv shape and direction, with every
 # variant's time (EDM2_CONV_ALGO=tune, the default on a GPU; src/backend/gpu/conv_algo.rs).
 for name in xs-b128-cuda-bf16-tc s-b128-cuda-bf16-tc; do

@@ -134,3 +134,11 @@ fn bench_json_summary() {
     let ips = v["images_per_s_train"].as_f64().unwrap();
     assert!((ips - 2.0 / (v["train_step_ms"].as_f64().unwrap() / 1e3)).abs() < 1e-6 * ips);
 }
+
+/// `bench --vs-cublas` compares GPU kernels with cuBLAS: on the CPU it is refused with a
+/// message that says what it needs, before any work.
+#[test]
+fn bench_vs_cublas_needs_the_gpu() {
+    let (ok, _, err) = edm2(&["bench", "--device", "cpu", "--config", "cpu-xs16", "--batch", "2", "--iters", "1", "--vs-cublas"]);
+    assert!(!ok && err.contains("--vs-cublas") && err.contains("--device cuda"), "{err}");
+}

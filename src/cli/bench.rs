@@ -38,6 +38,12 @@ pub struct Args {
     /// Measure only the training step or only the forward pass (e.g. for peak memory).
     #[arg(long, value_parser = ["train", "forward", "both"], default_value = "both")]
     pub only: String,
+    /// On a GPU with --precision bf16: after the steps, time every convolution shape and
+    /// direction they ran (the kernel the tuning kept) against cuBLAS's bf16 GEMM of the
+    /// same M, N, K, and print TFLOP/s, % of 790 (an H100/H200's dense bf16 rate), ours /
+    /// cuBLAS and, for 1x1 convolutions, the relative L2 difference (`vs_cublas` in --json).
+    #[arg(long)]
+    pub vs_cublas: bool,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -133,6 +139,9 @@ pub fn run(a: Args) -> Result<()> {
     let device = resolve_device(a.device)?;
     if device == Device::Cuda {
         return bench_cuda(&a);
+    }
+    if a.vs_cublas {
+        anyhow::bail!("--vs-cublas compares our GPU convolutions with cuBLAS: it needs --device cuda");
     }
     let cpu = edm2::backend::cpu::Cpu::for_precision(a.precision.parse().map_err(anyhow::Error::msg)?).map_err(anyhow::Error::msg)?;
     let Setup { cfg, net, mut params, images, labels, sigma, noisy, mut rng } = setup(&a, None)?;
@@ -365,6 +374,7 @@ fn bench_cuda(a: &Args) -> Result<()> {
         println!("per training step: {l} kernel launches, {w} host waits");
     }
     let convs = conv_choices_report(&gpu);
+    let vs_cublas = if a.vs_cublas { vs_cublas_report(&gpu)? } else { Vec::new() };
     let memory = gpu.memory_in_use();
     let buffer_bytes = gpu.pool_stats().allocated_bytes;
     println!("device buffers: {:.3} GiB allocated by the buffer pool", buffer_bytes as f64 / (1u64 << 30) as f64);
@@ -379,7 +389,7 @@ fn bench_cuda(a: &Args) -> Result<()> {
                 "images_per_s_train": t.map(ips), "images_per_s_forward": f.map(ips),
                 "images_per_s_sampling": sampling_ips, "device_memory_bytes": memory, "device_buffer_bytes": buffer_bytes,
                 "launches_per_step": step_counts.map(|c| c.0), "host_waits_per_step": step_counts.map(|c| c.1),
-                "conv_policy": gpu.conv_policy().name(), "conv_algos": convs})
+                "conv_policy": gpu.conv_policy().name(), "conv_algos": convs, "vs_cublas": vs_cublas})
         );
     }
     Ok(())
@@ -407,6 +417,25 @@ fn conv_choices_report(gpu: &edm2::backend::gpu::Gpu) -> Vec<serde_json::Value> 
                 "timings_ms": c.timings_ms.iter().map(|&(a, ms)| (a.name().to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>()})
         })
         .collect()
+}
+
+/// `bench --vs-cublas`: ours against cuBLAS on every bf16 convolution shape of the step
+/// (src/backend/gpu/conv_bench.rs), printed and as JSON rows.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn vs_cublas_report(gpu: &edm2::backend::gpu::Gpu) -> Result<Vec<serde_json::Value>> {
+    use edm2::backend::gpu::conv_bench::{compare_with_cublas, print_table};
+    let keys: Vec<_> = gpu.conv_choices().iter().map(|c| c.key).collect();
+    let rows = compare_with_cublas(gpu, &keys, 10, None)?;
+    print_table(&rows, 10, 790.0);
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let k = &r.key;
+            serde_json::json!({"direction": k.dir.name(), "n": k.n, "h": k.h, "w": k.w, "cin": k.cin, "cout": k.cout, "k": k.k,
+                "m": r.m, "gemm_n": r.n, "gemm_k": r.k, "algo": r.algo.name(), "ours_ms": r.ours_ms, "cublas_ms": r.cublas_ms,
+                "ours_tflops": r.tflops(r.ours_ms), "cublas_tflops": r.tflops(r.cublas_ms), "rel_l2": r.rel_l2})
+        })
+        .collect())
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]

@@ -16,6 +16,7 @@
 mod attention;
 mod backend;
 pub mod conv_algo;
+pub mod conv_bench;
 pub mod kernels;
 pub mod multi_tensor;
 mod vae;
@@ -393,7 +394,7 @@ impl Gpu {
 
     /// The device time `f`'s launches take, in ms (CUDA events around them; the host waits
     /// for the end event).
-    pub(crate) fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    pub fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
         let event = |what| {
             self.stream
                 .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
@@ -619,7 +620,7 @@ impl Gpu {
     }
 
     /// The host time `f`'s launches take, in ms (simulated launches are synchronous).
-    pub(crate) fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    pub fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
         let t = std::time::Instant::now();
         f()?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
