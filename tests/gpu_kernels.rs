@@ -480,7 +480,7 @@ fn normalize_rows_and_weight_norm_match_the_cpu_backend() {
 #[cfg(not(feature = "cuda-sim-tsan"))]
 #[test]
 fn conv_kernels_are_tuned_once_per_shape_and_direction() {
-    use edm2::backend::gpu::conv_algo::{ConvAlgo, ConvDir, ConvPolicy, TUNE_REPS};
+    use edm2::backend::gpu::conv_algo::{ConvAlgo, ConvDir, ConvPolicy};
     use edm2::backend::gpu::kernels::{ConvGeom, Nhwc};
     use edm2::backend::gpu::launches;
     let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
@@ -543,7 +543,13 @@ fn conv_kernels_are_tuned_once_per_shape_and_direction() {
     for (a, b) in [down(&gpu, &y), down(&gpu, &dx), down32(&gpu, &de)].iter().zip(&first) {
         assert_eq!(bits(a), bits(b), "the first call's result is the kept variant's");
     }
-    assert!(TUNE_REPS >= 1);
+    // Turning the tensor cores off forgets the choices made among them: SIMT from then on.
+    gpu.set_tensor_core_conv(false);
+    assert!(gpu.conv_choices().is_empty());
+    let mut y = act(&gpu, s.pixels() * 32);
+    k::conv_forward(&gpu, &eff, &xb, s, &mut y).unwrap();
+    assert_eq!(gpu.conv_choices()[0].algo, ConvAlgo::Simt);
+    gpu.set_tensor_core_conv(true);
 
     // Forced: where it applies, else the heuristic's kernel (the simple tile for 20 input
     // channels, which the pipelined forward cannot take); fp32 activations: SIMT only.

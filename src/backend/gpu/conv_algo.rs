@@ -9,8 +9,8 @@
 //!
 //! `EDM2_CONV_ALGO` sets the policy ([`ConvPolicy`]):
 //! - `tune` (the default on a GPU): time every applicable variant on the first call of a
-//!   shape (one warm-up and [`TUNE_REPS`] timed launches each, the best time counts), keep
-//!   the fastest; the call's own result is then computed by that variant, so it does not
+//!   shape (one warm-up, then [`TUNE_REPS`] back-to-back launches between two events), keep
+//!   the fastest (a variant that fails to launch is left out); the call's own result is then computed by that variant, so it does not
 //!   depend on which ran last while timing.
 //! - `heuristic` (the default in the simulator, where a time says nothing about a GPU): the
 //!   tensor-core kernels with the tile `EDM2_CONV_TC_TILE` names (`auto`: chosen from the
@@ -29,7 +29,9 @@ use super::Gpu;
 use crate::backend::{ConvGeom, Nhwc};
 use crate::error::{Error, Result};
 
-/// Timed launches per variant when tuning (after one warm-up launch); the minimum counts.
+/// Back-to-back launches per variant timed together when tuning (after one warm-up
+/// launch): the host enqueues while the device runs, as in a step, so a variant's extra
+/// small launches cost what they cost there.
 pub const TUNE_REPS: usize = 3;
 
 /// The direction of a convolution.
@@ -128,10 +130,10 @@ impl ConvPolicy {
     pub fn from_env() -> Result<ConvPolicy> {
         let tile = TcTile::from_env()?;
         let tile_set = std::env::var_os("EDM2_CONV_TC_TILE").is_some();
-        match std::env::var("EDM2_CONV_ALGO") {
-            Err(_) if tile_set || cfg!(not(feature = "cuda")) => Ok(ConvPolicy::Heuristic(tile)),
-            Err(_) => Ok(ConvPolicy::Tune),
-            Ok(v) => ConvPolicy::parse(&v, tile),
+        match std::env::var_os("EDM2_CONV_ALGO") {
+            None if tile_set || cfg!(not(feature = "cuda")) => Ok(ConvPolicy::Heuristic(tile)),
+            None => Ok(ConvPolicy::Tune),
+            Some(v) => ConvPolicy::parse(&v.to_string_lossy(), tile),
         }
     }
 
@@ -186,7 +188,7 @@ impl ConvKey {
 pub struct ConvChoice {
     pub key: ConvKey,
     pub algo: ConvAlgo,
-    /// (variant, best of [`TUNE_REPS`] launches in ms); empty unless tuned.
+    /// (variant, mean ms of [`TUNE_REPS`] back-to-back launches); empty unless tuned.
     pub timings_ms: Vec<(ConvAlgo, f64)>,
 }
 
@@ -223,10 +225,13 @@ impl Gpu {
         pipe_ok: bool,
         run: &mut dyn FnMut(ConvAlgo) -> Result<()>,
     ) -> Result<ConvAlgo> {
-        if let Some(&i) = self.conv_choices.borrow().index.get(&key) {
-            return Ok(self.conv_choices.borrow().order[i].algo);
-        }
         let tc = cands.len() > 1;
+        let cached = self.conv_choices.borrow().index.get(&key).map(|&i| self.conv_choices.borrow().order[i].algo);
+        if let Some(a) = cached {
+            // A pipelined tile kept for aligned buffers, now given a view that is not:
+            // the simple tile for this call (what the tile function would fall back to).
+            return Ok(if a.pipelined() && !pipe_ok { ConvAlgo::TcSimple } else { a });
+        }
         let heuristic = |tile: TcTile| {
             let a = ConvAlgo::from_tile(tile);
             if !tc {
@@ -250,16 +255,26 @@ impl Gpu {
             }
             ConvPolicy::Tune if cands.len() == 1 => cands[0],
             ConvPolicy::Tune => {
+                // A variant that cannot launch on this shape (e.g. a grid past the
+                // hardware's limit) is left out; an error only if none can.
+                let mut first_err = None;
                 for &a in cands {
-                    run(a)?;
-                    let mut best = f64::INFINITY;
-                    for _ in 0..TUNE_REPS {
-                        best = best.min(self.time_ms(&mut || run(a))?);
+                    let timed = run(a).and_then(|()| self.time_ms(&mut || (0..TUNE_REPS).try_for_each(|_| run(a))));
+                    match timed {
+                        Ok(ms) => timings_ms.push((a, ms / TUNE_REPS as f64)),
+                        Err(e) => {
+                            first_err.get_or_insert(e);
+                        }
                     }
-                    timings_ms.push((a, best));
                 }
                 // The first of equal times: the order of `cands` breaks ties.
-                timings_ms.iter().fold((cands[0], f64::INFINITY), |b, &(a, t)| if t < b.1 { (a, t) } else { b }).0
+                match timings_ms.iter().fold(None, |b: Option<(ConvAlgo, f64)>, &(a, t)| match b {
+                    Some((_, bt)) if bt <= t => b,
+                    _ => Some((a, t)),
+                }) {
+                    Some((a, _)) => a,
+                    None => return Err(first_err.expect("a candidate ran or failed")),
+                }
             }
         };
         let mut c = self.conv_choices.borrow_mut();

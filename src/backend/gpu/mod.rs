@@ -761,8 +761,11 @@ impl Gpu {
         self.tensor_core_conv.get()
     }
 
+    /// Also forgets the convolution kernels chosen so far (conv_algo.rs): they were chosen
+    /// among the variants the old setting allowed.
     pub fn set_tensor_core_conv(&self, on: bool) {
-        self.tensor_core_conv.set(on)
+        self.tensor_core_conv.set(on);
+        self.conv_choices.replace(Default::default());
     }
 
     /// Whether attention with bf16 activations runs on the FlashAttention-2 kernels
