@@ -59,9 +59,10 @@ int edm2_normalize_rows(const void *x, void *y, size_t rows, int k, int dtype, c
 int edm2_normalize_rows_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows, cudaStream_t stream);
 int edm2_normalize_rows_backward(const void *x, const void *dy, void *dx, size_t rows, int k, int dtype, cudaStream_t stream);
 /* The gain is *gain_at where gain_at is not null (a gain parameter, read on the device),
- * else `gain`. The backward adds into dw where `accumulate` is set (a gradient buffer). */
-int edm2_effective_weight_f32(const float *w, float *eff, float *denom, int out_ch, int in_ch, int taps, float gain, const float *gain_at,
-                              cudaStream_t stream);
+ * else `gain`. eff_bf16 / flip_bf16 (may be null): eff in bf16, and its flipped transpose
+ * [in][taps][out] (taps reversed) in bf16, for the tensor-core convolutions. The backward adds into dw where `accumulate` is set (a gradient buffer). */
+int edm2_effective_weight_f32(const float *w, float *eff, float *denom, uint16_t *eff_bf16, uint16_t *flip_bf16, int out_ch, int in_ch,
+                              int taps, float gain, const float *gain_at, cudaStream_t stream);
 int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, const float *denom, float *dw, float *row_dgain, int out_ch,
                                        int in_ch, int taps, float gain, const float *gain_at, int accumulate, cudaStream_t stream);
 

@@ -9,7 +9,10 @@
 //   normalize_rows_multi: the forced normalization of all weights in one launch.
 // effective weight: eff[o, tap, i] = normalize(W[o])[i, tap] · gain / sqrt(fan_in), from the
 //   stored OIHW parameter to the OHWI layout the conv kernels read (fan_in = I·taps);
-//   denom[o] keeps the row's denominator for the backward. Overwrites eff and denom. A
+//   denom[o] keeps the row's denominator for the backward. Overwrites eff and denom; where
+//   given, also eff in bf16 (the tensor-core forward's operand) and the data gradient's
+//   flipped transpose in bf16 (Wf[i, taps-1-tap, o]), so those kernels need no conversion
+//   launches of their own (the same bits as converting eff afterwards). A
 //   gain parameter is read on the device (gain_at): nothing goes back to the host when
 //   Adam changes it.
 // effective weight backward: from d_eff (OHWI) to dW (OIHW, overwritten, or added to the
@@ -75,8 +78,9 @@ __global__ void normalize_rows_backward_kernel(const T *__restrict__ x, const T 
   }
 }
 
-__global__ void effective_weight_kernel(const float *__restrict__ w, float *__restrict__ eff, float *__restrict__ denom, int out_ch,
-                                        int in_ch, int taps, float gain, const float *__restrict__ gain_at) {
+__global__ void effective_weight_kernel(const float *__restrict__ w, float *__restrict__ eff, float *__restrict__ denom,
+                                        uint16_t *__restrict__ eff_bf16, uint16_t *__restrict__ flip_bf16, int out_ch, int in_ch,
+                                        int taps, float gain, const float *__restrict__ gain_at) {
   EDM2_SHARED(float, red, [ROW_THREADS]);
   const int fan = in_ch * taps;
   const float scale_g = (gain_at ? *gain_at : gain) / sqrtf((float)fan);
@@ -89,7 +93,12 @@ __global__ void effective_weight_kernel(const float *__restrict__ w, float *__re
     // i = ci·taps + tap (OIHW) → tap·I + ci (OHWI). Normalize, then scale, as the official code.
     for (int i = threadIdx.x; i < fan; i += blockDim.x) {
       int ci = i / taps, tap = i % taps;
-      eff[(size_t)o * fan + tap * in_ch + ci] = (wr[i] / d) * scale_g;
+      float v = (wr[i] / d) * scale_g;
+      eff[(size_t)o * fan + tap * in_ch + ci] = v;
+      // The tensor-core kernels' operands, rounded as a bf16 conversion of eff rounds:
+      // eff itself, and the data gradient's flipped transpose Wf[ci, taps-1-tap, o].
+      if (eff_bf16) eff_bf16[(size_t)o * fan + tap * in_ch + ci] = edm2_bf16_bits(v);
+      if (flip_bf16) flip_bf16[((size_t)ci * taps + (taps - 1 - tap)) * out_ch + o] = edm2_bf16_bits(v);
     }
   }
 }
@@ -154,10 +163,11 @@ extern "C" int edm2_normalize_rows_backward(const void *x, const void *dy, void 
                 return (int)cudaGetLastError());
 }
 
-extern "C" int edm2_effective_weight_f32(const float *w, float *eff, float *denom, int out_ch, int in_ch, int taps, float gain,
-                                         const float *gain_at, cudaStream_t stream) {
+extern "C" int edm2_effective_weight_f32(const float *w, float *eff, float *denom, uint16_t *eff_bf16, uint16_t *flip_bf16, int out_ch,
+                                         int in_ch, int taps, float gain, const float *gain_at, cudaStream_t stream) {
   if (out_ch <= 0) return 0;
-  EDM2_LAUNCH(effective_weight_kernel, row_blocks(out_ch), ROW_THREADS, 0, stream, w, eff, denom, out_ch, in_ch, taps, gain, gain_at);
+  EDM2_LAUNCH(effective_weight_kernel, row_blocks(out_ch), ROW_THREADS, 0, stream, w, eff, denom, eff_bf16, flip_bf16, out_ch, in_ch,
+              taps, gain, gain_at);
   return (int)cudaGetLastError();
 }
 

@@ -584,6 +584,70 @@ fn conv_kernels_are_tuned_once_per_shape_and_direction() {
     gpu.set_conv_policy(ConvPolicy::from_env().unwrap());
 }
 
+/// The effective-weight kernel's bf16 operands (bf16 activations, tensor cores on): the
+/// weight and its flipped transpose as a host conversion of the fp32 effective weight
+/// gives them, and the tensor-core convolutions on them give the same bits as on their own
+/// per-call conversions (which they use where the operands are absent), in one launch
+/// fewer for the forward and two fewer for the data gradient.
+#[test]
+fn effective_weight_bf16_operands_match_the_conversions() {
+    use edm2::backend::gpu::kernels::{ConvGeom, Nhwc};
+    use edm2::backend::gpu::launches;
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    gpu.set_precision(Precision::Bf16);
+    let s = Nhwc { n: 2, h: 5, w: 6, c: 32 };
+    for (o, kk) in [(64usize, 3usize), (32, 1)] {
+        let geom = ConvGeom { out_ch: o, in_ch: 32, k: kk };
+        let w = up32(&gpu, &random(geom.numel(), 50 + o as u64));
+        let gain = up32(&gpu, &[1.7]);
+        let with = k::effective_weight(&gpu, &w, geom, k::Gain::At(&gain)).unwrap();
+        gpu.set_tensor_core_conv(false);
+        let without = k::effective_weight(&gpu, &w, geom, k::Gain::At(&gain)).unwrap();
+        gpu.set_tensor_core_conv(true);
+        assert!(without.bf16.is_none());
+        let (wb, wf) = with.bf16.as_ref().expect("bf16 operands with tensor cores on");
+        let eff = down32(&gpu, &with.w);
+        assert_eq!(eff, down32(&gpu, &without.w), "the fp32 effective weight is unchanged");
+        let (taps, i) = (geom.taps(), geom.in_ch);
+        let mut flip = vec![0.0f32; eff.len()];
+        for oc in 0..o {
+            for t in 0..taps {
+                for ic in 0..i {
+                    flip[(ic * taps + (taps - 1 - t)) * o + oc] = eff[(oc * taps + t) * i + ic];
+                }
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|&x| bf16_bits(x)).collect::<Vec<u16>>();
+        let dbits = |a: &GpuAct| match a {
+            GpuAct::Bf16(b) => gpu.download(b).unwrap(),
+            GpuAct::F32(_) => panic!("bf16 operands are bf16"),
+        };
+        let differ = |a: Vec<u16>, b: Vec<u16>| a.iter().zip(&b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len());
+        assert_eq!(differ(dbits(wb), bits(&eff)), 0, "k{kk}: bf16 weight values that differ");
+        assert_eq!(differ(dbits(wf), bits(&flip)), 0, "k{kk}: bf16 flipped-transpose values that differ");
+        let x = up(&gpu, &random(s.numel(), 51));
+        let dy = up(&gpu, &random(s.pixels() * o, 52));
+        for tile in [k::TcTile::Auto, k::TcTile::T64x64] {
+            let mut runs = Vec::new();
+            for e in [&with, &without] {
+                let l0 = launches();
+                let mut y = act(&gpu, s.pixels() * o);
+                k::conv_forward_tensor_core_tile(&gpu, e, &x, s, &mut y, tile).unwrap();
+                let l1 = launches();
+                let mut dx = act(&gpu, s.numel());
+                k::conv_backward_data_tensor_core_tile(&gpu, e, &dy, s, &mut dx, tile).unwrap();
+                runs.push((down(&gpu, &y), down(&gpu, &dx), l1 - l0, launches() - l1));
+            }
+            let (a, b) = (&runs[0], &runs[1]);
+            let same = |p: &[f32], q: &[f32]| p.iter().zip(q).all(|(u, v)| u.to_bits() == v.to_bits());
+            assert!(same(&a.0, &b.0) && same(&a.1, &b.1), "k{kk} {tile:?}: the same bits on the kernel's operands");
+            assert_eq!((a.2 + 1, a.3 + 2), (b.2, b.3), "k{kk} {tile:?}: launches (forward, data gradient)");
+        }
+    }
+    gpu.set_precision(Precision::Fp32);
+}
+
 /// The tensor-core tiles the conv test runs: all of them, or under ThreadSanitizer (where a
 /// simulated thread is an instrumented OS thread: with the 8-warp 128x128 tile as well the
 /// conv test took 685 s there) `auto` alone — the 64x64 pipelined tile at the test's

@@ -499,6 +499,11 @@ pub struct GpuEffWeight {
     pub gain: f32,
     pub w: GpuBuf<f32>,
     pub denom: GpuBuf<f32>,
+    /// With bf16 activations and the tensor-core convolutions on: `w` in bf16 (the
+    /// forward's operand) and its flipped transpose `[I, taps, O]` in bf16 (the data
+    /// gradient's), written by the effective-weight kernel itself so that the convolutions
+    /// launch no conversions of their own. None: they convert `w` per call.
+    pub bf16: Option<(GpuAct, GpuAct)>,
 }
 
 /// The gain of an effective weight: a fixed value, or a gain parameter's one-element
@@ -528,13 +533,24 @@ pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: Gain) 
     geom.validate(k)?;
     expect_len(k, "w", w.len(), geom.numel())?;
     let (gain, gain_at) = gain.split(k, gpu)?;
-    let mut eff = GpuEffWeight { geom, gain, w: gpu.alloc(geom.numel())?, denom: gpu.alloc(geom.out_ch)? };
+    // The bf16 operands of the tensor-core kernels, where they will run (not for the
+    // linear layers, whose activations are fp32 in every precision).
+    let bf16 = (gpu.act_dtype() == Dtype::Bf16 && gpu.tensor_core_conv() && geom.k > 0)
+        .then(|| Ok::<_, Error>((gpu.alloc_dtype(Dtype::Bf16, geom.numel())?, gpu.alloc_dtype(Dtype::Bf16, geom.numel())?)))
+        .transpose()?;
+    let mut eff = GpuEffWeight { geom, gain, w: gpu.alloc(geom.numel())?, denom: gpu.alloc(geom.out_ch)?, bf16 };
+    let (wb, wf) = match eff.bf16.as_mut() {
+        Some((wb, wf)) => (wb.vptr_mut(gpu) as *mut u16, wf.vptr_mut(gpu) as *mut u16),
+        None => (std::ptr::null_mut(), std::ptr::null_mut()),
+    };
     let st = gpu.stream()?;
     check(k, unsafe {
         ffi::edm2_effective_weight_f32(
             w.ptr(gpu),
             eff.w.ptr_mut(gpu),
             eff.denom.ptr_mut(gpu),
+            wb,
+            wf,
             int(k, geom.out_ch)?,
             int(k, geom.in_ch)?,
             int(k, geom.taps())?,
@@ -704,8 +720,11 @@ pub fn conv_forward_tensor_core_tile(
         .pipe_variant()
         .filter(|_| pipe_ok(gpu, eff.geom.in_ch, x, y))
     {
-        let wb = scaled_to(gpu, &eff.w, Dtype::Bf16, 1.0)?;
-        return conv_forward_pipe(gpu, x, &wb, y, (n, h, w, i, o, eff.geom.k as i32), variant);
+        let dims = (n, h, w, i, o, eff.geom.k as i32);
+        return match &eff.bf16 {
+            Some((wb, _)) => conv_forward_pipe(gpu, x, wb, y, dims, variant),
+            None => conv_forward_pipe(gpu, x, &scaled_to(gpu, &eff.w, Dtype::Bf16, 1.0)?, y, dims, variant),
+        };
     }
     let st = gpu.stream()?;
     check(k, unsafe {
@@ -840,16 +859,18 @@ pub fn conv_backward_data_tensor_core_tile(
         int(k, eff.geom.out_ch)?,
         eff.geom.k as i32,
     );
+    // The forward with cin = O and cout = I, on the flipped transpose of the weight: the
+    // effective-weight kernel's bf16 one where it made it, else flipped and converted here.
+    let pipe = tile.pipe_variant().filter(|_| pipe_ok(gpu, eff.geom.out_ch, dy, dx));
+    if let (Some(variant), Some((_, wfb))) = (pipe, &eff.bf16) {
+        return conv_forward_pipe(gpu, dy, wfb, dx, (n, h, w, o, i, kk), variant);
+    }
     let mut wf = gpu.alloc::<f32>(eff.geom.numel())?;
     let st = gpu.stream()?;
     check("conv_weight_flip", unsafe {
         ffi::edm2_conv_weight_flip(eff.w.ptr(gpu), wf.ptr_mut(gpu), i, o, kk, st)
     })?;
-    // The forward with cin = O and cout = I.
-    if let Some(variant) = tile
-        .pipe_variant()
-        .filter(|_| pipe_ok(gpu, eff.geom.out_ch, dy, dx))
-    {
+    if let Some(variant) = pipe {
         let wb = scaled_to(gpu, &wf, Dtype::Bf16, 1.0)?;
         return conv_forward_pipe(gpu, dy, &wb, dx, (n, h, w, o, i, kk), variant);
     }
