@@ -57,6 +57,11 @@ int edm2_normalize_rows(const void *x, void *y, size_t rows, int k, int dtype, c
  * optim.cu's section below) whose chunks are rows, slot 0 the tensor, EDM2_MT_ARG its row
  * length, n_rows the total. */
 int edm2_normalize_rows_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows, cudaStream_t stream);
+/* edm2_effective_weight_f32 of many weights in one launch; chunks are output rows. A table
+ * row: slots 0-3 w, eff, denom, gain_at (0: none); EDM2_MT_LEN in_ch; EDM2_MT_ARG taps in
+ * the low 32 bits and the f32 bits of the fixed gain in the high 32; EDM2_MT_EXTRA + 0, 1:
+ * eff_bf16, flip_bf16 (0: none); EDM2_MT_EXTRA + 2: out_ch. */
+int edm2_effective_weight_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows, cudaStream_t stream);
 int edm2_normalize_rows_backward(const void *x, const void *dy, void *dx, size_t rows, int k, int dtype, cudaStream_t stream);
 /* The gain is *gain_at where gain_at is not null (a gain parameter, read on the device),
  * else `gain`. eff_bf16 / flip_bf16 (may be null): eff in bf16, and its flipped transpose
@@ -143,10 +148,12 @@ int edm2_ema_lerp_f32(float *e, const float *p, float w, size_t n, cudaStream_t 
  * g, m, v; ema_lerp: e, p; add: a, b — a += b), its element count, the f32 bits of a
  * per-tensor argument (ema_lerp: w) and the index of its first chunk: the number of
  * `chunk`-element chunks of the tensors before it (n_chunks: of all). */
-#define EDM2_MT_ROW 8
+#define EDM2_MT_ROW 12
 #define EDM2_MT_LEN 4
 #define EDM2_MT_ARG 5
 #define EDM2_MT_FIRST_CHUNK 6
+/* Slots 7-11: further operands of kernels that need more than four (effective_weight_multi). */
+#define EDM2_MT_EXTRA 7
 int edm2_adam_multi_f32(const unsigned long long *rows, int n_rows, long long n_chunks, int chunk, float beta1, float beta2, float bc2_sqrt,
                         float eps, float step, unsigned *nonfinite, cudaStream_t stream);
 int edm2_ema_lerp_multi_f32(const unsigned long long *rows, int n_rows, long long n_chunks, int chunk, cudaStream_t stream);

@@ -7,6 +7,8 @@
 //   - pixel norm over the channels of an NHWC activation (rows = pixels, k = C);
 //   backward: dx = dy/d − x·(Σ dy·x)/(d²·sqrt(k)·||x||) (0 subgradient at x = 0).
 //   normalize_rows_multi: the forced normalization of all weights in one launch.
+//   effective_weight_multi: every effective weight of a forward pass in one launch (the
+//   same row body as effective_weight_kernel, so the same bits).
 // effective weight: eff[o, tap, i] = normalize(W[o])[i, tap] · gain / sqrt(fan_in), from the
 //   stored OIHW parameter to the OHWI layout the conv kernels read (fan_in = I·taps);
 //   denom[o] keeps the row's denominator for the backward. Overwrites eff and denom; where
@@ -78,28 +80,53 @@ __global__ void normalize_rows_backward_kernel(const T *__restrict__ x, const T 
   }
 }
 
+// Row o of an effective weight (the body of both effective-weight kernels: the same bits).
+__device__ __forceinline__ void effective_weight_row(const float *__restrict__ w, float *__restrict__ eff, float *__restrict__ denom,
+                                                     uint16_t *__restrict__ eff_bf16, uint16_t *__restrict__ flip_bf16, int o,
+                                                     int out_ch, int in_ch, int taps, float scale_g, float *red) {
+  const int fan = in_ch * taps;
+  const float *wr = w + (size_t)o * fan;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < fan; i += blockDim.x) ss += wr[i] * wr[i];
+  float d = edm2_norm_denom(edm2_block_sum(ss, red), fan);
+  if (threadIdx.x == 0) denom[o] = d;
+  // i = ci·taps + tap (OIHW) → tap·I + ci (OHWI). Normalize, then scale, as the official code.
+  for (int i = threadIdx.x; i < fan; i += blockDim.x) {
+    int ci = i / taps, tap = i % taps;
+    float v = (wr[i] / d) * scale_g;
+    eff[(size_t)o * fan + tap * in_ch + ci] = v;
+    // The tensor-core kernels' operands, rounded as a bf16 conversion of eff rounds:
+    // eff itself, and the data gradient's flipped transpose Wf[ci, taps-1-tap, o].
+    if (eff_bf16) eff_bf16[(size_t)o * fan + tap * in_ch + ci] = edm2_bf16_bits(v);
+    if (flip_bf16) flip_bf16[((size_t)ci * taps + (taps - 1 - tap)) * out_ch + o] = edm2_bf16_bits(v);
+  }
+}
+
 __global__ void effective_weight_kernel(const float *__restrict__ w, float *__restrict__ eff, float *__restrict__ denom,
                                         uint16_t *__restrict__ eff_bf16, uint16_t *__restrict__ flip_bf16, int out_ch, int in_ch,
                                         int taps, float gain, const float *__restrict__ gain_at) {
   EDM2_SHARED(float, red, [ROW_THREADS]);
-  const int fan = in_ch * taps;
-  const float scale_g = (gain_at ? *gain_at : gain) / sqrtf((float)fan);
+  const float scale_g = (gain_at ? *gain_at : gain) / sqrtf((float)(in_ch * taps));
   for (int o = blockIdx.x; o < out_ch; o += gridDim.x) {
-    const float *wr = w + (size_t)o * fan;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < fan; i += blockDim.x) ss += wr[i] * wr[i];
-    float d = edm2_norm_denom(edm2_block_sum(ss, red), fan);
-    if (threadIdx.x == 0) denom[o] = d;
-    // i = ci·taps + tap (OIHW) → tap·I + ci (OHWI). Normalize, then scale, as the official code.
-    for (int i = threadIdx.x; i < fan; i += blockDim.x) {
-      int ci = i / taps, tap = i % taps;
-      float v = (wr[i] / d) * scale_g;
-      eff[(size_t)o * fan + tap * in_ch + ci] = v;
-      // The tensor-core kernels' operands, rounded as a bf16 conversion of eff rounds:
-      // eff itself, and the data gradient's flipped transpose Wf[ci, taps-1-tap, o].
-      if (eff_bf16) eff_bf16[(size_t)o * fan + tap * in_ch + ci] = edm2_bf16_bits(v);
-      if (flip_bf16) flip_bf16[((size_t)ci * taps + (taps - 1 - tap)) * out_ch + o] = edm2_bf16_bits(v);
-    }
+    effective_weight_row(w, eff, denom, eff_bf16, flip_bf16, o, out_ch, in_ch, taps, scale_g, red);
+    __syncthreads();  // `red` is reused by the next row
+  }
+}
+
+// Every effective weight of a forward pass in one launch: chunks are output rows.
+__global__ void effective_weight_multi_kernel(const unsigned long long *__restrict__ table, int n_tensors, long long n_rows) {
+  EDM2_SHARED(float, red, [ROW_THREADS]);
+  for (long long c = blockIdx.x; c < n_rows; c += gridDim.x) {
+    const unsigned long long *t = mt_row(table, n_tensors, c);
+    const int in_ch = (int)t[EDM2_MT_LEN], taps = (int)(t[EDM2_MT_ARG] & 0xffffffffull);
+    const int out_ch = (int)t[EDM2_MT_EXTRA + 2];
+    const float *gain_at = (const float *)t[3];
+    const float gain = __uint_as_float((unsigned)(t[EDM2_MT_ARG] >> 32));
+    const float scale_g = (gain_at ? *gain_at : gain) / sqrtf((float)(in_ch * taps));
+    const int o = (int)(c - (long long)t[EDM2_MT_FIRST_CHUNK]);
+    effective_weight_row((const float *)t[0], (float *)t[1], (float *)t[2], (uint16_t *)t[EDM2_MT_EXTRA], (uint16_t *)t[EDM2_MT_EXTRA + 1],
+                         o, out_ch, in_ch, taps, scale_g, red);
+    __syncthreads();  // `red` is reused by the next row
   }
 }
 
@@ -168,6 +195,12 @@ extern "C" int edm2_effective_weight_f32(const float *w, float *eff, float *deno
   if (out_ch <= 0) return 0;
   EDM2_LAUNCH(effective_weight_kernel, row_blocks(out_ch), ROW_THREADS, 0, stream, w, eff, denom, eff_bf16, flip_bf16, out_ch, in_ch,
               taps, gain, gain_at);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int edm2_effective_weight_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows, cudaStream_t stream) {
+  if (n_tensors <= 0 || n_rows <= 0) return 0;
+  EDM2_LAUNCH(effective_weight_multi_kernel, row_blocks((size_t)n_rows), ROW_THREADS, 0, stream, table, n_tensors, n_rows);
   return (int)cudaGetLastError();
 }
 

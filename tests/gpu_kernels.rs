@@ -648,6 +648,48 @@ fn effective_weight_bf16_operands_match_the_conversions() {
     gpu.set_precision(Precision::Fp32);
 }
 
+/// Every effective weight of a forward in one launch (`multi_tensor::effective_weights`):
+/// the same bits as one launch per weight — the fp32 weight, the row denominators and the
+/// bf16 operands — for 3x3, 1x1 and linear layers, fixed gains and gain parameters, in
+/// both precisions.
+#[test]
+fn effective_weights_in_one_launch_match_one_per_weight() {
+    use edm2::backend::gpu::kernels::ConvGeom;
+    use edm2::backend::gpu::{launches, multi_tensor as mt};
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    let geoms = [(48usize, 32usize, 3usize), (32, 20, 3), (64, 32, 1), (16, 40, 0), (7, 3, 3)];
+    let ws: Vec<GpuBuf<f32>> = geoms.iter().enumerate().map(|(i, &(o, ii, kk))| up32(&gpu, &random(o * ii * kk.max(1) * kk.max(1), 60 + i as u64))).collect();
+    let gain = up32(&gpu, &[0.6]);
+    let gains = |i: usize| if i % 2 == 0 { k::Gain::At(&gain) } else { k::Gain::Value(1.0 + i as f32) };
+    for p in [Precision::Fp32, Precision::Bf16] {
+        gpu.set_precision(p);
+        let jobs = geoms.iter().enumerate().map(|(i, &(o, ii, kk))| (&ws[i], ConvGeom { out_ch: o, in_ch: ii, k: kk }, gains(i))).collect();
+        let l0 = launches();
+        let multi = mt::effective_weights(&gpu, jobs).unwrap();
+        assert_eq!(launches() - l0, 1, "{p:?}: one launch");
+        for (i, (&(o, ii, kk), m)) in geoms.iter().zip(&multi).enumerate() {
+            let one = k::effective_weight(&gpu, &ws[i], ConvGeom { out_ch: o, in_ch: ii, k: kk }, gains(i)).unwrap();
+            let bits = |b: &GpuBuf<f32>| down32(&gpu, b).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&m.w), bits(&one.w), "{p:?} {i}: effective weight");
+            assert_eq!(bits(&m.denom), bits(&one.denom), "{p:?} {i}: denominators");
+            assert_eq!(m.gain, one.gain);
+            let b16 = |a: &GpuAct| match a {
+                GpuAct::Bf16(b) => gpu.download(b).unwrap(),
+                GpuAct::F32(_) => panic!("bf16 operands are bf16"),
+            };
+            match (&m.bf16, &one.bf16) {
+                (Some((a, af)), Some((b, bf))) => {
+                    assert!(b16(a) == b16(b) && b16(af) == b16(bf), "{p:?} {i}: bf16 operands");
+                }
+                (None, None) => assert!(p == Precision::Fp32 || kk == 0, "{p:?} {i}: bf16 operands expected"),
+                _ => panic!("{p:?} {i}: bf16 operands made by one path only"),
+            }
+        }
+    }
+    gpu.set_precision(Precision::Fp32);
+}
+
 /// The tensor-core tiles the conv test runs: all of them, or under ThreadSanitizer (where a
 /// simulated thread is an instrumented OS thread: with the 8-warp 128x128 tile as well the
 /// conv test took 685 s there) `auto` alone — the 64x64 pipelined tile at the test's

@@ -73,3 +73,34 @@ fn forward_with_clipped_activations_matches_official() {
     assert!(e <= 1e-5, "F_x (clip fixture) rel L2 = {e:e}");
     let _ = Tensor::zeros(&[1]);
 }
+
+/// The effective-weight plan (what the CUDA backend makes in one launch per forward) names
+/// every MP weight of the network once, with its stored shape's geometry, and a gain
+/// parameter exactly for the layers the official code scales by a learned gain
+/// (`emb_linear` of each block with its `emb_gain`, `out_conv` with `out_gain`).
+#[test]
+fn effective_weight_plan_covers_every_mp_weight_once() {
+    for cfg in ["cpu-xs16", "cpu-s32"] {
+        let net = edm2::Precond::new(&edm2::NetConfig::resolve(cfg).unwrap()).unwrap();
+        let plan = net.effective_plan();
+        let mut seen = std::collections::HashSet::new();
+        for &(id, g, gain) in &plan {
+            assert!(seen.insert(id), "{cfg}: {} twice", net.specs[id].name);
+            let spec = &net.specs[id];
+            assert!(spec.is_mp_weight, "{cfg}: {} is not an MP weight", spec.name);
+            let want = if g.k == 0 { vec![g.out_ch, g.in_ch] } else { vec![g.out_ch, g.in_ch, g.k, g.k] };
+            assert_eq!(spec.shape, want, "{cfg}: {}", spec.name);
+            let gain_name = gain.map(|p| net.specs[p].name.clone());
+            let expected = if spec.name.ends_with("emb_linear.weight") {
+                Some(spec.name.replace("emb_linear.weight", "emb_gain"))
+            } else if spec.name == "unet.out_conv.weight" {
+                Some("unet.out_gain".to_string())
+            } else {
+                None
+            };
+            assert_eq!(gain_name, expected, "{cfg}: {}", spec.name);
+        }
+        let mp = net.specs.iter().filter(|s| s.is_mp_weight).count();
+        assert_eq!(seen.len(), mp, "{cfg}: every MP weight in the plan");
+    }
+}

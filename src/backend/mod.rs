@@ -24,7 +24,7 @@ impl Nhwc {
 }
 
 /// Geometry of an MP-Conv / MP-Linear: `k` = 3, 1 or 0 (linear).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeom {
     pub out_ch: usize,
     pub in_ch: usize,
@@ -130,6 +130,20 @@ pub trait Backend {
         geom: ConvGeom,
         gain: Option<crate::nn::params::ParamId>,
     ) -> crate::error::Result<Self::Eff>;
+    /// Whether a forward pass should make all its effective weights in one
+    /// [`Backend::effective_all`] (the CUDA backend: one launch) rather than each where it
+    /// is used (the default: fewer live at once).
+    fn batches_effective(&self) -> bool {
+        false
+    }
+    /// [`Backend::effective`] of every `(weight, geometry, gain)` of `jobs`, in order.
+    fn effective_all(
+        &self,
+        p: &Self::Params,
+        jobs: &[(crate::nn::params::ParamId, ConvGeom, Option<crate::nn::params::ParamId>)],
+    ) -> crate::error::Result<Vec<Self::Eff>> {
+        jobs.iter().map(|&(id, geom, gain)| self.effective(p, id, geom, gain)).collect()
+    }
     /// `y = conv(x)` ('same', stride 1; linear layers are 1x1 images).
     fn conv_forward(&self, eff: &Self::Eff, x: &Self::Buf, s: Nhwc, y: &mut Self::Buf) -> crate::error::Result<()>;
     /// Backward of [`Backend::conv_forward`] and of the effective weight: writes `dx` if

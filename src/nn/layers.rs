@@ -145,6 +145,43 @@ pub enum Resample {
     Up,
 }
 
+/// One effective weight to make: (stored weight, geometry, gain parameter).
+pub type EffJob = (ParamId, ConvGeom, Option<ParamId>);
+
+/// The effective weights of one forward pass. Where the backend makes them better in one
+/// batch ([`Backend::batches_effective`]: the CUDA backend, one launch for all instead of
+/// one per layer) they are made up front from the network's plan and handed out as the
+/// layers ask; otherwise (the CPU: less memory live at once) each is made where it is used.
+/// A layer asking for one the plan did not make (or made otherwise) gets it made then: the
+/// plan only saves launches, it cannot change a value.
+pub struct EffSet<B: Backend> {
+    ready: std::collections::HashMap<ParamId, (ConvGeom, Option<ParamId>, B::Eff)>,
+}
+
+impl<B: Backend> EffSet<B> {
+    /// Nothing made ahead: each weight where it is used.
+    pub fn lazy() -> Self {
+        EffSet { ready: Default::default() }
+    }
+
+    /// The weights of `plan` made now where the backend batches them, else [`EffSet::lazy`].
+    pub fn prepare(be: &B, p: &B::Params, plan: &[EffJob]) -> Result<Self> {
+        if !be.batches_effective() || plan.is_empty() {
+            return Ok(Self::lazy());
+        }
+        let made = be.effective_all(p, plan)?;
+        Ok(EffSet { ready: plan.iter().zip(made).map(|(&(id, g, gain), e)| (id, (g, gain, e))).collect() })
+    }
+
+    /// Layer `m`'s effective weight with gain parameter `gain`.
+    pub fn take(&mut self, be: &B, p: &B::Params, m: &MpConv, gain: Option<ParamId>) -> Result<B::Eff> {
+        match self.ready.remove(&m.weight) {
+            Some((g, gn, e)) if g == m.geom() && gn == gain => Ok(e),
+            _ => m.effective(be, p, gain),
+        }
+    }
+}
+
 /// The EDM2 residual block (paper Fig. 21), encoder or decoder flavour.
 #[derive(Clone, Debug)]
 pub struct Block {
@@ -271,7 +308,22 @@ impl Block {
         emb: &Tensor<B::Buf>,
         mode: &Mode,
     ) -> Result<(Tensor<B::Buf>, Option<BlockCache<B>>)> {
-        self.forward_keeping_branch(be, p, x, emb, mode, None)
+        self.forward_keeping_branch(be, p, x, emb, mode, None, &mut EffSet::lazy())
+    }
+
+    /// The effective weights [`Block::forward`] uses, in its order (see [`EffSet`]).
+    pub fn effective_plan(&self, out: &mut Vec<EffJob>) {
+        let mut add = |m: &MpConv, gain| out.push((m.weight, m.geom(), gain));
+        if let Some(m) = &self.conv_skip {
+            add(m, None);
+        }
+        add(&self.conv_res0, None);
+        add(&self.emb_linear, Some(self.emb_gain));
+        add(&self.conv_res1, None);
+        if let (Some(q), Some(pr)) = (&self.attn_qkv, &self.attn_proj) {
+            add(q, None);
+            add(pr, None);
+        }
     }
 
     /// [`Block::forward`], also keeping a copy of the residual branch's output (`conv_res1`,
@@ -285,6 +337,7 @@ impl Block {
         emb: &Tensor<B::Buf>,
         mode: &Mode,
         branch: Option<&mut Option<Tensor<B::Buf>>>,
+        effs: &mut EffSet<B>,
     ) -> Result<(Tensor<B::Buf>, Option<BlockCache<B>>)> {
         let x_in_shape = x.shape.clone();
         let sx = nhwc(x);
@@ -302,7 +355,7 @@ impl Block {
                 Act::Owned(Tensor::with_buf(&[sx.n, sx.h * 2, sx.w * 2, sx.c], y))
             }
         };
-        let eff_skip = self.conv_skip.as_ref().map(|m| m.effective(be, p, None)).transpose()?;
+        let eff_skip = self.conv_skip.as_ref().map(|m| effs.take(be, p, m, None)).transpose()?;
         // 2. encoder: conv_skip then pixel norm. No activation is copied: each tensor is
         // either consumed or kept for the backward.
         let (x_main, pn_in, x_res): (Act<B::Buf>, _, _) = if self.flavor == Flavor::Enc {
@@ -322,9 +375,9 @@ impl Block {
         let mut a0 = be.alloc(xm.len_of_shape())?;
         be.mp_silu(&xm.data, &mut a0)?;
         let a0 = Tensor::with_buf(&xm.shape, a0);
-        let eff0 = self.conv_res0.effective(be, p, None)?;
+        let eff0 = effs.take(be, p, &self.conv_res0, None)?;
         let h0 = self.conv_res0.forward(be, &eff0, &a0)?;
-        let eff_emb = self.emb_linear.effective(be, p, Some(self.emb_gain))?;
+        let eff_emb = effs.take(be, p, &self.emb_linear, Some(self.emb_gain))?;
         let mut s = self.emb_linear.forward(be, &eff_emb, emb)?;
         be.add_scalar(&mut s.data, 1.0)?;
         let (_, hh, hw) = spatial(&h0);
@@ -334,7 +387,7 @@ impl Block {
             be.dropout(&mut y1, self.dropout, self.dropout_seed(mode))?;
         }
         let y1 = Tensor::with_buf(&h0.shape, y1);
-        let eff1 = self.conv_res1.effective(be, p, None)?;
+        let eff1 = effs.take(be, p, &self.conv_res1, None)?;
         let mut x2 = self.conv_res1.forward(be, &eff1, &y1)?;
         if let Some(slot) = branch {
             *slot = Some(Tensor::with_buf(&x2.shape, be.copy(&x2.data)?));
@@ -352,13 +405,13 @@ impl Block {
         // 6. attention, its mp_sum computed into the projection's buffer.
         let (mut x3, x2, qkv, attn, ya, eff_qkv, eff_proj) = if self.num_heads > 0 {
             let (mq, mp) = (self.attn_qkv.as_ref().unwrap(), self.attn_proj.as_ref().unwrap());
-            let eq = mq.effective(be, p, None)?;
+            let eq = effs.take(be, p, mq, None)?;
             let qkv = mq.forward(be, &eq, &x2)?;
             let (an, ah, aw) = spatial(&x2);
             let mut ya = be.alloc(x2.len_of_shape())?;
             let cache = be.attention_forward(&qkv.data, an, ah * aw, self.out_ch, self.num_heads, &mut ya)?;
             let ya = Tensor::with_buf(&x2.shape, ya);
-            let ep = mp.effective(be, p, None)?;
+            let ep = effs.take(be, p, mp, None)?;
             let mut x3 = mp.forward(be, &ep, &ya)?;
             let (wa, wb) = ops::mp_sum_coefs(self.attn_balance);
             be.axpby(&mut x3.data, &x2.data, wb, wa)?;

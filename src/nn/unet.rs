@@ -1,7 +1,7 @@
 //! The EDM2 U-Net and the EDM preconditioning wrapper (`Precond`), built from one
 //! [`NetConfig`] with the official module names, run forward and backward.
 
-use super::layers::{spatial, Block, BlockCache, BlockOpts, Flavor, Mode, MpConv, Resample};
+use super::layers::{spatial, Block, BlockCache, BlockOpts, EffJob, EffSet, Flavor, Mode, MpConv, Resample};
 use super::params::{ParamId, ParamKind, ParamSpec, Params, Registry};
 use crate::backend::cpu::{ops, Cpu};
 use crate::backend::Backend;
@@ -315,9 +315,11 @@ impl Precond {
         let copy = |t: &Tensor<B::Buf>| -> Result<Tensor<B::Buf>> { Ok(Tensor::with_buf(&t.shape, be.copy(&t.data)?)) };
         let coefs: Vec<_> = sigma.iter().map(|&s| precond_coefs(s, cfg.sigma_data)).collect();
         let c_noise: Vec<f32> = coefs.iter().map(|c| c.3).collect();
+        // Every effective weight of the pass in one batch where the backend prefers that.
+        let mut effs = EffSet::prepare(be, p, &self.effective_plan())?;
         // Embedding.
         let emb_fourier = u.emb_fourier.forward(be, p, &c_noise)?;
-        let eff_noise = u.emb_noise.effective(be, p, None)?;
+        let eff_noise = effs.take(be, p, &u.emb_noise, None)?;
         let emb_noise = u.emb_noise.forward(be, &eff_noise, &emb_fourier)?;
         let mut emb_pre = copy(&emb_noise)?;
         let mut labels_scaled = None;
@@ -329,7 +331,7 @@ impl Precond {
                 None => Tensor::with_buf(&[n, cfg.label_dim], be.zeros_like(&emb_fourier.data, n * cfg.label_dim)?),
             };
             be.scale(&mut l.data, (cfg.label_dim as f32).sqrt())?;
-            let e = m.effective(be, p, None)?;
+            let e = effs.take(be, p, m, None)?;
             let el = m.forward(be, &e, &l)?;
             if collect_intermediates {
                 inter.push(("emb_label".into(), copy(&el)?));
@@ -368,7 +370,7 @@ impl Precond {
             let input = skips.last().unwrap_or(&x_cat);
             let y = match layer {
                 EncLayer::Conv(m) => {
-                    let e = m.effective(be, p, None)?;
+                    let e = effs.take(be, p, m, None)?;
                     let y = m.forward(be, &e, input)?;
                     if mode.record {
                         enc_caches.push(EncCache::Conv(e));
@@ -377,7 +379,7 @@ impl Precond {
                 }
                 EncLayer::Block(b) => {
                     let mut branch = None;
-                    let (y, c) = b.forward_keeping_branch(be, p, input, &emb, mode, collect_intermediates.then_some(&mut branch))?;
+                    let (y, c) = b.forward_keeping_branch(be, p, input, &emb, mode, collect_intermediates.then_some(&mut branch), &mut effs)?;
                     if let Some(c) = c {
                         enc_caches.push(EncCache::Block(c));
                     }
@@ -412,7 +414,7 @@ impl Precond {
             }
             let input = h.as_ref().unwrap_or_else(|| skips.last().expect("encoder output"));
             let mut branch = None;
-            let (y, c) = b.forward_keeping_branch(be, p, input, &emb, mode, collect_intermediates.then_some(&mut branch))?;
+            let (y, c) = b.forward_keeping_branch(be, p, input, &emb, mode, collect_intermediates.then_some(&mut branch), &mut effs)?;
             if let Some(c) = c {
                 dec_caches.push((c, split));
             }
@@ -425,7 +427,7 @@ impl Precond {
             h = Some(y);
         }
         let h = h.expect("the decoder has blocks");
-        let eff_out = u.out_conv.effective(be, p, Some(u.out_gain))?;
+        let eff_out = effs.take(be, p, &u.out_conv, Some(u.out_gain))?;
         let f_x = u.out_conv.forward(be, &eff_out, &h)?;
         // D = c_skip·x + c_out·F
         let c_skip: Vec<f32> = coefs.iter().map(|c| c.0).collect();
@@ -435,7 +437,7 @@ impl Precond {
         let d = Tensor::with_buf(&x.shape, d);
         // Uncertainty head.
         let lf = self.logvar_fourier.forward(be, p, &c_noise)?;
-        let eff_lv = self.logvar_linear.effective(be, p, None)?;
+        let eff_lv = effs.take(be, p, &self.logvar_linear, None)?;
         let logvar = self.logvar_linear.forward(be, &eff_lv, &lf)?.data;
         if collect_intermediates {
             inter.push(("logvar_fourier".into(), copy(&lf)?));
@@ -753,6 +755,28 @@ impl Precond {
         elems += 2 * skips + 4 * widest;
         let img = (cfg.img_channels * cfg.img_resolution * cfg.img_resolution) as u128;
         u64::try_from(elems * act_bytes as u128 + fp32 * 4 + mask + 4 * img * 4).unwrap_or(u64::MAX)
+    }
+
+    /// The effective weights one forward pass uses, in its order: what [`EffSet`] makes in
+    /// one batch on a backend that batches them.
+    pub fn effective_plan(&self) -> Vec<EffJob> {
+        let u = &self.unet;
+        let mut plan = vec![(u.emb_noise.weight, u.emb_noise.geom(), None)];
+        if let Some(m) = &u.emb_label {
+            plan.push((m.weight, m.geom(), None));
+        }
+        for (_, layer) in &u.enc {
+            match layer {
+                EncLayer::Conv(m) => plan.push((m.weight, m.geom(), None)),
+                EncLayer::Block(b) => b.effective_plan(&mut plan),
+            }
+        }
+        for (_, b, _) in &u.dec {
+            b.effective_plan(&mut plan);
+        }
+        plan.push((u.out_conv.weight, u.out_conv.geom(), Some(u.out_gain)));
+        plan.push((self.logvar_linear.weight, self.logvar_linear.geom(), None));
+        plan
     }
 
     /// Forward multiply-accumulates per image of the MP convolutions, linear layers and

@@ -94,6 +94,13 @@ impl Backend for Gpu {
         let gain = gain.map_or(k::Gain::Value(1.0), |g| k::Gain::At(&p.values[g]));
         k::effective_weight(self, &p.values[id], geom, gain)
     }
+    fn batches_effective(&self) -> bool {
+        true
+    }
+    fn effective_all(&self, p: &GpuParams, jobs: &[(ParamId, ConvGeom, Option<ParamId>)]) -> Result<Vec<GpuEffWeight>> {
+        let gain = |g: Option<ParamId>| g.map_or(k::Gain::Value(1.0), |g| k::Gain::At(&p.values[g]));
+        super::multi_tensor::effective_weights(self, jobs.iter().map(|&(id, geom, g)| (&p.values[id], geom, gain(g))).collect())
+    }
     fn conv_forward(&self, eff: &GpuEffWeight, x: &GpuAct, s: Nhwc, y: &mut GpuAct) -> Result<()> {
         k::conv_forward(self, eff, x, s, y)
     }

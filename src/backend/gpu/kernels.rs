@@ -530,19 +530,8 @@ impl Gain<'_> {
 /// `normalize(W)·gain/sqrt(fan_in)` (paper Eq. 47) from the stored OIHW weight.
 pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: Gain) -> Result<GpuEffWeight> {
     let k = "effective_weight";
-    geom.validate(k)?;
-    expect_len(k, "w", w.len(), geom.numel())?;
-    let (gain, gain_at) = gain.split(k, gpu)?;
-    // The bf16 operands of the tensor-core kernels, where they will run (not for the
-    // linear layers, whose activations are fp32 in every precision).
-    let bf16 = (gpu.act_dtype() == Dtype::Bf16 && gpu.tensor_core_conv() && geom.k > 0)
-        .then(|| Ok::<_, Error>((gpu.alloc_dtype(Dtype::Bf16, geom.numel())?, gpu.alloc_dtype(Dtype::Bf16, geom.numel())?)))
-        .transpose()?;
-    let mut eff = GpuEffWeight { geom, gain, w: gpu.alloc(geom.numel())?, denom: gpu.alloc(geom.out_ch)?, bf16 };
-    let (wb, wf) = match eff.bf16.as_mut() {
-        Some((wb, wf)) => (wb.vptr_mut(gpu) as *mut u16, wf.vptr_mut(gpu) as *mut u16),
-        None => (std::ptr::null_mut(), std::ptr::null_mut()),
-    };
+    let (mut eff, gain_at) = effective_weight_buffers(gpu, k, w, geom, gain)?;
+    let (wb, wf) = eff.bf16_ptrs(gpu);
     let st = gpu.stream()?;
     check(k, unsafe {
         ffi::edm2_effective_weight_f32(
@@ -554,12 +543,42 @@ pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: Gain) 
             int(k, geom.out_ch)?,
             int(k, geom.in_ch)?,
             int(k, geom.taps())?,
-            gain,
+            eff.gain,
             gain_at,
             st,
         )
     })?;
     Ok(eff)
+}
+
+/// The (unwritten) buffers of a new effective weight of `w` with their checks, and the
+/// gain's device address (null for a fixed gain, which `eff.gain` holds).
+pub(super) fn effective_weight_buffers(
+    gpu: &Gpu,
+    k: &str,
+    w: &GpuBuf<f32>,
+    geom: ConvGeom,
+    gain: Gain,
+) -> Result<(GpuEffWeight, *const f32)> {
+    geom.validate(k)?;
+    expect_len(k, "w", w.len(), geom.numel())?;
+    let (gain, gain_at) = gain.split(k, gpu)?;
+    // The bf16 operands of the tensor-core kernels, where they will run (not for the
+    // linear layers, whose activations are fp32 in every precision).
+    let bf16 = (gpu.act_dtype() == Dtype::Bf16 && gpu.tensor_core_conv() && geom.k > 0)
+        .then(|| Ok::<_, Error>((gpu.alloc_dtype(Dtype::Bf16, geom.numel())?, gpu.alloc_dtype(Dtype::Bf16, geom.numel())?)))
+        .transpose()?;
+    Ok((GpuEffWeight { geom, gain, w: gpu.alloc(geom.numel())?, denom: gpu.alloc(geom.out_ch)?, bf16 }, gain_at))
+}
+
+impl GpuEffWeight {
+    /// Device addresses of the bf16 operands (null where there are none).
+    pub(super) fn bf16_ptrs(&mut self, gpu: &Gpu) -> (*mut u16, *mut u16) {
+        match self.bf16.as_mut() {
+            Some((wb, wf)) => (wb.vptr_mut(gpu) as *mut u16, wf.vptr_mut(gpu) as *mut u16),
+            None => (std::ptr::null_mut(), std::ptr::null_mut()),
+        }
+    }
 }
 
 /// Gradient of [`effective_weight`]: `d_eff` (OHWI) → `dw` (OIHW; overwritten, or added to
@@ -615,15 +634,19 @@ fn conv_dims(kernel: &str, geom: ConvGeom, s: Nhwc) -> Result<(i32, i32, i32)> {
 /// `y` `[n, h, w, O]` = conv(`x` `[n, h, w, I]`, eff) ('same', stride 1), on the kernel
 /// [`Gpu::conv_algo`] picks for the shape (conv_algo.rs).
 pub fn conv_forward(gpu: &Gpu, eff: &GpuEffWeight, x: &dyn Values, s: Nhwc, y: &mut dyn Values) -> Result<()> {
-    let bf16 = x.dtype() == Dtype::Bf16 && y.dtype() == Dtype::Bf16;
-    let key = ConvKey::new(ConvDir::Forward, eff.geom, s, bf16);
+    let key = ConvKey::new(ConvDir::Forward, eff.geom, s, x.dtype() == Dtype::Bf16 && y.dtype() == Dtype::Bf16);
     let pipe_ok = pipe_ok(gpu, eff.geom.in_ch, x, y);
-    let cands = candidates(&key, gpu.tensor_core_conv(), pipe_ok);
-    let mut run = |a: ConvAlgo| match a.tile() {
+    tuned(gpu, key, pipe_ok, &mut |a: ConvAlgo| match a.tile() {
         None => conv_forward_simt(gpu, eff, x, s, y),
         Some(tile) => conv_forward_tensor_core_tile(gpu, eff, x, s, y, tile),
-    };
-    let algo = gpu.conv_algo(key, &cands, pipe_ok, &mut run)?;
+    })
+}
+
+/// Runs convolution `key` on the variant [`Gpu::conv_algo`] picks among those that apply
+/// (`pipe_ok`: the pipelined tiles can take it): `run(variant)` launches one.
+fn tuned(gpu: &Gpu, key: ConvKey, pipe_ok: bool, run: &mut dyn FnMut(ConvAlgo) -> Result<()>) -> Result<()> {
+    let cands = candidates(&key, gpu.tensor_core_conv(), pipe_ok);
+    let algo = gpu.conv_algo(key, &cands, pipe_ok, run)?;
     run(algo)
 }
 
@@ -789,16 +812,12 @@ pub fn conv_backward_data(
     s: Nhwc,
     dx: &mut dyn Values,
 ) -> Result<()> {
-    let bf16 = dy.dtype() == Dtype::Bf16 && dx.dtype() == Dtype::Bf16;
-    let key = ConvKey::new(ConvDir::Data, eff.geom, s, bf16);
+    let key = ConvKey::new(ConvDir::Data, eff.geom, s, dy.dtype() == Dtype::Bf16 && dx.dtype() == Dtype::Bf16);
     let pipe_ok = pipe_ok(gpu, eff.geom.out_ch, dy, dx);
-    let cands = candidates(&key, gpu.tensor_core_conv(), pipe_ok);
-    let mut run = |a: ConvAlgo| match a.tile() {
+    tuned(gpu, key, pipe_ok, &mut |a: ConvAlgo| match a.tile() {
         None => conv_backward_data_simt(gpu, eff, dy, s, dx),
         Some(tile) => conv_backward_data_tensor_core_tile(gpu, eff, dy, s, dx, tile),
-    };
-    let algo = gpu.conv_algo(key, &cands, pipe_ok, &mut run)?;
-    run(algo)
+    })
 }
 
 /// [`conv_backward_data`] on conv.cu's SIMT kernel (fp32 or bf16 activations).
@@ -900,16 +919,12 @@ pub fn conv_backward_weight(
     dy: &dyn Values,
     d_eff: &mut GpuBuf<f32>,
 ) -> Result<()> {
-    let bf16 = x.dtype() == Dtype::Bf16 && dy.dtype() == Dtype::Bf16;
-    let key = ConvKey::new(ConvDir::Weight, geom, s, bf16);
+    let key = ConvKey::new(ConvDir::Weight, geom, s, x.dtype() == Dtype::Bf16 && dy.dtype() == Dtype::Bf16);
     let pipe_ok = wgrad_pipe_ok(gpu, geom, x, s, dy);
-    let cands = candidates(&key, gpu.tensor_core_conv(), pipe_ok);
-    let mut run = |a: ConvAlgo| match a.tile() {
+    tuned(gpu, key, pipe_ok, &mut |a: ConvAlgo| match a.tile() {
         None => conv_backward_weight_simt(gpu, geom, x, s, dy, d_eff),
         Some(tile) => conv_backward_weight_tensor_core_tile(gpu, geom, x, s, dy, d_eff, tile),
-    };
-    let algo = gpu.conv_algo(key, &cands, pipe_ok, &mut run)?;
-    run(algo)
+    })
 }
 
 /// Whether the pipelined weight-gradient kernel can run: channels multiples of 8, the

@@ -34,6 +34,11 @@ impl Table {
 
     /// A tensor that owns `chunks` chunks of its own size (rows, for the row kernels).
     fn push_chunks(&mut self, operands: [u64; 4], len: usize, arg: u64, chunks: u64) {
+        self.push_chunks_extra(operands, len, arg, chunks, &[]);
+    }
+
+    /// [`Table::push_chunks`] with operands in the slots from `EDM2_MT_EXTRA` on.
+    fn push_chunks_extra(&mut self, operands: [u64; 4], len: usize, arg: u64, chunks: u64, extra: &[u64]) {
         let first = self.n_chunks;
         self.n_chunks += chunks;
         let mut row = [0u64; ffi::EDM2_MT_ROW as usize];
@@ -41,6 +46,7 @@ impl Table {
         row[ffi::EDM2_MT_LEN as usize] = len as u64;
         row[ffi::EDM2_MT_ARG as usize] = arg;
         row[ffi::EDM2_MT_FIRST_CHUNK as usize] = first;
+        row[ffi::EDM2_MT_EXTRA as usize..][..extra.len()].copy_from_slice(extra);
         self.rows.extend_from_slice(&row);
     }
 
@@ -145,4 +151,26 @@ pub fn normalize_rows(gpu: &Gpu, tensors: Vec<(&mut GpuBuf<f32>, usize)>) -> Res
     table.launch(gpu, "normalize_rows_multi", |rows, n_rows, n_chunks, _| unsafe {
         ffi::edm2_normalize_rows_multi_f32(rows, n_rows, n_chunks, s)
     })
+}
+
+/// [`super::kernels::effective_weight`] of every `(weight, geometry, gain)` of `weights` in
+/// one launch (paper Eq. 47; one block per output row of all of them): the same bits,
+/// the bf16 operands included.
+pub fn effective_weights(gpu: &Gpu, weights: Vec<(&GpuBuf<f32>, super::kernels::ConvGeom, super::kernels::Gain)>) -> Result<Vec<super::kernels::GpuEffWeight>> {
+    let name = "effective_weight_multi";
+    let mut table = Table::new(4)?;
+    let mut out = Vec::with_capacity(weights.len());
+    for (w, geom, gain) in weights {
+        let (mut eff, gain_at) = super::kernels::effective_weight_buffers(gpu, name, w, geom, gain)?;
+        let (wb, wf) = eff.bf16_ptrs(gpu);
+        let int = |v: usize| i32::try_from(v).map_err(|_| Error::Input(format!("{name}: {v} does not fit an int")));
+        let (taps, in_ch, out_ch) = (int(geom.taps())? as u64, int(geom.in_ch)?, int(geom.out_ch)? as u64);
+        let arg = taps | ((eff.gain.to_bits() as u64) << 32);
+        let ops = [addr(w.ptr(gpu)), addr(eff.w.ptr_mut(gpu)), addr(eff.denom.ptr_mut(gpu)), addr(gain_at)];
+        table.push_chunks_extra(ops, in_ch as usize, arg, out_ch, &[addr(wb), addr(wf), out_ch]);
+        out.push(eff);
+    }
+    let s = gpu.stream()?;
+    table.launch(gpu, name, |rows, n_rows, n_chunks, _| unsafe { ffi::edm2_effective_weight_multi_f32(rows, n_rows, n_chunks, s) })?;
+    Ok(out)
 }
