@@ -109,7 +109,6 @@ __global__ void effective_weight_kernel(const float *__restrict__ w, float *__re
   const float scale_g = (gain_at ? *gain_at : gain) / sqrtf((float)(in_ch * taps));
   for (int o = blockIdx.x; o < out_ch; o += gridDim.x) {
     effective_weight_row(w, eff, denom, eff_bf16, flip_bf16, o, out_ch, in_ch, taps, scale_g, red);
-    __syncthreads();  // `red` is reused by the next row
   }
 }
 
@@ -126,7 +125,6 @@ __global__ void effective_weight_multi_kernel(const unsigned long long *__restri
     const int o = (int)(c - (long long)t[EDM2_MT_FIRST_CHUNK]);
     effective_weight_row((const float *)t[0], (float *)t[1], (float *)t[2], (uint16_t *)t[EDM2_MT_EXTRA], (uint16_t *)t[EDM2_MT_EXTRA + 1],
                          o, out_ch, in_ch, taps, scale_g, red);
-    __syncthreads();  // `red` is reused by the next row
   }
 }
 

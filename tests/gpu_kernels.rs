@@ -605,8 +605,9 @@ fn effective_weight_bf16_operands_match_the_conversions() {
         gpu.set_tensor_core_conv(false);
         let without = k::effective_weight(&gpu, &w, geom, k::Gain::At(&gain)).unwrap();
         gpu.set_tensor_core_conv(true);
-        assert!(without.bf16.is_none());
-        let (wb, wf) = with.bf16.as_ref().expect("bf16 operands with tensor cores on");
+        assert!(without.bf16.is_none() && without.bf16_flip.is_none());
+        let wb = with.bf16.as_ref().expect("the forward's bf16 operand with tensor cores on");
+        let wf = with.bf16_flip.as_ref().expect("the data gradient's bf16 operand with tensor cores on");
         let eff = down32(&gpu, &with.w);
         assert_eq!(eff, down32(&gpu, &without.w), "the fp32 effective weight is unchanged");
         let (taps, i) = (geom.taps(), geom.in_ch);
@@ -666,8 +667,11 @@ fn effective_weights_in_one_launch_match_one_per_weight() {
         gpu.set_precision(p);
         let jobs = geoms.iter().enumerate().map(|(i, &(o, ii, kk))| (&ws[i], ConvGeom { out_ch: o, in_ch: ii, k: kk }, gains(i))).collect();
         let l0 = launches();
-        let multi = mt::effective_weights(&gpu, jobs).unwrap();
+        let multi = mt::effective_weights(&gpu, jobs, true).unwrap();
         assert_eq!(launches() - l0, 1, "{p:?}: one launch");
+        // Without a backward to come, no data-gradient operand.
+        let jobs = geoms.iter().enumerate().map(|(i, &(o, ii, kk))| (&ws[i], ConvGeom { out_ch: o, in_ch: ii, k: kk }, gains(i))).collect();
+        assert!(mt::effective_weights(&gpu, jobs, false).unwrap().iter().all(|e| e.bf16_flip.is_none()));
         for (i, (&(o, ii, kk), m)) in geoms.iter().zip(&multi).enumerate() {
             let one = k::effective_weight(&gpu, &ws[i], ConvGeom { out_ch: o, in_ch: ii, k: kk }, gains(i)).unwrap();
             let bits = |b: &GpuBuf<f32>| down32(&gpu, b).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -678,12 +682,14 @@ fn effective_weights_in_one_launch_match_one_per_weight() {
                 GpuAct::Bf16(b) => gpu.download(b).unwrap(),
                 GpuAct::F32(_) => panic!("bf16 operands are bf16"),
             };
-            match (&m.bf16, &one.bf16) {
-                (Some((a, af)), Some((b, bf))) => {
-                    assert!(b16(a) == b16(b) && b16(af) == b16(bf), "{p:?} {i}: bf16 operands");
+            // The pipelined kernels' operands where their channel counts suit them.
+            let bf16 = p == Precision::Bf16 && kk > 0;
+            for (what, a, b, made) in [("forward", &m.bf16, &one.bf16, bf16 && ii % 32 == 0), ("flipped", &m.bf16_flip, &one.bf16_flip, bf16 && o % 32 == 0)] {
+                match (a, b) {
+                    (Some(a), Some(b)) => assert!(made && b16(a) == b16(b), "{p:?} {i}: {what} bf16 operand"),
+                    (None, None) => assert!(!made, "{p:?} {i}: {what} bf16 operand expected"),
+                    _ => panic!("{p:?} {i}: {what} bf16 operand made by one path only"),
                 }
-                (None, None) => assert!(p == Precision::Fp32 || kk == 0, "{p:?} {i}: bf16 operands expected"),
-                _ => panic!("{p:?} {i}: bf16 operands made by one path only"),
             }
         }
     }

@@ -136,11 +136,14 @@ pub trait Backend {
     fn batches_effective(&self) -> bool {
         false
     }
-    /// [`Backend::effective`] of every `(weight, geometry, gain)` of `jobs`, in order.
+    /// [`Backend::effective`] of every `(weight, geometry, gain)` of `jobs`, in order;
+    /// `backward`: whether the pass will run a backward (what only a backward reads may
+    /// be left out otherwise).
     fn effective_all(
         &self,
         p: &Self::Params,
         jobs: &[(crate::nn::params::ParamId, ConvGeom, Option<crate::nn::params::ParamId>)],
+        _backward: bool,
     ) -> crate::error::Result<Vec<Self::Eff>> {
         jobs.iter().map(|&(id, geom, gain)| self.effective(p, id, geom, gain)).collect()
     }

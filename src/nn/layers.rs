@@ -164,13 +164,19 @@ impl<B: Backend> EffSet<B> {
         EffSet { ready: Default::default() }
     }
 
-    /// The weights of `plan` made now where the backend batches them, else [`EffSet::lazy`].
-    pub fn prepare(be: &B, p: &B::Params, plan: &[EffJob]) -> Result<Self> {
+    /// The weights of `plan` made now where the backend batches them, else [`EffSet::lazy`];
+    /// `backward`: whether the pass records for a backward.
+    pub fn prepare(be: &B, p: &B::Params, plan: &[EffJob], backward: bool) -> Result<Self> {
         if !be.batches_effective() || plan.is_empty() {
             return Ok(Self::lazy());
         }
-        let made = be.effective_all(p, plan)?;
+        let made = be.effective_all(p, plan, backward)?;
         Ok(EffSet { ready: plan.iter().zip(made).map(|(&(id, g, gain), e)| (id, (g, gain, e))).collect() })
+    }
+
+    /// Whether every weight made ahead was handed out (the plan and the pass agree).
+    pub fn is_spent(&self) -> bool {
+        self.ready.is_empty()
     }
 
     /// Layer `m`'s effective weight with gain parameter `gain`.

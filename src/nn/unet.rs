@@ -316,7 +316,7 @@ impl Precond {
         let coefs: Vec<_> = sigma.iter().map(|&s| precond_coefs(s, cfg.sigma_data)).collect();
         let c_noise: Vec<f32> = coefs.iter().map(|c| c.3).collect();
         // Every effective weight of the pass in one batch where the backend prefers that.
-        let mut effs = EffSet::prepare(be, p, &self.effective_plan())?;
+        let mut effs = EffSet::prepare(be, p, &self.effective_plan(), mode.record)?;
         // Embedding.
         let emb_fourier = u.emb_fourier.forward(be, p, &c_noise)?;
         let eff_noise = effs.take(be, p, &u.emb_noise, None)?;
@@ -438,6 +438,7 @@ impl Precond {
         // Uncertainty head.
         let lf = self.logvar_fourier.forward(be, p, &c_noise)?;
         let eff_lv = effs.take(be, p, &self.logvar_linear, None)?;
+        debug_assert!(effs.is_spent(), "effective_plan made weights the forward pass did not use");
         let logvar = self.logvar_linear.forward(be, &eff_lv, &lf)?.data;
         if collect_intermediates {
             inter.push(("logvar_fourier".into(), copy(&lf)?));

@@ -97,9 +97,9 @@ impl Backend for Gpu {
     fn batches_effective(&self) -> bool {
         true
     }
-    fn effective_all(&self, p: &GpuParams, jobs: &[(ParamId, ConvGeom, Option<ParamId>)]) -> Result<Vec<GpuEffWeight>> {
+    fn effective_all(&self, p: &GpuParams, jobs: &[(ParamId, ConvGeom, Option<ParamId>)], backward: bool) -> Result<Vec<GpuEffWeight>> {
         let gain = |g: Option<ParamId>| g.map_or(k::Gain::Value(1.0), |g| k::Gain::At(&p.values[g]));
-        super::multi_tensor::effective_weights(self, jobs.iter().map(|&(id, geom, g)| (&p.values[id], geom, gain(g))).collect())
+        super::multi_tensor::effective_weights(self, jobs.iter().map(|&(id, geom, g)| (&p.values[id], geom, gain(g))).collect(), backward)
     }
     fn conv_forward(&self, eff: &GpuEffWeight, x: &GpuAct, s: Nhwc, y: &mut GpuAct) -> Result<()> {
         k::conv_forward(self, eff, x, s, y)

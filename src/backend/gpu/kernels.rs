@@ -499,11 +499,14 @@ pub struct GpuEffWeight {
     pub gain: f32,
     pub w: GpuBuf<f32>,
     pub denom: GpuBuf<f32>,
-    /// With bf16 activations and the tensor-core convolutions on: `w` in bf16 (the
-    /// forward's operand) and its flipped transpose `[I, taps, O]` in bf16 (the data
-    /// gradient's), written by the effective-weight kernel itself so that the convolutions
-    /// launch no conversions of their own. None: they convert `w` per call.
-    pub bf16: Option<(GpuAct, GpuAct)>,
+    /// With bf16 activations and the tensor-core convolutions on: `w` in bf16, the
+    /// pipelined forward's operand (made where the input channels suit that kernel),
+    /// written by the effective-weight kernel itself so that the convolution launches no
+    /// conversion of its own. None: it converts `w` per call.
+    pub bf16: Option<GpuAct>,
+    /// Likewise the flipped transpose `[I, taps, O]` in bf16, the pipelined data
+    /// gradient's operand (made where the output channels suit it and a backward will run).
+    pub bf16_flip: Option<GpuAct>,
 }
 
 /// The gain of an effective weight: a fixed value, or a gain parameter's one-element
@@ -530,7 +533,7 @@ impl Gain<'_> {
 /// `normalize(W)·gain/sqrt(fan_in)` (paper Eq. 47) from the stored OIHW weight.
 pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: Gain) -> Result<GpuEffWeight> {
     let k = "effective_weight";
-    let (mut eff, gain_at) = effective_weight_buffers(gpu, k, w, geom, gain)?;
+    let (mut eff, gain_at) = effective_weight_buffers(gpu, k, w, geom, gain, true)?;
     let (wb, wf) = eff.bf16_ptrs(gpu);
     let st = gpu.stream()?;
     check(k, unsafe {
@@ -552,32 +555,35 @@ pub fn effective_weight(gpu: &Gpu, w: &GpuBuf<f32>, geom: ConvGeom, gain: Gain) 
 }
 
 /// The (unwritten) buffers of a new effective weight of `w` with their checks, and the
-/// gain's device address (null for a fixed gain, which `eff.gain` holds).
+/// gain's device address (null for a fixed gain, which `eff.gain` holds). `backward`:
+/// whether a backward will use it (the data gradient's operand is made only then).
 pub(super) fn effective_weight_buffers(
     gpu: &Gpu,
     k: &str,
     w: &GpuBuf<f32>,
     geom: ConvGeom,
     gain: Gain,
+    backward: bool,
 ) -> Result<(GpuEffWeight, *const f32)> {
     geom.validate(k)?;
     expect_len(k, "w", w.len(), geom.numel())?;
+    int(k, geom.fan_in())?;
     let (gain, gain_at) = gain.split(k, gpu)?;
-    // The bf16 operands of the tensor-core kernels, where they will run (not for the
-    // linear layers, whose activations are fp32 in every precision).
-    let bf16 = (gpu.act_dtype() == Dtype::Bf16 && gpu.tensor_core_conv() && geom.k > 0)
-        .then(|| Ok::<_, Error>((gpu.alloc_dtype(Dtype::Bf16, geom.numel())?, gpu.alloc_dtype(Dtype::Bf16, geom.numel())?)))
-        .transpose()?;
-    Ok((GpuEffWeight { geom, gain, w: gpu.alloc(geom.numel())?, denom: gpu.alloc(geom.out_ch)?, bf16 }, gain_at))
+    // The bf16 operands of the pipelined tensor-core kernels, where those can run (not for
+    // the linear layers, whose activations are fp32 in every precision; the forward takes
+    // input channels in multiples of 32, the data gradient output channels).
+    let tc = gpu.act_dtype() == Dtype::Bf16 && gpu.tensor_core_conv() && geom.k > 0;
+    let operand = |made: bool| made.then(|| gpu.alloc_dtype(Dtype::Bf16, geom.numel())).transpose();
+    let bf16 = operand(tc && geom.in_ch % 32 == 0)?;
+    let bf16_flip = operand(tc && backward && geom.out_ch % 32 == 0)?;
+    Ok((GpuEffWeight { geom, gain, w: gpu.alloc(geom.numel())?, denom: gpu.alloc(geom.out_ch)?, bf16, bf16_flip }, gain_at))
 }
 
 impl GpuEffWeight {
     /// Device addresses of the bf16 operands (null where there are none).
     pub(super) fn bf16_ptrs(&mut self, gpu: &Gpu) -> (*mut u16, *mut u16) {
-        match self.bf16.as_mut() {
-            Some((wb, wf)) => (wb.vptr_mut(gpu) as *mut u16, wf.vptr_mut(gpu) as *mut u16),
-            None => (std::ptr::null_mut(), std::ptr::null_mut()),
-        }
+        let ptr = |a: &mut Option<GpuAct>| a.as_mut().map_or(std::ptr::null_mut(), |b| b.vptr_mut(gpu) as *mut u16);
+        (ptr(&mut self.bf16), ptr(&mut self.bf16_flip))
     }
 }
 
@@ -745,7 +751,7 @@ pub fn conv_forward_tensor_core_tile(
     {
         let dims = (n, h, w, i, o, eff.geom.k as i32);
         return match &eff.bf16 {
-            Some((wb, _)) => conv_forward_pipe(gpu, x, wb, y, dims, variant),
+            Some(wb) => conv_forward_pipe(gpu, x, wb, y, dims, variant),
             None => conv_forward_pipe(gpu, x, &scaled_to(gpu, &eff.w, Dtype::Bf16, 1.0)?, y, dims, variant),
         };
     }
@@ -881,7 +887,7 @@ pub fn conv_backward_data_tensor_core_tile(
     // The forward with cin = O and cout = I, on the flipped transpose of the weight: the
     // effective-weight kernel's bf16 one where it made it, else flipped and converted here.
     let pipe = tile.pipe_variant().filter(|_| pipe_ok(gpu, eff.geom.out_ch, dy, dx));
-    if let (Some(variant), Some((_, wfb))) = (pipe, &eff.bf16) {
+    if let (Some(variant), Some(wfb)) = (pipe, &eff.bf16_flip) {
         return conv_forward_pipe(gpu, dy, wfb, dx, (n, h, w, o, i, kk), variant);
     }
     let mut wf = gpu.alloc::<f32>(eff.geom.numel())?;

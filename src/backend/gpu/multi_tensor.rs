@@ -155,13 +155,18 @@ pub fn normalize_rows(gpu: &Gpu, tensors: Vec<(&mut GpuBuf<f32>, usize)>) -> Res
 
 /// [`super::kernels::effective_weight`] of every `(weight, geometry, gain)` of `weights` in
 /// one launch (paper Eq. 47; one block per output row of all of them): the same bits,
-/// the bf16 operands included.
-pub fn effective_weights(gpu: &Gpu, weights: Vec<(&GpuBuf<f32>, super::kernels::ConvGeom, super::kernels::Gain)>) -> Result<Vec<super::kernels::GpuEffWeight>> {
+/// the bf16 operands included (the data gradient's only with `backward`: a pass whose
+/// backward will run).
+pub fn effective_weights(
+    gpu: &Gpu,
+    weights: Vec<(&GpuBuf<f32>, super::kernels::ConvGeom, super::kernels::Gain)>,
+    backward: bool,
+) -> Result<Vec<super::kernels::GpuEffWeight>> {
     let name = "effective_weight_multi";
     let mut table = Table::new(4)?;
     let mut out = Vec::with_capacity(weights.len());
     for (w, geom, gain) in weights {
-        let (mut eff, gain_at) = super::kernels::effective_weight_buffers(gpu, name, w, geom, gain)?;
+        let (mut eff, gain_at) = super::kernels::effective_weight_buffers(gpu, name, w, geom, gain, backward)?;
         let (wb, wf) = eff.bf16_ptrs(gpu);
         let int = |v: usize| i32::try_from(v).map_err(|_| Error::Input(format!("{name}: {v} does not fit an int")));
         let (taps, in_ch, out_ch) = (int(geom.taps())? as u64, int(geom.in_ch)?, int(geom.out_ch)? as u64);

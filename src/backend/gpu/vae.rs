@@ -33,7 +33,7 @@ impl VaeOps for Gpu {
                 }
             }
         }
-        Ok(GpuEffWeight { geom, gain: 1.0, w: self.upload_once(&ohwi)?, denom: self.upload_once(&vec![1.0f32; o])?, bf16: None })
+        Ok(GpuEffWeight { geom, gain: 1.0, w: self.upload_once(&ohwi)?, denom: self.upload_once(&vec![1.0f32; o])?, bf16: None, bf16_flip: None })
     }
 
     fn add_channel_bias(&self, y: &mut GpuAct, bias: &GpuBuf<f32>, c: usize) -> Result<()> {
