@@ -6,7 +6,8 @@
 //   forward      y[p, o]      = Σ_{tap, i} x[p + off(tap), i] · W[o, tap, i]
 //                 (GEMM M = pixels, N = O, K = taps·I)                       overwrites y
 //   data grad    dx[p, i]     = Σ_{tap, o} dy[p − off(tap), o] · W[o, tap, i]
-//                 (GEMM M = pixels, N = I, K = taps·O)                       overwrites dx
+//                 (GEMM M = pixels, N = I, K = taps·O)       overwrites dx, or adds to it
+//                 with `accumulate` (gradients joining: the embedding's over blocks)
 //   weight grad  dW[o, tap, i] = Σ_p dy[p, o] · x[p + off(tap), i]
 //                 (GEMM M = O, N = taps·I, K = pixels; every block sums its whole K, no
 //                 atomics: deterministic)                                     overwrites dW
@@ -59,7 +60,7 @@ __device__ __forceinline__ float conv_b(int mode, const ConvShape &s, const T *a
 // TOut: T for the forward and the data gradient, float for the weight gradient.
 template <typename T, typename TOut>
 __global__ void conv_gemm_kernel(int mode, ConvShape s, const T *act, const T *grad, const float *wt, TOut *out, long long M,
-                                 long long N, long long K) {
+                                 long long N, long long K, int accumulate) {
   const bool bf16 = sizeof(T) == 2;
   EDM2_SHARED(float, as, [TILE][TILE]);
   EDM2_SHARED(float, bs, [TILE][TILE]);
@@ -76,11 +77,12 @@ __global__ void conv_gemm_kernel(int mode, ConvShape s, const T *act, const T *g
     for (int kk = 0; kk < TILE; kk++) acc += as[ty][kk] * bs[kk][tx];
     __syncthreads();
   }
-  if (m < M && n < N) out[m * N + n] = acc;
+  if (m < M && n < N) out[m * N + n] = accumulate ? out[m * N + n] + acc : acc;
 }
 
 template <typename T, typename TOut>
-static int conv_launch(int mode, ConvShape s, const T *act, const T *grad, const float *wt, TOut *out, cudaStream_t stream) {
+static int conv_launch(int mode, ConvShape s, const T *act, const T *grad, const float *wt, TOut *out, int accumulate,
+                       cudaStream_t stream) {
   long long pixels = (long long)s.n * s.h * s.w;
   long long M, N, K;
   if (mode == CONV_FWD) {
@@ -95,7 +97,7 @@ static int conv_launch(int mode, ConvShape s, const T *act, const T *grad, const
   dim3 grid((unsigned)((N + TILE - 1) / TILE), (unsigned)((M + TILE - 1) / TILE));
   dim3 block(TILE, TILE);
   auto *kernel = &conv_gemm_kernel<T, TOut>;
-  EDM2_LAUNCH(kernel, grid, block, 0, stream, mode, s, act, grad, wt, out, M, N, K);
+  EDM2_LAUNCH(kernel, grid, block, 0, stream, mode, s, act, grad, wt, out, M, N, K, accumulate);
   return (int)cudaGetLastError();
 }
 
@@ -104,17 +106,17 @@ static int conv_taps(int k) { return k == 3 ? 9 : 1; }
 extern "C" int edm2_conv_forward(const void *x, const float *w, void *y, int n, int h, int wd, int cin, int cout, int k, int dtype,
                                  cudaStream_t stream) {
   ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
-  EDM2_BY_DTYPE(dtype, return conv_launch<T, T>(CONV_FWD, s, (const T *)x, (const T *)nullptr, w, (T *)y, stream));
+  EDM2_BY_DTYPE(dtype, return conv_launch<T, T>(CONV_FWD, s, (const T *)x, (const T *)nullptr, w, (T *)y, 0, stream));
 }
 
 extern "C" int edm2_conv_backward_data(const void *dy, const float *w, void *dx, int n, int h, int wd, int cin, int cout, int k,
-                                       int dtype, cudaStream_t stream) {
+                                       int accumulate, int dtype, cudaStream_t stream) {
   ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
-  EDM2_BY_DTYPE(dtype, return conv_launch<T, T>(CONV_DX, s, (const T *)nullptr, (const T *)dy, w, (T *)dx, stream));
+  EDM2_BY_DTYPE(dtype, return conv_launch<T, T>(CONV_DX, s, (const T *)nullptr, (const T *)dy, w, (T *)dx, accumulate, stream));
 }
 
 extern "C" int edm2_conv_backward_weight(const void *x, const void *dy, float *dw, int n, int h, int wd, int cin, int cout, int k,
                                          int dtype, cudaStream_t stream) {
   ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
-  EDM2_BY_DTYPE(dtype, return conv_launch<T, float>(CONV_DW, s, (const T *)x, (const T *)dy, (const float *)nullptr, dw, stream));
+  EDM2_BY_DTYPE(dtype, return conv_launch<T, float>(CONV_DW, s, (const T *)x, (const T *)dy, (const float *)nullptr, dw, 0, stream));
 }

@@ -19,9 +19,10 @@ typedef struct CUstream_st *cudaStream_t;
 
 /* elementwise.cu (NHWC ops: see the file's header comment) */
 int edm2_mp_silu(const void *x, void *y, size_t n, int dtype, cudaStream_t stream);
-int edm2_mp_silu_backward(const void *x, const void *dy, void *dx, size_t n, int dtype, cudaStream_t stream);
+int edm2_mp_silu_backward(const void *x, const void *dy, void *dx, size_t n, int accumulate, int dtype, cudaStream_t stream);
 int edm2_mp_sum(void *a, const void *b, float t, size_t n, int dtype, cudaStream_t stream);
 int edm2_axpby(void *a, const void *b, float wa, float wb, size_t n, int dtype, cudaStream_t stream);
+int edm2_axpby_clip(void *a, const void *b, float wa, float wb, float limit, uint8_t *mask, size_t n, int dtype, cudaStream_t stream);
 int edm2_scale(void *a, float k, size_t n, int dtype, cudaStream_t stream);
 int edm2_downsample2(const void *x, void *y, int n, int h, int w, int c, int dtype, cudaStream_t stream);
 int edm2_downsample2_backward(const void *dy, void *dx, int n, int h, int w, int c, int dtype, cudaStream_t stream);
@@ -30,7 +31,7 @@ int edm2_upsample2_backward(const void *dy, void *dx, int n, int h, int w, int c
 int edm2_mp_cat(const void *a, int na, const void *b, int nb, float ka, float kb, void *out, size_t pixels, int dtype, cudaStream_t stream);
 int edm2_mp_cat_backward(const void *dout, int na, int nb, float ka, float kb, void *da, void *db, size_t pixels, int dtype,
                          cudaStream_t stream);
-/* modulate_silu: s and ds [n, c] are fp32 (the embedding path) in both precisions. */
+/* modulate_silu: y = mp_silu(h·(s + 1)); s and ds [n, c] are fp32 (the embedding path) in both precisions. */
 int edm2_modulate_silu(const void *h, const float *s, void *y, int n, size_t pixels, int c, int dtype, cudaStream_t stream);
 int edm2_modulate_silu_backward(const void *h, const float *s, const void *dy, void *dh, float *ds, int n, size_t pixels, int c, int dtype,
                                 cudaStream_t stream);
@@ -40,7 +41,7 @@ int edm2_clip_backward(void *dy, const uint8_t *mask, size_t n, int dtype, cudaS
 int edm2_add_scalar(void *a, float v, size_t n, int dtype, cudaStream_t stream);
 /* y (dtype) = k·x (x_dtype): also a dtype conversion. */
 int edm2_scaled(const void *x, int x_dtype, void *y, float k, size_t n, int dtype, cudaStream_t stream);
-int edm2_split_scaled(void *x, void *y, float ka, float kb, size_t n, int dtype, cudaStream_t stream);
+int edm2_split_scaled(void *x, void *y, float ka, float kb, const uint8_t *mask, size_t n, int dtype, cudaStream_t stream);
 int edm2_scale_images(void *x, const float *k, size_t per, size_t n, int dtype, cudaStream_t stream);
 /* Preconditioning: the input x and the output d are of x_dtype, out and f of dtype. */
 int edm2_precond_input(const void *x, int x_dtype, const float *c_in, void *out, int c, size_t pixels_per_image, size_t images, int dtype,
@@ -68,16 +69,22 @@ int edm2_normalize_rows_backward(const void *x, const void *dy, void *dx, size_t
  * [in][taps][out] (taps reversed) in bf16, for the tensor-core convolutions. The backward adds into dw where `accumulate` is set (a gradient buffer). */
 int edm2_effective_weight_f32(const float *w, float *eff, float *denom, uint16_t *eff_bf16, uint16_t *flip_bf16, int out_ch, int in_ch,
                               int taps, float gain, const float *gain_at, cudaStream_t stream);
-int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, const float *denom, float *dw, float *row_dgain, int out_ch,
-                                       int in_ch, int taps, float gain, const float *gain_at, int accumulate, cudaStream_t stream);
+/* row_dgain may be null (no gain gradient wanted). */
+int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, float *dw, float *row_dgain, int out_ch, int in_ch, int taps,
+                                       float gain, const float *gain_at, int accumulate, cudaStream_t stream);
+/* edm2_effective_weight_backward_f32 of many layers in one launch; chunks are output rows. A
+ * table row: slots 0-3 w, d_eff, dw, row_dgain (0: none); EDM2_MT_LEN in_ch; EDM2_MT_ARG taps
+ * in the low 32 bits and the f32 bits of the fixed gain in the high 32; EDM2_MT_EXTRA + 0:
+ * gain_at (0: none), + 1: accumulate. */
+int edm2_effective_weight_backward_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows, cudaStream_t stream);
 
 /* conv.cu: NHWC activations of `dtype`, OHWI fp32 effective weight, k = 3 (3x3 'same'), 1 (1x1)
  * or 0 (linear, h = w = 1). All overwrite their output; the weight gradient is fp32. bf16
  * activations: bf16 operands, fp32 accumulation (see the file). */
 int edm2_conv_forward(const void *x, const float *w, void *y, int n, int h, int wd, int cin, int cout, int k, int dtype,
                       cudaStream_t stream);
-int edm2_conv_backward_data(const void *dy, const float *w, void *dx, int n, int h, int wd, int cin, int cout, int k, int dtype,
-                            cudaStream_t stream);
+int edm2_conv_backward_data(const void *dy, const float *w, void *dx, int n, int h, int wd, int cin, int cout, int k, int accumulate,
+                            int dtype, cudaStream_t stream);
 int edm2_conv_backward_weight(const void *x, const void *dy, float *dw, int n, int h, int wd, int cin, int cout, int k, int dtype,
                               cudaStream_t stream);
 
@@ -168,6 +175,9 @@ int edm2_sum_f32(const float *x, float *partials, float *out, size_t n, cudaStre
 /* out[0] += the sum of x in one launch (one block; for short vectors such as a layer's
  * per-row gain gradients). Deterministic: a fixed order. */
 int edm2_sum_add_f32(const float *x, float *out, size_t n, cudaStream_t stream);
+/* edm2_sum_add_f32 of many vectors in one launch, one block each (the same bits): a
+ * multi-tensor table whose rows are slot 0 x, slot 1 out, EDM2_MT_LEN n, one chunk each. */
+int edm2_sum_add_multi_f32(const unsigned long long *table, int n_tensors, cudaStream_t stream);
 
 /* Harness self-tests (reduce.cu): a block sum in shared memory with the barrier between
  * tree levels optionally left out (skip_sync = 1, a deliberate bug the simulation must

@@ -2,16 +2,20 @@
 // activations (templates over the storage type T; arithmetic in fp32).
 //
 // mp_silu (paper Eq. 81): y = silu(x) / 0.596; backward dx = dy · silu'(x) / 0.596 with
-//   silu'(x) = σ(x)·(1 + x·(1 − σ(x))). Overwrites y / dx.
+//   silu'(x) = σ(x)·(1 + x·(1 − σ(x))). Overwrites y / dx (the backward adds to dx with
+//   `accumulate`: a branch's gradient joining another's, one pass).
 // mp_sum (paper Eq. 88): a ← ((1 − t)·a + t·b) / sqrt((1 − t)² + t²), in place.
-// axpby: a ← wa·a + wb·b (mp_sum with host coefficients; scale with b = a, wb = 0).
+// axpby: a ← wa·a + wb·b (mp_sum with host coefficients; scale with b = a, wb = 0);
+//   axpby_clip: then clamped to ±limit with clip's mask (a block's last mp_sum and clip).
 // NHWC ops (x [N, H, W, C]):
 //   downsample2: 2x2 average pooling → [N, H/2, W/2, C]; backward spreads dy/4 (a gather).
 //   upsample2: nearest 2x → [N, 2H, 2W, C]; backward sums the 4 copies (a gather).
 //   mp_cat (paper Eq. 103): out[p] = [ka·a[p], kb·b[p]] over channels; backward splits.
-//   modulate_silu (Block step 3): y[n, p, c] = mp_silu(h·s[n, c]), s and ds fp32 in
-//     both precisions (the embedding path stays fp32, as in the official code); backward
-//     dh = dy·mp_silu'(u)·s and ds[n, c] = Σ_p dy·mp_silu'(u)·h (8 pixel lanes per
+//   modulate_silu (Block step 3): y[n, p, c] = mp_silu(h·(s[n, c] + 1)), s = emb_linear's
+//     output (the + 1 of the official `c = emb_linear(emb) + 1` done here, not in a launch
+//     of its own); s and ds fp32 in both precisions (the embedding path stays fp32, as in
+//     the official code); backward, with u = h·(s + 1),
+//     dh = dy·mp_silu'(u)·(s + 1) and ds[n, c] = Σ_p dy·mp_silu'(u)·h (8 pixel lanes per
 //     channel, partials added in a fixed order: deterministic).
 //   dropout: inverted dropout, kept where hash_uniform(seed, i) ≥ p (the CPU backend's
 //     counter-based hash, bit-identical masks), scaled by 1/(1−p); in place; the backward
@@ -20,7 +24,7 @@
 //     dy where the mask is set.
 //   mp_fourier: y[i, j] = sqrt(2)·cos(freqs[j]·x[i] + phases[j]).
 // add_scalar: a ← a + v. scaled: y = k·x (k = 1: a copy). split_scaled: y = kb·x and
-// x ← ka·x in one pass.
+// x ← ka·x in one pass (x zeroed first where a clip mask is given).
 // Preconditioning (DESIGN.md §1), per-image coefficients k[b] in device memory:
 //   scale_images: x[b, ...] ← k[b]·x[b, ...] (images of `per` values);
 //   precond_input: out [N, H, W, C+1] = [c_in[b]·x, 1] from x [N, H, W, C];
@@ -39,9 +43,10 @@ __global__ void mp_silu_kernel(const T *__restrict__ x, T *__restrict__ y, size_
 }
 
 template <typename T>
-__global__ void mp_silu_backward_kernel(const T *__restrict__ x, const T *__restrict__ dy, T *__restrict__ dx, size_t n) {
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    dx[i] = dy[i] * edm2_mp_silu_grad(x[i]);
+__global__ void mp_silu_backward_kernel(const T *__restrict__ x, const T *__restrict__ dy, T *__restrict__ dx, size_t n, int accumulate) {
+  EDM2_FOR(i, n) {
+    float g = dy[i] * edm2_mp_silu_grad(x[i]);
+    dx[i] = accumulate ? dx[i] + g : g;
   }
 }
 
@@ -54,6 +59,20 @@ __global__ void mp_sum_kernel(T *__restrict__ a, const T *__restrict__ b, float 
 template <typename T>
 __global__ void axpby_kernel(T *__restrict__ a, const T *__restrict__ b, float wa, float wb, size_t n) {
   EDM2_FOR(i, n) a[i] = wa * a[i] + wb * b[i];
+}
+
+// A block's last mp_sum and its clip in one pass: the sum rounded to the storage type as
+// axpby stores it, then clip_kernel's mask and clamp (the same bits as the two launches).
+template <typename T>
+__global__ void axpby_clip_kernel(T *__restrict__ a, const T *__restrict__ b, float wa, float wb, float limit,
+                                  unsigned char *__restrict__ mask, size_t n) {
+  EDM2_FOR(i, n) {
+    T t;
+    t = wa * a[i] + wb * b[i];  // rounded to the storage type (edm2_bf16 converts by assignment)
+    float v = t;
+    mask[i] = fabsf(v) > limit;
+    a[i] = fminf(fmaxf(v, -limit), limit);
+  }
 }
 
 template <typename T>
@@ -140,7 +159,7 @@ __global__ void modulate_silu_kernel(const T *__restrict__ h, const float *__res
   const size_t base = (size_t)blockIdx.y * per_image;
   const float *sb = s + (size_t)blockIdx.y * c;
   for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < per_image; i += gridDim.x * blockDim.x)
-    y[base + i] = edm2_mp_silu(h[base + i] * sb[i % c]);
+    y[base + i] = edm2_mp_silu(h[base + i] * (sb[i % c] + 1.0f));
 }
 
 // Block (MOD_CH channels x MOD_LANES pixel lanes) per (channel tile, image): a warp reads 32
@@ -157,7 +176,7 @@ __global__ void modulate_silu_backward_kernel(const T *__restrict__ h, const flo
   const int b = blockIdx.y, ch = blockIdx.x * MOD_CH + threadIdx.x;
   float acc = 0.0f;
   if (ch < c) {
-    const float sc = s[(size_t)b * c + ch];
+    const float sc = s[(size_t)b * c + ch] + 1.0f;
     const size_t base = (size_t)b * pixels * c + ch;
     for (unsigned p = threadIdx.y; p < pixels; p += MOD_LANES) {
       size_t i = base + (size_t)p * c;
@@ -224,11 +243,13 @@ __global__ void scaled_kernel(const TX *__restrict__ x, T *__restrict__ y, float
 }
 
 // The two branches of an mp_sum's backward in one pass: y = kb·x and x ← ka·x (the same
-// products as scaled and scale, so the same bits).
+// products as scaled and scale, so the same bits); where `mask` is given, x is first zeroed
+// where it is set (a clip's backward before the mp_sum's: clip_backward's bits).
 template <typename T>
-__global__ void split_scaled_kernel(T *__restrict__ x, T *__restrict__ y, float ka, float kb, size_t n) {
+__global__ void split_scaled_kernel(T *__restrict__ x, T *__restrict__ y, float ka, float kb, const unsigned char *__restrict__ mask,
+                                    size_t n) {
   EDM2_FOR(i, n) {
-    float v = x[i];
+    float v = mask && mask[i] ? 0.0f : (float)x[i];
     y[i] = kb * v;
     x[i] = ka * v;
   }
@@ -277,8 +298,8 @@ __global__ void precond_output_kernel(const TX *__restrict__ x, const T *__restr
 extern "C" int edm2_mp_silu(const void *x, void *y, size_t n, int dtype, cudaStream_t stream) {
   EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_silu_kernel<T>, n, RD(x), WR(y), n));
 }
-extern "C" int edm2_mp_silu_backward(const void *x, const void *dy, void *dx, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_silu_backward_kernel<T>, n, RD(x), RD(dy), WR(dx), n));
+extern "C" int edm2_mp_silu_backward(const void *x, const void *dy, void *dx, size_t n, int accumulate, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_silu_backward_kernel<T>, n, RD(x), RD(dy), WR(dx), n, accumulate));
 }
 extern "C" int edm2_mp_sum(void *a, const void *b, float t, size_t n, int dtype, cudaStream_t stream) {
   float s = sqrtf((1.0f - t) * (1.0f - t) + t * t);
@@ -286,6 +307,10 @@ extern "C" int edm2_mp_sum(void *a, const void *b, float t, size_t n, int dtype,
 }
 extern "C" int edm2_axpby(void *a, const void *b, float wa, float wb, size_t n, int dtype, cudaStream_t stream) {
   EDM2_BY_DTYPE(dtype, EW_LAUNCH(axpby_kernel<T>, n, WR(a), RD(b), wa, wb, n));
+}
+extern "C" int edm2_axpby_clip(void *a, const void *b, float wa, float wb, float limit, uint8_t *mask, size_t n, int dtype,
+                               cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(axpby_clip_kernel<T>, n, WR(a), RD(b), wa, wb, limit, mask, n));
 }
 extern "C" int edm2_scale(void *a, float k, size_t n, int dtype, cudaStream_t stream) {
   EDM2_BY_DTYPE(dtype, EW_LAUNCH(scale_kernel<T>, n, WR(a), k, n));
@@ -346,8 +371,8 @@ extern "C" int edm2_add_scalar(void *a, float v, size_t n, int dtype, cudaStream
 extern "C" int edm2_scaled(const void *x, int x_dtype, void *y, float k, size_t n, int dtype, cudaStream_t stream) {
   EDM2_BY_DTYPE_AS(x_dtype, TX, EDM2_BY_DTYPE(dtype, auto *kernel = &scaled_kernel<TX, T>; EW_LAUNCH(kernel, n, (const TX *)x, WR(y), k, n)));
 }
-extern "C" int edm2_split_scaled(void *x, void *y, float ka, float kb, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(split_scaled_kernel<T>, n, WR(x), WR(y), ka, kb, n));
+extern "C" int edm2_split_scaled(void *x, void *y, float ka, float kb, const uint8_t *mask, size_t n, int dtype, cudaStream_t stream) {
+  EDM2_BY_DTYPE(dtype, EW_LAUNCH(split_scaled_kernel<T>, n, WR(x), WR(y), ka, kb, mask, n));
 }
 extern "C" int edm2_scale_images(void *x, const float *k, size_t per, size_t n, int dtype, cudaStream_t stream) {
   if (per == 0) return 0;

@@ -1,10 +1,12 @@
 // reduce.cu — sums: a shared-memory tree within a block, then warp shuffles for the last
 // 32 values; two launches for a whole array (per-block partials, then one block).
 // Overwrites partials[0..edm2_sum_partials(n)) and out[0]. Deterministic: a fixed tree.
-// sum_add: out[0] += the sum, one block, one launch (short vectors: gain gradients).
+// sum_add: out[0] += the sum, one block, one launch (short vectors: gain gradients);
+// sum_add_multi: many of them in one launch, a block each.
 // Also the simulation harness's self-tests (a barrier that must not be left out, and a
 // warp-shuffle reduction).
 #include "common.cuh"
+#include "multi_tensor.cuh"
 
 #define SUM_THREADS 256
 #define SUM_MAX_BLOCKS 1024
@@ -14,26 +16,48 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// This block's sum of x[i] for i = start + k·stride (a fixed tree: deterministic).
+__device__ __forceinline__ float block_sum_strided(const float *__restrict__ x, size_t n, size_t start, size_t stride, float *s) {
+  float v = 0.0f;
+  for (size_t i = start; i < n; i += stride) v += x[i];
+  s[threadIdx.x] = v;
+  __syncthreads();
+  for (unsigned st = blockDim.x / 2; st >= 32; st >>= 1) {
+    if (threadIdx.x < st) s[threadIdx.x] += s[threadIdx.x + st];
+    __syncthreads();
+  }
+  return threadIdx.x < 32 ? warp_sum(s[threadIdx.x]) : 0.0f;  // valid in thread 0
+}
+
 // One block's sum of x[i] for i = start + k·stride, into out[blockIdx.x] (added to it with
 // `accumulate`).
 __global__ void block_sum_kernel(const float *__restrict__ x, float *__restrict__ out, size_t n, int accumulate) {
   EDM2_SHARED(float, s, [SUM_THREADS]);
-  float v = 0.0f;
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) v += x[i];
-  s[threadIdx.x] = v;
-  __syncthreads();
-  for (unsigned stride = blockDim.x / 2; stride >= 32; stride >>= 1) {
-    if (threadIdx.x < stride) s[threadIdx.x] += s[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x < 32) {
-    float w = warp_sum(s[threadIdx.x]);
-    if (threadIdx.x == 0) out[blockIdx.x] = accumulate ? out[blockIdx.x] + w : w;
+  float w = block_sum_strided(x, n, (size_t)blockIdx.x * blockDim.x + threadIdx.x, (size_t)gridDim.x * blockDim.x, s);
+  if (threadIdx.x == 0) out[blockIdx.x] = accumulate ? out[blockIdx.x] + w : w;
+}
+
+// sum_add of many vectors: block b adds table row b's x into its out[0], as a one-block
+// edm2_sum_add_f32 does (the same bits).
+__global__ void sum_add_multi_kernel(const unsigned long long *__restrict__ table, int n_tensors) {
+  EDM2_SHARED(float, s, [SUM_THREADS]);
+  for (int b = blockIdx.x; b < n_tensors; b += gridDim.x) {
+    const unsigned long long *t = table + (size_t)b * EDM2_MT_ROW;
+    float w = block_sum_strided((const float *)t[0], (size_t)t[EDM2_MT_LEN], threadIdx.x, blockDim.x, s);
+    if (threadIdx.x == 0) *(float *)t[1] += w;
+    __syncthreads();  // `s` is reused by the next vector
   }
 }
 
 extern "C" int edm2_sum_add_f32(const float *x, float *out, size_t n, cudaStream_t stream) {
   EDM2_LAUNCH(block_sum_kernel, 1, SUM_THREADS, 0, stream, x, out, n, 1);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int edm2_sum_add_multi_f32(const unsigned long long *table, int n_tensors, cudaStream_t stream) {
+  if (n_tensors <= 0) return 0;
+  unsigned blocks = (unsigned)(n_tensors < SUM_MAX_BLOCKS ? n_tensors : SUM_MAX_BLOCKS);
+  EDM2_LAUNCH(sum_add_multi_kernel, blocks, SUM_THREADS, 0, stream, table, n_tensors);
   return (int)cudaGetLastError();
 }
 

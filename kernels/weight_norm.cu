@@ -19,8 +19,11 @@
 //   Adam changes it.
 // effective weight backward: from d_eff (OHWI) to dW (OIHW, overwritten, or added to the
 //   gradient buffer with `accumulate`: no separate add) and the per-row gain gradient
-//   row_dgain[o] = Σ d_eff·normalize(W)/sqrt(fan_in) (overwritten; the caller adds the
-//   rows up with the deterministic edm2_sum_add_f32).
+//   row_dgain[o] = Σ d_eff·normalize(W)/sqrt(fan_in) (overwritten, where given; the caller
+//   adds the rows up with the deterministic edm2_sum_add_f32). The row's denominator is
+//   recomputed from W (the forward's value, bit for bit), so the backward reads nothing
+//   of the forward's. effective_weight_backward_multi: every layer of a backward pass in
+//   one launch (the same row body), after the pass's weight gradients.
 // One block of 128 threads per row (grid-stride over rows); block sums in a fixed tree,
 // so results are deterministic. Variants: first versions, correct before fast; checked
 // against the CPU backend in the simulation harness (tests/gpu_kernels.rs).
@@ -128,37 +131,61 @@ __global__ void effective_weight_multi_kernel(const unsigned long long *__restri
   }
 }
 
-__global__ void effective_weight_backward_kernel(const float *__restrict__ w, const float *__restrict__ d_eff,
-                                                 const float *__restrict__ denom, float *__restrict__ dw,
+// Row o of an effective weight's backward (the body of both backward kernels: the same
+// bits). The row's denominator is recomputed from W (the same loop and block sum as
+// effective_weight_row, so the same value the forward used): the backward does not need
+// the forward's buffers, and a batched backward at the end of a pass can run after them.
+__device__ __forceinline__ void effective_weight_backward_row(const float *__restrict__ w, const float *__restrict__ d_eff,
+                                                              float *__restrict__ dw, float *__restrict__ row_dgain, int o,
+                                                              int in_ch, int taps, float scale_g, int accumulate, float *red) {
+  const int fan = in_ch * taps;
+  const float inv_sqrt_fan = 1.0f / sqrtf((float)fan);
+  const float *wr = w + (size_t)o * fan, *gr = d_eff + (size_t)o * fan;
+  float ss = 0.0f, gw = 0.0f;
+  for (int i = threadIdx.x; i < fan; i += blockDim.x) {
+    float g = gr[(i % taps) * in_ch + i / taps];  // OHWI → OIHW
+    ss += wr[i] * wr[i];
+    gw += g * wr[i];
+  }
+  ss = edm2_block_sum(ss, red);
+  gw = edm2_block_sum(gw, red);
+  float d = edm2_norm_denom(ss, fan), norm = sqrtf(ss);
+  if (row_dgain && threadIdx.x == 0) row_dgain[o] = gw / d * inv_sqrt_fan;
+  // normalize backward with dn = g·scale_g: Σ dn·w = scale_g·Σ g·w.
+  float coef = norm > 0.0f ? (scale_g * gw) / (d * d * sqrtf((float)fan) * norm) : 0.0f;
+  float inv = 1.0f / d;
+  for (int i = threadIdx.x; i < fan; i += blockDim.x) {
+    float g = gr[(i % taps) * in_ch + i / taps];
+    float v = (g * scale_g) * inv - wr[i] * coef;
+    if (accumulate)
+      dw[(size_t)o * fan + i] += v;
+    else
+      dw[(size_t)o * fan + i] = v;
+  }
+}
+
+__global__ void effective_weight_backward_kernel(const float *__restrict__ w, const float *__restrict__ d_eff, float *__restrict__ dw,
                                                  float *__restrict__ row_dgain, int out_ch, int in_ch, int taps, float gain,
                                                  const float *__restrict__ gain_at, int accumulate) {
   const float scale_g = (gain_at ? *gain_at : gain) / sqrtf((float)(in_ch * taps));
   EDM2_SHARED(float, red, [ROW_THREADS]);
-  const int fan = in_ch * taps;
-  const float inv_sqrt_fan = 1.0f / sqrtf((float)fan);
-  for (int o = blockIdx.x; o < out_ch; o += gridDim.x) {
-    const float *wr = w + (size_t)o * fan, *gr = d_eff + (size_t)o * fan;
-    float ss = 0.0f, gw = 0.0f;
-    for (int i = threadIdx.x; i < fan; i += blockDim.x) {
-      float g = gr[(i % taps) * in_ch + i / taps];  // OHWI → OIHW
-      ss += wr[i] * wr[i];
-      gw += g * wr[i];
-    }
-    ss = edm2_block_sum(ss, red);
-    gw = edm2_block_sum(gw, red);
-    float d = denom[o], norm = sqrtf(ss);
-    if (threadIdx.x == 0) row_dgain[o] = gw / d * inv_sqrt_fan;
-    // normalize backward with dn = g·scale_g: Σ dn·w = scale_g·Σ g·w.
-    float coef = norm > 0.0f ? (scale_g * gw) / (d * d * sqrtf((float)fan) * norm) : 0.0f;
-    float inv = 1.0f / d;
-    for (int i = threadIdx.x; i < fan; i += blockDim.x) {
-      float g = gr[(i % taps) * in_ch + i / taps];
-      float v = (g * scale_g) * inv - wr[i] * coef;
-      if (accumulate)
-        dw[(size_t)o * fan + i] += v;
-      else
-        dw[(size_t)o * fan + i] = v;
-    }
+  for (int o = blockIdx.x; o < out_ch; o += gridDim.x)
+    effective_weight_backward_row(w, d_eff, dw, row_dgain, o, in_ch, taps, scale_g, accumulate, red);
+}
+
+// The effective-weight backward of every layer of a backward pass in one launch: chunks are
+// output rows (see edm2.h for the table).
+__global__ void effective_weight_backward_multi_kernel(const unsigned long long *__restrict__ table, int n_tensors, long long n_rows) {
+  EDM2_SHARED(float, red, [ROW_THREADS]);
+  for (long long c = blockIdx.x; c < n_rows; c += gridDim.x) {
+    const unsigned long long *t = mt_row(table, n_tensors, c);
+    const int in_ch = (int)t[EDM2_MT_LEN], taps = (int)(t[EDM2_MT_ARG] & 0xffffffffull);
+    const float *gain_at = (const float *)t[EDM2_MT_EXTRA];
+    const float gain = __uint_as_float((unsigned)(t[EDM2_MT_ARG] >> 32));
+    const float scale_g = (gain_at ? *gain_at : gain) / sqrtf((float)(in_ch * taps));
+    const int o = (int)(c - (long long)t[EDM2_MT_FIRST_CHUNK]);
+    effective_weight_backward_row((const float *)t[0], (const float *)t[1], (float *)t[2], (float *)t[3], o, in_ch, taps, scale_g,
+                                  (int)t[EDM2_MT_EXTRA + 1], red);
   }
 }
 
@@ -202,11 +229,17 @@ extern "C" int edm2_effective_weight_multi_f32(const unsigned long long *table, 
   return (int)cudaGetLastError();
 }
 
-extern "C" int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, const float *denom, float *dw, float *row_dgain,
-                                                  int out_ch, int in_ch, int taps, float gain, const float *gain_at, int accumulate,
-                                                  cudaStream_t stream) {
+extern "C" int edm2_effective_weight_backward_f32(const float *w, const float *d_eff, float *dw, float *row_dgain, int out_ch, int in_ch,
+                                                  int taps, float gain, const float *gain_at, int accumulate, cudaStream_t stream) {
   if (out_ch <= 0) return 0;
-  EDM2_LAUNCH(effective_weight_backward_kernel, row_blocks(out_ch), ROW_THREADS, 0, stream, w, d_eff, denom, dw, row_dgain, out_ch,
-              in_ch, taps, gain, gain_at, accumulate);
+  EDM2_LAUNCH(effective_weight_backward_kernel, row_blocks(out_ch), ROW_THREADS, 0, stream, w, d_eff, dw, row_dgain, out_ch, in_ch,
+              taps, gain, gain_at, accumulate);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int edm2_effective_weight_backward_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows,
+                                                        cudaStream_t stream) {
+  if (n_tensors <= 0 || n_rows <= 0) return 0;
+  EDM2_LAUNCH(effective_weight_backward_multi_kernel, row_blocks((size_t)n_rows), ROW_THREADS, 0, stream, table, n_tensors, n_rows);
   return (int)cudaGetLastError();
 }

@@ -157,8 +157,23 @@ fn elementwise_kernels_match_the_cpu_backend() {
             let mut d_cpu = vec![0.0; n];
             ops::mp_silu_backward(&x, &dy, &mut d_cpu);
             let mut db = act(&gpu, n);
-            k::mp_silu_backward(&gpu, &xb, &dyb, &mut db).unwrap();
+            k::mp_silu_backward(&gpu, &xb, &dyb, &mut db, false).unwrap();
             close_in(&gpu, &format!("mp_silu_backward n={n} {sched}"), &down(&gpu, &db), &d_cpu);
+            // Accumulating: dx0 + dy·mp_silu'(x) in one launch, rounded once (fp32: the bits
+            // of the backward then an add).
+            let dx0 = random(n, n as u64 + 2);
+            let mut acc_cpu = dx0.clone();
+            ops::mp_silu_backward_acc(&x, &dy, &mut acc_cpu);
+            let mut accb = up(&gpu, &dx0);
+            let before = edm2::backend::gpu::launches();
+            k::mp_silu_backward(&gpu, &xb, &dyb, &mut accb, true).unwrap();
+            assert_eq!(edm2::backend::gpu::launches() - before, 1, "mp_silu_backward accumulating is one launch");
+            close_in(&gpu, &format!("mp_silu_backward accumulate n={n} {sched}"), &down(&gpu, &accb), &acc_cpu);
+            if gpu.act_dtype() == Dtype::F32 {
+                let mut two = up(&gpu, &dx0);
+                k::axpby(&gpu, &mut two, &db, 1.0, 1.0).unwrap();
+                assert_eq!(down(&gpu, &accb), down(&gpu, &two), "mp_silu_backward accumulate: the bits of backward + add");
+            }
             let mut a_cpu = x.clone();
             ops::mp_sum_inplace(&mut a_cpu, &dy, 0.3);
             let mut ab = up(&gpu, &x);
@@ -438,6 +453,10 @@ fn normalize_rows_and_weight_norm_match_the_cpu_backend() {
             close_in(&gpu, &format!("normalize_rows_backward {rows}x{kk} {sched}"), &down(&gpu, &dx), &want);
         }
         // Effective weights of linear, 1x1 and 3x3 layers (32 outputs: the CPU's packed path).
+        // Each layer's backward (accumulating, gain on the device) is kept to check the
+        // batched form against after the loop.
+        use edm2::backend::gpu::multi_tensor;
+        let mut singles = Vec::new();
         for (o, i, kk, gain) in [(20usize, 12usize, 0usize, 0.7f32), (36, 20, 1, 1.0), (20, 7, 3, 1.0), (32, 16, 3, 1.0)] {
             let geom = ConvGeom { out_ch: o, in_ch: i, k: kk };
             let w = random(geom.numel(), 100 + o as u64 + kk as u64);
@@ -454,20 +473,128 @@ fn normalize_rows_and_weight_norm_match_the_cpu_backend() {
             let mut dw_cpu = vec![0.0; w.len()];
             let dgain_cpu = conv::effective_weight_backward(&w, &cpu, &d_eff, &mut dw_cpu);
             let (mut dw, mut rows) = (gpu.alloc(w.len()).unwrap(), gpu.alloc(o).unwrap());
-            k::effective_weight_backward(&gpu, &wb, &eff, None, &up32(&gpu, &d_eff), &mut dw, &mut rows, false).unwrap();
+            k::effective_weight_backward(&gpu, &wb, &eff, None, &up32(&gpu, &d_eff), &mut dw, Some(&mut rows), false).unwrap();
             let dgain = k::sum(&gpu, &rows).unwrap();
             close(&format!("effective_weight_backward dW {geom:?} {sched}"), &down32(&gpu, &dw), &dw_cpu);
             // Accumulating into a gradient buffer (gain on the device, rows summed into it).
             let start = random(w.len(), 300 + o as u64);
             let mut acc = up32(&gpu, &start);
             let mut dgain_acc = up32(&gpu, &[0.25]);
-            k::effective_weight_backward(&gpu, &wb, &eff_at, Some(&gain_buf), &up32(&gpu, &d_eff), &mut acc, &mut rows, true).unwrap();
+            k::effective_weight_backward(&gpu, &wb, &eff_at, Some(&gain_buf), &up32(&gpu, &d_eff), &mut acc, Some(&mut rows), true).unwrap();
             k::sum_add_into(&gpu, &rows, &mut dgain_acc).unwrap();
             let want: Vec<f32> = start.iter().zip(&down32(&gpu, &dw)).map(|(a, b)| a + b).collect();
             assert_eq!(down32(&gpu, &acc), want, "effective_weight_backward accumulate {geom:?}");
             let dgain_added = down32(&gpu, &dgain_acc)[0] - 0.25;
             assert!((dgain_added - dgain_cpu).abs() <= 2e-5 * dgain_cpu.abs().max(1.0), "sum_add dgain {geom:?}: {dgain_added} vs {dgain_cpu}");
             assert!((dgain - dgain_cpu).abs() <= 1e-5 * dgain_cpu.abs().max(1.0), "dgain {geom:?}: {dgain} vs {dgain_cpu}");
+            singles.push((geom, gain, wb, gain_buf, d_eff, start, down32(&gpu, &acc), down32(&gpu, &dgain_acc)[0]));
+        }
+        // Every layer's effective-weight backward in one launch and their gains' row sums in
+        // another: the same bits as one layer at a time (the first layer with a fixed gain
+        // and no gain gradient, the others with the gain on the device).
+        let d_effs: Vec<GpuBuf<f32>> = singles.iter().map(|t| up32(&gpu, &t.4)).collect();
+        let mut dws: Vec<GpuBuf<f32>> = singles.iter().map(|t| up32(&gpu, &t.5)).collect();
+        let mut rows: Vec<GpuBuf<f32>> = singles.iter().map(|t| gpu.alloc(t.0.out_ch).unwrap()).collect();
+        let layers = singles
+            .iter()
+            .zip(&d_effs)
+            .zip(dws.iter_mut())
+            .zip(rows.iter_mut())
+            .enumerate()
+            .map(|(j, (((t, d_eff), dw), r))| multi_tensor::EffBackward {
+                w: &t.2,
+                geom: t.0,
+                gain: t.1,
+                gain_at: (j > 0).then_some(&t.3),
+                d_eff,
+                dw,
+                row_dgain: (j > 0).then_some(r),
+                accumulate: true,
+            })
+            .collect();
+        let before = edm2::backend::gpu::launches();
+        multi_tensor::effective_weight_backward(&gpu, layers).unwrap();
+        let mut dgains: Vec<GpuBuf<f32>> = singles.iter().map(|_| up32(&gpu, &[0.25])).collect();
+        multi_tensor::sum_add(&gpu, rows.iter().zip(dgains.iter_mut()).skip(1).collect()).unwrap();
+        assert_eq!(edm2::backend::gpu::launches() - before, 2, "all layers' backward and gain sums in two launches");
+        for (j, t) in singles.iter().enumerate() {
+            assert_eq!(down32(&gpu, &dws[j]), t.6, "effective_weight_backward_multi dW {:?} {sched}", t.0);
+            if j > 0 {
+                assert_eq!(down32(&gpu, &dgains[j])[0], t.7, "sum_add_multi dgain {:?} {sched}", t.0);
+            } else {
+                assert_eq!(down32(&gpu, &dgains[j])[0], 0.25, "no gain gradient asked for");
+            }
+        }
+    });
+}
+
+/// The backward forms that save launches give the bits of the plain ones: a data gradient
+/// added into a buffer (one launch for a linear layer, whose only variant is SIMT; a
+/// temporary and an add elsewhere), and weight gradients deferred to one batched launch at
+/// the end of a pass (also when a layer comes twice, which finishes the waiting ones
+/// first); a deferred set cannot be read before it is finished.
+#[test]
+fn added_data_gradients_and_deferred_weight_gradients_give_the_plain_bits() {
+    use edm2::backend::gpu::kernels::{ConvGeom, Nhwc};
+    use edm2::backend::gpu::{launches, GpuParams};
+    use edm2::backend::Backend;
+    use edm2::nn::params::Params;
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    each_mode(&gpu, |sched| {
+        // Parameters: a linear weight with its learned gain (emb_linear), a 3x3 weight.
+        let host = Params { values: vec![random(24 * 40, 61), vec![0.8], random(32 * 32 * 9, 62)] };
+        let p = GpuParams::upload(&gpu, &host).unwrap();
+        let linear = (0usize, ConvGeom { out_ch: 24, in_ch: 40, k: 0 }, Nhwc { n: 3, h: 1, w: 1, c: 40 }, Some(1usize));
+        let conv = (2usize, ConvGeom { out_ch: 32, in_ch: 32, k: 3 }, Nhwc { n: 2, h: 5, w: 6, c: 32 }, None);
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let mut layers = Vec::new();
+        for (j, &(id, geom, s, gain)) in [linear, conv].iter().enumerate() {
+            // The linear layers' activations are fp32 in both precisions (the embedding).
+            let a = |v: &[f32]| if geom.k == 0 { GpuAct::F32(up32(&gpu, v)) } else { up(&gpu, v) };
+            let (x, dy, dx0) = (a(&random(s.numel(), 70 + j as u64)), a(&random(s.pixels() * geom.out_ch, 80 + j as u64)), random(s.numel(), 90 + j as u64));
+            let eff = gpu.effective(&p, id, geom, gain).unwrap();
+            let mut g_plain = gpu.zero_grads(&p).unwrap();
+            let mut dx = a(&dx0);
+            gpu.conv_backward(&p, id, &eff, &x, s, &dy, Some(&mut dx), gain, &mut g_plain).unwrap();
+            let mut want = a(&dx0);
+            k::axpby(&gpu, &mut want, &dx, 1.0, 1.0).unwrap();
+            let mut g_add = gpu.zero_grads(&p).unwrap();
+            let mut got = a(&dx0);
+            let l0 = launches();
+            gpu.conv_backward_acc(&p, id, &eff, &x, s, &dy, &mut got, gain, &mut g_add).unwrap();
+            let used = launches() - l0;
+            assert_eq!(bits(down(&gpu, &got)), bits(down(&gpu, &want)), "conv_backward_acc dx {geom:?} {sched}");
+            assert_eq!(bits(g_add.download(&gpu).unwrap().values.concat()), bits(g_plain.download(&gpu).unwrap().values.concat()), "conv_backward_acc grads {geom:?} {sched}");
+            if geom.k == 0 {
+                // weight gradient, data gradient added in place, effective-weight backward, gain sum
+                assert_eq!(used, 4, "a linear layer adds its data gradient in its own kernel");
+            }
+            layers.push((id, geom, s, gain, eff, x, dy));
+        }
+        // The pass: linear, conv, linear again (the repeat finishes the waiting ones first).
+        let order = [0usize, 1, 0];
+        let mut g_plain = gpu.zero_grads(&p).unwrap();
+        for &j in &order {
+            let (id, _, s, gain, eff, x, dy) = &layers[j];
+            gpu.conv_backward(&p, *id, eff, x, *s, dy, None, *gain, &mut g_plain).unwrap();
+        }
+        let mut g_def = gpu.zero_grads(&p).unwrap();
+        gpu.defer_weight_grads(&mut g_def);
+        for (n, &j) in order.iter().enumerate() {
+            let (id, _, s, gain, eff, x, dy) = &layers[j];
+            gpu.conv_backward(&p, *id, eff, x, *s, dy, None, *gain, &mut g_def).unwrap();
+            if n == 1 {
+                assert!(g_def.download(&gpu).is_err(), "a deferred gradient set is not read before it is finished");
+            }
+        }
+        let l0 = launches();
+        gpu.finish_weight_grads(&p, &mut g_def).unwrap();
+        assert_eq!(launches() - l0, 2, "the waiting layers finish in two launches");
+        let (want, got) = (g_plain.download(&gpu).unwrap(), g_def.download(&gpu).unwrap());
+        for (i, (a, b)) in want.values.iter().zip(&got.values).enumerate() {
+            assert!(a.iter().any(|&v| v != 0.0), "parameter {i} has a gradient");
+            assert_eq!(bits(b.clone()), bits(a.clone()), "deferred gradient of parameter {i} {sched}");
         }
     });
 }
@@ -1068,6 +1195,27 @@ fn block_elementwise_kernels_match_the_cpu_backend() {
         let want_g: Vec<f32> = dys.iter().zip(&xs).map(|(&g, &v)| if v.abs() > 1.5 { 0.0 } else { g }).collect();
         assert!(want_g.iter().zip(&dys).any(|(a, b)| a != b), "the test clips something");
         assert_eq!(down(&gpu, &g), want_g, "clip_backward {sched}");
+        // axpby_clip: the bits and the mask of axpby then clip, in one launch; and
+        // split_scaled with the mask: the bits of clip_backward then split_scaled.
+        let (mut two, mut one) = (up(&gpu, &x), up(&gpu, &x));
+        let b_in = up(&gpu, &dy);
+        let (mut mask_two, mut mask_one) = (gpu.alloc::<u8>(x.len()).unwrap(), gpu.alloc::<u8>(x.len()).unwrap());
+        k::axpby(&gpu, &mut two, &b_in, 0.7, 0.9).unwrap();
+        k::clip(&gpu, &mut two, &mut mask_two, 1.5).unwrap();
+        let before = edm2::backend::gpu::launches();
+        k::axpby_clip(&gpu, &mut one, &b_in, 0.7, 0.9, 1.5, &mut mask_one).unwrap();
+        assert_eq!(edm2::backend::gpu::launches() - before, 1, "axpby_clip is one launch");
+        assert_eq!(down(&gpu, &one), down(&gpu, &two), "axpby_clip values {sched}");
+        let mask_bits = gpu.download(&mask_one).unwrap();
+        assert_eq!(mask_bits, gpu.download(&mask_two).unwrap(), "axpby_clip mask {sched}");
+        assert!(mask_bits.iter().any(|&m| m != 0) && mask_bits.iter().any(|&m| m == 0), "the test clips some values, not all");
+        let mut g_two = up(&gpu, &dy);
+        k::clip_backward(&gpu, &mut g_two, &mask_one).unwrap();
+        let y_two = k::split_scaled(&gpu, &mut g_two, 0.6, -0.8, None).unwrap();
+        let mut g_one = up(&gpu, &dy);
+        let y_one = k::split_scaled(&gpu, &mut g_one, 0.6, -0.8, Some(&mask_one)).unwrap();
+        assert_eq!(down(&gpu, &y_one), down(&gpu, &y_two), "split_scaled masked y {sched}");
+        assert_eq!(down(&gpu, &g_one), down(&gpu, &g_two), "split_scaled masked x {sched}");
         // MP-Fourier features.
         let (xs, fr, ph) = (random(5, 28), random(16, 29), random(16, 30));
         let want_f = ops::mp_fourier(&xs, &fr, &ph);
@@ -1089,7 +1237,7 @@ fn block_elementwise_kernels_match_the_cpu_backend() {
         k::scale(&gpu, &mut want_x, 0.6).unwrap();
         let mut got_x = xb;
         let before = edm2::backend::gpu::launches();
-        let got_y = k::split_scaled(&gpu, &mut got_x, 0.6, -0.8).unwrap();
+        let got_y = k::split_scaled(&gpu, &mut got_x, 0.6, -0.8, None).unwrap();
         assert_eq!(edm2::backend::gpu::launches() - before, 1, "split_scaled is one launch");
         assert_eq!(down(&gpu, &got_y), want_y, "split_scaled y {sched}");
         assert_eq!(down(&gpu, &got_x), down(&gpu, &want_x), "split_scaled x {sched}");

@@ -166,6 +166,37 @@ pub trait Backend {
         gain: Option<crate::nn::params::ParamId>,
         g: &mut Self::Params,
     ) -> crate::error::Result<()>;
+    /// [`Backend::conv_backward`] adding the data gradient into `dx` instead of overwriting
+    /// it (gradients joining: the embedding's, summed over the blocks). The default makes it
+    /// into a temporary and adds; the CUDA backend adds in its kernel where it can.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_backward_acc(
+        &self,
+        p: &Self::Params,
+        id: crate::nn::params::ParamId,
+        eff: &Self::Eff,
+        x: &Self::Buf,
+        s: Nhwc,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        gain: Option<crate::nn::params::ParamId>,
+        g: &mut Self::Params,
+    ) -> crate::error::Result<()> {
+        let mut t = self.alloc_like(dx, s.numel())?;
+        self.conv_backward(p, id, eff, x, s, dy, Some(&mut t), gain, g)?;
+        self.add(dx, &t)
+    }
+    /// From now on [`Backend::conv_backward`] may leave the effective-weight part of each
+    /// weight's gradient in `g` (and its gain's) to [`Backend::finish_weight_grads`], which
+    /// must run before `g` is read: a backend that batches them (the CUDA backend: one
+    /// launch for all layers of a pass instead of one or two per layer). The default makes
+    /// each at once.
+    fn defer_weight_grads(&self, _g: &mut Self::Params) {}
+    /// Completes the gradients [`Backend::defer_weight_grads`] left waiting and stops
+    /// deferring.
+    fn finish_weight_grads(&self, _p: &Self::Params, _g: &mut Self::Params) -> crate::error::Result<()> {
+        Ok(())
+    }
 
     fn mp_silu(&self, x: &Self::Buf, y: &mut Self::Buf) -> crate::error::Result<()>;
     fn mp_silu_backward(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> crate::error::Result<()>;
@@ -173,6 +204,15 @@ pub trait Backend {
     fn mp_silu_backward_acc(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf) -> crate::error::Result<()>;
     /// `a ← wa·a + wb·b`.
     fn axpby(&self, a: &mut Self::Buf, b: &Self::Buf, wa: f32, wb: f32) -> crate::error::Result<()>;
+    /// `a ← wa·a + wb·b`, then clamped to ±limit where a limit is given, with the mask of
+    /// [`Backend::clip`]: a block's last mp_sum and its clip (one pass on a device).
+    fn axpby_clip(&self, a: &mut Self::Buf, b: &Self::Buf, wa: f32, wb: f32, limit: Option<f32>) -> crate::error::Result<Option<Self::Mask>> {
+        self.axpby(a, b, wa, wb)?;
+        match limit {
+            Some(l) => self.clip(a, l),
+            None => Ok(None),
+        }
+    }
     /// `a ← a + b`.
     fn add(&self, a: &mut Self::Buf, b: &Self::Buf) -> crate::error::Result<()> {
         self.axpby(a, b, 1.0, 1.0)
@@ -187,6 +227,14 @@ pub trait Backend {
         self.scale(a, ka)?;
         Ok(out)
     }
+    /// [`Backend::split_scaled`] of `a` zeroed first where `mask` is set: the backward of
+    /// [`Backend::axpby_clip`] (the clip's, then the mp_sum's; one pass on a device).
+    fn split_scaled_masked(&self, a: &mut Self::Buf, ka: f32, kb: f32, mask: Option<&Self::Mask>) -> crate::error::Result<Self::Buf> {
+        if let Some(m) = mask {
+            self.clip_backward(a, m)?;
+        }
+        self.split_scaled(a, ka, kb)
+    }
     /// `a ← a + v` for every element.
     fn add_scalar(&self, a: &mut Self::Buf, v: f32) -> crate::error::Result<()>;
     /// Pixel norm: `normalize` over rows of `k`.
@@ -198,7 +246,8 @@ pub trait Backend {
     /// Nearest 2x upsampling of `x` (shape `s`).
     fn upsample2(&self, x: &Self::Buf, s: Nhwc, y: &mut Self::Buf) -> crate::error::Result<()>;
     fn upsample2_backward(&self, dy: &Self::Buf, s: Nhwc, dx: &mut Self::Buf) -> crate::error::Result<()>;
-    /// `y[n, p, c] = mp_silu(h[n, p, c]·s[n, c])`.
+    /// `y[n, p, c] = mp_silu(h[n, p, c]·(s[n, c] + 1))`: the block's modulation with
+    /// `s` = emb_linear's output (the official `c = emb_linear(emb) + 1`, the + 1 done here).
     fn modulate_silu(&self, h: &Self::Buf, s: &Self::Buf, c: usize, pixels: usize, y: &mut Self::Buf) -> crate::error::Result<()>;
     #[allow(clippy::too_many_arguments)]
     fn modulate_silu_backward(

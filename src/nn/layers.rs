@@ -85,6 +85,23 @@ impl MpConv {
         Ok(dx.map(|d| Tensor::with_buf(&x.shape, d)))
     }
 
+    /// [`MpConv::backward`] adding dx into `dx` (which has `x`'s shape).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_acc<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Params,
+        eff: &B::Eff,
+        x: &Tensor<B::Buf>,
+        dy: &Tensor<B::Buf>,
+        dx: &mut Tensor<B::Buf>,
+        gain: Option<ParamId>,
+        grads: &mut B::Params,
+    ) -> Result<()> {
+        let s = self.input_shape(x);
+        be.conv_backward_acc(p, self.weight, eff, &x.data, s, &dy.data, &mut dx.data, gain, grads)
+    }
+
     fn input_shape<D>(&self, x: &Tensor<D>) -> Nhwc {
         let (n, h, w) = spatial(x);
         Nhwc { n, h, w, c: self.in_ch }
@@ -314,7 +331,7 @@ impl Block {
         emb: &Tensor<B::Buf>,
         mode: &Mode,
     ) -> Result<(Tensor<B::Buf>, Option<BlockCache<B>>)> {
-        self.forward_keeping_branch(be, p, x, emb, mode, None, &mut EffSet::lazy())
+        self.forward_keeping_branch(be, p, Act::Borrowed(x), emb, mode, None, &mut EffSet::lazy())
     }
 
     /// The effective weights [`Block::forward`] uses, in its order (see [`EffSet`]).
@@ -334,30 +351,32 @@ impl Block {
 
     /// [`Block::forward`], also keeping a copy of the residual branch's output (`conv_res1`,
     /// before the mp_sum with the skip) in `branch` when one is given: what the paper's
-    /// training-dynamics plots show next to the block output.
+    /// training-dynamics plots show next to the block output. An input given as
+    /// [`Act::Owned`] (one the caller no longer needs) is kept for the backward without a copy.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_keeping_branch<B: Backend>(
         &self,
         be: &B,
         p: &B::Params,
-        x: &Tensor<B::Buf>,
+        x: Act<'_, B::Buf>,
         emb: &Tensor<B::Buf>,
         mode: &Mode,
         branch: Option<&mut Option<Tensor<B::Buf>>>,
         effs: &mut EffSet<B>,
     ) -> Result<(Tensor<B::Buf>, Option<BlockCache<B>>)> {
-        let x_in_shape = x.shape.clone();
-        let sx = nhwc(x);
+        let x_in_shape = x.get().shape.clone();
+        let sx = nhwc(x.get());
         // 1. resample
         let xr: Act<B::Buf> = match self.resample {
-            Resample::Keep => Act::Borrowed(x),
+            Resample::Keep => x,
             Resample::Down => {
                 let mut y = be.alloc(sx.numel() / 4)?;
-                be.downsample2(&x.data, sx, &mut y)?;
+                be.downsample2(&x.get().data, sx, &mut y)?;
                 Act::Owned(Tensor::with_buf(&[sx.n, sx.h / 2, sx.w / 2, sx.c], y))
             }
             Resample::Up => {
                 let mut y = be.alloc(sx.numel() * 4)?;
-                be.upsample2(&x.data, sx, &mut y)?;
+                be.upsample2(&x.get().data, sx, &mut y)?;
                 Act::Owned(Tensor::with_buf(&[sx.n, sx.h * 2, sx.w * 2, sx.c], y))
             }
         };
@@ -384,8 +403,8 @@ impl Block {
         let eff0 = effs.take(be, p, &self.conv_res0, None)?;
         let h0 = self.conv_res0.forward(be, &eff0, &a0)?;
         let eff_emb = effs.take(be, p, &self.emb_linear, Some(self.emb_gain))?;
-        let mut s = self.emb_linear.forward(be, &eff_emb, emb)?;
-        be.add_scalar(&mut s.data, 1.0)?;
+        // c = emb_linear(emb) + 1: the + 1 is part of the modulation op.
+        let s = self.emb_linear.forward(be, &eff_emb, emb)?;
         let (_, hh, hw) = spatial(&h0);
         let mut y1 = be.alloc(h0.len_of_shape())?;
         be.modulate_silu(&h0.data, &s.data, self.out_ch, hh * hw, &mut y1)?;
@@ -399,17 +418,19 @@ impl Block {
             *slot = Some(Tensor::with_buf(&x2.shape, be.copy(&x2.data)?));
         }
         // 4–5. x = mp_sum(skip(x), y, res_balance), computed into y's buffer (y itself is
-        // not needed by the backward).
+        // not needed by the backward). 7. The clip goes with the block's last mp_sum: this
+        // one without attention.
         let (wa, wb) = ops::mp_sum_coefs(self.res_balance);
-        match (self.flavor, &self.conv_skip, &eff_skip) {
+        let clip_res = if self.num_heads > 0 { None } else { self.clip_act };
+        let clipped_res = match (self.flavor, &self.conv_skip, &eff_skip) {
             (Flavor::Dec, Some(m), Some(e)) => {
                 let xs = m.forward(be, e, xm)?;
-                be.axpby(&mut x2.data, &xs.data, wb, wa)?;
+                be.axpby_clip(&mut x2.data, &xs.data, wb, wa, clip_res)?
             }
-            _ => be.axpby(&mut x2.data, &xm.data, wb, wa)?,
-        }
-        // 6. attention, its mp_sum computed into the projection's buffer.
-        let (mut x3, x2, qkv, attn, ya, eff_qkv, eff_proj) = if self.num_heads > 0 {
+            _ => be.axpby_clip(&mut x2.data, &xm.data, wb, wa, clip_res)?,
+        };
+        // 6. attention, its mp_sum (and the clip, 7) computed into the projection's buffer.
+        let (x3, x2, qkv, attn, ya, eff_qkv, eff_proj, clipped) = if self.num_heads > 0 {
             let (mq, mp) = (self.attn_qkv.as_ref().unwrap(), self.attn_proj.as_ref().unwrap());
             let eq = effs.take(be, p, mq, None)?;
             let qkv = mq.forward(be, &eq, &x2)?;
@@ -420,15 +441,10 @@ impl Block {
             let ep = effs.take(be, p, mp, None)?;
             let mut x3 = mp.forward(be, &ep, &ya)?;
             let (wa, wb) = ops::mp_sum_coefs(self.attn_balance);
-            be.axpby(&mut x3.data, &x2.data, wb, wa)?;
-            (x3, Some(x2), Some(qkv), Some(cache), Some(ya), Some(eq), Some(ep))
+            let clipped = be.axpby_clip(&mut x3.data, &x2.data, wb, wa, self.clip_act)?;
+            (x3, Some(x2), Some(qkv), Some(cache), Some(ya), Some(eq), Some(ep), clipped)
         } else {
-            (x2, None, None, None, None, None, None)
-        };
-        // 7. clip
-        let clipped = match self.clip_act {
-            Some(limit) => be.clip(&mut x3.data, limit)?,
-            None => None,
+            (x2, None, None, None, None, None, None, clipped_res)
         };
         let cache = if mode.record {
             Some(BlockCache {
@@ -453,28 +469,30 @@ impl Block {
         Ok((x3, cache))
     }
 
-    /// Backward: `dy` w.r.t. the block output → (dx w.r.t. the block input, d_emb).
-    /// Parameter gradients are accumulated into `grads`.
+    /// Backward: `dy` w.r.t. the block output → dx w.r.t. the block input; the gradient
+    /// w.r.t. `emb` is added into `demb` (the embedding feeds every block). Parameter
+    /// gradients are accumulated into `grads`.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         &self,
         be: &B,
         p: &B::Params,
         emb: &Tensor<B::Buf>,
         cache: BlockCache<B>,
-        mut dy: Tensor<B::Buf>,
+        dy: Tensor<B::Buf>,
         mode: &Mode,
         grads: &mut B::Params,
-    ) -> Result<(Tensor<B::Buf>, Tensor<B::Buf>)> {
+        demb: &mut Tensor<B::Buf>,
+    ) -> Result<Tensor<B::Buf>> {
         let c = cache;
-        // 7. clip: no gradient where the value was clipped.
-        if let Some(mask) = &c.clipped {
-            be.clip_backward(&mut dy.data, mask)?;
-        }
+        // 7. clip: no gradient where the value was clipped (zeroed by the first split below,
+        // the backward of the mp_sum the clip went with).
+        let mut clip_mask = c.clipped.as_ref();
         // 6. attention: x3 = wa·x2 + wb·proj(attn(qkv(x2)))
         let mut dx2 = dy;
         if self.num_heads > 0 {
             let (wa, wb) = ops::mp_sum_coefs(self.attn_balance);
-            let dyp = Tensor::with_buf(&dx2.shape, be.split_scaled(&mut dx2.data, wa, wb)?);
+            let dyp = Tensor::with_buf(&dx2.shape, be.split_scaled_masked(&mut dx2.data, wa, wb, clip_mask.take())?);
             let (mq, mp) = (self.attn_qkv.as_ref().unwrap(), self.attn_proj.as_ref().unwrap());
             let ya = c.ya.as_ref().unwrap();
             let dya = mp.backward(be, p, c.effs.proj.as_ref().unwrap(), ya, &dyp, true, None, grads)?.unwrap();
@@ -490,7 +508,7 @@ impl Block {
         // 5. x2 = wa·skip(x_main) + wb·h1
         let (wa, wb) = ops::mp_sum_coefs(self.res_balance);
         let mut dxs = dx2;
-        let dh1 = Tensor::with_buf(&dxs.shape, be.split_scaled(&mut dxs.data, wa, wb)?);
+        let dh1 = Tensor::with_buf(&dxs.shape, be.split_scaled_masked(&mut dxs.data, wa, wb, clip_mask.take())?);
         // 4. decoder conv_skip
         let mut dx_main = if self.flavor == Flavor::Dec {
             match &self.conv_skip {
@@ -512,7 +530,7 @@ impl Block {
         be.modulate_silu_backward(&c.h0.data, &c.s.data, &dy1.data, self.out_ch, hh * hw, &mut dh0, &mut ds)?;
         let dh0 = Tensor::with_buf(&c.h0.shape, dh0);
         let ds = Tensor::with_buf(&[emb.shape[0], self.out_ch], ds);
-        let demb = self.emb_linear.backward(be, p, &c.effs.emb, emb, &ds, true, Some(self.emb_gain), grads)?;
+        self.emb_linear.backward_acc(be, p, &c.effs.emb, emb, &ds, demb, Some(self.emb_gain), grads)?;
         let da0 = self.conv_res0.backward(be, p, &c.effs.res0, &c.a0, &dh0, true, None, grads)?;
         be.mp_silu_backward_acc(&c.x_main.data, &da0.unwrap().data, &mut dx_main.data)?;
         // 2. encoder: pixel norm, conv_skip
@@ -544,6 +562,6 @@ impl Block {
                 Tensor::with_buf(s, d)
             }
         };
-        Ok((dx, demb.unwrap()))
+        Ok(dx)
     }
 }

@@ -1,7 +1,7 @@
 //! The EDM2 U-Net and the EDM preconditioning wrapper (`Precond`), built from one
 //! [`NetConfig`] with the official module names, run forward and backward.
 
-use super::layers::{spatial, Block, BlockCache, BlockOpts, EffJob, EffSet, Flavor, Mode, MpConv, Resample};
+use super::layers::{spatial, Act, Block, BlockCache, BlockOpts, EffJob, EffSet, Flavor, Mode, MpConv, Resample};
 use super::params::{ParamId, ParamKind, ParamSpec, Params, Registry};
 use crate::backend::cpu::{ops, Cpu};
 use crate::backend::Backend;
@@ -379,7 +379,7 @@ impl Precond {
                 }
                 EncLayer::Block(b) => {
                     let mut branch = None;
-                    let (y, c) = b.forward_keeping_branch(be, p, input, &emb, mode, collect_intermediates.then_some(&mut branch), &mut effs)?;
+                    let (y, c) = b.forward_keeping_branch(be, p, Act::Borrowed(input), &emb, mode, collect_intermediates.then_some(&mut branch), &mut effs)?;
                     if let Some(c) = c {
                         enc_caches.push(EncCache::Block(c));
                     }
@@ -412,7 +412,12 @@ impl Precond {
                 h = Some(Tensor::with_buf(&[nn, hh, ww, na + nb], cat));
                 split = Some((na, nb));
             }
-            let input = h.as_ref().unwrap_or_else(|| skips.last().expect("encoder output"));
+            // The previous block's output (or the concatenation) is handed over: the block
+            // keeps it for the backward without a copy. The last encoder output stays a skip.
+            let input = match h.take() {
+                Some(t) => Act::Owned(t),
+                None => Act::Borrowed(skips.last().expect("encoder output")),
+            };
             let mut branch = None;
             let (y, c) = b.forward_keeping_branch(be, p, input, &emb, mode, collect_intermediates.then_some(&mut branch), &mut effs)?;
             if let Some(c) = c {
@@ -492,6 +497,9 @@ impl Precond {
         g: &mut B::Params,
     ) -> Result<()> {
         let _prof = crate::profile::scope("total:backward");
+        // The effective-weight part of every layer's weight gradient at the end, together
+        // where the backend batches it.
+        be.defer_weight_grads(g);
         let u = &self.unet;
         let c = cache;
         let n = dd.shape[0];
@@ -519,8 +527,7 @@ impl Precond {
         }
         for (i, (_, b, _)) in u.dec.iter().enumerate().rev() {
             let (bc, split) = dec_caches.pop().unwrap();
-            let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, g)?;
-            be.add(&mut demb.data, &de.data)?;
+            let dx = b.backward(be, p, &c.emb, bc, dh, mode, g, &mut demb)?;
             dh = match split {
                 Some((na, nb)) => {
                     let (nn, hh, ww) = spatial(&dx);
@@ -545,9 +552,7 @@ impl Precond {
                     m.backward(be, p, &e, &c.x_cat, &dh, false, None, g)?;
                 }
                 (EncLayer::Block(b), EncCache::Block(bc)) => {
-                    let (dx, de) = b.backward(be, p, &c.emb, bc, dh, mode, g)?;
-                    be.add(&mut demb.data, &de.data)?;
-                    dh = dx;
+                    dh = b.backward(be, p, &c.emb, bc, dh, mode, g, &mut demb)?;
                 }
                 _ => unreachable!("encoder cache order"),
             }
@@ -565,7 +570,7 @@ impl Precond {
             m.backward(be, p, e, l, &d_label, false, None, g)?;
         }
         u.emb_noise.backward(be, p, &c.effs.emb_noise, &c.emb_fourier, &d_noise, false, None, g)?;
-        Ok(())
+        be.finish_weight_grads(p, g)
     }
 
     /// Forward cost per image in the convention of the official `count_flops.py` (and the

@@ -327,14 +327,20 @@ pub fn clip_inplace(x: &mut [f32], limit: f32) {
     });
 }
 
-/// Per-channel modulation `y[n, p, c] = mp_silu(h[n, p, c] · s[n, c])` (Block step 3).
-/// The product is not stored: the backward recomputes it from `h` and `s`.
+/// Per-channel modulation `y[n, p, c] = mp_silu(h[n, p, c] · (s[n, c] + 1))` (Block step
+/// 3, `s` = emb_linear's output: the official `c = emb_linear(emb) + 1`). The product is not
+/// stored: the backward recomputes it from `h` and `s`.
 pub fn modulate_silu(h: &[f32], s: &[f32], c: usize, pixels: usize, y: &mut [f32]) {
     let _prof = crate::profile::scope("modulate_silu");
     let per = pixels * c;
     y.par_chunks_mut(per).zip(h.par_chunks(per)).enumerate().for_each(|(b, (yc, hc))| {
-        modulate_kernel(hc, &s[b * c..(b + 1) * c], yc);
+        modulate_kernel(hc, &plus_one(&s[b * c..(b + 1) * c]), yc);
     });
+}
+
+/// `s + 1` per channel: the modulation's scale (rounded to f32 once, as the official add).
+fn plus_one(s: &[f32]) -> Vec<f32> {
+    s.iter().map(|v| v + 1.0).collect()
 }
 
 crate::multiversion_wide! {
@@ -348,7 +354,7 @@ crate::multiversion_wide! {
     }
 }
 
-/// Backward of [`modulate_silu`]: with `u = h·s`, `dh = dy·silu'(u)·s` and
+/// Backward of [`modulate_silu`]: with `u = h·(s + 1)`, `dh = dy·silu'(u)·(s + 1)` and
 /// `ds[n, c] = Σ_p dy·silu'(u)·h`.
 #[allow(clippy::too_many_arguments)]
 pub fn modulate_silu_backward(h: &[f32], s: &[f32], dy: &[f32], c: usize, pixels: usize, dh: &mut [f32], ds: &mut [f32]) {
@@ -356,7 +362,7 @@ pub fn modulate_silu_backward(h: &[f32], s: &[f32], dy: &[f32], c: usize, pixels
     let per = pixels * c;
     dh.par_chunks_mut(per).zip(ds.par_chunks_mut(c)).enumerate().for_each(|(b, (dhc, dsb))| {
         let r = b * per..(b + 1) * per;
-        modulate_bwd_kernel(&h[r.clone()], &s[b * c..(b + 1) * c], &dy[r], dhc, dsb);
+        modulate_bwd_kernel(&h[r.clone()], &plus_one(&s[b * c..(b + 1) * c]), &dy[r], dhc, dsb);
     });
 }
 

@@ -16,17 +16,93 @@ use crate::nn::params::{ParamId, Params};
 /// training step goes back to the host for it.
 pub struct GpuParams {
     pub values: Vec<GpuBuf<f32>>,
+    /// For a gradient set between [`Backend::defer_weight_grads`] and
+    /// [`Backend::finish_weight_grads`]: the layers whose effective-weight backward is still
+    /// to run (None: each runs in its `conv_backward`).
+    deferred: Option<Vec<DeferredGrad>>,
 }
 
+/// A layer's weight gradient waiting for its effective-weight backward: the gradient of
+/// its effective weight and what the backward needs besides the parameters.
+struct DeferredGrad {
+    id: ParamId,
+    geom: ConvGeom,
+    gain: f32,
+    gain_id: Option<ParamId>,
+    d_eff: GpuBuf<f32>,
+}
+
+/// Bytes of effective-weight gradients a deferred gradient set holds before it finishes
+/// them (bounds the extra memory on large networks: EDM2-XS's weights are ~0.5 GB).
+const DEFERRED_BYTES: usize = 256 << 20;
+
 impl GpuParams {
-    pub fn upload(gpu: &Gpu, p: &Params) -> Result<GpuParams> {
-        let values = p.values.iter().map(|v| gpu.upload_once(v)).collect::<Result<Vec<_>>>()?;
-        Ok(GpuParams { values })
+    pub fn new(values: Vec<GpuBuf<f32>>) -> GpuParams {
+        GpuParams { values, deferred: None }
     }
 
+    pub fn upload(gpu: &Gpu, p: &Params) -> Result<GpuParams> {
+        let values = p.values.iter().map(|v| gpu.upload_once(v)).collect::<Result<Vec<_>>>()?;
+        Ok(GpuParams::new(values))
+    }
+
+    /// The values on the host; an error for a gradient set with layers still deferred.
     pub fn download(&self, gpu: &Gpu) -> Result<Params> {
+        self.check_finished("download")?;
         let values = self.values.iter().map(|v| gpu.download(v)).collect::<Result<Vec<_>>>()?;
         Ok(Params { values })
+    }
+
+    /// An error when weight gradients are still deferred (read before
+    /// [`Backend::finish_weight_grads`]: they would be missing).
+    pub fn check_finished(&self, what: &str) -> Result<()> {
+        match &self.deferred {
+            Some(d) if !d.is_empty() => Err(crate::Error::Cuda(format!(
+                "{what}: {} weight gradients are still deferred (finish_weight_grads was not called)",
+                d.len()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs the deferred layers' effective-weight backward (one launch) and the sums of
+    /// their gain gradients (one launch); keeps deferring.
+    fn flush(&mut self, gpu: &Gpu, p: &GpuParams) -> Result<()> {
+        let Some(pending) = self.deferred.as_mut() else { return Ok(()) };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(pending);
+        let mut rows: Vec<Option<GpuBuf<f32>>> =
+            pending.iter().map(|d| d.gain_id.map(|_| gpu.alloc::<f32>(d.geom.out_ch)).transpose()).collect::<Result<_>>()?;
+        {
+            // Each weight's gradient buffer once (conv_backward finishes a repeated one first).
+            let mut slots: Vec<Option<&mut GpuBuf<f32>>> = self.values.iter_mut().map(Some).collect();
+            let mut layers = Vec::with_capacity(pending.len());
+            for (d, r) in pending.iter().zip(rows.iter_mut()) {
+                let dw = slots.get_mut(d.id).and_then(Option::take).ok_or_else(|| crate::Error::Cuda(format!("deferred gradient of parameter {} twice", d.id)))?;
+                layers.push(super::multi_tensor::EffBackward {
+                    w: &p.values[d.id],
+                    geom: d.geom,
+                    gain: d.gain,
+                    gain_at: d.gain_id.map(|g| &p.values[g]),
+                    d_eff: &d.d_eff,
+                    dw,
+                    row_dgain: r.as_mut(),
+                    accumulate: true,
+                });
+            }
+            super::multi_tensor::effective_weight_backward(gpu, layers)?;
+        }
+        let mut slots: Vec<Option<&mut GpuBuf<f32>>> = self.values.iter_mut().map(Some).collect();
+        let mut sums = Vec::new();
+        for (d, r) in pending.iter().zip(&rows) {
+            if let (Some(gid), Some(r)) = (d.gain_id, r) {
+                let out = slots.get_mut(gid).and_then(Option::take).ok_or_else(|| crate::Error::Cuda(format!("deferred gain gradient of parameter {gid} twice")))?;
+                sums.push((r, out));
+            }
+        }
+        super::multi_tensor::sum_add(gpu, sums)
     }
 }
 
@@ -76,7 +152,7 @@ impl Backend for Gpu {
     /// is summed into its one-element buffer by the kernels, without a round trip).
     fn zero_grads(&self, p: &GpuParams) -> Result<GpuParams> {
         let values = p.values.iter().map(|v| self.alloc_zeros(v.len())).collect::<Result<Vec<_>>>()?;
-        Ok(GpuParams { values })
+        Ok(GpuParams::new(values))
     }
     fn force_normalize(&self, p: &mut GpuParams, id: ParamId, row_len: usize) -> Result<()> {
         k::normalize_rows_inplace(self, &mut p.values[id], row_len)
@@ -116,35 +192,51 @@ impl Backend for Gpu {
         gain: Option<ParamId>,
         g: &mut GpuParams,
     ) -> Result<()> {
-        let mut d_eff = Gpu::alloc::<f32>(self, eff.geom.numel())?;
-        k::conv_backward_weight(self, eff.geom, x, s, dy, &mut d_eff)?;
-        if let Some(dx) = dx {
-            k::conv_backward_data(self, eff, dy, s, dx)?;
-        }
-        // The weight's gradient goes straight into its gradient buffer (accumulate), the
-        // gain's rows are summed into the gain's: no temporaries, no separate adds.
-        let mut rows = Gpu::alloc::<f32>(self, eff.geom.out_ch)?;
-        let gain_at = gain.map(|gid| &p.values[gid]);
-        k::effective_weight_backward(self, &p.values[id], eff, gain_at, &d_eff, &mut g.values[id], &mut rows, true)?;
-        if let Some(gid) = gain {
-            k::sum_add_into(self, &rows, &mut g.values[gid])?;
-        }
+        self.conv_backward_into(p, id, eff, x, s, dy, dx.map(|d| (d, false)), gain, g)
+    }
+    fn conv_backward_acc(
+        &self,
+        p: &GpuParams,
+        id: ParamId,
+        eff: &GpuEffWeight,
+        x: &GpuAct,
+        s: Nhwc,
+        dy: &GpuAct,
+        dx: &mut GpuAct,
+        gain: Option<ParamId>,
+        g: &mut GpuParams,
+    ) -> Result<()> {
+        self.conv_backward_into(p, id, eff, x, s, dy, Some((dx, true)), gain, g)
+    }
+    fn defer_weight_grads(&self, g: &mut GpuParams) {
+        g.deferred.get_or_insert_with(Vec::new);
+    }
+    fn finish_weight_grads(&self, p: &GpuParams, g: &mut GpuParams) -> Result<()> {
+        g.flush(self, p)?;
+        g.deferred = None;
         Ok(())
     }
-
     fn mp_silu(&self, x: &GpuAct, y: &mut GpuAct) -> Result<()> {
         k::mp_silu(self, x, y)
     }
     fn mp_silu_backward(&self, x: &GpuAct, dy: &GpuAct, dx: &mut GpuAct) -> Result<()> {
-        k::mp_silu_backward(self, x, dy, dx)
+        k::mp_silu_backward(self, x, dy, dx, false)
     }
     fn mp_silu_backward_acc(&self, x: &GpuAct, dy: &GpuAct, dx: &mut GpuAct) -> Result<()> {
-        let mut t = self.alloc_dtype(x.dtype(), x.len())?;
-        k::mp_silu_backward(self, x, dy, &mut t)?;
-        k::axpby(self, dx, &t, 1.0, 1.0)
+        k::mp_silu_backward(self, x, dy, dx, true)
     }
     fn axpby(&self, a: &mut GpuAct, b: &GpuAct, wa: f32, wb: f32) -> Result<()> {
         k::axpby(self, a, b, wa, wb)
+    }
+    fn axpby_clip(&self, a: &mut GpuAct, b: &GpuAct, wa: f32, wb: f32, limit: Option<f32>) -> Result<Option<GpuBuf<u8>>> {
+        match limit {
+            Some(l) => {
+                let mut mask = Gpu::alloc::<u8>(self, a.len())?;
+                k::axpby_clip(self, a, b, wa, wb, l, &mut mask)?;
+                Ok(Some(mask))
+            }
+            None => k::axpby(self, a, b, wa, wb).map(|_| None),
+        }
     }
     fn scale(&self, a: &mut GpuAct, kk: f32) -> Result<()> {
         k::scale(self, a, kk)
@@ -153,7 +245,10 @@ impl Backend for Gpu {
         k::scaled(self, a, kk)
     }
     fn split_scaled(&self, a: &mut GpuAct, ka: f32, kb: f32) -> Result<GpuAct> {
-        k::split_scaled(self, a, ka, kb)
+        k::split_scaled(self, a, ka, kb, None)
+    }
+    fn split_scaled_masked(&self, a: &mut GpuAct, ka: f32, kb: f32, mask: Option<&GpuBuf<u8>>) -> Result<GpuAct> {
+        k::split_scaled(self, a, ka, kb, mask)
     }
     fn add_scalar(&self, a: &mut GpuAct, v: f32) -> Result<()> {
         k::add_scalar(self, a, v)
@@ -240,5 +335,51 @@ impl Backend for Gpu {
     }
     fn precond_output(&self, x: &GpuAct, f: &GpuAct, c_skip: &[f32], c_out: &[f32], d: &mut GpuAct) -> Result<()> {
         k::precond_output(self, x, f, c_skip, c_out, d)
+    }
+}
+
+impl Gpu {
+    /// [`Backend::conv_backward`]; the data gradient `(dx, add)` overwrites `dx` or adds to it.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_backward_into(
+        &self,
+        p: &GpuParams,
+        id: ParamId,
+        eff: &GpuEffWeight,
+        x: &GpuAct,
+        s: Nhwc,
+        dy: &GpuAct,
+        dx: Option<(&mut GpuAct, bool)>,
+        gain: Option<ParamId>,
+        g: &mut GpuParams,
+    ) -> Result<()> {
+        let mut d_eff = Gpu::alloc::<f32>(self, eff.geom.numel())?;
+        k::conv_backward_weight(self, eff.geom, x, s, dy, &mut d_eff)?;
+        match dx {
+            Some((dx, false)) => k::conv_backward_data(self, eff, dy, s, dx)?,
+            Some((dx, true)) => k::conv_backward_data_add(self, eff, dy, s, dx)?,
+            None => {}
+        }
+        if let Some(pending) = g.deferred.as_mut() {
+            // Batched at the end of the pass (finish_weight_grads), or when this layer's
+            // gradient buffers are already waiting or the waiting bytes reach the cap.
+            let repeated = pending.iter().any(|d| d.id == id || (gain.is_some() && d.gain_id == gain));
+            let bytes: usize = pending.iter().map(|d| d.d_eff.len() * 4).sum();
+            if repeated || bytes + d_eff.len() * 4 > DEFERRED_BYTES {
+                g.flush(self, p)?;
+            }
+            let pending = g.deferred.as_mut().expect("still deferring");
+            pending.push(DeferredGrad { id, geom: eff.geom, gain: eff.gain, gain_id: gain, d_eff });
+            return Ok(());
+        }
+        // The weight's gradient goes straight into its gradient buffer (accumulate), the
+        // gain's rows are summed into the gain's: no temporaries, no separate adds.
+        let gain_at = gain.map(|gid| &p.values[gid]);
+        let mut rows = gain.map(|_| Gpu::alloc::<f32>(self, eff.geom.out_ch)).transpose()?;
+        k::effective_weight_backward(self, &p.values[id], eff, gain_at, &d_eff, &mut g.values[id], rows.as_mut(), true)?;
+        if let (Some(gid), Some(rows)) = (gain, &rows) {
+            k::sum_add_into(self, rows, &mut g.values[gid])?;
+        }
+        Ok(())
     }
 }

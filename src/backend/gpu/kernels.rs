@@ -78,13 +78,16 @@ pub fn mp_silu(gpu: &Gpu, x: &dyn Values, y: &mut dyn Values) -> Result<()> {
     check("mp_silu", unsafe { ffi::edm2_mp_silu(x.vptr(gpu), y.vptr_mut(gpu), x.len(), dt, s) })
 }
 
-/// `dx = dy · mp_silu'(x)`.
-pub fn mp_silu_backward(gpu: &Gpu, x: &dyn Values, dy: &dyn Values, dx: &mut dyn Values) -> Result<()> {
+/// `dx = dy · mp_silu'(x)`, or `dx += dy · mp_silu'(x)` with `accumulate` (in fp32, rounded
+/// once to the storage type).
+pub fn mp_silu_backward(gpu: &Gpu, x: &dyn Values, dy: &dyn Values, dx: &mut dyn Values, accumulate: bool) -> Result<()> {
     same_len("mp_silu_backward dy", x.len(), dy.len())?;
     same_len("mp_silu_backward dx", x.len(), dx.len())?;
     let dt = dtype_of("mp_silu_backward", &[x.dtype(), dy.dtype(), dx.dtype()])?;
     let s = gpu.stream()?;
-    check("mp_silu_backward", unsafe { ffi::edm2_mp_silu_backward(x.vptr(gpu), dy.vptr(gpu), dx.vptr_mut(gpu), x.len(), dt, s) })
+    check("mp_silu_backward", unsafe {
+        ffi::edm2_mp_silu_backward(x.vptr(gpu), dy.vptr(gpu), dx.vptr_mut(gpu), x.len(), accumulate as i32, dt, s)
+    })
 }
 
 /// `a ← mp_sum(a, b, t)` (paper Eq. 88).
@@ -272,6 +275,16 @@ pub fn axpby(gpu: &Gpu, a: &mut dyn Values, b: &dyn Values, wa: f32, wb: f32) ->
     let dt = dtype_of("axpby", &[a.dtype(), b.dtype()])?;
     let s = gpu.stream()?;
     check("axpby", unsafe { ffi::edm2_axpby(a.vptr_mut(gpu), b.vptr(gpu), wa, wb, a.len(), dt, s) })
+}
+
+/// `a ← clamp(wa·a + wb·b, ±limit)` in one launch, `mask` set where `|wa·a + wb·b| > limit`:
+/// the bits of [`axpby`] then [`clip`].
+pub fn axpby_clip(gpu: &Gpu, a: &mut dyn Values, b: &dyn Values, wa: f32, wb: f32, limit: f32, mask: &mut GpuBuf<u8>) -> Result<()> {
+    same_len("axpby_clip", a.len(), b.len())?;
+    same_len("axpby_clip mask", a.len(), mask.len())?;
+    let dt = dtype_of("axpby_clip", &[a.dtype(), b.dtype()])?;
+    let s = gpu.stream()?;
+    check("axpby_clip", unsafe { ffi::edm2_axpby_clip(a.vptr_mut(gpu), b.vptr(gpu), wa, wb, limit, mask.ptr_mut(gpu), a.len(), dt, s) })
 }
 
 /// `a ← k·a`.
@@ -589,8 +602,10 @@ impl GpuEffWeight {
 
 /// Gradient of [`effective_weight`]: `d_eff` (OHWI) → `dw` (OIHW; overwritten, or added to
 /// with `accumulate`: a gradient buffer) and the gain's gradient per output row into
-/// `row_dgain` (overwritten; [`sum_add_into`] adds the rows up in a fixed order). `gain_at`:
-/// the gain parameter the effective weight was made with, if any.
+/// `row_dgain` (overwritten, where given; [`sum_add_into`] adds the rows up in a fixed
+/// order). `gain_at`: the gain parameter the effective weight was made with, if any. Reads
+/// nothing of `eff` but its geometry and fixed gain (the rows' denominators are recomputed
+/// from `w`, bit for bit the forward's).
 #[allow(clippy::too_many_arguments)]
 pub fn effective_weight_backward(
     gpu: &Gpu,
@@ -599,7 +614,7 @@ pub fn effective_weight_backward(
     gain_at: Option<&GpuBuf<f32>>,
     d_eff: &GpuBuf<f32>,
     dw: &mut GpuBuf<f32>,
-    row_dgain: &mut GpuBuf<f32>,
+    row_dgain: Option<&mut GpuBuf<f32>>,
     accumulate: bool,
 ) -> Result<()> {
     let k = "effective_weight_backward";
@@ -608,15 +623,20 @@ pub fn effective_weight_backward(
     expect_len(k, "w", w.len(), g.numel())?;
     expect_len(k, "d_eff", d_eff.len(), g.numel())?;
     expect_len(k, "dw", dw.len(), g.numel())?;
-    expect_len(k, "row_dgain", row_dgain.len(), g.out_ch)?;
+    let rows = match row_dgain {
+        Some(r) => {
+            expect_len(k, "row_dgain", r.len(), g.out_ch)?;
+            r.ptr_mut(gpu)
+        }
+        None => std::ptr::null_mut(),
+    };
     let st = gpu.stream()?;
     check(k, unsafe {
         ffi::edm2_effective_weight_backward_f32(
             w.ptr(gpu),
             d_eff.ptr(gpu),
-            eff.denom.ptr(gpu),
             dw.ptr_mut(gpu),
-            row_dgain.ptr_mut(gpu),
+            rows,
             int(k, g.out_ch)?,
             int(k, g.in_ch)?,
             int(k, g.taps())?,
@@ -826,14 +846,28 @@ pub fn conv_backward_data(
     })
 }
 
+/// [`conv_backward_data`] adding into `dx` instead of overwriting it (gradients joining:
+/// the embedding's, summed over the blocks). One launch where the SIMT kernel is the only
+/// variant for the shape (the linear layers: fp32 activations); elsewhere the data gradient
+/// into a temporary and an add (the tuner runs its candidates on the output, which must
+/// be overwritten).
+pub fn conv_backward_data_add(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
+    let key = ConvKey::new(ConvDir::Data, eff.geom, s, dy.dtype() == Dtype::Bf16 && dx.dtype() == Dtype::Bf16);
+    if candidates(&key, gpu.tensor_core_conv(), pipe_ok(gpu, eff.geom.out_ch, dy, dx)) == [ConvAlgo::Simt] {
+        return conv_backward_data_simt_into(gpu, eff, dy, s, dx, true);
+    }
+    let mut t = gpu.alloc_dtype(dx.dtype(), dx.len())?;
+    conv_backward_data(gpu, eff, dy, s, &mut t)?;
+    axpby(gpu, dx, &t, 1.0, 1.0)
+}
+
 /// [`conv_backward_data`] on conv.cu's SIMT kernel (fp32 or bf16 activations).
-pub fn conv_backward_data_simt(
-    gpu: &Gpu,
-    eff: &GpuEffWeight,
-    dy: &dyn Values,
-    s: Nhwc,
-    dx: &mut dyn Values,
-) -> Result<()> {
+pub fn conv_backward_data_simt(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values) -> Result<()> {
+    conv_backward_data_simt_into(gpu, eff, dy, s, dx, false)
+}
+
+/// [`conv_backward_data_simt`], adding into `dx` with `accumulate`.
+fn conv_backward_data_simt_into(gpu: &Gpu, eff: &GpuEffWeight, dy: &dyn Values, s: Nhwc, dx: &mut dyn Values, accumulate: bool) -> Result<()> {
     let k = "conv_backward_data";
     let (n, h, w) = conv_dims(k, eff.geom, s)?;
     expect_len(k, "dy", dy.len(), s.pixels() * eff.geom.out_ch)?;
@@ -852,6 +886,7 @@ pub fn conv_backward_data_simt(
             i,
             o,
             eff.geom.k as i32,
+            accumulate as i32,
             dt,
             st,
         )
@@ -1050,11 +1085,20 @@ pub fn scaled_to(gpu: &Gpu, x: &dyn Values, dtype: Dtype, k: f32) -> Result<GpuA
     Ok(y)
 }
 
-/// `kb·x` as a new buffer and `x ← ka·x`, in one launch (the bits of [`scaled`] and [`scale`]).
-pub fn split_scaled(gpu: &Gpu, x: &mut dyn Values, ka: f32, kb: f32) -> Result<GpuAct> {
+/// `kb·x` as a new buffer and `x ← ka·x`, in one launch (the bits of [`scaled`] and [`scale`]);
+/// with a clip `mask`, `x` is zeroed where it is set first (the bits of [`clip_backward`]
+/// before them).
+pub fn split_scaled(gpu: &Gpu, x: &mut dyn Values, ka: f32, kb: f32, mask: Option<&GpuBuf<u8>>) -> Result<GpuAct> {
+    let m = match mask {
+        Some(m) => {
+            same_len("split_scaled mask", x.len(), m.len())?;
+            m.ptr(gpu)
+        }
+        None => std::ptr::null(),
+    };
     let mut y = gpu.alloc_dtype(x.dtype(), x.len())?;
     let st = gpu.stream()?;
-    check("split_scaled", unsafe { ffi::edm2_split_scaled(x.vptr_mut(gpu), y.vptr_mut(gpu), ka, kb, x.len(), x.dtype().code(), st) })?;
+    check("split_scaled", unsafe { ffi::edm2_split_scaled(x.vptr_mut(gpu), y.vptr_mut(gpu), ka, kb, m, x.len(), x.dtype().code(), st) })?;
     Ok(y)
 }
 

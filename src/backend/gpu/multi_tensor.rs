@@ -179,3 +179,69 @@ pub fn effective_weights(
     table.launch(gpu, name, |rows, n_rows, n_chunks, _| unsafe { ffi::edm2_effective_weight_multi_f32(rows, n_rows, n_chunks, s) })?;
     Ok(out)
 }
+
+/// One layer of [`effective_weight_backward`]: the stored weight `w`, the gradient `d_eff`
+/// of its effective weight (OHWI), the gradient buffer `dw` (OIHW) and, for a learned gain,
+/// the gain's device buffer and the per-row gain gradients to write.
+pub struct EffBackward<'a> {
+    pub w: &'a GpuBuf<f32>,
+    pub geom: super::kernels::ConvGeom,
+    /// The fixed gain the effective weight was made with (when `gain_at` is None).
+    pub gain: f32,
+    pub gain_at: Option<&'a GpuBuf<f32>>,
+    pub d_eff: &'a GpuBuf<f32>,
+    pub dw: &'a mut GpuBuf<f32>,
+    pub row_dgain: Option<&'a mut GpuBuf<f32>>,
+    pub accumulate: bool,
+}
+
+/// [`super::kernels::effective_weight_backward`] of every layer of `layers` in one launch
+/// (one block per output row of all of them): the same bits.
+pub fn effective_weight_backward(gpu: &Gpu, layers: Vec<EffBackward>) -> Result<()> {
+    let name = "effective_weight_backward_multi";
+    let mut table = Table::new(4)?;
+    for l in layers {
+        let g = l.geom;
+        g.validate(name)?;
+        let k = super::kernels::expect_len;
+        k(name, "w", l.w.len(), g.numel())?;
+        k(name, "d_eff", l.d_eff.len(), g.numel())?;
+        k(name, "dw", l.dw.len(), g.numel())?;
+        let rows = match l.row_dgain {
+            Some(r) => {
+                k(name, "row_dgain", r.len(), g.out_ch)?;
+                addr(r.ptr_mut(gpu))
+            }
+            None => 0,
+        };
+        let gain_at = match l.gain_at {
+            Some(b) => {
+                k(name, "gain", b.len(), 1)?;
+                addr(b.ptr(gpu))
+            }
+            None => 0,
+        };
+        let int = |v: usize| i32::try_from(v).map_err(|_| Error::Input(format!("{name}: {v} does not fit an int")));
+        let (taps, in_ch, out_ch) = (int(g.taps())? as u64, int(g.in_ch)?, int(g.out_ch)? as u64);
+        int(g.fan_in())?;
+        let arg = taps | ((l.gain.to_bits() as u64) << 32);
+        let ops = [addr(l.w.ptr(gpu)), addr(l.d_eff.ptr(gpu)), addr(l.dw.ptr_mut(gpu)), rows];
+        table.push_chunks_extra(ops, in_ch as usize, arg, out_ch, &[gain_at, l.accumulate as u64]);
+    }
+    let s = gpu.stream()?;
+    table.launch(gpu, name, |rows, n_rows, n_chunks, _| unsafe { ffi::edm2_effective_weight_backward_multi_f32(rows, n_rows, n_chunks, s) })
+}
+
+/// `out[0] +=` the sum of `x` for every `(x, out)` of `sums` in one launch: the same bits as
+/// [`super::kernels::sum_add_into`] of each. Each `out` must appear once.
+pub fn sum_add(gpu: &Gpu, sums: Vec<(&GpuBuf<f32>, &mut GpuBuf<f32>)>) -> Result<()> {
+    let name = "sum_add_multi";
+    let mut table = Table::new(4)?;
+    for (x, out) in sums {
+        super::kernels::expect_len(name, "out", out.len(), 1)?;
+        // One chunk per vector: its block walks all of it.
+        table.push_chunks([addr(x.ptr(gpu)), addr(out.ptr_mut(gpu)), 0, 0], x.len(), 0, 1);
+    }
+    let s = gpu.stream()?;
+    table.launch(gpu, name, |rows, n_rows, _, _| unsafe { ffi::edm2_sum_add_multi_f32(rows, n_rows, s) })
+}
