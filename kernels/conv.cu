@@ -57,15 +57,14 @@ __device__ __forceinline__ float conv_b(int mode, const ConvShape &s, const T *a
   return q < 0 ? 0.0f : act[q * s.cin + i];
 }
 
-// TOut: T for the forward and the data gradient, float for the weight gradient.
-template <typename T, typename TOut>
-__global__ void conv_gemm_kernel(int mode, ConvShape s, const T *act, const T *grad, const float *wt, TOut *out, long long M,
-                                 long long N, long long K, int accumulate) {
+// The GEMM value at (m, n) of this thread in the tile (tile_m, tile_n): every thread of the
+// block must call it (shared-memory staging with barriers).
+template <typename T>
+__device__ __forceinline__ float conv_gemm_tile(int mode, const ConvShape &s, const T *act, const T *grad, const float *wt, long long M,
+                                                long long N, long long K, long long m, long long n, float (*as)[TILE],
+                                                float (*bs)[TILE]) {
   const bool bf16 = sizeof(T) == 2;
-  EDM2_SHARED(float, as, [TILE][TILE]);
-  EDM2_SHARED(float, bs, [TILE][TILE]);
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const long long m = (long long)blockIdx.y * TILE + ty, n = (long long)blockIdx.x * TILE + tx;
   float acc = 0.0f;
   for (long long k0 = 0; k0 < K; k0 += TILE) {
     // as[ty][tx] = A(m, k0 + tx); bs[ty][tx] = B(k0 + ty, n); zero outside the matrices.
@@ -77,7 +76,53 @@ __global__ void conv_gemm_kernel(int mode, ConvShape s, const T *act, const T *g
     for (int kk = 0; kk < TILE; kk++) acc += as[ty][kk] * bs[kk][tx];
     __syncthreads();
   }
+  return acc;
+}
+
+// TOut: T for the forward and the data gradient, float for the weight gradient.
+template <typename T, typename TOut>
+__global__ void conv_gemm_kernel(int mode, ConvShape s, const T *act, const T *grad, const float *wt, TOut *out, long long M,
+                                 long long N, long long K, int accumulate) {
+  EDM2_SHARED(float, as, [TILE][TILE]);
+  EDM2_SHARED(float, bs, [TILE][TILE]);
+  const long long m = (long long)blockIdx.y * TILE + threadIdx.y, n = (long long)blockIdx.x * TILE + threadIdx.x;
+  float acc = conv_gemm_tile(mode, s, act, grad, wt, M, N, K, m, n, as, bs);
   if (m < M && n < N) out[m * N + n] = accumulate ? out[m * N + n] + acc : acc;
+}
+
+// Linear layers sharing their input x [n, cin] (fp32; the blocks' emb_linear layers), in one
+// launch each way, with the tiles of conv_gemm_kernel (so the bits of one call per layer).
+// Table row b: slot 0 the layer's effective weight (forward, data) or dy_b (weight), slot 1
+// y_b (forward), dy_b (data) or dW_b (weight), slot 2 its cout.
+//   forward: y_b = x·W_bᵀ, blockIdx.z = b;  weight: dW_b = dy_bᵀ·x, blockIdx.z = b;
+//   data:    dx += dy_b·W_b for b = 0, 1, … in table order, added one layer at a time
+//            (the bits of one accumulating call per layer, in that order).
+__global__ void linear_group_kernel(int mode, const unsigned long long *__restrict__ table, int layers, const float *x, float *dx,
+                                    int n, int cin) {
+  EDM2_SHARED(float, as, [TILE][TILE]);
+  EDM2_SHARED(float, bs, [TILE][TILE]);
+  const long long row = (long long)blockIdx.y * TILE + threadIdx.y, col = (long long)blockIdx.x * TILE + threadIdx.x;
+  if (mode == CONV_DX) {
+    for (int b = 0; b < layers; b++) {
+      const unsigned long long *t = table + (size_t)b * 4;
+      ConvShape s = {n, 1, 1, cin, (int)t[2], 1};
+      float acc = conv_gemm_tile<float>(CONV_DX, s, (const float *)nullptr, (const float *)t[1], (const float *)t[0], n, cin,
+                                        (long long)s.cout, row, col, as, bs);
+      if (row < n && col < cin) dx[row * cin + col] = dx[row * cin + col] + acc;
+    }
+    return;
+  }
+  const unsigned long long *t = table + (size_t)blockIdx.z * 4;
+  ConvShape s = {n, 1, 1, cin, (int)t[2], 1};
+  if (mode == CONV_FWD) {
+    float *y = (float *)t[1];
+    float acc = conv_gemm_tile<float>(CONV_FWD, s, x, (const float *)nullptr, (const float *)t[0], n, s.cout, cin, row, col, as, bs);
+    if (row < n && col < s.cout) y[row * s.cout + col] = acc;
+  } else {
+    float *dw = (float *)t[1];
+    float acc = conv_gemm_tile<float>(CONV_DW, s, x, (const float *)t[0], (const float *)nullptr, s.cout, cin, n, row, col, as, bs);
+    if (row < s.cout && col < cin) dw[row * cin + col] = acc;
+  }
 }
 
 template <typename T, typename TOut>
@@ -113,6 +158,17 @@ extern "C" int edm2_conv_backward_data(const void *dy, const float *w, void *dx,
                                        int accumulate, int dtype, cudaStream_t stream) {
   ConvShape s = {n, h, wd, cin, cout, conv_taps(k)};
   EDM2_BY_DTYPE(dtype, return conv_launch<T, T>(CONV_DX, s, (const T *)nullptr, (const T *)dy, w, (T *)dx, accumulate, stream));
+}
+
+extern "C" int edm2_linear_group(int mode, const unsigned long long *table, int layers, int max_cout, const float *x, float *dx, int n,
+                                  int cin, cudaStream_t stream) {
+  if (layers <= 0 || n <= 0 || cin <= 0 || max_cout <= 0) return 0;
+  if (mode < CONV_FWD || mode > CONV_DW || layers > 65535) return 1;  // cudaErrorInvalidValue
+  long long rows = mode == CONV_DW ? max_cout : n, cols = mode == CONV_FWD ? max_cout : cin;
+  if ((rows + TILE - 1) / TILE > 65535 || (cols + TILE - 1) / TILE > 0x7fffffffLL) return 9;  // cudaErrorInvalidConfiguration
+  dim3 grid((unsigned)((cols + TILE - 1) / TILE), (unsigned)((rows + TILE - 1) / TILE), mode == CONV_DX ? 1u : (unsigned)layers);
+  EDM2_LAUNCH(linear_group_kernel, grid, dim3(TILE, TILE), 0, stream, mode, table, layers, x, dx, n, cin);
+  return (int)cudaGetLastError();
 }
 
 extern "C" int edm2_conv_backward_weight(const void *x, const void *dy, float *dw, int n, int h, int wd, int cin, int cout, int k,

@@ -87,6 +87,13 @@ int edm2_conv_backward_data(const void *dy, const float *w, void *dx, int n, int
                             int dtype, cudaStream_t stream);
 int edm2_conv_backward_weight(const void *x, const void *dy, float *dw, int n, int h, int wd, int cin, int cout, int k, int dtype,
                               cudaStream_t stream);
+/* Linear layers sharing their fp32 input x [n, cin] (the blocks' emb_linear), one launch each
+ * way with the tiles of the calls above (the same bits as one call per layer): mode 0
+ * forward y_b = x·W_bᵀ, 1 data gradient dx += dy_b·W_b for b in table order, 2 weight
+ * gradient dW_b = dy_bᵀ·x. `table` (device memory): 4 u64 per layer — slot 0 W_b (modes 0,
+ * 1) or dy_b (mode 2), slot 1 y_b / dy_b / dW_b, slot 2 cout_b; max_cout the largest. */
+int edm2_linear_group(int mode, const unsigned long long *table, int layers, int max_cout, const float *x, float *dx, int n, int cin,
+                      cudaStream_t stream);
 
 /* conv_tc.cu: the forward of edm2_conv_forward on tensor cores, bf16 activations only (x and
  * y bf16 bits; same shapes, same rounding). */

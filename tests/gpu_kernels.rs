@@ -599,6 +599,63 @@ fn added_data_gradients_and_deferred_weight_gradients_give_the_plain_bits() {
     });
 }
 
+/// The blocks' linear layers of one input in one launch each way (`linear_group`): the bits
+/// of one call per layer, the data gradients added in the layers' order.
+#[test]
+fn grouped_linear_layers_give_the_bits_of_one_call_each() {
+    use edm2::backend::gpu::kernels::ConvGeom;
+    use edm2::backend::gpu::{launches, GpuParams};
+    use edm2::backend::Backend;
+    use edm2::nn::params::Params;
+    let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = device() else { return };
+    each_mode(&gpu, |sched| {
+        // Three linear layers of 40 inputs (17, 40 and 33 outputs: partial tiles), the first
+        // two with learned gains; a batch of 5.
+        let (n, cin, outs) = (5usize, 40usize, [17usize, 40, 33]);
+        let mut values = Vec::new();
+        for (j, &o) in outs.iter().enumerate() {
+            values.push(random(o * cin, 100 + j as u64));
+            values.push(vec![0.5 + j as f32]);
+        }
+        let p = GpuParams::upload(&gpu, &Params { values }).unwrap();
+        let geoms: Vec<ConvGeom> = outs.iter().map(|&o| ConvGeom { out_ch: o, in_ch: cin, k: 0 }).collect();
+        let gain = |j: usize| (j < 2).then_some(2 * j + 1);
+        let effs: Vec<_> = geoms.iter().enumerate().map(|(j, &g)| gpu.effective(&p, 2 * j, g, gain(j)).unwrap()).collect();
+        let x = GpuAct::F32(up32(&gpu, &random(n * cin, 110)));
+        let group: Vec<_> = effs.iter().zip(&geoms).map(|(e, &g)| (e, g)).collect();
+        let l0 = launches();
+        let ys = gpu.linear_group_forward(&group, &x, n).unwrap();
+        assert_eq!(launches() - l0, 1, "one launch for all layers");
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        for (j, (e, y)) in effs.iter().zip(&ys).enumerate() {
+            let mut want = GpuAct::F32(gpu.alloc(n * outs[j]).unwrap());
+            gpu.conv_forward(e, &x, edm2::backend::gpu::kernels::Nhwc { n, h: 1, w: 1, c: cin }, &mut want).unwrap();
+            assert_eq!(bits(down(&gpu, y)), bits(down(&gpu, &want)), "linear_group forward layer {j} {sched}");
+        }
+        let dys: Vec<GpuAct> = outs.iter().enumerate().map(|(j, &o)| GpuAct::F32(up32(&gpu, &random(n * o, 120 + j as u64)))).collect();
+        let dx0 = random(n * cin, 130);
+        let mut g_one = gpu.zero_grads(&p).unwrap();
+        let mut dx_one = GpuAct::F32(up32(&gpu, &dx0));
+        for j in 0..outs.len() {
+            let s = edm2::backend::gpu::kernels::Nhwc { n, h: 1, w: 1, c: cin };
+            gpu.conv_backward_acc(&p, 2 * j, &effs[j], &x, s, &dys[j], &mut dx_one, gain(j), &mut g_one).unwrap();
+        }
+        let mut g_group = gpu.zero_grads(&p).unwrap();
+        let mut dx_group = GpuAct::F32(up32(&gpu, &dx0));
+        let layers: Vec<_> = (0..outs.len()).map(|j| (2 * j, geoms[j], &effs[j], &dys[j], gain(j))).collect();
+        gpu.linear_group_backward(&p, &layers, &x, n, &mut dx_group, &mut g_group).unwrap();
+        assert_eq!(bits(down(&gpu, &dx_group)), bits(down(&gpu, &dx_one)), "linear_group data gradient {sched}");
+        let (want, got) = (g_one.download(&gpu).unwrap(), g_group.download(&gpu).unwrap());
+        for (i, (a, b)) in want.values.iter().zip(&got.values).enumerate() {
+            if i != 5 {
+                assert!(a.iter().any(|&v| v != 0.0), "parameter {i} has a gradient");
+            }
+            assert_eq!(bits(b.clone()), bits(a.clone()), "linear_group gradient of parameter {i} {sched}");
+        }
+    });
+}
+
 /// Tuning (conv_algo.rs): the first call of a shape in each direction times every variant
 /// that applies and keeps the fastest; later calls run that one alone and give the same
 /// bits; a forced variant runs where it applies and the heuristic's elsewhere; fp32

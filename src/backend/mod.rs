@@ -166,6 +166,39 @@ pub trait Backend {
         gain: Option<crate::nn::params::ParamId>,
         g: &mut Self::Params,
     ) -> crate::error::Result<()>;
+    /// `y_b = linear_b(x)` for every `(effective weight, geometry)` of `layers`, all linear
+    /// layers of the same input `x` `[n, in]` (the blocks' `emb_linear`): the CUDA backend
+    /// runs them in one launch; the default one [`Backend::conv_forward`] each.
+    fn linear_group_forward(&self, layers: &[(&Self::Eff, ConvGeom)], x: &Self::Buf, n: usize) -> crate::error::Result<Vec<Self::Buf>> {
+        layers
+            .iter()
+            .map(|&(eff, g)| {
+                let mut y = self.alloc_like(x, n * g.out_ch)?;
+                self.conv_forward(eff, x, Nhwc { n, h: 1, w: 1, c: g.in_ch }, &mut y)?;
+                Ok(y)
+            })
+            .collect()
+    }
+    /// The backward of [`Backend::linear_group_forward`]: for every `(weight, geometry,
+    /// effective weight, dy_b, gain)` of `layers`, in order, the weight's (and the gain's)
+    /// gradient into `g` and `dx += dy_b·W_b` (added in that order: the bits of one
+    /// [`Backend::conv_backward_acc`] per layer, which is the default; the CUDA backend
+    /// launches twice for all of them).
+    #[allow(clippy::type_complexity)]
+    fn linear_group_backward(
+        &self,
+        p: &Self::Params,
+        layers: &[(crate::nn::params::ParamId, ConvGeom, &Self::Eff, &Self::Buf, Option<crate::nn::params::ParamId>)],
+        x: &Self::Buf,
+        n: usize,
+        dx: &mut Self::Buf,
+        g: &mut Self::Params,
+    ) -> crate::error::Result<()> {
+        for &(id, geom, eff, dy, gain) in layers {
+            self.conv_backward_acc(p, id, eff, x, Nhwc { n, h: 1, w: 1, c: geom.in_ch }, dy, dx, gain, g)?;
+        }
+        Ok(())
+    }
     /// [`Backend::conv_backward`] adding the data gradient into `dx` instead of overwriting
     /// it (gradients joining: the embedding's, summed over the blocks). The default makes it
     /// into a temporary and adds; the CUDA backend adds in its kernel where it can.

@@ -331,7 +331,7 @@ impl Block {
         emb: &Tensor<B::Buf>,
         mode: &Mode,
     ) -> Result<(Tensor<B::Buf>, Option<BlockCache<B>>)> {
-        self.forward_keeping_branch(be, p, Act::Borrowed(x), emb, mode, None, &mut EffSet::lazy())
+        self.forward_keeping_branch(be, p, Act::Borrowed(x), emb, mode, None, &mut EffSet::lazy(), None)
     }
 
     /// The effective weights [`Block::forward`] uses, in its order (see [`EffSet`]).
@@ -353,6 +353,8 @@ impl Block {
     /// before the mp_sum with the skip) in `branch` when one is given: what the paper's
     /// training-dynamics plots show next to the block output. An input given as
     /// [`Act::Owned`] (one the caller no longer needs) is kept for the backward without a copy.
+    /// `emb_out`: `emb_linear(emb)` and its effective weight where the caller made them (all
+    /// blocks' at once: [`Backend::linear_group_forward`]); None: made here.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_keeping_branch<B: Backend>(
         &self,
@@ -363,6 +365,7 @@ impl Block {
         mode: &Mode,
         branch: Option<&mut Option<Tensor<B::Buf>>>,
         effs: &mut EffSet<B>,
+        emb_out: Option<(Tensor<B::Buf>, B::Eff)>,
     ) -> Result<(Tensor<B::Buf>, Option<BlockCache<B>>)> {
         let x_in_shape = x.get().shape.clone();
         let sx = nhwc(x.get());
@@ -402,9 +405,14 @@ impl Block {
         let a0 = Tensor::with_buf(&xm.shape, a0);
         let eff0 = effs.take(be, p, &self.conv_res0, None)?;
         let h0 = self.conv_res0.forward(be, &eff0, &a0)?;
-        let eff_emb = effs.take(be, p, &self.emb_linear, Some(self.emb_gain))?;
         // c = emb_linear(emb) + 1: the + 1 is part of the modulation op.
-        let s = self.emb_linear.forward(be, &eff_emb, emb)?;
+        let (s, eff_emb) = match emb_out {
+            Some(made) => made,
+            None => {
+                let eff = effs.take(be, p, &self.emb_linear, Some(self.emb_gain))?;
+                (self.emb_linear.forward(be, &eff, emb)?, eff)
+            }
+        };
         let (_, hh, hw) = spatial(&h0);
         let mut y1 = be.alloc(h0.len_of_shape())?;
         be.modulate_silu(&h0.data, &s.data, self.out_ch, hh * hw, &mut y1)?;
@@ -484,6 +492,23 @@ impl Block {
         grads: &mut B::Params,
         demb: &mut Tensor<B::Buf>,
     ) -> Result<Tensor<B::Buf>> {
+        let (dx, e) = self.backward_leaving_emb(be, p, emb, cache, dy, mode, grads)?;
+        self.emb_linear.backward_acc(be, p, &e.eff, emb, &e.ds, demb, Some(self.emb_gain), grads)?;
+        Ok(dx)
+    }
+
+    /// [`Block::backward`] but for its `emb_linear`, whose backward it leaves to the caller
+    /// (all blocks' together: [`Backend::linear_group_backward`]).
+    pub fn backward_leaving_emb<B: Backend>(
+        &self,
+        be: &B,
+        p: &B::Params,
+        emb: &Tensor<B::Buf>,
+        cache: BlockCache<B>,
+        dy: Tensor<B::Buf>,
+        mode: &Mode,
+        grads: &mut B::Params,
+    ) -> Result<(Tensor<B::Buf>, EmbGrad<B>)> {
         let c = cache;
         // 7. clip: no gradient where the value was clipped (zeroed by the first split below,
         // the backward of the mp_sum the clip went with).
@@ -530,7 +555,6 @@ impl Block {
         be.modulate_silu_backward(&c.h0.data, &c.s.data, &dy1.data, self.out_ch, hh * hw, &mut dh0, &mut ds)?;
         let dh0 = Tensor::with_buf(&c.h0.shape, dh0);
         let ds = Tensor::with_buf(&[emb.shape[0], self.out_ch], ds);
-        self.emb_linear.backward_acc(be, p, &c.effs.emb, emb, &ds, demb, Some(self.emb_gain), grads)?;
         let da0 = self.conv_res0.backward(be, p, &c.effs.res0, &c.a0, &dh0, true, None, grads)?;
         be.mp_silu_backward_acc(&c.x_main.data, &da0.unwrap().data, &mut dx_main.data)?;
         // 2. encoder: pixel norm, conv_skip
@@ -562,6 +586,13 @@ impl Block {
                 Tensor::with_buf(s, d)
             }
         };
-        Ok(dx)
+        Ok((dx, EmbGrad { ds, eff: c.effs.emb }))
     }
+}
+
+/// What [`Block::backward_leaving_emb`] leaves to its caller: the gradient w.r.t. the
+/// block's `emb_linear` output and that layer's effective weight.
+pub struct EmbGrad<B: Backend> {
+    pub ds: Tensor<B::Buf>,
+    pub eff: B::Eff,
 }

@@ -1,7 +1,7 @@
 //! The EDM2 U-Net and the EDM preconditioning wrapper (`Precond`), built from one
 //! [`NetConfig`] with the official module names, run forward and backward.
 
-use super::layers::{spatial, Act, Block, BlockCache, BlockOpts, EffJob, EffSet, Flavor, Mode, MpConv, Resample};
+use super::layers::{spatial, Act, Block, EmbGrad, BlockCache, BlockOpts, EffJob, EffSet, Flavor, Mode, MpConv, Resample};
 use super::params::{ParamId, ParamKind, ParamSpec, Params, Registry};
 use crate::backend::cpu::{ops, Cpu};
 use crate::backend::Backend;
@@ -362,6 +362,13 @@ impl Precond {
             be.scale_images(&mut x_in.data, &c_in)?;
             inter.push(("x_in".into(), x_in));
         }
+        // Every block's emb_linear(emb) at once (the CUDA backend: one launch), handed to the
+        // blocks in order (encoder, then decoder).
+        let blocks = self.blocks();
+        let emb_effs = blocks.iter().map(|b| effs.take(be, p, &b.emb_linear, Some(b.emb_gain))).collect::<Result<Vec<_>>>()?;
+        let group: Vec<_> = emb_effs.iter().zip(&blocks).map(|(e, b)| (e, b.emb_linear.geom())).collect();
+        let emb_outs = be.linear_group_forward(&group, &emb.data, n)?;
+        let mut emb_ins = emb_outs.into_iter().zip(emb_effs).zip(&blocks).map(|((y, e), b)| (Tensor::with_buf(&[n, b.out_ch], y), e));
         // Encoder. Every output is a skip: the skip stack owns it and the next layer
         // borrows it, so no activation is copied.
         let mut skips: Vec<Tensor<B::Buf>> = Vec::new();
@@ -379,7 +386,7 @@ impl Precond {
                 }
                 EncLayer::Block(b) => {
                     let mut branch = None;
-                    let (y, c) = b.forward_keeping_branch(be, p, Act::Borrowed(input), &emb, mode, collect_intermediates.then_some(&mut branch), &mut effs)?;
+                    let (y, c) = b.forward_keeping_branch(be, p, Act::Borrowed(input), &emb, mode, collect_intermediates.then_some(&mut branch), &mut effs, emb_ins.next())?;
                     if let Some(c) = c {
                         enc_caches.push(EncCache::Block(c));
                     }
@@ -419,7 +426,7 @@ impl Precond {
                 None => Act::Borrowed(skips.last().expect("encoder output")),
             };
             let mut branch = None;
-            let (y, c) = b.forward_keeping_branch(be, p, input, &emb, mode, collect_intermediates.then_some(&mut branch), &mut effs)?;
+            let (y, c) = b.forward_keeping_branch(be, p, input, &emb, mode, collect_intermediates.then_some(&mut branch), &mut effs, emb_ins.next())?;
             if let Some(c) = c {
                 dec_caches.push((c, split));
             }
@@ -512,6 +519,7 @@ impl Precond {
         be.scale_images(&mut df.data, &c.c_out)?;
         let mut dh = u.out_conv.backward(be, p, &c.effs.out, &c.out_in, &df, true, Some(u.out_gain), g)?.unwrap();
         let mut demb = Tensor::with_buf(&c.emb.shape, be.zeros_like(&c.emb.data, c.emb.len_of_shape())?);
+        let mut emb_grads: Vec<(&Block, EmbGrad<B>)> = Vec::new();
         // Decoder in reverse; skip gradients collected per encoder output.
         let mut dskips: Vec<Option<Tensor<B::Buf>>> = (0..u.enc.len()).map(|_| None).collect();
         let mut skip_idx = u.enc.len();
@@ -527,7 +535,8 @@ impl Precond {
         }
         for (i, (_, b, _)) in u.dec.iter().enumerate().rev() {
             let (bc, split) = dec_caches.pop().unwrap();
-            let dx = b.backward(be, p, &c.emb, bc, dh, mode, g, &mut demb)?;
+            let (dx, e) = b.backward_leaving_emb(be, p, &c.emb, bc, dh, mode, g)?;
+            emb_grads.push((b, e));
             dh = match split {
                 Some((na, nb)) => {
                     let (nn, hh, ww) = spatial(&dx);
@@ -552,11 +561,17 @@ impl Precond {
                     m.backward(be, p, &e, &c.x_cat, &dh, false, None, g)?;
                 }
                 (EncLayer::Block(b), EncCache::Block(bc)) => {
-                    dh = b.backward(be, p, &c.emb, bc, dh, mode, g, &mut demb)?;
+                    let (dx, e) = b.backward_leaving_emb(be, p, &c.emb, bc, dh, mode, g)?;
+                    emb_grads.push((b, e));
+                    dh = dx;
                 }
                 _ => unreachable!("encoder cache order"),
             }
         }
+        // Every block's emb_linear backward at once, their emb gradients added in the order
+        // the blocks' backward ran (decoder, then encoder, each from its end).
+        let layers: Vec<_> = emb_grads.iter().map(|(b, e)| (b.emb_linear.weight, b.emb_linear.geom(), &e.eff, &e.ds.data, Some(b.emb_gain))).collect();
+        be.linear_group_backward(p, &layers, &c.emb.data, n, &mut demb.data, g)?;
         // Embedding: emb = mp_silu(mp_sum(emb_noise, emb_label, t)).
         let mut de_pre = be.zeros_like(&c.emb_pre.data, c.emb_pre.len_of_shape())?;
         be.mp_silu_backward(&c.emb_pre.data, &demb.data, &mut de_pre)?;
@@ -761,6 +776,16 @@ impl Precond {
         elems += 2 * skips + 4 * widest;
         let img = (cfg.img_channels * cfg.img_resolution * cfg.img_resolution) as u128;
         u64::try_from(elems * act_bytes as u128 + fp32 * 4 + mask + 4 * img * 4).unwrap_or(u64::MAX)
+    }
+
+    /// Every block, encoder then decoder, in the order of the forward pass.
+    pub fn blocks(&self) -> Vec<&Block> {
+        let u = &self.unet;
+        let enc = u.enc.iter().filter_map(|(_, l)| match l {
+            EncLayer::Block(b) => Some(b),
+            EncLayer::Conv(_) => None,
+        });
+        enc.chain(u.dec.iter().map(|(_, b, _)| b)).collect()
     }
 
     /// The effective weights one forward pass uses, in its order: what [`EffSet`] makes in

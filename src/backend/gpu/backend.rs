@@ -208,6 +208,32 @@ impl Backend for Gpu {
     ) -> Result<()> {
         self.conv_backward_into(p, id, eff, x, s, dy, Some((dx, true)), gain, g)
     }
+    fn linear_group_forward(&self, layers: &[(&GpuEffWeight, ConvGeom)], x: &GpuAct, n: usize) -> Result<Vec<GpuAct>> {
+        let effs: Vec<&GpuEffWeight> = layers.iter().map(|l| l.0).collect();
+        k::linear_group::forward(self, &effs, x, n)
+    }
+    fn linear_group_backward(
+        &self,
+        p: &GpuParams,
+        layers: &[(ParamId, ConvGeom, &GpuEffWeight, &GpuAct, Option<ParamId>)],
+        x: &GpuAct,
+        n: usize,
+        dx: &mut GpuAct,
+        g: &mut GpuParams,
+    ) -> Result<()> {
+        let mut d_effs = layers.iter().map(|l| Gpu::alloc::<f32>(self, l.1.numel())).collect::<Result<Vec<_>>>()?;
+        {
+            let mut wl: Vec<(ConvGeom, &dyn k::Values, &mut GpuBuf<f32>)> =
+                layers.iter().zip(d_effs.iter_mut()).map(|(l, d)| (l.1, l.3 as &dyn k::Values, d)).collect();
+            k::linear_group::backward_weight(self, &mut wl, x, n)?;
+        }
+        let dl: Vec<(&GpuEffWeight, &dyn k::Values)> = layers.iter().map(|l| (l.2, l.3 as &dyn k::Values)).collect();
+        k::linear_group::backward_data(self, &dl, dx, n)?;
+        for (l, d_eff) in layers.iter().zip(d_effs) {
+            self.effective_weight_grad(p, l.0, l.2, d_eff, l.4, g)?;
+        }
+        Ok(())
+    }
     fn defer_weight_grads(&self, g: &mut GpuParams) {
         g.deferred.get_or_insert_with(Vec::new);
     }
@@ -360,6 +386,21 @@ impl Gpu {
             Some((dx, true)) => k::conv_backward_data_add(self, eff, dy, s, dx)?,
             None => {}
         }
+        self.effective_weight_grad(p, id, eff, d_eff, gain, g)
+    }
+
+    /// From the gradient `d_eff` of layer `id`'s effective weight to its stored weight's
+    /// (and its gain's) gradient in `g`: now, or with the other layers at the end of the
+    /// pass when `g` defers.
+    fn effective_weight_grad(
+        &self,
+        p: &GpuParams,
+        id: ParamId,
+        eff: &GpuEffWeight,
+        d_eff: GpuBuf<f32>,
+        gain: Option<ParamId>,
+        g: &mut GpuParams,
+    ) -> Result<()> {
         if let Some(pending) = g.deferred.as_mut() {
             // Batched at the end of the pass (finish_weight_grads), or when this layer's
             // gradient buffers are already waiting or the waiting bytes reach the cap.

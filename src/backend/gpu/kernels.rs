@@ -1231,3 +1231,94 @@ pub fn step_totals(gpu: &Gpu, loss_sums: Option<&GpuBuf<f32>>, counts: Option<&G
     let s = gpu.stream()?;
     check("step_totals", unsafe { ffi::edm2_step_totals(l, n, c, out.ptr_mut(gpu), s) })
 }
+
+/// Linear layers sharing their fp32 input (the blocks' `emb_linear`), one launch per
+/// direction for all of them (conv.cu's `linear_group_kernel`: the tiles of the single
+/// calls, so the same bits as one [`conv_forward`] / [`conv_backward_data_add`] /
+/// [`conv_backward_weight`] per layer).
+pub mod linear_group {
+    use super::*;
+
+    const FWD: i32 = 0;
+    const DATA: i32 = 1;
+    const WEIGHT: i32 = 2;
+
+    /// The common input width and the largest output width; every layer must be linear
+    /// with `cin` inputs, every buffer fp32.
+    fn dims(k: &str, geoms: &[ConvGeom], x: &dyn Values, n: usize) -> Result<(usize, usize)> {
+        let cin = geoms.first().map_or(0, |g| g.in_ch);
+        for g in geoms {
+            g.validate(k)?;
+            if g.k != 0 || g.in_ch != cin {
+                return Err(Error::Input(format!("{k}: {g:?} is not a linear layer of {cin} inputs")));
+            }
+        }
+        fp32(k, "x", x)?;
+        expect_len(k, "x", x.len(), n * cin)?;
+        int(k, n)?;
+        int(k, cin)?;
+        Ok((cin, geoms.iter().map(|g| g.out_ch).max().unwrap_or(0)))
+    }
+
+    fn launch(gpu: &Gpu, k: &'static str, mode: i32, rows: &[u64], max_cout: usize, x: &dyn Values, dx: *mut f32, n: usize, cin: usize) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let layers = i32::try_from(rows.len() / 4).map_err(|_| Error::Input(format!("{k}: too many layers")))?;
+        let table = gpu.upload(rows)?;
+        let st = gpu.stream()?;
+        check(k, unsafe {
+            ffi::edm2_linear_group(mode, table.ptr(gpu), layers, int(k, max_cout)?, x.vptr(gpu) as *const f32, dx, n as i32, cin as i32, st)
+        })
+    }
+
+    fn addr<P>(p: *const P) -> u64 {
+        p as usize as u64
+    }
+
+    /// `y_b = x·W_bᵀ` for every effective weight of `effs`, `x` `[n, in]`.
+    pub fn forward(gpu: &Gpu, effs: &[&GpuEffWeight], x: &dyn Values, n: usize) -> Result<Vec<GpuAct>> {
+        let k = "linear_group_forward";
+        let geoms: Vec<ConvGeom> = effs.iter().map(|e| e.geom).collect();
+        let (cin, max_cout) = dims(k, &geoms, x, n)?;
+        let mut ys = Vec::with_capacity(effs.len());
+        let mut rows = Vec::with_capacity(4 * effs.len());
+        for e in effs {
+            let mut y = gpu.alloc::<f32>(n * e.geom.out_ch)?;
+            rows.extend([addr(e.w.ptr(gpu)), addr(y.ptr_mut(gpu)), e.geom.out_ch as u64, 0]);
+            ys.push(GpuAct::F32(y));
+        }
+        launch(gpu, k, FWD, &rows, max_cout, x, std::ptr::null_mut(), n, cin)?;
+        Ok(ys)
+    }
+
+    /// `dx += dy_b·W_b` for every `(W_b, dy_b)` of `layers`, added in that order.
+    pub fn backward_data(gpu: &Gpu, layers: &[(&GpuEffWeight, &dyn Values)], dx: &mut dyn Values, n: usize) -> Result<()> {
+        let k = "linear_group_backward_data";
+        let geoms: Vec<ConvGeom> = layers.iter().map(|l| l.0.geom).collect();
+        let (cin, max_cout) = dims(k, &geoms, &*dx, n)?;
+        let mut rows = Vec::with_capacity(4 * layers.len());
+        for (e, dy) in layers {
+            fp32(k, "dy", *dy)?;
+            expect_len(k, "dy", dy.len(), n * e.geom.out_ch)?;
+            rows.extend([addr(e.w.ptr(gpu)), addr(dy.vptr(gpu)), e.geom.out_ch as u64, 0]);
+        }
+        let dxp = dx.vptr_mut(gpu) as *mut f32;
+        launch(gpu, k, DATA, &rows, max_cout, &*dx, dxp, n, cin)
+    }
+
+    /// `dW_b = dy_bᵀ·x` (overwritten) for every `(geometry, dy_b, dW_b)` of `layers`.
+    pub fn backward_weight(gpu: &Gpu, layers: &mut [(ConvGeom, &dyn Values, &mut GpuBuf<f32>)], x: &dyn Values, n: usize) -> Result<()> {
+        let k = "linear_group_backward_weight";
+        let geoms: Vec<ConvGeom> = layers.iter().map(|l| l.0).collect();
+        let (cin, max_cout) = dims(k, &geoms, x, n)?;
+        let mut rows = Vec::with_capacity(4 * layers.len());
+        for (g, dy, dw) in layers.iter_mut() {
+            fp32(k, "dy", *dy)?;
+            expect_len(k, "dy", dy.len(), n * g.out_ch)?;
+            expect_len(k, "dW", dw.len(), g.numel())?;
+            rows.extend([addr(dy.vptr(gpu)), addr(dw.ptr_mut(gpu)), g.out_ch as u64, 0]);
+        }
+        launch(gpu, k, WEIGHT, &rows, max_cout, x, std::ptr::null_mut(), n, cin)
+    }
+}
