@@ -112,6 +112,12 @@ __device__ __forceinline__ float edm2_mp_silu_grad(float x) {
   float s = edm2_sigmoid(x);
   return s * (1.0f + x * (1.0f - s)) / EDM2_MP_SILU_SCALE;
 }
+// dx + dy·mp_silu'(x): the accumulating mp_silu backward (elementwise.cu) and the encoder
+// block's fused pixel-norm backward (weight_norm.cu) share it, so the same bits.
+__device__ __forceinline__ float edm2_mp_silu_grad_acc(float dx, float dy, float x) {
+  float g = dy * edm2_mp_silu_grad(x);
+  return dx + g;
+}
 
 // Sum of v over the block, returned to every thread. blockDim.x must be a power of two
 // and `red` hold blockDim.x floats. A fixed tree: deterministic.

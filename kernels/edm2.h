@@ -53,7 +53,8 @@ int edm2_mp_fourier(const float *x, const float *freqs, const float *phases, voi
 /* weight_norm.cu: rows of k contiguous values (x == y allowed; fp32 weights or activations of
  * `dtype`); effective weight OIHW → OHWI (taps = 9 for 3x3, 1 for 1x1/linear) with per-row
  * denominators; its backward. */
-int edm2_normalize_rows(const void *x, void *y, size_t rows, int k, int dtype, cudaStream_t stream);
+/* With a (may be null): also a = mp_silu(y) (an encoder block's pixel norm and its branch's first op). */
+int edm2_normalize_rows(const void *x, void *y, void *a, size_t rows, int k, int dtype, cudaStream_t stream);
 /* Rows of many fp32 tensors normalized in place, one launch: a multi-tensor table (see
  * optim.cu's section below) whose chunks are rows, slot 0 the tensor, EDM2_MT_ARG its row
  * length, n_rows the total. */
@@ -63,7 +64,9 @@ int edm2_normalize_rows_multi_f32(const unsigned long long *table, int n_tensors
  * the low 32 bits and the f32 bits of the fixed gain in the high 32; EDM2_MT_EXTRA + 0, 1:
  * eff_bf16, flip_bf16 (0: none); EDM2_MT_EXTRA + 2: out_ch. */
 int edm2_effective_weight_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows, cudaStream_t stream);
-int edm2_normalize_rows_backward(const void *x, const void *dy, void *dx, size_t rows, int k, int dtype, cudaStream_t stream);
+/* With xm and da0 (may be null): the gradient taken is dy + da0·mp_silu'(xm) (an encoder block). */
+int edm2_normalize_rows_backward(const void *x, const void *dy, const void *xm, const void *da0, void *dx, size_t rows, int k, int dtype,
+                                 cudaStream_t stream);
 /* The gain is *gain_at where gain_at is not null (a gain parameter, read on the device),
  * else `gain`. eff_bf16 / flip_bf16 (may be null): eff in bf16, and its flipped transpose
  * [in][taps][out] (taps reversed) in bf16, for the tensor-core convolutions. The backward adds into dw where `accumulate` is set (a gradient buffer). */

@@ -45,8 +45,7 @@ __global__ void mp_silu_kernel(const T *__restrict__ x, T *__restrict__ y, size_
 template <typename T>
 __global__ void mp_silu_backward_kernel(const T *__restrict__ x, const T *__restrict__ dy, T *__restrict__ dx, size_t n, int accumulate) {
   EDM2_FOR(i, n) {
-    float g = dy[i] * edm2_mp_silu_grad(x[i]);
-    dx[i] = accumulate ? dx[i] + g : g;
+    dx[i] = accumulate ? edm2_mp_silu_grad_acc(dx[i], dy[i], x[i]) : dy[i] * edm2_mp_silu_grad(x[i]);
   }
 }
 

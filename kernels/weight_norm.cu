@@ -32,8 +32,10 @@
 
 #define ROW_THREADS 128
 
+// With `a` (pixel norm in an encoder block): also a = mp_silu(y) of the stored y, the
+// residual branch's first op (elementwise.cu's mp_silu on y: the same bits, one pass less).
 template <typename T>
-__global__ void normalize_rows_kernel(const T *x, T *y, size_t rows, int k) {
+__global__ void normalize_rows_kernel(const T *x, T *y, T *a, size_t rows, int k) {
   EDM2_SHARED(float, red, [ROW_THREADS]);
   for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T *xr = x + r * k;
@@ -41,7 +43,12 @@ __global__ void normalize_rows_kernel(const T *x, T *y, size_t rows, int k) {
     for (int i = threadIdx.x; i < k; i += blockDim.x) ss += xr[i] * xr[i];
     float inv = 1.0f / edm2_norm_denom(edm2_block_sum(ss, red), k);
     T *yr = y + r * k;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) yr[i] = xr[i] * inv;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+      T v;
+      v = xr[i] * inv;
+      yr[i] = v;
+      if (a) a[r * k + i] = edm2_mp_silu((float)v);
+    }
     __syncthreads();  // in place: every read of this row is done before the next row
   }
 }
@@ -63,23 +70,35 @@ __global__ void normalize_rows_multi_kernel(const unsigned long long *__restrict
   }
 }
 
+// With `xm` and `da0` (an encoder block, whose pixel norm's output xm fed mp_silu and the
+// skip): the incoming gradient is first dy + da0·mp_silu'(xm), rounded to the storage type
+// as elementwise.cu's accumulating mp_silu_backward stores it (the same bits, one pass less).
 template <typename T>
-__global__ void normalize_rows_backward_kernel(const T *__restrict__ x, const T *__restrict__ dy, T *__restrict__ dx, size_t rows,
-                                               int k) {
+__device__ __forceinline__ float normalize_rows_grad_in(const T *__restrict__ dy, const T *__restrict__ xm, const T *__restrict__ da0,
+                                                         size_t i) {
+  if (!xm) return dy[i];
+  T g;
+  g = edm2_mp_silu_grad_acc(dy[i], da0[i], xm[i]);
+  return g;
+}
+
+template <typename T>
+__global__ void normalize_rows_backward_kernel(const T *__restrict__ x, const T *__restrict__ dy, const T *__restrict__ xm,
+                                               const T *__restrict__ da0, T *__restrict__ dx, size_t rows, int k) {
   EDM2_SHARED(float, red, [ROW_THREADS]);
   for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T *xr = x + r * k, *gr = dy + r * k;
+    const T *xr = x + r * k;
     float ss = 0.0f, dot = 0.0f;
     for (int i = threadIdx.x; i < k; i += blockDim.x) {
       ss += xr[i] * xr[i];
-      dot += xr[i] * gr[i];
+      dot += xr[i] * normalize_rows_grad_in(dy, xm, da0, r * k + i);
     }
     ss = edm2_block_sum(ss, red);
     dot = edm2_block_sum(dot, red);
     float d = edm2_norm_denom(ss, k), norm = sqrtf(ss);
     float coef = norm > 0.0f ? dot / (d * d * sqrtf((float)k) * norm) : 0.0f;
     float inv = 1.0f / d;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) dx[r * k + i] = gr[i] * inv - xr[i] * coef;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) dx[r * k + i] = normalize_rows_grad_in(dy, xm, da0, r * k + i) * inv - xr[i] * coef;
   }
 }
 
@@ -195,9 +214,9 @@ static unsigned row_blocks(size_t rows) {
   return (unsigned)(rows < cap ? (rows == 0 ? 1 : rows) : cap);
 }
 
-extern "C" int edm2_normalize_rows(const void *x, void *y, size_t rows, int k, int dtype, cudaStream_t stream) {
+extern "C" int edm2_normalize_rows(const void *x, void *y, void *a, size_t rows, int k, int dtype, cudaStream_t stream) {
   if (rows == 0 || k <= 0) return 0;
-  EDM2_BY_DTYPE(dtype, EDM2_LAUNCH(normalize_rows_kernel<T>, row_blocks(rows), ROW_THREADS, 0, stream, (const T *)x, (T *)y, rows, k);
+  EDM2_BY_DTYPE(dtype, EDM2_LAUNCH(normalize_rows_kernel<T>, row_blocks(rows), ROW_THREADS, 0, stream, (const T *)x, (T *)y, (T *)a, rows, k);
                 return (int)cudaGetLastError());
 }
 
@@ -207,11 +226,12 @@ extern "C" int edm2_normalize_rows_multi_f32(const unsigned long long *table, in
   return (int)cudaGetLastError();
 }
 
-extern "C" int edm2_normalize_rows_backward(const void *x, const void *dy, void *dx, size_t rows, int k, int dtype, cudaStream_t stream) {
+extern "C" int edm2_normalize_rows_backward(const void *x, const void *dy, const void *xm, const void *da0, void *dx, size_t rows, int k,
+                                            int dtype, cudaStream_t stream) {
   if (rows == 0 || k <= 0) return 0;
   EDM2_BY_DTYPE(dtype,
                 EDM2_LAUNCH(normalize_rows_backward_kernel<T>, row_blocks(rows), ROW_THREADS, 0, stream, (const T *)x, (const T *)dy,
-                            (T *)dx, rows, k);
+                            (const T *)xm, (const T *)da0, (T *)dx, rows, k);
                 return (int)cudaGetLastError());
 }
 

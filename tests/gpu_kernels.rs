@@ -451,6 +451,28 @@ fn normalize_rows_and_weight_norm_match_the_cpu_backend() {
             let mut dx = act(&gpu, x.len());
             k::normalize_rows_backward(&gpu, &xb, kk, &up(&gpu, &dy), &mut dx).unwrap();
             close_in(&gpu, &format!("normalize_rows_backward {rows}x{kk} {sched}"), &down(&gpu, &dx), &want);
+            // An encoder block's fused forms, one launch each: the pixel norm writing the
+            // branch's mp_silu too; its backward taking dy + da0·mp_silu'(xm) — the bits of
+            // the unfused launches.
+            let mut y2 = act(&gpu, x.len());
+            let mut a2 = act(&gpu, x.len());
+            let l0 = edm2::backend::gpu::launches();
+            k::normalize_rows_silu(&gpu, &xb, kk, &mut y2, &mut a2).unwrap();
+            assert_eq!(edm2::backend::gpu::launches() - l0, 1);
+            let mut a1 = act(&gpu, x.len());
+            k::mp_silu(&gpu, &y, &mut a1).unwrap();
+            assert_eq!(down(&gpu, &y2), down(&gpu, &y), "normalize_rows_silu y {sched}");
+            assert_eq!(down(&gpu, &a2), down(&gpu, &a1), "normalize_rows_silu a {sched}");
+            let (xm, da0) = (up(&gpu, &random(x.len(), 13 + kk as u64)), up(&gpu, &random(x.len(), 14 + kk as u64)));
+            let mut g1 = up(&gpu, &dy);
+            k::mp_silu_backward(&gpu, &xm, &da0, &mut g1, true).unwrap();
+            let mut want_dx = act(&gpu, x.len());
+            k::normalize_rows_backward(&gpu, &xb, kk, &g1, &mut want_dx).unwrap();
+            let mut got_dx = act(&gpu, x.len());
+            let l0 = edm2::backend::gpu::launches();
+            k::normalize_rows_backward_silu(&gpu, &xb, kk, &up(&gpu, &dy), &xm, &da0, &mut got_dx).unwrap();
+            assert_eq!(edm2::backend::gpu::launches() - l0, 1);
+            assert_eq!(down(&gpu, &got_dx), down(&gpu, &want_dx), "normalize_rows_backward_silu {rows}x{kk} {sched}");
         }
         // Effective weights of linear, 1x1 and 3x3 layers (32 outputs: the CPU's packed path).
         // Each layer's backward (accumulating, gain on the device) is kept to check the

@@ -273,6 +273,29 @@ pub trait Backend {
     /// Pixel norm: `normalize` over rows of `k`.
     fn normalize_rows(&self, x: &Self::Buf, k: usize, y: &mut Self::Buf) -> crate::error::Result<()>;
     fn normalize_rows_backward(&self, x: &Self::Buf, k: usize, dy: &Self::Buf, dx: &mut Self::Buf) -> crate::error::Result<()>;
+    /// [`Backend::normalize_rows`] into `y` and `a = mp_silu(y)`: an encoder block's pixel
+    /// norm and its residual branch's first op (one pass on a device).
+    fn normalize_rows_silu(&self, x: &Self::Buf, k: usize, y: &mut Self::Buf, a: &mut Self::Buf) -> crate::error::Result<()> {
+        self.normalize_rows(x, k, y)?;
+        self.mp_silu(y, a)
+    }
+    /// The backward of an encoder block's pixel norm whose output `xm` also fed mp_silu:
+    /// `dy += da0·mp_silu'(xm)` ([`Backend::mp_silu_backward_acc`]), then
+    /// [`Backend::normalize_rows_backward`] of `dy` into `dx` (one pass on a device, which
+    /// leaves `dy` as it was: it is not read afterwards).
+    #[allow(clippy::too_many_arguments)]
+    fn normalize_rows_backward_silu(
+        &self,
+        x: &Self::Buf,
+        k: usize,
+        dy: &mut Self::Buf,
+        xm: &Self::Buf,
+        da0: &Self::Buf,
+        dx: &mut Self::Buf,
+    ) -> crate::error::Result<()> {
+        self.mp_silu_backward_acc(xm, da0, dy)?;
+        self.normalize_rows_backward(x, k, dy, dx)
+    }
     /// 2x2 average pooling of `x` (shape `s`).
     fn downsample2(&self, x: &Self::Buf, s: Nhwc, y: &mut Self::Buf) -> crate::error::Result<()>;
     fn downsample2_backward(&self, dy: &Self::Buf, s: Nhwc, dx: &mut Self::Buf) -> crate::error::Result<()>;

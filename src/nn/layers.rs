@@ -386,22 +386,29 @@ impl Block {
         let eff_skip = self.conv_skip.as_ref().map(|m| effs.take(be, p, m, None)).transpose()?;
         // 2. encoder: conv_skip then pixel norm. No activation is copied: each tensor is
         // either consumed or kept for the backward.
-        let (x_main, pn_in, x_res): (Act<B::Buf>, _, _) = if self.flavor == Flavor::Enc {
+        // The pixel norm writes the residual branch's mp_silu of its output too (3.).
+        let (x_main, pn_in, x_res, a0): (Act<B::Buf>, _, _, _) = if self.flavor == Flavor::Enc {
             let (pn_in, x_res) = match (&self.conv_skip, &eff_skip) {
                 (Some(m), Some(e)) => (Act::Owned(m.forward(be, e, xr.get())?), Some(xr)),
                 _ => (xr, None),
             };
             let pn = pn_in.get();
-            let mut xm = be.alloc(pn.len_of_shape())?;
-            be.normalize_rows(&pn.data, self.out_ch, &mut xm)?;
-            (Act::Owned(Tensor::with_buf(&pn.shape, xm)), Some(pn_in), x_res)
+            let (mut xm, mut a0) = (be.alloc(pn.len_of_shape())?, be.alloc(pn.len_of_shape())?);
+            be.normalize_rows_silu(&pn.data, self.out_ch, &mut xm, &mut a0)?;
+            (Act::Owned(Tensor::with_buf(&pn.shape, xm)), Some(pn_in), x_res, Some(a0))
         } else {
-            (xr, None, None)
+            (xr, None, None, None)
         };
         // 3. residual branch
         let xm = x_main.get();
-        let mut a0 = be.alloc(xm.len_of_shape())?;
-        be.mp_silu(&xm.data, &mut a0)?;
+        let a0 = match a0 {
+            Some(a0) => a0,
+            None => {
+                let mut a0 = be.alloc(xm.len_of_shape())?;
+                be.mp_silu(&xm.data, &mut a0)?;
+                a0
+            }
+        };
         let a0 = Tensor::with_buf(&xm.shape, a0);
         let eff0 = effs.take(be, p, &self.conv_res0, None)?;
         let h0 = self.conv_res0.forward(be, &eff0, &a0)?;
@@ -556,18 +563,20 @@ impl Block {
         let dh0 = Tensor::with_buf(&c.h0.shape, dh0);
         let ds = Tensor::with_buf(&[emb.shape[0], self.out_ch], ds);
         let da0 = self.conv_res0.backward(be, p, &c.effs.res0, &c.a0, &dh0, true, None, grads)?;
-        be.mp_silu_backward_acc(&c.x_main.data, &da0.unwrap().data, &mut dx_main.data)?;
-        // 2. encoder: pixel norm, conv_skip
+        let da0 = da0.unwrap();
+        // 2. encoder: pixel norm (its output fed the skip and the branch's mp_silu: both
+        // gradients join in the norm's backward), conv_skip
         let dxr = if self.flavor == Flavor::Enc {
             let pn_in = c.pn_in.as_ref().unwrap();
-            let mut dpn = be.zeros(pn_in.len_of_shape())?;
-            be.normalize_rows_backward(&pn_in.data, self.out_ch, &dx_main.data, &mut dpn)?;
+            let mut dpn = be.alloc(pn_in.len_of_shape())?;
+            be.normalize_rows_backward_silu(&pn_in.data, self.out_ch, &mut dx_main.data, &c.x_main.data, &da0.data, &mut dpn)?;
             let dpn = Tensor::with_buf(&pn_in.shape, dpn);
             match &self.conv_skip {
                 Some(m) => m.backward(be, p, c.effs.skip.as_ref().unwrap(), c.x_res.as_ref().unwrap(), &dpn, true, None, grads)?.unwrap(),
                 None => dpn,
             }
         } else {
+            be.mp_silu_backward_acc(&c.x_main.data, &da0.data, &mut dx_main.data)?;
             dx_main
         };
         // 1. resample

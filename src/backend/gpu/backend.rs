@@ -285,6 +285,12 @@ impl Backend for Gpu {
     fn normalize_rows_backward(&self, x: &GpuAct, kk: usize, dy: &GpuAct, dx: &mut GpuAct) -> Result<()> {
         k::normalize_rows_backward(self, x, kk, dy, dx)
     }
+    fn normalize_rows_silu(&self, x: &GpuAct, kk: usize, y: &mut GpuAct, a: &mut GpuAct) -> Result<()> {
+        k::normalize_rows_silu(self, x, kk, y, a)
+    }
+    fn normalize_rows_backward_silu(&self, x: &GpuAct, kk: usize, dy: &mut GpuAct, xm: &GpuAct, da0: &GpuAct, dx: &mut GpuAct) -> Result<()> {
+        k::normalize_rows_backward_silu(self, x, kk, dy, xm, da0, dx)
+    }
     fn downsample2(&self, x: &GpuAct, s: Nhwc, y: &mut GpuAct) -> Result<()> {
         k::downsample2(self, x, s, y)
     }

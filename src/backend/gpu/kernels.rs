@@ -474,7 +474,19 @@ pub fn normalize_rows(gpu: &Gpu, x: &dyn Values, k: usize, y: &mut dyn Values) -
     let rows = rows_of("normalize_rows", x.len(), k)?;
     let dt = dtype_of("normalize_rows", &[x.dtype(), y.dtype()])?;
     let st = gpu.stream()?;
-    check("normalize_rows", unsafe { ffi::edm2_normalize_rows(x.vptr(gpu), y.vptr_mut(gpu), rows, int("normalize_rows", k)?, dt, st) })
+    check("normalize_rows", unsafe { ffi::edm2_normalize_rows(x.vptr(gpu), y.vptr_mut(gpu), std::ptr::null_mut(), rows, int("normalize_rows", k)?, dt, st) })
+}
+
+/// [`normalize_rows`] also writing `a = mp_silu(y)` in the same pass (an encoder block's
+/// pixel norm and its residual branch's first op; the bits of [`mp_silu`] on `y`).
+pub fn normalize_rows_silu(gpu: &Gpu, x: &dyn Values, k: usize, y: &mut dyn Values, a: &mut dyn Values) -> Result<()> {
+    let kn = "normalize_rows_silu";
+    same_len(kn, x.len(), y.len())?;
+    same_len(kn, x.len(), a.len())?;
+    let rows = rows_of(kn, x.len(), k)?;
+    let dt = dtype_of(kn, &[x.dtype(), y.dtype(), a.dtype()])?;
+    let st = gpu.stream()?;
+    check(kn, unsafe { ffi::edm2_normalize_rows(x.vptr(gpu), y.vptr_mut(gpu), a.vptr_mut(gpu), rows, int(kn, k)?, dt, st) })
 }
 
 /// Forced weight normalization of a stored weight, in place.
@@ -482,7 +494,7 @@ pub fn normalize_rows_inplace(gpu: &Gpu, x: &mut GpuBuf<f32>, k: usize) -> Resul
     let rows = rows_of("normalize_rows", x.len(), k)?;
     let st = gpu.stream()?;
     let p = x.ptr_mut(gpu) as *mut std::ffi::c_void;
-    check("normalize_rows", unsafe { ffi::edm2_normalize_rows(p, p, rows, int("normalize_rows", k)?, Dtype::F32.code(), st) })
+    check("normalize_rows", unsafe { ffi::edm2_normalize_rows(p, p, std::ptr::null_mut(), rows, int("normalize_rows", k)?, Dtype::F32.code(), st) })
 }
 
 /// Gradient of [`normalize_rows`].
@@ -493,7 +505,26 @@ pub fn normalize_rows_backward(gpu: &Gpu, x: &dyn Values, k: usize, dy: &dyn Val
     let dt = dtype_of("normalize_rows_backward", &[x.dtype(), dy.dtype(), dx.dtype()])?;
     let st = gpu.stream()?;
     check("normalize_rows_backward", unsafe {
-        ffi::edm2_normalize_rows_backward(x.vptr(gpu), dy.vptr(gpu), dx.vptr_mut(gpu), rows, int("normalize_rows", k)?, dt, st)
+        let null = std::ptr::null();
+        ffi::edm2_normalize_rows_backward(x.vptr(gpu), dy.vptr(gpu), null, null, dx.vptr_mut(gpu), rows, int("normalize_rows", k)?, dt, st)
+    })
+}
+
+/// [`normalize_rows_backward`] of the gradient `dy + da0·mp_silu'(xm)` (an encoder block:
+/// its pixel norm's output `xm` fed both the skip and the residual branch's mp_silu), in one
+/// pass: the bits of [`mp_silu_backward`] accumulating into `dy`, then the norm's backward.
+#[allow(clippy::too_many_arguments)]
+pub fn normalize_rows_backward_silu(gpu: &Gpu, x: &dyn Values, k: usize, dy: &dyn Values, xm: &dyn Values, da0: &dyn Values, dx: &mut dyn Values) -> Result<()> {
+    let kn = "normalize_rows_backward_silu";
+    for (name, v) in [("dy", dy), ("xm", xm), ("da0", da0)] {
+        same_len(&format!("{kn} {name}"), x.len(), v.len())?;
+    }
+    same_len(&format!("{kn} dx"), x.len(), dx.len())?;
+    let rows = rows_of(kn, x.len(), k)?;
+    let dt = dtype_of(kn, &[x.dtype(), dy.dtype(), xm.dtype(), da0.dtype(), dx.dtype()])?;
+    let st = gpu.stream()?;
+    check(kn, unsafe {
+        ffi::edm2_normalize_rows_backward(x.vptr(gpu), dy.vptr(gpu), xm.vptr(gpu), da0.vptr(gpu), dx.vptr_mut(gpu), rows, int(kn, k)?, dt, st)
     })
 }
 
