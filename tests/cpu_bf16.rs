@@ -116,6 +116,31 @@ fn bf16_convolutions_compute_the_products_of_the_rounded_operands() {
     layer(1, 3, 9, 13, 32, 48);
     // Even batch, 16 output channels only, wider input.
     layer(3, 4, 8, 12, 64, 16);
+    // Input channels not a multiple of 32 (the AMX tiles pad the reduction to 32s: a
+    // wrong pad reads the next pixel's channels), 48 of them (the data gradient's
+    // output: a two-tile and a one-tile column block), odd batch; and a 5x7 image (one
+    // row block spans several image rows and the next image).
+    layer(3, 3, 9, 13, 48, 32);
+    layer(1, 3, 5, 7, 16, 48);
+}
+
+#[test]
+fn the_bf16_products_report_what_runs_them() {
+    use edm2::backend::cpu::amx;
+    if !have_bf16() {
+        return;
+    }
+    // AMX where the CPU and kernel have it (unless EDM2_DISABLE_AMX), and then its rate
+    // is measurable and above the vdpbf16ps one; the vdpbf16ps path otherwise.
+    eprintln!("bf16 products on {} ({:?})", amx::products_name(), amx::unavailable_reason());
+    if amx::available() {
+        assert_eq!(amx::products_name(), "AMX tiles");
+        let (tiles, dots) = (amx::peak_gflops(0.02).unwrap(), edm2::backend::cpu::simd::bf16_dot_peak_gflops(0.02).unwrap());
+        assert!(tiles > dots, "AMX {tiles:.0} GFLOP/s vs vdpbf16ps {dots:.0}");
+    } else {
+        assert_eq!(amx::products_name(), "vdpbf16ps");
+        assert!(amx::peak_gflops(0.02).is_none() && amx::unavailable_reason().is_some());
+    }
 }
 
 #[test]

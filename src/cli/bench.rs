@@ -158,7 +158,7 @@ pub fn run(a: Args) -> Result<()> {
         a.config,
         rayon::current_num_threads(),
         edm2::backend::cpu::simd::isa().name(),
-        if cpu.bf16_products() { ", bf16 products (vdpbf16ps)" } else { "" },
+        if cpu.bf16_products() { format!(", bf16 products ({})", edm2::backend::cpu::amx::products_name()) } else { String::new() },
         edm2::backend::cpu::simd::cpu_model()
     );
     edm2::profile::enable_from_env();
@@ -251,12 +251,22 @@ pub fn run(a: Args) -> Result<()> {
             100.0 * 6.0 * macs * ips(t) / 1e9 / p
         );
     }
+    let amx_peak = if a.precision == "bf16" { edm2::backend::cpu::amx::peak_gflops(0.3) } else { None };
+    if let (Some(p), Some((t, _, _))) = (amx_peak, ts) {
+        println!(
+            "AMX tile peak of this machine (tdpbf16ps, operands in L1): {p:.1} GFLOP/s ({:.2}x the FMA peak); the train step reaches {:.1}% of it",
+            p / peak.unwrap_or(p),
+            100.0 * 6.0 * macs * ips(t) / 1e9 / p
+        );
+    }
     if a.json {
         println!(
             "{}",
             serde_json::json!({
                 "fma_peak_gflops": peak,
                 "bf16_dot_peak_gflops": bf16_peak,
+                "amx_peak_gflops": amx_peak,
+                "bf16_products": (a.precision == "bf16").then(edm2::backend::cpu::amx::products_name),
                 "train_step_ms": ts.map(|s| s.0), "forward_ms": fs.map(|s| s.0),
                 "images_per_s_train": ts.map(|s| ips(s.0)), "images_per_s_forward": fs.map(|s| ips(s.0)),
                 "gflops_per_s_train": ts.map(|s| 6.0 * macs * ips(s.0) / 1e9),

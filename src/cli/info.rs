@@ -25,7 +25,11 @@ pub fn run(a: Args) -> Result<()> {
         "cpu: {} ({} kernels{}; EDM2_CPU_ISA=avx512|avx2|portable overrides)",
         edm2::backend::cpu::simd::cpu_model(),
         edm2::backend::cpu::simd::isa().name(),
-        if edm2::backend::cpu::bf16::available() { ", --precision bf16 available (AVX512-BF16)" } else { "" }
+        match (edm2::backend::cpu::bf16::available(), edm2::backend::cpu::amx::available()) {
+            (true, true) => ", --precision bf16 available on AMX tiles (EDM2_DISABLE_AMX=1: AVX512-BF16)",
+            (true, false) => ", --precision bf16 available (AVX512-BF16)",
+            _ => "",
+        }
     );
     println!("config: {}", cfg.to_json());
     println!("module tree (official names):");

@@ -41,6 +41,10 @@ impl Cpu {
     /// worker threads in about 0.1 s. None where it pays or cannot run. Seen on a 2-core
     /// AVX-512 Xeon without AMX (2026-12-07): 0.49x, the bf16 mode 1.5x slower than fp32.
     pub fn bf16_slower_note() -> Option<String> {
+        if super::amx::available() {
+            // The convolutions run on the tiles (`amx`), several times the FMA rate.
+            return None;
+        }
         let bf = super::simd::bf16_dot_peak_gflops(0.03)?;
         let f = super::simd::fma_peak_gflops(0.03)?;
         (bf < 1.2 * f).then(|| {

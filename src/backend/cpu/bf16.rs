@@ -83,7 +83,8 @@ pub fn to_bf16_pairs_seq(x: &[f32]) -> Vec<u32> {
     out
 }
 
-fn pairs_into(s: &[f32], d: &mut [u32]) {
+/// `s` (even length) as bf16 pairs into `d` (half its length).
+pub(crate) fn pairs_into(s: &[f32], d: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: AVX512-BF16/F checked by `available()`; `d` holds half of `s`.
@@ -127,7 +128,8 @@ pub fn interleave_rows(a: &[f32], b: &[f32], d: &mut [u32]) {
     interleave_run(a, Some(b), d)
 }
 
-fn interleave_run(a: &[f32], b: Option<&[f32]>, d: &mut [u32]) {
+/// `d[j]` = the bf16 pair (`a[j]` low, `b[j]` high; zero without `b`).
+pub(crate) fn interleave_run(a: &[f32], b: Option<&[f32]>, d: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if let (Some(b), true) = (b, available()) {
         // SAFETY: AVX512-BF16/BW checked by `available()`; `a`, `b`, `d` have one length.
@@ -186,9 +188,16 @@ pub fn pairs_and_interleave(x: &[f32], n: usize, per_image: usize) -> (Vec<u32>,
 /// `j` of pair `k` holds rows `2k` (low) and `2k + 1` (high) of column `j` — the operand
 /// layout of [`super::microkernel::Bf16Dot`] for a reduction over K.
 pub fn pack_pairs(packed: &[f32], k: usize) -> Vec<u32> {
-    assert!(k % 2 == 0 && packed.len() % (16 * k) == 0);
-    let mut out = super::zeroed(packed.len() / 2);
-    out.par_chunks_mut(8 * k).zip(packed.par_chunks(16 * k)).for_each(|(d, s)| {
+    pack_pairs_padded(packed, k, k)
+}
+
+/// [`pack_pairs`] with each group's K padded to `kp` (even, ≥ k) with zero pairs: the
+/// `[G][kp/2][16]` operand of the AMX tiles ([`super::amx`]), whose reduction steps are
+/// 32 elements.
+pub fn pack_pairs_padded(packed: &[f32], k: usize, kp: usize) -> Vec<u32> {
+    assert!(k % 2 == 0 && kp % 2 == 0 && kp >= k && packed.len() % (16 * k) == 0);
+    let mut out = super::zeroed(packed.len() / k * kp / 2);
+    out.par_chunks_mut(8 * kp).zip(packed.par_chunks(16 * k)).for_each(|(d, s)| {
         for kp in 0..k / 2 {
             for j in 0..16 {
                 d[kp * 16 + j] = round(s[2 * kp * 16 + j]) as u32 | (round(s[(2 * kp + 1) * 16 + j]) as u32) << 16;

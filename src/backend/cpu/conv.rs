@@ -143,9 +143,11 @@ pub fn add_bf16_products(eff: &mut EffWeight) {
     if !super::bf16::available() || i % 2 != 0 {
         return;
     }
+    // The AMX tiles take the same panels with K padded to their 32-element steps.
+    let pairs = |p: &[f32]| if super::amx::available() { super::amx::pack_weight(p, i) } else { super::bf16::pack_pairs(p, i) };
     eff.bf16 = match (eff.k, &eff.packed) {
-        (3, Some(p)) if eff.packed_out() == o => Some(super::bf16::pack_pairs(p, i)),
-        (1, _) if gemm16::usable(o) => Some(super::bf16::pack_pairs(&gemm16::pack_b_t(&eff.w, i, o), i)),
+        (3, Some(p)) if eff.packed_out() == o => Some(pairs(p)),
+        (1, _) if gemm16::usable(o) => Some(pairs(&gemm16::pack_b_t(&eff.w, i, o))),
         _ => None,
     };
 }
@@ -261,6 +263,14 @@ pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y:
     let pixels = n * h * w;
     let (o, i) = (eff.out_ch, eff.in_ch);
     if let Some(wb) = &eff.bf16 {
+        if super::amx::available() {
+            if eff.k == 1 {
+                super::amx::conv1x1(x, pixels, i, wb, o, y);
+            } else {
+                super::amx::conv3x3(x, n, h, w, i, wb, o, y);
+            }
+            return;
+        }
         // bf16 products (`add_bf16_products` chose the layer): the input as channel pairs.
         let xb = super::bf16::to_bf16_pairs(x);
         if eff.k == 1 {
@@ -396,6 +406,25 @@ pub fn conv_backward(
 fn conv_backward_bf16(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, dy: &[f32], dx: Option<&mut [f32]>, d_eff: &mut [f32]) -> bool {
     use super::bf16::{interleave_images, pack_pairs, pairs_and_interleave};
     let (o, i, k) = (eff.out_ch, eff.in_ch, eff.k);
+    if super::amx::available() {
+        // The tiles take any layer `add_bf16_products` chose (output channels in 16s, input
+        // channels even), given a data gradient's outputs in 16s too.
+        if dx.is_some() && i % 16 != 0 {
+            return false;
+        }
+        super::amx::weight_grad(k, x, n, h, w, i, dy, o, d_eff);
+        if let Some(dx) = dx {
+            let _prof = crate::profile::scope(if k == 1 { "conv1x1.bwd_x.amx" } else { "conv3x3.bwd_x.amx" });
+            if k == 1 {
+                let bp = super::amx::pack_weight(&gemm16::pack_b_rm(&eff.w, o, i), o);
+                super::amx::conv1x1(dy, n * h * w, o, &bp, i, dx);
+            } else {
+                let bp = super::amx::pack_weight(&conv3x3::pack_backward_from_forward(eff.packed.as_ref().unwrap(), o, i), o);
+                super::amx::conv3x3(dy, n, h, w, o, &bp, i, dx);
+            }
+        }
+        return true;
+    }
     let ok = match k {
         1 => gemm16::usable(o) && (dx.is_none() || gemm16::usable(i)),
         3 => i % 16 == 0 && direct_weight_grad(n, h, w, i, o),

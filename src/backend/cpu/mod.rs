@@ -2,6 +2,7 @@
 //! reference every other backend is checked against, so every op here is exact fp32
 //! arithmetic with deterministic reduction order.
 
+pub mod amx;
 pub mod attention;
 pub mod bf16;
 mod backend;

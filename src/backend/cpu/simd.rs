@@ -182,7 +182,7 @@ pub fn bf16_dot_peak_gflops(seconds: f64) -> Option<f64> {
 /// # Safety
 /// The CPU must support what `run` uses.
 #[cfg(target_arch = "x86_64")]
-unsafe fn peak_gflops(seconds: f64, flops: f64, run: unsafe fn(u64) -> f32) -> f64 {
+pub(crate) unsafe fn peak_gflops(seconds: f64, flops: f64, run: unsafe fn(u64) -> f32) -> f64 {
     use rayon::prelude::*;
     let mut iters = 1u64 << 16;
     loop {
