@@ -148,9 +148,34 @@ fn bf16_attention_products_are_the_products_of_the_rounded_operands() {
     if !have_bf16() {
         return;
     }
-    use edm2::backend::cpu::{attention, gemm16};
-    let (m, n, k) = (37, 48, 64);
+    use edm2::backend::cpu::attention;
     let mut rng = Rng::new(77);
+    // 37 rows: the vdpbf16ps tiles' remainder rows; 64: the AMX tiles' 32-row blocks
+    // (where the processor has them), 48 columns a two- and a one-tile block.
+    for (m, n, k) in [(37, 48, 64), (64, 48, 64)] {
+        products_of_rounded_operands(&mut rng, m, n, k);
+    }
+    // The whole attention (2 images, 64 pixels, 2 heads of 32): within the bf16 bound of
+    // fp32, forward and backward, and not exact.
+    let (nn, p, c, heads) = (2, 64, 64, 2);
+    let qkv = rng.normal_vec(nn * p * 3 * c);
+    let dy = rng.normal_vec(nn * p * c);
+    let mut out = [vec![0.0f32; nn * p * c], vec![0.0f32; nn * p * c]];
+    let mut dqkv = [vec![0.0f32; nn * p * 3 * c], vec![0.0f32; nn * p * 3 * c]];
+    for (i, bf) in [false, true].into_iter().enumerate() {
+        let cache = attention::attention_forward_in(bf, &qkv, nn, p, c, heads, &mut out[i]);
+        attention::attention_backward_in(bf, &qkv, &cache, &dy, nn, p, c, heads, &mut dqkv[i]);
+    }
+    let (ey, eg) = (rel_l2(&out[1], &out[0]), rel_l2(&dqkv[1], &dqkv[0]));
+    eprintln!("bf16 attention: y {ey:.2e}, dqkv {eg:.2e} against fp32");
+    assert!(ey < 1e-2 && ey > 1e-6, "bf16 attention output: rel L2 {ey:.2e}");
+    assert!(eg < 2e-2 && eg > 1e-6, "bf16 attention gradient: rel L2 {eg:.2e}");
+}
+
+/// `A·Bᵀ`, `A·B` and `Aᵀ·B` of the bf16 mode (m×n, reduction k) against f64 sums of the
+/// rounded operands' products.
+fn products_of_rounded_operands(rng: &mut Rng, m: usize, n: usize, k: usize) {
+    use edm2::backend::cpu::gemm16;
     let a = rng.normal_vec(m * k);
     let bt = rng.normal_vec(n * k);
     let b = rng.normal_vec(k * n);
@@ -180,21 +205,6 @@ fn bf16_attention_products_are_the_products_of_the_rounded_operands() {
     check_exact("A·Bᵀ", &c1, &want[0], &scale[0]);
     check_exact("A·B", &c2, &want[1], &scale[1]);
     check_exact("Aᵀ·B", &c3, &want[2], &scale[2]);
-    // The whole attention (2 images, 64 pixels, 2 heads of 32): within the bf16 bound of
-    // fp32, forward and backward, and not exact.
-    let (nn, p, c, heads) = (2, 64, 64, 2);
-    let qkv = rng.normal_vec(nn * p * 3 * c);
-    let dy = rng.normal_vec(nn * p * c);
-    let mut out = [vec![0.0f32; nn * p * c], vec![0.0f32; nn * p * c]];
-    let mut dqkv = [vec![0.0f32; nn * p * 3 * c], vec![0.0f32; nn * p * 3 * c]];
-    for (i, bf) in [false, true].into_iter().enumerate() {
-        let cache = attention::attention_forward_in(bf, &qkv, nn, p, c, heads, &mut out[i]);
-        attention::attention_backward_in(bf, &qkv, &cache, &dy, nn, p, c, heads, &mut dqkv[i]);
-    }
-    let (ey, eg) = (rel_l2(&out[1], &out[0]), rel_l2(&dqkv[1], &dqkv[0]));
-    eprintln!("bf16 attention: y {ey:.2e}, dqkv {eg:.2e} against fp32");
-    assert!(ey < 1e-2 && ey > 1e-6, "bf16 attention output: rel L2 {ey:.2e}");
-    assert!(eg < 2e-2 && eg > 1e-6, "bf16 attention gradient: rel L2 {eg:.2e}");
 }
 
 /// A net with every layer kind at widths where the bf16 kernels take both directions of

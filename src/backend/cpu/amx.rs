@@ -310,9 +310,14 @@ fn padded_pairs(x: &[f32], n: usize, h: usize, w: usize, c: usize, cp: usize, ha
             let r = t * rows_per_task + j;
             let (b, yp) = (r / hp, r % hp);
             let Some(y) = yp.checked_sub(halo).filter(|&y| y < h) else { continue };
-            for xx in 0..w {
-                let src = &x[((b * h + y) * w + xx) * c..][..c];
-                super::bf16::pairs_into(src, &mut d[(xx + halo) * row..][..c / 2]);
+            let src = &x[(b * h + y) * w * c..][..w * c];
+            if c == cp {
+                // The row's pixels are contiguous on both sides: one conversion.
+                super::bf16::pairs_into(src, &mut d[halo * row..][..w * row]);
+                continue;
+            }
+            for (xx, s) in src.chunks_exact(c).enumerate() {
+                super::bf16::pairs_into(s, &mut d[(xx + halo) * row..][..c / 2]);
             }
         }
     });
@@ -331,8 +336,11 @@ struct RowProduct<'a> {
 
 /// `y[dest(r)][j] = Σ_t Σ_k a[r + offsets[t]][k] · b[t][k][j]` for the 32 rows `r` of
 /// each block starting at `starts` (rows whose `dest` is None are computed and dropped).
-/// `dest` must map distinct rows to distinct output rows of `y` (row stride `n`).
-fn conv_rows(p: &RowProduct, starts: &[usize], dest: impl Fn(usize) -> Option<usize> + Sync, y: &mut [f32]) {
+/// `dest(s)` gives the 32 rows' destinations of the block at `s` at once (the grid's
+/// divisions once per block, not per row and column block: at 64 channels they cost as
+/// much as the products). Distinct rows must map to distinct output rows of `y` (row
+/// stride `n`).
+fn conv_rows(p: &RowProduct, starts: &[usize], dest: impl Fn(usize) -> [Option<usize>; BLOCK] + Sync, y: &mut [f32]) {
     let (kp2, n, taps) = (p.kp2, p.n, p.offsets.len());
     assert!(available() && kp2 % STEP_PAIRS == 0 && n % 16 == 0 && taps > 0);
     assert_eq!(p.b.len(), n / 16 * taps * kp2 * 16);
@@ -350,6 +358,7 @@ fn conv_rows(p: &RowProduct, starts: &[usize], dest: impl Fn(usize) -> Option<us
         // SAFETY: `available()` asserted above.
         let _tiles = unsafe { tiles::Scope::enter() };
         for &s in chunk {
+            let rows = dest(s);
             for nb in (0..n / 16).step_by(2) {
                 let two = nb + 1 < n / 16;
                 // SAFETY: the A rows read are s + off .. s + off + 32 (whole rows of kp2
@@ -378,8 +387,8 @@ fn conv_rows(p: &RowProduct, starts: &[usize], dest: impl Fn(usize) -> Option<us
                     }
                 }
                 let cols = if two { 32 } else { 16 };
-                for r in 0..BLOCK {
-                    if let Some(d) = dest(s + r) {
+                for (r, d) in rows.iter().enumerate() {
+                    if let Some(d) = *d {
                         assert!(d < out_rows);
                         // SAFETY: row d of y is in bounds and written by this task only.
                         let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(d * n + nb * 16), cols) };
@@ -389,6 +398,52 @@ fn conv_rows(p: &RowProduct, starts: &[usize], dest: impl Fn(usize) -> Option<us
             }
         }
     });
+}
+
+/// Whether [`gemm_seq`] takes a product of these shapes: rows in 32s, columns in 16s,
+/// the reduction in 32s (`kp` pairs in 16s).
+pub fn takes_gemm(m: usize, n: usize, kp: usize) -> bool {
+    available() && m % BLOCK == 0 && n % 16 == 0 && kp % STEP_PAIRS == 0 && m > 0 && n > 0 && kp > 0
+}
+
+/// `c[m×n]` (row stride `ldc`) `= a · b` on the calling thread: `a` `m` rows of `kp`
+/// bf16 pairs (row stride `lda` pairs), `b` the panels `[n/16][kp][16]` of
+/// [`super::bf16::pack_pairs`]. The attention's products in the bf16 mode (P = 64–256,
+/// head width 64: one call per image and head, inside a parallel loop).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_seq(m: usize, n: usize, kp: usize, a: &[u32], lda: usize, b: &[u32], c: &mut [f32], ldc: usize) {
+    assert!(takes_gemm(m, n, kp) && lda >= kp && ldc >= n);
+    assert!((m - 1) * lda + kp <= a.len() && b.len() >= n * kp && (m - 1) * ldc + n <= c.len());
+    let _prof = crate::profile::scope("amx.gemm");
+    // SAFETY: `available()` asserted (in `takes_gemm`).
+    let _tiles = unsafe { tiles::Scope::enter() };
+    for r0 in (0..m).step_by(BLOCK) {
+        for nb in (0..n / 16).step_by(2) {
+            let two = nb + 1 < n / 16;
+            // SAFETY: A rows r0..r0+32 < m, pairs up to kp ≤ lda (inside `a`, asserted);
+            // B panels nb (and nb + 1 when `two`) inside `b`; C rows r0..r0+32, columns
+            // nb·16..+16 (+32 when `two`) ≤ n, inside `c` (asserted).
+            unsafe {
+                tiles::zero_c();
+                let a = a.as_ptr().add(r0 * lda) as *const u8;
+                let b = b.as_ptr().add(nb * kp * 16) as *const u8;
+                let b2 = b.add(kp * 16 * 4);
+                for ks in 0..kp / STEP_PAIRS {
+                    if two {
+                        tiles::step::<2>(a.add(ks * 64), lda * 4, b.add(ks * 1024), b2.add(ks * 1024), 64);
+                    } else {
+                        tiles::step::<1>(a.add(ks * 64), lda * 4, b.add(ks * 1024), b2, 64);
+                    }
+                }
+                let cp = c.as_mut_ptr().add(r0 * ldc + nb * 16);
+                if two {
+                    tiles::store_c::<2>(cp, ldc * 4);
+                } else {
+                    tiles::store_c::<1>(cp, ldc * 4);
+                }
+            }
+        }
+    }
 }
 
 /// `y[N, H, W, cout] = conv3x3(x)` ('same' zero padding) for NHWC `x` `[N, H, W, cin]`
@@ -410,10 +465,21 @@ pub fn conv3x3(x: &[f32], n: usize, h: usize, w: usize, cin: usize, b: &[u32], c
     conv_rows(
         &p,
         &starts,
-        |r| {
-            let (i, q) = (r / pimg, r % pimg);
-            let (yy, xx) = (q / wp, q % wp);
-            (i < n && yy < h && xx < w).then(|| (i * h + yy) * w + xx)
+        |s| {
+            // Grid row s: image i, row yy, column xx; then step along the grid.
+            let (i, q) = (s / pimg, s % pimg);
+            let (mut i, mut yy, mut xx) = (i, q / wp, q % wp);
+            std::array::from_fn(|_| {
+                let d = (i < n && yy < h && xx < w).then(|| (i * h + yy) * w + xx);
+                xx += 1;
+                if xx == wp {
+                    (xx, yy) = (0, yy + 1);
+                    if yy == h + 2 {
+                        (yy, i) = (0, i + 1);
+                    }
+                }
+                d
+            })
         },
         y,
     );
@@ -429,7 +495,7 @@ pub fn conv1x1(x: &[f32], pixels: usize, cin: usize, b: &[u32], cout: usize, y: 
     let starts: Vec<usize> = (0..blocks).map(|j| j * BLOCK).collect();
     let _prof = crate::profile::scope("amx.conv1x1");
     let p = RowProduct { a: &a, kp2: cp / 2, offsets: &[0], b, n: cout };
-    conv_rows(&p, &starts, |r| (r < pixels).then_some(r), y);
+    conv_rows(&p, &starts, |s| std::array::from_fn(|r| (s + r < pixels).then_some(s + r)), y);
 }
 
 /// A panel-packed f32 weight `[G][k][16]` (the direct kernel's `[cout/16][9][cin][16]`
@@ -437,6 +503,120 @@ pub fn conv1x1(x: &[f32], pixels: usize, cin: usize, b: &[u32], cout: usize, y: 
 /// `[G][kp/2][16]` bf16 pairs with kp = [`padded_channels`]`(k)` (the pad rows zero).
 pub fn pack_weight(packed: &[f32], k: usize) -> Vec<u32> {
     super::bf16::pack_pairs_padded(packed, k, padded_channels(k))
+}
+
+/// The weight gradient's operand conversions (image pairs to bf16 pairs) on AVX-512:
+/// 32 channels of a pixel of both images at a time (masked where fewer remain). The
+/// bf16 mode runs only where AVX512-BF16/BW exist ([`super::bf16::available`], which
+/// [`available`] includes).
+#[cfg(target_arch = "x86_64")]
+mod convert {
+    use std::arch::x86_64::*;
+
+    /// Word 2i of a pair vector takes word i of `cvtne2ps(b, a)` (a_i), word 2i + 1
+    /// word 16 + i (b_i).
+    #[inline(always)]
+    unsafe fn interleave_index() -> __m512i {
+        let idx: [i16; 32] = std::array::from_fn(|w| (w / 2 + 16 * (w % 2)) as i16);
+        _mm512_loadu_si512(idx.as_ptr() as *const __m512i)
+    }
+
+    /// The bf16 pairs (a[c] low, b[c] high — zero without `b`) of channels c < m ≤ 32,
+    /// zero for c ≥ m: channels 0–15 and 16–31.
+    #[inline(always)]
+    unsafe fn pairs32(a: *const f32, b: Option<*const f32>, m: usize, idx: __m512i) -> [__m512i; 2] {
+        let lanes = |n: usize| if n >= 16 { 0xffffu16 } else { ((1u32 << n) - 1) as u16 };
+        let (m0, m1) = (lanes(m), lanes(m.saturating_sub(16)));
+        let (a0, a1) = (_mm512_maskz_loadu_ps(m0, a), _mm512_maskz_loadu_ps(m1, a.wrapping_add(16)));
+        let (b0, b1) = match b {
+            Some(b) => (_mm512_maskz_loadu_ps(m0, b), _mm512_maskz_loadu_ps(m1, b.wrapping_add(16))),
+            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
+        let v0 = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b0, a0));
+        let v1 = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b1, a1));
+        [_mm512_permutexvar_epi16(idx, v0), _mm512_permutexvar_epi16(idx, v1)]
+    }
+
+    /// dy of an image pair (`a`, and `b` unless the batch ended) transposed: row `o`
+    /// of `d` (rows `hq` apart) holds channel o0 + o (o < m) at grid pixel y·wp + x.
+    /// Runs of 16 pixels are paired into a block, then each channel's 16 values are
+    /// gathered from it and stored as one cache line.
+    #[allow(clippy::too_many_arguments)]
+    pub fn transposed_pairs(a: &[f32], b: Option<&[f32]>, h: usize, w: usize, c: usize, o0: usize, m: usize, wp: usize, hq: usize, d: &mut [u32]) {
+        assert!(a.len() == h * w * c && b.is_none_or(|b| b.len() == a.len()) && o0 + m <= c && m <= 32);
+        assert!(w <= wp && h * wp <= hq && d.len() >= m * hq);
+        // SAFETY: the bf16 mode runs only with AVX512-F/BW/BF16 (module comment); every
+        // pixel read is (y·w + x)·c + o0 + [0, m) < a.len(), every store row o < m at
+        // o·hq + y·wp + x0 + [0, len) with x0 + len ≤ w ≤ wp, inside d (asserted).
+        unsafe { transposed_pairs_avx512(a, b, h, w, c, o0, m, wp, hq, d) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn transposed_pairs_avx512(a: &[f32], b: Option<&[f32]>, h: usize, w: usize, c: usize, o0: usize, m: usize, wp: usize, hq: usize, d: &mut [u32]) {
+        #[repr(C, align(64))]
+        struct Block([u32; 16 * 32]);
+        let mut blk = Block([0; 16 * 32]);
+        let idx = interleave_index();
+        let rows: [i32; 16] = std::array::from_fn(|p| 32 * p as i32);
+        let rows = _mm512_loadu_si512(rows.as_ptr() as *const __m512i);
+        for y in 0..h {
+            for x0 in (0..w).step_by(16) {
+                let len = (w - x0).min(16);
+                for p in 0..len {
+                    let at = (y * w + x0 + p) * c + o0;
+                    let v = pairs32(a.as_ptr().add(at), b.map(|b| b.as_ptr().add(at)), m, idx);
+                    _mm512_store_si512(blk.0.as_mut_ptr().add(32 * p) as *mut __m512i, v[0]);
+                    _mm512_store_si512(blk.0.as_mut_ptr().add(32 * p + 16) as *mut __m512i, v[1]);
+                }
+                let keep = if len == 16 { 0xffffu16 } else { ((1u32 << len) - 1) as u16 };
+                let dst = d.as_mut_ptr().add(y * wp + x0);
+                for o in 0..m {
+                    let col = _mm512_i32gather_epi32::<4>(rows, blk.0.as_ptr().add(o) as *const _);
+                    _mm512_mask_storeu_epi32(dst.add(o * hq) as *mut _, keep, col);
+                }
+            }
+        }
+    }
+
+    /// x of an image pair as one 32-channel plane (channels c0..c0 + m, the rest zero):
+    /// grid pixel (y + halo)·wp + x + halo of `d` holds its 32 pairs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plane_pairs(a: &[f32], b: Option<&[f32]>, h: usize, w: usize, c: usize, c0: usize, m: usize, halo: usize, wp: usize, d: &mut [u32]) {
+        assert!(a.len() == h * w * c && b.is_none_or(|b| b.len() == a.len()) && c0 + m <= c && m <= 32);
+        assert!(w + 2 * halo <= wp && d.len() >= ((h + halo) * wp) * 32);
+        // SAFETY: as for `transposed_pairs`; every store is the 32 pairs of one grid
+        // pixel < (h + halo)·wp, inside d (asserted).
+        unsafe { plane_pairs_avx512(a, b, h, w, c, c0, m, halo, wp, d) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn plane_pairs_avx512(a: &[f32], b: Option<&[f32]>, h: usize, w: usize, c: usize, c0: usize, m: usize, halo: usize, wp: usize, d: &mut [u32]) {
+        let idx = interleave_index();
+        for y in 0..h {
+            for x in 0..w {
+                let at = (y * w + x) * c + c0;
+                let v = pairs32(a.as_ptr().add(at), b.map(|b| b.as_ptr().add(at)), m, idx);
+                let dst = d.as_mut_ptr().add(((y + halo) * wp + x + halo) * 32);
+                _mm512_storeu_si512(dst as *mut __m512i, v[0]);
+                _mm512_storeu_si512(dst.add(16) as *mut __m512i, v[1]);
+            }
+        }
+    }
+}
+
+/// Where there is no AVX-512 the bf16 mode never runs ([`available`] is false).
+#[cfg(not(target_arch = "x86_64"))]
+mod convert {
+    #[allow(clippy::too_many_arguments)]
+    pub fn transposed_pairs(_: &[f32], _: Option<&[f32]>, _: usize, _: usize, _: usize, _: usize, _: usize, _: usize, _: usize, _: &mut [u32]) {
+        unreachable!("the bf16 mode needs x86-64")
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn plane_pairs(_: &[f32], _: Option<&[f32]>, _: usize, _: usize, _: usize, _: usize, _: usize, _: usize, _: usize, _: &mut [u32]) {
+        unreachable!("the bf16 mode needs x86-64")
+    }
 }
 
 /// Image `i` (of `n`, `len` values each) of `v`, None past the last.
@@ -481,45 +661,25 @@ pub fn weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: usize
     let mut xg = Aligned::zeroed(n2 * xrows * cp);
     {
         let _prof = crate::profile::scope("amx.dw_operands");
-        let _p = crate::profile::scope("amx.dw_dt");
         let per = h * w * cout;
         dt.par_chunks_mut(BLOCK * hq).enumerate().for_each(|(t, d)| {
             let (pair, o0) = (t / (op / BLOCK), (t % (op / BLOCK)) * BLOCK);
             let m = cout.saturating_sub(o0).min(BLOCK);
-            if m == 0 {
-                return;
-            }
-            let (da, db) = (image(dy, 2 * pair, n, per).unwrap(), image(dy, 2 * pair + 1, n, per));
-            let mut tmp = [0u32; BLOCK];
-            for yy in 0..h {
-                for xx in 0..w {
-                    let (pix, at) = ((yy * w + xx) * cout + o0, yy * wp + xx);
-                    super::bf16::interleave_run(&da[pix..][..m], db.map(|b| &b[pix..][..m]), &mut tmp[..m]);
-                    for (o, v) in tmp[..m].iter().enumerate() {
-                        d[o * hq + at] = *v;
-                    }
-                }
+            if m > 0 {
+                let (da, db) = (image(dy, 2 * pair, n, per).unwrap(), image(dy, 2 * pair + 1, n, per));
+                convert::transposed_pairs(da, db, h, w, cout, o0, m, wp, hq, d);
             }
         });
         // x in planes of 32 channels: a tile row (16 channel pairs) then lies in a
         // contiguous run of rows, not one 64-byte piece per `cp`-wide row (with 128
         // channels, a 512-byte stride: every row in the same few L1 sets).
-        drop(_p);
-        let _p = crate::profile::scope("amx.dw_xg");
         let per = h * w * cin;
         xg.par_chunks_mut(xrows * BLOCK).enumerate().for_each(|(t, d)| {
             let (pair, c0) = (t / (cp / BLOCK), (t % (cp / BLOCK)) * BLOCK);
             let m = cin.saturating_sub(c0).min(BLOCK);
-            if m == 0 {
-                return;
-            }
-            let (xa, xb) = (image(x, 2 * pair, n, per).unwrap(), image(x, 2 * pair + 1, n, per));
-            for yy in 0..h {
-                for xx in 0..w {
-                    let src = (yy * w + xx) * cin + c0..(yy * w + xx) * cin + c0 + m;
-                    let at = ((yy + halo) * wp + xx + halo) * BLOCK;
-                    super::bf16::interleave_run(&xa[src.clone()], xb.map(|b| &b[src]), &mut d[at..at + m]);
-                }
+            if m > 0 {
+                let (xa, xb) = (image(x, 2 * pair, n, per).unwrap(), image(x, 2 * pair + 1, n, per));
+                convert::plane_pairs(xa, xb, h, w, cin, c0, m, halo, wp, d);
             }
         });
     }

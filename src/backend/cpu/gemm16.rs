@@ -57,6 +57,10 @@ pub fn gemm16(m: usize, n: usize, k: usize, a: &[f32], lda: usize, bp: &[f32], c
 #[allow(clippy::too_many_arguments)]
 pub fn gemm16_bf16(m: usize, n: usize, k: usize, a: &[u32], lda: usize, bp: &[u32], c: &mut [f32], ldc: usize, parallel: bool) {
     assert!(usable(n) && super::bf16::available());
+    if !parallel && super::amx::takes_gemm(m, n, k) {
+        // On the tiles where the processor has them (the attention's products).
+        return super::amx::gemm_seq(m, n, k, a, lda, bp, c, ldc);
+    }
     gemm_rows::<Bf16Dot>(m, n, k, a, lda, bp, c, ldc, parallel, true)
 }
 
