@@ -643,6 +643,16 @@ fn image(v: &[f32], i: usize, n: usize, len: usize) -> Option<&[f32]> {
     (i < n).then(|| &v[i * len..][..len])
 }
 
+/// What task `t` of a conversion by (image pair, 32-channel block) reads from `v` (`n`
+/// images of `per` values, `c` channels padded to `cp`): the pair's images (the second
+/// None past the batch), the block's first channel and its channels inside `c`; None
+/// for a block wholly in the padding (its output stays zero).
+fn pair_block(v: &[f32], n: usize, per: usize, c: usize, cp: usize, t: usize) -> Option<(&[f32], Option<&[f32]>, usize, usize)> {
+    let (pair, c0) = (t / (cp / BLOCK), (t % (cp / BLOCK)) * BLOCK);
+    let m = c.saturating_sub(c0).min(BLOCK);
+    (m > 0).then(|| (image(v, 2 * pair, n, per).unwrap(), image(v, 2 * pair + 1, n, per), c0, m))
+}
+
 /// Bytes of operands (dy and x of some image pairs) per pass over a thread's C blocks:
 /// they stay in L2 while every block reads them (each pass loads and stores every C
 /// block once). Sized by one block's operands instead (13 pairs at 16x16, 128
@@ -677,25 +687,17 @@ pub fn weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: usize
     let (cp, op) = (padded_channels(cin), padded_channels(cout));
     // dy as [n2][op][hq] image pairs, transposed; x as [n2][cp/32][xrows][32] pairs.
     let prof = crate::profile::scope("amx.dw_operands");
-    let per = h * w * cout;
     let dt = Aligned::filled(n2 * op * hq, BLOCK * hq, |t, d| {
-        let (pair, o0) = (t / (op / BLOCK), (t % (op / BLOCK)) * BLOCK);
-        let m = cout.saturating_sub(o0).min(BLOCK);
-        if m > 0 {
-            let (da, db) = (image(dy, 2 * pair, n, per).unwrap(), image(dy, 2 * pair + 1, n, per));
-            convert::transposed_pairs(da, db, h, w, cout, o0, m, wp, hq, d);
+        if let Some((a, b, o0, m)) = pair_block(dy, n, h * w * cout, cout, op, t) {
+            convert::transposed_pairs(a, b, h, w, cout, o0, m, wp, hq, d);
         }
     });
     // x in planes of 32 channels: a tile row (16 channel pairs) then lies in a
     // contiguous run of rows, not one 64-byte piece per `cp`-wide row (with 128
     // channels, a 512-byte stride: every row in the same few L1 sets).
-    let per = h * w * cin;
     let xg = Aligned::filled(n2 * xrows * cp, xrows * BLOCK, |t, d| {
-        let (pair, c0) = (t / (cp / BLOCK), (t % (cp / BLOCK)) * BLOCK);
-        let m = cin.saturating_sub(c0).min(BLOCK);
-        if m > 0 {
-            let (xa, xb) = (image(x, 2 * pair, n, per).unwrap(), image(x, 2 * pair + 1, n, per));
-            convert::plane_pairs(xa, xb, h, w, cin, c0, m, halo, wp, d);
+        if let Some((a, b, c0, m)) = pair_block(x, n, h * w * cin, cin, cp, t) {
+            convert::plane_pairs(a, b, h, w, cin, c0, m, halo, wp, d);
         }
     });
     drop(prof);
