@@ -122,6 +122,8 @@ fn bf16_convolutions_compute_the_products_of_the_rounded_operands() {
     // row block spans several image rows and the next image).
     layer(3, 3, 9, 13, 48, 32);
     layer(1, 3, 5, 7, 16, 48);
+    // 2x2 images: the AMX grid's 32-row blocks reach several images past their own.
+    layer(3, 64, 2, 2, 32, 32);
 }
 
 #[test]

@@ -485,11 +485,13 @@ pub fn conv3x3(x: &[f32], n: usize, h: usize, w: usize, cin: usize, b: &[u32], c
         &p,
         &starts,
         |s| {
-            // Grid row s: image i, row yy, column xx; then step along the grid.
-            let (i, q) = (s / pimg, s % pimg);
-            let (mut i, mut yy, mut xx) = (i, q / wp, q % wp);
+            // Grid row s: image i, row yy, column xx; then step along the grid. Only
+            // the block's own image: on tiny images (w < 14) a block reaches into the
+            // next image's rows, which that image's own block writes.
+            let (i0, q) = (s / pimg, s % pimg);
+            let (mut i, mut yy, mut xx) = (i0, q / wp, q % wp);
             std::array::from_fn(|_| {
-                let d = (i < n && yy < h && xx < w).then(|| (i * h + yy) * w + xx);
+                let d = (i == i0 && i < n && yy < h && xx < w).then(|| (i * h + yy) * w + xx);
                 xx += 1;
                 if xx == wp {
                     (xx, yy) = (0, yy + 1);
