@@ -143,10 +143,24 @@ pub fn add_bf16_products(eff: &mut EffWeight) {
     if !super::bf16::available() || i % 2 != 0 {
         return;
     }
+    if eff.k == 3 && eff.packed.is_none() && super::amx::available() {
+        // The tiles take a narrow output too (the 3-channel out_conv): the direct
+        // kernel's packing, its columns past `o` zero (so `packed_out` is o rounded up
+        // to 16; `w` stays for the fp32 paths).
+        let po = o.div_ceil(16) * 16;
+        let mut p = vec![0.0f32; po * 9 * i];
+        for (j, row) in eff.w.chunks_exact(9 * i).enumerate() {
+            for (t, ci) in (0..9 * i).map(|e| (e / i, e % i)) {
+                p[((j / 16 * 9 + t) * i + ci) * 16 + j % 16] = row[t * i + ci];
+            }
+        }
+        eff.packed = Some(p);
+    }
     // The AMX tiles take the same panels with K padded to their 32-element steps.
     let pairs = |p: &[f32]| if super::amx::available() { super::amx::pack_weight(p, i) } else { super::bf16::pack_pairs(p, i) };
     eff.bf16 = match (eff.k, &eff.packed) {
-        (3, Some(p)) if eff.packed_out() == o => Some(pairs(p)),
+        // The tiles also take a narrow output (the 3-channel out_conv), on its 16-wide packing.
+        (3, Some(p)) if eff.packed_out() == o || super::amx::available() => Some(pairs(p)),
         (1, _) if gemm16::usable(o) => Some(pairs(&gemm16::pack_b_t(&eff.w, i, o))),
         _ => None,
     };
@@ -264,10 +278,16 @@ pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y:
     let (o, i) = (eff.out_ch, eff.in_ch);
     if let Some(wb) = &eff.bf16 {
         if super::amx::available() {
+            let po = eff.packed_out();
             if eff.k == 1 {
                 super::amx::conv1x1(x, pixels, i, wb, o, y);
-            } else {
+            } else if po == o {
                 super::amx::conv3x3(x, n, h, w, i, wb, o, y);
+            } else {
+                // A narrow output: into the packing's 16-wide buffer, then its first `o`.
+                let mut wide = super::zeroed(pixels * po);
+                super::amx::conv3x3(x, n, h, w, i, wb, po, &mut wide);
+                y.par_chunks_mut(o).zip(wide.par_chunks(po)).for_each(|(d, s)| d.copy_from_slice(&s[..o]));
             }
             return;
         }
@@ -412,15 +432,32 @@ fn conv_backward_bf16(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, 
         if dx.is_some() && i % 16 != 0 {
             return false;
         }
-        super::amx::weight_grad(k, x, n, h, w, i, dy, o, d_eff);
+        // A narrow output (3x3 only): its gradient widened to the packing's 16 channels
+        // with zeros, whose weight-gradient rows are then dropped.
+        let po = eff.packed_out();
+        let wide_dy;
+        let dy = if po == o {
+            dy
+        } else {
+            wide_dy = widen_channels(dy, o, po);
+            &wide_dy
+        };
+        if po == o {
+            super::amx::weight_grad(k, x, n, h, w, i, dy, o, d_eff);
+        } else {
+            let taps = k * k;
+            let mut wide = super::zeroed(po * taps * i);
+            super::amx::weight_grad(k, x, n, h, w, i, dy, po, &mut wide);
+            d_eff.copy_from_slice(&wide[..o * taps * i]);
+        }
         if let Some(dx) = dx {
             let _prof = crate::profile::scope(if k == 1 { "conv1x1.bwd_x.amx" } else { "conv3x3.bwd_x.amx" });
             if k == 1 {
                 let bp = super::amx::pack_weight(&gemm16::pack_b_rm(&eff.w, o, i), o);
                 super::amx::conv1x1(dy, n * h * w, o, &bp, i, dx);
             } else {
-                let bp = super::amx::pack_weight(&conv3x3::pack_backward_from_forward(eff.packed.as_ref().unwrap(), o, i), o);
-                super::amx::conv3x3(dy, n, h, w, o, &bp, i, dx);
+                let bp = super::amx::pack_weight(&conv3x3::pack_backward_from_forward(eff.packed.as_ref().unwrap(), po, i), po);
+                super::amx::conv3x3(dy, n, h, w, po, &bp, i, dx);
             }
         }
         return true;
@@ -458,6 +495,13 @@ fn conv_backward_bf16(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, 
         }
     }
     true
+}
+
+/// `x` (rows of `c` channels) with each row widened to `wide` channels, zero beyond `c`.
+fn widen_channels(x: &[f32], c: usize, wide: usize) -> Vec<f32> {
+    let mut out = super::zeroed(x.len() / c * wide);
+    out.par_chunks_mut(wide).zip(x.par_chunks(c)).for_each(|(d, s)| d[..c].copy_from_slice(s));
+    out
 }
 
 /// Data gradient of a 3x3 conv with few output channels (the output conv):
