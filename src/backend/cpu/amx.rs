@@ -1,21 +1,25 @@
 //! AMX tiles (Intel Advanced Matrix Extensions: `tdpbf16ps` on eight 16-row × 64-byte
 //! tile registers) for the products of the CPU's bf16 mode where the processor has them
-//! (Sapphire Rapids and later): the 3x3 and 1x1 convolutions, forward, data gradient and
-//! weight gradient. The operands are rounded to bf16 (nearest even) right before the
-//! product and the products accumulate in fp32, as on the `vdpbf16ps` path
-//! ([`super::bf16`]): the same error bounds, another summation order.
+//! (Sapphire Rapids and later): the 3x3 and 1x1 convolutions (forward, data gradient,
+//! weight gradient) and the attention's products ([`gemm_seq`]). The operands are
+//! rounded to bf16 (nearest even) right before the product and the products accumulate
+//! in fp32, as on the `vdpbf16ps` path ([`super::bf16`]): the same error bounds, another
+//! summation order.
 //!
-//! Rates measured on a 2-vCPU AVX-512 Xeon with AMX (2026-12-07, a loop of 2x2 tile
-//! blocks from L1): **1.5 TFLOP/s per thread, 3.0 TFLOP/s on two**, against 0.41 for fp32
-//! FMAs (zmm) and 0.21 for `vdpbf16ps` on the same machine. So the products stop being
-//! the step's cost; the operand layouts below are what the kernels are built around.
+//! Rates measured on a 2-vCPU AVX-512 Xeon with AMX (2026-12-07): [`peak_gflops`] (2x2
+//! blocks, operands fixed in L1) 6.0 TFLOP/s on two threads, 16 cycles per `tdpbf16ps`;
+//! with the operands rotating through 32 KB, 1.5 per thread; against 0.41 for fp32 FMAs
+//! (zmm) and 0.21 for `vdpbf16ps` on the same machine. So the products stop being the
+//! step's cost; the kernels below run at 1.0–1.5 TFLOP/s per layer, limited by their
+//! operand streams, and the operand layouts are what they are built around.
 //!
 //! Tiles (palette 1, all eight 16 rows × 64 bytes): a 32×32 fp32 block of C lives in
 //! tmm0..tmm3 (tmm0 rows 0–15 × columns 0–15, tmm1 rows 0–15 × columns 16–31, tmm2 and
 //! tmm3 rows 16–31), A in tmm4/tmm5 (16 rows × 32 bf16 of the reduction), B in tmm6/tmm7
 //! (16 rows of 16 bf16 pairs: each `u32` two consecutive reduction elements of one
 //! column — the pairs of [`super::bf16::pack_pairs`]). One step: 4 tile loads, 4
-//! `tdpbf16ps` (32·32·32 products).
+//! `tdpbf16ps` (32·32·32 products). Every operand buffer starts on a 64-byte boundary, so
+//! each tile row is one cache line.
 //!
 //! Operand layouts:
 //! * **Forward and data gradient of a 3x3** (the data gradient is the forward on dy with
@@ -27,11 +31,11 @@
 //!   edge cases at all. The 1x1 is the same with no halo and one tap.
 //! * **Weight gradient** (`d_eff[o, tap, ci] = Σ_p dy[p, o] · x[p + tap, ci]`, a
 //!   reduction over pixels): pairs along the reduction are the same pixel of two images
-//!   (as on the `vdpbf16ps` path: every tap shifts both alike). x is transposed to
-//!   `[N/2][Cp][P]` (A: rows are input channels, the reduction contiguous; halo
-//!   included), dy is `[N/2][Q][O]` on the q grid (B; the dropped columns zero, so they
-//!   add nothing). C blocks (tap, 32 input × 32 output channels) stay in tiles over a
-//!   chunk of pixels that stays in L2.
+//!   (as on the `vdpbf16ps` path: every tap shifts both alike). dy is transposed to
+//!   `[N/2][O][Q]` on the q grid (A: rows are output channels, the reduction contiguous;
+//!   the dropped columns zero, so they add nothing), x is `[N/2][Cp/32][P][32]` on the
+//!   padded grid (B: a tap's shift moves whole 128-byte rows). C blocks (32 output × 32
+//!   input channels, tap) stay in tiles over a few image pairs whose operands stay in L2.
 //!
 //! Deterministic: each output element is one chain of tile products in a fixed order,
 //! whatever the thread count (the weight gradient's blocks are split between threads,
