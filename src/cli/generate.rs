@@ -147,6 +147,7 @@ pub fn run(a: Args) -> Result<()> {
     if precision_is_bf16(&a.precision) && device != Device::Cuda {
         // bf16 products on a CPU with AVX512-BF16; refused (saying why) elsewhere.
         edm2::backend::cpu::Cpu::with_bf16_products().map_err(anyhow::Error::msg)?;
+        eprintln!("--precision bf16 on the CPU: the products on {}", edm2::backend::cpu::amx::products_name());
         if let Some(note) = edm2::backend::cpu::Cpu::bf16_slower_note() {
             eprintln!("{note}");
         }

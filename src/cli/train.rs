@@ -504,6 +504,9 @@ fn run_rank(a: Args, comm: &dyn edm2::dist::Collective) -> Result<()> {
         (Some("bf16"), _, Device::Cpu) => {
             // bf16 products on a CPU with AVX512-BF16; refused (saying why) elsewhere.
             edm2::backend::cpu::Cpu::with_bf16_products().map_err(anyhow::Error::msg)?;
+            if rank0 {
+                eprintln!("--precision bf16 on the CPU: the products on {}", edm2::backend::cpu::amx::products_name());
+            }
             if let (true, Some(note)) = (rank0, edm2::backend::cpu::Cpu::bf16_slower_note()) {
                 eprintln!("{note}");
             }
