@@ -91,10 +91,43 @@ struct Tls {
   std::vector<std::vector<AsyncCopy>> cp_groups;  // committed, oldest first
 };
 
-// A simulated CUDA thread: a fiber (ucontext) with its own stack on the launching OS
-// thread. Stacks are reused across launches.
+// A fiber's execution context. On x86-64 a switch saves the callee-saved registers and
+// the floating-point control words on the fiber's own stack and swaps stack pointers
+// (edm2sim_swap below): glibc's swapcontext also saves and restores the signal mask, a
+// system call per switch, which made it ~60% of a simulated training step. Elsewhere
+// ucontext.
+#if defined(__x86_64__) && !defined(EDM2_SIM_THREADS)
+#define EDM2_SIM_FAST_SWITCH 1
+struct Ctx {
+  void *sp = nullptr;
+};
+// Saves the current context on its stack, stores its stack pointer in *save and resumes
+// the context whose stack pointer is `load`. A weak symbol: every kernel file includes
+// this header; the linker keeps one copy.
+extern "C" void edm2sim_swap(void **save, void *load);
+__asm__(
+    ".pushsection .text\n"
+    ".weak edm2sim_swap\n"
+    ".type edm2sim_swap,@function\n"
+    "edm2sim_swap:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  subq $16, %rsp\n  fnstcw (%rsp)\n  stmxcsr 8(%rsp)\n"
+    "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
+    "  fldcw (%rsp)\n  ldmxcsr 8(%rsp)\n  addq $16, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size edm2sim_swap, .-edm2sim_swap\n"
+    ".popsection\n");
+#else
+struct Ctx {
+  ucontext_t uc;
+};
+#endif
+
+// A simulated CUDA thread: a fiber with its own stack on the launching OS thread. Stacks
+// are reused across launches.
 struct Fiber {
-  ucontext_t ctx;
+  Ctx ctx;
   Tls tls;
 };
 
@@ -181,7 +214,7 @@ struct BlockRun {
   std::vector<float> warp_buf_f;
   std::vector<const void *> warp_buf_p;  // per lane: the row address given to ldmatrix
   std::vector<uint32_t> mma_frag;        // per lane: a[4], b[2] of an mma in flight
-  ucontext_t sched;  // the launching thread's context
+  Ctx sched;  // the launching thread's context
   Fiber *fibers = nullptr;
   const std::function<void()> *body = nullptr;
 #ifdef EDM2_SIM_THREADS
@@ -236,15 +269,70 @@ inline void maybe_release(BlockRun &r, St want, int lo, int hi) {
     if (r.st[t] == want) r.st[t] = St::Ready;
 }
 
+#ifndef EDM2_SIM_THREADS
+// Saves the running context in `save` and resumes `load`.
+inline void ctx_swap(Ctx &save, Ctx &load) {
+#ifdef EDM2_SIM_FAST_SWITCH
+  edm2sim_swap(&save.sp, load.sp);
+#else
+  swapcontext(&save.uc, &load.uc);
+#endif
+}
+
+// Resumes `load`; the running context is abandoned (a fiber whose thread returned).
+[[noreturn]] inline void ctx_jump(Ctx &load) {
+#ifdef EDM2_SIM_FAST_SWITCH
+  void *abandoned;
+  edm2sim_swap(&abandoned, load.sp);
+#else
+  setcontext(&load.uc);
+#endif
+  std::abort();
+}
+
+inline void fiber_main();
+
+#ifdef EDM2_SIM_FAST_SWITCH
+extern "C" inline void edm2sim_fiber_start() {
+  fiber_main();  // never returns: it jumps to the next fiber or to the launcher
+}
+#endif
+
+// A fresh context on `stack` that runs fiber_main.
+inline void ctx_make(Ctx &c, char *stack, size_t bytes) {
+#ifdef EDM2_SIM_FAST_SWITCH
+  // The frame edm2sim_swap pops: 16 bytes of control words (x87 at +0, MXCSR at +8,
+  // this thread's current ones), six callee-saved registers (zero), then the address its
+  // `ret` goes to. That slot is 16-byte aligned, so fiber_start is entered with the
+  // stack as after a call (rsp = 8 mod 16); above it a zero return address.
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
+  void **slot = reinterpret_cast<void **>(top - 16);
+  slot[1] = nullptr;
+  slot[0] = reinterpret_cast<void *>(&edm2sim_fiber_start);
+  for (int k = 1; k <= 6; k++) slot[-k] = nullptr;
+  char *frame = reinterpret_cast<char *>(slot - 6) - 16;
+  std::memset(frame, 0, 16);
+  __asm__ volatile("fnstcw (%0)\n stmxcsr 8(%0)" : : "r"(frame) : "memory");
+  c.sp = frame;
+#else
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;  // fiber_main never returns
+  makecontext(&c.uc, fiber_main, 0);
+#endif
+}
+#endif
+
 // Suspends the current fiber and resumes the one holding the baton (or the launcher).
 inline void switch_from(BlockRun &r, int me) {
   if (r.turn == me) return;
   Fiber &self = r.fibers[me];
   if (r.turn < 0) {
-    swapcontext(&self.ctx, &r.sched);
+    ctx_swap(self.ctx, r.sched);
   } else {
     cur = &r.fibers[r.turn].tls;
-    swapcontext(&self.ctx, &r.fibers[r.turn].ctx);
+    ctx_swap(self.ctx, r.fibers[r.turn].ctx);
   }
   cur = &self.tls;  // resumed
 }
@@ -396,9 +484,8 @@ inline void cp_async_wait_group(size_t pending) {
   }
 }
 
-// Entry of every fiber: run the kernel body, leave pending barriers, pass the baton; the
-// context then ends (uc_link: the launcher) or, if the baton went to another fiber,
-// switches there.
+// Entry of every fiber: run the kernel body, leave pending barriers, pass the baton, then
+// resume the fiber holding it or, when the block is done, the launcher.
 inline void fiber_main() {
   BlockRun &r = *cur_run;
   int me = cur->me;
@@ -411,9 +498,9 @@ inline void fiber_main() {
   pass_baton(r, me);
   if (r.turn >= 0) {
     cur = &r.fibers[r.turn].tls;
-    setcontext(&r.fibers[r.turn].ctx);
+    ctx_jump(r.fibers[r.turn].ctx);
   }
-  // else: return to uc_link (the launcher)
+  ctx_jump(r.sched);
 }
 
 // Poisons a shared array (all bits set) the first time a thread of the current block
@@ -577,15 +664,11 @@ inline cudaError_t launch(dim3 grid, dim3 block, const std::function<void()> &bo
           f.tls.gdim = grid;
           f.tls.cp_open.clear();  // copies a thread never waited for end with it
           f.tls.cp_groups.clear();
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = stacks[t].get();
-          f.ctx.uc_stack.ss_size = kStackBytes;
-          f.ctx.uc_link = &r.sched;
-          makecontext(&f.ctx, fiber_main, 0);
+          ctx_make(f.ctx, stacks[t].get(), kStackBytes);
         }
         r.turn = r.order[0];
         cur = &fibers[r.turn].tls;
-        swapcontext(&r.sched, &fibers[r.turn].ctx);
+        ctx_swap(r.sched, fibers[r.turn].ctx);
         // Back here when the last thread of the block has finished.
         if (r.turn != -1) {
           std::fprintf(stderr, "cuda_sim: block (%u,%u,%u) returned to the launcher unfinished\n", bx, by, bz);
