@@ -10,6 +10,10 @@
 
 use crate::error::{Error, Result};
 
+#[cfg(feature = "cuda")]
+mod nccl_group;
+pub mod rendezvous;
+
 /// The ranks of a run and their collective operations. Every rank must call the
 /// collective methods in the same order.
 pub trait Collective {
@@ -29,6 +33,24 @@ pub trait Collective {
     /// waiting in a collective, and an orderly shutdown would wait for them forever).
     fn abort(&self, code: i32) -> !;
 
+    /// This process's device among its machine's (the launcher's local rank).
+    fn local_rank(&self) -> usize {
+        0
+    }
+
+    /// Each device buffer ← its sum over the ranks. This default goes through the host
+    /// (download, [`Collective::sum_f32`], upload: correct on any engine, e.g. GPU ranks
+    /// under mpirun); NCCL overrides it with one grouped all-reduce on the device.
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    fn sum_device(&self, gpu: &crate::backend::gpu::Gpu, bufs: &mut [crate::backend::gpu::GpuBuf<f32>]) -> Result<()> {
+        for b in bufs.iter_mut() {
+            let mut host = gpu.download(b)?;
+            self.sum_f32(&mut host)?;
+            *b = gpu.upload(&host)?;
+        }
+        Ok(())
+    }
+
     /// Whether any rank says yes (a stop request on one rank stops all after the same step).
     fn any(&self, yes: bool) -> Result<bool> {
         let mut v = [yes as u8 as f64];
@@ -39,6 +61,23 @@ pub trait Collective {
 
 /// Bytes of one rank's [`Collective::gather`] record.
 pub const RECORD: usize = 256;
+
+/// A rank's [`Collective::gather`] bytes as the fixed record the engines gather: two length
+/// bytes, then the bytes (at most [`RECORD`]), zero-padded.
+#[cfg(any(feature = "mpi", feature = "cuda"))]
+fn record(bytes: &[u8]) -> Vec<u8> {
+    let n = bytes.len().min(RECORD);
+    let mut rec = vec![0u8; RECORD + 2];
+    rec[..2].copy_from_slice(&(n as u16).to_le_bytes());
+    rec[2..2 + n].copy_from_slice(&bytes[..n]);
+    rec
+}
+
+/// The bytes of each rank from their gathered [`record`]s, in rank order.
+#[cfg(any(feature = "mpi", feature = "cuda"))]
+fn from_records(all: &[u8]) -> Vec<Vec<u8>> {
+    all.chunks(RECORD + 2).map(|r| r[2..2 + (u16::from_le_bytes([r[0], r[1]]) as usize).min(RECORD)].to_vec()).collect()
+}
 
 /// A run of one process.
 pub struct Solo;
@@ -107,13 +146,39 @@ pub fn launch_from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<La
     Ok(None)
 }
 
+/// The process's device among its machine's: torchrun's `LOCAL_RANK`, Open MPI's
+/// `OMPI_COMM_WORLD_LOCAL_RANK` or Slurm's `SLURM_LOCALID` (0 without any).
+pub fn local_rank_from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<usize> {
+    for var in ["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"] {
+        if let Some(v) = get(var) {
+            return v.trim().parse::<usize>().ok().filter(|&r| r < 4096).ok_or_else(|| Error::Input(format!("{var}={v:?} is not a local rank")));
+        }
+    }
+    Ok(0)
+}
+
 /// The process group this process belongs to: [`Solo`] without a launcher, else the
-/// engine's (an error when this build or this launcher has none).
-pub fn join() -> Result<Box<dyn Collective>> {
-    let Some(l) = launch_from_env(&|k| std::env::var(k).ok())? else { return Ok(Box::new(Solo)) };
+/// engine's (an error when this build or this launcher has none). `gpu`: the ranks train
+/// on CUDA devices, so NCCL is the engine where the launcher gives a meeting place
+/// (torchrun's `MASTER_ADDR`/`MASTER_PORT`, also under Slurm).
+pub fn join(gpu: bool) -> Result<Box<dyn Collective>> {
+    let get = |k: &str| std::env::var(k).ok();
+    let Some(l) = launch_from_env(&get)? else { return Ok(Box::new(Solo)) };
+    if gpu && (l.by == "torchrun" || (l.by == "Slurm" && get("MASTER_ADDR").is_some())) {
+        let meeting = rendezvous::Meeting::from_env(&get, l.rank, l.world)?;
+        let local = local_rank_from_env(&get)?;
+        #[cfg(feature = "cuda")]
+        return Ok(Box::new(nccl_group::NcclGroup::init(&meeting, local)?));
+        #[cfg(not(feature = "cuda"))]
+        return Err(Error::Input(format!(
+            "{} started this process as rank {} of {} (device {local}, meeting at {}:{}) for GPUs, but this edm2 was built without \
+             CUDA: build it with `--features cuda`",
+            l.by, l.rank, l.world, meeting.addr, meeting.port
+        )));
+    }
     if l.by == "torchrun" {
         return Err(Error::Input(format!(
-            "torchrun started this process as rank {} of {}: its environment is for the GPU (NCCL) path, which is not built yet; \
+            "torchrun started this process as rank {} of {}: its environment is for GPUs (NCCL, --device cuda); \
              on CPUs launch with `edm2 train --nproc-per-node N`, `mpirun -np N edm2 train ...` or `srun`",
             l.rank, l.world
         )));
@@ -209,11 +274,7 @@ mod mpi_group {
             Ok(())
         }
         fn gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-            // Fixed records: two length bytes, then the bytes.
-            let n = bytes.len().min(RECORD);
-            let mut rec = vec![0u8; RECORD + 2];
-            rec[..2].copy_from_slice(&(n as u16).to_le_bytes());
-            rec[2..2 + n].copy_from_slice(&bytes[..n]);
+            let rec = super::record(bytes);
             let root = self.world.process_at_rank(0);
             if self.rank() != 0 {
                 root.gather_into(&rec[..]);
@@ -221,13 +282,11 @@ mod mpi_group {
             }
             let mut all = vec![0u8; (RECORD + 2) * self.world()];
             root.gather_into_root(&rec[..], &mut all[..]);
-            Ok(all
-                .chunks(RECORD + 2)
-                .map(|r| {
-                    let n = u16::from_le_bytes([r[0], r[1]]) as usize;
-                    r[2..2 + n.min(RECORD)].to_vec()
-                })
-                .collect())
+            Ok(super::from_records(&all))
+        }
+        fn local_rank(&self) -> usize {
+            // Checked when the process joined (`join` reads the same variables).
+            super::local_rank_from_env(&|k| std::env::var(k).ok()).unwrap_or(0)
         }
         fn engine(&self) -> &'static str {
             "MPI"

@@ -265,3 +265,63 @@ fn ranks_reading_different_data_are_refused() {
     assert!(text.contains("rank 0 reads 500 items") && text.contains("rank 1 reads 400 items"), "{text}");
     assert!(!run.join("training-state-0000000.safetensors").exists(), "no training state may be written");
 }
+
+/// GPU ranks (the simulated device of the `cuda-sim` build) under mpirun: the device step
+/// sums its gradients through the engine's host path ([`edm2::dist::Collective::sum_device`]'s
+/// default: download, MPI all-reduce, upload) and 2 processes train as one. And the GPU
+/// launcher (`--nproc-per-node N --device cuda`, torchrun's variables, NCCL) in a build
+/// without CUDA: every worker says why it cannot join, and the launcher names a failed rank.
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn simulated_gpu_ranks_under_mpirun_train_as_one_gpu() {
+    let d = tmp("gpu-sim");
+    // The simulator runs every CUDA thread on the CPU (~30 s per pass of this tiny net):
+    // an 8x8 net with attention and dropout, one step of 16 images (2 passes of 8 on one
+    // process, one on each of two).
+    let cfg = d.join("tiny8.json");
+    std::fs::write(
+        &cfg,
+        r#"{"img_resolution": 8, "img_channels": 1, "label_dim": 10, "model_channels": 8, "channel_mult": [1, 2],
+            "num_blocks": 1, "attn_resolutions": [4], "channels_per_head": 8, "dropout": 0.1, "use_fp16": false}"#,
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap().to_string();
+    // COMMON with batch (and status interval) 16.
+    let common: Vec<&str> = COMMON.iter().map(|&s| if s == "32" { "16" } else { s }).collect();
+    let state = |dir: &Path| edm2::train::state::list_states(dir).unwrap().pop().unwrap();
+    let run = |dir: &Path, mpi: bool| {
+        let mut args: Vec<String> = vec![];
+        if mpi {
+            args.extend(["--oversubscribe", "--bind-to", "none", "-np", "2", env!("CARGO_BIN_EXE_edm2")].map(String::from));
+        }
+        args.extend(["train", &cfg, "--outdir", dir.to_str().unwrap(), "--device", "cuda", "--duration", "16", "--threads", "1"].map(String::from));
+        args.extend(common.iter().map(|s| s.to_string()));
+        let out = Command::new(if mpi { "mpirun" } else { env!("CARGO_BIN_EXE_edm2") })
+            .args(&args)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let one = d.join("one");
+    run(&one, false);
+    let two = d.join("two");
+    let out = run(&two, true);
+    assert!(out.contains("Ranks joined (MPI, 2 processes)"), "{out}");
+    let (r, name) = max_rel_l2(&state(&one), &state(&two));
+    assert!(r <= 1e-5, "2 simulated GPU ranks against one: relative L2 difference {r:.2e} in {name}");
+    eprintln!("2 simulated GPU ranks against one: max relative L2 {r:.2e} ({name})");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_edm2"))
+        .args(["train", &cfg, "--outdir", d.join("launcher").to_str().unwrap(), "--device", "cuda", "--nproc-per-node", "2", "--duration", "16"])
+        .args(&common)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("torchrun started this process as rank") || err.contains("built without CUDA"), "{err}");
+    assert!(err.contains("the 2 GPU workers did not all finish: rank"), "{err}");
+}

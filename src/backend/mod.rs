@@ -481,10 +481,11 @@ pub fn resolve_device_saying(device: Device, say: bool) -> Result<Device, crate:
     Ok(chosen)
 }
 
-/// The name of CUDA device 0, or why there is none.
+/// The name of this process's CUDA device, or why there is none.
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn cuda_device_name() -> Result<String, crate::Error> {
-    Ok(gpu::Gpu::open(0)?.name().to_string())
+    // The device this process trains on (its launcher's local rank; 0 alone).
+    Ok(gpu::Gpu::open(crate::dist::local_rank_from_env(&|k| std::env::var(k).ok())?)?.name().to_string())
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]

@@ -7,6 +7,13 @@
 //! this launcher), and the launcher turns a first Ctrl-C or SIGTERM into SIGUSR1, which
 //! mpirun forwards to every worker: each finishes the step, rank 0 writes the checkpoint.
 //! A second one ends the job at once.
+//!
+//! On GPUs (`--device cuda`) the launcher starts the workers itself, as torchrun does: one
+//! per device, with torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+//! `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), NCCL as the engine. The workers
+//! share a process group of their own and get the same SIGUSR1 on a first Ctrl-C; when one
+//! of them fails, the launcher ends the others (they may be waiting for it inside NCCL)
+//! and names it.
 
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -15,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 /// SIGUSR1 on Linux (x86-64 and arm64).
 pub const SIGUSR1: i32 = 10;
 const SIGTERM: i32 = 15;
+const SIGKILL: i32 = 9;
 
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
@@ -96,6 +104,110 @@ pub fn run_workers(n: usize, threads_given: bool) -> Result<()> {
         bail!("the {n} workers did not all finish: mpirun ended with {status} (the failing rank's error is above)");
     }
     Ok(())
+}
+
+/// Starts `n` workers (this program, these arguments) on this machine's first `n` CUDA
+/// devices with torchrun's variables, and waits for them: Ok when all of them exited 0.
+pub fn run_gpu_workers(n: usize) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding this program's path for the workers")?;
+    let args = worker_args(&std::env::args_os().skip(1).collect::<Vec<_>>());
+    // A port free now (the user's MASTER_PORT if set); rank 0 listens on it.
+    let port = match std::env::var("MASTER_PORT") {
+        Ok(p) => p,
+        Err(_) => std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .context("finding a free port for the workers to meet on")?
+            .port()
+            .to_string(),
+    };
+    let mut children: Vec<(usize, std::process::Child)> = Vec::with_capacity(n);
+    let mut group = 0;
+    for rank in 0..n {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(&args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .process_group(group);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                end_all(&mut children);
+                return Err(e).with_context(|| format!("starting worker {rank} of {n}"));
+            }
+        };
+        if group == 0 {
+            group = child.id() as i32;
+        }
+        children.push((rank, child));
+    }
+    static GROUP: AtomicI32 = AtomicI32::new(0);
+    static ASKED: AtomicBool = AtomicBool::new(false);
+    GROUP.store(group, Ordering::SeqCst);
+    let _ = ctrlc::set_handler(|| {
+        let g = GROUP.load(Ordering::SeqCst);
+        if ASKED.swap(true, Ordering::SeqCst) {
+            eprintln!("\nSecond interrupt: ending the workers without a checkpoint.");
+            // SAFETY: signals the workers' process group (a negative pid).
+            unsafe { kill(-g, SIGTERM) };
+        } else {
+            eprintln!("\nInterrupt: the workers finish this step and write a checkpoint (Ctrl-C again to quit now).");
+            // SAFETY: as above.
+            unsafe { kill(-g, SIGUSR1) };
+        }
+    });
+    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
+    while !children.is_empty() {
+        let mut i = 0;
+        while i < children.len() {
+            match children[i].1.try_wait() {
+                Ok(Some(status)) => {
+                    let (rank, _) = children.remove(i);
+                    if !status.success() && failed.is_none() {
+                        failed = Some((rank, status));
+                    }
+                }
+                Ok(None) => i += 1,
+                Err(e) => {
+                    end_all(&mut children);
+                    return Err(e).context("waiting for the workers");
+                }
+            }
+        }
+        if let Some((rank, status)) = failed {
+            if !children.is_empty() {
+                eprintln!("worker {rank} of {n} ended with {status}: ending the other workers");
+                end_all(&mut children);
+            }
+            bail!("the {n} GPU workers did not all finish: rank {rank} ended with {status} (its error is above)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// SIGTERM to every worker left, SIGKILL to those still running 10 s later; waits for all.
+fn end_all(children: &mut Vec<(usize, std::process::Child)>) {
+    for (_, c) in children.iter() {
+        // SAFETY: signals our own child.
+        unsafe { kill(c.id() as i32, SIGTERM) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None))) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for (_, c) in children.iter_mut() {
+        if matches!(c.try_wait(), Ok(None)) {
+            // SAFETY: as above.
+            unsafe { kill(c.id() as i32, SIGKILL) };
+        }
+        let _ = c.wait();
+    }
+    children.clear();
 }
 
 #[cfg(test)]

@@ -155,11 +155,13 @@ pub struct Args {
     /// Print the training options and the run directory, and exit.
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
-    /// Data-parallel training in N processes on this machine (CPU: MPI, build with
-    /// `--features mpi`; started with Open MPI's mpirun). --batch is the global batch:
-    /// each process runs --batch-gpu images per pass, batch / (batch-gpu x N) passes per
-    /// step; the result equals one process's up to summation order. Processes started by
-    /// mpirun or srun join their job without this flag.
+    /// Data-parallel training in N processes on this machine. GPUs (--device cuda): one
+    /// worker per device, torchrun's variables, gradients summed by NCCL (libnccl.so.2).
+    /// CPUs: MPI (build with `--features mpi`; workers started with Open MPI's mpirun).
+    /// --batch is the global batch: each process runs --batch-gpu images per pass, batch /
+    /// (batch-gpu x N) passes per step; the result equals one process's up to summation
+    /// order. Processes started by torchrun (--no-python), mpirun or srun join their job
+    /// without this flag.
     #[arg(long = "nproc-per-node", value_name = "N", default_value_t = 1)]
     pub nproc_per_node: usize,
 }
@@ -469,13 +471,17 @@ pub fn run(a: Args, threads_given: bool) -> Result<()> {
         if let Some(l) = launched {
             bail!("--nproc-per-node {}: this process is already rank {} of {} ({}); start the workers one way", a.nproc_per_node, l.rank, l.world, l.by);
         }
+        // GPUs: one worker per device, started here the way torchrun does (NCCL meets
+        // over MASTER_ADDR/MASTER_PORT); CPUs: workers under mpirun.
+        if edm2::backend::resolve_device_saying(a.device, false)? == Device::Cuda {
+            return super::launch::run_gpu_workers(a.nproc_per_node);
+        }
         return super::launch::run_workers(a.nproc_per_node, threads_given);
     }
-    if a.nproc_per_node > 1 && a.device == Device::Cuda {
-        bail!("--nproc-per-node {} --device cuda: summing gradients across GPUs needs NCCL, which is not built yet", a.nproc_per_node);
-    }
-    // Rank 0 of several (or the only process) talks; the others train quietly.
-    let comm = edm2::dist::join()?;
+    // Rank 0 of several (or the only process) talks; the others train quietly. GPU ranks
+    // sum over NCCL where the launcher gives a meeting place.
+    let gpu = launched.is_some() && edm2::backend::resolve_device_saying(a.device, false)? == Device::Cuda;
+    let comm = edm2::dist::join(gpu)?;
     let r = run_rank(a, comm.as_ref());
     if let (Err(e), true) = (&r, comm.world() > 1) {
         // The other ranks may be waiting for this one in a collective: end them all, now.

@@ -391,7 +391,7 @@ pub fn train_ranked(
     let label_dim = if opts.cond { c.label_dim } else { 0 };
     let stream = StreamOptions { seed: opts.seed, batch: opts.batch_gpu as usize, label_dim, p_mean: opts.p_mean, p_std: opts.p_std };
     let loader = Loader::start_rank(ds.clone(), stream, start_nimg, 2, rank, world);
-    let mut engine = Engine::open(opts, &st, &need, world)?;
+    let mut engine = Engine::open(opts, &st, &need, comm.local_rank())?;
     let outputs = Outputs::new(opts, &net, &ds, run_dir);
     let mut status = Status::new(opts, &net, &ds, run_dir, start_nimg)?;
     let per_image = (c.img_channels * c.img_resolution * c.img_resolution) as f64;
@@ -688,20 +688,16 @@ enum Engine {
 }
 
 impl Engine {
-    fn open(opts: &TrainOptions, st: &TrainState, need: &StepMemory, world: usize) -> Result<Engine> {
+    /// `device`: the CUDA device of this process (its launcher's local rank).
+    fn open(opts: &TrainOptions, st: &TrainState, need: &StepMemory, device: usize) -> Result<Engine> {
         let precision = opts.precision.parse().map_err(Error::Input)?;
-        if opts.device == crate::backend::Device::Cuda && world > 1 {
-            return Err(Error::Input(format!(
-                "--device cuda with {world} processes: summing gradients across GPUs needs NCCL, which is not built yet (train on one GPU, or on CPU processes)"
-            )));
-        }
         if opts.device != crate::backend::Device::Cuda {
             // fp32, or bf16 products (validated with the options).
             return Ok(Engine::Host(Cpu::for_precision(precision).map_err(Error::Input)?));
         }
         #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
         {
-            let gpu = crate::backend::gpu::Gpu::open(0)?;
+            let gpu = crate::backend::gpu::Gpu::open(device)?;
             gpu.set_precision(precision);
             // The step's memory against what the device has free (the host's was checked
             // before the state was built).
@@ -714,7 +710,7 @@ impl Engine {
         }
         #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
         {
-            let _ = (st, need);
+            let _ = (st, need, device);
             Err(Error::Input("this build has no CUDA backend (build with --features cuda)".into()))
         }
     }

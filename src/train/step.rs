@@ -337,11 +337,8 @@ mod device {
             let t = self.download(&totals.sums)?;
             Ok([t[0], t[1], t[2]])
         }
-        fn sum_over_ranks(&self, _grads: &mut GpuParams, comm: &dyn Collective) -> Result<()> {
-            Err(crate::Error::Input(format!(
-                "--device cuda with {} processes: summing gradients across GPUs needs NCCL, which is not built yet",
-                comm.world()
-            )))
+        fn sum_over_ranks(&self, grads: &mut GpuParams, comm: &dyn Collective) -> Result<()> {
+            comm.sum_device(self, &mut grads.values)
         }
     }
 }

@@ -596,6 +596,19 @@ impl<T: DeviceScalar> GpuBuf<T> {
         let (p, _guard) = self.storage_mut().device_ptr_mut(&gpu.stream);
         p as usize as *mut T
     }
+    /// The device memory, for a collective engine (NCCL) that orders itself against
+    /// [`Gpu::compute_stream`].
+    pub(crate) fn storage_for_collective(&mut self) -> &mut Storage<T> {
+        self.storage_mut()
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Gpu {
+    /// The stream all of this backend's work is ordered on.
+    pub(crate) fn compute_stream(&self) -> &std::sync::Arc<cudarc::driver::CudaStream> {
+        &self.stream
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
