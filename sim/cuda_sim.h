@@ -269,7 +269,7 @@ inline void maybe_release(BlockRun &r, St want, int lo, int hi) {
     if (r.st[t] == want) r.st[t] = St::Ready;
 }
 
-#ifndef EDM2_SIM_THREADS
+// (Also compiled in the OS-thread mode, where the fiber functions below go unused.)
 // Saves the running context in `save` and resumes `load`.
 inline void ctx_swap(Ctx &save, Ctx &load) {
 #ifdef EDM2_SIM_FAST_SWITCH
@@ -322,7 +322,6 @@ inline void ctx_make(Ctx &c, char *stack, size_t bytes) {
   makecontext(&c.uc, fiber_main, 0);
 #endif
 }
-#endif
 
 // Suspends the current fiber and resumes the one holding the baton (or the launcher).
 inline void switch_from(BlockRun &r, int me) {

@@ -139,11 +139,22 @@ pub fn launch_from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<La
             return Err(Error::Input(format!("{by}: {rank_var}={rank} is not a rank of {size_var}={world}")));
         }
         if world == 1 {
-            return Ok(None);
+            // A job of one (e.g. `srun -n1` around torchrun or --nproc-per-node): the
+            // workers' own launcher may still say more.
+            continue;
         }
         return Ok(Some(Launch { rank, world, by }));
     }
     Ok(None)
+}
+
+/// Who started the process, for messages: edm2's own GPU launcher sets torchrun's variables.
+fn launcher_name(l: &Launch, get: &dyn Fn(&str) -> Option<String>) -> &'static str {
+    if l.by == "torchrun" && get("EDM2_LAUNCHER").is_some() {
+        "edm2's --nproc-per-node launcher"
+    } else {
+        l.by
+    }
 }
 
 /// The process's device among its machine's: torchrun's `LOCAL_RANK`, Open MPI's
@@ -173,14 +184,20 @@ pub fn join(gpu: bool) -> Result<Box<dyn Collective>> {
         return Err(Error::Input(format!(
             "{} started this process as rank {} of {} (device {local}, meeting at {}:{}) for GPUs, but this edm2 was built without \
              CUDA: build it with `--features cuda`",
-            l.by, l.rank, l.world, meeting.addr, meeting.port
+            launcher_name(&l, &get),
+            l.rank,
+            l.world,
+            meeting.addr,
+            meeting.port
         )));
     }
     if l.by == "torchrun" {
         return Err(Error::Input(format!(
-            "torchrun started this process as rank {} of {}: its environment is for GPUs (NCCL, --device cuda); \
-             on CPUs launch with `edm2 train --nproc-per-node N`, `mpirun -np N edm2 train ...` or `srun`",
-            l.rank, l.world
+            "{} started this process as rank {} of {}: its environment is for GPUs (NCCL, --device cuda), but this process \
+             trains on the CPU; on CPUs launch with `edm2 train --nproc-per-node N`, `mpirun -np N edm2 train ...` or `srun`",
+            launcher_name(&l, &get),
+            l.rank,
+            l.world
         )));
     }
     #[cfg(feature = "mpi")]
@@ -313,8 +330,20 @@ mod tests {
         assert_eq!(env(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "4")]).unwrap(), Some(Launch { rank: 1, world: 4, by: "Open MPI" }));
         assert_eq!(env(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "2")]).unwrap(), Some(Launch { rank: 0, world: 2, by: "Slurm" }));
         assert_eq!(env(&[("RANK", "3"), ("WORLD_SIZE", "8")]).unwrap(), Some(Launch { rank: 3, world: 8, by: "torchrun" }));
-        // One process is no group.
+        // One process is no group, and does not hide a launcher inside it.
         assert_eq!(env(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap(), None);
+        assert_eq!(
+            env(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "1"), ("RANK", "2"), ("WORLD_SIZE", "4")]).unwrap(),
+            Some(Launch { rank: 2, world: 4, by: "torchrun" })
+        );
+        let local = |p: &[(&str, &str)]| {
+            let m: HashMap<String, String> = p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            local_rank_from_env(&move |k| m.get(k).cloned())
+        };
+        assert_eq!(local(&[]).unwrap(), 0);
+        assert_eq!(local(&[("LOCAL_RANK", "3"), ("SLURM_LOCALID", "1")]).unwrap(), 3);
+        assert_eq!(local(&[("SLURM_LOCALID", "1")]).unwrap(), 1);
+        assert!(local(&[("LOCAL_RANK", "-1")]).unwrap_err().to_string().contains("LOCAL_RANK=\"-1\""));
         for (bad, says) in [
             (vec![("RANK", "4"), ("WORLD_SIZE", "4")], "RANK=4 is not a rank of WORLD_SIZE=4"),
             (vec![("WORLD_SIZE", "4")], "RANK is not set but WORLD_SIZE is"),

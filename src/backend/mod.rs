@@ -485,7 +485,8 @@ pub fn resolve_device_saying(device: Device, say: bool) -> Result<Device, crate:
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn cuda_device_name() -> Result<String, crate::Error> {
     // The device this process trains on (its launcher's local rank; 0 alone).
-    Ok(gpu::Gpu::open(crate::dist::local_rank_from_env(&|k| std::env::var(k).ok())?)?.name().to_string())
+    let local = crate::dist::local_rank_from_env(&|k| std::env::var(k).ok())?;
+    Ok(gpu::Gpu::open(gpu::device_of_local_rank(local))?.name().to_string())
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]

@@ -110,6 +110,11 @@ pub fn run_workers(n: usize, threads_given: bool) -> Result<()> {
 /// devices with torchrun's variables, and waits for them: Ok when all of them exited 0.
 pub fn run_gpu_workers(n: usize) -> Result<()> {
     use std::os::unix::process::CommandExt;
+    if let Some(seen) = edm2::backend::gpu::visible_devices() {
+        if seen < n {
+            bail!("--nproc-per-node {n} --device cuda: one worker per GPU, but this machine shows {seen} (CUDA_VISIBLE_DEVICES)");
+        }
+    }
     let exe = std::env::current_exe().context("finding this program's path for the workers")?;
     let args = worker_args(&std::env::args_os().skip(1).collect::<Vec<_>>());
     // A port free now (the user's MASTER_PORT if set); rank 0 listens on it.
@@ -132,7 +137,13 @@ pub fn run_gpu_workers(n: usize) -> Result<()> {
             .env("LOCAL_WORLD_SIZE", n.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", &port)
+            .env("EDM2_LAUNCHER", "--nproc-per-node")
             .process_group(group);
+        // An outer job of one (`srun -n1 edm2 train --nproc-per-node 8`) must not speak for
+        // the workers.
+        for var in ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"] {
+            cmd.env_remove(var);
+        }
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -190,11 +201,18 @@ pub fn run_gpu_workers(n: usize) -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM to every worker left, SIGKILL to those still running 10 s later; waits for all.
+/// Two SIGTERMs to every worker left (a worker takes the first as "stop after this step",
+/// the second as "now"), SIGKILL to those still running 10 s later; waits for all.
 fn end_all(children: &mut Vec<(usize, std::process::Child)>) {
-    for (_, c) in children.iter() {
-        // SAFETY: signals our own child.
-        unsafe { kill(c.id() as i32, SIGTERM) };
+    for round in 0..2 {
+        if round == 1 {
+            // Apart, so that the two are not merged into one pending signal.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        for (_, c) in children.iter() {
+            // SAFETY: signals our own child.
+            unsafe { kill(c.id() as i32, SIGTERM) };
+        }
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None))) && std::time::Instant::now() < deadline {

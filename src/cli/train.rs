@@ -423,6 +423,12 @@ fn catch_stop_signals(talk: bool) {
             eprintln!("\nInterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit now).");
         }
     });
+    catch_launcher_stop();
+}
+
+/// SIGUSR1 (the launchers' word for a Ctrl-C) sets STOP: from the start of `run`, so that
+/// one arriving while the workers still meet does not end the process (its default action).
+fn catch_launcher_stop() {
     extern "C" {
         fn signal(signum: i32, handler: usize) -> usize;
     }
@@ -463,6 +469,7 @@ extern "C" fn stop_on_signal(_sig: i32) {
 }
 
 pub fn run(a: Args, threads_given: bool) -> Result<()> {
+    catch_launcher_stop();
     if a.nproc_per_node == 0 || a.nproc_per_node > 4096 {
         bail!("--nproc-per-node {}: 1 to 4096 processes", a.nproc_per_node);
     }

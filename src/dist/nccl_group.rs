@@ -54,21 +54,25 @@ impl NcclGroup {
             )));
         }
         let devices = CudaContext::device_count().map_err(driver_err("counting CUDA devices"))?.max(0) as usize;
-        if local_rank >= devices {
+        let device = crate::backend::gpu::device_of_local_rank(local_rank);
+        if device >= devices {
             return Err(Error::DeviceUnavailable(format!(
-                "rank {} of {}: its local rank {local_rank} asks for CUDA device {local_rank}, but this machine has {devices}",
+                "rank {} of {}: its local rank {local_rank} asks for CUDA device {device}, but this process sees {devices} \
+                 (CUDA_VISIBLE_DEVICES)",
                 m.rank, m.world
             )));
         }
-        // Rank 0's id, every rank's after the meeting (the only bytes that go over TCP).
-        let mine = if m.rank == 0 { Id::new().map_err(nccl_err("making the unique id"))?.internal().map(|c| c as u8).to_vec() } else { vec![] };
-        let id = rendezvous::exchange(m, &mine)?;
-        let id: [u8; 128] = id.try_into().map_err(|v: Vec<u8>| Error::Run(format!("rank {}: rank 0 sent a {}-byte NCCL id (expected 128)", m.rank, v.len())))?;
-        let ctx = CudaContext::new(local_rank).map_err(driver_err("creating the CUDA context"))?;
+        // The device first: a rank that fails after the meeting would leave the others
+        // waiting in ncclCommInitRank.
+        let ctx = CudaContext::new(device).map_err(driver_err("creating the CUDA context"))?;
         // The backend orders its work on one stream without per-buffer events; this
         // group orders against it explicitly (`sum_device`).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver_err("creating the NCCL stream"))?;
+        // Rank 0's id, every rank's after the meeting (the only bytes that go over TCP).
+        let mine = if m.rank == 0 { Id::new().map_err(nccl_err("making the unique id"))?.internal().map(|c| c as u8).to_vec() } else { vec![] };
+        let id = rendezvous::exchange(m, &mine)?;
+        let id: [u8; 128] = id.try_into().map_err(|v: Vec<u8>| Error::Run(format!("rank {}: rank 0 sent a {}-byte NCCL id (expected 128)", m.rank, v.len())))?;
         let comm = Comm::from_rank(stream.clone(), m.rank, m.world, Id::uninit(id.map(|b| b as std::ffi::c_char)))
             .map_err(nccl_err("joining the communicator (ncclCommInitRank)"))?;
         Ok(NcclGroup { comm, stream, local_rank })

@@ -219,8 +219,9 @@ fn fetch(m: &Meeting) -> Result<Vec<u8>> {
     hello.extend_from_slice(&(m.world as u32).to_le_bytes());
     hello.extend_from_slice(&(m.rank as u32).to_le_bytes());
     stream.write_all(&hello).map_err(io_err(format!("{who}: saying hello to rank 0 at {place}")))?;
-    // Rank 0 answers when every rank is there, or at its deadline: wait a little longer.
-    let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(15);
+    // Rank 0 answers when every rank is there, or at its own deadline, at most `timeout`
+    // after it began listening (before this connection): wait that long from now.
+    let wait = m.timeout + Duration::from_secs(15);
     stream.set_read_timeout(Some(wait)).map_err(io_err(format!("{who}: the connection to {place}")))?;
     let mut head = [0u8; 5];
     stream.read_exact(&mut head).map_err(|e| {

@@ -688,7 +688,7 @@ enum Engine {
 }
 
 impl Engine {
-    /// `device`: the CUDA device of this process (its launcher's local rank).
+    /// `device`: this process's local rank (which CUDA device it trains on).
     fn open(opts: &TrainOptions, st: &TrainState, need: &StepMemory, device: usize) -> Result<Engine> {
         let precision = opts.precision.parse().map_err(Error::Input)?;
         if opts.device != crate::backend::Device::Cuda {
@@ -697,7 +697,7 @@ impl Engine {
         }
         #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
         {
-            let gpu = crate::backend::gpu::Gpu::open(device)?;
+            let gpu = crate::backend::gpu::Gpu::open(crate::backend::gpu::device_of_local_rank(device))?;
             gpu.set_precision(precision);
             // The step's memory against what the device has free (the host's was checked
             // before the state was built).

@@ -603,6 +603,31 @@ impl<T: DeviceScalar> GpuBuf<T> {
     }
 }
 
+/// The CUDA devices this process sees (None: the simulated device, which takes any
+/// ordinal), without opening one.
+pub fn visible_devices() -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        // SAFETY: probes for the driver library; a missing one means no device.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Some(0);
+        }
+        Some(cudarc::driver::CudaContext::device_count().map_or(0, |c| c.max(0) as usize))
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+/// The device of the process with this local rank: the local rank itself, or device 0 when
+/// the process sees only one (a launcher that binds one GPU to each task, as Slurm's
+/// `--gpus-per-task 1` does through CUDA_VISIBLE_DEVICES).
+pub fn device_of_local_rank(local: usize) -> usize {
+    match visible_devices() {
+        Some(1) => 0,
+        _ => local,
+    }
+}
+
 #[cfg(feature = "cuda")]
 impl Gpu {
     /// The stream all of this backend's work is ordered on.
