@@ -139,8 +139,12 @@ pub fn launch_from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<La
             return Err(Error::Input(format!("{by}: {rank_var}={rank} is not a rank of {size_var}={world}")));
         }
         if world == 1 {
-            // A job of one (e.g. `srun -n1` around torchrun or --nproc-per-node): the
-            // workers' own launcher may still say more.
+            // The one worker of `--nproc-per-node 1 --device cuda` (a one-rank NCCL
+            // group, on purpose); any other job of one (e.g. `srun -n1` around torchrun or
+            // --nproc-per-node) is no group, and the workers' own launcher may say more.
+            if by == "torchrun" && get("EDM2_LAUNCHER").is_some() {
+                return Ok(Some(Launch { rank, world, by }));
+            }
             continue;
         }
         return Ok(Some(Launch { rank, world, by }));
@@ -330,8 +334,10 @@ mod tests {
         assert_eq!(env(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "4")]).unwrap(), Some(Launch { rank: 1, world: 4, by: "Open MPI" }));
         assert_eq!(env(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "2")]).unwrap(), Some(Launch { rank: 0, world: 2, by: "Slurm" }));
         assert_eq!(env(&[("RANK", "3"), ("WORLD_SIZE", "8")]).unwrap(), Some(Launch { rank: 3, world: 8, by: "torchrun" }));
-        // One process is no group, and does not hide a launcher inside it.
+        // One process is no group, and does not hide a launcher inside it; but the one
+        // worker of edm2's GPU launcher is a group of one.
         assert_eq!(env(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap(), None);
+        assert_eq!(env(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("EDM2_LAUNCHER", "x")]).unwrap(), Some(Launch { rank: 0, world: 1, by: "torchrun" }));
         assert_eq!(
             env(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "1"), ("RANK", "2"), ("WORLD_SIZE", "4")]).unwrap(),
             Some(Launch { rank: 2, world: 4, by: "torchrun" })

@@ -324,4 +324,14 @@ fn simulated_gpu_ranks_under_mpirun_train_as_one_gpu() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("torchrun started this process as rank") || err.contains("built without CUDA"), "{err}");
     assert!(err.contains("the 2 GPU workers did not all finish: rank"), "{err}");
+    // `--nproc-per-node 1` written out with --device cuda goes through the launcher too (a
+    // one-rank NCCL group): here the worker says why it cannot, naming edm2's launcher.
+    let out = Command::new(env!("CARGO_BIN_EXE_edm2"))
+        .args(["train", &cfg, "--outdir", d.join("launcher1").to_str().unwrap(), "--device", "cuda", "--nproc-per-node", "1", "--duration", "16"])
+        .args(&common)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("edm2's --nproc-per-node launcher started this process as rank 0 of 1"), "{err}");
+    assert!(err.contains("the 1 GPU workers did not all finish: rank 0"), "{err}");
 }

@@ -474,7 +474,14 @@ pub fn run(a: Args, threads_given: bool) -> Result<()> {
         bail!("--nproc-per-node {}: 1 to 4096 processes", a.nproc_per_node);
     }
     let launched = edm2::dist::launch_from_env(&|k| std::env::var(k).ok())?;
-    if a.nproc_per_node > 1 && !a.dry_run {
+    // `--nproc-per-node 1 --device cuda` written out: one worker through the GPU launcher on
+    // a one-rank NCCL communicator (what checks that the NCCL path gives the plain result).
+    let one_gpu_worker = a.nproc_per_node == 1
+        && a.device == Device::Cuda
+        && launched.is_none()
+        && std::env::var_os("EDM2_LAUNCHER").is_none()
+        && std::env::args().any(|s| s == "--nproc-per-node" || s.starts_with("--nproc-per-node="));
+    if (a.nproc_per_node > 1 || one_gpu_worker) && !a.dry_run {
         if let Some(l) = launched {
             bail!("--nproc-per-node {}: this process is already rank {} of {} ({}); start the workers one way", a.nproc_per_node, l.rank, l.world, l.by);
         }
