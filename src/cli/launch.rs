@@ -110,6 +110,8 @@ pub fn run_workers(n: usize, threads_given: bool) -> Result<()> {
 /// devices with torchrun's variables, and waits for them: Ok when all of them exited 0.
 pub fn run_gpu_workers(n: usize) -> Result<()> {
     use std::os::unix::process::CommandExt;
+    // (A build without a GPU backend never gets here: --device cuda is refused first.)
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     if let Some(seen) = edm2::backend::gpu::visible_devices() {
         if seen < n {
             bail!("--nproc-per-node {n} --device cuda: one worker per GPU, but this machine shows {seen} (CUDA_VISIBLE_DEVICES)");
