@@ -1,6 +1,7 @@
 //! Times the bf16 convolution kernels (forward, data and weight gradient) of one layer
 //! shape on the path this machine takes (AMX tiles where present; `EDM2_DISABLE_AMX=1`
-//! for the `vdpbf16ps` path): `cargo run --release --example amx_layers -- N H W CIN COUT K`.
+//! for the `vdpbf16ps` path; a seventh argument `1` for the fp32 kernels):
+//! `cargo run --release --example amx_layers -- N H W CIN COUT K [1]`.
 use edm2::backend::cpu::conv;
 use std::time::Instant;
 
@@ -19,13 +20,24 @@ fn main() {
         }
     }
     let a: Vec<usize> = std::env::args().skip(1).map(|s| s.parse().expect("integer arguments")).collect();
-    let [n, h, w, i, o, k] = a[..] else { panic!("usage: N H W CIN COUT K") };
+    // A seventh argument 1 times the fp32 kernels instead (no bf16 products); 2 the fp32
+    // forward of a plain (VAE) weight: Winograd where it takes the layer, and the direct
+    // kernel on the same weight beside it.
+    let (dims, mode) = match a[..] {
+        [n, h, w, i, o, k] => ([n, h, w, i, o, k], 0),
+        [n, h, w, i, o, k, f] => ([n, h, w, i, o, k], f),
+        _ => panic!("usage: N H W CIN COUT K [1 | 2]"),
+    };
+    let fp32 = mode >= 1;
+    let [n, h, w, i, o, k] = dims;
     let mut rng = edm2::rng::Rng::new(1);
     let wt = rng.normal_vec(o * i * k * k);
     let x = rng.normal_vec(n * h * w * i);
     let dy = rng.normal_vec(n * h * w * o);
     let mut eff = conv::effective_weight(&wt, o, i, k, 1.0);
-    conv::add_bf16_products(&mut eff);
+    if !fp32 {
+        conv::add_bf16_products(&mut eff);
+    }
     let (mut y, mut dx, mut de) = (vec![0.0f32; n * h * w * o], vec![0.0f32; n * h * w * i], vec![0.0f32; o * i * k * k]);
     let gflop = 2.0 * (n * h * w * o * i * k * k) as f64 / 1e9;
     let time = |f: &mut dyn FnMut()| {
@@ -39,6 +51,25 @@ fn main() {
         best
     };
     edm2::profile::enable_from_env();
+    if mode == 2 {
+        let direct = conv::plain_weight(&wt, o, i, k);
+        let mut wino = conv::plain_weight(&wt, o, i, k);
+        conv::add_winograd(&mut wino);
+        let mut yw = vec![0.0f32; y.len()];
+        let (td, tw) = (time(&mut || conv::conv_forward(&direct, &x, n, h, w, &mut y)), time(&mut || conv::conv_forward(&wino, &x, n, h, w, &mut yw)));
+        let (num, den) = y.iter().zip(&yw).fold((0.0f64, 0.0f64), |(a, b), (&d, &v)| (a + ((d - v) as f64).powi(2), b + (d as f64).powi(2)));
+        println!(
+            "plain {n}x{h}x{w} {i}->{o} k{k}: direct {:.2} ms ({:.0} GFLOP/s), {} {:.2} ms ({:.0} direct-equivalent GFLOP/s, {:.2}x), relative L2 between them {:.1e}",
+            td * 1e3,
+            gflop / td,
+            if wino.winograd.is_some() { "winograd" } else { "direct (not taken)" },
+            tw * 1e3,
+            gflop / tw,
+            td / tw,
+            (num / den).sqrt()
+        );
+        return;
+    }
     let tf = time(&mut || conv::conv_forward(&eff, &x, n, h, w, &mut y));
     let tb = time(&mut || conv::conv_backward(&eff, &x, n, h, w, &dy, Some(&mut dx), &mut de));
     let tw = time(&mut || conv::conv_backward(&eff, &x, n, h, w, &dy, None, &mut de));
@@ -46,7 +77,9 @@ fn main() {
         println!("{}", edm2::profile::report());
     }
     println!(
-        "{n}x{h}x{w} {i}->{o} k{k}: forward {:.2} ms ({:.0} GFLOP/s), backward {:.2} ms (weight grad alone {:.2} ms, {:.0} GFLOP/s; data grad ~{:.0} GFLOP/s)",
-        tf * 1e3, gflop / tf, tb * 1e3, tw * 1e3, gflop / tw, gflop / (tb - tw)
+        "{}{n}x{h}x{w} {i}->{o} k{k}: forward {:.2} ms ({:.0} GFLOP/s), backward {:.2} ms (weight grad alone {:.2} ms, {:.0} GFLOP/s; data grad ~{:.0} GFLOP/s)",
+        if fp32 { "fp32 " } else { "" },
+        tf * 1e3,
+        gflop / tf, tb * 1e3, tw * 1e3, gflop / tw, gflop / (tb - tw)
     );
 }

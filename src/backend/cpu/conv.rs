@@ -34,6 +34,9 @@ pub struct EffWeight {
     /// direct kernel or of the 1x1 GEMM as bf16 pairs over input channels; None in fp32
     /// (and for layers the bf16 kernels do not take, which then run in fp32).
     pub bf16: Option<Vec<u32>>,
+    /// A plain 3x3 weight transformed for [`super::winograd`] ([`add_winograd`]: the
+    /// VAE's fp32 layers, forward only); when set it is the only form kept.
+    pub winograd: Option<Vec<f32>>,
 }
 
 impl EffWeight {
@@ -87,6 +90,20 @@ pub fn plain_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize) -> EffWeig
     arrange_weight(w, out_ch, in_ch, k, 1.0, None)
 }
 
+/// Moves a plain 3x3 weight ([`plain_weight`]) to the Winograd form where
+/// [`super::winograd::takes`] its widths: the forward then runs there, and the direct
+/// kernel's packing is dropped (a layer keeps one form of its weight). For layers that
+/// only run forward (the VAE's); fp32 only (the bf16 mode's operands come first).
+pub fn add_winograd(eff: &mut EffWeight) {
+    if eff.k != 3 || eff.bf16.is_some() || eff.packed_out() != eff.out_ch || !super::winograd::takes(eff.in_ch, eff.out_ch) {
+        return;
+    }
+    let u = super::winograd::transform_weight(&eff.ohwi(), eff.out_ch, eff.in_ch);
+    eff.winograd = Some(u);
+    eff.packed = None;
+    eff.w = Vec::new();
+}
+
 /// `w` rearranged from OIHW into the conv layout; with `normalize = Some(scale)` each row
 /// becomes `(row / (eps + rms(row)))·scale` (paper Eq. 47), with None it is copied as is.
 fn arrange_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: f32, normalize: Option<f32>) -> EffWeight {
@@ -117,7 +134,7 @@ fn arrange_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: f32, n
                 }
             }
         });
-        return EffWeight { out_ch, in_ch, k, w: Vec::new(), denom, gain, packed: Some(packed), bf16: None };
+        return EffWeight { out_ch, in_ch, k, w: Vec::new(), denom, gain, packed: Some(packed), bf16: None, winograd: None };
     }
     let mut eff = vec![0.0f32; w.len()];
     eff.par_chunks_mut(fan).zip(denom.par_iter_mut()).enumerate().for_each(|(o, (row, d))| {
@@ -130,7 +147,7 @@ fn arrange_weight(w: &[f32], out_ch: usize, in_ch: usize, k: usize, gain: f32, n
             }
         }
     });
-    EffWeight { out_ch, in_ch, k, w: eff, denom, gain, packed: None, bf16: None }
+    EffWeight { out_ch, in_ch, k, w: eff, denom, gain, packed: None, bf16: None, winograd: None }
 }
 
 /// Switches `eff` to bf16 products ([`super::bf16`]) where a bf16 kernel takes the layer:
@@ -302,6 +319,11 @@ pub fn conv_forward(eff: &EffWeight, x: &[f32], n: usize, h: usize, w: usize, y:
         }
         return;
     }
+    if let Some(u) = &eff.winograd {
+        let _prof = crate::profile::scope("conv3x3.winograd");
+        super::winograd::conv3x3(x, n, h, w, i, u, o, y);
+        return;
+    }
     match eff.k {
         1 if gemm16::usable(o) => {
             let _prof = crate::profile::scope("conv1x1.gemm16");
@@ -355,6 +377,8 @@ pub fn conv_backward(
 ) {
     let pixels = n * h * w;
     let (o, i) = (eff.out_ch, eff.in_ch);
+    // Only forward-only layers (the VAE's) are moved to the Winograd form.
+    assert!(eff.winograd.is_none(), "conv_backward of a Winograd-form weight");
     if eff.bf16.is_some() && conv_backward_bf16(eff, x, n, h, w, dy, dx.as_deref_mut(), d_eff) {
         return;
     }

@@ -16,6 +16,7 @@ pub mod microkernel;
 pub mod simd;
 pub mod ops;
 pub mod vae_ops;
+pub mod winograd;
 
 /// `n` zeros (or any fill value of `T::default()`), written by all worker threads when
 /// `n` is large. The binary keeps freed memory for reuse (`main.rs`), so a large

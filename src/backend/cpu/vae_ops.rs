@@ -160,6 +160,10 @@ impl VaeOps for Cpu {
         let mut eff = conv::plain_weight(w, geom.out_ch, geom.in_ch, geom.k);
         if self.bf16_products() {
             conv::add_bf16_products(&mut eff);
+        } else {
+            // The VAE's layers only run forward: the Winograd form (fewer products, not
+            // the direct kernel's bits; EDM2_WINOGRAD=0 keeps the direct kernel).
+            conv::add_winograd(&mut eff);
         }
         Ok(eff)
     }
