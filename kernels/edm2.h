@@ -50,6 +50,13 @@ int edm2_precond_output(const void *x, int x_dtype, const void *f, const float *
                         int dtype, cudaStream_t stream);
 int edm2_mp_fourier(const float *x, const float *freqs, const float *phases, void *y, size_t n, int c, int dtype, cudaStream_t stream);
 
+/* sampler.cu: the EDM sampler's steps on fp32 buffers (see the file's header comment). */
+int edm2_heun_euler(const float *x, const float *d, float t_hat, float h, float *dc, float *next, size_t n, cudaStream_t stream);
+int edm2_heun_correct(const float *x, const float *dc, const float *xn, const float *dn, float t_next, float h, float *next, size_t n,
+                      cudaStream_t stream);
+int edm2_guidance_lerp(const float *g, const float *d, float w, float *out, size_t n, cudaStream_t stream);
+int edm2_add_noise(const float *x, const float *e, float k, float *out, size_t n, cudaStream_t stream);
+
 /* weight_norm.cu: rows of k contiguous values (x == y allowed; fp32 weights or activations of
  * `dtype`); effective weight OIHW → OHWI (taps = 9 for 3x3, 1 for 1x1/linear) with per-row
  * denominators; its backward. */

@@ -719,6 +719,12 @@ inline float __shfl_sync(unsigned, float v, int src) {
   return edm2sim::shfl_f(v, [src](int) { return src; });
 }
 inline float __expf(float x) { return std::exp(x); }
+// IEEE round-to-nearest operations that nvcc never contracts into an FMA (the host
+// compiler here runs with -ffp-contract=off, so plain operators are the same).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 // The tensor-core helper of kernels/common.cuh, emulated with the PTX fragment layouts.
 inline void edm2_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
   edm2sim::mma_m16n8k16_bf16(d, a, b, c);

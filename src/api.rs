@@ -87,8 +87,10 @@ pub struct DeviceNet<'a> {
 
 enum Place {
     Cpu(crate::backend::cpu::Cpu),
+    /// The device handle is shared with a guiding network placed [`DeviceNet::beside`]
+    /// this one: one stream orders both networks' work.
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-    Cuda { gpu: crate::backend::gpu::Gpu, params: crate::backend::gpu::GpuParams },
+    Cuda { gpu: std::rc::Rc<crate::backend::gpu::Gpu>, params: crate::backend::gpu::GpuParams },
 }
 
 impl<'a> DeviceNet<'a> {
@@ -109,7 +111,7 @@ impl<'a> DeviceNet<'a> {
                 let gpu = crate::backend::gpu::Gpu::open(0)?;
                 gpu.set_precision(precision);
                 let params = crate::backend::gpu::GpuParams::upload(&gpu, &net.params)?;
-                Place::Cuda { gpu, params }
+                Place::Cuda { gpu: std::rc::Rc::new(gpu), params }
             }
             #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
             crate::backend::Device::Cuda => {
@@ -128,6 +130,7 @@ impl<'a> DeviceNet<'a> {
             }
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             Place::Cuda { gpu, params } => {
+                let gpu: &crate::backend::gpu::Gpu = gpu;
                 let xd = Tensor::with_buf(&x.shape, gpu.upload_input(&x.data)?);
                 let ld = labels.map(|l| gpu.upload_act(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
                 let out = self.net.net.forward_on(gpu, params, &xd, sigma, ld.as_ref(), &Mode::eval(), false)?;
@@ -135,4 +138,64 @@ impl<'a> DeviceNet<'a> {
             }
         }
     }
+
+    /// How often the host has waited for the device so far (downloads and
+    /// synchronizations of this network's device handle; 0 on the CPU).
+    pub fn host_waits(&self) -> u64 {
+        match &self.place {
+            Place::Cpu(_) => 0,
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Place::Cuda { gpu, .. } => gpu.waits(),
+        }
+    }
+
+    /// `net` placed where `main` is, in its precision, sharing its device handle (on a
+    /// GPU: the same stream, so [`DeviceNet::sample`] guides without leaving the device).
+    pub fn beside(net: &'a LoadedNet, main: &DeviceNet) -> Result<Self> {
+        let place = match &main.place {
+            Place::Cpu(cpu) => Place::Cpu(*cpu),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Place::Cuda { gpu, .. } => {
+                let params = crate::backend::gpu::GpuParams::upload(gpu, &net.params)?;
+                Place::Cuda { gpu: gpu.clone(), params }
+            }
+        };
+        Ok(DeviceNet { net, place })
+    }
+
+    /// The EDM sampler with this network (eval mode), guided by `guide` when given
+    /// (`D = lerp(D_guide, D, guidance)`), from `noise` (NHWC); `labels` go to both. On a
+    /// GPU the sampler's state stays on the device (`kernels/sampler.cu`: the same
+    /// arithmetic as the host sampler) and only the final images are read back; elsewhere,
+    /// or with a guide on another device handle, the host sampler runs. `on_eval(σ)` before
+    /// each network evaluation.
+    pub fn sample(
+        &self,
+        guide: Option<&DeviceNet>,
+        noise: &Tensor,
+        labels: Option<&Tensor>,
+        o: &crate::sample::SamplerOpts,
+        churn_noise: &mut dyn FnMut(usize) -> Tensor,
+        on_eval: &mut dyn FnMut(f32),
+    ) -> Result<Tensor> {
+        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+        if let Place::Cuda { gpu, params } = &self.place {
+            let guide = match guide.map(|g| (g.net, &g.place)) {
+                None => Some(None),
+                Some((g, Place::Cuda { gpu: gg, params: gp })) if std::rc::Rc::ptr_eq(gpu, gg) => Some(Some((&g.net, gp))),
+                Some(_) => None,
+            };
+            if let Some(guide) = guide {
+                let gpu: &crate::backend::gpu::Gpu = gpu;
+                let labels = labels.map(|l| gpu.upload_act(&l.data).map(|b| Tensor::with_buf(&l.shape, b))).transpose()?;
+                return crate::sample::device::edm_sampler_gpu(gpu, (&self.net.net, params), guide, noise, labels.as_ref(), o, churn_noise, on_eval);
+            }
+        }
+        let lref = labels;
+        let mut main = |x: &Tensor, sig: &[f32]| self.forward_nhwc(x, sig, lref).map(|o| o.0);
+        let mut guide_eval = guide.map(|g| move |x: &Tensor, sig: &[f32]| g.forward_nhwc(x, sig, lref).map(|o| o.0));
+        let guide_dyn = guide_eval.as_mut().map(|g| g as &mut dyn FnMut(&Tensor, &[f32]) -> Result<Tensor>);
+        crate::sample::edm_sampler_on(&mut main, guide_dyn, noise, o, churn_noise, on_eval)
+    }
 }
+

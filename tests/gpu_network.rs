@@ -249,7 +249,32 @@ fn sampling_on_the_device_matches_the_cpu() {
         eprintln!("sampling ({precision}): rel L2 {e:.2e} against the CPU");
         assert!(e < bound, "samples ({precision}): rel L2 {e:.2e}");
         assert!(precision == Precision::Fp32 || e > 1e-6, "bf16 samples as exact as fp32?");
+        // The sampler's state on the device (kernels/sampler.cu), the guide beside the
+        // net on one device handle: the host sampler's bits over the same device
+        // networks, and one wait for the whole run (the final download).
+        let dgb = DeviceNet::beside(&guide, &dn).unwrap();
+        let waits = dn.host_waits();
+        let mut evals = 0;
+        let on_device = dn.sample(Some(&dgb), &noise, Some(&labels), &o, &mut |_| unreachable!(), &mut |_| evals += 1).unwrap();
+        assert_eq!(evals, 7);
+        assert_eq!(dn.host_waits() - waits, 1, "device sampling waits once ({precision})");
+        assert!(bits_equal(&on_device.data, &got.data), "device sampler != host sampler ({precision})");
     }
+    // Churn (the added noise) and no guide: the device sampler against the host one.
+    let o = SamplerOpts { num_steps: 3, s_churn: 10.0, ..Default::default() };
+    let churn = |k: usize| Tensor::from_vec(&[2, 8, 8, 3], Rng::new(100 + k as u64).normal_vec(2 * 8 * 8 * 3));
+    let dn = DeviceNet::new(&loaded, Device::Cuda).unwrap();
+    let host = edm_sampler_on(&mut |x, s| dn.forward_nhwc(x, s, Some(&labels)).map(|o| o.0), None, &noise, &o, &mut { churn }, &mut |_| {}).unwrap();
+    let on_device = dn.sample(None, &noise, Some(&labels), &o, &mut { churn }, &mut |_| {}).unwrap();
+    assert!(bits_equal(&on_device.data, &host.data), "device sampler with churn != host sampler");
+    assert!(rel_l2(&host.data, &want.data) > 1e-3, "the churned run differs from the unchurned one");
+    // A guide on another device handle: the host sampler runs (same result).
+    let o = SamplerOpts { num_steps: 2, guidance: 1.5, ..Default::default() };
+    let dg = DeviceNet::new(&guide, Device::Cuda).unwrap();
+    let apart = dn.sample(Some(&dg), &noise, Some(&labels), &o, &mut |_| unreachable!(), &mut |_| {}).unwrap();
+    let dgb = DeviceNet::beside(&guide, &dn).unwrap();
+    let beside = dn.sample(Some(&dgb), &noise, Some(&labels), &o, &mut |_| unreachable!(), &mut |_| {}).unwrap();
+    assert!(bits_equal(&apart.data, &beside.data), "guide apart != guide beside");
     // On the CPU bf16 means bf16 products, which need AVX512-BF16 (tests/cpu_bf16.rs).
     let cpu_bf16 = DeviceNet::with_precision(&loaded, Device::Cpu, Precision::Bf16);
     assert_eq!(cpu_bf16.is_ok(), edm2::backend::cpu::bf16::available(), "bf16 on the CPU: only with AVX512-BF16");
@@ -397,4 +422,9 @@ fn a_device_training_step_waits_for_the_device_once() {
     eprintln!("tiny config, batch 2: {launches} launches per training step");
     assert!(launches > 20, "launches are counted: {launches}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The same f32 values bit for bit.
+fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }

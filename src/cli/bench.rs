@@ -346,19 +346,14 @@ fn bench_cuda(a: &Args) -> Result<()> {
             fwd_ms.push(ms);
         }
     }
-    // One whole sampling run, as on the CPU: the sampler's state stays on the host and each
-    // evaluation uploads x and downloads D (as `generate --device cuda` does).
+    // One whole sampling run as `generate --device cuda` does it: the sampler's state on
+    // the device (edm2::sample::device), one download at the end.
     let sampling_ips = if a.sampling {
         let (r, c) = (cfg.img_resolution, cfg.img_channels);
         let noise = Tensor::from_vec(&[n, r, r, c], rng.normal_vec(n * r * r * c));
         let mut k = 0;
-        let mut eval = |x: &Tensor, sig: &[f32]| -> edm2::error::Result<Tensor> {
-            let xd = Tensor::with_buf(&x.shape, gpu.upload_input(&x.data)?);
-            let out = net.forward_on(&gpu, &gp, &xd, sig, ld.as_ref(), &Mode::eval(), false)?;
-            Ok(Tensor::from_vec(&out.d.shape, gpu.download_act(&out.d.data)?))
-        };
         let t = Instant::now();
-        let x = edm2::sample::edm_sampler_on(&mut eval, None, &noise, &Default::default(), &mut |_| unreachable!(), &mut |_| {
+        let x = edm2::sample::device::edm_sampler_gpu(&gpu, (&net, &gp), None, &noise, ld.as_ref(), &Default::default(), &mut |_| unreachable!(), &mut |_| {
             k += 1;
             eprint!("\r  sampling: evaluation {k}/63");
         })?;

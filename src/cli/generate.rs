@@ -12,7 +12,7 @@ use edm2::backend::{resolve_device, Device};
 use edm2::io::image::{grid, to_pixels, write_png};
 use edm2::io::safetensors::{self, Dtype};
 use edm2::rng::Rng;
-use edm2::sample::{edm_sampler_on, SamplerOpts};
+use edm2::sample::SamplerOpts;
 use edm2::{NetConfig, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -302,7 +302,8 @@ pub fn run(a: Args) -> Result<()> {
     // The networks on the chosen device, weights uploaded once.
     let precision: edm2::backend::Precision = a.precision.parse().map_err(anyhow::Error::msg)?;
     let on_net = edm2::api::DeviceNet::with_precision(&net, device, precision)?;
-    let on_gnet = gnet.as_ref().map(|g| edm2::api::DeviceNet::with_precision(g, device, precision)).transpose()?;
+    // The guide beside the net: on a GPU one device handle, so the sampler guides there.
+    let on_gnet = gnet.as_ref().map(|g| edm2::api::DeviceNet::beside(g, &on_net)).transpose()?;
     let mut raw = Vec::new();
     let mut grid_px = Vec::new();
     let nbatches = names.len().div_ceil(a.batch);
@@ -355,15 +356,13 @@ pub fn run(a: Args) -> Result<()> {
         };
         let mut evals = 0;
         let total_evals = 2 * a.steps - 1;
-        let lref = labels.as_ref();
-        let mut main = |x: &Tensor, sig: &[f32]| on_net.forward_nhwc(x, sig, lref).map(|o| o.0);
-        let mut guide = on_gnet.as_ref().map(|g| move |x: &Tensor, sig: &[f32]| g.forward_nhwc(x, sig, lref).map(|o| o.0));
-        let guide_dyn = guide.as_mut().map(|g| g as &mut dyn FnMut(&Tensor, &[f32]) -> edm2::error::Result<Tensor>);
-        let x = edm_sampler_on(&mut main, guide_dyn, &noise, &opts, &mut churn, &mut |_| {
-            evals += 1;
-            eprint!("\r  step {evals}/{total_evals}");
-        })?
-        .nhwc_to_nchw();
+        // On a GPU the sampler's state stays on the device (one download per batch).
+        let x = on_net
+            .sample(on_gnet.as_ref(), &noise, labels.as_ref(), &opts, &mut churn, &mut |_| {
+                evals += 1;
+                eprint!("\r  step {evals}/{total_evals}");
+            })?
+            .nhwc_to_nchw();
         eprintln!();
         let decoded = match &decoder {
             Some(d) => {

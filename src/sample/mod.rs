@@ -5,6 +5,9 @@
 //! is unconditional, autoguidance when it is a smaller / less-trained model).
 
 use crate::error::Result;
+
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub mod device;
 use crate::nn::{Mode, Params, Precond};
 use crate::train::ema::torch_lerp;
 use crate::tensor::Tensor;
@@ -92,8 +95,68 @@ pub fn try_sample_with(
     o: &SamplerOpts,
     churn_noise: &mut dyn FnMut(usize) -> Tensor,
 ) -> Result<Tensor> {
+    sample_in(&mut HostSpace { denoise }, noise, o, churn_noise)
+}
+
+/// The sampler's arithmetic on its state, wherever the state lives: on the host
+/// ([`HostSpace`], `Tensor`s) or on a device (`api::DeviceNet::sample`: device buffers,
+/// `kernels/sampler.cu`). Every space evaluates each step in the same order of rounded
+/// operations, so given the same network outputs they give the same bits.
+pub trait SampleSpace {
+    /// A batch of images in the sampler's state (fp32).
+    type V;
+    /// `noise · s`.
+    fn scaled(&mut self, noise: &Tensor, s: f32) -> Result<Self::V>;
+    /// `x + k·eps` (the churn's added noise; `k` = sqrt(t_hat² − t²)·S_noise).
+    fn add_noise(&mut self, x: &Self::V, eps: &Tensor, k: f32) -> Result<Self::V>;
+    /// `D(x; t)` (guidance included).
+    fn denoise(&mut self, x: &Self::V, t: f32) -> Result<Self::V>;
+    /// `(dc, next) = ((x − d) / t_hat, x + h·dc)`.
+    fn euler(&mut self, x: &Self::V, d: &Self::V, t_hat: f32, h: f32) -> Result<(Self::V, Self::V)>;
+    /// `x + h·(0.5·dc + 0.5·(xn − dn) / t_next)`.
+    fn heun(&mut self, x: &Self::V, dc: &Self::V, xn: &Self::V, dn: &Self::V, t_next: f32, h: f32) -> Result<Self::V>;
+}
+
+/// The state on the host: `Tensor`s, a denoiser closure.
+pub struct HostSpace<'a> {
+    pub denoise: &'a mut dyn FnMut(&Tensor, f32) -> Result<Tensor>,
+}
+
+impl SampleSpace for HostSpace<'_> {
+    type V = Tensor;
+    fn scaled(&mut self, noise: &Tensor, s: f32) -> Result<Tensor> {
+        Ok(Tensor::from_vec(&noise.shape, noise.data.iter().map(|v| v * s).collect()))
+    }
+    fn add_noise(&mut self, x: &Tensor, eps: &Tensor, k: f32) -> Result<Tensor> {
+        Ok(Tensor::from_vec(&x.shape, x.data.iter().zip(&eps.data).map(|(x, e)| x + k * e).collect()))
+    }
+    fn denoise(&mut self, x: &Tensor, t: f32) -> Result<Tensor> {
+        (self.denoise)(x, t)
+    }
+    fn euler(&mut self, x: &Tensor, d: &Tensor, t_hat: f32, h: f32) -> Result<(Tensor, Tensor)> {
+        let dc: Vec<f32> = x.data.iter().zip(&d.data).map(|(x, d)| (x - d) / t_hat).collect();
+        let next = x.data.iter().zip(&dc).map(|(x, dc)| x + h * dc).collect();
+        Ok((Tensor::from_vec(&x.shape, dc), Tensor::from_vec(&x.shape, next)))
+    }
+    fn heun(&mut self, x: &Tensor, dc: &Tensor, xn: &Tensor, dn: &Tensor, t_next: f32, h: f32) -> Result<Tensor> {
+        let data = x
+            .data
+            .iter()
+            .zip(&dc.data)
+            .zip(xn.data.iter().zip(&dn.data))
+            .map(|((x, dc), (xn, dn))| {
+                let d_prime = (xn - dn) / t_next;
+                x + h * (0.5 * dc + 0.5 * d_prime)
+            })
+            .collect();
+        Ok(Tensor::from_vec(&x.shape, data))
+    }
+}
+
+/// The EDM sampler (Alg. 2 of Karras et al. 2022) on any [`SampleSpace`].
+pub fn sample_in<S: SampleSpace>(s: &mut S, noise: &Tensor, o: &SamplerOpts, churn_noise: &mut dyn FnMut(usize) -> Tensor) -> Result<S::V> {
     let t = sigma_steps(o);
-    let mut x_next = Tensor::from_vec(&noise.shape, noise.data.iter().map(|v| v * t[0]).collect());
+    let mut x_next = s.scaled(noise, t[0])?;
     let mut churned = 0;
     for i in 0..o.num_steps {
         let (t_cur, t_next) = (t[i], t[i + 1]);
@@ -104,31 +167,18 @@ pub fn try_sample_with(
             let eps = churn_noise(churned);
             churned += 1;
             let k = (t_hat * t_hat - t_cur * t_cur).sqrt();
-            let sn = o.s_noise as f32;
-            let data = x_cur.data.iter().zip(&eps.data).map(|(x, e)| x + k * sn * e).collect();
-            (t_hat, Tensor::from_vec(&x_cur.shape, data))
+            (t_hat, s.add_noise(&x_cur, &eps, k * o.s_noise as f32)?)
         } else {
             (t_cur, x_cur)
         };
-        let d = denoise(&x_hat, t_hat)?;
-        let d_cur: Vec<f32> = x_hat.data.iter().zip(&d.data).map(|(x, d)| (x - d) / t_hat).collect();
+        let d = s.denoise(&x_hat, t_hat)?;
         let h = t_next - t_hat;
-        let mut next: Vec<f32> = x_hat.data.iter().zip(&d_cur).map(|(x, dc)| x + h * dc).collect();
+        let (d_cur, mut next) = s.euler(&x_hat, &d, t_hat, h)?;
         if i < o.num_steps - 1 {
-            let xn = Tensor::from_vec(&x_hat.shape, next);
-            let d2 = denoise(&xn, t_next)?;
-            next = x_hat
-                .data
-                .iter()
-                .zip(&d_cur)
-                .zip(xn.data.iter().zip(&d2.data))
-                .map(|((x, dc), (xn, dn))| {
-                    let d_prime = (xn - dn) / t_next;
-                    x + h * (0.5 * dc + 0.5 * d_prime)
-                })
-                .collect();
+            let d2 = s.denoise(&next, t_next)?;
+            next = s.heun(&x_hat, &d_cur, &next, &d2, t_next, h)?;
         }
-        x_next = Tensor::from_vec(&x_hat.shape, next);
+        x_next = next;
     }
     Ok(x_next)
 }

@@ -19,6 +19,7 @@ pub mod conv_algo;
 pub mod conv_bench;
 pub mod kernels;
 pub mod multi_tensor;
+pub mod sampler;
 mod vae;
 pub use backend::GpuParams;
 
