@@ -107,7 +107,8 @@ bench cpu-s32-b32-cuda-fp32 --device cuda --config cpu-s32 --batch 32 --iters 5 
 # bf16: the tensor-core convolutions (the default: conv_tc.cu forward, conv_tc_backward.cu
 # gradients) against conv.cu's SIMT kernels (EDM2_TENSOR_CORE_CONV=0), same run.
 bench cpu-s32-b32-cuda-bf16-tc --device cuda --config cpu-s32 --batch 32 --iters 5 --precision bf16 --sampling
-BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16-tc --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16
+# With one XS sampling run at batch 32 (issue 16's sampling case; the state on the device).
+BENCH_TIMEOUT=150 bench xs-b32-cuda-bf16-tc --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16 --sampling
 EDM2_TENSOR_CORE_CONV=0 BENCH_TIMEOUT=90 bench xs-b32-cuda-bf16-simt --device cuda --config edm2-img512-xs --batch 32 --iters 2 --precision bf16
 # The headline shapes of the issue: batch 128, against the official code's fp16 step below.
 BENCH_TIMEOUT=90 bench xs-b128-cuda-bf16-tc --device cuda --config edm2-img512-xs --batch 128 --iters 3 --precision bf16 --only train
