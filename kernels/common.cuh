@@ -184,3 +184,14 @@ struct edm2_bf16 {
   }                                      \
   return 1
 #define EDM2_BY_DTYPE(dtype, ...) EDM2_BY_DTYPE_AS(dtype, T, __VA_ARGS__)
+
+// A launcher's body for a grid-stride elementwise kernel over `count` items (256 threads
+// a block, `stream` the launcher's argument): nothing to do for 0 items, else the launch
+// and its launch error.
+#define EW_LAUNCH(kernel, count, ...)                                            \
+  do {                                                                           \
+    size_t count_ = (count);                                                     \
+    if (count_ == 0) return 0;                                                   \
+    EDM2_LAUNCH(kernel, edm2_blocks(count_, 256), 256, 0, stream, __VA_ARGS__); \
+    return (int)cudaGetLastError();                                              \
+  } while (0)

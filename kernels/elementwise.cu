@@ -278,14 +278,6 @@ __global__ void precond_output_kernel(const TX *__restrict__ x, const T *__restr
   }
 }
 
-#define EW_LAUNCH(kernel, count, ...)                                            \
-  do {                                                                           \
-    size_t count_ = (count);                                                     \
-    if (count_ == 0) return 0;                                                   \
-    EDM2_LAUNCH(kernel, edm2_blocks(count_, 256), 256, 0, stream, __VA_ARGS__); \
-    return (int)cudaGetLastError();                                              \
-  } while (0)
-
 // Launchers: activation pointers are `void *` of storage type `dtype` (EDM2_F32 or
 // EDM2_BF16); every other pointer is fp32. scaled converts (x of x_dtype, y of dtype);
 // the preconditioning reads the network input x and writes D in x_dtype — fp32 in the

@@ -43,27 +43,19 @@ __global__ void add_noise_kernel(const float *__restrict__ x, const float *__res
   EDM2_FOR(i, n) out[i] = __fadd_rn(x[i], __fmul_rn(k, e[i]));
 }
 
-#define SAMPLER_LAUNCH(kernel, count, ...)                                       \
-  do {                                                                           \
-    size_t count_ = (count);                                                     \
-    if (count_ == 0) return 0;                                                   \
-    EDM2_LAUNCH(kernel, edm2_blocks(count_, 256), 256, 0, stream, __VA_ARGS__); \
-    return (int)cudaGetLastError();                                              \
-  } while (0)
-
 extern "C" int edm2_heun_euler(const float *x, const float *d, float t_hat, float h, float *dc, float *next, size_t n, cudaStream_t stream) {
-  SAMPLER_LAUNCH(heun_euler_kernel, n, x, d, t_hat, h, dc, next, n);
+  EW_LAUNCH(heun_euler_kernel, n, x, d, t_hat, h, dc, next, n);
 }
 
 extern "C" int edm2_heun_correct(const float *x, const float *dc, const float *xn, const float *dn, float t_next, float h, float *next, size_t n,
                                  cudaStream_t stream) {
-  SAMPLER_LAUNCH(heun_correct_kernel, n, x, dc, xn, dn, t_next, h, next, n);
+  EW_LAUNCH(heun_correct_kernel, n, x, dc, xn, dn, t_next, h, next, n);
 }
 
 extern "C" int edm2_guidance_lerp(const float *g, const float *d, float w, float *out, size_t n, cudaStream_t stream) {
-  SAMPLER_LAUNCH(guidance_lerp_kernel, n, g, d, w, out, n);
+  EW_LAUNCH(guidance_lerp_kernel, n, g, d, w, out, n);
 }
 
 extern "C" int edm2_add_noise(const float *x, const float *e, float k, float *out, size_t n, cudaStream_t stream) {
-  SAMPLER_LAUNCH(add_noise_kernel, n, x, e, k, out, n);
+  EW_LAUNCH(add_noise_kernel, n, x, e, k, out, n);
 }
