@@ -1,7 +1,8 @@
 //! Times the bf16 convolution kernels (forward, data and weight gradient) of one layer
 //! shape on the path this machine takes (AMX tiles where present; `EDM2_DISABLE_AMX=1`
 //! for the `vdpbf16ps` path; a seventh argument `1` for the fp32 kernels):
-//! `cargo run --release --example amx_layers -- N H W CIN COUT K [1]`.
+//! `cargo run --release --example amx_layers -- N H W CIN COUT K [MODE]` (MODE 3: the
+//! forward alone; `AMX_LAYERS_REPS` repetitions, default 5, e.g. for `perf record`).
 use edm2::backend::cpu::conv;
 use std::time::Instant;
 
@@ -26,9 +27,9 @@ fn main() {
     let (dims, mode) = match a[..] {
         [n, h, w, i, o, k] => ([n, h, w, i, o, k], 0),
         [n, h, w, i, o, k, f] => ([n, h, w, i, o, k], f),
-        _ => panic!("usage: N H W CIN COUT K [1 | 2]"),
+        _ => panic!("usage: N H W CIN COUT K [1 | 2 | 3]"),
     };
-    let fp32 = mode >= 1;
+    let fp32 = mode == 1 || mode == 2;
     let [n, h, w, i, o, k] = dims;
     let mut rng = edm2::rng::Rng::new(1);
     let wt = rng.normal_vec(o * i * k * k);
@@ -40,10 +41,12 @@ fn main() {
     }
     let (mut y, mut dx, mut de) = (vec![0.0f32; n * h * w * o], vec![0.0f32; n * h * w * i], vec![0.0f32; o * i * k * k]);
     let gflop = 2.0 * (n * h * w * o * i * k * k) as f64 / 1e9;
+    // AMX_LAYERS_REPS=N times each call N times (default 5; more for `perf record`).
+    let reps: usize = std::env::var("AMX_LAYERS_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let time = |f: &mut dyn FnMut()| {
         f();
         let mut best = f64::MAX;
-        for _ in 0..5 {
+        for _ in 0..reps {
             let t = Instant::now();
             f();
             best = best.min(t.elapsed().as_secs_f64());
@@ -71,6 +74,11 @@ fn main() {
         return;
     }
     let tf = time(&mut || conv::conv_forward(&eff, &x, n, h, w, &mut y));
+    if mode == 3 {
+        // The forward alone (for `perf record` of one kernel).
+        println!("{n}x{h}x{w} {i}->{o} k{k}: forward {:.3} ms ({:.0} GFLOP/s)", tf * 1e3, gflop / tf);
+        return;
+    }
     let tb = time(&mut || conv::conv_backward(&eff, &x, n, h, w, &dy, Some(&mut dx), &mut de));
     let tw = time(&mut || conv::conv_backward(&eff, &x, n, h, w, &dy, None, &mut de));
     if edm2::profile::enabled() {

@@ -276,11 +276,12 @@ struct Aligned {
 }
 
 impl Aligned {
-    /// `len` elements written in parallel tasks of `chunk` elements: each task's chunk is
-    /// zeroed, then `fill(task, chunk)` writes what it holds. Zeroing inside the task
-    /// keeps the chunk in cache between the two writes; zeroing the whole buffer first
-    /// (`cpu::zeroed`) was a separate pass through memory (memset ≈ 10% of a bf16 step).
-    fn filled(len: usize, chunk: usize, fill: impl Fn(usize, &mut [u32]) + Sync) -> Aligned {
+    /// `len` elements written in parallel tasks of `chunk` elements by `fill(task,
+    /// chunk)`. With `zero` each task's chunk is zeroed first and `fill` writes what it
+    /// holds (zeroing inside the task keeps the chunk in cache between the two writes; a
+    /// whole-buffer `cpu::zeroed` was a separate pass, memset ≈ 10% of a bf16 step);
+    /// without it `fill` must write every element of its chunk, zeros included.
+    fn filled(len: usize, chunk: usize, zero: bool, fill: impl Fn(usize, &mut [u32]) + Sync) -> Aligned {
         use std::mem::MaybeUninit;
         let mut v: Vec<MaybeUninit<u32>> = Vec::with_capacity(len + 16);
         // SAFETY: MaybeUninit needs no initialization; every element is written below
@@ -292,8 +293,12 @@ impl Aligned {
         head.fill(MaybeUninit::new(0));
         tail.fill(MaybeUninit::new(0));
         body.par_chunks_mut(chunk.max(1)).enumerate().for_each(|(t, c)| {
-            c.fill(MaybeUninit::new(0));
-            // SAFETY: every element of `c` was just initialized.
+            if zero {
+                c.fill(MaybeUninit::new(0));
+            }
+            // SAFETY: with `zero` every element of `c` was just initialized; without it
+            // `fill` writes every element before any is read (the caller's contract), and
+            // u32 has no invalid bit patterns.
             let c = unsafe { &mut *(c as *mut [MaybeUninit<u32>] as *mut [u32]) };
             fill(t, c);
         });
@@ -325,17 +330,24 @@ fn padded_pairs(x: &[f32], n: usize, h: usize, w: usize, c: usize, cp: usize, ha
     // grid (tail) stay zero.
     let rows_per_task = (2048 / wp).max(1);
     let image_rows = n * hp;
-    let out = Aligned::filled(total_rows * row, rows_per_task * wp * row, |t, d| {
+    // With c == cp every pair is either converted or halo, so the task writes its zeros
+    // itself (the halo only) instead of zeroing the whole chunk first (a memset over the
+    // whole operand, ~7% of a 32-channel forward).
+    let whole = c == cp;
+    let out = Aligned::filled(total_rows * row, rows_per_task * wp * row, !whole, |t, d| {
         for (j, d) in d.chunks_mut(wp * row).enumerate() {
             let r = t * rows_per_task + j;
-            if r >= image_rows {
-                break;
-            }
-            let (b, yp) = (r / hp, r % hp);
-            let Some(y) = yp.checked_sub(halo).filter(|&y| y < h) else { continue };
-            let src = &x[(b * h + y) * w * c..][..w * c];
-            if c == cp {
+            let Some(y) = (r < image_rows).then(|| (r % hp).checked_sub(halo).filter(|&y| y < h)).flatten() else {
+                if whole {
+                    d.fill(0);
+                }
+                continue;
+            };
+            let src = &x[(r / hp * h + y) * w * c..][..w * c];
+            if whole {
                 // The row's pixels are contiguous on both sides: one conversion.
+                d[..halo * row].fill(0);
+                d[(halo + w) * row..].fill(0);
                 super::bf16::pairs_into(src, &mut d[halo * row..][..w * row]);
                 continue;
             }
@@ -386,9 +398,16 @@ fn conv_rows(p: &RowProduct, starts: &[usize], dest: impl Fn(usize) -> [Option<u
     let group = (16384 / (kp2 / STEP_PAIRS * 2048)).clamp(1, taps);
     starts.par_chunks(TASK_BLOCKS).for_each(|chunk| {
         #[repr(C, align(64))]
+        #[derive(Clone, Copy)]
         struct Partial([f32; BLOCK * BLOCK]);
-        let mut part: Vec<Partial> = (0..chunk.len()).map(|_| Partial([0.0; BLOCK * BLOCK])).collect();
-        let rows: Vec<[Option<usize>; BLOCK]> = chunk.iter().map(|&s| dest(s)).collect();
+        // On the stack: a heap allocation per task (hundreds per call) showed as malloc
+        // and free work beside the products at 32 channels.
+        let mut part = [Partial([0.0; BLOCK * BLOCK]); TASK_BLOCKS];
+        let part = &mut part[..chunk.len()];
+        let mut rows = [[None; BLOCK]; TASK_BLOCKS];
+        for (r, &s) in rows.iter_mut().zip(chunk) {
+            *r = dest(s);
+        }
         // SAFETY: `available()` asserted above.
         let _tiles = unsafe { tiles::Scope::enter() };
         for nb in (0..n / 16).step_by(2) {
@@ -429,14 +448,23 @@ fn conv_rows(p: &RowProduct, starts: &[usize], dest: impl Fn(usize) -> [Option<u
                     }
                 }
             }
-            let cols = if two { 32 } else { 16 };
             for (c, rows) in part.iter().zip(&rows) {
                 for (r, d) in rows.iter().enumerate() {
                     if let Some(d) = *d {
                         assert!(d < out_rows);
-                        // SAFETY: row d of y is in bounds and written by this task only.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(d * n + nb * 16), cols) };
-                        dst.copy_from_slice(&c.0[r * BLOCK..][..cols]);
+                        let src = &c.0[r * BLOCK..][..BLOCK];
+                        // SAFETY: row d of y is in bounds and written by this task only;
+                        // columns nb·16.. +32 (+16 when not `two`) are inside the row.
+                        // Fixed lengths: the copies inline as vector moves (a `memmove`
+                        // call per 64 or 128 bytes was ~10% of a 32-channel forward).
+                        unsafe {
+                            let dst = out.0.add(d * n + nb * 16);
+                            if two {
+                                std::slice::from_raw_parts_mut(dst, 32).copy_from_slice(&src[..32]);
+                            } else {
+                                std::slice::from_raw_parts_mut(dst, 16).copy_from_slice(&src[..16]);
+                            }
+                        }
                     }
                 }
             }
@@ -669,6 +697,19 @@ mod convert {
     }
 }
 
+/// Zeroes `d` (in units of `unit` elements) except the `runs` runs of `len` units that
+/// start at `first`, `first + stride`, …: the pixels a conversion then writes.
+fn zero_outside_runs(d: &mut [u32], unit: usize, first: usize, runs: usize, len: usize, stride: usize) {
+    debug_assert!(runs == 0 || len <= stride);
+    let mut at = 0;
+    for r in 0..runs {
+        let start = (first + r * stride) * unit;
+        d[at..start].fill(0);
+        at = start + len * unit;
+    }
+    d[at..].fill(0);
+}
+
 /// Image `i` (of `n`, `len` values each) of `v`, None past the last.
 fn image(v: &[f32], i: usize, n: usize, len: usize) -> Option<&[f32]> {
     (i < n).then(|| &v[i * len..][..len])
@@ -718,7 +759,9 @@ pub fn weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: usize
     let (cp, op) = (padded_channels(cin), padded_channels(cout));
     // dy as [n2][op][hq] image pairs, transposed; x as [n2][cp/32][xrows][32] pairs.
     let prof = crate::profile::scope("amx.dw_operands");
-    let dt = Aligned::filled(n2 * op * hq, BLOCK * hq, |t, d| {
+    // (Zeroing only dt's gaps, two pairs per image row, made the weight gradient 5%
+    // slower than zeroing the chunk first: a `memset` call per gap.)
+    let dt = Aligned::filled(n2 * op * hq, BLOCK * hq, true, |t, d| {
         if let Some((a, b, o0, m)) = pair_block(dy, n, h * w * cout, cout, op, t) {
             convert::transposed_pairs(a, b, h, w, cout, o0, m, wp, hq, d);
         }
@@ -726,10 +769,12 @@ pub fn weight_grad(k: usize, x: &[f32], n: usize, h: usize, w: usize, cin: usize
     // x in planes of 32 channels: a tile row (16 channel pairs) then lies in a
     // contiguous run of rows, not one 64-byte piece per `cp`-wide row (with 128
     // channels, a 512-byte stride: every row in the same few L1 sets).
-    let xg = Aligned::filled(n2 * xrows * cp, xrows * BLOCK, |t, d| {
-        if let Some((a, b, c0, m)) = pair_block(x, n, h * w * cin, cin, cp, t) {
-            convert::plane_pairs(a, b, h, w, cin, c0, m, halo, wp, d);
-        }
+    // Written whole by its tasks: the conversion, and zeros only where nothing is
+    // converted (the halo, whole rows of 32 pairs).
+    let xg = Aligned::filled(n2 * xrows * cp, xrows * BLOCK, false, |t, d| {
+        let Some((a, b, c0, m)) = pair_block(x, n, h * w * cin, cin, cp, t) else { return d.fill(0) };
+        zero_outside_runs(d, BLOCK, halo * wp + halo, h, w, wp);
+        convert::plane_pairs(a, b, h, w, cin, c0, m, halo, wp, d);
     });
     drop(prof);
     let prof = crate::profile::scope("amx.conv_dw");
