@@ -86,6 +86,10 @@ __device__ __forceinline__ void edm2_cp_async_wait_all() { asm volatile("cp.asyn
 inline thread_local unsigned long long edm2_launch_counter = 0;
 static inline void edm2_count_launch() { edm2_launch_counter++; }
 
+// The elementwise launchers that found every pointer of a launch 16-byte aligned and moved
+// the values in 16-byte packs (edm2_lanes below): tests check that the packed path ran.
+inline thread_local unsigned long long edm2_packed_counter = 0;
+
 // Grid size for a grid-stride loop over n elements. The simulated device creates a
 // thread per CUDA thread of every block, so there the grid is capped at a few blocks:
 // the grid-stride loops then also run their multi-iteration path in the tests.
@@ -167,6 +171,43 @@ struct edm2_bf16 {
     return *this;
   }
 };
+
+// 16-byte packs (issue 16: elementwise work moves each byte once, in 16-byte accesses). A
+// pack holds L values of T (EDM2_LANES(T): 8 bf16 or 4 fp32 make 16 bytes; a mask's bytes
+// come in packs of as many lanes); with every pointer of a launch 16-byte aligned (pool
+// buffers are) a kernel reads and writes whole packs — one ld/st.global.v4 each, which
+// nvcc emits for these aligned aggregates — and the values past the last whole pack one at
+// a time. An unaligned launch passes 0 packs: everything one at a time, the same
+// arithmetic per value either way (so the same bits).
+template <typename T, int L>
+struct alignas(sizeof(T) * L) edm2_lanes {
+  T v[L];
+};
+#define EDM2_LANES(T) (16 / (int)sizeof(T))
+// Pack j (values jL .. jL + L − 1) of p.
+template <int L, typename T>
+__device__ __forceinline__ edm2_lanes<T, L> edm2_load_lanes(const T *p, size_t j) {
+  return reinterpret_cast<const edm2_lanes<T, L> *>(p)[j];
+}
+template <int L, typename T>
+__device__ __forceinline__ void edm2_store_lanes(T *p, size_t j, const edm2_lanes<T, L> &v) {
+  reinterpret_cast<edm2_lanes<T, L> *>(p)[j] = v;
+}
+// Host side: whether every pointer is 16-byte aligned (null counts as aligned: an absent
+// optional operand).
+template <typename... P>
+static inline bool edm2_aligned16(P... p) {
+  return (((((uintptr_t)(const void *)p) & 15u) == 0) && ...);
+}
+// Packs of a launch over n values of lanes L: n / L where `aligned`, else 0; counts a
+// packed launch.
+static inline size_t edm2_packs(size_t n, int lanes, bool aligned) {
+  size_t packs = aligned ? n / (size_t)lanes : 0;
+  if (packs > 0) edm2_packed_counter++;
+  return packs;
+}
+// Work items of a packed launch's grid: the packs, or the values when there are none.
+static inline size_t edm2_items(size_t n, size_t packs) { return packs > 0 ? packs : n; }
 
 // The body of a launcher taking an activation dtype (edm2.h: EDM2_F32, EDM2_BF16): runs
 // `body` (which returns) with T the storage type; an unknown dtype returns

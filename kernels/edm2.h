@@ -184,6 +184,9 @@ int edm2_ema_lerp_multi_f32(const unsigned long long *rows, int n_rows, long lon
 int edm2_add_multi_f32(const unsigned long long *rows, int n_rows, long long n_chunks, int chunk, cudaStream_t stream);
 /* The number of kernel launches the calling thread has made (every launcher counts its own). */
 unsigned long long edm2_launch_count(void);
+/* The number of elementwise launches of the calling thread that moved 16-byte packs (all
+ * their pointers aligned; common.cuh). */
+unsigned long long edm2_packed_launch_count(void);
 
 /* reduce.cu: out[0] = sum of x (two launches: per-block partials into `partials`, which
  * must hold edm2_sum_partials(n) floats, then one block). */

@@ -34,102 +34,204 @@
 // (tests/cuda_sim.rs) in the simulation harness.
 #include "common.cuh"
 
+// Packed kernels (common.cuh's edm2_lanes): the first loop moves the launch's `packs`
+// 16-byte packs of L lanes (pack j: values jL .. jL + L − 1), the second the values past
+// them one at a time (all of them where a launch is unaligned: packs = 0). Both
+// grid-stride; the same arithmetic per value in both.
+#define LD(p) edm2_load_lanes<L>(p, j)
+#define ST(p, v) edm2_store_lanes<L>(p, j, v)
+#define EACH_LANE _Pragma("unroll") for (int l = 0; l < L; l++)
+#define REST(i, n, packs) EDM2_FOR(rest_, (n) - (packs) * (size_t)L) if (const size_t i = (packs) * (size_t)L + rest_; true)
+
 template <typename T>
-__global__ void mp_silu_kernel(const T *__restrict__ x, T *__restrict__ y, size_t n) {
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    float v = x[i];
-    y[i] = edm2_mp_silu(v);
+__global__ void mp_silu_kernel(const T *__restrict__ x, T *__restrict__ y, size_t n, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    auto a = LD(x);
+    edm2_lanes<T, L> o;
+    EACH_LANE o.v[l] = edm2_mp_silu(a.v[l]);
+    ST(y, o);
   }
+  REST(i, n, packs) y[i] = edm2_mp_silu(x[i]);
 }
 
 template <typename T>
-__global__ void mp_silu_backward_kernel(const T *__restrict__ x, const T *__restrict__ dy, T *__restrict__ dx, size_t n, int accumulate) {
-  EDM2_FOR(i, n) {
-    dx[i] = accumulate ? edm2_mp_silu_grad_acc(dx[i], dy[i], x[i]) : dy[i] * edm2_mp_silu_grad(x[i]);
+__global__ void mp_silu_backward_kernel(const T *__restrict__ x, const T *__restrict__ dy, T *__restrict__ dx, size_t n, size_t packs,
+                                        int accumulate) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    auto a = LD(x);
+    auto g = LD(dy);
+    edm2_lanes<T, L> o;
+    if (accumulate) {
+      auto d = LD(dx);
+      EACH_LANE o.v[l] = edm2_mp_silu_grad_acc(d.v[l], g.v[l], a.v[l]);
+    } else {
+      EACH_LANE o.v[l] = g.v[l] * edm2_mp_silu_grad(a.v[l]);
+    }
+    ST(dx, o);
   }
+  REST(i, n, packs) dx[i] = accumulate ? edm2_mp_silu_grad_acc(dx[i], dy[i], x[i]) : dy[i] * edm2_mp_silu_grad(x[i]);
 }
 
+// a ← wa·a + wb·b (mp_sum with its coefficients, axpby).
 template <typename T>
-__global__ void mp_sum_kernel(T *__restrict__ a, const T *__restrict__ b, float wa, float wb, size_t n) {
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-    a[i] = wa * a[i] + wb * b[i];
-}
-
-template <typename T>
-__global__ void axpby_kernel(T *__restrict__ a, const T *__restrict__ b, float wa, float wb, size_t n) {
-  EDM2_FOR(i, n) a[i] = wa * a[i] + wb * b[i];
+__global__ void axpby_kernel(T *__restrict__ a, const T *__restrict__ b, float wa, float wb, size_t n, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    auto av = LD(a);
+    auto bv = LD(b);
+    EACH_LANE av.v[l] = wa * av.v[l] + wb * bv.v[l];
+    ST(a, av);
+  }
+  REST(i, n, packs) a[i] = wa * a[i] + wb * b[i];
 }
 
 // A block's last mp_sum and its clip in one pass: the sum rounded to the storage type as
 // axpby stores it, then clip_kernel's mask and clamp (the same bits as the two launches).
 template <typename T>
+__device__ __forceinline__ float edm2_sum_clip(float a, float b, float wa, float wb, float limit, unsigned char &mask) {
+  T t;
+  t = wa * a + wb * b;  // rounded to the storage type (edm2_bf16 converts by assignment)
+  float v = t;
+  mask = fabsf(v) > limit;
+  return fminf(fmaxf(v, -limit), limit);
+}
+template <typename T>
 __global__ void axpby_clip_kernel(T *__restrict__ a, const T *__restrict__ b, float wa, float wb, float limit,
-                                  unsigned char *__restrict__ mask, size_t n) {
-  EDM2_FOR(i, n) {
-    T t;
-    t = wa * a[i] + wb * b[i];  // rounded to the storage type (edm2_bf16 converts by assignment)
-    float v = t;
-    mask[i] = fabsf(v) > limit;
-    a[i] = fminf(fmaxf(v, -limit), limit);
+                                  unsigned char *__restrict__ mask, size_t n, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    auto av = LD(a);
+    auto bv = LD(b);
+    edm2_lanes<unsigned char, L> m;
+    EACH_LANE av.v[l] = edm2_sum_clip<T>(av.v[l], bv.v[l], wa, wb, limit, m.v[l]);
+    ST(a, av);
+    ST(mask, m);
   }
+  REST(i, n, packs) a[i] = edm2_sum_clip<T>(a[i], b[i], wa, wb, limit, mask[i]);
 }
 
 template <typename T>
-__global__ void scale_kernel(T *__restrict__ a, float k, size_t n) {
-  EDM2_FOR(i, n) a[i] = a[i] * k;
+__global__ void scale_kernel(T *__restrict__ a, float k, size_t n, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    auto av = LD(a);
+    EACH_LANE av.v[l] = av.v[l] * k;
+    ST(a, av);
+  }
+  REST(i, n, packs) a[i] = a[i] * k;
 }
 
+// The NHWC kernels below move packs along the channels where c is a multiple of the lanes
+// (a pack then lies in one pixel, whose coordinates are divided out once per pack, not per
+// value; every offset below is then a multiple of L); otherwise one value at a time.
 template <typename T>
-__global__ void downsample2_kernel(const T *__restrict__ x, T *__restrict__ y, int n, int h, int w, int c) {
+__global__ void downsample2_kernel(const T *__restrict__ x, T *__restrict__ y, int n, int h, int w, int c, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
   const int ho = h / 2, wo = w / 2;
-  EDM2_FOR(i, (size_t)n * ho * wo * c) {
+  const size_t row = (size_t)w * c;
+  // The input index of output value i's top-left source.
+  auto src = [&](size_t i) {
     int ch = (int)(i % c);
     size_t pix = i / c;
     int ox = (int)(pix % wo), oy = (int)(pix / wo % ho), b = (int)(pix / ((size_t)wo * ho));
-    auto at = [&](int dy, int dx) { return x[(((size_t)b * h + 2 * oy + dy) * w + 2 * ox + dx) * c + ch]; };
-    y[i] = (at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1)) * 0.25f;
+    return (((size_t)b * h + 2 * oy) * w + 2 * ox) * c + ch;
+  };
+  EDM2_FOR(j, packs) {
+    const size_t s = src(j * L);
+    auto a = edm2_load_lanes<L>(x + s, 0);
+    auto b = edm2_load_lanes<L>(x + s + c, 0);
+    auto d = edm2_load_lanes<L>(x + s + row, 0);
+    auto e = edm2_load_lanes<L>(x + s + row + c, 0);
+    edm2_lanes<T, L> o;
+    EACH_LANE o.v[l] = (a.v[l] + b.v[l] + d.v[l] + e.v[l]) * 0.25f;
+    ST(y, o);
+  }
+  REST(i, n * (size_t)ho * wo * c, packs) {
+    const size_t s = src(i);
+    y[i] = (x[s] + x[s + c] + x[s + row] + x[s + row + c]) * 0.25f;
   }
 }
 
 template <typename T>
-__global__ void downsample2_backward_kernel(const T *__restrict__ dy, T *__restrict__ dx, int n, int h, int w, int c) {
+__global__ void downsample2_backward_kernel(const T *__restrict__ dy, T *__restrict__ dx, int n, int h, int w, int c, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
   const int ho = h / 2, wo = w / 2;
-  EDM2_FOR(i, (size_t)n * h * w * c) {
+  auto src = [&](size_t i) {
     int ch = (int)(i % c);
     size_t pix = i / c;
     int ix = (int)(pix % w), iy = (int)(pix / w % h), b = (int)(pix / ((size_t)w * h));
-    dx[i] = 0.25f * dy[(((size_t)b * ho + iy / 2) * wo + ix / 2) * c + ch];
+    return (((size_t)b * ho + iy / 2) * wo + ix / 2) * c + ch;
+  };
+  EDM2_FOR(j, packs) {
+    auto g = edm2_load_lanes<L>(dy + src(j * L), 0);
+    edm2_lanes<T, L> o;
+    EACH_LANE o.v[l] = 0.25f * g.v[l];
+    ST(dx, o);
   }
+  REST(i, n * (size_t)h * w * c, packs) dx[i] = 0.25f * dy[src(i)];
 }
 
 template <typename T>
-__global__ void upsample2_kernel(const T *__restrict__ x, T *__restrict__ y, int n, int h, int w, int c) {
+__global__ void upsample2_kernel(const T *__restrict__ x, T *__restrict__ y, int n, int h, int w, int c, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
   const int ho = 2 * h, wo = 2 * w;
-  EDM2_FOR(i, (size_t)n * ho * wo * c) {
+  auto src = [&](size_t i) {
     int ch = (int)(i % c);
     size_t pix = i / c;
     int ox = (int)(pix % wo), oy = (int)(pix / wo % ho), b = (int)(pix / ((size_t)wo * ho));
-    y[i] = x[(((size_t)b * h + oy / 2) * w + ox / 2) * c + ch];
-  }
+    return (((size_t)b * h + oy / 2) * w + ox / 2) * c + ch;
+  };
+  EDM2_FOR(j, packs) ST(y, edm2_load_lanes<L>(x + src(j * L), 0));
+  REST(i, n * (size_t)ho * wo * c, packs) y[i] = x[src(i)];
 }
 
 template <typename T>
-__global__ void upsample2_backward_kernel(const T *__restrict__ dy, T *__restrict__ dx, int n, int h, int w, int c) {
+__global__ void upsample2_backward_kernel(const T *__restrict__ dy, T *__restrict__ dx, int n, int h, int w, int c, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
   const int wo = 2 * w;
-  EDM2_FOR(i, (size_t)n * h * w * c) {
+  const size_t row = (size_t)wo * c;
+  // The index in dy of the top-left copy of input value i.
+  auto src = [&](size_t i) {
     int ch = (int)(i % c);
     size_t pix = i / c;
     int ix = (int)(pix % w), iy = (int)(pix / w % h), b = (int)(pix / ((size_t)w * h));
-    auto at = [&](int a, int d) { return dy[(((size_t)b * 2 * h + 2 * iy + a) * wo + 2 * ix + d) * c + ch]; };
-    dx[i] = at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1);
+    return (((size_t)b * 2 * h + 2 * iy) * wo + 2 * ix) * c + ch;
+  };
+  EDM2_FOR(j, packs) {
+    const size_t s = src(j * L);
+    auto a = edm2_load_lanes<L>(dy + s, 0);
+    auto b = edm2_load_lanes<L>(dy + s + c, 0);
+    auto d = edm2_load_lanes<L>(dy + s + row, 0);
+    auto e = edm2_load_lanes<L>(dy + s + row + c, 0);
+    edm2_lanes<T, L> o;
+    EACH_LANE o.v[l] = a.v[l] + b.v[l] + d.v[l] + e.v[l];
+    ST(dx, o);
+  }
+  REST(i, n * (size_t)h * w * c, packs) {
+    const size_t s = src(i);
+    dx[i] = dy[s] + dy[s + c] + dy[s + row] + dy[s + row + c];
   }
 }
 
+// Packs where na and nb are multiples of the lanes: a pack then lies wholly in a or in b.
 template <typename T>
 __global__ void mp_cat_kernel(const T *__restrict__ a, int na, const T *__restrict__ b, int nb, float ka, float kb,
-                              T *__restrict__ out, size_t pixels) {
+                              T *__restrict__ out, size_t pixels, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
   const int nc = na + nb;
-  EDM2_FOR(i, pixels * nc) {
+  EDM2_FOR(j, packs) {
+    const size_t p = j * L / nc;
+    const int c = (int)(j * L - p * nc);
+    const bool in_a = c < na;
+    auto v = in_a ? edm2_load_lanes<L>(a + p * na + c, 0) : edm2_load_lanes<L>(b + p * nb + (c - na), 0);
+    const float k = in_a ? ka : kb;
+    edm2_lanes<T, L> o;
+    EACH_LANE o.v[l] = k * v.v[l];
+    ST(out, o);
+  }
+  REST(i, pixels * nc, packs) {
     size_t p = i / nc;
     int c = (int)(i % nc);
     out[i] = c < na ? ka * a[p * na + c] : kb * b[p * nb + (c - na)];
@@ -138,9 +240,20 @@ __global__ void mp_cat_kernel(const T *__restrict__ a, int na, const T *__restri
 
 template <typename T>
 __global__ void mp_cat_backward_kernel(const T *__restrict__ dout, int na, int nb, float ka, float kb, T *__restrict__ da,
-                                       T *__restrict__ db, size_t pixels) {
+                                       T *__restrict__ db, size_t pixels, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
   const int nc = na + nb;
-  EDM2_FOR(i, pixels * nc) {
+  EDM2_FOR(j, packs) {
+    const size_t p = j * L / nc;
+    const int c = (int)(j * L - p * nc);
+    const bool in_a = c < na;
+    auto g = LD(dout);
+    const float k = in_a ? ka : kb;
+    edm2_lanes<T, L> o;
+    EACH_LANE o.v[l] = k * g.v[l];
+    edm2_store_lanes<L>(in_a ? da + p * na + c : db + p * nb + (c - na), 0, o);
+  }
+  REST(i, pixels * nc, packs) {
     size_t p = i / nc;
     int c = (int)(i % nc);
     if (c < na)
@@ -151,14 +264,25 @@ __global__ void mp_cat_backward_kernel(const T *__restrict__ dout, int na, int n
 }
 
 // One image per blockIdx.y: 32-bit indices within an image (the launcher checks the size),
-// no 64-bit division per element.
+// no 64-bit division per element; `packs` per image along the channels where c is a
+// multiple of the lanes (else 0).
 template <typename T>
 __global__ void modulate_silu_kernel(const T *__restrict__ h, const float *__restrict__ s, T *__restrict__ y, unsigned c,
-                                     unsigned per_image) {
+                                     unsigned per_image, unsigned packs) {
+  constexpr int L = EDM2_LANES(T);
   const size_t base = (size_t)blockIdx.y * per_image;
   const float *sb = s + (size_t)blockIdx.y * c;
-  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < per_image; i += gridDim.x * blockDim.x)
-    y[base + i] = edm2_mp_silu(h[base + i] * (sb[i % c] + 1.0f));
+  const T *hb = h + base;
+  T *yb = y + base;
+  for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < packs; j += gridDim.x * blockDim.x) {
+    const unsigned c0 = j * L % c;
+    auto hv = LD(hb);
+    edm2_lanes<T, L> o;
+    EACH_LANE o.v[l] = edm2_mp_silu(hv.v[l] * (sb[c0 + l] + 1.0f));
+    ST(yb, o);
+  }
+  for (unsigned i = packs * L + blockIdx.x * blockDim.x + threadIdx.x; i < per_image; i += gridDim.x * blockDim.x)
+    yb[i] = edm2_mp_silu(hb[i] * (sb[i % c] + 1.0f));
 }
 
 // Block (MOD_CH channels x MOD_LANES pixel lanes) per (channel tile, image): a warp reads 32
@@ -204,22 +328,43 @@ __device__ __forceinline__ float edm2_hash_uniform(unsigned long long seed, unsi
 }
 
 template <typename T>
-__global__ void dropout_kernel(T *__restrict__ x, float p, float scale, unsigned long long seed, size_t n) {
-  EDM2_FOR(i, n) x[i] = edm2_hash_uniform(seed, i) >= p ? x[i] * scale : 0.0f;
-}
-
-template <typename T>
-__global__ void clip_kernel(T *__restrict__ x, unsigned char *__restrict__ mask, float limit, size_t n) {
-  EDM2_FOR(i, n) {
-    float v = x[i];
-    mask[i] = fabsf(v) > limit;
-    x[i] = fminf(fmaxf(v, -limit), limit);
+__global__ void dropout_kernel(T *__restrict__ x, float p, float scale, unsigned long long seed, size_t n, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    auto v = LD(x);
+    EACH_LANE v.v[l] = edm2_hash_uniform(seed, j * L + l) >= p ? v.v[l] * scale : 0.0f;
+    ST(x, v);
   }
+  REST(i, n, packs) x[i] = edm2_hash_uniform(seed, i) >= p ? x[i] * scale : 0.0f;
+}
+
+__device__ __forceinline__ float edm2_clip_one(float v, float limit, unsigned char &mask) {
+  mask = fabsf(v) > limit;
+  return fminf(fmaxf(v, -limit), limit);
+}
+template <typename T>
+__global__ void clip_kernel(T *__restrict__ x, unsigned char *__restrict__ mask, float limit, size_t n, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    auto v = LD(x);
+    edm2_lanes<unsigned char, L> m;
+    EACH_LANE v.v[l] = edm2_clip_one(v.v[l], limit, m.v[l]);
+    ST(x, v);
+    ST(mask, m);
+  }
+  REST(i, n, packs) x[i] = edm2_clip_one(x[i], limit, mask[i]);
 }
 
 template <typename T>
-__global__ void clip_backward_kernel(T *__restrict__ dy, const unsigned char *__restrict__ mask, size_t n) {
-  EDM2_FOR(i, n) if (mask[i]) dy[i] = 0.0f;
+__global__ void clip_backward_kernel(T *__restrict__ dy, const unsigned char *__restrict__ mask, size_t n, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    auto m = LD(mask);
+    auto g = LD(dy);
+    EACH_LANE if (m.v[l]) g.v[l] = 0.0f;
+    ST(dy, g);
+  }
+  REST(i, n, packs) if (mask[i]) dy[i] = 0.0f;
 }
 
 template <typename T>
@@ -232,13 +377,32 @@ __global__ void mp_fourier_kernel(const float *__restrict__ x, const float *__re
 }
 
 template <typename T>
-__global__ void add_scalar_kernel(T *__restrict__ a, float v, size_t n) {
-  EDM2_FOR(i, n) a[i] = a[i] + v;
+__global__ void add_scalar_kernel(T *__restrict__ a, float v, size_t n, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    auto av = LD(a);
+    EACH_LANE av.v[l] = av.v[l] + v;
+    ST(a, av);
+  }
+  REST(i, n, packs) a[i] = a[i] + v;
+}
+
+// Lanes of a pack when two storage types meet: the 16 bytes of the wider one.
+template <typename A, typename B>
+constexpr int edm2_lanes_of() {
+  return EDM2_LANES(A) < EDM2_LANES(B) ? EDM2_LANES(A) : EDM2_LANES(B);
 }
 
 template <typename TX, typename T>
-__global__ void scaled_kernel(const TX *__restrict__ x, T *__restrict__ y, float k, size_t n) {
-  EDM2_FOR(i, n) y[i] = k * x[i];
+__global__ void scaled_kernel(const TX *__restrict__ x, T *__restrict__ y, float k, size_t n, size_t packs) {
+  constexpr int L = edm2_lanes_of<TX, T>();
+  EDM2_FOR(j, packs) {
+    auto v = LD(x);
+    edm2_lanes<T, L> o;
+    EACH_LANE o.v[l] = k * v.v[l];
+    ST(y, o);
+  }
+  REST(i, n, packs) y[i] = k * x[i];
 }
 
 // The two branches of an mp_sum's backward in one pass: y = kb·x and x ← ka·x (the same
@@ -246,17 +410,40 @@ __global__ void scaled_kernel(const TX *__restrict__ x, T *__restrict__ y, float
 // where it is set (a clip's backward before the mp_sum's: clip_backward's bits).
 template <typename T>
 __global__ void split_scaled_kernel(T *__restrict__ x, T *__restrict__ y, float ka, float kb, const unsigned char *__restrict__ mask,
-                                    size_t n) {
-  EDM2_FOR(i, n) {
+                                    size_t n, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    auto xv = LD(x);
+    edm2_lanes<unsigned char, L> m = {};
+    if (mask) m = LD(mask);
+    edm2_lanes<T, L> o;
+    EACH_LANE {
+      float v = m.v[l] ? 0.0f : (float)xv.v[l];
+      o.v[l] = kb * v;
+      xv.v[l] = ka * v;
+    }
+    ST(y, o);
+    ST(x, xv);
+  }
+  REST(i, n, packs) {
     float v = mask && mask[i] ? 0.0f : (float)x[i];
     y[i] = kb * v;
     x[i] = ka * v;
   }
 }
 
+// Per-image coefficients k[b] of images of `per` values: packs where per is a multiple of
+// the lanes (a pack then lies in one image: one division per pack).
 template <typename T>
-__global__ void scale_images_kernel(T *__restrict__ x, const float *__restrict__ k, size_t per, size_t n) {
-  EDM2_FOR(i, n) x[i] = x[i] * k[i / per];
+__global__ void scale_images_kernel(T *__restrict__ x, const float *__restrict__ k, size_t per, size_t n, size_t packs) {
+  constexpr int L = EDM2_LANES(T);
+  EDM2_FOR(j, packs) {
+    const float kb = k[j * L / per];
+    auto v = LD(x);
+    EACH_LANE v.v[l] = v.v[l] * kb;
+    ST(x, v);
+  }
+  REST(i, n, packs) x[i] = x[i] * k[i / per];
 }
 
 template <typename TX, typename T>
@@ -271,8 +458,17 @@ __global__ void precond_input_kernel(const TX *__restrict__ x, const float *__re
 
 template <typename TX, typename T>
 __global__ void precond_output_kernel(const TX *__restrict__ x, const T *__restrict__ f, const float *__restrict__ c_skip,
-                                      const float *__restrict__ c_out, TX *__restrict__ d, size_t per, size_t n) {
-  EDM2_FOR(i, n) {
+                                      const float *__restrict__ c_out, TX *__restrict__ d, size_t per, size_t n, size_t packs) {
+  constexpr int L = edm2_lanes_of<TX, T>();
+  EDM2_FOR(j, packs) {
+    const size_t b = j * L / per;
+    auto xv = LD(x);
+    auto fv = LD(f);
+    edm2_lanes<TX, L> o;
+    EACH_LANE o.v[l] = c_skip[b] * xv.v[l] + c_out[b] * fv.v[l];
+    ST(d, o);
+  }
+  REST(i, n, packs) {
     size_t b = i / per;
     d[i] = c_skip[b] * x[i] + c_out[b] * f[i];
   }
@@ -282,57 +478,80 @@ __global__ void precond_output_kernel(const TX *__restrict__ x, const T *__restr
 // EDM2_BF16); every other pointer is fp32. scaled converts (x of x_dtype, y of dtype);
 // the preconditioning reads the network input x and writes D in x_dtype — fp32 in the
 // bf16 mode too, as the official mixed precision keeps x and D in fp32 — and the
-// network's activations (out, F) in dtype.
+// network's activations (out, F) in dtype. PACKED_LAUNCH: the packs of n values in lanes
+// L where the pointers listed are 16-byte aligned (and `whole`: the kernel's own layout
+// condition), and the launch over them; the kernel's arguments end with n, packs.
 #define RD(p) ((const T *)(p))
 #define WR(p) ((T *)(p))
+#define PACKED_LAUNCH(kernel, n, L, whole, aligned, ...)                 \
+  do {                                                                   \
+    size_t n_ = (n);                                                     \
+    size_t packs_ = edm2_packs(n_, (L), (whole) && edm2_aligned16 aligned); \
+    EW_LAUNCH(kernel, edm2_items(n_, packs_), __VA_ARGS__, packs_);      \
+  } while (0)
 
 extern "C" int edm2_mp_silu(const void *x, void *y, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_silu_kernel<T>, n, RD(x), WR(y), n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(mp_silu_kernel<T>, n, EDM2_LANES(T), true, (x, y), RD(x), WR(y), n));
 }
 extern "C" int edm2_mp_silu_backward(const void *x, const void *dy, void *dx, size_t n, int accumulate, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_silu_backward_kernel<T>, n, RD(x), RD(dy), WR(dx), n, accumulate));
+  EDM2_BY_DTYPE(dtype, {
+    size_t packs = edm2_packs(n, EDM2_LANES(T), edm2_aligned16(x, dy, dx));
+    EW_LAUNCH(mp_silu_backward_kernel<T>, edm2_items(n, packs), RD(x), RD(dy), WR(dx), n, packs, accumulate);
+  });
 }
 extern "C" int edm2_mp_sum(void *a, const void *b, float t, size_t n, int dtype, cudaStream_t stream) {
   float s = sqrtf((1.0f - t) * (1.0f - t) + t * t);
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_sum_kernel<T>, n, WR(a), RD(b), (1.0f - t) / s, t / s, n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(axpby_kernel<T>, n, EDM2_LANES(T), true, (a, b), WR(a), RD(b), (1.0f - t) / s, t / s, n));
 }
 extern "C" int edm2_axpby(void *a, const void *b, float wa, float wb, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(axpby_kernel<T>, n, WR(a), RD(b), wa, wb, n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(axpby_kernel<T>, n, EDM2_LANES(T), true, (a, b), WR(a), RD(b), wa, wb, n));
 }
 extern "C" int edm2_axpby_clip(void *a, const void *b, float wa, float wb, float limit, uint8_t *mask, size_t n, int dtype,
                                cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(axpby_clip_kernel<T>, n, WR(a), RD(b), wa, wb, limit, mask, n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(axpby_clip_kernel<T>, n, EDM2_LANES(T), true, (a, b, mask), WR(a), RD(b), wa, wb, limit, mask, n));
 }
 extern "C" int edm2_scale(void *a, float k, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(scale_kernel<T>, n, WR(a), k, n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(scale_kernel<T>, n, EDM2_LANES(T), true, (a), WR(a), k, n));
 }
 extern "C" int edm2_downsample2(const void *x, void *y, int n, int h, int w, int c, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(downsample2_kernel<T>, (size_t)n * (h / 2) * (w / 2) * c, RD(x), WR(y), n, h, w, c));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(downsample2_kernel<T>, (size_t)n * (h / 2) * (w / 2) * c, EDM2_LANES(T), c % EDM2_LANES(T) == 0, (x, y),
+                                     RD(x), WR(y), n, h, w, c));
 }
 extern "C" int edm2_downsample2_backward(const void *dy, void *dx, int n, int h, int w, int c, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(downsample2_backward_kernel<T>, (size_t)n * h * w * c, RD(dy), WR(dx), n, h, w, c));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(downsample2_backward_kernel<T>, (size_t)n * h * w * c, EDM2_LANES(T), c % EDM2_LANES(T) == 0, (dy, dx),
+                                     RD(dy), WR(dx), n, h, w, c));
 }
 extern "C" int edm2_upsample2(const void *x, void *y, int n, int h, int w, int c, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(upsample2_kernel<T>, (size_t)n * 4 * h * w * c, RD(x), WR(y), n, h, w, c));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(upsample2_kernel<T>, (size_t)n * 4 * h * w * c, EDM2_LANES(T), c % EDM2_LANES(T) == 0, (x, y), RD(x),
+                                     WR(y), n, h, w, c));
 }
 extern "C" int edm2_upsample2_backward(const void *dy, void *dx, int n, int h, int w, int c, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(upsample2_backward_kernel<T>, (size_t)n * h * w * c, RD(dy), WR(dx), n, h, w, c));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(upsample2_backward_kernel<T>, (size_t)n * h * w * c, EDM2_LANES(T), c % EDM2_LANES(T) == 0, (dy, dx),
+                                     RD(dy), WR(dx), n, h, w, c));
 }
 extern "C" int edm2_mp_cat(const void *a, int na, const void *b, int nb, float ka, float kb, void *out, size_t pixels, int dtype,
                            cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_cat_kernel<T>, pixels * (na + nb), RD(a), na, RD(b), nb, ka, kb, WR(out), pixels));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(mp_cat_kernel<T>, pixels * (na + nb), EDM2_LANES(T), na % EDM2_LANES(T) == 0 && nb % EDM2_LANES(T) == 0,
+                                     (a, b, out), RD(a), na, RD(b), nb, ka, kb, WR(out), pixels));
 }
 extern "C" int edm2_mp_cat_backward(const void *dout, int na, int nb, float ka, float kb, void *da, void *db, size_t pixels, int dtype,
                                     cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_cat_backward_kernel<T>, pixels * (na + nb), RD(dout), na, nb, ka, kb, WR(da), WR(db), pixels));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(mp_cat_backward_kernel<T>, pixels * (na + nb), EDM2_LANES(T),
+                                     na % EDM2_LANES(T) == 0 && nb % EDM2_LANES(T) == 0, (dout, da, db), RD(dout), na, nb, ka, kb, WR(da),
+                                     WR(db), pixels));
 }
 extern "C" int edm2_modulate_silu(const void *h, const float *s, void *y, int n, size_t pixels, int c, int dtype, cudaStream_t stream) {
   size_t per = pixels * (size_t)c;
   if (n <= 0 || per == 0) return 0;
   if (n > 65535 || per > 0xffffffffu) return 1;  // cudaErrorInvalidValue: grid.y is the image
-  dim3 grid(edm2_blocks(per, 256) < 4096u ? edm2_blocks(per, 256) : 4096u, (unsigned)n);
-  EDM2_BY_DTYPE(dtype, EDM2_LAUNCH(modulate_silu_kernel<T>, grid, 256, 0, stream, RD(h), s, WR(y), (unsigned)c, (unsigned)per);
-                return (int)cudaGetLastError());
+  EDM2_BY_DTYPE(dtype, {
+    const int L = EDM2_LANES(T);
+    unsigned packs = (unsigned)edm2_packs(per, L, c % L == 0 && edm2_aligned16(h, y));
+    size_t items = edm2_items(per, packs);
+    dim3 grid(edm2_blocks(items, 256) < 4096u ? edm2_blocks(items, 256) : 4096u, (unsigned)n);
+    EDM2_LAUNCH(modulate_silu_kernel<T>, grid, 256, 0, stream, RD(h), s, WR(y), (unsigned)c, (unsigned)per, packs);
+    return (int)cudaGetLastError();
+  });
 }
 extern "C" int edm2_modulate_silu_backward(const void *h, const float *s, const void *dy, void *dh, float *ds, int n, size_t pixels, int c,
                                            int dtype, cudaStream_t stream) {
@@ -344,30 +563,31 @@ extern "C" int edm2_modulate_silu_backward(const void *h, const float *s, const 
                 return (int)cudaGetLastError());
 }
 extern "C" int edm2_dropout(void *x, float p, uint64_t seed, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(dropout_kernel<T>, n, WR(x), p, 1.0f / (1.0f - p), (unsigned long long)seed, n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(dropout_kernel<T>, n, EDM2_LANES(T), true, (x), WR(x), p, 1.0f / (1.0f - p), (unsigned long long)seed, n));
 }
 extern "C" int edm2_clip(void *x, uint8_t *mask, float limit, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(clip_kernel<T>, n, WR(x), mask, limit, n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(clip_kernel<T>, n, EDM2_LANES(T), true, (x, mask), WR(x), mask, limit, n));
 }
 extern "C" int edm2_clip_backward(void *dy, const uint8_t *mask, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(clip_backward_kernel<T>, n, WR(dy), mask, n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(clip_backward_kernel<T>, n, EDM2_LANES(T), true, (dy, mask), WR(dy), mask, n));
 }
 extern "C" int edm2_mp_fourier(const float *x, const float *freqs, const float *phases, void *y, size_t n, int c, int dtype,
                                cudaStream_t stream) {
   EDM2_BY_DTYPE(dtype, EW_LAUNCH(mp_fourier_kernel<T>, n * (size_t)c, x, freqs, phases, WR(y), n, c));
 }
 extern "C" int edm2_add_scalar(void *a, float v, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(add_scalar_kernel<T>, n, WR(a), v, n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(add_scalar_kernel<T>, n, EDM2_LANES(T), true, (a), WR(a), v, n));
 }
 extern "C" int edm2_scaled(const void *x, int x_dtype, void *y, float k, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE_AS(x_dtype, TX, EDM2_BY_DTYPE(dtype, auto *kernel = &scaled_kernel<TX, T>; EW_LAUNCH(kernel, n, (const TX *)x, WR(y), k, n)));
+  EDM2_BY_DTYPE_AS(x_dtype, TX, EDM2_BY_DTYPE(dtype, auto *kernel = &scaled_kernel<TX, T>;
+                                              PACKED_LAUNCH(kernel, n, (edm2_lanes_of<TX, T>()), true, (x, y), (const TX *)x, WR(y), k, n)));
 }
 extern "C" int edm2_split_scaled(void *x, void *y, float ka, float kb, const uint8_t *mask, size_t n, int dtype, cudaStream_t stream) {
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(split_scaled_kernel<T>, n, WR(x), WR(y), ka, kb, mask, n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(split_scaled_kernel<T>, n, EDM2_LANES(T), true, (x, y, mask), WR(x), WR(y), ka, kb, mask, n));
 }
 extern "C" int edm2_scale_images(void *x, const float *k, size_t per, size_t n, int dtype, cudaStream_t stream) {
   if (per == 0) return 0;
-  EDM2_BY_DTYPE(dtype, EW_LAUNCH(scale_images_kernel<T>, n, WR(x), k, per, n));
+  EDM2_BY_DTYPE(dtype, PACKED_LAUNCH(scale_images_kernel<T>, n, EDM2_LANES(T), per % EDM2_LANES(T) == 0, (x), WR(x), k, per, n));
 }
 extern "C" int edm2_precond_input(const void *x, int x_dtype, const float *c_in, void *out, int c, size_t pixels_per_image, size_t images,
                                   int dtype, cudaStream_t stream) {
@@ -378,6 +598,7 @@ extern "C" int edm2_precond_input(const void *x, int x_dtype, const float *c_in,
 extern "C" int edm2_precond_output(const void *x, int x_dtype, const void *f, const float *c_skip, const float *c_out, void *d, size_t per,
                                    size_t n, int dtype, cudaStream_t stream) {
   if (per == 0) return 0;
-  EDM2_BY_DTYPE_AS(x_dtype, TX, EDM2_BY_DTYPE(dtype, auto *kernel = &precond_output_kernel<TX, T>;
-                                              EW_LAUNCH(kernel, n, (const TX *)x, RD(f), c_skip, c_out, (TX *)d, per, n)));
+  EDM2_BY_DTYPE_AS(x_dtype, TX, EDM2_BY_DTYPE(dtype, auto *kernel = &precond_output_kernel<TX, T>; constexpr int L = edm2_lanes_of<TX, T>();
+                                              PACKED_LAUNCH(kernel, n, L, per % L == 0, (x, f, d), (const TX *)x, RD(f), c_skip, c_out, (TX *)d,
+                                                            per, n)));
 }

@@ -20,6 +20,7 @@
 #include "multi_tensor.cuh"
 
 extern "C" unsigned long long edm2_launch_count(void) { return edm2_launch_counter; }
+extern "C" unsigned long long edm2_packed_launch_count(void) { return edm2_packed_counter; }
 
 // One Adam element (shared by the per-tensor and the multi-tensor kernels).
 __device__ __forceinline__ void adam_element(float &p, float g, float &m, float &v, float b1, float b2, float bc2, float eps,

@@ -146,6 +146,7 @@ fn elementwise_kernels_match_the_cpu_backend() {
     let Some(gpu) = device() else { return };
     each_mode(&gpu, |sched| {
         for n in [1usize, 255, 1000, 4099] {
+            let packed_before = edm2::backend::gpu::packed_launches();
             let x = random(n, n as u64);
             let dy = random(n, n as u64 + 1);
             let (xb, dyb) = (up(&gpu, &x), up(&gpu, &dy));
@@ -179,6 +180,11 @@ fn elementwise_kernels_match_the_cpu_backend() {
             let mut ab = up(&gpu, &x);
             k::mp_sum(&gpu, &mut ab, &dyb, 0.3).unwrap();
             close_in(&gpu, &format!("mp_sum n={n} {sched}"), &down(&gpu, &ab), &a_cpu);
+            // Every launch above moved 16-byte packs (and the values past the last one
+            // alone), except with fewer values than a pack holds.
+            let launched = if gpu.act_dtype() == Dtype::F32 { 5 } else { 4 };
+            let packed = edm2::backend::gpu::packed_launches() - packed_before;
+            assert_eq!(packed, if n >= 8 { launched } else { 0 }, "packed launches n={n} {sched}");
         }
     });
     let (a, mut b) = (up(&gpu, &[1.0, 2.0]), act(&gpu, 1));
@@ -1176,50 +1182,68 @@ fn conv_kernels_match_the_cpu_backend() {
     assert!(k::conv_forward(&gpu, &eff, &up(&gpu, &random(20, 2)), s, &mut y).is_err());
 }
 
+/// Resampling and MP-cat of `s` (with `nb` channels joining) and their gradients against
+/// the CPU backend; with channels in whole 16-byte packs, the packed kernels ran.
+fn resample_and_cat(gpu: &Gpu, s: edm2::backend::gpu::kernels::Nhwc, nb: usize, sched: &str) {
+    let x = random(s.numel(), 21);
+    let xb = up(gpu, &x);
+    let packed_before = edm2::backend::gpu::packed_launches();
+    let small = random(s.numel() / 4, 22);
+    let mut want = vec![0.0; s.numel() / 4];
+    ops::downsample2(&x, s.n, s.h, s.w, s.c, &mut want);
+    let mut y = act(gpu, want.len());
+    k::downsample2(gpu, &xb, s, &mut y).unwrap();
+    close_in(gpu, &format!("downsample2 c={} {sched}", s.c), &down(gpu, &y), &want);
+    let mut want_dx = vec![0.0; s.numel()];
+    ops::downsample2_backward(&small, s.n, s.h, s.w, s.c, &mut want_dx);
+    let mut dx = act(gpu, s.numel());
+    k::downsample2_backward(gpu, &up(gpu, &small), s, &mut dx).unwrap();
+    close_in(gpu, &format!("downsample2_backward c={} {sched}", s.c), &down(gpu, &dx), &want_dx);
+    let big = random(s.numel() * 4, 23);
+    let mut want_up = vec![0.0; s.numel() * 4];
+    ops::upsample2(&x, s.n, s.h, s.w, s.c, &mut want_up);
+    let mut yu = act(gpu, want_up.len());
+    k::upsample2(gpu, &xb, s, &mut yu).unwrap();
+    close_in(gpu, &format!("upsample2 c={} {sched}", s.c), &down(gpu, &yu), &want_up);
+    ops::upsample2_backward(&big, s.n, s.h, s.w, s.c, &mut want_dx);
+    k::upsample2_backward(gpu, &up(gpu, &big), s, &mut dx).unwrap();
+    close_in(gpu, &format!("upsample2_backward c={} {sched}", s.c), &down(gpu, &dx), &want_dx);
+    // MP-cat (c + nb channels) and its gradient.
+    let (na, nc) = (s.c, s.c + nb);
+    let b = random(s.pixels() * nb, 24);
+    let mut want_cat = vec![0.0; s.pixels() * nc];
+    ops::mp_cat(&x, na, &b, nb, 0.3, &mut want_cat);
+    let mut cat = act(gpu, want_cat.len());
+    k::mp_cat(gpu, &xb, na, &up(gpu, &b), nb, 0.3, &mut cat).unwrap();
+    close_in(gpu, &format!("mp_cat {na}+{nb} {sched}"), &down(gpu, &cat), &want_cat);
+    let dcat = random(want_cat.len(), 25);
+    let (mut da_cpu, mut db_cpu) = (vec![0.0; x.len()], vec![0.0; b.len()]);
+    ops::mp_cat_backward(&dcat, na, nb, 0.3, &mut da_cpu, &mut db_cpu);
+    let (mut da, mut db) = (act(gpu, x.len()), act(gpu, b.len()));
+    k::mp_cat_backward(gpu, &up(gpu, &dcat), na, nb, 0.3, &mut da, &mut db).unwrap();
+    close_in(gpu, &format!("mp_cat_backward a {na}+{nb} {sched}"), &down(gpu, &da), &da_cpu);
+    close_in(gpu, &format!("mp_cat_backward b {na}+{nb} {sched}"), &down(gpu, &db), &db_cpu);
+    // Six launches above; with c = 16 and nb = 8 every one moves whole packs in both
+    // storage types (4 fp32 or 8 bf16 lanes), with c = 7 none does.
+    let packed = edm2::backend::gpu::packed_launches() - packed_before;
+    assert_eq!(packed, if s.c % 8 == 0 { 6 } else { 0 }, "packed launches, c={} {sched}", s.c);
+}
+
 #[test]
 fn block_elementwise_kernels_match_the_cpu_backend() {
     use edm2::backend::gpu::kernels::Nhwc;
     let _g = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = device() else { return };
+    // 7 channels: every value one at a time; 16 (and a 16 + 8 mp_cat): 16-byte packs along
+    // the channels in both storage types.
+    for (c, nb) in [(7usize, 5usize), (16, 8)] {
+        let s = Nhwc { n: 2, h: 6, w: 10, c };
+        each_mode(&gpu, |sched| resample_and_cat(&gpu, s, nb, sched));
+    }
     let s = Nhwc { n: 2, h: 6, w: 10, c: 7 };
     let x = random(s.numel(), 21);
     each_mode(&gpu, |sched| {
         let xb = up(&gpu, &x);
-        // Resampling and its gradients.
-        let small = random(s.numel() / 4, 22);
-        let mut want = vec![0.0; s.numel() / 4];
-        ops::downsample2(&x, s.n, s.h, s.w, s.c, &mut want);
-        let mut y = act(&gpu, want.len());
-        k::downsample2(&gpu, &xb, s, &mut y).unwrap();
-        close_in(&gpu, &format!("downsample2 {sched}"), &down(&gpu, &y), &want);
-        let mut want_dx = vec![0.0; s.numel()];
-        ops::downsample2_backward(&small, s.n, s.h, s.w, s.c, &mut want_dx);
-        let mut dx = act(&gpu, s.numel());
-        k::downsample2_backward(&gpu, &up(&gpu, &small), s, &mut dx).unwrap();
-        close_in(&gpu, &format!("downsample2_backward {sched}"), &down(&gpu, &dx), &want_dx);
-        let big = random(s.numel() * 4, 23);
-        let mut want_up = vec![0.0; s.numel() * 4];
-        ops::upsample2(&x, s.n, s.h, s.w, s.c, &mut want_up);
-        let mut yu = act(&gpu, want_up.len());
-        k::upsample2(&gpu, &xb, s, &mut yu).unwrap();
-        close_in(&gpu, &format!("upsample2 {sched}"), &down(&gpu, &yu), &want_up);
-        ops::upsample2_backward(&big, s.n, s.h, s.w, s.c, &mut want_dx);
-        k::upsample2_backward(&gpu, &up(&gpu, &big), s, &mut dx).unwrap();
-        close_in(&gpu, &format!("upsample2_backward {sched}"), &down(&gpu, &dx), &want_dx);
-        // MP-cat (7 + 5 channels) and its gradient.
-        let b = random(s.pixels() * 5, 24);
-        let mut want_cat = vec![0.0; s.pixels() * 12];
-        ops::mp_cat(&x, 7, &b, 5, 0.3, &mut want_cat);
-        let mut cat = act(&gpu, want_cat.len());
-        k::mp_cat(&gpu, &xb, 7, &up(&gpu, &b), 5, 0.3, &mut cat).unwrap();
-        close_in(&gpu, &format!("mp_cat {sched}"), &down(&gpu, &cat), &want_cat);
-        let dcat = random(want_cat.len(), 25);
-        let (mut da_cpu, mut db_cpu) = (vec![0.0; x.len()], vec![0.0; b.len()]);
-        ops::mp_cat_backward(&dcat, 7, 5, 0.3, &mut da_cpu, &mut db_cpu);
-        let (mut da, mut db) = (act(&gpu, x.len()), act(&gpu, b.len()));
-        k::mp_cat_backward(&gpu, &up(&gpu, &dcat), 7, 5, 0.3, &mut da, &mut db).unwrap();
-        close_in(&gpu, &format!("mp_cat_backward a {sched}"), &down(&gpu, &da), &da_cpu);
-        close_in(&gpu, &format!("mp_cat_backward b {sched}"), &down(&gpu, &db), &db_cpu);
         // Modulation by the embedding, and its gradient (ds is a reduction over pixels).
         let pixels = s.h * s.w;
         let sc = random(s.n * s.c, 26);

@@ -70,6 +70,12 @@ pub fn launches() -> u64 {
     unsafe { ffi::edm2_launch_count() }
 }
 
+/// The number of elementwise launches of the calling thread that moved their values in
+/// 16-byte packs (every pointer aligned: kernels/common.cuh). Tests check the packed path ran.
+pub fn packed_launches() -> u64 {
+    unsafe { ffi::edm2_packed_launch_count() }
+}
+
 /// Turns a launcher's return code (cudaError_t) into a typed error naming the kernel.
 /// With `EDM2_PROFILE` set, waits for the kernel and books its time under its name
 /// ([`crate::profile::mark`]): slower, but a per-kernel table from `edm2 bench`.
