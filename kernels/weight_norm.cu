@@ -24,8 +24,9 @@
 //   recomputed from W (the forward's value, bit for bit), so the backward reads nothing
 //   of the forward's. effective_weight_backward_multi: every layer of a backward pass in
 //   one launch (the same row body), after the pass's weight gradients.
-// One block of 128 threads per row (grid-stride over rows); block sums in a fixed tree,
-// so results are deterministic. Variants: first versions, correct before fast; checked
+// Weights: one block of 128 threads per row (grid-stride over rows); pixel norm: a warp
+// per row (rows of a few hundred channels), in 16-byte packs where the layout allows. Sums
+// in a fixed tree (shared memory, or xor shuffles), so results are deterministic. Variants: first versions, correct before fast; checked
 // against the CPU backend in the simulation harness (tests/gpu_kernels.rs).
 #include "common.cuh"
 #include "multi_tensor.cuh"
@@ -50,6 +51,61 @@ __global__ void normalize_rows_kernel(const T *x, T *y, T *a, size_t rows, int k
       if (a) a[r * k + i] = edm2_mp_silu((float)v);
     }
     __syncthreads();  // in place: every read of this row is done before the next row
+  }
+}
+
+// Pixel norm: a warp per row (NORM_ROWS rows per block), the row in 16-byte packs where k
+// is a multiple of the lanes and the pointers are aligned (`packed`; else one value per
+// lane at a time), the sums over the warp in a fixed xor-shuffle tree (every lane holds
+// the same bits: deterministic). A row is a pixel's channels (a few hundred values, 384
+// bytes at 192 bf16 channels): a 128-thread block per row spent more in its seven-level
+// shared-memory tree and barriers than in moving the row.
+#define NORM_ROWS 8
+__device__ __forceinline__ float edm2_warp_sum(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+template <typename T>
+__global__ void normalize_rows_warp_kernel(const T *x, T *y, T *a, size_t rows, int k, int packed) {
+  constexpr int L = EDM2_LANES(T);
+  const int lane = threadIdx.x % 32;
+  for (size_t r = (size_t)blockIdx.x * NORM_ROWS + threadIdx.x / 32; r < rows; r += (size_t)gridDim.x * NORM_ROWS) {
+    const T *xr = x + r * k;
+    T *yr = y + r * k;
+    T *ar = a ? a + r * k : nullptr;
+    float ss = 0.0f;
+    if (packed) {
+      for (int j = lane; j < k / L; j += 32) {
+        auto v = edm2_load_lanes<L>(xr, j);
+#pragma unroll
+        for (int l = 0; l < L; l++) ss += v.v[l] * v.v[l];
+      }
+    } else {
+      for (int i = lane; i < k; i += 32) ss += xr[i] * xr[i];
+    }
+    const float inv = 1.0f / edm2_norm_denom(edm2_warp_sum(ss), k);
+    if (packed) {
+      for (int j = lane; j < k / L; j += 32) {
+        auto v = edm2_load_lanes<L>(xr, j);
+        edm2_lanes<T, L> o, s;
+#pragma unroll
+        for (int l = 0; l < L; l++) {
+          o.v[l] = v.v[l] * inv;
+          s.v[l] = edm2_mp_silu((float)o.v[l]);
+        }
+        edm2_store_lanes<L>(yr, j, o);
+        if (ar) edm2_store_lanes<L>(ar, j, s);
+      }
+    } else {
+      for (int i = lane; i < k; i += 32) {
+        T v;
+        v = xr[i] * inv;
+        yr[i] = v;
+        if (ar) ar[i] = edm2_mp_silu((float)v);
+      }
+    }
   }
 }
 
@@ -82,23 +138,71 @@ __device__ __forceinline__ float normalize_rows_grad_in(const T *__restrict__ dy
   return g;
 }
 
+// normalize_rows_grad_in for the L values of pack j of row r0 (every operand given is
+// 16-byte aligned: the launcher checked).
+template <int L, typename T>
+__device__ __forceinline__ edm2_lanes<float, L> normalize_rows_grad_in_pack(const T *__restrict__ dy, const T *__restrict__ xm,
+                                                                            const T *__restrict__ da0, size_t r0, int j) {
+  edm2_lanes<float, L> g;
+  auto d = edm2_load_lanes<L>(dy + r0, j);
+  if (!xm) {
+#pragma unroll
+    for (int l = 0; l < L; l++) g.v[l] = d.v[l];
+    return g;
+  }
+  auto m = edm2_load_lanes<L>(xm + r0, j);
+  auto a = edm2_load_lanes<L>(da0 + r0, j);
+#pragma unroll
+  for (int l = 0; l < L; l++) {
+    T t;
+    t = edm2_mp_silu_grad_acc(d.v[l], a.v[l], m.v[l]);
+    g.v[l] = t;
+  }
+  return g;
+}
+
+// The pixel norm's backward, laid out as normalize_rows_warp_kernel (a warp per row).
 template <typename T>
 __global__ void normalize_rows_backward_kernel(const T *__restrict__ x, const T *__restrict__ dy, const T *__restrict__ xm,
-                                               const T *__restrict__ da0, T *__restrict__ dx, size_t rows, int k) {
-  EDM2_SHARED(float, red, [ROW_THREADS]);
-  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T *xr = x + r * k;
+                                               const T *__restrict__ da0, T *__restrict__ dx, size_t rows, int k, int packed) {
+  constexpr int L = EDM2_LANES(T);
+  const int lane = threadIdx.x % 32;
+  for (size_t r = (size_t)blockIdx.x * NORM_ROWS + threadIdx.x / 32; r < rows; r += (size_t)gridDim.x * NORM_ROWS) {
+    const size_t r0 = r * k;
     float ss = 0.0f, dot = 0.0f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) {
-      ss += xr[i] * xr[i];
-      dot += xr[i] * normalize_rows_grad_in(dy, xm, da0, r * k + i);
+    if (packed) {
+      for (int j = lane; j < k / L; j += 32) {
+        auto v = edm2_load_lanes<L>(x + r0, j);
+        auto g = normalize_rows_grad_in_pack<L>(dy, xm, da0, r0, j);
+#pragma unroll
+        for (int l = 0; l < L; l++) {
+          ss += v.v[l] * v.v[l];
+          dot += v.v[l] * g.v[l];
+        }
+      }
+    } else {
+      for (int i = lane; i < k; i += 32) {
+        ss += x[r0 + i] * x[r0 + i];
+        dot += x[r0 + i] * normalize_rows_grad_in(dy, xm, da0, r0 + i);
+      }
     }
-    ss = edm2_block_sum(ss, red);
-    dot = edm2_block_sum(dot, red);
+    ss = edm2_warp_sum(ss);
+    dot = edm2_warp_sum(dot);
     float d = edm2_norm_denom(ss, k), norm = sqrtf(ss);
     float coef = norm > 0.0f ? dot / (d * d * sqrtf((float)k) * norm) : 0.0f;
     float inv = 1.0f / d;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) dx[r * k + i] = normalize_rows_grad_in(dy, xm, da0, r * k + i) * inv - xr[i] * coef;
+    if (packed) {
+      for (int j = lane; j < k / L; j += 32) {
+        auto v = edm2_load_lanes<L>(x + r0, j);
+        auto g = normalize_rows_grad_in_pack<L>(dy, xm, da0, r0, j);
+        edm2_lanes<T, L> o;
+#pragma unroll
+        for (int l = 0; l < L; l++) o.v[l] = g.v[l] * inv - v.v[l] * coef;
+        edm2_store_lanes<L>(dx + r0, j, o);
+      }
+    } else {
+      for (int i = lane; i < k; i += 32) dx[r0 + i] = normalize_rows_grad_in(dy, xm, da0, r0 + i) * inv - x[r0 + i] * coef;
+    }
   }
 }
 
@@ -214,10 +318,22 @@ static unsigned row_blocks(size_t rows) {
   return (unsigned)(rows < cap ? (rows == 0 ? 1 : rows) : cap);
 }
 
+// Blocks of NORM_ROWS warps covering `rows` rows (grid-stride beyond the cap).
+static unsigned warp_row_blocks(size_t rows) { return row_blocks((rows + NORM_ROWS - 1) / NORM_ROWS); }
+
+// In place (x == y: the forced normalization of an fp32 weight) a block per row, the
+// bits of normalize_rows_multi; out of place (pixel norm) a warp per row.
 extern "C" int edm2_normalize_rows(const void *x, void *y, void *a, size_t rows, int k, int dtype, cudaStream_t stream) {
   if (rows == 0 || k <= 0) return 0;
-  EDM2_BY_DTYPE(dtype, EDM2_LAUNCH(normalize_rows_kernel<T>, row_blocks(rows), ROW_THREADS, 0, stream, (const T *)x, (T *)y, (T *)a, rows, k);
-                return (int)cudaGetLastError());
+  if (x == y && a == nullptr) {
+    EDM2_BY_DTYPE(dtype, EDM2_LAUNCH(normalize_rows_kernel<T>, row_blocks(rows), ROW_THREADS, 0, stream, (const T *)x, (T *)y, (T *)a, rows, k);
+                  return (int)cudaGetLastError());
+  }
+  EDM2_BY_DTYPE(dtype, {
+    const int packed = (int)edm2_packs(rows * (size_t)k, EDM2_LANES(T), k % EDM2_LANES(T) == 0 && edm2_aligned16(x, y, a)) > 0;
+    EDM2_LAUNCH(normalize_rows_warp_kernel<T>, warp_row_blocks(rows), NORM_ROWS * 32, 0, stream, (const T *)x, (T *)y, (T *)a, rows, k, packed);
+    return (int)cudaGetLastError();
+  });
 }
 
 extern "C" int edm2_normalize_rows_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows, cudaStream_t stream) {
@@ -229,10 +345,12 @@ extern "C" int edm2_normalize_rows_multi_f32(const unsigned long long *table, in
 extern "C" int edm2_normalize_rows_backward(const void *x, const void *dy, const void *xm, const void *da0, void *dx, size_t rows, int k,
                                             int dtype, cudaStream_t stream) {
   if (rows == 0 || k <= 0) return 0;
-  EDM2_BY_DTYPE(dtype,
-                EDM2_LAUNCH(normalize_rows_backward_kernel<T>, row_blocks(rows), ROW_THREADS, 0, stream, (const T *)x, (const T *)dy,
-                            (const T *)xm, (const T *)da0, (T *)dx, rows, k);
-                return (int)cudaGetLastError());
+  EDM2_BY_DTYPE(dtype, {
+    const int packed = (int)edm2_packs(rows * (size_t)k, EDM2_LANES(T), k % EDM2_LANES(T) == 0 && edm2_aligned16(x, dy, xm, da0, dx)) > 0;
+    EDM2_LAUNCH(normalize_rows_backward_kernel<T>, warp_row_blocks(rows), NORM_ROWS * 32, 0, stream, (const T *)x, (const T *)dy,
+                (const T *)xm, (const T *)da0, (T *)dx, rows, k, packed);
+    return (int)cudaGetLastError();
+  });
 }
 
 extern "C" int edm2_effective_weight_f32(const float *w, float *eff, float *denom, uint16_t *eff_bf16, uint16_t *flip_bf16, int out_ch,

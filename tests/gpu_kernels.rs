@@ -446,7 +446,13 @@ fn normalize_rows_and_weight_norm_match_the_cpu_backend() {
             let mut want = vec![0.0; x.len()];
             ops::normalize_rows(&x, kk, &mut want);
             let mut y = act(&gpu, x.len());
+            let packed_before = edm2::backend::gpu::packed_launches();
             k::normalize_rows(&gpu, &xb, kk, &mut y).unwrap();
+            // A pixel's channels in 16-byte packs where they fill whole packs (40 in both
+            // storage types, 300 in fp32's packs of 4), else one value per lane.
+            let lanes = if gpu.act_dtype() == Dtype::F32 { 4 } else { 8 };
+            let packed = edm2::backend::gpu::packed_launches() - packed_before;
+            assert_eq!(packed, u64::from(kk % lanes == 0), "normalize_rows {rows}x{kk} packed {sched}");
             close_in(&gpu, &format!("normalize_rows {rows}x{kk} {sched}"), &down(&gpu, &y), &want);
             let mut inplace = up32(&gpu, &x);
             k::normalize_rows_inplace(&gpu, &mut inplace, kk).unwrap();
