@@ -126,6 +126,19 @@ __global__ void scale_kernel(T *__restrict__ a, float k, size_t n, size_t packs)
 // The NHWC kernels below move packs along the channels where c is a multiple of the lanes
 // (a pack then lies in one pixel, whose coordinates are divided out once per pack, not per
 // value; every offset below is then a multiple of L); otherwise one value at a time.
+// The packs at p, p + c, p + row, p + row + c (a 2x2 window of pixels, c channels
+// apart, rows `row` apart) summed per lane in that order, in fp32.
+template <int L, typename T>
+__device__ __forceinline__ edm2_lanes<float, L> quad_sum(const T *p, int c, size_t row) {
+  auto a = edm2_load_lanes<L>(p, 0);
+  auto b = edm2_load_lanes<L>(p + c, 0);
+  auto d = edm2_load_lanes<L>(p + row, 0);
+  auto e = edm2_load_lanes<L>(p + row + c, 0);
+  edm2_lanes<float, L> sum;
+  EACH_LANE sum.v[l] = a.v[l] + b.v[l] + d.v[l] + e.v[l];
+  return sum;
+}
+
 template <typename T>
 __global__ void downsample2_kernel(const T *__restrict__ x, T *__restrict__ y, int n, int h, int w, int c, size_t packs) {
   constexpr int L = EDM2_LANES(T);
@@ -139,13 +152,9 @@ __global__ void downsample2_kernel(const T *__restrict__ x, T *__restrict__ y, i
     return (((size_t)b * h + 2 * oy) * w + 2 * ox) * c + ch;
   };
   EDM2_FOR(j, packs) {
-    const size_t s = src(j * L);
-    auto a = edm2_load_lanes<L>(x + s, 0);
-    auto b = edm2_load_lanes<L>(x + s + c, 0);
-    auto d = edm2_load_lanes<L>(x + s + row, 0);
-    auto e = edm2_load_lanes<L>(x + s + row + c, 0);
+    const auto sum = quad_sum<L>(x + src(j * L), c, row);
     edm2_lanes<T, L> o;
-    EACH_LANE o.v[l] = (a.v[l] + b.v[l] + d.v[l] + e.v[l]) * 0.25f;
+    EACH_LANE o.v[l] = sum.v[l] * 0.25f;
     ST(y, o);
   }
   REST(i, n * (size_t)ho * wo * c, packs) {
@@ -200,13 +209,9 @@ __global__ void upsample2_backward_kernel(const T *__restrict__ dy, T *__restric
     return (((size_t)b * 2 * h + 2 * iy) * wo + 2 * ix) * c + ch;
   };
   EDM2_FOR(j, packs) {
-    const size_t s = src(j * L);
-    auto a = edm2_load_lanes<L>(dy + s, 0);
-    auto b = edm2_load_lanes<L>(dy + s + c, 0);
-    auto d = edm2_load_lanes<L>(dy + s + row, 0);
-    auto e = edm2_load_lanes<L>(dy + s + row + c, 0);
+    const auto sum = quad_sum<L>(dy + src(j * L), c, row);
     edm2_lanes<T, L> o;
-    EACH_LANE o.v[l] = a.v[l] + b.v[l] + d.v[l] + e.v[l];
+    EACH_LANE o.v[l] = sum.v[l];
     ST(dx, o);
   }
   REST(i, n * (size_t)h * w * c, packs) {
