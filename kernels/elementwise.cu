@@ -30,8 +30,12 @@
 //   precond_input: out [N, H, W, C+1] = [c_in[b]·x, 1] from x [N, H, W, C];
 //   precond_output: d = c_skip[b]·x + c_out[b]·f.
 // Layout: flat arrays unless stated; grid-stride loops, 256 threads; overwrite outputs.
-// Variants: first versions, correct before fast; checked against the CPU backend
-// (tests/cuda_sim.rs) in the simulation harness.
+// Variants: first versions moved one value per thread and access (2-byte loads in bf16)
+// and divided every NHWC index into pixel coordinates; now 16-byte packs where the
+// pointers are aligned and, for the NHWC kernels, the channels fill whole packs (one
+// division per pack), the rest one value at a time with the same arithmetic (2026-12-08:
+// simulator and PTX only, not yet timed on a GPU; docs/perf.md). Checked against the CPU
+// backend (tests/gpu_kernels.rs) in the simulation harness.
 #include "common.cuh"
 
 // Packed kernels (common.cuh's edm2_lanes): the first loop moves the launch's `packs`
