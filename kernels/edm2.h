@@ -62,6 +62,8 @@ int edm2_add_noise(const float *x, const float *e, float k, float *out, size_t n
  * denominators; its backward. */
 /* With a (may be null): also a = mp_silu(y) (an encoder block's pixel norm and its branch's first op). */
 int edm2_normalize_rows(const void *x, void *y, void *a, size_t rows, int k, int dtype, cudaStream_t stream);
+/* The forced normalization of one fp32 weight's rows, in place (the bits of edm2_normalize_rows_multi_f32). */
+int edm2_normalize_weight_rows_f32(float *w, size_t rows, int k, cudaStream_t stream);
 /* Rows of many fp32 tensors normalized in place, one launch: a multi-tensor table (see
  * optim.cu's section below) whose chunks are rows, slot 0 the tensor, EDM2_MT_ARG its row
  * length, n_rows the total. */

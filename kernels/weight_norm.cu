@@ -33,25 +33,20 @@
 
 #define ROW_THREADS 128
 
-// With `a` (pixel norm in an encoder block): also a = mp_silu(y) of the stored y, the
-// residual branch's first op (elementwise.cu's mp_silu on y: the same bits, one pass less).
-template <typename T>
-__global__ void normalize_rows_kernel(const T *x, T *y, T *a, size_t rows, int k) {
+// Row `xr` of an fp32 weight normalized in place by one block (a fixed tree: the bits of
+// both weight kernels below).
+__device__ __forceinline__ void normalize_weight_row(float *xr, int k, float *red) {
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < k; i += blockDim.x) ss += xr[i] * xr[i];
+  float inv = 1.0f / edm2_norm_denom(edm2_block_sum(ss, red), k);
+  for (int i = threadIdx.x; i < k; i += blockDim.x) xr[i] = xr[i] * inv;
+  __syncthreads();  // every read of this row is done before the next row reuses `red`
+}
+
+// Forced weight normalization of one weight (in place): a block per row.
+__global__ void normalize_weight_rows_kernel(float *w, size_t rows, int k) {
   EDM2_SHARED(float, red, [ROW_THREADS]);
-  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T *xr = x + r * k;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) ss += xr[i] * xr[i];
-    float inv = 1.0f / edm2_norm_denom(edm2_block_sum(ss, red), k);
-    T *yr = y + r * k;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) {
-      T v;
-      v = xr[i] * inv;
-      yr[i] = v;
-      if (a) a[r * k + i] = edm2_mp_silu((float)v);
-    }
-    __syncthreads();  // in place: every read of this row is done before the next row
-  }
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) normalize_weight_row(w + r * k, k, red);
 }
 
 // Pixel norm: a warp per row (NORM_ROWS rows per block), the row in 16-byte packs where k
@@ -111,18 +106,13 @@ __global__ void normalize_rows_warp_kernel(const T *x, T *y, T *a, size_t rows, 
 
 // Forced weight normalization of every weight of a network in one launch (in place):
 // the multi-tensor table's chunks are rows, EDM2_MT_ARG holds a tensor's row length. The
-// row work is normalize_rows_kernel's, so the bits are the same.
+// row work is normalize_weight_rows_kernel's, so the bits are the same.
 __global__ void normalize_rows_multi_kernel(const unsigned long long *__restrict__ table, int n_tensors, long long n_rows) {
   EDM2_SHARED(float, red, [ROW_THREADS]);
   for (long long c = blockIdx.x; c < n_rows; c += gridDim.x) {
     const unsigned long long *t = mt_row(table, n_tensors, c);
     const int k = (int)t[EDM2_MT_ARG];
-    float *xr = (float *)t[0] + (size_t)(c - (long long)t[EDM2_MT_FIRST_CHUNK]) * (size_t)k;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) ss += xr[i] * xr[i];
-    float inv = 1.0f / edm2_norm_denom(edm2_block_sum(ss, red), k);
-    for (int i = threadIdx.x; i < k; i += blockDim.x) xr[i] = xr[i] * inv;
-    __syncthreads();  // every read of this row is done before the next row reuses `red`
+    normalize_weight_row((float *)t[0] + (size_t)(c - (long long)t[EDM2_MT_FIRST_CHUNK]) * (size_t)k, k, red);
   }
 }
 
@@ -321,19 +311,19 @@ static unsigned row_blocks(size_t rows) {
 // Blocks of NORM_ROWS warps covering `rows` rows (grid-stride beyond the cap).
 static unsigned warp_row_blocks(size_t rows) { return row_blocks((rows + NORM_ROWS - 1) / NORM_ROWS); }
 
-// In place (x == y: the forced normalization of an fp32 weight) a block per row, the
-// bits of normalize_rows_multi; out of place (pixel norm) a warp per row.
 extern "C" int edm2_normalize_rows(const void *x, void *y, void *a, size_t rows, int k, int dtype, cudaStream_t stream) {
   if (rows == 0 || k <= 0) return 0;
-  if (x == y && a == nullptr) {
-    EDM2_BY_DTYPE(dtype, EDM2_LAUNCH(normalize_rows_kernel<T>, row_blocks(rows), ROW_THREADS, 0, stream, (const T *)x, (T *)y, (T *)a, rows, k);
-                  return (int)cudaGetLastError());
-  }
   EDM2_BY_DTYPE(dtype, {
     const int packed = (int)edm2_packs(rows * (size_t)k, EDM2_LANES(T), k % EDM2_LANES(T) == 0 && edm2_aligned16(x, y, a)) > 0;
     EDM2_LAUNCH(normalize_rows_warp_kernel<T>, warp_row_blocks(rows), NORM_ROWS * 32, 0, stream, (const T *)x, (T *)y, (T *)a, rows, k, packed);
     return (int)cudaGetLastError();
   });
+}
+
+extern "C" int edm2_normalize_weight_rows_f32(float *w, size_t rows, int k, cudaStream_t stream) {
+  if (rows == 0 || k <= 0) return 0;
+  EDM2_LAUNCH(normalize_weight_rows_kernel, row_blocks(rows), ROW_THREADS, 0, stream, w, rows, k);
+  return (int)cudaGetLastError();
 }
 
 extern "C" int edm2_normalize_rows_multi_f32(const unsigned long long *table, int n_tensors, long long n_rows, cudaStream_t stream) {

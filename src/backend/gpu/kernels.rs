@@ -493,8 +493,7 @@ pub fn normalize_rows_silu(gpu: &Gpu, x: &dyn Values, k: usize, y: &mut dyn Valu
 pub fn normalize_rows_inplace(gpu: &Gpu, x: &mut GpuBuf<f32>, k: usize) -> Result<()> {
     let rows = rows_of("normalize_rows", x.len(), k)?;
     let st = gpu.stream()?;
-    let p = x.ptr_mut(gpu) as *mut std::ffi::c_void;
-    check("normalize_rows", unsafe { ffi::edm2_normalize_rows(p, p, std::ptr::null_mut(), rows, int("normalize_rows", k)?, Dtype::F32.code(), st) })
+    check("normalize_rows", unsafe { ffi::edm2_normalize_weight_rows_f32(x.ptr_mut(gpu), rows, int("normalize_rows", k)?, st) })
 }
 
 /// Gradient of [`normalize_rows`].
